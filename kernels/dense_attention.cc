@@ -1,0 +1,48 @@
+#include "kernels/dense_attention.h"
+
+#include <algorithm>
+#include <limits>
+
+namespace lychee {
+at::Tensor DenseAttention(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
+                          double scale, std::optional<int64_t> sliding_window,
+                          int64_t max_score_elements) {
+  const int64_t num_heads = queries.size(0);
+  const int64_t num_queries = queries.size(1);
+  const int64_t head_dim = queries.size(2);
+  const int64_t num_kv_heads = keys.size(0);
+  const int64_t length = keys.size(1);
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t first_position = length - num_queries;
+
+  at::Tensor grouped = queries.reshape({num_kv_heads, group, num_queries, head_dim});
+  at::Tensor keys_t = keys.unsqueeze(1).transpose(-1, -2);  // [kv, 1, D, L]
+  at::Tensor values_b = values.unsqueeze(1);                // [kv, 1, L, D]
+  const int64_t rows_per_chunk = std::max<int64_t>(1, max_score_elements / std::max<int64_t>(1, num_heads * length));
+
+  std::vector<at::Tensor> outputs;
+  for (int64_t start = 0; start < num_queries; start += rows_per_chunk) {
+    const int64_t rows = std::min(rows_per_chunk, num_queries - start);
+    at::Tensor scores = at::matmul(grouped.narrow(2, start, rows), keys_t).to(at::kFloat) * scale;
+    const bool causal = rows > 1 || first_position + start + rows < length;
+    if (causal || sliding_window) {
+      at::Tensor query_positions =
+          at::arange(first_position + start, first_position + start + rows, at::TensorOptions().dtype(at::kLong).device(keys.device()))
+              .unsqueeze(1);
+      at::Tensor key_positions = at::arange(length, at::TensorOptions().dtype(at::kLong).device(keys.device())).unsqueeze(0);
+      at::Tensor hidden = key_positions > query_positions;
+      if (sliding_window) hidden = hidden.logical_or(key_positions <= query_positions - *sliding_window);
+      scores.masked_fill_(hidden, -std::numeric_limits<float>::infinity());
+    }
+    at::Tensor weights = at::softmax(scores, -1).to(values.scalar_type());
+    outputs.push_back(at::matmul(weights, values_b));
+  }
+  at::Tensor out = outputs.size() == 1 ? outputs[0] : at::cat(outputs, 2);
+  return out.reshape({num_heads, num_queries, head_dim});
+}
+
+at::Tensor DenseAttentionBackend::Attend(const AttentionInput& input) const {
+  return DenseAttention(input.queries, input.keys, input.values, input.scale, input.sliding_window);
+}
+
+}  // namespace lychee

@@ -1,0 +1,52 @@
+// Hybrid-head sparse decode attention (LycheeDecode), the exact and readable CPU reference.
+// Retrieval KV heads attend densely and select the best blocks of the cache; sparse KV heads
+// attend only to the latest selection made at the same KV-head index in an earlier layer of the
+// same step. Prefill is dense. The CUDA kernels compute the same function.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/attention.h"
+#include "common/head_partition.h"
+
+namespace lychee {
+
+// Blocks every selection keeps for a context of `length` tokens: the sink blocks and the blocks
+// holding the last recent_tokens positions (always the current partial block). Ascending.
+std::vector<int64_t> MandatoryBlocks(int64_t length, const SelectionParams& params);
+
+// Max over each block of keys · pooled_query: keys [L, D], pooled_query [D]; float32 [ceil(L / bs)].
+at::Tensor BlockScores(const at::Tensor& keys, const at::Tensor& pooled_query, int64_t block_size);
+
+// The mandatory blocks plus the best-scoring others, up to the budget (ties: lower index first);
+// every block when the budget covers the context. Ascending.
+std::vector<int64_t> SelectBlocks(const at::Tensor& block_scores, int64_t length, const SelectionParams& params);
+
+// Positions covered by `blocks` in a context of `length` tokens, as an int64 tensor.
+at::Tensor BlockPositions(const std::vector<int64_t>& blocks, int64_t length, int64_t block_size);
+
+// What one sequence carries between layers: the latest selection per KV-head index.
+struct HybridSequenceState : SequenceAttentionState {
+  std::vector<std::vector<int64_t>> selected_blocks;  // empty: none made yet in this step
+};
+
+class HybridAttentionBackend : public AttentionBackend {
+ public:
+  // FAILED_PRECONDITION or INVALID_ARGUMENT when the partition does not fit the model.
+  static absl::StatusOr<std::shared_ptr<const HybridAttentionBackend>> Create(
+      std::shared_ptr<const HeadPartition> partition, const ModelConfig& config);
+
+  const HeadPartition& partition() const { return *partition_; }
+  std::unique_ptr<SequenceAttentionState> NewSequenceState() const override;
+  at::Tensor Attend(const AttentionInput& input) const override;
+
+ private:
+  explicit HybridAttentionBackend(std::shared_ptr<const HeadPartition> partition)
+      : partition_(std::move(partition)) {}
+
+  std::shared_ptr<const HeadPartition> partition_;
+};
+
+}  // namespace lychee

@@ -1,0 +1,214 @@
+// Parity of the decoder with Hugging Face transformers on the bundled model (parity_refs.json:
+// float32 references from the same bf16 weights), and the model's handling of bad input.
+#include "tests/torch_catch.h"
+
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "common/model.h"
+#include "common/sampling.h"
+#include "common/tokenizer.h"
+#include "kernels/dense_attention.h"
+
+namespace lychee {
+namespace {
+
+const std::string kModelDir = "models/tiny-llama-retrieval";
+
+const Model& TinyModel() {
+  static const std::unique_ptr<Model> model = [] {
+    auto loaded = Model::Load(kModelDir);
+    REQUIRE(loaded.ok());
+    return std::move(loaded).value();
+  }();
+  return *model;
+}
+
+std::shared_ptr<const AttentionBackend> Dense() { return std::make_shared<DenseAttentionBackend>(); }
+
+nlohmann::json ParityRefs() {
+  std::ifstream in(kModelDir + "/parity_refs.json");
+  REQUIRE(in.good());
+  return nlohmann::json::parse(in);
+}
+
+std::vector<int32_t> Ids(const nlohmann::json& ref) { return ref["ids"].get<std::vector<int32_t>>(); }
+
+std::vector<int64_t> TopK(const at::Tensor& logits, int64_t k) {
+  at::Tensor indices = std::get<1>(logits.topk(k));
+  return std::vector<int64_t>(indices.data_ptr<int64_t>(), indices.data_ptr<int64_t>() + k);
+}
+
+TEST_CASE("prompts tokenize to the reference ids", "[parity]") {
+  auto tokenizer = Tokenizer::FromFile(kModelDir + "/tokenizer.json");
+  REQUIRE(tokenizer.ok());
+  for (const auto& ref : ParityRefs()) {
+    auto ids = (*tokenizer)->Encode(ref["prompt"].get<std::string>());
+    REQUIRE(ids.ok());
+    CHECK(*ids == Ids(ref));
+  }
+}
+
+TEST_CASE("last-position logits match transformers to 1e-3, top-5 exactly", "[parity]") {
+  for (const auto& ref : ParityRefs()) {
+    auto sequence = TinyModel().NewSequence(Dense());
+    auto logits = TinyModel().Prefill(*sequence, Ids(ref));
+    REQUIRE(logits.ok());
+    const std::vector<float> expected = ref["last_logits"].get<std::vector<float>>();
+    at::Tensor reference = at::tensor(expected);
+    REQUIRE(logits->numel() == reference.numel());
+    const double max_error = (*logits - reference).abs().max().item<double>();
+    INFO("max |logit - reference| = " << max_error);
+    CHECK(max_error < 1e-3);
+    CHECK(TopK(*logits, 5) == ref["last_logits_top5"].get<std::vector<int64_t>>());
+    CHECK(sequence->length() == static_cast<int64_t>(Ids(ref).size()));
+  }
+}
+
+TEST_CASE("32 greedy tokens with the KV cache match transformers", "[parity]") {
+  for (const auto& ref : ParityRefs()) {
+    auto sequence = TinyModel().NewSequence(Dense());
+    GenerationOptions options;
+    options.max_new_tokens = 32;
+    std::vector<int32_t> generated;
+    auto reason = Generate(TinyModel(), *sequence, Ids(ref), options, [&](int32_t id) {
+      generated.push_back(id);
+      return true;
+    });
+    REQUIRE(reason.ok());
+    CHECK(*reason == StopReason::kMaxTokens);
+    CHECK(generated == ref["greedy32"].get<std::vector<int32_t>>());
+  }
+}
+
+// bf16 weights and activations on the GPU against the float32 references: bf16 keeps 8 bits of
+// mantissa, so logits move by a few hundredths; the ranking of clear winners must not.
+TEST_CASE("on CUDA in bf16 the logits stay within 0.15 and the greedy tokens agree", "[parity][cuda]") {
+  if (!at::hasCUDA()) {
+    WARN("SKIPPED: no CUDA device (or LibTorch without CUDA): bf16 parity runs on the GPU host only");
+    return;
+  }
+  auto model = Model::Load(kModelDir, ModelOptions{at::Device(at::kCUDA, 0), at::kBFloat16});
+  REQUIRE(model.ok());
+  for (const auto& ref : ParityRefs()) {
+    auto sequence = (*model)->NewSequence(Dense());
+    auto logits = (*model)->Prefill(*sequence, Ids(ref));
+    REQUIRE(logits.ok());
+    at::Tensor reference = at::tensor(ref["last_logits"].get<std::vector<float>>());
+    const double max_error = (logits->cpu() - reference).abs().max().item<double>();
+    const auto top5 = TopK(logits->cpu(), 5);
+    WARN("bf16 on CUDA: max |logit - fp32 reference| = " << max_error << ", top-5 " << top5[0] << " " << top5[1]
+                                                          << " " << top5[2] << " " << top5[3] << " " << top5[4]);
+    CHECK(max_error < 0.15);
+    CHECK(top5[0] == ref["last_logits_top5"][0].get<int64_t>());
+    GenerationOptions options;
+    options.max_new_tokens = 32;
+    std::vector<int32_t> generated;
+    auto fresh = (*model)->NewSequence(Dense());
+    REQUIRE(Generate(**model, *fresh, Ids(ref), options, [&](int32_t id) {
+              generated.push_back(id);
+              return true;
+            }).ok());
+    const auto expected = ref["greedy32"].get<std::vector<int32_t>>();
+    size_t agree = 0;
+    while (agree < expected.size() && generated[agree] == expected[agree]) ++agree;
+    WARN("bf16 on CUDA: the first " << agree << " of 32 greedy tokens equal the fp32 reference");
+    CHECK(agree >= 8);
+  }
+}
+
+TEST_CASE("batched decode of sequences of different lengths equals decoding each alone") {
+  const auto refs = ParityRefs();
+  std::vector<std::unique_ptr<Sequence>> alone, batched;
+  std::vector<int32_t> next;
+  for (const auto& ref : refs) {
+    for (auto* group : {&alone, &batched}) {
+      group->push_back(TinyModel().NewSequence(Dense()));
+      REQUIRE(TinyModel().Prefill(*group->back(), Ids(ref)).ok());
+    }
+    next.push_back(ref["greedy32"][0].get<int32_t>());
+  }
+  std::vector<Sequence*> batch = {batched[0].get(), batched[1].get()};
+  auto together = TinyModel().Decode(batch, next);
+  REQUIRE(together.ok());
+  for (size_t i = 0; i < alone.size(); ++i) {
+    Sequence* const one[] = {alone[i].get()};
+    const int32_t token[] = {next[i]};
+    auto single = TinyModel().Decode(one, token);
+    REQUIRE(single.ok());
+    CHECK((*together)[i].sub((*single)[0]).abs().max().item<double>() < 1e-4);
+  }
+}
+
+TEST_CASE("a prompt prefilled in two parts gives the logits of one prefill") {
+  const std::vector<int32_t> ids = Ids(ParityRefs()[0]);
+  auto whole = TinyModel().NewSequence(Dense());
+  auto expected = TinyModel().Prefill(*whole, ids);
+  auto parts = TinyModel().NewSequence(Dense());
+  const size_t split = ids.size() / 3;
+  REQUIRE(TinyModel().Prefill(*parts, absl::MakeConstSpan(ids).subspan(0, split)).ok());
+  auto actual = TinyModel().Prefill(*parts, absl::MakeConstSpan(ids).subspan(split));
+  REQUIRE(expected.ok());
+  REQUIRE(actual.ok());
+  CHECK(actual->sub(*expected).abs().max().item<double>() < 1e-4);
+}
+
+TEST_CASE("token ids outside the vocabulary are OUT_OF_RANGE and leave the sequence untouched") {
+  auto sequence = TinyModel().NewSequence(Dense());
+  const std::vector<int32_t> bad = {5, 8192, 7};
+  auto result = TinyModel().Prefill(*sequence, bad);
+  REQUIRE(result.status().code() == absl::StatusCode::kOutOfRange);
+  CHECK_THAT(std::string(result.status().message()), Catch::Contains("8192") && Catch::Contains("position 1"));
+  CHECK(sequence->length() == 0);
+  CHECK(TinyModel().Prefill(*sequence, std::vector<int32_t>{-1}).status().code() == absl::StatusCode::kOutOfRange);
+  CHECK(TinyModel().Prefill(*sequence, std::vector<int32_t>{}).status().code() == absl::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("sampling is reproducible from its seed and honours top_p") {
+  at::Tensor logits = at::tensor(std::vector<float>{2.0f, 1.0f, 0.5f, -1.0f, 3.0f});
+  SamplingParams params{.temperature = 0.8, .top_p = 0.9, .seed = 42};
+  Sampler a(params), b(params);
+  std::vector<int32_t> first, second;
+  for (int i = 0; i < 50; ++i) {
+    first.push_back(a.Next(logits));
+    second.push_back(b.Next(logits));
+  }
+  CHECK(first == second);
+  SamplingParams nucleus{.temperature = 1.0, .top_p = 0.5, .seed = 1};
+  Sampler narrow(nucleus);
+  for (int i = 0; i < 50; ++i) CHECK(narrow.Next(logits) == 4);  // token 4 alone holds over half the mass
+  CHECK(Sampler(SamplingParams{}).Next(logits) == 4);
+  CHECK(SamplingParams{.temperature = -1}.Validate().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(SamplingParams{.top_p = 0}.Validate().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(SamplingParams{.top_p = 1.5}.Validate().code() == absl::StatusCode::kInvalidArgument);
+}
+
+TEST_CASE("a missing or corrupt model directory is an error naming the file") {
+  auto missing = Model::Load("/nonexistent/model");
+  REQUIRE_FALSE(missing.ok());
+  CHECK_THAT(std::string(missing.status().message()), Catch::Contains("/nonexistent/model"));
+
+  const std::string dir = std::string(std::getenv("TMPDIR") ? std::getenv("TMPDIR") : "/tmp") + "/lychee_model_test_bad";
+  std::filesystem::create_directories(dir);
+  std::filesystem::copy_file(kModelDir + "/model.safetensors", dir + "/model.safetensors",
+                             std::filesystem::copy_options::overwrite_existing);
+  std::ofstream(dir + "/config.json") << R"({"model_type": "llama", "hidden_size": 384)";
+  auto corrupt = Model::Load(dir);
+  REQUIRE_FALSE(corrupt.ok());
+  CHECK_THAT(std::string(corrupt.status().message()), Catch::Contains("config.json"));
+
+  // A config whose sizes disagree with the weights names the tensor.
+  std::ifstream original(kModelDir + "/config.json");
+  nlohmann::json config = nlohmann::json::parse(original);
+  config["intermediate_size"] = 2048;
+  std::ofstream(dir + "/config.json") << config.dump();
+  auto mismatched = Model::Load(dir);
+  REQUIRE_FALSE(mismatched.ok());
+  CHECK_THAT(std::string(mismatched.status().message()), Catch::Contains("mlp.gate_proj.weight"));
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace lychee

@@ -1,0 +1,18 @@
+// Flags shared by the subcommands that run a model in-process: --device, and the attention
+// (--attention dense|hybrid with --partition FILE or --random-partition DENSITY, --budget N).
+#pragma once
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "common/attention.h"
+#include "common/model.h"
+#include "tools/lychee/args.h"
+
+namespace lychee::cli {
+
+absl::StatusOr<ModelOptions> DeviceOptions(const std::string& device);
+
+absl::StatusOr<std::shared_ptr<const AttentionBackend>> AttentionFromArgs(const Args& args, const ModelConfig& config);
+
+}  // namespace lychee::cli

@@ -1,0 +1,97 @@
+#include "tools/lychee/local_commands.h"
+
+#include <ATen/ATen.h>
+
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+#include <sstream>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/model.h"
+#include "common/sampling.h"
+#include "common/status_macros.h"
+#include "common/tokenizer.h"
+#include "tools/lychee/args.h"
+#include "tools/lychee/attention_args.h"
+
+namespace lychee::cli {
+namespace {
+
+absl::StatusOr<std::string> ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", path));
+  return std::string(std::istreambuf_iterator<char>(in), {});
+}
+
+}  // namespace
+
+absl::Status RunTokenize(const std::vector<std::string>& argv) {
+  LYCHEE_ASSIGN_OR_RETURN(Args args, Args::Parse(argv, {"tokenizer"}, {"no-special-tokens"}));
+  const std::string path = args.GetOr("tokenizer", std::string(LYCHEE_DEFAULT_MODEL_DIR) + "/tokenizer.json");
+  LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::FromFile(path));
+  const std::string text(std::istreambuf_iterator<char>(std::cin), {});
+  LYCHEE_ASSIGN_OR_RETURN(std::vector<int32_t> ids, tokenizer->Encode(text, !args.Has("no-special-tokens")));
+  std::cout << absl::StrJoin(ids, " ") << "\n";
+  return absl::OkStatus();
+}
+
+absl::Status RunGenerate(const std::vector<std::string>& argv) {
+  LYCHEE_ASSIGN_OR_RETURN(
+      Args args, Args::Parse(argv, {"model", "prompt", "prompt-file", "max-new-tokens", "temperature", "top-p", "seed", "device",
+                                   "attention", "partition", "random-partition", "budget"},
+                             {"print-ids"}));
+  const std::string model_dir = args.GetOr("model", LYCHEE_DEFAULT_MODEL_DIR);
+  if (args.Has("prompt") == args.Has("prompt-file")) {
+    return absl::InvalidArgumentError("give exactly one of --prompt TEXT and --prompt-file FILE");
+  }
+  std::string prompt;
+  if (args.Has("prompt")) {
+    prompt = *args.Get("prompt");
+  } else {
+    LYCHEE_ASSIGN_OR_RETURN(prompt, ReadFile(*args.Get("prompt-file")));
+  }
+  GenerationOptions options;
+  LYCHEE_ASSIGN_OR_RETURN(options.max_new_tokens, args.GetInt("max-new-tokens", 64));
+  LYCHEE_ASSIGN_OR_RETURN(options.sampling.temperature, args.GetDouble("temperature", 0.0));
+  LYCHEE_ASSIGN_OR_RETURN(options.sampling.top_p, args.GetDouble("top-p", 1.0));
+  LYCHEE_ASSIGN_OR_RETURN(int64_t seed, args.GetInt("seed", 0));
+  options.sampling.seed = static_cast<uint64_t>(seed);
+  LYCHEE_RETURN_IF_ERROR(options.sampling.Validate());
+  if (options.max_new_tokens <= 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--max-new-tokens must be > 0, got ", options.max_new_tokens));
+  }
+  LYCHEE_ASSIGN_OR_RETURN(ModelOptions model_options, DeviceOptions(args.GetOr("device", "cpu")));
+
+  LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::FromFile(model_dir + "/tokenizer.json"));
+  LYCHEE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt_ids, tokenizer->Encode(prompt));
+  if (prompt_ids.empty()) return absl::InvalidArgumentError("the prompt has no tokens");
+  LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(model_dir, model_options));
+  for (int64_t eos : model->config().eos_token_ids) options.stop_ids.push_back(static_cast<int32_t>(eos));
+
+  LYCHEE_ASSIGN_OR_RETURN(auto attention, AttentionFromArgs(args, model->config()));
+  auto sequence = model->NewSequence(std::move(attention));
+  IncrementalDecoder decoder(*tokenizer, /*skip_special_tokens=*/true);
+  std::vector<int32_t> generated;
+  absl::Status stream_status;
+  LYCHEE_ASSIGN_OR_RETURN(StopReason reason,
+                          Generate(*model, *sequence, prompt_ids, options, [&](int32_t id) {
+                            generated.push_back(id);
+                            auto text = decoder.Push(id);
+                            if (!text.ok()) {
+                              stream_status = text.status();
+                              return false;
+                            }
+                            std::cout << *text << std::flush;
+                            return true;
+                          }));
+  LYCHEE_RETURN_IF_ERROR(stream_status);
+  (void)reason;
+  std::cout << decoder.Flush() << "\n";
+  if (args.Has("print-ids")) std::cout << absl::StrJoin(generated, " ") << "\n";
+  return absl::OkStatus();
+}
+
+}  // namespace lychee::cli

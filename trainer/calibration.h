@@ -1,0 +1,57 @@
+// Learning a head partition: HardKuma gates per (layer, KV head), trained by distilling the
+// dense model (teacher) into the gated model (student) on passkey retrieval samples, then
+// exported as a HeadPartition. The trainer service runs this; tests drive it directly.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "common/head_partition.h"
+
+namespace lychee {
+
+class Model;
+class Tokenizer;
+
+struct CalibrationConfig {
+  double target_density = 0.25;      // share of retrieval heads outside layer 0, in (0, 1]
+  int64_t steps = 300;
+  int64_t min_context_tokens = 1024;
+  int64_t max_context_tokens = 2048;
+  int64_t passkeys_per_sample = 10;
+  double learning_rate = 0.01;
+  // Token-level sparse attention the student's sparse side uses in training.
+  double sparse_keep_ratio = 0.3;
+  int64_t sparse_sink_tokens = 128;
+  int64_t sparse_recent_tokens = 256;
+  // Selection parameters the exported partition carries for decoding.
+  SelectionParams selection;
+  uint64_t seed = 0;
+
+  // INVALID_ARGUMENT naming the field.
+  absl::Status Validate() const;
+};
+
+struct CalibrationProgress {
+  int64_t step = 0;  // steps done
+  int64_t total_steps = 0;
+  double loss = 0;
+  double distillation_loss = 0;
+  double density_penalty = 0;
+  double expected_density = 0;
+  double lambda = 0;
+  double tokens_per_second = 0;
+  double eta_seconds = 0;
+};
+
+// Runs a calibration to the end, calling `on_progress` after every step; returns CANCELLED
+// within one step of `cancelled` becoming true. `haystack` is the text the samples are built from.
+absl::StatusOr<HeadPartition> RunCalibration(const Model& model, const Tokenizer& tokenizer,
+                                             const std::string& haystack, const CalibrationConfig& config,
+                                             const std::function<void(const CalibrationProgress&)>& on_progress,
+                                             const std::atomic<bool>& cancelled);
+
+}  // namespace lychee
