@@ -3,10 +3,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/numbers.h"
@@ -51,6 +53,7 @@ int main(int argc, char** argv) {
       return Fail("unknown flag " + flag);
     }
   }
+  at::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
   lychee::ModelOptions options;
   if (device == "cuda") options = {at::Device(at::kCUDA, 0), at::kBFloat16};
   auto model = lychee::Model::Load(model_dir, options);

@@ -7,11 +7,12 @@ out=${OUT:-/tmp/lychee-gpu}
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 if ! bash .gpu/build.sh >"$out/build.log" 2>&1; then
-  grep -E "error|Error" "$out/build.log" | head -40
-  exit 1
+  echo "full build failed; building what can be built:"
+  grep -E "error" "$out/build.log" | head -20
+  cmake --build build-gpu -j"$(nproc)" -- -k 0 >>"$out/build.log" 2>&1
 fi
 source .gpu/env.sh
-ctest --test-dir build-gpu --output-on-failure -j4 >"$out/ctest.log" 2>&1
+ctest --test-dir build-gpu --output-on-failure --timeout 300 -j4 >"$out/ctest.log" 2>&1
 tail -25 "$out/ctest.log"
 build-gpu/tests/common/model_test "[cuda]" -s 2>&1 | grep -E "bf16 on CUDA|passed|failed" | tee "$out/bf16-parity.txt"
 build-gpu/bench/model_bench --device cuda --contexts 2048,8192 2>&1 | tee "$out/model-bench-cuda.txt"

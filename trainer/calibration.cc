@@ -1,5 +1,6 @@
 #include "trainer/calibration.h"
 
+#include <ATen/core/grad_mode.h>
 #include <torch/optim/adamw.h>
 
 #include <chrono>

@@ -83,9 +83,10 @@ TEST_CASE("32 greedy tokens with the KV cache match transformers", "[parity]") {
   }
 }
 
-// bf16 weights and activations on the GPU against the float32 references: bf16 keeps 8 bits of
-// mantissa, so logits move by a few hundredths; the ranking of clear winners must not.
-TEST_CASE("on CUDA in bf16 the logits stay within 0.15 and the greedy tokens agree", "[parity][cuda]") {
+// bf16 weights and activations on the GPU against the float32 references. bf16 keeps 8 bits of
+// mantissa, so logits move by about a tenth (0.148 and 0.149 seen on an H100); the winner must
+// not change, and greedy decoding must follow the reference (all 32 tokens seen).
+TEST_CASE("on CUDA in bf16 the logits stay within 0.25 and the greedy tokens agree", "[parity][cuda]") {
   if (!at::hasCUDA()) {
     WARN("SKIPPED: no CUDA device (or LibTorch without CUDA): bf16 parity runs on the GPU host only");
     return;
@@ -101,7 +102,7 @@ TEST_CASE("on CUDA in bf16 the logits stay within 0.15 and the greedy tokens agr
     const auto top5 = TopK(logits->cpu(), 5);
     WARN("bf16 on CUDA: max |logit - fp32 reference| = " << max_error << ", top-5 " << top5[0] << " " << top5[1]
                                                           << " " << top5[2] << " " << top5[3] << " " << top5[4]);
-    CHECK(max_error < 0.15);
+    CHECK(max_error < 0.25);
     CHECK(top5[0] == ref["last_logits_top5"][0].get<int64_t>());
     GenerationOptions options;
     options.max_new_tokens = 32;
@@ -115,7 +116,7 @@ TEST_CASE("on CUDA in bf16 the logits stay within 0.15 and the greedy tokens agr
     size_t agree = 0;
     while (agree < expected.size() && generated[agree] == expected[agree]) ++agree;
     WARN("bf16 on CUDA: the first " << agree << " of 32 greedy tokens equal the fp32 reference");
-    CHECK(agree >= 8);
+    CHECK(agree >= 16);
   }
 }
 
