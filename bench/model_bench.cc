@@ -1,14 +1,13 @@
 // Prefill and decode throughput of the whole model at given context lengths (dense attention).
 // usage: model_bench [--model DIR] [--device cpu|cuda] [--contexts 2048,8192] [--decode-tokens 32]
+//                    [--threads N]  (LibTorch intra-op threads; BLAS threads are its own)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
-#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <random>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "absl/strings/numbers.h"
@@ -47,13 +46,16 @@ int main(int argc, char** argv) {
         if (!absl::SimpleAtoi(part, &context) || context <= 0) return Fail("bad --contexts " + value);
         contexts.push_back(context);
       }
+    } else if (flag == "--threads") {
+      int threads;
+      if (!absl::SimpleAtoi(value, &threads) || threads <= 0) return Fail("bad --threads " + value);
+      at::set_num_threads(threads);
     } else if (flag == "--decode-tokens") {
       if (!absl::SimpleAtoi(value, &decode_tokens) || decode_tokens <= 0) return Fail("bad --decode-tokens " + value);
     } else {
       return Fail("unknown flag " + flag);
     }
   }
-  at::set_num_threads(static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
   lychee::ModelOptions options;
   if (device == "cuda") options = {at::Device(at::kCUDA, 0), at::kBFloat16};
   auto model = lychee::Model::Load(model_dir, options);

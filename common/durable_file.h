@@ -1,0 +1,29 @@
+// Small records that must survive a crash (registry entries, job journals): each file is
+// replaced atomically and carries a SHA-256 of its payload, so that a reader sees either a
+// whole record or an error, never a torn or silently damaged one. Free of LibTorch.
+#pragma once
+
+#include <string>
+#include <string_view>
+
+#include "absl/status/statusor.h"
+
+namespace lychee {
+
+// Writes a temporary file in the same directory, fsyncs it, renames it over `path` and fsyncs
+// the directory: after a crash `path` holds the old record or the new one.
+absl::Status WriteDurableFile(const std::string& path, std::string_view payload);
+
+// The payload of a file written by WriteDurableFile. DATA_LOSS naming the file when it is
+// truncated, not such a file, or its checksum does not match; NOT_FOUND when it is absent.
+absl::StatusOr<std::string> ReadDurableFile(const std::string& path);
+
+// Creates `dir` (and missing parents) so that it survives a crash: the parent directory is
+// fsynced after the new entry is made. Nothing to do when it exists.
+absl::Status CreateDurableDirectory(const std::string& dir);
+
+// Whether a directory entry is a WriteDurableFile temporary (in flight, or left by a crash):
+// readers scanning a directory skip these.
+bool IsDurableTemporaryName(std::string_view file_name);
+
+}  // namespace lychee

@@ -1,0 +1,357 @@
+// The job manager without gRPC and without a real calibration (a scripted runner stands in):
+// bad input, path confinement, the queue, cancellation, and recovery from the journal.
+#include <catch2/catch.hpp>
+#include <unistd.h>
+
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <functional>
+#include <thread>
+
+#include "common/model_fingerprint.h"
+#include "common/partition_store.h"
+#include "trainer/job_journal.h"
+#include "trainer/job_manager.h"
+#include "trainer/paths.h"
+
+namespace lychee {
+namespace {
+namespace fs = std::filesystem;
+using std::chrono::milliseconds;
+
+constexpr char kModel[] = "tiny-llama-retrieval";
+
+struct TempDir {
+  fs::path path;
+  TempDir() {
+    static std::atomic<int> counter{0};
+    path = fs::temp_directory_path() / ("lychee_jobs_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
+    fs::remove_all(path);
+    fs::create_directories(path);
+  }
+  ~TempDir() { fs::remove_all(path); }
+};
+
+// Stands in for RunCalibration: reports `steps` steps, each after `release` allows it, and stops
+// with CANCELLED within one step of the flag. Records how many jobs ran at once.
+struct ScriptedRunner {
+  std::atomic<bool> release{true};
+  std::atomic<int> running{0};
+  std::atomic<int> most_running{0};
+  std::atomic<int> calls{0};
+  absl::Status fail_with = absl::OkStatus();
+
+  CalibrationRunner AsRunner() {
+    return [this](const CalibrationJobInputs& inputs, const ProgressCallback& on_progress,
+                  const std::atomic<bool>& cancelled) -> absl::StatusOr<HeadPartition> {
+      ++calls;
+      const int now = ++running;
+      int most = most_running;
+      while (now > most && !most_running.compare_exchange_weak(most, now)) {
+      }
+      struct Leave {
+        std::atomic<int>& running;
+        ~Leave() { --running; }
+      } leave{running};
+      if (!fail_with.ok()) return fail_with;
+      for (int64_t step = 0; step < inputs.config.steps; ++step) {
+        while (!release && !cancelled) std::this_thread::sleep_for(milliseconds(1));
+        if (cancelled) return absl::CancelledError("stopped");
+        CalibrationProgress progress;
+        progress.step = step + 1;
+        progress.total_steps = inputs.config.steps;
+        progress.loss = 1.0 / (step + 1);
+        progress.expected_density = 0.5;
+        on_progress(progress);
+      }
+      HeadPartition partition = HeadPartition::AllRetrieval(6, 2, inputs.config.selection);
+      partition.set_role(3, 1, HeadRole::kSparse);
+      partition.training.steps = inputs.config.steps;
+      return partition;
+    };
+  }
+};
+
+struct Setup {
+  TempDir registry;
+  TempDir data;
+  std::unique_ptr<PartitionStore> store = PartitionStore::Open(registry.path.string()).value();
+  ScriptedRunner runner;
+
+  JobManagerOptions Options(int concurrent = 1) const {
+    JobManagerOptions options;
+    options.model_root = "models";
+    options.data_root = data.path.string();
+    options.default_corpus = "data/corpus/calibration.txt.gz";
+    options.journal_dir = (registry.path / "jobs").string();
+    options.max_concurrent_jobs = concurrent;
+    return options;
+  }
+  std::unique_ptr<JobManager> Manager(int concurrent = 1) {
+    return JobManager::Create(Options(concurrent), *store, runner.AsRunner()).value();
+  }
+};
+
+v1::SubmitCalibrationJobRequest Request(int64_t steps = 3) {
+  v1::SubmitCalibrationJobRequest request;
+  request.set_model(kModel);
+  request.mutable_config()->set_steps(steps);
+  request.mutable_config()->set_target_density(0.5);
+  request.mutable_config()->set_min_context_tokens(256);
+  request.mutable_config()->set_max_context_tokens(384);
+  request.mutable_config()->set_token_budget(512);
+  return request;
+}
+
+// Waits (up to 20 s) until the job satisfies `done`; returns it as last seen.
+v1::Job WaitFor(const JobManager& manager, const std::string& name, const std::function<bool(const v1::Job&)>& done) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  uint64_t revision = 0;
+  while (true) {
+    const JobManager::Update update = manager.WaitForUpdate(name, revision, milliseconds(100)).value();
+    revision = update.revision;
+    if (done(update.job) || std::chrono::steady_clock::now() > deadline) return update.job;
+  }
+}
+
+v1::Job WaitForState(const JobManager& manager, const std::string& name, v1::JobState state) {
+  return WaitFor(manager, name, [state](const v1::Job& job) { return job.state() == state; });
+}
+
+TEST_CASE("bad requests are refused with a code and the field named, and take no job number") {
+  Setup setup;
+  std::ofstream(setup.data.path / "short.txt") << "Too short a corpus.";
+  std::ofstream(setup.registry.path / "secret.txt") << std::string(10000, 'x');
+  fs::create_symlink(setup.registry.path / "secret.txt", setup.data.path / "link-out.txt");
+  auto manager = setup.Manager();
+
+  struct Case {
+    std::string what;
+    std::function<void(v1::SubmitCalibrationJobRequest&)> change;
+    absl::StatusCode code;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {"no model", [](auto& r) { r.set_model(""); }, absl::StatusCode::kInvalidArgument, "model: required"},
+      {"unknown model", [](auto& r) { r.set_model("no-such-model"); }, absl::StatusCode::kInvalidArgument, "model: unknown model 'no-such-model'"},
+      {"model path", [](auto& r) { r.set_model("../models/tiny-llama-retrieval"); }, absl::StatusCode::kInvalidArgument, "model: '../models"},
+      {"density 0", [](auto& r) { r.mutable_config()->set_target_density(0); }, absl::StatusCode::kInvalidArgument, "target_density"},
+      {"density 1.5", [](auto& r) { r.mutable_config()->set_target_density(1.5); }, absl::StatusCode::kInvalidArgument, "target_density"},
+      {"steps 0", [](auto& r) { r.mutable_config()->set_steps(0); }, absl::StatusCode::kInvalidArgument, "steps"},
+      {"steps -4", [](auto& r) { r.mutable_config()->set_steps(-4); }, absl::StatusCode::kInvalidArgument, "steps must be > 0, got -4"},
+      {"budget below a block", [](auto& r) { r.mutable_config()->set_token_budget(32); }, absl::StatusCode::kInvalidArgument, "token_budget 32 is below one block"},
+      {"context beyond the model", [](auto& r) { r.mutable_config()->set_max_context_tokens(100000); }, absl::StatusCode::kInvalidArgument, "max_context_tokens 100000 exceeds"},
+      {"short corpus", [](auto& r) { r.set_corpus("short.txt"); }, absl::StatusCode::kFailedPrecondition, "corpus: 'short.txt' holds 19 bytes"},
+      {"absolute corpus", [](auto& r) { r.set_corpus("/etc/passwd"); }, absl::StatusCode::kInvalidArgument, "corpus: '/etc/passwd' is absolute"},
+      {"dot-dot corpus", [](auto& r) { r.set_corpus("../secret.txt"); }, absl::StatusCode::kInvalidArgument, "corpus: '../secret.txt' has '..'"},
+      {"symlink out", [](auto& r) { r.set_corpus("link-out.txt"); }, absl::StatusCode::kInvalidArgument, "corpus: 'link-out.txt' leads outside the data root"},
+      {"missing corpus", [](auto& r) { r.set_corpus("missing.txt"); }, absl::StatusCode::kInvalidArgument, "corpus: no file 'missing.txt'"},
+  };
+  for (const Case& c : cases) {
+    INFO(c.what);
+    v1::SubmitCalibrationJobRequest request = Request();
+    c.change(request);
+    const absl::Status status = manager->Submit(request).status();
+    CHECK(status.code() == c.code);
+    CHECK_THAT(std::string(status.message()), Catch::Contains(c.message));
+  }
+  CHECK(manager->List().empty());
+  CHECK(manager->Submit(Request()).value().name() == "jobs/1");
+}
+
+TEST_CASE("a corpus path stays inside the data root") {
+  TempDir data;
+  TempDir outside;
+  fs::create_directories(data.path / "books");
+  std::ofstream(data.path / "books" / "a.txt") << "text";
+  std::ofstream(outside.path / "b.txt") << "text";
+  fs::create_symlink(data.path / "books", data.path / "shelf");  // a symlink that stays inside
+  fs::create_symlink(outside.path, data.path / "elsewhere");     // one that leads out
+
+  CHECK(ResolveCorpusPath(data.path.string(), "books/a.txt").value() == fs::canonical(data.path / "books/a.txt").string());
+  CHECK(ResolveCorpusPath(data.path.string(), "shelf/a.txt").value() == fs::canonical(data.path / "books/a.txt").string());
+  CHECK(ResolveCorpusPath(data.path.string(), "./books/a.txt").ok());
+  for (const std::string escape : {"elsewhere/b.txt", "books/../../x.txt", "/etc/hostname", ""}) {
+    INFO(escape);
+    CHECK(ResolveCorpusPath(data.path.string(), escape).status().code() == absl::StatusCode::kInvalidArgument);
+  }
+  CHECK(ResolveCorpusPath(data.path.string(), "books").status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(ResolveCorpusPath("", "books/a.txt").status().code() == absl::StatusCode::kFailedPrecondition);
+}
+
+TEST_CASE("jobs run one at a time by default, in order, and publish to the registry") {
+  Setup setup;
+  auto manager = setup.Manager();
+  const v1::Job queued = manager->Submit(Request(4)).value();
+  CHECK(queued.name() == "jobs/1");
+  CHECK(queued.state() == v1::JOB_STATE_QUEUED);
+  // The job records the whole config it runs with, defaults included.
+  CHECK(queued.request().config().has_learning_rate());
+  CHECK(queued.request().config().learning_rate() == CalibrationConfig().learning_rate);
+  CHECK(queued.request().config().steps() == 4);
+  manager->Submit(Request(2)).value();
+
+  const v1::Job first = WaitForState(*manager, "jobs/1", v1::JOB_STATE_SUCCEEDED);
+  const v1::Job second = WaitForState(*manager, "jobs/2", v1::JOB_STATE_SUCCEEDED);
+  REQUIRE(first.state() == v1::JOB_STATE_SUCCEEDED);
+  REQUIRE(second.state() == v1::JOB_STATE_SUCCEEDED);
+  CHECK(setup.runner.most_running == 1);
+  CHECK(first.progress().step() == 4);
+  CHECK(first.progress().loss() == Approx(0.25));
+  CHECK(first.start_unix_seconds() >= first.create_unix_seconds());
+  CHECK(first.end_unix_seconds() >= first.start_unix_seconds());
+
+  const std::string fingerprint = ModelFingerprint("models/tiny-llama-retrieval").value();
+  CHECK(first.result().model_fingerprint() == fingerprint);
+  CHECK(first.result().partition_version() == 1);
+  CHECK(second.result().partition_version() == 2);
+  const auto published = setup.store->Get(fingerprint, 1).value();
+  CHECK(published->source == "trainer job jobs/1");
+  CHECK(published->training.job_name == "jobs/1");
+  CHECK(published->created_unix_seconds > 0);
+  CHECK(published->role(3, 1) == HeadRole::kSparse);
+  CHECK(published->selection().token_budget == 512);
+  CHECK(manager->List().size() == 2);
+}
+
+TEST_CASE("--max-concurrent-jobs lets that many jobs run at once") {
+  Setup setup;
+  setup.runner.release = false;
+  auto manager = setup.Manager(2);
+  for (int i = 0; i < 3; ++i) manager->Submit(Request()).value();
+  WaitForState(*manager, "jobs/2", v1::JOB_STATE_RUNNING);
+  CHECK(manager->Get("jobs/1").value().state() == v1::JOB_STATE_RUNNING);
+  CHECK(manager->Get("jobs/2").value().state() == v1::JOB_STATE_RUNNING);
+  CHECK(manager->Get("jobs/3").value().state() == v1::JOB_STATE_QUEUED);
+  // RUNNING is set before the runner is called: wait until both are inside it.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(20);
+  while (setup.runner.running < 2 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(milliseconds(1));
+  setup.runner.release = true;
+  CHECK(WaitForState(*manager, "jobs/3", v1::JOB_STATE_SUCCEEDED).state() == v1::JOB_STATE_SUCCEEDED);
+  CHECK(setup.runner.most_running == 2);
+}
+
+TEST_CASE("cancelling: a queued job at once, a running one within a step, a final one not at all") {
+  Setup setup;
+  setup.runner.release = false;
+  auto manager = setup.Manager();
+  manager->Submit(Request(1000)).value();
+  manager->Submit(Request()).value();
+  WaitForState(*manager, "jobs/1", v1::JOB_STATE_RUNNING);
+
+  const v1::Job queued = manager->Cancel("jobs/2").value();
+  CHECK(queued.state() == v1::JOB_STATE_CANCELLED);
+  CHECK(queued.error().code() == static_cast<int>(absl::StatusCode::kCancelled));
+
+  const v1::Job running = manager->Cancel("jobs/1").value();
+  CHECK(running.state() == v1::JOB_STATE_RUNNING);
+  const auto start = std::chrono::steady_clock::now();
+  const v1::Job cancelled = WaitForState(*manager, "jobs/1", v1::JOB_STATE_CANCELLED);
+  CHECK(cancelled.state() == v1::JOB_STATE_CANCELLED);
+  CHECK(std::chrono::steady_clock::now() - start < std::chrono::seconds(5));
+
+  const absl::Status again = manager->Cancel("jobs/1").status();
+  CHECK(again.code() == absl::StatusCode::kFailedPrecondition);
+  CHECK_THAT(std::string(again.message()), Catch::Contains("already CANCELLED"));
+  CHECK(manager->Cancel("jobs/9").status().code() == absl::StatusCode::kNotFound);
+  CHECK(manager->Cancel("job-1").status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(manager->Get("jobs/0").status().code() == absl::StatusCode::kInvalidArgument);
+  CHECK(setup.runner.calls == 1);  // the cancelled queued job never ran
+}
+
+TEST_CASE("a failing calibration ends FAILED with its code and message, and the next job still runs") {
+  Setup setup;
+  setup.runner.fail_with = absl::FailedPreconditionError("calibration corpus has 10 tokens, fewer than max_context_tokens 384");
+  auto manager = setup.Manager();
+  manager->Submit(Request()).value();
+  const v1::Job failed = WaitForState(*manager, "jobs/1", v1::JOB_STATE_FAILED);
+  CHECK(failed.state() == v1::JOB_STATE_FAILED);
+  CHECK(failed.error().code() == static_cast<int>(absl::StatusCode::kFailedPrecondition));
+  CHECK(failed.error().message() == "calibration corpus has 10 tokens, fewer than max_context_tokens 384");
+  setup.runner.fail_with = absl::OkStatus();
+  manager->Submit(Request()).value();
+  CHECK(WaitForState(*manager, "jobs/2", v1::JOB_STATE_SUCCEEDED).result().partition_version() == 1);
+}
+
+TEST_CASE("a full queue is RESOURCE_EXHAUSTED") {
+  Setup setup;
+  setup.runner.release = false;
+  JobManagerOptions options = setup.Options();
+  options.max_queued_jobs = 1;
+  auto manager = JobManager::Create(options, *setup.store, setup.runner.AsRunner()).value();
+  manager->Submit(Request()).value();
+  WaitForState(*manager, "jobs/1", v1::JOB_STATE_RUNNING);
+  manager->Submit(Request()).value();
+  const absl::Status full = manager->Submit(Request()).status();
+  CHECK(full.code() == absl::StatusCode::kResourceExhausted);
+  CHECK_THAT(std::string(full.message()), Catch::Contains("max-queued-jobs"));
+  setup.runner.release = true;
+}
+
+TEST_CASE("after a crash, RUNNING jobs become INTERRUPTED, QUEUED ones run, damaged journals show up") {
+  Setup setup;
+  const JobJournal journal = JobJournal::Open((setup.registry.path / "jobs").string()).value();
+  const auto journaled = [&](uint64_t number, v1::JobState state) {
+    v1::Job job;
+    job.set_name(JobName(number));
+    job.set_state(state);
+    *job.mutable_request() = Request(2);
+    job.mutable_progress()->set_step(1);
+    job.mutable_progress()->set_total_steps(2);
+    REQUIRE(journal.Write(job).ok());
+  };
+  journaled(1, v1::JOB_STATE_RUNNING);
+  journaled(2, v1::JOB_STATE_QUEUED);
+  journaled(3, v1::JOB_STATE_SUCCEEDED);
+  journaled(4, v1::JOB_STATE_QUEUED);
+  std::ofstream(setup.registry.path / "jobs" / "000000000005.job") << "torn";
+  {
+    auto manager = setup.Manager();
+    REQUIRE(manager->recovery_problems().size() == 1);
+    CHECK_THAT(manager->recovery_problems()[0], Catch::Contains("jobs/5"));
+
+    const v1::Job interrupted = manager->Get("jobs/1").value();
+    CHECK(interrupted.state() == v1::JOB_STATE_INTERRUPTED);
+    CHECK(interrupted.error().code() == static_cast<int>(absl::StatusCode::kAborted));
+    CHECK_THAT(interrupted.error().message(), Catch::Contains("last journaled at step 1 of 2"));
+    CHECK(WaitForState(*manager, "jobs/2", v1::JOB_STATE_SUCCEEDED).result().partition_version() == 1);
+    CHECK(WaitForState(*manager, "jobs/4", v1::JOB_STATE_SUCCEEDED).result().partition_version() == 2);
+    CHECK(manager->Get("jobs/3").value().state() == v1::JOB_STATE_SUCCEEDED);
+    const v1::Job damaged = manager->Get("jobs/5").value();
+    CHECK(damaged.state() == v1::JOB_STATE_INTERRUPTED);
+    CHECK(damaged.error().code() == static_cast<int>(absl::StatusCode::kDataLoss));
+    CHECK(manager->Submit(Request()).value().name() == "jobs/6");
+    WaitForState(*manager, "jobs/6", v1::JOB_STATE_SUCCEEDED);
+  }
+  // What recovery decided is itself journaled.
+  const JobJournal::Contents contents = journal.Load();
+  REQUIRE(contents.jobs.size() == 5);
+  CHECK(contents.jobs[0].state() == v1::JOB_STATE_INTERRUPTED);
+  CHECK(contents.jobs[1].state() == v1::JOB_STATE_SUCCEEDED);
+  CHECK(contents.jobs[4].name() == "jobs/6");
+  CHECK(contents.damaged.size() == 1);
+  CHECK(contents.last_number == 6);
+}
+
+TEST_CASE("shutting down interrupts the running job and keeps the queued ones for the next start") {
+  Setup setup;
+  setup.runner.release = false;
+  {
+    auto manager = setup.Manager();
+    manager->Submit(Request()).value();
+    manager->Submit(Request()).value();
+    WaitForState(*manager, "jobs/1", v1::JOB_STATE_RUNNING);
+  }
+  setup.runner.release = true;
+  auto manager = setup.Manager();
+  const v1::Job interrupted = manager->Get("jobs/1").value();
+  CHECK(interrupted.state() == v1::JOB_STATE_INTERRUPTED);
+  CHECK_THAT(interrupted.error().message(), Catch::Contains("shut down"));
+  CHECK(WaitForState(*manager, "jobs/2", v1::JOB_STATE_SUCCEEDED).state() == v1::JOB_STATE_SUCCEEDED);
+  CHECK(manager->recovery_problems().empty());
+}
+
+}  // namespace
+}  // namespace lychee

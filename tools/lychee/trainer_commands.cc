@@ -1,0 +1,326 @@
+#include "tools/lychee/trainer_commands.h"
+
+#include <grpcpp/client_context.h>
+#include <grpcpp/create_channel.h>
+#include <grpcpp/security/credentials.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <ctime>
+#include <filesystem>
+#include <functional>
+#include <iostream>
+#include <map>
+#include <memory>
+#include <optional>
+#include <set>
+#include <utility>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "common/grpc_status.h"
+#include "common/head_partition.h"
+#include "common/status_macros.h"
+#include "lychee/v1/trainer.grpc.pb.h"
+#include "tools/lychee/args.h"
+
+namespace lychee::cli {
+namespace {
+
+constexpr char kDefaultTrainer[] = "127.0.0.1:50061";
+constexpr std::chrono::seconds kCallTimeout(30);
+
+std::string DefaultModelName() { return std::filesystem::path(LYCHEE_DEFAULT_MODEL_DIR).filename().string(); }
+
+// The commands that take one positional argument (a job name, a version) before their flags.
+absl::StatusOr<std::pair<std::string, Args>> ParseWithOperand(const std::vector<std::string>& argv,
+                                                               const std::string& operand,
+                                                               const std::set<std::string>& valued,
+                                                               const std::set<std::string>& switches) {
+  if (argv.empty() || argv[0].rfind("--", 0) == 0) return absl::InvalidArgumentError(absl::StrCat("missing ", operand));
+  LYCHEE_ASSIGN_OR_RETURN(Args args, Args::Parse({argv.begin() + 1, argv.end()}, valued, switches));
+  return std::make_pair(argv[0], std::move(args));
+}
+
+class TrainerClient {
+ public:
+  explicit TrainerClient(const Args& args)
+      : address_(args.GetOr("trainer", kDefaultTrainer)),
+        stub_(v1::TrainerService::NewStub(grpc::CreateChannel(address_, grpc::InsecureChannelCredentials()))) {}
+
+  v1::TrainerService::Stub& stub() { return *stub_; }
+
+  std::unique_ptr<grpc::ClientContext> UnaryContext() const {
+    auto context = std::make_unique<grpc::ClientContext>();
+    context->set_deadline(std::chrono::system_clock::now() + kCallTimeout);
+    return context;
+  }
+
+  // The call's error, prefixed with where the trainer is; the code is kept.
+  absl::Status Check(const grpc::Status& status) const {
+    const absl::Status converted = FromGrpcStatus(status);
+    if (converted.ok()) return converted;
+    return absl::Status(converted.code(), absl::StrCat("trainer at ", address_, ": ",
+                                                       absl::StatusCodeToString(converted.code()), ": ",
+                                                       std::string(converted.message())));
+  }
+
+ private:
+  std::string address_;
+  std::unique_ptr<v1::TrainerService::Stub> stub_;
+};
+
+std::string StateName(v1::JobState state) {
+  const std::string name = v1::JobState_Name(state);
+  constexpr size_t kPrefix = sizeof("JOB_STATE_") - 1;
+  return name.size() > kPrefix ? name.substr(kPrefix) : name;
+}
+
+std::string Outcome(const v1::Job& job) {
+  if (job.has_result()) return absl::StrCat("partition version ", job.result().partition_version());
+  if (job.has_error()) {
+    return absl::StrCat(absl::StatusCodeToString(static_cast<absl::StatusCode>(job.error().code())), ": ",
+                        job.error().message());
+  }
+  return "";
+}
+
+std::string Duration(double seconds) {
+  const long long s = static_cast<long long>(seconds + 0.5);
+  char text[32];
+  if (s >= 3600) {
+    std::snprintf(text, sizeof text, "%lldh%02lldm", s / 3600, s / 60 % 60);
+  } else if (s >= 60) {
+    std::snprintf(text, sizeof text, "%lldm%02llds", s / 60, s % 60);
+  } else {
+    std::snprintf(text, sizeof text, "%llds", s);
+  }
+  return text;
+}
+
+std::string UtcTime(int64_t unix_seconds) {
+  if (unix_seconds == 0) return "-";
+  const std::time_t time = static_cast<std::time_t>(unix_seconds);
+  std::tm tm{};
+  gmtime_r(&time, &tm);
+  char text[32];
+  std::strftime(text, sizeof text, "%Y-%m-%d %H:%M:%SZ", &tm);
+  return text;
+}
+
+std::string ProgressLine(const v1::Job& job) {
+  const v1::JobProgress& p = job.progress();
+  if (job.state() != v1::JOB_STATE_RUNNING) return absl::StrCat(job.name(), " ", StateName(job.state()));
+  if (p.step() == 0) return absl::StrCat(job.name(), " RUNNING: loading the model, step 0/", p.total_steps());
+  constexpr int kWidth = 24;
+  const int filled = p.total_steps() > 0 ? static_cast<int>(kWidth * p.step() / p.total_steps()) : 0;
+  char numbers[192];
+  std::snprintf(numbers, sizeof numbers, "step %lld/%lld  loss %.4g  density %.3f  lambda %.3g  %.0f tok/s  ETA %s",
+                static_cast<long long>(p.step()), static_cast<long long>(p.total_steps()), p.loss(),
+                p.expected_density(), p.lambda(), p.tokens_per_second(), Duration(p.eta_seconds()).c_str());
+  return absl::StrCat(job.name(), " [", std::string(filled, '#'), std::string(kWidth - filled, '.'), "] ", numbers);
+}
+
+absl::Status SetInt(const Args& args, const std::string& flag, const std::function<void(int64_t)>& set) {
+  if (!args.Has(flag)) return absl::OkStatus();
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t value, args.GetInt(flag, 0));
+  set(value);
+  return absl::OkStatus();
+}
+
+absl::Status SetDouble(const Args& args, const std::string& flag, const std::function<void(double)>& set) {
+  if (!args.Has(flag)) return absl::OkStatus();
+  LYCHEE_ASSIGN_OR_RETURN(const double value, args.GetDouble(flag, 0));
+  set(value);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::ModelSelector> ModelFromArgs(const Args& args) {
+  v1::ModelSelector selector;
+  if (args.Has("fingerprint")) {
+    if (args.Has("model")) return absl::InvalidArgumentError("give --model or --fingerprint, not both");
+    selector.set_fingerprint(*args.Get("fingerprint"));
+  } else {
+    selector.set_name(args.GetOr("model", DefaultModelName()));
+  }
+  return selector;
+}
+
+// Share of retrieval heads outside layer 0, as the partition's owner computes it.
+std::string Density(const v1::HeadPartition& proto) {
+  const absl::StatusOr<HeadPartition> partition = HeadPartitionFromProto(proto);
+  if (!partition.ok()) return "?";
+  char text[16];
+  std::snprintf(text, sizeof text, "%.3f", partition->RetrievalDensity());
+  return text;
+}
+
+}  // namespace
+
+absl::Status RunSubmit(const std::vector<std::string>& argv) {
+  LYCHEE_ASSIGN_OR_RETURN(
+      Args args, Args::Parse(argv,
+                             {"trainer", "model", "corpus", "target-density", "steps", "min-context", "max-context",
+                              "passkeys", "learning-rate", "sparse-keep-ratio", "sparse-sink", "sparse-recent",
+                              "block-size", "budget", "sink", "recent", "seed"},
+                             {}));
+  if (!args.Has("target-density")) return absl::InvalidArgumentError("--target-density is required");
+  if (!args.Has("steps")) return absl::InvalidArgumentError("--steps is required");
+  v1::SubmitCalibrationJobRequest request;
+  request.set_model(args.GetOr("model", DefaultModelName()));
+  request.set_corpus(args.GetOr("corpus", ""));
+  v1::CalibrationConfig* config = request.mutable_config();
+  LYCHEE_RETURN_IF_ERROR(SetDouble(args, "target-density", [&](double v) { config->set_target_density(v); }));
+  LYCHEE_RETURN_IF_ERROR(SetInt(args, "steps", [&](int64_t v) { config->set_steps(v); }));
+  LYCHEE_RETURN_IF_ERROR(SetInt(args, "min-context", [&](int64_t v) { config->set_min_context_tokens(v); }));
+  LYCHEE_RETURN_IF_ERROR(SetInt(args, "max-context", [&](int64_t v) { config->set_max_context_tokens(v); }));
+  LYCHEE_RETURN_IF_ERROR(SetInt(args, "passkeys", [&](int64_t v) { config->set_passkeys_per_sample(v); }));
+  LYCHEE_RETURN_IF_ERROR(SetDouble(args, "learning-rate", [&](double v) { config->set_learning_rate(v); }));
+  LYCHEE_RETURN_IF_ERROR(SetDouble(args, "sparse-keep-ratio", [&](double v) { config->set_sparse_keep_ratio(v); }));
+  LYCHEE_RETURN_IF_ERROR(SetInt(args, "sparse-sink", [&](int64_t v) { config->set_sparse_sink_tokens(v); }));
+  LYCHEE_RETURN_IF_ERROR(SetInt(args, "sparse-recent", [&](int64_t v) { config->set_sparse_recent_tokens(v); }));
+  LYCHEE_RETURN_IF_ERROR(SetInt(args, "block-size", [&](int64_t v) { config->set_block_size(v); }));
+  LYCHEE_RETURN_IF_ERROR(SetInt(args, "budget", [&](int64_t v) { config->set_token_budget(v); }));
+  LYCHEE_RETURN_IF_ERROR(SetInt(args, "sink", [&](int64_t v) { config->set_sink_tokens(v); }));
+  LYCHEE_RETURN_IF_ERROR(SetInt(args, "recent", [&](int64_t v) { config->set_recent_tokens(v); }));
+  LYCHEE_RETURN_IF_ERROR(SetInt(args, "seed", [&](int64_t v) { config->set_seed(static_cast<uint64_t>(v)); }));
+
+  TrainerClient client(args);
+  v1::Job job;
+  LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().SubmitCalibrationJob(client.UnaryContext().get(), request, &job)));
+  std::cout << job.name() << "\n";
+  return absl::OkStatus();
+}
+
+absl::Status RunWatch(const std::vector<std::string>& argv) {
+  LYCHEE_ASSIGN_OR_RETURN(auto parsed, ParseWithOperand(argv, "JOB (e.g. jobs/1)", {"trainer"}, {}));
+  const auto& [name, args] = parsed;
+  TrainerClient client(args);
+  grpc::ClientContext context;
+  v1::WatchJobRequest request;
+  request.set_name(name);
+  std::unique_ptr<grpc::ClientReader<v1::Job>> reader = client.stub().WatchJob(&context, request);
+  // On a terminal the bar redraws in place; in a log every update is a line of its own.
+  const bool redraw = isatty(STDERR_FILENO);
+  std::optional<v1::Job> last;
+  v1::Job job;
+  while (reader->Read(&job)) {
+    std::cerr << (redraw ? "\r\033[K" : "") << ProgressLine(job) << (redraw ? "" : "\n") << std::flush;
+    last = job;
+  }
+  if (redraw && last) std::cerr << "\n";
+  LYCHEE_RETURN_IF_ERROR(client.Check(reader->Finish()));
+  if (!last || (!last->has_result() && !last->has_error())) {
+    return absl::UnavailableError(absl::StrCat("the watch of ", name, " ended before the job did"));
+  }
+  std::cout << last->name() << " " << StateName(last->state()) << ": " << Outcome(*last) << "\n";
+  if (last->state() != v1::JOB_STATE_SUCCEEDED) {
+    return absl::AbortedError(absl::StrCat("job ", name, " ended ", StateName(last->state())));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RunJobs(const std::vector<std::string>& argv) {
+  LYCHEE_ASSIGN_OR_RETURN(Args args, Args::Parse(argv, {"trainer"}, {}));
+  TrainerClient client(args);
+  v1::ListJobsResponse response;
+  LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().ListJobs(client.UnaryContext().get(), {}, &response)));
+  std::printf("%-10s %-12s %-24s %-13s %-7s %s\n", "NAME", "STATE", "MODEL", "STEP", "TARGET", "OUTCOME");
+  for (const v1::Job& job : response.jobs()) {
+    const std::string step = absl::StrCat(job.progress().step(), "/", job.progress().total_steps());
+    std::printf("%-10s %-12s %-24s %-13s %-7.4g %s\n", job.name().c_str(), StateName(job.state()).c_str(),
+                job.request().model().c_str(), step.c_str(), job.request().config().target_density(),
+                Outcome(job).c_str());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RunCancel(const std::vector<std::string>& argv) {
+  LYCHEE_ASSIGN_OR_RETURN(auto parsed, ParseWithOperand(argv, "JOB (e.g. jobs/1)", {"trainer"}, {}));
+  const auto& [name, args] = parsed;
+  TrainerClient client(args);
+  v1::CancelJobRequest request;
+  request.set_name(name);
+  v1::Job job;
+  LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().CancelJob(client.UnaryContext().get(), request, &job)));
+  std::cout << job.name() << " " << StateName(job.state())
+            << (job.state() == v1::JOB_STATE_RUNNING ? ": stops within one step" : "") << "\n";
+  return absl::OkStatus();
+}
+
+absl::Status RunPartitions(const std::vector<std::string>& argv) {
+  LYCHEE_ASSIGN_OR_RETURN(Args args, Args::Parse(argv, {"trainer", "model", "fingerprint"}, {}));
+  TrainerClient client(args);
+  v1::ListHeadPartitionsRequest request;
+  LYCHEE_ASSIGN_OR_RETURN(*request.mutable_model(), ModelFromArgs(args));
+  v1::ListHeadPartitionsResponse response;
+  LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().ListHeadPartitions(client.UnaryContext().get(), request, &response)));
+  std::printf("model fingerprint %s: %d partition(s)\n", response.model_fingerprint().c_str(), response.partitions_size());
+  std::printf("%-8s %-21s %-8s %-7s %-10s %s\n", "VERSION", "CREATED", "DENSITY", "STEPS", "LOSS", "SOURCE");
+  for (const v1::HeadPartition& partition : response.partitions()) {
+    std::printf("%-8llu %-21s %-8s %-7llu %-10.4g %s\n", static_cast<unsigned long long>(partition.version()),
+                UtcTime(partition.created_unix_seconds()).c_str(), Density(partition).c_str(),
+                static_cast<unsigned long long>(partition.metrics().steps()), partition.metrics().final_loss(),
+                partition.source().c_str());
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RunPartition(const std::vector<std::string>& argv) {
+  LYCHEE_ASSIGN_OR_RETURN(auto parsed, ParseWithOperand(argv, "VERSION (a number, or latest)",
+                                                        {"trainer", "model", "fingerprint"}, {"json"}));
+  const auto& [version_text, args] = parsed;
+  v1::GetHeadPartitionRequest request;
+  uint64_t version = 0;
+  if (version_text != "latest" && (!absl::SimpleAtoi(version_text, &version) || version == 0)) {
+    return absl::InvalidArgumentError(absl::StrCat("VERSION must be a number >= 1 or latest, got '", version_text, "'"));
+  }
+  request.set_version(version);
+  LYCHEE_ASSIGN_OR_RETURN(*request.mutable_model(), ModelFromArgs(args));
+  TrainerClient client(args);
+  v1::HeadPartition proto;
+  LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().GetHeadPartition(client.UnaryContext().get(), request, &proto)));
+  LYCHEE_ASSIGN_OR_RETURN(const HeadPartition partition, HeadPartitionFromProto(proto));
+  if (args.Has("json")) {
+    LYCHEE_ASSIGN_OR_RETURN(const std::string json, HeadPartitionToJson(partition));
+    std::cout << json << "\n";
+    return absl::OkStatus();
+  }
+  const SelectionParams& s = partition.selection();
+  std::printf("partition version %llu of model %s\n", static_cast<unsigned long long>(partition.version),
+              partition.model_fingerprint.c_str());
+  std::printf("source %s, created %s\n", partition.source.c_str(), UtcTime(partition.created_unix_seconds).c_str());
+  std::printf("selection: block %lld, budget %lld, sink %lld, recent %lld tokens\n", static_cast<long long>(s.block_size),
+              static_cast<long long>(s.token_budget), static_cast<long long>(s.sink_tokens),
+              static_cast<long long>(s.recent_tokens));
+  if (partition.training.steps > 0) {
+    std::printf("trained %lld steps in %s: loss %.4g, expected density %.3f (target %.3f), lambda %.3g\n",
+                static_cast<long long>(partition.training.steps), Duration(partition.training.seconds).c_str(),
+                partition.training.final_loss, partition.training.expected_density, partition.training.target_density,
+                partition.training.lambda);
+  }
+  // Each cell: R (retrieval) or S (sparse), with the gate's Kumaraswamy mean when it was learned.
+  std::map<std::pair<int64_t, int64_t>, double> means;
+  for (const HeadGateRecord& gate : partition.gates) means[{gate.layer, gate.kv_head}] = gate.kuma_mean;
+  std::printf("\nlayer \\ KV head");
+  for (int64_t head = 0; head < partition.num_kv_heads(); ++head) std::printf(" %6lld", static_cast<long long>(head));
+  std::printf("\n");
+  for (int64_t layer = 0; layer < partition.num_layers(); ++layer) {
+    std::printf("%15lld", static_cast<long long>(layer));
+    for (int64_t head = 0; head < partition.num_kv_heads(); ++head) {
+      const char role = partition.role(layer, head) == HeadRole::kRetrieval ? 'R' : 'S';
+      const auto mean = means.find({layer, head});
+      if (mean == means.end()) {
+        std::printf(" %6c", role);
+      } else {
+        std::printf("  %c%.2f", role, mean->second);
+      }
+    }
+    std::printf("\n");
+  }
+  std::printf("\nR retrieval (dense), S sparse; retrieval density outside layer 0: %.3f\n", partition.RetrievalDensity());
+  return absl::OkStatus();
+}
+
+}  // namespace lychee::cli

@@ -1,0 +1,129 @@
+// Calibration jobs: checked on submission, queued, run a configurable number at a time,
+// journaled at every state change, and published to the partition registry when they succeed.
+// After a crash no job is silently gone: on start, a job the journal shows RUNNING becomes
+// INTERRUPTED and QUEUED ones are queued again. Free of LibTorch and of gRPC: the calibration
+// itself comes in as a CalibrationRunner (trainer/job_runner.h), so that tests drive the
+// manager directly.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/head_partition.h"
+#include "common/partition_store.h"
+#include "lychee/v1/trainer.pb.h"
+#include "trainer/calibration.h"
+#include "trainer/job_journal.h"
+
+namespace lychee {
+
+// What a job runs on, resolved inside the trainer's roots.
+struct CalibrationJobInputs {
+  std::string model_dir;
+  std::string corpus_path;
+  CalibrationConfig config;
+};
+
+using ProgressCallback = std::function<void(const CalibrationProgress&)>;
+// Runs one calibration; returns CANCELLED within one step of `cancelled` becoming true.
+using CalibrationRunner = std::function<absl::StatusOr<HeadPartition>(
+    const CalibrationJobInputs& inputs, const ProgressCallback& on_progress, const std::atomic<bool>& cancelled)>;
+
+struct JobManagerOptions {
+  // Models are directories under it, named by clients.
+  std::string model_root;
+  // Corpora clients name are paths under it; empty: clients cannot name one.
+  std::string data_root;
+  // The corpus of a job that names none; chosen by the operator, so not confined to data_root.
+  std::string default_corpus;
+  std::string journal_dir;
+  int max_concurrent_jobs = 1;
+  // Submissions beyond this many waiting jobs are RESOURCE_EXHAUSTED.
+  int max_queued_jobs = 64;
+};
+
+bool IsFinal(v1::JobState state);
+
+class JobManager {
+ public:
+  // Recovers the journal and starts the workers; `store` must outlive the manager.
+  static absl::StatusOr<std::unique_ptr<JobManager>> Create(JobManagerOptions options, PartitionStore& store,
+                                                            CalibrationRunner runner);
+  // Jobs still running stop within one step and end INTERRUPTED; queued ones stay queued in the
+  // journal for the next start.
+  ~JobManager();
+  JobManager(const JobManager&) = delete;
+  JobManager& operator=(const JobManager&) = delete;
+
+  // Checks the request (model, corpus, config: INVALID_ARGUMENT or FAILED_PRECONDITION naming the
+  // field; a full queue is RESOURCE_EXHAUSTED) and queues a job; returns it as queued.
+  absl::StatusOr<v1::Job> Submit(const v1::SubmitCalibrationJobRequest& request);
+  absl::StatusOr<v1::Job> Get(const std::string& name) const;
+  // Every job, oldest first.
+  std::vector<v1::Job> List() const;
+  // A queued job ends CANCELLED at once; a running one is asked to stop and is returned still
+  // RUNNING (it ends CANCELLED within one step). A final job is FAILED_PRECONDITION.
+  absl::StatusOr<v1::Job> Cancel(const std::string& name);
+
+  struct Update {
+    v1::Job job;
+    uint64_t revision = 0;  // grows with every change of the job
+  };
+  // The job once its revision is above `after_revision` (at once for 0), or as it is when
+  // `timeout` passes first.
+  absl::StatusOr<Update> WaitForUpdate(const std::string& name, uint64_t after_revision,
+                                       std::chrono::milliseconds timeout) const;
+
+  // What recovering the journal found wrong (also written to stderr).
+  const std::vector<std::string>& recovery_problems() const { return recovery_problems_; }
+
+ private:
+  struct Entry {
+    v1::Job job;
+    uint64_t revision = 1;
+    std::atomic<bool> stop{false};  // the runner's cancellation flag
+    bool cancelled_by_client = false;
+    std::chrono::steady_clock::time_point journaled_at;
+  };
+
+  JobManager(JobManagerOptions options, PartitionStore& store, CalibrationRunner runner, JobJournal journal)
+      : options_(std::move(options)), store_(store), runner_(std::move(runner)), journal_(std::move(journal)) {}
+
+  void Recover();
+  absl::StatusOr<CalibrationJobInputs> ResolveInputs(const v1::SubmitCalibrationJobRequest& request) const;
+  absl::StatusOr<Entry*> Find(const std::string& name) const;
+  void WorkerLoop();
+  // Runs a job taken off the queue (mutex_ not held) and records how it ended.
+  void RunJob(Entry& entry);
+  // Marks a change of `entry` (mutex_ held): bumps the revision, wakes watchers and, when
+  // `persist` (state changes, and progress now and then), rewrites the journal.
+  void Changed(Entry& entry, bool persist);
+
+  const JobManagerOptions options_;
+  PartitionStore& store_;
+  const CalibrationRunner runner_;
+  const JobJournal journal_;
+  std::vector<std::string> recovery_problems_;
+
+  mutable std::mutex mutex_;
+  mutable std::condition_variable job_changed_;
+  std::condition_variable work_available_;
+  std::map<uint64_t, std::unique_ptr<Entry>> jobs_;  // by job number; never erased
+  std::deque<uint64_t> queue_;
+  uint64_t last_number_ = 0;
+  bool stopping_ = false;
+  std::vector<std::thread> workers_;
+};
+
+}  // namespace lychee

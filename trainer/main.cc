@@ -1,0 +1,94 @@
+// lychee-trainer: the calibration job server (lychee.v1.TrainerService).
+#include <pthread.h>
+#include <signal.h>
+
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
+#include "tools/lychee/args.h"
+#include "trainer/job_runner.h"
+#include "trainer/service.h"
+
+namespace {
+
+constexpr char kUsage[] = R"(usage: lychee-trainer --registry-dir DIR [flags]
+
+  --listen HOST:PORT          where to serve (default 127.0.0.1:50061)
+  --model-root DIR            models are the directories under it (default )" LYCHEE_SOURCE_DIR R"(/models)
+  --data-root DIR             corpora that jobs name are paths under it (default )" LYCHEE_SOURCE_DIR R"(/data)
+  --registry-dir DIR          published partitions (DIR/partitions) and the job journal (DIR/jobs)
+  --max-concurrent-jobs N     jobs that run at once (default 1)
+  --max-queued-jobs N         jobs that may wait (default 64)
+  --device cpu|cuda           where jobs run (default cpu)
+  --threads N                 LibTorch intra-op threads per job (default 0: LibTorch's own
+                              default, OMP_NUM_THREADS or 1)
+A job that names no corpus uses )" LYCHEE_SOURCE_DIR "/data/corpus/calibration.txt.gz\n";
+
+absl::Status Serve(const std::vector<std::string>& argv) {
+  LYCHEE_ASSIGN_OR_RETURN(
+      lychee::cli::Args args,
+      lychee::cli::Args::Parse(argv,
+                               {"listen", "model-root", "data-root", "registry-dir", "max-concurrent-jobs",
+                                "max-queued-jobs", "device", "threads"},
+                               {}));
+  lychee::TrainerServerOptions options;
+  options.listen_address = args.GetOr("listen", options.listen_address);
+  options.registry_dir = args.GetOr("registry-dir", "");
+  if (options.registry_dir.empty()) return absl::InvalidArgumentError("--registry-dir is required");
+  options.jobs.model_root = args.GetOr("model-root", LYCHEE_SOURCE_DIR "/models");
+  options.jobs.data_root = args.GetOr("data-root", LYCHEE_SOURCE_DIR "/data");
+  options.jobs.default_corpus = LYCHEE_SOURCE_DIR "/data/corpus/calibration.txt.gz";
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t concurrent, args.GetInt("max-concurrent-jobs", 1));
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t queued, args.GetInt("max-queued-jobs", 64));
+  if (concurrent < 1 || concurrent > 64) {
+    return absl::InvalidArgumentError(absl::StrCat("--max-concurrent-jobs must be in [1, 64], got ", concurrent));
+  }
+  if (queued < 1 || queued > 100000) {
+    return absl::InvalidArgumentError(absl::StrCat("--max-queued-jobs must be in [1, 100000], got ", queued));
+  }
+  options.jobs.max_concurrent_jobs = static_cast<int>(concurrent);
+  options.jobs.max_queued_jobs = static_cast<int>(queued);
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t threads, args.GetInt("threads", 0));
+  if (threads < 0 || threads > 1024) {
+    return absl::InvalidArgumentError(absl::StrCat("--threads must be in [0, 1024], got ", threads));
+  }
+  LYCHEE_ASSIGN_OR_RETURN(lychee::CalibrationRunner runner,
+                          lychee::MakeCalibrationRunner(args.GetOr("device", "cpu"), static_cast<int>(threads)));
+
+  // SIGINT and SIGTERM are taken by sigwait below, not by whichever thread they hit: blocked
+  // here, before any thread starts, so that every thread inherits the mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<lychee::TrainerServer> server,
+                          lychee::TrainerServer::Start(options, std::move(runner)));
+  std::cerr << "lychee-trainer: serving lychee.v1.TrainerService on port " << server->port() << " ("
+            << options.listen_address << "), registry " << options.registry_dir << "\n";
+  int signal_number = 0;
+  sigwait(&signals, &signal_number);
+  std::cerr << "lychee-trainer: signal " << signal_number << ", shutting down\n";
+  server->Shutdown();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::vector<std::string> args(argv + 1, argv + argc);
+  if (!args.empty() && (args[0] == "--help" || args[0] == "help")) {
+    std::cout << kUsage;
+    return 0;
+  }
+  const absl::Status status = Serve(args);
+  if (!status.ok()) {
+    std::cerr << "lychee-trainer: " << status.message() << "\n" << (status.code() == absl::StatusCode::kInvalidArgument ? kUsage : "");
+    return 1;
+  }
+  return 0;
+}

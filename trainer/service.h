@@ -1,0 +1,50 @@
+// The trainer's gRPC server: lychee.v1.TrainerService over a JobManager and the partition
+// registry, with the standard grpc.health.v1 health service and server reflection. A thin
+// layer: requests are checked and served by the job manager and the store, whose absl::Status
+// errors map one to one onto gRPC codes. Free of LibTorch (the runner comes in from outside).
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <grpcpp/server.h>
+
+#include "absl/status/statusor.h"
+#include "common/partition_store.h"
+#include "trainer/job_manager.h"
+
+namespace lychee {
+
+struct TrainerServerOptions {
+  // host:port; port 0 picks a free one (see TrainerServer::port).
+  std::string listen_address = "127.0.0.1:50061";
+  // Holds the partition registry (partitions/) and the job journal (jobs/).
+  std::string registry_dir;
+  // journal_dir is set from registry_dir.
+  JobManagerOptions jobs;
+};
+
+class TrainerServer {
+ public:
+  static absl::StatusOr<std::unique_ptr<TrainerServer>> Start(TrainerServerOptions options, CalibrationRunner runner);
+  ~TrainerServer();
+
+  int port() const { return port_; }
+  // Blocks until Shutdown.
+  void Wait();
+  // Stops taking calls and gives the ones in flight (watch streams included) a second to end;
+  // jobs still running stop within one step and end INTERRUPTED. Idempotent.
+  void Shutdown();
+
+ private:
+  class Service;
+  TrainerServer() = default;
+
+  std::unique_ptr<PartitionStore> store_;
+  std::unique_ptr<JobManager> jobs_;
+  std::unique_ptr<Service> service_;
+  std::unique_ptr<grpc::Server> server_;
+  int port_ = 0;
+};
+
+}  // namespace lychee
