@@ -15,8 +15,8 @@ namespace {
 
 // Layer 0 dense; round(density * heads) of the other heads retrieval, chosen by `seed`.
 absl::StatusOr<HeadPartition> RandomPartition(const ModelConfig& config, double density, uint64_t seed) {
-  if (!(density > 0 && density <= 1)) {
-    return absl::InvalidArgumentError(absl::StrCat("--random-partition must be a density in (0, 1], got ", density));
+  if (!(density >= 0 && density <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("--random-partition must be a density in [0, 1], got ", density));
   }
   HeadPartition partition = HeadPartition::AllRetrieval(config.num_layers, config.num_kv_heads, SelectionParams{});
   std::vector<int64_t> heads((config.num_layers - 1) * config.num_kv_heads);
@@ -63,7 +63,7 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> AttentionFromArgs(const 
     LYCHEE_ASSIGN_OR_RETURN(partition, LoadHeadPartitionJson(*args.Get("partition")));
   } else {
     LYCHEE_ASSIGN_OR_RETURN(double density, args.GetDouble("random-partition", 0));
-    LYCHEE_ASSIGN_OR_RETURN(int64_t seed, args.GetInt("seed", 1));
+    LYCHEE_ASSIGN_OR_RETURN(int64_t seed, args.GetInt("partition-seed", 1));
     LYCHEE_ASSIGN_OR_RETURN(partition, RandomPartition(config, density, static_cast<uint64_t>(seed)));
   }
   LYCHEE_ASSIGN_OR_RETURN(partition.mutable_selection().token_budget,

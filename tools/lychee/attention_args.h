@@ -1,5 +1,6 @@
 // Flags shared by the subcommands that run a model in-process: --device, and the attention
-// (--attention dense|hybrid with --partition FILE or --random-partition DENSITY, --budget N).
+// (--attention dense|hybrid with --partition FILE or --random-partition DENSITY [--partition-seed S],
+// --budget N).
 #pragma once
 
 #include <memory>

@@ -24,21 +24,21 @@ absl::StatusOr<RetrievalTask> ParseTask(const std::string& name) {
   return absl::InvalidArgumentError(absl::StrCat("--tasks: unknown task '", name, "' (passkey, multikey)"));
 }
 
-// Greedy decoding of as many tokens as the answer has; right when all of them match.
-absl::StatusOr<bool> Answers(const Model& model, std::shared_ptr<const AttentionBackend> attention,
-                             const RetrievalSample& sample) {
+// Greedy decoding of as many tokens as the answer has: the model answers right when they equal
+// the answer's tokens.
+absl::StatusOr<std::vector<int32_t>> GreedyAnswer(const Model& model, std::shared_ptr<const AttentionBackend> attention,
+                                                  const RetrievalSample& sample) {
   auto sequence = model.NewSequence(std::move(attention));
   LYCHEE_ASSIGN_OR_RETURN(at::Tensor logits, model.Prefill(*sequence, sample.prompt_ids));
   Sequence* const batch[] = {sequence.get()};
-  for (size_t i = 0; i < sample.answer_ids.size(); ++i) {
-    const int32_t token = static_cast<int32_t>(logits.argmax().item<int64_t>());
-    if (token != sample.answer_ids[i]) return false;
-    if (i + 1 == sample.answer_ids.size()) break;
-    const int32_t next[] = {token};
+  std::vector<int32_t> answer;
+  while (true) {
+    answer.push_back(static_cast<int32_t>(logits.argmax().item<int64_t>()));
+    if (answer.size() == sample.answer_ids.size()) return answer;
+    const int32_t next[] = {answer.back()};
     LYCHEE_ASSIGN_OR_RETURN(at::Tensor step, model.Decode(batch, next));
     logits = step[0];
   }
-  return true;
 }
 
 }  // namespace
@@ -46,8 +46,8 @@ absl::StatusOr<bool> Answers(const Model& model, std::shared_ptr<const Attention
 absl::Status RunEval(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(Args args, Args::Parse(argv,
                                                  {"model", "corpus", "tasks", "context", "samples", "seed", "attention",
-                                                  "partition", "budget", "random-partition", "device"},
-                                                 {}));
+                                                  "partition", "budget", "random-partition", "partition-seed", "device"},
+                                                 {"print-failures"}));
   const std::string model_dir = args.GetOr("model", LYCHEE_DEFAULT_MODEL_DIR);
   LYCHEE_ASSIGN_OR_RETURN(int64_t context, args.GetInt("context", 4096));
   LYCHEE_ASSIGN_OR_RETURN(int64_t samples, args.GetInt("samples", 40));
@@ -74,8 +74,14 @@ absl::Status RunEval(const std::vector<std::string>& argv) {
     for (int64_t i = 0; i < samples; ++i) {
       LYCHEE_ASSIGN_OR_RETURN(RetrievalSample sample,
                               builder.Build(tasks[t], context, static_cast<uint64_t>(seed * 1000003 + i)));
-      LYCHEE_ASSIGN_OR_RETURN(bool right, Answers(*model, attention, sample));
+      LYCHEE_ASSIGN_OR_RETURN(std::vector<int32_t> answer, GreedyAnswer(*model, attention, sample));
+      const bool right = answer == sample.answer_ids;
       correct += right;
+      if (!right && args.Has("print-failures")) {
+        LYCHEE_ASSIGN_OR_RETURN(std::string said, tokenizer->Decode(answer));
+        std::fprintf(stderr, "%s sample %lld: expected '%s', got '%s'\n", task_names[t].c_str(),
+                     static_cast<long long>(i), sample.answer_text.c_str(), said.c_str());
+      }
     }
     const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     std::printf("%-10s %8lld %8lld %9.3f %8.1f\n", task_names[t].c_str(), static_cast<long long>(context),

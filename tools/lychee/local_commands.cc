@@ -41,7 +41,7 @@ absl::Status RunTokenize(const std::vector<std::string>& argv) {
 absl::Status RunGenerate(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(
       Args args, Args::Parse(argv, {"model", "prompt", "prompt-file", "max-new-tokens", "temperature", "top-p", "seed", "device",
-                                   "attention", "partition", "random-partition", "budget"},
+                                   "attention", "partition", "random-partition", "partition-seed", "budget"},
                              {"print-ids"}));
   const std::string model_dir = args.GetOr("model", LYCHEE_DEFAULT_MODEL_DIR);
   if (args.Has("prompt") == args.Has("prompt-file")) {

@@ -20,8 +20,9 @@ commands:
       streams the generated text (temperature 0, the default, is greedy); --print-ids adds
       the generated ids on the last line; FILE is a lychee.v1.HeadPartition in JSON
   eval [--model DIR] [--tasks passkey,multikey] [--context TOKENS] [--samples N] [--seed S]
-       [--corpus FILE] [--device cpu|cuda]
-       [--attention dense|hybrid (--partition FILE | --random-partition DENSITY) [--budget TOKENS]]
+       [--corpus FILE] [--device cpu|cuda] [--print-failures]
+       [--attention dense|hybrid (--partition FILE | --random-partition DENSITY [--partition-seed S])
+        [--budget TOKENS]]
       retrieval accuracy (greedy exact match of the answer) on held-out text
 
 commands that talk to a lychee-trainer (all take [--trainer HOST:PORT], default 127.0.0.1:50061):
