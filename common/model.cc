@@ -144,6 +144,17 @@ Sequence::Sequence(const ModelConfig& config, at::TensorOptions cache_options,
       attention_(std::move(attention)),
       attention_state_(attention_->NewSequenceState()) {}
 
+absl::StatusOr<ModelOptions> ModelOptionsForDevice(const std::string& device) {
+  if (device == "cpu") return ModelOptions{at::kCPU, at::kFloat};
+  if (device == "cuda") {
+    if (!at::hasCUDA()) {
+      return absl::FailedPreconditionError("device cuda: this LibTorch build or this machine has no CUDA device");
+    }
+    return ModelOptions{at::Device(at::kCUDA, 0), at::kBFloat16};
+  }
+  return absl::InvalidArgumentError(absl::StrCat("device must be cpu or cuda, got '", device, "'"));
+}
+
 Model::~Model() = default;
 
 absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir, ModelOptions options) {

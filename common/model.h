@@ -70,6 +70,10 @@ struct ModelOptions {
   at::ScalarType dtype = at::kFloat;
 };
 
+// "cpu" (float32) or "cuda" (bf16 on device 0); FAILED_PRECONDITION where no CUDA device is
+// usable, INVALID_ARGUMENT for another name.
+absl::StatusOr<ModelOptions> ModelOptionsForDevice(const std::string& device);
+
 class Model {
  public:
   // Reads config.json and the safetensors weights of `model_dir`; every error names the file

@@ -1,6 +1,5 @@
 #include "trainer/job_runner.h"
 
-#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 
 #include <exception>
@@ -32,16 +31,7 @@ absl::StatusOr<CalibrationRunner> MakeCalibrationRunner(const std::string& devic
   if (intra_op_threads < 0) {
     return absl::InvalidArgumentError(absl::StrCat("--threads must be >= 0, got ", intra_op_threads));
   }
-  ModelOptions options;
-  if (device == "cuda") {
-    if (!at::hasCUDA()) {
-      return absl::FailedPreconditionError("--device cuda: this LibTorch build or this machine has no CUDA device");
-    }
-    options.device = at::kCUDA;
-    options.dtype = at::kBFloat16;
-  } else if (device != "cpu") {
-    return absl::InvalidArgumentError(absl::StrCat("--device must be cpu or cuda, got '", device, "'"));
-  }
+  LYCHEE_ASSIGN_OR_RETURN(ModelOptions options, ModelOptionsForDevice(device));
   return CalibrationRunner([options, intra_op_threads](const CalibrationJobInputs& inputs, const ProgressCallback& on_progress,
                                      const std::atomic<bool>& cancelled) -> absl::StatusOr<HeadPartition> {
     // LibTorch reports failures (out of memory, a device lost) by throwing; one job failing

@@ -1,8 +1,6 @@
 // The lychee command line as a user runs it: exit codes, output, and errors that name the problem.
 #include <catch2/catch.hpp>
 
-#include <sys/wait.h>
-
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
@@ -12,23 +10,15 @@
 #include <sstream>
 #include <string>
 
+#include "tests/run_command.h"
+
 namespace {
 
-struct Result {
-  int exit_code;
-  std::string output;  // stdout and stderr together
-};
+using Result = lychee::testing::CommandResult;
 
 // Runs the CLI through the shell with `args` (already quoted) and `stdin_path` as its input.
 Result Run(const std::string& args, const std::string& stdin_path = "/dev/null") {
-  const std::string command = std::string(LYCHEE_CLI) + " " + args + " < " + stdin_path + " 2>&1";
-  FILE* pipe = popen(command.c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  std::string output;
-  char buffer[4096];
-  while (size_t n = fread(buffer, 1, sizeof buffer, pipe)) output.append(buffer, n);
-  const int status = pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
+  return lychee::testing::RunCommand(std::string(LYCHEE_CLI) + " " + args + " < " + stdin_path);
 }
 
 std::string TempFile(const std::string& name, const std::string& content) {

@@ -25,6 +25,7 @@
 #include "common/retrieval_tasks.h"
 #include "lychee/v1/trainer.grpc.pb.h"
 #include "trainer/job_runner.h"
+#include "tests/run_command.h"
 #include "trainer/service.h"
 
 namespace lychee {
@@ -164,20 +165,10 @@ std::pair<grpc::Status, std::string> RawCall(const std::shared_ptr<grpc::Channel
   return {status, bytes};
 }
 
-struct CliResult {
-  int exit_code;
-  std::string output;  // stdout and stderr together
-};
+using CliResult = testing::CommandResult;
 
 CliResult Cli(const Trainer& trainer, const std::string& args) {
-  const std::string command = std::string(LYCHEE_CLI) + " " + args + " --trainer " + trainer.address() + " 2>&1";
-  FILE* pipe = popen(command.c_str(), "r");
-  REQUIRE(pipe != nullptr);
-  std::string output;
-  char buffer[4096];
-  while (size_t n = fread(buffer, 1, sizeof buffer, pipe)) output.append(buffer, n);
-  const int status = pclose(pipe);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1, output};
+  return testing::RunCommand(std::string(LYCHEE_CLI) + " " + args + " --trainer " + trainer.address());
 }
 
 TEST_CASE("the health and reflection services are on") {

@@ -32,17 +32,6 @@ absl::StatusOr<HeadPartition> RandomPartition(const ModelConfig& config, double 
 
 }  // namespace
 
-absl::StatusOr<ModelOptions> DeviceOptions(const std::string& device) {
-  if (device == "cpu") return ModelOptions{at::kCPU, at::kFloat};
-  if (device == "cuda") {
-    if (!at::hasCUDA()) {
-      return absl::FailedPreconditionError("--device cuda: this build of LibTorch has no CUDA device available");
-    }
-    return ModelOptions{at::Device(at::kCUDA, 0), at::kBFloat16};
-  }
-  return absl::InvalidArgumentError(absl::StrCat("--device must be cpu or cuda, got '", device, "'"));
-}
-
 absl::StatusOr<std::shared_ptr<const AttentionBackend>> AttentionFromArgs(const Args& args, const ModelConfig& config) {
   const std::string mode = args.GetOr("attention", "dense");
   const bool has_partition = args.Has("partition") || args.Has("random-partition");

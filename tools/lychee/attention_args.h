@@ -1,4 +1,4 @@
-// Flags shared by the subcommands that run a model in-process: --device, and the attention
+// The attention flags shared by the subcommands that run a model in-process
 // (--attention dense|hybrid with --partition FILE or --random-partition DENSITY [--partition-seed S],
 // --budget N).
 #pragma once
@@ -11,8 +11,6 @@
 #include "tools/lychee/args.h"
 
 namespace lychee::cli {
-
-absl::StatusOr<ModelOptions> DeviceOptions(const std::string& device);
 
 absl::StatusOr<std::shared_ptr<const AttentionBackend>> AttentionFromArgs(const Args& args, const ModelConfig& config);
 

@@ -59,7 +59,7 @@ absl::Status RunEval(const std::vector<std::string>& argv) {
     LYCHEE_ASSIGN_OR_RETURN(RetrievalTask task, ParseTask(name));
     tasks.push_back(task);
   }
-  LYCHEE_ASSIGN_OR_RETURN(ModelOptions model_options, DeviceOptions(args.GetOr("device", "cpu")));
+  LYCHEE_ASSIGN_OR_RETURN(ModelOptions model_options, ModelOptionsForDevice(args.GetOr("device", "cpu")));
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::FromFile(model_dir + "/tokenizer.json"));
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(model_dir, model_options));
   LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const AttentionBackend> attention, AttentionFromArgs(args, model->config()));

@@ -63,7 +63,7 @@ absl::Status RunGenerate(const std::vector<std::string>& argv) {
   if (options.max_new_tokens <= 0) {
     return absl::InvalidArgumentError(absl::StrCat("--max-new-tokens must be > 0, got ", options.max_new_tokens));
   }
-  LYCHEE_ASSIGN_OR_RETURN(ModelOptions model_options, DeviceOptions(args.GetOr("device", "cpu")));
+  LYCHEE_ASSIGN_OR_RETURN(ModelOptions model_options, ModelOptionsForDevice(args.GetOr("device", "cpu")));
 
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::FromFile(model_dir + "/tokenizer.json"));
   LYCHEE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt_ids, tokenizer->Encode(prompt));

@@ -1,0 +1,248 @@
+#include "kernels/cuda/torch_hybrid_decode.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <algorithm>
+#include <cstring>
+#include <memory>
+#include <string>
+
+namespace lychee {
+namespace cuda {
+namespace {
+
+bool SameSelection(const BlockSelectionConfig& a, const BlockSelectionConfig& b) {
+  return a.block_size == b.block_size && a.token_budget == b.token_budget && a.sink_tokens == b.sink_tokens &&
+         a.recent_tokens == b.recent_tokens;
+}
+
+bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+void CheckVectorizable(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.stride(-1) == 1, name, ": the last dimension must be contiguous, strides ", t.strides());
+  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
+    TORCH_CHECK(t.stride(d) % 8 == 0 || t.size(d) == 1, name, ": strides must be multiples of 8 elements, got ",
+                t.strides());
+  }
+  TORCH_CHECK(Aligned16(t.data_ptr()), name, ": data must be 16-byte aligned");
+}
+
+size_t Align16(size_t x) { return (x + 15) & ~size_t{15}; }
+
+}  // namespace
+
+HybridSelectionState::HybridSelectionState(int64_t batch, int64_t num_kv_heads, const BlockSelectionConfig& selection,
+                                           at::Device device)
+    : batch_(batch), num_kv_heads_(num_kv_heads), selection_(selection), has_selection_(num_kv_heads, 0) {
+  TORCH_CHECK(batch >= 1 && num_kv_heads >= 1, "HybridSelectionState: batch and num_kv_heads must be positive");
+  TORCH_CHECK(selection.block_size > 0 && selection.budget_blocks() >= 1,
+              "HybridSelectionState: the budget must hold at least one block");
+  TORCH_CHECK(device.is_cuda(), "HybridSelectionState: the device must be CUDA, got ", device);
+  const auto options = at::TensorOptions().dtype(at::kInt).device(device);
+  indices_ = at::zeros({batch, num_kv_heads, selection.budget_blocks()}, options);
+  counts_ = at::zeros({batch, num_kv_heads}, options);
+}
+
+void HybridSelectionState::BeginStep() { std::fill(has_selection_.begin(), has_selection_.end(), 0); }
+
+class HybridDecodeRunner {
+ public:
+  // Exactly one of (key_cache, value_cache) defined, or the per-sequence lists non-empty.
+  static at::Tensor Run(const at::Tensor& queries, const at::Tensor* key_cache, const at::Tensor* value_cache,
+                        const std::vector<at::Tensor>* key_caches, const std::vector<at::Tensor>* value_caches,
+                        const std::vector<int64_t>& lengths, const std::vector<KvHeadMode>& modes,
+                        HybridSelectionState* state, const HybridDecodeOptions& options) {
+    TORCH_CHECK(queries.defined() && queries.is_cuda(), "queries must be a CUDA tensor");
+    TORCH_CHECK(queries.scalar_type() == at::kBFloat16, "queries must be bfloat16, got ", queries.scalar_type());
+    TORCH_CHECK(queries.dim() == 3, "queries must be [batch, num_q_heads, head_dim], got ", queries.sizes());
+    CheckVectorizable(queries, "queries");
+    const int64_t batch = queries.size(0), num_q_heads = queries.size(1), head_dim = queries.size(2);
+    TORCH_CHECK(head_dim == 64 || head_dim == 128, "head_dim must be 64 or 128, got ", head_dim);
+    TORCH_CHECK(static_cast<int64_t>(lengths.size()) == batch, "lengths has ", lengths.size(), " entries for a batch of ",
+                batch);
+    const at::Device device = queries.device();
+    const c10::cuda::CUDAGuard guard(device);
+
+    HybridDecodeArgs args;
+    int64_t num_kv_heads = 0;
+    std::vector<const void*> k_ptrs, v_ptrs;
+    std::vector<int64_t> k_head_strides, v_head_strides;
+    bool per_sequence_strides = false;
+    auto check_cache = [&](const at::Tensor& t, const char* name) {
+      TORCH_CHECK(t.defined() && t.device() == device, name, " must be on ", device);
+      TORCH_CHECK(t.scalar_type() == at::kBFloat16, name, " must be bfloat16, got ", t.scalar_type());
+      CheckVectorizable(t, name);
+    };
+    if (key_cache != nullptr) {
+      const at::Tensor& k = *key_cache;
+      const at::Tensor& v = *value_cache;
+      check_cache(k, "key_cache");
+      check_cache(v, "value_cache");
+      TORCH_CHECK(k.dim() == 4 && k.size(0) == batch && k.size(3) == head_dim,
+                  "key_cache must be [batch, num_kv_heads, capacity, head_dim], got ", k.sizes());
+      TORCH_CHECK(v.sizes() == k.sizes(), "value_cache ", v.sizes(), " must match key_cache ", k.sizes());
+      num_kv_heads = k.size(1);
+      for (int64_t b = 0; b < batch; ++b) {
+        TORCH_CHECK(lengths[b] >= 1 && lengths[b] <= k.size(2), "length ", lengths[b], " of sequence ", b,
+                    " is outside the cache's 1..", k.size(2));
+      }
+      args.k = k.data_ptr();
+      args.v = v.data_ptr();
+      args.k_batch_stride = k.stride(0), args.k_head_stride = k.stride(1), args.k_token_stride = k.stride(2);
+      args.v_batch_stride = v.stride(0), args.v_head_stride = v.stride(1), args.v_token_stride = v.stride(2);
+    } else {
+      TORCH_CHECK(static_cast<int64_t>(key_caches->size()) == batch &&
+                      static_cast<int64_t>(value_caches->size()) == batch,
+                  "need one key and one value cache per sequence, got ", key_caches->size(), " and ",
+                  value_caches->size(), " for a batch of ", batch);
+      for (int64_t b = 0; b < batch; ++b) {
+        const at::Tensor& k = (*key_caches)[b];
+        const at::Tensor& v = (*value_caches)[b];
+        check_cache(k, "key_caches[b]");
+        check_cache(v, "value_caches[b]");
+        TORCH_CHECK(k.dim() == 3 && k.size(2) == head_dim,
+                    "key_caches[b] must be [num_kv_heads, capacity, head_dim], got ", k.sizes());
+        TORCH_CHECK(v.dim() == 3 && v.size(0) == k.size(0) && v.size(2) == head_dim, "value_caches[b] ", v.sizes(),
+                    " must match key_caches[b] ", k.sizes());
+        if (b == 0) {
+          num_kv_heads = k.size(0);
+          args.k_head_stride = k.stride(0), args.k_token_stride = k.stride(1);
+          args.v_head_stride = v.stride(0), args.v_token_stride = v.stride(1);
+        }
+        TORCH_CHECK(k.size(0) == num_kv_heads, "every cache must have ", num_kv_heads, " KV heads");
+        TORCH_CHECK(lengths[b] >= 1 && lengths[b] <= k.size(1) && lengths[b] <= v.size(1), "length ", lengths[b],
+                    " of sequence ", b, " is outside its cache's 1..", std::min(k.size(1), v.size(1)));
+        TORCH_CHECK(k.stride(1) == args.k_token_stride && v.stride(1) == args.v_token_stride,
+                    "every sequence's cache must have the same token stride");
+        per_sequence_strides |= k.stride(0) != args.k_head_stride || v.stride(0) != args.v_head_stride;
+        k_ptrs.push_back(k.data_ptr());
+        v_ptrs.push_back(v.data_ptr());
+        k_head_strides.push_back(k.stride(0));
+        v_head_strides.push_back(v.stride(0));
+      }
+    }
+    TORCH_CHECK(num_kv_heads >= 1 && num_q_heads % num_kv_heads == 0 && num_q_heads / num_kv_heads <= 8,
+                "num_q_heads ", num_q_heads, " must be 1 to 8 times num_kv_heads ", num_kv_heads);
+    TORCH_CHECK(static_cast<int64_t>(modes.size()) == num_kv_heads, "modes has ", modes.size(), " entries for ",
+                num_kv_heads, " KV heads");
+    std::unique_ptr<bool[]> has_selection(new bool[num_kv_heads]);
+    for (int64_t h = 0; h < num_kv_heads; ++h) has_selection[h] = state != nullptr && state->has_selection(h);
+    const bool needs_state =
+        std::any_of(modes.begin(), modes.end(), [](KvHeadMode m) { return m != KvHeadMode::kDense; });
+    if (needs_state) {
+      TORCH_CHECK(state != nullptr, "retrieval and sparse heads need a HybridSelectionState");
+      TORCH_CHECK(state->batch() == batch && state->num_kv_heads() == num_kv_heads, "the selection state is for ",
+                  state->batch(), " sequences of ", state->num_kv_heads(), " KV heads, not ", batch, " of ",
+                  num_kv_heads);
+      TORCH_CHECK(SameSelection(state->selection(), options.selection),
+                  "the options' selection parameters differ from the state's");
+      TORCH_CHECK(state->indices().device() == device, "the selection state is on ", state->indices().device(),
+                  ", the queries on ", device);
+    }
+
+    HybridDecodeShape shape;
+    shape.batch = static_cast<int>(batch);
+    shape.num_q_heads = static_cast<int>(num_q_heads);
+    shape.num_kv_heads = static_cast<int>(num_kv_heads);
+    shape.head_dim = static_cast<int>(head_dim);
+    const int group = shape.num_q_heads / shape.num_kv_heads;
+    PlanOptions plan_options;
+    plan_options.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+    const int occupancy = HybridDecodeMaxCtasPerSm(shape.head_dim, group);
+    plan_options.ctas_per_sm = std::max(1, occupancy > 0 ? std::min(options.ctas_per_sm, occupancy) : options.ctas_per_sm);
+    HybridPlan plan;
+    const std::string error = PlanHybridDecode(shape, options.selection, lengths.data(), modes.data(),
+                                               has_selection.get(), plan_options, &plan);
+    TORCH_CHECK(error.empty(), "hybrid decode: ", error);
+
+    // One pinned staging buffer, one asynchronous copy: pointer arrays, head strides, plan.
+    const size_t ptr_bytes = k_ptrs.empty() ? 0 : Align16(batch * sizeof(void*));
+    const size_t stride_bytes = per_sequence_strides ? Align16(batch * sizeof(int64_t)) : 0;
+    const size_t plan_at = 2 * ptr_bytes + 2 * stride_bytes;
+    const size_t staging_bytes = plan_at + plan.plan_bytes();
+    at::Tensor staging = at::empty({static_cast<int64_t>(staging_bytes)},
+                                   at::TensorOptions().dtype(at::kByte).pinned_memory(true));
+    uint8_t* host = staging.data_ptr<uint8_t>();
+    if (ptr_bytes > 0) {
+      std::memcpy(host, k_ptrs.data(), batch * sizeof(void*));
+      std::memcpy(host + ptr_bytes, v_ptrs.data(), batch * sizeof(void*));
+    }
+    if (stride_bytes > 0) {
+      std::memcpy(host + 2 * ptr_bytes, k_head_strides.data(), batch * sizeof(int64_t));
+      std::memcpy(host + 2 * ptr_bytes + stride_bytes, v_head_strides.data(), batch * sizeof(int64_t));
+    }
+    std::memcpy(host + plan_at, plan.words.data(), plan.plan_bytes());
+    const at::Tensor staged = staging.to(at::TensorOptions().device(device), /*non_blocking=*/true);
+    const uint8_t* dev = staged.data_ptr<uint8_t>();
+    if (ptr_bytes > 0) {
+      args.k_ptrs = reinterpret_cast<const void* const*>(dev);
+      args.v_ptrs = reinterpret_cast<const void* const*>(dev + ptr_bytes);
+    }
+    if (stride_bytes > 0) {
+      args.k_head_strides = reinterpret_cast<const int64_t*>(dev + 2 * ptr_bytes);
+      args.v_head_strides = reinterpret_cast<const int64_t*>(dev + 2 * ptr_bytes + stride_bytes);
+    }
+    args.plan = reinterpret_cast<const int32_t*>(dev + plan_at);
+
+    at::Tensor out = at::empty({batch, num_q_heads, head_dim}, queries.options());
+    at::Tensor workspace = at::empty({static_cast<int64_t>(HybridWorkspaceBytes(plan, shape))},
+                                     queries.options().dtype(at::kByte));
+    args.q = queries.data_ptr();
+    args.q_batch_stride = queries.stride(0), args.q_head_stride = queries.stride(1);
+    args.out = out.data_ptr();
+    args.out_batch_stride = out.stride(0), args.out_head_stride = out.stride(1);
+    if (state != nullptr) {
+      args.sel_indices = state->indices_.data_ptr<int32_t>();
+      args.sel_counts = state->counts_.data_ptr<int32_t>();
+      args.sel_batch_stride = state->indices_.stride(0), args.sel_head_stride = state->indices_.stride(1);
+      args.sel_count_batch_stride = state->counts_.stride(0);
+    }
+    args.workspace = workspace.data_ptr();
+    args.scale = static_cast<float>(options.scale);
+    args.use_pdl = options.use_pdl;
+    const cudaError_t err =
+        LaunchHybridDecode(args, plan, shape, options.selection, c10::cuda::getCurrentCUDAStream(device.index()));
+    TORCH_CHECK(err == cudaSuccess, "hybrid decode launch failed: ", cudaGetErrorString(err));
+    if (state != nullptr) {
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        if (modes[h] == KvHeadMode::kRetrieval) state->has_selection_[h] = 1;
+      }
+    }
+    return out;
+  }
+};
+
+at::Tensor HybridDecodeAttention(const at::Tensor& queries, const std::vector<at::Tensor>& key_caches,
+                                 const std::vector<at::Tensor>& value_caches, const std::vector<int64_t>& lengths,
+                                 const std::vector<KvHeadMode>& modes, HybridSelectionState& state,
+                                 const HybridDecodeOptions& options) {
+  return HybridDecodeRunner::Run(queries, nullptr, nullptr, &key_caches, &value_caches, lengths, modes, &state,
+                                 options);
+}
+
+at::Tensor HybridDecodeAttention(const at::Tensor& queries, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                 const std::vector<int64_t>& lengths, const std::vector<KvHeadMode>& modes,
+                                 HybridSelectionState& state, const HybridDecodeOptions& options) {
+  return HybridDecodeRunner::Run(queries, &key_cache, &value_cache, nullptr, nullptr, lengths, modes, &state, options);
+}
+
+at::Tensor DenseDecodeAttention(const at::Tensor& queries, const at::Tensor& key_cache, const at::Tensor& value_cache,
+                                const std::vector<int64_t>& lengths, const HybridDecodeOptions& options) {
+  TORCH_CHECK(key_cache.dim() == 4, "key_cache must be [batch, num_kv_heads, capacity, head_dim]");
+  const std::vector<KvHeadMode> modes(key_cache.size(1), KvHeadMode::kDense);
+  return HybridDecodeRunner::Run(queries, &key_cache, &value_cache, nullptr, nullptr, lengths, modes, nullptr, options);
+}
+
+at::Tensor DenseDecodeAttention(const at::Tensor& queries, const std::vector<at::Tensor>& key_caches,
+                                const std::vector<at::Tensor>& value_caches, const std::vector<int64_t>& lengths,
+                                const HybridDecodeOptions& options) {
+  TORCH_CHECK(!key_caches.empty() && key_caches[0].dim() == 3, "key_caches must be [num_kv_heads, capacity, head_dim]");
+  const std::vector<KvHeadMode> modes(key_caches[0].size(0), KvHeadMode::kDense);
+  return HybridDecodeRunner::Run(queries, nullptr, nullptr, &key_caches, &value_caches, lengths, modes, nullptr,
+                                 options);
+}
+
+}  // namespace cuda
+}  // namespace lychee

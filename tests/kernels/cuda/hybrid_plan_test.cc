@@ -1,0 +1,144 @@
+// The host-side plan of the hybrid decode launch (no GPU needed): the selection rule's counts, and
+// a pool of work items that covers every head's blocks exactly once in near-equal pieces, dense
+// heads getting proportionally more of them.
+#include <catch2/catch.hpp>
+
+#include <map>
+#include <memory>
+
+#include "kernels/cuda/hybrid_decode.h"
+
+namespace lychee {
+namespace cuda {
+namespace {
+
+using Blocks = std::vector<int32_t>;
+
+BlockSelectionConfig Config(int block, int budget, int sink, int recent) {
+  BlockSelectionConfig c;
+  c.block_size = block, c.token_budget = budget, c.sink_tokens = sink, c.recent_tokens = recent;
+  return c;
+}
+
+TEST_CASE("mandatory blocks are the sink blocks and those holding the recent window") {
+  const BlockSelectionConfig p = Config(64, 4096, 64, 64);
+  CHECK(MandatoryBlocks(1, p) == Blocks({0}));
+  CHECK(MandatoryBlocks(64, p) == Blocks({0}));
+  CHECK(MandatoryBlocks(300, p) == Blocks({0, 3, 4}));
+  CHECK(MandatoryBlocks(320, p) == Blocks({0, 4}));
+  CHECK(MandatoryBlocks(300, Config(64, 4096, 0, 0)) == Blocks({4}));
+  CHECK(MandatoryBlocks(1000, Config(32, 4096, 70, 100)) == Blocks({0, 1, 2, 28, 29, 30, 31}));
+  CHECK(SelectedBlockCount(4096, p) == 64);
+  CHECK(SelectedBlockCount(4097, p) == 64);
+  CHECK(SelectedBlockCount(1000, p) == 16);
+}
+
+struct Unpacked {
+  std::vector<WorkItem> work;
+  std::vector<MergeItem> merges;
+  std::vector<SelectItem> selects;
+};
+
+Unpacked Unpack(const HybridPlan& plan) {
+  Unpacked u;
+  const int32_t* w = plan.words.data();
+  for (int i = 0; i < plan.num_work; ++i, w += 8) u.work.push_back({w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]});
+  for (int i = 0; i < plan.num_merge; ++i, w += 4) u.merges.push_back({w[0], w[1], w[2], w[3]});
+  for (int i = 0; i < plan.num_select; ++i, w += 4) u.selects.push_back({w[0], w[1], w[2], w[3]});
+  CHECK(w == plan.words.data() + plan.words.size());
+  return u;
+}
+
+TEST_CASE("the plan covers every head's blocks once, in near-equal items from one pool") {
+  const BlockSelectionConfig cfg = Config(64, 4096, 64, 64);
+  const HybridDecodeShape shape{3, 32, 8, 128};
+  const std::vector<int64_t> lengths = {131072, 5000, 1};
+  std::vector<KvHeadMode> modes(8, KvHeadMode::kSparse);
+  modes[2] = KvHeadMode::kRetrieval;
+  modes[5] = KvHeadMode::kDense;
+  std::unique_ptr<bool[]> has(new bool[8]);
+  for (int h = 0; h < 8; ++h) has[h] = h % 2 == 0;  // odd sparse heads fall back to sink + recent
+  PlanOptions opts;
+  HybridPlan plan;
+  REQUIRE(PlanHybridDecode(shape, cfg, lengths.data(), modes.data(), has.get(), opts, &plan).empty());
+  const Unpacked u = Unpack(plan);
+
+  std::map<std::pair<int, int>, std::vector<WorkItem>> by_head;
+  for (const WorkItem& w : u.work) by_head[{w.batch, w.kv_head}].push_back(w);
+  REQUIRE(by_head.size() == 24);
+  int64_t total = 0;
+  for (auto& [key, items] : by_head) {
+    const auto [b, h] = key;
+    const int64_t L = lengths[b];
+    int64_t expected_chunks = NumBlocks(L, 64);
+    if (modes[h] == KvHeadMode::kSparse) {
+      expected_chunks = has[h] ? SelectedBlockCount(L, cfg) : static_cast<int64_t>(MandatoryBlocks(L, cfg).size());
+    }
+    // Contiguous, non-overlapping, complete; sizes within the plan's chunk size.
+    int64_t next = 0;
+    for (const WorkItem& w : items) {
+      CHECK(w.chunk_begin == next);
+      CHECK(w.chunk_end > w.chunk_begin);
+      CHECK(w.chunk_end - w.chunk_begin <= plan.chunks_per_item);
+      CHECK(w.length == L);
+      next = w.chunk_end;
+      const bool sparse = modes[h] == KvHeadMode::kSparse;
+      CHECK(((w.flags & kWorkSparse) != 0) == sparse);
+      CHECK(((w.flags & kWorkFallback) != 0) == (sparse && !has[h]));
+      CHECK(((w.flags & kWorkScore) != 0) == (modes[h] == KvHeadMode::kRetrieval));
+      CHECK(((w.flags & kWorkFinal) != 0) == (items.size() == 1));
+    }
+    CHECK(next == expected_chunks);
+    total += expected_chunks;
+  }
+  CHECK(total == plan.total_chunks);
+  // Proportional splits: the 128K dense head has about 2048 / 64 = 32 times the items of a sparse one.
+  const size_t dense_items = by_head[{0, 5}].size(), sparse_items = by_head[{0, 0}].size();
+  CHECK(dense_items >= 16 * sparse_items);
+  // One merge per split head, partial slots distinct and dense.
+  std::vector<int> slot_use(plan.num_partials, 0);
+  for (const WorkItem& w : u.work) {
+    if (!(w.flags & kWorkFinal)) {
+      REQUIRE(w.out_index >= 0);
+      REQUIRE(w.out_index < plan.num_partials);
+      ++slot_use[w.out_index];
+    }
+  }
+  for (int c : slot_use) CHECK(c == 1);
+  for (const MergeItem& m : u.merges) CHECK(m.num_splits == static_cast<int>(by_head[{m.batch, m.kv_head}].size()));
+  // One selection per (sequence, retrieval head), with its own score range.
+  REQUIRE(u.selects.size() == 3);
+  int64_t scores = 0;
+  for (const SelectItem& s : u.selects) {
+    CHECK(s.kv_head == 2);
+    CHECK(s.score_offset == scores);
+    scores += NumBlocks(s.length, 64);
+  }
+  CHECK(scores == plan.num_scores);
+  // Items per multiprocessor near the target: one resident wave.
+  CHECK(plan.num_work <= opts.num_sms * opts.ctas_per_sm);
+  CHECK(plan.reads_selection);
+}
+
+TEST_CASE("the plan rejects shapes and parameters the kernels do not take") {
+  const std::vector<int64_t> lengths = {100};
+  const std::vector<KvHeadMode> modes(2, KvHeadMode::kDense);
+  HybridPlan plan;
+  PlanOptions opts;
+  const BlockSelectionConfig ok = Config(64, 4096, 64, 64);
+  CHECK(PlanHybridDecode({1, 4, 2, 128}, ok, lengths.data(), modes.data(), nullptr, opts, &plan).empty());
+  CHECK(!plan.reads_selection);
+  CHECK(!PlanHybridDecode({1, 4, 2, 96}, ok, lengths.data(), modes.data(), nullptr, opts, &plan).empty());
+  CHECK(!PlanHybridDecode({1, 5, 2, 128}, ok, lengths.data(), modes.data(), nullptr, opts, &plan).empty());
+  CHECK(!PlanHybridDecode({1, 18, 2, 128}, ok, lengths.data(), modes.data(), nullptr, opts, &plan).empty());
+  CHECK(!PlanHybridDecode({1, 4, 2, 128}, Config(48, 4096, 64, 64), lengths.data(), modes.data(), nullptr, opts, &plan)
+             .empty());
+  CHECK(!PlanHybridDecode({1, 4, 2, 128}, Config(64, 128, 64, 64), lengths.data(), modes.data(), nullptr, opts, &plan)
+             .empty());
+  const std::vector<int64_t> zero = {0};
+  CHECK(!PlanHybridDecode({1, 4, 2, 128}, ok, zero.data(), modes.data(), nullptr, opts, &plan).empty());
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace lychee
