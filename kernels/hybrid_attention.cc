@@ -69,12 +69,17 @@ at::Tensor BlockPositions(const std::vector<int64_t>& blocks, int64_t length, in
   return at::tensor(positions, at::kLong);
 }
 
-absl::StatusOr<std::shared_ptr<const HybridAttentionBackend>> HybridAttentionBackend::Create(
-    std::shared_ptr<const HeadPartition> partition, const ModelConfig& config) {
-  LYCHEE_RETURN_IF_ERROR(partition->ValidateFor(config));
+absl::Status CheckHybridFits(const HeadPartition& partition, const ModelConfig& config) {
+  LYCHEE_RETURN_IF_ERROR(partition.ValidateFor(config));
   if (config.sliding_window) {
     return absl::FailedPreconditionError("hybrid attention does not support models with a sliding window");
   }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::shared_ptr<const HybridAttentionBackend>> HybridAttentionBackend::Create(
+    std::shared_ptr<const HeadPartition> partition, const ModelConfig& config) {
+  LYCHEE_RETURN_IF_ERROR(CheckHybridFits(*partition, config));
   return std::shared_ptr<const HybridAttentionBackend>(new HybridAttentionBackend(std::move(partition)));
 }
 

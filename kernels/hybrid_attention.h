@@ -27,6 +27,10 @@ std::vector<int64_t> SelectBlocks(const at::Tensor& block_scores, int64_t length
 // Positions covered by `blocks` in a context of `length` tokens, as an int64 tensor.
 at::Tensor BlockPositions(const std::vector<int64_t>& blocks, int64_t length, int64_t block_size);
 
+// INVALID_ARGUMENT or FAILED_PRECONDITION when hybrid decoding with `partition` cannot run on
+// a model of `config`'s shape.
+absl::Status CheckHybridFits(const HeadPartition& partition, const ModelConfig& config);
+
 // What one sequence carries between layers: the latest selection per KV-head index.
 struct HybridSequenceState : SequenceAttentionState {
   std::vector<std::vector<int64_t>> selected_blocks;  // empty: none made yet in this step

@@ -11,6 +11,7 @@
 #include "common/sampling.h"
 #include "common/tokenizer.h"
 #include "kernels/dense_attention.h"
+#include "tests/temp_dir.h"
 
 namespace lychee {
 namespace {
@@ -191,8 +192,8 @@ TEST_CASE("a missing or corrupt model directory is an error naming the file") {
   REQUIRE_FALSE(missing.ok());
   CHECK_THAT(std::string(missing.status().message()), Catch::Contains("/nonexistent/model"));
 
-  const std::string dir = std::string(std::getenv("TMPDIR") ? std::getenv("TMPDIR") : "/tmp") + "/lychee_model_test_bad";
-  std::filesystem::create_directories(dir);
+  const testing::TempDir temp;
+  const std::string dir = temp.path.string();
   std::filesystem::copy_file(kModelDir + "/model.safetensors", dir + "/model.safetensors",
                              std::filesystem::copy_options::overwrite_existing);
   std::ofstream(dir + "/config.json") << R"({"model_type": "llama", "hidden_size": 384)";
@@ -208,7 +209,6 @@ TEST_CASE("a missing or corrupt model directory is an error naming the file") {
   auto mismatched = Model::Load(dir);
   REQUIRE_FALSE(mismatched.ok());
   CHECK_THAT(std::string(mismatched.status().message()), Catch::Contains("mlp.gate_proj.weight"));
-  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

@@ -3,11 +3,10 @@
 // decoding, error paths and robustness against malformed tokenizer.json files.
 #include "common/tokenizer.h"
 
+#include <unistd.h>
 #include <zlib.h>
 
 #include <catch2/catch.hpp>
-#include <unistd.h>
-
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -95,7 +94,11 @@ std::string Decode(const Tokenizer& tokenizer, const std::vector<int32_t>& ids,
 bool IsValidUtf8(const std::string& text) {
   for (size_t i = 0; i < text.size();) {
     const auto lead = static_cast<unsigned char>(text[i]);
-    const size_t length = lead < 0x80 ? 1 : lead >= 0xF0 ? 4 : lead >= 0xE0 ? 3 : lead >= 0xC2 ? 2 : 0;
+    const size_t length = lead < 0x80    ? 1
+                          : lead >= 0xF0 ? 4
+                          : lead >= 0xE0 ? 3
+                          : lead >= 0xC2 ? 2
+                                         : 0;
     if (length == 0 || i + length > text.size()) return false;
     for (size_t k = 1; k < length; ++k) {
       if ((static_cast<unsigned char>(text[i + k]) & 0xC0) != 0x80) return false;
@@ -107,14 +110,14 @@ bool IsValidUtf8(const std::string& text) {
 
 // The token that stands for one raw byte in a byte-level vocabulary (GPT-2's bytes_to_unicode).
 int32_t ByteTokenId(const Tokenizer& tokenizer, unsigned char byte) {
-  int shifted = 0;
-  for (int b = 0; b < byte; ++b) {
-    const bool printable = (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || (b >= 0xAE);
-    if (!printable) ++shifted;
+  auto printable = [](int b) {
+    return (b >= 0x21 && b <= 0x7E) || (b >= 0xA1 && b <= 0xAC) || b >= 0xAE;
+  };
+  char32_t code_point = byte;
+  if (!printable(byte)) {
+    code_point = 0x100;
+    for (int b = 0; b < byte; ++b) code_point += printable(b) ? 0 : 1;
   }
-  const bool printable =
-      (byte >= 0x21 && byte <= 0x7E) || (byte >= 0xA1 && byte <= 0xAC) || (byte >= 0xAE);
-  const char32_t code_point = printable ? byte : 0x100 + shifted;
   std::string utf8;
   if (code_point < 0x80) {
     utf8 += static_cast<char>(code_point);
@@ -205,21 +208,22 @@ TEST_CASE("Decoding replaces invalid UTF-8 as Hugging Face does") {
     CHECK(*raw == std::string(bytes.begin(), bytes.end()));
     return Decode(tokenizer, ids);
   };
-  CHECK(decode_bytes({0xE2, 0x82, 0x61}) == "\xEF\xBF\xBD" "a");
-  CHECK(decode_bytes({0xF0, 0x80}) == "\xEF\xBF\xBD\xEF\xBF\xBD");
-  CHECK(decode_bytes({0xE0, 0x80, 0x61}) == "\xEF\xBF\xBD\xEF\xBF\xBD" "a");
-  CHECK(decode_bytes({0xED, 0xA0, 0x80}) == "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");
-  CHECK(decode_bytes({0xF4, 0x90, 0x80, 0x80}) ==
-        "\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD\xEF\xBF\xBD");
-  CHECK(decode_bytes({0xC0, 0xAF}) == "\xEF\xBF\xBD\xEF\xBF\xBD");
-  CHECK(decode_bytes({0xFF, 0x61}) == "\xEF\xBF\xBD" "a");
-  CHECK(decode_bytes({0xF0, 0x9F, 0x98}) == "\xEF\xBF\xBD");
+  const std::string r = "\xEF\xBF\xBD";  // U+FFFD
+  CHECK(decode_bytes({0xE2, 0x82, 0x61}) == r + "a");
+  CHECK(decode_bytes({0xF0, 0x80}) == r + r);
+  CHECK(decode_bytes({0xE0, 0x80, 0x61}) == r + r + "a");
+  CHECK(decode_bytes({0xED, 0xA0, 0x80}) == r + r + r);
+  CHECK(decode_bytes({0xF4, 0x90, 0x80, 0x80}) == r + r + r + r);
+  CHECK(decode_bytes({0xC0, 0xAF}) == r + r);
+  CHECK(decode_bytes({0xFF, 0x61}) == r + "a");
+  CHECK(decode_bytes({0xF0, 0x9F, 0x98}) == r);
   CHECK(decode_bytes({0xF0, 0x9F, 0x98, 0x80}) == "\xF0\x9F\x98\x80");
 }
 
 TEST_CASE("IncrementalDecoder streams whole characters only") {
   const std::vector<std::string> texts = {
-      "Emoji: 😀😃 👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈 🇫🇷 🧑🏿‍💻 and 我爱自然语言处理。東京は日本の首都です。",
+      "Emoji: 😀😃 👍🏽 👨‍👩‍👧‍👦 🏳️‍🌈 🇫🇷 🧑🏿‍💻",
+      "我爱自然语言处理。東京は日本の首都です。",
       "한국어 텍스트도 있습니다 नमस्ते दुनिया <|im_start|>x<|endoftext|>😀",
   };
   for (const char* file : {kLlama3Tokenizer, kQwen3Tokenizer, kGpt2Tokenizer, kTinyTokenizer}) {
@@ -251,20 +255,26 @@ TEST_CASE("IncrementalDecoder streams whole characters only") {
 TEST_CASE("IncrementalDecoder completes split characters and flushes what stays incomplete") {
   const Tokenizer& tokenizer = LoadTokenizer(kTinyTokenizer);
   IncrementalDecoder decoder(tokenizer);
+  auto push_byte = [&](unsigned char byte) {
+    absl::StatusOr<std::string> delta = decoder.Push(ByteTokenId(tokenizer, byte));
+    REQUIRE(delta.ok());
+    return *delta;
+  };
+  const std::string r = "\xEF\xBF\xBD";  // U+FFFD
   // U+1F600 is F0 9F 98 80; fed one byte token at a time.
-  CHECK(*decoder.Push(ByteTokenId(tokenizer, 0xF0)) == "");
-  CHECK(*decoder.Push(ByteTokenId(tokenizer, 0x9F)) == "");
-  CHECK(*decoder.Push(ByteTokenId(tokenizer, 0x98)) == "");
-  CHECK(*decoder.Push(ByteTokenId(tokenizer, 0x80)) == "\xF0\x9F\x98\x80");
+  CHECK(push_byte(0xF0) == "");
+  CHECK(push_byte(0x9F) == "");
+  CHECK(push_byte(0x98) == "");
+  CHECK(push_byte(0x80) == "\xF0\x9F\x98\x80");
   CHECK(decoder.Flush() == "");
   // An invalid byte is not worth waiting for.
-  CHECK(*decoder.Push(ByteTokenId(tokenizer, 0xFF)) == "\xEF\xBF\xBD");
-  CHECK(*decoder.Push(ByteTokenId(tokenizer, 0xE2)) == "");
-  CHECK(*decoder.Push(ByteTokenId(tokenizer, 0x82)) == "");
+  CHECK(push_byte(0xFF) == r);
+  CHECK(push_byte(0xE2) == "");
+  CHECK(push_byte(0x82) == "");
   // 'a' cannot continue E2 82: the held bytes become one U+FFFD.
-  CHECK(*decoder.Push(ByteTokenId(tokenizer, 'a')) == "\xEF\xBF\xBD" "a");
-  CHECK(*decoder.Push(ByteTokenId(tokenizer, 0xE2)) == "");
-  CHECK(decoder.Flush() == "\xEF\xBF\xBD");
+  CHECK(push_byte('a') == r + "a");
+  CHECK(push_byte(0xE2) == "");
+  CHECK(decoder.Flush() == r);
   CHECK(decoder.Flush() == "");
 
   absl::StatusOr<std::string> bad = decoder.Push(tokenizer.vocab_size());
@@ -274,13 +284,13 @@ TEST_CASE("IncrementalDecoder completes split characters and flushes what stays 
 TEST_CASE("Encode rejects invalid UTF-8 with the byte offset") {
   const Tokenizer& tokenizer = LoadTokenizer(kTinyTokenizer);
   const std::vector<std::pair<std::string, size_t>> cases = {
-      {"abc\xFF", 3},                 // never a UTF-8 byte
-      {"ab\xE2\x82", 2},              // cut short at the end
-      {"x\xE2\x82y", 1},              // cut short in the middle
-      {"\xC0\xAF", 0},                // overlong
-      {"ok \xED\xA0\x80", 3},         // surrogate
-      {"\xF4\x90\x80\x80", 0},        // past U+10FFFF
-      {"caf\xC3\xA9 \x80", 6},        // stray continuation byte
+      {"abc\xFF", 3},                   // never a UTF-8 byte
+      {"ab\xE2\x82", 2},                // cut short at the end
+      {"x\xE2\x82y", 1},                // cut short in the middle
+      {"\xC0\xAF", 0},                  // overlong
+      {"ok \xED\xA0\x80", 3},           // surrogate
+      {"\xF4\x90\x80\x80", 0},          // past U+10FFFF
+      {"caf\xC3\xA9 \x80", 6},          // stray continuation byte
       {std::string("a\0b\xFE", 4), 3},  // NUL is valid, 0xFE is not
   };
   for (const auto& [text, offset] : cases) {
@@ -317,8 +327,7 @@ std::string EditedTiny(const std::function<void(Json&)>& edit) {
   return config.dump();
 }
 
-void CheckLoadError(const std::string& json_text, absl::StatusCode code,
-                    const std::string& field) {
+void CheckLoadError(const std::string& json_text, absl::StatusCode code, const std::string& field) {
   absl::StatusOr<std::unique_ptr<Tokenizer>> tokenizer = Tokenizer::FromJson(json_text, "bad.json");
   INFO("expected an error naming " << field << "; got " << tokenizer.status().ToString());
   REQUIRE_FALSE(tokenizer.ok());
@@ -342,17 +351,22 @@ TEST_CASE("Malformed or unsupported tokenizer.json files give errors naming the 
                  "model.merges: is missing");
   CheckLoadError(EditedTiny([](Json& c) { c["model"]["type"] = "WordPiece"; }),
                  Code::kUnimplemented, "model.type: 'WordPiece'");
-  CheckLoadError(EditedTiny([](Json& c) { c["model"]["type"] = "Unigram"; }),
-                 Code::kUnimplemented, "model.type: 'Unigram'");
-  CheckLoadError(EditedTiny([](Json& c) { c["model"]["merges"][5] = {"Ġt", "no-such-token"}; }),
-                 Code::kInvalidArgument, "model.merges[5]: token 'no-such-token' is not in model.vocab");
+  CheckLoadError(EditedTiny([](Json& c) { c["model"]["type"] = "Unigram"; }), Code::kUnimplemented,
+                 "model.type: 'Unigram'");
+  CheckLoadError(EditedTiny([](Json& c) {
+                   c["model"]["merges"][5] = {"Ġt", "no-such-token"};
+                 }),
+                 Code::kInvalidArgument,
+                 "model.merges[5]: token 'no-such-token' is not in model.vocab");
   CheckLoadError(EditedTiny([](Json& c) { c["model"]["merges"][7] = "Ġt"; }),
                  Code::kInvalidArgument, "model.merges[7]");
-  CheckLoadError(EditedTiny([](Json& c) { c["model"]["merges"][0] = 42; }),
-                 Code::kInvalidArgument, "model.merges[0]");
+  CheckLoadError(EditedTiny([](Json& c) { c["model"]["merges"][0] = 42; }), Code::kInvalidArgument,
+                 "model.merges[0]");
   CheckLoadError(EditedTiny([](Json& c) { c["model"]["vocab"]["Ġt"] = -3; }),
                  Code::kInvalidArgument, "model.vocab[\"Ġt\"]");
   CheckLoadError(EditedTiny([](Json& c) { c["model"]["vocab"]["Ġt"] = "seven"; }),
+                 Code::kInvalidArgument, "model.vocab[\"Ġt\"]");
+  CheckLoadError(EditedTiny([](Json& c) { c["model"]["vocab"]["Ġt"] = 1 << 30; }),
                  Code::kInvalidArgument, "model.vocab[\"Ġt\"]");
   CheckLoadError(EditedTiny([](Json& c) { c["model"]["byte_fallback"] = true; }),
                  Code::kUnimplemented, "model.byte_fallback");
@@ -360,7 +374,9 @@ TEST_CASE("Malformed or unsupported tokenizer.json files give errors naming the 
                  "model.dropout");
   CheckLoadError(EditedTiny([](Json& c) { c["model"]["unk_token"] = "<unk>"; }),
                  Code::kInvalidArgument, "model.unk_token");
-  CheckLoadError(EditedTiny([](Json& c) { c["normalizer"] = {{"type", "Lowercase"}}; }),
+  CheckLoadError(EditedTiny([](Json& c) {
+                   c["normalizer"] = {{"type", "Lowercase"}};
+                 }),
                  Code::kUnimplemented, "normalizer.type: normalizer 'Lowercase'");
   CheckLoadError(EditedTiny([](Json& c) {
                    c["normalizer"] = {{"type", "Sequence"},
@@ -370,7 +386,8 @@ TEST_CASE("Malformed or unsupported tokenizer.json files give errors naming the 
   CheckLoadError(EditedTiny([](Json& c) {
                    c["pre_tokenizer"]["pretokenizers"][1] = {{"type", "Metaspace"}};
                  }),
-                 Code::kUnimplemented, "pre_tokenizer.pretokenizers[1].type: pre-tokenizer 'Metaspace'");
+                 Code::kUnimplemented,
+                 "pre_tokenizer.pretokenizers[1].type: pre-tokenizer 'Metaspace'");
   CheckLoadError(EditedTiny([](Json& c) {
                    c["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "(unclosed";
                  }),
@@ -379,15 +396,23 @@ TEST_CASE("Malformed or unsupported tokenizer.json files give errors naming the 
                    c["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "[a-z[0-9]]";
                  }),
                  Code::kUnimplemented, "pre_tokenizer.pretokenizers[0].pattern.Regex");
+  // Oniguruma and PCRE2 disagree on the unassigned characters; such a class is refused.
   CheckLoadError(EditedTiny([](Json& c) {
-                   c["pre_tokenizer"]["pretokenizers"][0]["behavior"] = "Sideways";
+                   c["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = "\\p{Cn}+";
                  }),
-                 Code::kInvalidArgument, "pre_tokenizer.pretokenizers[0].behavior");
-  CheckLoadError(EditedTiny([](Json& c) { c["decoder"] = {{"type", "WordPiece"}}; }),
+                 Code::kUnimplemented, "pre_tokenizer.pretokenizers[0].pattern.Regex: \\p{Cn}");
+  CheckLoadError(
+      EditedTiny([](Json& c) { c["pre_tokenizer"]["pretokenizers"][0]["behavior"] = "Sideways"; }),
+      Code::kInvalidArgument, "pre_tokenizer.pretokenizers[0].behavior");
+  CheckLoadError(EditedTiny([](Json& c) {
+                   c["decoder"] = {{"type", "WordPiece"}};
+                 }),
                  Code::kUnimplemented, "decoder.type");
   CheckLoadError(EditedTiny([](Json& c) { c["decoder"] = nullptr; }), Code::kUnimplemented,
                  "decoder");
-  CheckLoadError(EditedTiny([](Json& c) { c["post_processor"] = {{"type", "RobertaProcessing"}}; }),
+  CheckLoadError(EditedTiny([](Json& c) {
+                   c["post_processor"] = {{"type", "RobertaProcessing"}};
+                 }),
                  Code::kUnimplemented, "post_processor.type");
   CheckLoadError(EditedTiny([](Json& c) {
                    c["post_processor"]["single"][0] = {{"SpecialToken", {{"id", "<s>"}}}};
@@ -402,7 +427,9 @@ TEST_CASE("Malformed or unsupported tokenizer.json files give errors naming the 
                  Code::kInvalidArgument, "added_tokens[3].id: is 9000");
   CheckLoadError(EditedTiny([](Json& c) { c["added_tokens"][0].erase("content"); }),
                  Code::kInvalidArgument, "added_tokens[0].content: is missing");
-  CheckLoadError(EditedTiny([](Json& c) { c["truncation"] = {{"max_length", 8}}; }),
+  CheckLoadError(EditedTiny([](Json& c) {
+                   c["truncation"] = {{"max_length", 8}};
+                 }),
                  Code::kUnimplemented, "truncation");
 }
 
@@ -411,19 +438,38 @@ TEST_CASE("No malformed tokenizer.json crashes the loader") {
   for (size_t length = 0; length < tiny.size(); length += tiny.size() / 40 + 1) {
     CHECK_FALSE(Tokenizer::FromJson(tiny.substr(0, length), "cut.json").ok());
   }
-  const std::vector<std::string> pointers = {
-      "/model", "/model/vocab", "/model/merges", "/model/merges/0", "/model/merges/0/1",
-      "/model/type", "/model/ignore_merges", "/model/unk_token", "/model/fuse_unk",
-      "/added_tokens", "/added_tokens/0", "/added_tokens/0/id", "/added_tokens/0/content",
-      "/added_tokens/0/special", "/normalizer", "/pre_tokenizer", "/pre_tokenizer/type",
-      "/pre_tokenizer/pretokenizers", "/pre_tokenizer/pretokenizers/0",
-      "/pre_tokenizer/pretokenizers/0/pattern", "/pre_tokenizer/pretokenizers/0/pattern/Regex",
-      "/pre_tokenizer/pretokenizers/0/invert", "/pre_tokenizer/pretokenizers/1/use_regex",
-      "/post_processor", "/post_processor/single", "/post_processor/single/0",
-      "/post_processor/special_tokens", "/decoder", "/decoder/type"};
-  const std::vector<Json> replacements = {Json(42),         Json(-1),         Json("x"),
-                                          Json::array(),    Json::object(),   Json(nullptr),
-                                          Json(true),       Json(1e300),      Json({1, "a"})};
+  const std::vector<std::string> pointers = {"/model",
+                                             "/model/vocab",
+                                             "/model/merges",
+                                             "/model/merges/0",
+                                             "/model/merges/0/1",
+                                             "/model/type",
+                                             "/model/ignore_merges",
+                                             "/model/unk_token",
+                                             "/model/fuse_unk",
+                                             "/added_tokens",
+                                             "/added_tokens/0",
+                                             "/added_tokens/0/id",
+                                             "/added_tokens/0/content",
+                                             "/added_tokens/0/special",
+                                             "/normalizer",
+                                             "/pre_tokenizer",
+                                             "/pre_tokenizer/type",
+                                             "/pre_tokenizer/pretokenizers",
+                                             "/pre_tokenizer/pretokenizers/0",
+                                             "/pre_tokenizer/pretokenizers/0/pattern",
+                                             "/pre_tokenizer/pretokenizers/0/pattern/Regex",
+                                             "/pre_tokenizer/pretokenizers/0/invert",
+                                             "/pre_tokenizer/pretokenizers/1/use_regex",
+                                             "/post_processor",
+                                             "/post_processor/single",
+                                             "/post_processor/single/0",
+                                             "/post_processor/special_tokens",
+                                             "/decoder",
+                                             "/decoder/type"};
+  const std::vector<Json> replacements = {Json(42),      Json(-1),       Json("x"),
+                                          Json::array(), Json::object(), Json(nullptr),
+                                          Json(true),    Json(1e300),    Json({1, "a"})};
   const Json original = Json::parse(tiny);
   for (const std::string& pointer : pointers) {
     for (const Json& replacement : replacements) {
@@ -472,22 +518,27 @@ TEST_CASE("FromFile reports unreadable files") {
 }
 
 TEST_CASE("Large and degenerate inputs encode and round-trip") {
-  const Tokenizer& tokenizer = LoadTokenizer(kLlama3Tokenizer);
   std::string emoji;
   for (int i = 0; i < 20000; ++i) emoji += "👨‍👩‍👧‍👦";
-  for (const std::string& text :
-       {std::string(1 << 20, ' '), std::string(1 << 20, 'a'), std::string(1 << 18, '\n'),
-        std::string(1 << 18, '<'), emoji}) {
-    const std::vector<int32_t> ids = Encode(tokenizer, text);
-    CHECK(!ids.empty());
-    CHECK(Decode(tokenizer, ids) == text);
+  // Llama-3's Split pattern and GPT-2's ByteLevel one, on runs that make regexes backtrack.
+  for (const char* file : {kLlama3Tokenizer, kGpt2Tokenizer}) {
+    const Tokenizer& tokenizer = LoadTokenizer(file);
+    for (const std::string& text :
+         {std::string(1 << 20, ' '), std::string(1 << 20, 'a'), std::string(1 << 18, '\n'),
+          std::string(1 << 18, '<'), std::string(1 << 18, '\t') + "x", emoji}) {
+      INFO(file << ", " << text.size() << " bytes starting with "
+                << Json(text.substr(0, 4)).dump());
+      const std::vector<int32_t> ids = Encode(tokenizer, text);
+      CHECK(!ids.empty());
+      CHECK(Decode(tokenizer, ids) == text);
+    }
   }
 }
 
 TEST_CASE("Concurrent encodes agree") {
   const Tokenizer& tokenizer = LoadTokenizer(kQwen3Tokenizer);
-  const Json& long_texts = Json::parse(ReadFile("tests/data/tokenizers/texts.json")).at("long_texts");
-  std::vector<std::string> texts(long_texts.begin(), long_texts.end());
+  const std::vector<std::string> texts =
+      Json::parse(ReadFile("tests/data/tokenizers/texts.json")).at("long_texts");
   std::vector<std::vector<int32_t>> reference;
   std::vector<std::vector<std::vector<int32_t>>> results(4);
   std::vector<std::thread> threads;

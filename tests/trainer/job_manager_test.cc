@@ -15,6 +15,7 @@
 #include "trainer/job_journal.h"
 #include "trainer/job_manager.h"
 #include "trainer/paths.h"
+#include "tests/temp_dir.h"
 
 namespace lychee {
 namespace {
@@ -23,16 +24,7 @@ using std::chrono::milliseconds;
 
 constexpr char kModel[] = "tiny-llama-retrieval";
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path = fs::temp_directory_path() / ("lychee_jobs_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
+using testing::TempDir;
 
 // Stands in for RunCalibration: reports `steps` steps, each after `release` allows it, and stops
 // with CANCELLED within one step of the flag. Records how many jobs ran at once.

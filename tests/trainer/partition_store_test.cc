@@ -14,6 +14,7 @@
 #include "common/durable_file.h"
 #include "common/model_fingerprint.h"
 #include "common/partition_store.h"
+#include "tests/temp_dir.h"
 
 namespace lychee {
 namespace {
@@ -22,19 +23,7 @@ namespace fs = std::filesystem;
 const std::string kFingerprintA = Sha256Hex("model a");
 const std::string kFingerprintB = Sha256Hex("model b");
 
-// A fresh directory under the system temp dir, removed when the test ends.
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path = fs::temp_directory_path() /
-           ("lychee_store_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-  std::string str() const { return path.string(); }
-};
+using testing::TempDir;
 
 // 6 layers of 2 KV heads; `sparse_layer` > 0 gets a sparse head 1 so that partitions differ.
 HeadPartition Partition(const std::string& fingerprint, int64_t sparse_layer = 1) {

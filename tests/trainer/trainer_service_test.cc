@@ -27,6 +27,7 @@
 #include "trainer/job_runner.h"
 #include "tests/run_command.h"
 #include "trainer/service.h"
+#include "tests/temp_dir.h"
 
 namespace lychee {
 namespace {
@@ -35,17 +36,7 @@ using Clock = std::chrono::system_clock;
 
 constexpr char kModel[] = "tiny-llama-retrieval";
 
-struct TempDir {
-  fs::path path;
-  TempDir() {
-    static std::atomic<int> counter{0};
-    path = fs::temp_directory_path() /
-           ("lychee_service_test_" + std::to_string(::getpid()) + "_" + std::to_string(counter++));
-    fs::remove_all(path);
-    fs::create_directories(path);
-  }
-  ~TempDir() { fs::remove_all(path); }
-};
+using testing::TempDir;
 
 // The head of the calibration corpus, enough for the short contexts of these jobs: tokenizing the
 // whole corpus would take most of the test's time on 2 cores.

@@ -9,6 +9,9 @@
 #include "common/status_macros.h"
 #include "kernels/dense_attention.h"
 #include "kernels/hybrid_attention.h"
+#ifdef LYCHEE_CUDA_ATTENTION
+#include "kernels/cuda_attention.h"
+#endif
 
 namespace lychee::cli {
 namespace {
@@ -32,13 +35,17 @@ absl::StatusOr<HeadPartition> RandomPartition(const ModelConfig& config, double 
 
 }  // namespace
 
-absl::StatusOr<std::shared_ptr<const AttentionBackend>> AttentionFromArgs(const Args& args, const ModelConfig& config) {
+absl::StatusOr<std::shared_ptr<const AttentionBackend>> AttentionFromArgs(const Args& args, const ModelConfig& config,
+                                                                          [[maybe_unused]] at::Device device) {
   const std::string mode = args.GetOr("attention", "dense");
   const bool has_partition = args.Has("partition") || args.Has("random-partition");
   if (mode == "dense") {
     if (has_partition || args.Has("budget")) {
       return absl::InvalidArgumentError("--partition, --random-partition and --budget go with --attention hybrid");
     }
+#ifdef LYCHEE_CUDA_ATTENTION
+    if (device.is_cuda()) return MakeCudaDenseAttention();
+#endif
     return std::make_shared<DenseAttentionBackend>();
   }
   if (mode != "hybrid") {
@@ -57,8 +64,11 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> AttentionFromArgs(const 
   }
   LYCHEE_ASSIGN_OR_RETURN(partition.mutable_selection().token_budget,
                           args.GetInt("budget", partition.selection().token_budget));
-  LYCHEE_ASSIGN_OR_RETURN(auto hybrid,
-                          HybridAttentionBackend::Create(std::make_shared<const HeadPartition>(std::move(partition)), config));
+  auto shared = std::make_shared<const HeadPartition>(std::move(partition));
+#ifdef LYCHEE_CUDA_ATTENTION
+  if (device.is_cuda()) return MakeCudaHybridAttention(std::move(shared), config);
+#endif
+  LYCHEE_ASSIGN_OR_RETURN(auto hybrid, HybridAttentionBackend::Create(std::move(shared), config));
   return std::shared_ptr<const AttentionBackend>(std::move(hybrid));
 }
 

@@ -12,6 +12,8 @@
 
 namespace lychee::cli {
 
-absl::StatusOr<std::shared_ptr<const AttentionBackend>> AttentionFromArgs(const Args& args, const ModelConfig& config);
+// On a CUDA device, decoding runs on the CUDA kernels where this build has them.
+absl::StatusOr<std::shared_ptr<const AttentionBackend>> AttentionFromArgs(const Args& args, const ModelConfig& config,
+                                                                          at::Device device);
 
 }  // namespace lychee::cli

@@ -62,7 +62,7 @@ absl::Status RunEval(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(ModelOptions model_options, ModelOptionsForDevice(args.GetOr("device", "cpu")));
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::FromFile(model_dir + "/tokenizer.json"));
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(model_dir, model_options));
-  LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const AttentionBackend> attention, AttentionFromArgs(args, model->config()));
+  LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const AttentionBackend> attention, AttentionFromArgs(args, model->config(), model->options().device));
   LYCHEE_ASSIGN_OR_RETURN(std::string corpus,
                           ReadTextCorpus(args.GetOr("corpus", std::string(LYCHEE_SOURCE_DIR) + "/data/corpus/persuasion.txt.gz")));
   LYCHEE_ASSIGN_OR_RETURN(HaystackBuilder builder, HaystackBuilder::Create(*tokenizer, std::move(corpus)));

@@ -71,7 +71,7 @@ absl::Status RunGenerate(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(model_dir, model_options));
   for (int64_t eos : model->config().eos_token_ids) options.stop_ids.push_back(static_cast<int32_t>(eos));
 
-  LYCHEE_ASSIGN_OR_RETURN(auto attention, AttentionFromArgs(args, model->config()));
+  LYCHEE_ASSIGN_OR_RETURN(auto attention, AttentionFromArgs(args, model->config(), model->options().device));
   auto sequence = model->NewSequence(std::move(attention));
   IncrementalDecoder decoder(*tokenizer, /*skip_special_tokens=*/true);
   std::vector<int32_t> generated;
