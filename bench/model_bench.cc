@@ -12,6 +12,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
+#include "common/heap_tuning.h"
 #include "common/model.h"
 #include "kernels/dense_attention.h"
 
@@ -29,6 +30,7 @@ int Fail(const std::string& message) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  lychee::KeepFreedMemoryInHeap();
   std::string model_dir = LYCHEE_DEFAULT_MODEL_DIR;
   std::string device = "cpu";
   std::vector<int64_t> contexts = {2048, 8192};

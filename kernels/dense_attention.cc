@@ -16,14 +16,17 @@ at::Tensor DenseAttention(const at::Tensor& queries, const at::Tensor& keys, con
   const int64_t first_position = length - num_queries;
 
   at::Tensor grouped = queries.reshape({num_kv_heads, group, num_queries, head_dim});
-  at::Tensor keys_t = keys.unsqueeze(1).transpose(-1, -2);  // [kv, 1, D, L]
-  at::Tensor values_b = values.unsqueeze(1);                // [kv, 1, L, D]
+  // The group's queries are stacked into one matrix per KV head, so that bmm reads each cached
+  // key and value once; a broadcast over the group would copy the cache group-fold first.
+  at::Tensor keys_t = keys.transpose(-1, -2);  // [kv, D, L]
   const int64_t rows_per_chunk = std::max<int64_t>(1, max_score_elements / std::max<int64_t>(1, num_heads * length));
 
   std::vector<at::Tensor> outputs;
   for (int64_t start = 0; start < num_queries; start += rows_per_chunk) {
     const int64_t rows = std::min(rows_per_chunk, num_queries - start);
-    at::Tensor scores = at::matmul(grouped.narrow(2, start, rows), keys_t).to(at::kFloat) * scale;
+    at::Tensor stacked = grouped.narrow(2, start, rows).reshape({num_kv_heads, group * rows, head_dim});
+    at::Tensor scores =
+        at::bmm(stacked, keys_t).to(at::kFloat).mul_(scale).view({num_kv_heads, group, rows, length});
     const bool causal = rows > 1 || first_position + start + rows < length;
     if (causal || sliding_window) {
       at::Tensor query_positions =
@@ -34,8 +37,8 @@ at::Tensor DenseAttention(const at::Tensor& queries, const at::Tensor& keys, con
       if (sliding_window) hidden = hidden.logical_or(key_positions <= query_positions - *sliding_window);
       scores.masked_fill_(hidden, -std::numeric_limits<float>::infinity());
     }
-    at::Tensor weights = at::softmax(scores, -1).to(values.scalar_type());
-    outputs.push_back(at::matmul(weights, values_b));
+    at::Tensor weights = at::softmax(scores, -1).to(values.scalar_type()).view({num_kv_heads, group * rows, length});
+    outputs.push_back(at::bmm(weights, values).view({num_kv_heads, group, rows, head_dim}));
   }
   at::Tensor out = outputs.size() == 1 ? outputs[0] : at::cat(outputs, 2);
   return out.reshape({num_heads, num_queries, head_dim});

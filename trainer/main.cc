@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "common/heap_tuning.h"
 #include "common/status_macros.h"
 #include "tools/lychee/args.h"
 #include "trainer/job_runner.h"
@@ -80,6 +81,7 @@ absl::Status Serve(const std::vector<std::string>& argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  lychee::KeepFreedMemoryInHeap();
   const std::vector<std::string> args(argv + 1, argv + argc);
   if (!args.empty() && (args[0] == "--help" || args[0] == "help")) {
     std::cout << kUsage;

@@ -3,6 +3,7 @@
 #include <string>
 #include <vector>
 
+#include "common/heap_tuning.h"
 #include "tools/lychee/eval_command.h"
 #include "tools/lychee/local_commands.h"
 #include "tools/lychee/trainer_commands.h"
@@ -44,6 +45,7 @@ The default model is the bundled one: )" LYCHEE_DEFAULT_MODEL_DIR "\n";
 }  // namespace
 
 int main(int argc, char** argv) {
+  lychee::KeepFreedMemoryInHeap();
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "help") {
     std::cout << kUsage;
     return argc < 2 ? 2 : 0;
