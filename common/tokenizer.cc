@@ -1,7 +1,8 @@
 // Byte-level BPE from a Hugging Face tokenizer.json. The pipeline follows the Rust `tokenizers`
-// crate step by step (added tokens on the raw text, normalizer, pre-tokenizers, BPE, post-processor,
-// decoder) because matching its ids exactly depends on details such as where the normalizer runs,
-// how empty regex matches advance and which stale merges the BPE queue still accepts.
+// crate step by step (added tokens on the raw text, normalizer, pre-tokenizers, BPE,
+// post-processor, decoder) because matching its ids exactly depends on details such as where the
+// normalizer runs, how empty regex matches advance and which stale merges the BPE queue still
+// accepts.
 #include "common/tokenizer.h"
 
 #define PCRE2_CODE_UNIT_WIDTH 8
@@ -26,6 +27,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "common/status_macros.h"
+#include "common/tokenizer_unicode_tables.h"
 #include "nlohmann/json.hpp"
 
 namespace lychee {
@@ -153,49 +155,12 @@ size_t StartOfLastCharacter(std::string_view text) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Character classes of Rust's `regex` crate, which decides added-token word boundaries and
-// whitespace stripping.
+// Rust's `regex` crate's \s, which decides added-token whitespace stripping.
 
 bool IsUnicodeWhiteSpace(char32_t c) {
   return (c >= 0x09 && c <= 0x0D) || c == 0x20 || c == 0x85 || c == 0xA0 || c == 0x1680 ||
-         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F ||
-         c == 0x205F || c == 0x3000;
-}
-
-// Rust's Unicode \w: Alphabetic, marks, decimal digits, connector punctuation and the joiners.
-// Alphabetic is approximated by letters, letter numbers and the symbol-category letters that
-// Other_Alphabetic adds (circled and squared Latin letters).
-bool IsWordCharacter(char32_t c) {
-  switch (utf8proc_category(static_cast<utf8proc_int32_t>(c))) {
-    case UTF8PROC_CATEGORY_LU:
-    case UTF8PROC_CATEGORY_LL:
-    case UTF8PROC_CATEGORY_LT:
-    case UTF8PROC_CATEGORY_LM:
-    case UTF8PROC_CATEGORY_LO:
-    case UTF8PROC_CATEGORY_MN:
-    case UTF8PROC_CATEGORY_MC:
-    case UTF8PROC_CATEGORY_ME:
-    case UTF8PROC_CATEGORY_ND:
-    case UTF8PROC_CATEGORY_NL:
-    case UTF8PROC_CATEGORY_PC:
-      return true;
-    default:
-      return c == 0x200C || c == 0x200D || (c >= 0x24B6 && c <= 0x24E9) ||
-             (c >= 0x1F130 && c <= 0x1F149) || (c >= 0x1F150 && c <= 0x1F169) ||
-             (c >= 0x1F170 && c <= 0x1F189);
-  }
-}
-
-bool StartsWithWordCharacter(std::string_view text) {
-  if (text.empty()) return false;
-  size_t length;
-  return IsWordCharacter(DecodeUtf8At(text, 0, &length));
-}
-
-bool EndsWithWordCharacter(std::string_view text) {
-  if (text.empty()) return false;
-  size_t length;
-  return IsWordCharacter(DecodeUtf8At(text, StartOfLastCharacter(text), &length));
+         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
+         c == 0x3000;
 }
 
 size_t LeadingWhiteSpaceLength(std::string_view text) {
@@ -275,40 +240,131 @@ std::string FromByteLevel(std::string_view token) {
 
 // ---------------------------------------------------------------------------------------------
 // Regular expressions. tokenizer.json patterns are written for Oniguruma (what `tokenizers`
-// compiles them with); PCRE2 runs them after the shorthands whose Unicode meaning differs are
-// spelled out.
+// compiles them with); PCRE2 runs them once rewritten to put the same characters in each class.
 
+std::string HexEscape(char32_t code_point) {
+  std::string escape = "\\x{";
+  absl::StrAppend(&escape, absl::Hex(static_cast<uint32_t>(code_point)), "}");
+  return escape;
+}
+
+// The items of a PCRE2 character class matching general category `name` as Oniguruma does,
+// or nullopt when `name` is no general category (PCRE2 then takes it as written).
+absl::StatusOr<std::optional<std::string>> CategoryClassItems(std::string_view name) {
+  for (const tokenizer_unicode::CategoryExtras& extras : tokenizer_unicode::kCategoryExtras) {
+    if (name != extras.category) continue;
+    if (extras.pcre2_has_more) {
+      return absl::UnimplementedError(
+          absl::StrCat("\\p{", Absl(name),
+                       "}: PCRE2's Unicode tables put characters in it that Oniguruma's do not"));
+    }
+    std::string items = absl::StrCat("\\p{", Absl(name), "}");
+    for (int i = 0; i < extras.range_count; ++i) {
+      const tokenizer_unicode::CodePointRange& range = extras.ranges[i];
+      absl::StrAppend(&items, HexEscape(range.first));
+      if (range.last != range.first) absl::StrAppend(&items, "-", HexEscape(range.last));
+    }
+    return items;
+  }
+  return std::nullopt;
+}
+
+// Class items for one of the categories the shorthands are made of (none of them is refused).
+std::string ShorthandCategoryItems(std::string_view name) {
+  absl::StatusOr<std::optional<std::string>> items = CategoryClassItems(name);
+  return items.ok() && items->has_value() ? **items : absl::StrCat("\\p{", Absl(name), "}");
+}
+
+// Class items for the shorthands whose Unicode meaning differs between the two engines:
+// Oniguruma's \s is White_Space (it includes U+0085, PCRE2's does not) and its \w includes marks
+// but only decimal digits among numbers.
+const std::string& ShorthandClassItems(char shorthand) {
+  static const std::string* const kSpace =
+      new std::string(absl::StrCat("\\t-\\r\\x{85}", ShorthandCategoryItems("Z")));
+  static const std::string* const kWord =
+      new std::string(absl::StrCat(ShorthandCategoryItems("L"), ShorthandCategoryItems("M"),
+                                   ShorthandCategoryItems("Nd"), ShorthandCategoryItems("Pc")));
+  static const std::string* const kDigit = new std::string(ShorthandCategoryItems("Nd"));
+  switch (shorthand) {
+    case 's':
+      return *kSpace;
+    case 'w':
+      return *kWord;
+    default:
+      return *kDigit;
+  }
+}
+
+// Rewrites an Oniguruma pattern for PCRE2: shorthands and general categories are spelled out so
+// that both engines put the same characters in them (PCRE2 10.42 knows Unicode 14, the Oniguruma
+// in `tokenizers` Unicode 16); what cannot be rewritten faithfully is refused.
 absl::StatusOr<std::string> OnigurumaToPcre2(std::string_view pattern) {
-  // Oniguruma's \s is Unicode White_Space (it includes U+0085, PCRE2's does not) and its \w
-  // includes marks but only decimal digits among numbers.
-  constexpr std::string_view kSpaceSet = "\\t-\\r\\x{85}\\p{Z}";
-  constexpr std::string_view kWordSet = "\\p{L}\\p{M}\\p{Nd}\\p{Pc}";
-  constexpr std::string_view kDigitSet = "\\p{Nd}";
   std::string translated;
   bool in_class = false;
+  // Appends class items, wrapped in a class of their own outside one.
+  auto append_set = [&](const std::string& items, bool negated,
+                        std::string_view original) -> absl::Status {
+    if (!in_class) {
+      absl::StrAppend(&translated, negated ? "[^" : "[", items, "]");
+    } else if (!negated) {
+      translated += items;
+    } else {
+      return absl::UnimplementedError(absl::StrCat(
+          Absl(original), " inside a character class cannot be matched as Oniguruma does"));
+    }
+    return absl::OkStatus();
+  };
   for (size_t i = 0; i < pattern.size(); ++i) {
     const char c = pattern[i];
     if (c == '\\') {
       if (i + 1 == pattern.size()) return absl::InvalidArgumentError("ends with a lone backslash");
+      const size_t escape_start = i;
       const char escaped = pattern[++i];
-      std::string_view set;
-      const bool negated = escaped == 'S' || escaped == 'W' || escaped == 'D';
       switch (escaped) {
         case 's':
-        case 'S':
-          set = kSpaceSet;
-          break;
         case 'w':
-        case 'W':
-          set = kWordSet;
-          break;
         case 'd':
-        case 'D':
-          set = kDigitSet;
-          break;
+        case 'S':
+        case 'W':
+        case 'D': {
+          const char lower = static_cast<char>(escaped | 0x20);
+          LYCHEE_RETURN_IF_ERROR(append_set(ShorthandClassItems(lower), escaped != lower,
+                                            pattern.substr(escape_start, 2)));
+          continue;
+        }
+        case 'p':
+        case 'P': {
+          std::string_view name;
+          if (i + 1 < pattern.size() && pattern[i + 1] == '{') {
+            const size_t close = pattern.find('}', i + 2);
+            if (close == std::string_view::npos) {
+              return absl::InvalidArgumentError("unterminated \\p{...}");
+            }
+            name = pattern.substr(i + 2, close - i - 2);
+            i = close;
+          } else if (i + 1 < pattern.size()) {
+            name = pattern.substr(++i, 1);
+          }
+          const std::string_view original = pattern.substr(escape_start, i + 1 - escape_start);
+          bool negated = escaped == 'P';
+          if (!name.empty() && name[0] == '^') {
+            negated = !negated;
+            name.remove_prefix(1);
+          }
+          LYCHEE_ASSIGN_OR_RETURN(std::optional<std::string> items, CategoryClassItems(name));
+          if (!items.has_value()) {
+            translated += original;
+          } else if (in_class && negated && *items == absl::StrCat("\\p{", Absl(name), "}")) {
+            absl::StrAppend(&translated, "\\P{", Absl(name), "}");
+          } else {
+            LYCHEE_RETURN_IF_ERROR(append_set(*items, negated, original));
+          }
+          continue;
+        }
         case 'h':
         case 'H':
-          return absl::UnimplementedError("\\h and \\H (hex digits in Oniguruma) are not supported");
+          return absl::UnimplementedError(
+              "\\h and \\H (hex digits in Oniguruma) are not supported");
         case 'u':
           // Oniguruma's \uHHHH is PCRE2's \x{HHHH}.
           if (i + 4 >= pattern.size()) return absl::InvalidArgumentError("truncated \\u escape");
@@ -320,15 +376,6 @@ absl::StatusOr<std::string> OnigurumaToPcre2(std::string_view pattern) {
           translated += escaped;
           continue;
       }
-      if (!in_class) {
-        absl::StrAppend(&translated, negated ? "[^" : "[", Absl(set), "]");
-      } else if (!negated) {
-        translated += set;
-      } else {
-        return absl::UnimplementedError(
-            absl::StrCat("\\", std::string(1, escaped), " inside a character class is not supported"));
-      }
-      continue;
     }
     if (in_class) {
       if (c == '[') {
@@ -378,6 +425,15 @@ class Regex {
     return Compile(text, PCRE2_UTF | PCRE2_LITERAL);
   }
 
+  // Whether the pattern matches at `pos` of `text` (valid UTF-8).
+  bool MatchesAt(std::string_view text, size_t pos) const {
+    std::unique_ptr<pcre2_match_data, decltype(&pcre2_match_data_free)> match_data(
+        pcre2_match_data_create_from_pattern(code_.get(), nullptr), &pcre2_match_data_free);
+    return match_data != nullptr &&
+           pcre2_match(code_.get(), reinterpret_cast<PCRE2_SPTR>(text.data()), text.size(), pos,
+                       PCRE2_ANCHORED | PCRE2_NO_UTF_CHECK, match_data.get(), nullptr) >= 0;
+  }
+
   // The matches in `text` (valid UTF-8) as Oniguruma's find_iter yields them: after an empty
   // match, the search moves on one character instead of retrying at the same place.
   absl::Status FindAll(std::string_view text, std::vector<Span>* matches) const {
@@ -388,8 +444,8 @@ class Regex {
     size_t search_from = 0;
     std::optional<size_t> last_match_end;
     while (search_from <= text.size()) {
-      const int rc = pcre2_match(code_.get(), subject, text.size(), search_from,
-                                 PCRE2_NO_UTF_CHECK, match_data.get(), nullptr);
+      const int rc = pcre2_match(code_.get(), subject, text.size(), search_from, PCRE2_NO_UTF_CHECK,
+                                 match_data.get(), nullptr);
       if (rc == PCRE2_ERROR_NOMATCH) break;
       if (rc < 0) return absl::InternalError(absl::StrCat("PCRE2 match failed: ", ErrorText(rc)));
       const PCRE2_SIZE* ovector = pcre2_get_ovector_pointer(match_data.get());
@@ -436,6 +492,24 @@ class Regex {
 constexpr std::string_view kGpt2Pattern =
     R"('s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+)";
 
+// Rust's Unicode \w, which decides added-token word boundaries: Alphabetic, marks, decimal
+// digits, connector punctuation and the joiners. Alphabetic is letters, letter numbers and the
+// Other_Alphabetic characters that are not marks (circled and squared Latin letters).
+bool IsWordCharacterAt(std::string_view text, size_t pos) {
+  static const Regex* const kWordCharacter = new Regex(*Regex::FromOniguruma(
+      R"([\p{L}\p{Nl}\p{M}\p{Nd}\p{Pc}\x{200C}\x{200D}\x{24B6}-\x{24E9}\x{1F130}-\x{1F149})"
+      R"(\x{1F150}-\x{1F169}\x{1F170}-\x{1F189}])"));
+  return kWordCharacter->MatchesAt(text, pos);
+}
+
+bool StartsWithWordCharacter(std::string_view text) {
+  return !text.empty() && IsWordCharacterAt(text, 0);
+}
+
+bool EndsWithWordCharacter(std::string_view text) {
+  return !text.empty() && IsWordCharacterAt(text, StartOfLastCharacter(text));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Pipeline pieces.
 
@@ -447,11 +521,41 @@ struct Piece {
 
 enum class NormalForm { kNfc, kNfd, kNfkc, kNfkd };
 
+bool IsUnknownToNormalizers(char32_t code_point) {
+  const auto& ranges = tokenizer_unicode::kUnknownToNormalizers;
+  auto it = std::upper_bound(std::begin(ranges), std::end(ranges), code_point,
+                             [](char32_t value, const tokenizer_unicode::CodePointRange& range) {
+                               return value < range.first;
+                             });
+  return it != std::begin(ranges) && code_point <= std::prev(it)->last;
+}
+
+// A private-use character: a starter without decomposition, as unassigned characters are.
+constexpr char32_t kNormalizationPlaceholder = 0xF0000;
+
+// utf8proc knows a newer Unicode than the normalization tables inside `tokenizers`, so the
+// characters those tables lack are swapped for a placeholder that utf8proc leaves alone, and put
+// back afterwards. Normalization keeps the order of starters, so they come back in order.
 std::string Normalize(std::string_view text, absl::Span<const NormalForm> forms) {
   std::string result(text);
   if (forms.empty()) return result;
   // ASCII is invariant under every normal form, and most text is ASCII.
   if (std::all_of(text.begin(), text.end(), [](char c) { return (c & 0x80) == 0; })) return result;
+  std::vector<char32_t> hidden;
+  std::string masked;
+  for (size_t pos = 0; pos < text.size();) {
+    size_t length;
+    const char32_t code_point = DecodeUtf8At(text, pos, &length);
+    if (code_point == kNormalizationPlaceholder || IsUnknownToNormalizers(code_point)) {
+      if (hidden.empty()) masked.assign(text.substr(0, pos));
+      hidden.push_back(code_point);
+      AppendUtf8(kNormalizationPlaceholder, &masked);
+    } else if (!hidden.empty()) {
+      masked.append(text.substr(pos, length));
+    }
+    pos += length;
+  }
+  if (!hidden.empty()) result = masked;
   for (NormalForm form : forms) {
     int options = UTF8PROC_STABLE;
     switch (form) {
@@ -477,7 +581,21 @@ std::string Normalize(std::string_view text, absl::Span<const NormalForm> forms)
     if (length >= 0) result.assign(reinterpret_cast<const char*>(mapped), length);
     std::free(mapped);
   }
-  return result;
+  if (hidden.empty()) return result;
+  std::string placeholder;
+  AppendUtf8(kNormalizationPlaceholder, &placeholder);
+  std::string restored;
+  size_t next_hidden = 0;
+  for (size_t pos = 0; pos < result.size();) {
+    const size_t found = result.find(placeholder, pos);
+    restored.append(result, pos, found == std::string::npos ? std::string::npos : found - pos);
+    if (found == std::string::npos) break;
+    // Normalization makes no placeholder of its own, so there is one hidden character for each.
+    AppendUtf8(next_hidden < hidden.size() ? hidden[next_hidden++] : kNormalizationPlaceholder,
+               &restored);
+    pos = found + placeholder.size();
+  }
+  return restored;
 }
 
 struct AddedToken {
@@ -613,7 +731,9 @@ absl::StatusOr<std::vector<Span>> SplitSpans(const Regex& regex, std::string_vie
 void AppendNonEmptyPieces(std::string_view text, absl::Span<const Span> spans,
                           std::vector<Piece>* out) {
   for (const Span& span : spans) {
-    if (span.end > span.start) out->push_back({std::string(text.substr(span.start, span.end - span.start)), std::nullopt});
+    if (span.end > span.start) {
+      out->push_back({std::string(text.substr(span.start, span.end - span.start)), std::nullopt});
+    }
   }
 }
 
@@ -659,8 +779,9 @@ class BpeModel {
     int32_t merged_id;
   };
 
+  // Filled in by TokenizerJsonReader, then IndexSingleCharacters() is called.
   std::unordered_map<std::string, int32_t> vocab;
-  std::unordered_map<uint64_t, Merge> merges;
+  std::unordered_map<uint64_t, Merge> merges;  // by PairKey
   bool ignore_merges = false;
   std::optional<int32_t> unknown_id;
   bool fuse_unknown = false;
@@ -870,18 +991,19 @@ class ByteLevelBpeTokenizer final : public Tokenizer {
     std::string bytes;
     for (size_t position = 0; position < ids.size(); ++position) {
       const int32_t id = ids[position];
-      if (id < 0 || id >= vocab_size() || !decoded_[id].has_value()) {
+      if (!IsKnownId(id)) {
         return absl::OutOfRangeError(absl::StrCat("Decode: id ", id, " at position ", position,
-                                                  " is not in the vocabulary (size ",
-                                                  vocab_size(), ")"));
+                                                  " is not in the vocabulary (size ", vocab_size(),
+                                                  ")"));
       }
-      if (skip_special_tokens && special_[id]) continue;
-      bytes += *decoded_[id];
+      if (skip_special_tokens && (id_flags_[id] & kSpecialId) != 0) continue;
+      bytes.append(decoded_bytes_, decoded_offsets_[id],
+                   decoded_offsets_[id + 1] - decoded_offsets_[id]);
     }
     return bytes;
   }
 
-  int32_t vocab_size() const override { return static_cast<int32_t>(decoded_.size()); }
+  int32_t vocab_size() const override { return static_cast<int32_t>(id_flags_.size()); }
 
   std::optional<int32_t> TokenToId(std::string_view token) const override {
     const std::string key(token);
@@ -891,7 +1013,7 @@ class ByteLevelBpeTokenizer final : public Tokenizer {
   }
 
   bool IsSpecial(int32_t id) const override {
-    return id >= 0 && id < vocab_size() && special_[id];
+    return id >= 0 && id < vocab_size() && (id_flags_[id] & kSpecialId) != 0;
   }
 
  private:
@@ -925,10 +1047,14 @@ class ByteLevelBpeTokenizer final : public Tokenizer {
       out->push_back({std::string(text.substr(start, stop - start)), token.id});
       piece_start = stop;
     }
-    if (piece_start < text.size()) out->push_back({std::string(text.substr(piece_start)), std::nullopt});
+    if (piece_start < text.size()) {
+      out->push_back({std::string(text.substr(piece_start)), std::nullopt});
+    }
   }
 
-  bool IsKnownId(int32_t id) const { return id < vocab_size() && decoded_[id].has_value(); }
+  bool IsKnownId(int32_t id) const {
+    return id >= 0 && id < vocab_size() && (id_flags_[id] & kKnownId) != 0;
+  }
 
   std::vector<AddedToken> added_tokens_;
   std::unordered_map<std::string, int32_t> added_token_ids_;
@@ -938,16 +1064,20 @@ class ByteLevelBpeTokenizer final : public Tokenizer {
   std::vector<PreTokenizer> pre_tokenizers_;
   BpeModel model_;
   std::vector<SingleTemplate> templates_;
-  // Per id: the bytes it decodes to, or nothing for an id no token has.
-  std::vector<std::optional<std::string>> decoded_;
-  std::vector<bool> special_;
+  // What each id decodes to, back to back: id i is decoded_bytes_[decoded_offsets_[i]] up to
+  // decoded_bytes_[decoded_offsets_[i + 1]].
+  std::string decoded_bytes_;
+  std::vector<uint32_t> decoded_offsets_;
+  static constexpr uint8_t kKnownId = 1;  // some token has the id
+  static constexpr uint8_t kSpecialId = 2;
+  std::vector<uint8_t> id_flags_;
 };
 
 // ---------------------------------------------------------------------------------------------
 // Reading tokenizer.json.
 
 // Ids index flat tables, so absurd ids are refused rather than allocated for.
-constexpr int64_t kMaxTokenId = (int64_t{1} << 24) - 1;
+constexpr int64_t kMaxTokenId = (int64_t{1} << 22) - 1;
 
 class TokenizerJsonReader {
  public:
@@ -958,7 +1088,8 @@ class TokenizerJsonReader {
     auto tokenizer = std::make_unique<ByteLevelBpeTokenizer>();
     for (const char* field : {"truncation", "padding"}) {
       if (Optional(root, field) != nullptr) {
-        return Unsupported(field, "only null is supported (the encoding must not be cut or padded)");
+        return Unsupported(field,
+                           "only null is supported (the encoding must not be cut or padded)");
       }
     }
     LYCHEE_ASSIGN_OR_RETURN(const Json* model, Required(root, "model", ""));
@@ -984,8 +1115,8 @@ class TokenizerJsonReader {
     }
     LYCHEE_ASSIGN_OR_RETURN(std::string decoder_type, TypeOf(*decoder, "decoder"));
     if (decoder_type != "ByteLevel") {
-      return Unsupported("decoder.type", absl::StrCat("'", decoder_type,
-                                                      "' is not supported (only ByteLevel)"));
+      return Unsupported("decoder.type",
+                         absl::StrCat("'", decoder_type, "' is not supported (only ByteLevel)"));
     }
     return std::unique_ptr<Tokenizer>(std::move(tokenizer));
   }
@@ -1034,7 +1165,8 @@ class TokenizerJsonReader {
   absl::StatusOr<int32_t> TokenId(const Json& value, absl::string_view path) const {
     if (!value.is_number_integer() || value.get<int64_t>() < 0 ||
         value.get<int64_t>() > kMaxTokenId) {
-      return Invalid(path, absl::StrCat("must be a token id (an integer from 0 to ", kMaxTokenId, ")"));
+      return Invalid(path,
+                     absl::StrCat("must be a token id (an integer from 0 to ", kMaxTokenId, ")"));
     }
     return static_cast<int32_t>(value.get<int64_t>());
   }
@@ -1051,7 +1183,8 @@ class TokenizerJsonReader {
     if (type != nullptr || !model.contains("merges")) {
       LYCHEE_ASSIGN_OR_RETURN(std::string type_name, TypeOf(model, "model"));
       if (type_name != "BPE") {
-        return Unsupported("model.type", absl::StrCat("'", type_name, "' is not supported (only BPE)"));
+        return Unsupported("model.type",
+                           absl::StrCat("'", type_name, "' is not supported (only BPE)"));
       }
     }
     if (const Json* dropout = Optional(model, "dropout");
@@ -1073,7 +1206,8 @@ class TokenizerJsonReader {
     if (!vocab->is_object()) return Invalid("model.vocab", "must be an object of token: id");
     bpe->vocab.reserve(vocab->size());
     for (const auto& [token, id_value] : vocab->items()) {
-      LYCHEE_ASSIGN_OR_RETURN(int32_t id, TokenId(id_value, absl::StrCat("model.vocab[\"", token, "\"]")));
+      LYCHEE_ASSIGN_OR_RETURN(int32_t id,
+                              TokenId(id_value, absl::StrCat("model.vocab[\"", token, "\"]")));
       bpe->vocab.emplace(token, id);
     }
     bpe->IndexSingleCharacters();
@@ -1095,7 +1229,9 @@ class TokenizerJsonReader {
       if (merge.is_string()) {
         const std::string& text = merge.get_ref<const std::string&>();
         const size_t space = text.find(' ');
-        if (space == std::string::npos) return Invalid(path, "must be two tokens separated by a space");
+        if (space == std::string::npos) {
+          return Invalid(path, "must be two tokens separated by a space");
+        }
         left = text.substr(0, space);
         right = text.substr(space + 1);
       } else if (merge.is_array() && merge.size() == 2 && merge[0].is_string() &&
@@ -1132,24 +1268,42 @@ class TokenizerJsonReader {
       }
       return absl::OkStatus();
     }
-    static const auto* const kForms = new std::unordered_map<std::string, NormalForm>{
-        {"NFC", NormalForm::kNfc},
-        {"NFD", NormalForm::kNfd},
-        {"NFKC", NormalForm::kNfkc},
-        {"NFKD", NormalForm::kNfkd}};
+    static const auto* const kForms =
+        new std::unordered_map<std::string, NormalForm>{{"NFC", NormalForm::kNfc},
+                                                        {"NFD", NormalForm::kNfd},
+                                                        {"NFKC", NormalForm::kNfkc},
+                                                        {"NFKD", NormalForm::kNfkd}};
     auto it = kForms->find(type);
     if (it == kForms->end()) {
-      return Unsupported(Path(path, "type"),
-                         absl::StrCat("normalizer '", type,
-                                      "' is not supported (NFC, NFD, NFKC, NFKD and Sequence are)"));
+      return Unsupported(
+          Path(path, "type"),
+          absl::StrCat("normalizer '", type,
+                       "' is not supported (NFC, NFD, NFKC, NFKD and Sequence are)"));
     }
     forms->push_back(it->second);
     return absl::OkStatus();
   }
 
+  // AddedVocabulary::add_tokens: the id the content already has, else the next free one.
+  static int32_t IdTokenizersAssigns(const std::string& content,
+                                     const ByteLevelBpeTokenizer& tokenizer) {
+    if (auto it = tokenizer.added_token_ids_.find(content);
+        it != tokenizer.added_token_ids_.end()) {
+      return it->second;
+    }
+    const BpeModel& model = tokenizer.model_;
+    if (auto it = model.vocab.find(content); it != model.vocab.end()) return it->second;
+    const auto model_size = static_cast<int32_t>(model.vocab.size());
+    if (tokenizer.added_token_ids_.empty()) return model_size;
+    int32_t max_added = 0;
+    for (const auto& [added_content, added_id] : tokenizer.added_token_ids_) {
+      max_added = std::max(max_added, added_id);
+    }
+    return max_added >= model_size || model_size == 0 ? max_added + 1 : model_size;
+  }
+
   absl::Status ReadAddedTokens(const Json& added_tokens, ByteLevelBpeTokenizer* tokenizer) {
     if (!added_tokens.is_array()) return Invalid("added_tokens", "must be an array");
-    const BpeModel& model = tokenizer->model_;
     for (size_t i = 0; i < added_tokens.size(); ++i) {
       const std::string path = absl::StrCat("added_tokens[", i, "]");
       const Json& entry = added_tokens[i];
@@ -1164,34 +1318,17 @@ class TokenizerJsonReader {
       LYCHEE_ASSIGN_OR_RETURN(token.rstrip, Bool(entry, "rstrip", path, false));
       LYCHEE_ASSIGN_OR_RETURN(token.normalized, Bool(entry, "normalized", path, !token.special));
 
-      // `tokenizers` ignores the id written in the file and assigns one itself: the id the
-      // content already has, else the next free one. A file where the two differ would be
-      // tokenized with other ids than it says, so it is refused.
-      std::optional<int32_t> assigned;
-      if (auto it = tokenizer->added_token_ids_.find(token.content);
-          it != tokenizer->added_token_ids_.end()) {
-        assigned = it->second;
-      } else if (auto it = model.vocab.find(token.content); it != model.vocab.end()) {
-        assigned = it->second;
-      } else {
-        const auto model_size = static_cast<int32_t>(model.vocab.size());
-        int32_t next = model_size;
-        if (!tokenizer->added_token_ids_.empty()) {
-          int32_t max_added = 0;
-          for (const auto& [content, added_id] : tokenizer->added_token_ids_) {
-            max_added = std::max(max_added, added_id);
-          }
-          if (max_added >= model_size || model_size == 0) next = max_added + 1;
-        }
-        assigned = next;
-      }
-      if (*assigned != token.id) {
+      // `tokenizers` ignores the id written in the file and assigns its own. A file where the
+      // two differ would be tokenized with other ids than it says, so it is refused.
+      const int32_t assigned = IdTokenizersAssigns(token.content, *tokenizer);
+      if (assigned != token.id) {
         return Invalid(Path(path, "id"),
                        absl::StrCat("is ", token.id, " but Hugging Face tokenizers would give '",
-                                    token.content, "' the id ", *assigned));
+                                    token.content, "' the id ", assigned));
       }
       if (!tokenizer->added_token_ids_.emplace(token.content, token.id).second) {
-        return Invalid(Path(path, "content"), absl::StrCat("'", token.content, "' is listed twice"));
+        return Invalid(Path(path, "content"),
+                       absl::StrCat("'", token.content, "' is listed twice"));
       }
       const size_t index = tokenizer->added_tokens_.size();
       if (token.normalized) {
@@ -1233,7 +1370,8 @@ class TokenizerJsonReader {
     if (type == "Split") {
       const std::string pattern_path = Path(path, "pattern");
       LYCHEE_ASSIGN_OR_RETURN(const Json* pattern, Required(pre_tokenizer, "pattern", path));
-      absl::StatusOr<Regex> regex = absl::InvalidArgumentError("must be {\"Regex\": ...} or {\"String\": ...}");
+      absl::StatusOr<Regex> regex =
+          absl::InvalidArgumentError("must be {\"Regex\": ...} or {\"String\": ...}");
       std::string pattern_field = pattern_path;
       if (pattern->is_object() && pattern->size() == 1 && pattern->begin().value().is_string()) {
         const std::string& text = pattern->begin().value().get_ref<const std::string&>();
@@ -1277,8 +1415,8 @@ class TokenizerJsonReader {
       LYCHEE_ASSIGN_OR_RETURN(const Json* list, Required(processor, "processors", path));
       if (!list->is_array()) return Invalid(Path(path, "processors"), "must be an array");
       for (size_t i = 0; i < list->size(); ++i) {
-        LYCHEE_RETURN_IF_ERROR(ReadPostProcessor(
-            (*list)[i], absl::StrCat(path, ".processors[", i, "]"), tokenizer));
+        LYCHEE_RETURN_IF_ERROR(
+            ReadPostProcessor((*list)[i], absl::StrCat(path, ".processors[", i, "]"), tokenizer));
       }
       return absl::OkStatus();
     }
@@ -1291,14 +1429,16 @@ class TokenizerJsonReader {
     const std::string single_path = Path(path, "single");
     LYCHEE_ASSIGN_OR_RETURN(const Json* single, Required(processor, "single", path));
     if (!single->is_array()) return Invalid(single_path, "must be an array of pieces");
-    LYCHEE_ASSIGN_OR_RETURN(const Json* special_tokens, Required(processor, "special_tokens", path));
+    LYCHEE_ASSIGN_OR_RETURN(const Json* special_tokens,
+                            Required(processor, "special_tokens", path));
     SingleTemplate result;
     bool seen_sequence = false;
     for (size_t i = 0; i < single->size(); ++i) {
       const std::string piece_path = absl::StrCat(single_path, "[", i, "]");
       const Json& piece = (*single)[i];
       if (const Json* sequence = piece.is_object() ? Optional(piece, "Sequence") : nullptr) {
-        LYCHEE_ASSIGN_OR_RETURN(std::string id, String(*sequence, "id", Path(piece_path, "Sequence")));
+        LYCHEE_ASSIGN_OR_RETURN(std::string id,
+                                String(*sequence, "id", Path(piece_path, "Sequence")));
         if (id != "A" || seen_sequence) {
           return Invalid(Path(piece_path, "Sequence.id"),
                          "a single-sequence template must hold sequence A exactly once");
@@ -1307,8 +1447,11 @@ class TokenizerJsonReader {
         continue;
       }
       const Json* special = piece.is_object() ? Optional(piece, "SpecialToken") : nullptr;
-      if (special == nullptr) return Invalid(piece_path, "must be {\"Sequence\": ...} or {\"SpecialToken\": ...}");
-      LYCHEE_ASSIGN_OR_RETURN(std::string name, String(*special, "id", Path(piece_path, "SpecialToken")));
+      if (special == nullptr) {
+        return Invalid(piece_path, "must be {\"Sequence\": ...} or {\"SpecialToken\": ...}");
+      }
+      LYCHEE_ASSIGN_OR_RETURN(std::string name,
+                              String(*special, "id", Path(piece_path, "SpecialToken")));
       const std::string entry_path = absl::StrCat(path, ".special_tokens[\"", name, "\"]");
       auto entry = special_tokens->find(name);
       if (!special_tokens->is_object() || entry == special_tokens->end()) {
@@ -1319,7 +1462,9 @@ class TokenizerJsonReader {
       for (size_t k = 0; k < ids->size(); ++k) {
         const std::string id_path = absl::StrCat(entry_path, ".ids[", k, "]");
         LYCHEE_ASSIGN_OR_RETURN(int32_t id, TokenId((*ids)[k], id_path));
-        if (!tokenizer->IsKnownId(id)) return Invalid(id_path, absl::StrCat("id ", id, " is not in the vocabulary"));
+        if (!tokenizer->IsKnownId(id)) {
+          return Invalid(id_path, absl::StrCat("id ", id, " is not in the vocabulary"));
+        }
         (seen_sequence ? result.after : result.before).push_back(id);
       }
     }
@@ -1332,13 +1477,24 @@ class TokenizerJsonReader {
     int32_t max_id = -1;
     for (const auto& [token, id] : tokenizer->model_.vocab) max_id = std::max(max_id, id);
     for (const AddedToken& token : tokenizer->added_tokens_) max_id = std::max(max_id, token.id);
-    tokenizer->decoded_.assign(max_id + 1, std::nullopt);
-    tokenizer->special_.assign(max_id + 1, false);
-    for (const auto& [token, id] : tokenizer->model_.vocab) tokenizer->decoded_[id] = FromByteLevel(token);
+    std::vector<const std::string*> token_of_id(max_id + 1, nullptr);
+    for (const auto& [token, id] : tokenizer->model_.vocab) {
+      // Of tokens sharing an id, one is taken regardless of hash order.
+      if (token_of_id[id] == nullptr || token < *token_of_id[id]) token_of_id[id] = &token;
+    }
+    tokenizer->id_flags_.assign(max_id + 1, 0);
     // An added token's content wins over a model token with the same id, as in `tokenizers`.
     for (const AddedToken& token : tokenizer->added_tokens_) {
-      tokenizer->decoded_[token.id] = FromByteLevel(token.content);
-      if (token.special) tokenizer->special_[token.id] = true;
+      token_of_id[token.id] = &token.content;
+      if (token.special) tokenizer->id_flags_[token.id] |= ByteLevelBpeTokenizer::kSpecialId;
+    }
+    tokenizer->decoded_offsets_.assign(max_id + 2, 0);
+    for (int32_t id = 0; id <= max_id; ++id) {
+      if (token_of_id[id] != nullptr) {
+        tokenizer->decoded_bytes_ += FromByteLevel(*token_of_id[id]);
+        tokenizer->id_flags_[id] |= ByteLevelBpeTokenizer::kKnownId;
+      }
+      tokenizer->decoded_offsets_[id + 1] = static_cast<uint32_t>(tokenizer->decoded_bytes_.size());
     }
   }
 
@@ -1366,7 +1522,9 @@ absl::StatusOr<std::string> ReadFileBytes(const std::string& path) {
     return contents;
   }
   std::ifstream file(path, std::ios::binary);
-  if (!file) return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
+  if (!file) {
+    return absl::NotFoundError(absl::StrCat(path, ": cannot open: ", std::strerror(errno)));
+  }
   std::ostringstream contents;
   contents << file.rdbuf();
   if (file.bad()) return absl::DataLossError(absl::StrCat(path, ": read failed"));
@@ -1408,8 +1566,8 @@ IncrementalDecoder::IncrementalDecoder(const Tokenizer& tokenizer, bool skip_spe
     : tokenizer_(tokenizer), skip_special_tokens_(skip_special_tokens) {}
 
 absl::StatusOr<std::string> IncrementalDecoder::Push(int32_t id) {
-  LYCHEE_ASSIGN_OR_RETURN(std::string bytes,
-                          tokenizer_.DecodeBytes(absl::MakeConstSpan(&id, 1), skip_special_tokens_));
+  LYCHEE_ASSIGN_OR_RETURN(
+      std::string bytes, tokenizer_.DecodeBytes(absl::MakeConstSpan(&id, 1), skip_special_tokens_));
   pending_ += bytes;
   std::string text;
   const size_t held = AppendUtf8Lossy(pending_, /*hold_incomplete_tail=*/true, &text);
