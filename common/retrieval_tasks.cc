@@ -3,6 +3,7 @@
 #include <zlib.h>
 
 #include <algorithm>
+#include <cctype>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -62,10 +63,24 @@ std::string MultiKeyQuery(const std::string& word) {
 
 std::string Answer(const std::string& value) { return absl::StrCat(" ", value, "."); }
 
-std::string RandomWord(SeededRandom& random) {
-  std::string word(random.Int(5, 9), 'a');
-  for (char& letter : word) letter = static_cast<char>('a' + random.Int(0, 25));
-  return word;
+// The distinct words of 5 to 9 lower-case letters in `text`, sorted so that a seed picks the
+// same words on every machine.
+std::vector<std::string> KeyWords(const std::string& text) {
+  std::set<std::string> words;
+  size_t start = 0;
+  while (start < text.size()) {
+    if (!std::isalpha(static_cast<unsigned char>(text[start]))) {
+      ++start;
+      continue;
+    }
+    size_t end = start;
+    while (end < text.size() && std::isalpha(static_cast<unsigned char>(text[end]))) ++end;
+    const std::string word = text.substr(start, end - start);
+    const bool lower = std::all_of(word.begin(), word.end(), [](char c) { return c >= 'a' && c <= 'z'; });
+    if (lower && word.size() >= 5 && word.size() <= 9) words.insert(word);
+    start = end;
+  }
+  return std::vector<std::string>(words.begin(), words.end());
 }
 
 absl::Status CheckNeedleCount(const char* task_name, int count, int low, int high) {
@@ -92,7 +107,7 @@ struct Needles {
 };
 
 absl::StatusOr<Needles> MakeNeedles(RetrievalTask task, const RetrievalOptions& options,
-                                    SeededRandom& random) {
+                                    const std::vector<std::string>& key_words, SeededRandom& random) {
   Needles needles;
   int count = options.num_needles;
   switch (task) {
@@ -114,7 +129,7 @@ absl::StatusOr<Needles> MakeNeedles(RetrievalTask task, const RetrievalOptions& 
       std::vector<std::string> words;
       std::vector<int64_t> values;
       while (static_cast<int>(words.size()) < count) {
-        std::string word = RandomWord(random);
+        const std::string& word = key_words[random.Int(0, static_cast<int64_t>(key_words.size()) - 1)];
         if (std::find(words.begin(), words.end(), word) == words.end()) words.push_back(word);
       }
       while (static_cast<int>(values.size()) < count) {
@@ -275,14 +290,20 @@ absl::StatusOr<HaystackBuilder> HaystackBuilder::Create(const Tokenizer& tokeniz
     text += bytes;
   }
   token_offsets.push_back(text.size());
-  return HaystackBuilder(tokenizer, std::move(text), std::move(token_offsets));
+  std::vector<std::string> key_words = KeyWords(text);
+  if (key_words.size() < 10) {
+    return absl::FailedPreconditionError(absl::StrCat("the haystack corpus has ", key_words.size(),
+                                                      " distinct lower-case words of 5 to 9 letters; the "
+                                                      "multi-key needles need at least 10"));
+  }
+  return HaystackBuilder(tokenizer, std::move(text), std::move(token_offsets), std::move(key_words));
 }
 
 absl::StatusOr<RetrievalSample> HaystackBuilder::Build(RetrievalTask task, int64_t context_tokens,
                                                        uint64_t seed,
                                                        const RetrievalOptions& options) const {
   SeededRandom random(seed);
-  LYCHEE_ASSIGN_OR_RETURN(Needles needles, MakeNeedles(task, options, random));
+  LYCHEE_ASSIGN_OR_RETURN(Needles needles, MakeNeedles(task, options, key_words_, random));
 
   int64_t fixed_tokens = 0;
   std::vector<const std::string*> fixed_parts = {&needles.query};

@@ -22,7 +22,8 @@ enum class RetrievalTask {
   // One needle " The pass key is {key}. Remember it. {key} is the pass key. " with a 5-digit key.
   kPasskey,
   // 2 to 6 needles " One of the special magic numbers for {word} is: {value}. " with random
-  // 5-9 letter words and 7-digit values; the query asks for one of them, chosen at random.
+  // 5-9 letter words of the corpus and 7-digit values; the query asks for one of them, chosen at
+  // random.
   kMultiKey,
   // For calibrating head partitions: up to 10 multi-key needles spread evenly from 5% to 95%
   // deep, so that one sample exercises retrieval across the whole context. Multi-key rather
@@ -83,8 +84,12 @@ class HaystackBuilder {
   int64_t corpus_tokens() const { return static_cast<int64_t>(token_offsets_.size()) - 1; }
 
  private:
-  HaystackBuilder(const Tokenizer& tokenizer, std::string text, std::vector<size_t> token_offsets)
-      : tokenizer_(&tokenizer), text_(std::move(text)), token_offsets_(std::move(token_offsets)) {}
+  HaystackBuilder(const Tokenizer& tokenizer, std::string text, std::vector<size_t> token_offsets,
+                  std::vector<std::string> key_words)
+      : tokenizer_(&tokenizer),
+        text_(std::move(text)),
+        token_offsets_(std::move(token_offsets)),
+        key_words_(std::move(key_words)) {}
 
   const Tokenizer* tokenizer_;
   // The corpus as its tokens spell it (the tokenizer may normalize), so that token_offsets_
@@ -92,6 +97,10 @@ class HaystackBuilder {
   std::string text_;
   // Byte offset in text_ where each corpus token starts, then text_.size().
   std::vector<size_t> token_offsets_;
+  // The corpus's distinct lower-case words of 5 to 9 letters, sorted: the multi-key needles'
+  // keys. Real words, as the bundled model was trained with (random letter strings took its
+  // multi-key accuracy at 2K tokens from 0.95 to 0.55).
+  std::vector<std::string> key_words_;
 };
 
 }  // namespace lychee
