@@ -56,7 +56,9 @@ absl::Status FsyncDirectory(const std::string& dir) {
   return absl::OkStatus();
 }
 
-std::string Encode(std::string_view payload) {
+}  // namespace
+
+std::string EncodeDurableRecord(std::string_view payload) {
   std::string file(kMagic, sizeof(kMagic));
   uint64_t length = payload.size();
   for (int i = 0; i < 8; ++i) file.push_back(static_cast<char>((length >> (8 * i)) & 0xff));
@@ -65,15 +67,13 @@ std::string Encode(std::string_view payload) {
   return file;
 }
 
-}  // namespace
-
 absl::Status WriteDurableFile(const std::string& path, std::string_view payload) {
   const std::filesystem::path target(path);
   const std::string dir = target.has_parent_path() ? target.parent_path().string() : std::string(".");
   std::string temporary = absl::StrCat(path, kTemporaryMarker, "XXXXXX");
   const int fd = ::mkostemp(temporary.data(), O_CLOEXEC);
   if (fd < 0) return ErrnoError(errno, absl::StrCat("creating a temporary file for ", path));
-  absl::Status status = WriteAll(fd, Encode(payload), temporary);
+  absl::Status status = WriteAll(fd, EncodeDurableRecord(payload), temporary);
   if (status.ok() && ::fchmod(fd, 0644) != 0) status = ErrnoError(errno, absl::StrCat("chmod of ", temporary));
   if (status.ok() && ::fsync(fd) != 0) status = ErrnoError(errno, absl::StrCat("fsync of ", temporary));
   if (::close(fd) != 0 && status.ok()) status = ErrnoError(errno, absl::StrCat("closing ", temporary));
@@ -88,28 +88,38 @@ absl::Status WriteDurableFile(const std::string& path, std::string_view payload)
 }
 
 absl::StatusOr<std::string> ReadDurableFile(const std::string& path) {
+  absl::StatusOr<std::string> record = ReadDurableRecord(path);
+  if (!record.ok()) return record.status();
+  return DecodeDurableRecord(*record, path);
+}
+
+absl::StatusOr<std::string> ReadDurableRecord(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) {
     std::error_code error;
     if (!std::filesystem::exists(path, error) && !error) return absl::NotFoundError(absl::StrCat("no file ", path));
     return absl::UnavailableError(absl::StrCat("cannot open ", path));
   }
-  const std::string file((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::string record((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   if (in.bad()) return absl::UnavailableError(absl::StrCat("reading ", path, " failed"));
-  if (file.size() < kHeaderSize || std::memcmp(file.data(), kMagic, sizeof(kMagic)) != 0) {
-    return absl::DataLossError(absl::StrCat(path, ": not a lychee record (", file.size(), " bytes, no valid header)"));
+  return record;
+}
+
+absl::StatusOr<std::string> DecodeDurableRecord(std::string_view record, const std::string& path) {
+  if (record.size() < kHeaderSize || std::memcmp(record.data(), kMagic, sizeof(kMagic)) != 0) {
+    return absl::DataLossError(absl::StrCat(path, ": not a lychee record (", record.size(), " bytes, no valid header)"));
   }
   uint64_t length = 0;
-  for (int i = 0; i < 8; ++i) length |= static_cast<uint64_t>(static_cast<unsigned char>(file[8 + i])) << (8 * i);
-  if (length != file.size() - kHeaderSize) {
+  for (int i = 0; i < 8; ++i) length |= static_cast<uint64_t>(static_cast<unsigned char>(record[8 + i])) << (8 * i);
+  if (length != record.size() - kHeaderSize) {
     return absl::DataLossError(absl::StrCat(path, ": torn record, the header announces ", length,
-                                            " payload bytes but the file holds ", file.size() - kHeaderSize));
+                                            " payload bytes but the file holds ", record.size() - kHeaderSize));
   }
-  std::string payload = file.substr(kHeaderSize);
-  if (Sha256(payload) != std::string_view(file).substr(sizeof(kMagic) + 8, kDigestSize)) {
+  const std::string_view payload = record.substr(kHeaderSize);
+  if (Sha256(payload) != record.substr(sizeof(kMagic) + 8, kDigestSize)) {
     return absl::DataLossError(absl::StrCat(path, ": checksum mismatch, the record is corrupt"));
   }
-  return payload;
+  return std::string(payload);
 }
 
 absl::Status CreateDurableDirectory(const std::string& dir) {

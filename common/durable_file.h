@@ -16,7 +16,19 @@ absl::Status WriteDurableFile(const std::string& path, std::string_view payload)
 
 // The payload of a file written by WriteDurableFile. DATA_LOSS naming the file when it is
 // truncated, not such a file, or its checksum does not match; NOT_FOUND when it is absent.
+// It is DecodeDurableRecord(ReadDurableRecord(path)).
 absl::StatusOr<std::string> ReadDurableFile(const std::string& path);
+
+// The bytes of a record file as stored, undecoded: NOT_FOUND when it is absent.
+absl::StatusOr<std::string> ReadDurableRecord(const std::string& path);
+
+// The payload of `record`, the whole content of a file written by WriteDurableFile (read from
+// `path`, which errors name): DATA_LOSS when it is truncated, not such a record, or its checksum
+// does not match. Pure, so that it can be fuzzed.
+absl::StatusOr<std::string> DecodeDurableRecord(std::string_view record, const std::string& path);
+
+// What WriteDurableFile stores for `payload`: the inverse of DecodeDurableRecord.
+std::string EncodeDurableRecord(std::string_view payload);
 
 // Creates `dir` (and missing parents) so that it survives a crash: the parent directory is
 // fsynced after the new entry is made. Nothing to do when it exists.

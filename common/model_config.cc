@@ -10,6 +10,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "common/json_parse.h"
 #include "common/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -78,9 +79,14 @@ class FieldReader {
     return *value;
   }
 
+  // A size: positive and within int32_t, so that the model's products of two sizes (heads times
+  // head_dim, rows times columns) cannot overflow int64_t.
   absl::StatusOr<int64_t> PositiveInt(absl::string_view field) const {
     LYCHEE_ASSIGN_OR_RETURN(int64_t value, Int(field));
     if (value <= 0) return Error(field, absl::StrCat("must be positive, got ", value));
+    if (value > std::numeric_limits<int32_t>::max()) {
+      return Error(field, absl::StrCat("must be at most ", std::numeric_limits<int32_t>::max(), ", got ", value));
+    }
     return value;
   }
 
@@ -270,12 +276,11 @@ absl::Status CheckTokenId(const FieldReader& fields, absl::string_view field, in
 std::string_view ArchitectureName(Architecture arch) { return NamesOf(arch).model_type; }
 
 absl::StatusOr<ModelConfig> ModelConfig::FromJson(std::string_view json_text, std::string_view source) {
-  json root;
-  try {
-    root = json::parse(json_text.begin(), json_text.end());
-  } catch (const json::parse_error& e) {
-    return absl::InvalidArgumentError(absl::StrCat(Absl(source), ": invalid JSON: ", e.what()));
+  absl::StatusOr<json> parsed = ParseJson(json_text);
+  if (!parsed.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(Absl(source), ": invalid JSON: ", parsed.status().message()));
   }
+  const json root = *std::move(parsed);
   if (!root.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(Absl(source), ": not a JSON object but ", root.type_name()));
   }

@@ -33,7 +33,14 @@ bool ParseFileName(const std::string& name, uint64_t* version) {
 }
 
 absl::StatusOr<HeadPartition> ReadPartition(const std::string& path) {
-  LYCHEE_ASSIGN_OR_RETURN(const std::string payload, ReadDurableFile(path));
+  LYCHEE_ASSIGN_OR_RETURN(const std::string record, ReadDurableRecord(path));
+  return ParseStoredPartition(record, path);
+}
+
+}  // namespace
+
+absl::StatusOr<HeadPartition> ParseStoredPartition(std::string_view record, const std::string& path) {
+  LYCHEE_ASSIGN_OR_RETURN(const std::string payload, DecodeDurableRecord(record, path));
   v1::HeadPartition proto;
   if (!proto.ParseFromString(payload)) {
     return absl::DataLossError(absl::StrCat(path, ": checksum matches but the payload is not a lychee.v1.HeadPartition"));
@@ -42,8 +49,6 @@ absl::StatusOr<HeadPartition> ReadPartition(const std::string& path) {
   if (!partition.ok()) return absl::DataLossError(absl::StrCat(path, ": ", std::string(partition.status().message())));
   return partition;
 }
-
-}  // namespace
 
 bool IsValidFingerprint(const std::string& fingerprint) {
   if (fingerprint.empty() || fingerprint.size() > kMaxFingerprintLength) return false;

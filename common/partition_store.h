@@ -12,6 +12,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -67,5 +68,11 @@ class PartitionStore {
 
 // Whether `fingerprint` can name a registry directory: 1 to 128 of [0-9A-Za-z_-].
 bool IsValidFingerprint(const std::string& fingerprint);
+
+// Decodes one stored registry file, `record` being its whole content as read from `path` (which
+// errors name): the durable record (header, checksum), then the lychee.v1.HeadPartition it holds,
+// validated. DATA_LOSS when any of it is wrong. What the store reads every file with; pure, so
+// that it can be fuzzed.
+absl::StatusOr<HeadPartition> ParseStoredPartition(std::string_view record, const std::string& path);
 
 }  // namespace lychee

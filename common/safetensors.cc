@@ -17,6 +17,7 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
+#include "common/json_parse.h"
 #include "common/status_macros.h"
 #include "nlohmann/json.hpp"
 
@@ -93,7 +94,10 @@ class HeaderParser {
       if (!size || *size > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
         return Error(name, absl::StrCat("shape ", shape_field->dump(), " has a dimension that is not a non-negative integer"));
       }
-      if (__builtin_mul_overflow(num_elements, *size, &num_elements)) {
+      // Every partial product must fit in int64_t too: TensorView::NumElements() and LibTorch
+      // multiply the dimensions in that type, and a zero dimension at the end hides the overflow.
+      if (__builtin_mul_overflow(num_elements, *size, &num_elements) ||
+          num_elements > static_cast<uint64_t>(std::numeric_limits<int64_t>::max())) {
         return Error(name, absl::StrCat("shape ", shape_field->dump(), " has more elements than fit in 64 bits"));
       }
       shape.push_back(static_cast<int64_t>(*size));
@@ -168,12 +172,12 @@ absl::StatusOr<json> ParseJsonObject(std::string_view text, const std::string& p
     }
     return true;
   };
-  json parsed;
-  try {
-    parsed = json::parse(text.begin(), text.end(), reject_duplicates);
-  } catch (const json::parse_error& e) {
-    return absl::InvalidArgumentError(absl::StrCat(path, ": ", what, " is not valid JSON: ", e.what()));
+  absl::StatusOr<json> parsed_or = ParseJson(text, reject_duplicates);
+  if (!parsed_or.ok()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(path, ": ", what, " is not valid JSON: ", parsed_or.status().message()));
   }
+  json parsed = *std::move(parsed_or);
   if (!parsed.is_object()) {
     return absl::InvalidArgumentError(absl::StrCat(path, ": ", what, " is not a JSON object but ", parsed.type_name()));
   }
@@ -349,7 +353,8 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(const std::string& 
       if (!checkpoint->index_.emplace(name, &view).second) {
         const SafetensorsFile& other = **std::find_if(
             checkpoint->files_.begin(), checkpoint->files_.end(),
-            [&](const auto& f) { return f->tensors().count(name) > 0; });
+            // Clang before 16 cannot capture a structured binding, hence the init-capture.
+            [&tensor = name](const auto& f) { return f->tensors().count(tensor) > 0; });
         return absl::InvalidArgumentError(absl::StrCat(model_dir, ": tensor \"", name, "\" is in both ", other.path(),
                                                        " and ", file->path()));
       }

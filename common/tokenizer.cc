@@ -26,6 +26,7 @@
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "common/json_parse.h"
 #include "common/status_macros.h"
 #include "common/tokenizer_unicode_tables.h"
 #include "nlohmann/json.hpp"
@@ -418,8 +419,10 @@ class Regex {
  public:
   static absl::StatusOr<Regex> FromOniguruma(std::string_view pattern) {
     LYCHEE_ASSIGN_OR_RETURN(std::string translated, OnigurumaToPcre2(pattern));
-    // Oniguruma's Ruby syntax makes ^ and $ line anchors.
-    return Compile(translated, PCRE2_UTF | PCRE2_UCP | PCRE2_MULTILINE);
+    // Oniguruma's Ruby syntax makes ^ and $ line anchors. \C would match single bytes and cut
+    // characters apart, and the pieces must stay valid UTF-8 (later splits match them unchecked,
+    // BPE walks them character by character).
+    return Compile(translated, PCRE2_UTF | PCRE2_UCP | PCRE2_MULTILINE | PCRE2_NEVER_BACKSLASH_C);
   }
   static absl::StatusOr<Regex> Literal(std::string_view text) {
     return Compile(text, PCRE2_UTF | PCRE2_LITERAL);
@@ -1540,14 +1543,12 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromFile(const std::string
 
 absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(std::string_view json_text,
                                                                std::string_view source) {
-  Json root;
-  try {
-    root = Json::parse(json_text.begin(), json_text.end());
-  } catch (const Json::exception& e) {
-    return absl::InvalidArgumentError(absl::StrCat(Absl(source), ": malformed JSON: ", e.what()));
+  absl::StatusOr<Json> root = ParseJson(json_text);
+  if (!root.ok()) {
+    return absl::InvalidArgumentError(absl::StrCat(Absl(source), ": malformed JSON: ", root.status().message()));
   }
   try {
-    return TokenizerJsonReader(source).Read(root);
+    return TokenizerJsonReader(source).Read(*root);
   } catch (const Json::exception& e) {
     // The reader checks types before reading values; this is a backstop, not a path.
     return absl::InvalidArgumentError(absl::StrCat(Absl(source), ": unexpected JSON: ", e.what()));

@@ -441,6 +441,17 @@ TEST_CASE("bad configs are errors naming the source and the field", "[model_conf
   const std::vector<BadCase> cases = {
       {"invalid JSON", "{\"model_type\": \"llama\",", {"invalid JSON"}},
       {"not an object", "[]", {"not a JSON object"}},
+      {"number too large for a double", Replaced(llama, "\"rope_theta\": 500000.0", "\"rope_theta\": 1e400"),
+       {"invalid JSON", "1e400"}},
+      // The model multiplies sizes in int64_t: heads times head_dim here.
+      {"a size beyond int32",
+       Replaced(llama, "\"num_attention_heads\": 32", "\"num_attention_heads\": 8589934592"),
+       {"num_attention_heads", "must be at most 2147483647"}},
+      // Error messages quote the value, and printing it recurses once per level.
+      {"nested deeper than any config",
+       Replaced(llama, "\"architectures\": [\"LlamaForCausalLM\"]",
+                "\"architectures\": " + std::string(1000000, '[') + std::string(1000000, ']')),
+       {"invalid JSON", "nested more than 64 levels deep"}},
       {"unknown model_type", Replaced(llama, "\"model_type\": \"llama\"", "\"model_type\": \"gemma2\""),
        {"model_type", "gemma2"}},
       {"missing model_type", Replaced(llama, "\"model_type\": \"llama\",", ""), {"model_type"}},

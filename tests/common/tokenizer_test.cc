@@ -343,6 +343,28 @@ TEST_CASE("Malformed or unsupported tokenizer.json files give errors naming the 
   CheckLoadError(tiny.substr(0, tiny.size() / 2), Code::kInvalidArgument, "malformed JSON");
   CheckLoadError("", Code::kInvalidArgument, "malformed JSON");
   CheckLoadError("[1, 2]", Code::kInvalidArgument, "(root)");
+  // \C matches one byte of a character; the pieces after the split would not be valid UTF-8.
+  CheckLoadError(EditedTiny([](Json& c) {
+                   c["pre_tokenizer"] = {{"type", "Split"},
+                                         {"pattern", {{"Regex", "\\C"}}},
+                                         {"behavior", "Isolated"},
+                                         {"invert", false}};
+                 }),
+                 Code::kInvalidArgument, "pre_tokenizer.pattern.Regex: PCRE2 cannot compile it");
+  {
+    // Each level would be one more recursion of the normalizer reader.
+    constexpr int kLevels = 100000;
+    std::string nested;
+    for (int i = 0; i < kLevels; ++i) nested += R"({"type": "Sequence", "normalizers": [)";
+    nested += R"({"type": "NFC"})";
+    for (int i = 0; i < kLevels; ++i) nested += "]}";
+    std::string deep = tiny;
+    const std::string no_normalizer = "\"normalizer\": null";
+    const size_t at = deep.find(no_normalizer);
+    REQUIRE(at != std::string::npos);
+    deep.replace(at, no_normalizer.size(), "\"normalizer\": " + nested);
+    CheckLoadError(deep, Code::kInvalidArgument, "nested more than 64 levels deep");
+  }
   CheckLoadError(EditedTiny([](Json& c) { c.erase("model"); }), Code::kInvalidArgument,
                  "model: is missing");
   CheckLoadError(EditedTiny([](Json& c) { c["model"].erase("vocab"); }), Code::kInvalidArgument,
