@@ -13,6 +13,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/status_macros.h"
 
 namespace lychee {
@@ -59,6 +60,24 @@ std::string MultiKeyQuery(const std::string& word) {
   return absl::StrCat(" What is the special magic number for ", word,
                       " mentioned in the provided text? The special magic number for ", word,
                       " mentioned in the provided text is");
+}
+
+std::string MultiValueQuery(const std::string& word) {
+  return absl::StrCat(" What are all the special magic numbers for ", word,
+                      " mentioned in the provided text? The special magic numbers for ", word,
+                      " mentioned in the provided text are");
+}
+
+std::string FirstAssignment(const std::string& name, const std::string& value) {
+  return absl::StrCat(" VAR ", name, " = ", value, ". ");
+}
+std::string ChainedAssignment(const std::string& name, const std::string& previous) {
+  return absl::StrCat(" VAR ", name, " = VAR ", previous, ". ");
+}
+std::string VariableTrackingQuery(const std::string& value, int count) {
+  return absl::StrCat(" Find all variables that are assigned the value ", value,
+                      " in the text above. According to the chain of variable assignments in the text above, ",
+                      count, " variables are assigned the value ", value, ", they are:");
 }
 
 std::string Answer(const std::string& value) { return absl::StrCat(" ", value, "."); }
@@ -120,6 +139,36 @@ absl::StatusOr<Needles> MakeNeedles(RetrievalTask task, const RetrievalOptions& 
       needles.answer = Answer(key);
       break;
     }
+    case RetrievalTask::kMultiValue: {
+      if (count == 0) count = 4;
+      LYCHEE_RETURN_IF_ERROR(CheckNeedleCount("the multi-value task", count, 2, 6));
+      const std::string& word = key_words[random.Int(0, static_cast<int64_t>(key_words.size()) - 1)];
+      std::vector<std::string> values;
+      while (static_cast<int>(values.size()) < count) {
+        const std::string value = std::to_string(random.Int(1000000, 9999999));
+        if (std::find(values.begin(), values.end(), value) == values.end()) values.push_back(value);
+      }
+      for (const std::string& value : values) needles.texts.push_back(MultiKeyNeedle(word, value));
+      needles.query = MultiValueQuery(word);
+      needles.answer = Answer(absl::StrJoin(values, ", "));
+      break;
+    }
+    case RetrievalTask::kVariableTracking: {
+      if (count == 0) count = 5;
+      LYCHEE_RETURN_IF_ERROR(CheckNeedleCount("the variable-tracking task", count, 2, 10));
+      std::vector<std::string> names;
+      while (static_cast<int>(names.size()) < count) {
+        std::string name;
+        for (int letter = 0; letter < 5; ++letter) name += static_cast<char>('A' + random.Int(0, 25));
+        if (std::find(names.begin(), names.end(), name) == names.end()) names.push_back(name);
+      }
+      const std::string value = std::to_string(random.Int(10000, 99999));
+      needles.texts.push_back(FirstAssignment(names[0], value));
+      for (int i = 1; i < count; ++i) needles.texts.push_back(ChainedAssignment(names[i], names[i - 1]));
+      needles.query = VariableTrackingQuery(value, count);
+      needles.answer = Answer(absl::StrJoin(names, " "));
+      break;
+    }
     case RetrievalTask::kMultiKey:
     case RetrievalTask::kCalibration: {
       const bool calibration = task == RetrievalTask::kCalibration;
@@ -162,6 +211,9 @@ absl::StatusOr<Needles> MakeNeedles(RetrievalTask task, const RetrievalOptions& 
     needles.depths = EvenDepths(count, 0.05, 0.95);
   } else {
     for (int i = 0; i < count; ++i) needles.depths.push_back(random.Fraction());
+  }
+  if (task == RetrievalTask::kMultiValue || task == RetrievalTask::kVariableTracking) {
+    std::sort(needles.depths.begin(), needles.depths.end());
   }
   return needles;
 }
@@ -256,6 +308,31 @@ Assembly Assemble(const std::string& corpus, const std::vector<size_t>& token_of
 }
 
 }  // namespace
+
+absl::StatusOr<RetrievalTask> ParseRetrievalTask(const std::string& name) {
+  for (RetrievalTask task : {RetrievalTask::kPasskey, RetrievalTask::kMultiKey, RetrievalTask::kMultiValue,
+                             RetrievalTask::kVariableTracking}) {
+    if (name == RetrievalTaskName(task)) return task;
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown task '", name, "' (passkey, multikey, multivalue, vartrack)"));
+}
+
+std::string RetrievalTaskName(RetrievalTask task) {
+  switch (task) {
+    case RetrievalTask::kPasskey:
+      return "passkey";
+    case RetrievalTask::kMultiKey:
+      return "multikey";
+    case RetrievalTask::kMultiValue:
+      return "multivalue";
+    case RetrievalTask::kVariableTracking:
+      return "vartrack";
+    case RetrievalTask::kCalibration:
+      return "calibration";
+  }
+  return "unknown";
+}
 
 absl::StatusOr<std::string> ReadTextCorpus(const std::string& path) {
   gzFile file = gzopen(path.c_str(), "rb");

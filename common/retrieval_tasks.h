@@ -25,6 +25,15 @@ enum class RetrievalTask {
   // 5-9 letter words of the corpus and 7-digit values; the query asks for one of them, chosen at
   // random.
   kMultiKey,
+  // RULER's multi-value: 2 to 6 needles (default 4) of the multi-key template, all for the same
+  // word, each with its own value; the query asks for all of them, and the answer lists them in
+  // the order they appear: " {v1}, {v2}, {v3}, {v4}.". The bundled model was not trained on it.
+  kMultiValue,
+  // RULER's variable tracking: a chain of 2 to 10 assignments (default 5) " VAR {X1} = {value}. ",
+  // " VAR {X2} = VAR {X1}. ", ... in this order through the text, with 5-letter upper-case names
+  // and a 5-digit value; the answer names the chain: " {X1} {X2} {X3} {X4} {X5}.". The bundled
+  // model was not trained on it.
+  kVariableTracking,
   // For calibrating head partitions: up to 10 multi-key needles spread evenly from 5% to 95%
   // deep, so that one sample exercises retrieval across the whole context. Multi-key rather
   // than pass-key needles, so that the query names one of them and the answer is unambiguous.
@@ -32,14 +41,21 @@ enum class RetrievalTask {
 };
 
 struct RetrievalOptions {
-  // 0 takes the task's default: kPasskey exactly 1, kMultiKey 2 to 6 (default 4), kCalibration
-  // 1 to 10 (default 10).
+  // 0 takes the task's default: kPasskey exactly 1, kMultiKey and kMultiValue 2 to 6 (default 4),
+  // kVariableTracking 2 to 10 (default 5), kCalibration 1 to 10 (default 10).
   int num_needles = 0;
   // Where the needles go, one per needle, as fractions of the haystack in [0, 1]; each lands on
   // the nearest sentence boundary (or word boundary where no sentence ends nearby). Empty:
-  // random depths for kPasskey and kMultiKey, evenly from 0.05 to 0.95 for kCalibration.
+  // random depths for kPasskey, kMultiKey, kMultiValue and kVariableTracking, evenly from 0.05
+  // to 0.95 for kCalibration. kMultiValue and kVariableTracking take them in ascending order, so
+  // that their needles appear in the order the answer lists them.
   std::vector<double> depths;
 };
+
+// "passkey", "multikey", "multivalue", "vartrack" (the calibration task has no name);
+// INVALID_ARGUMENT listing them otherwise.
+absl::StatusOr<RetrievalTask> ParseRetrievalTask(const std::string& name);
+std::string RetrievalTaskName(RetrievalTask task);
 
 struct TokenRange {
   int64_t begin = 0;

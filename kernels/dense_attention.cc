@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <limits>
 
+#include "kernels/policies/accounting.h"
+
 namespace lychee {
 at::Tensor DenseAttention(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
                           double scale, std::optional<int64_t> sliding_window,
@@ -44,7 +46,23 @@ at::Tensor DenseAttention(const at::Tensor& queries, const at::Tensor& keys, con
   return out.reshape({num_heads, num_queries, head_dim});
 }
 
+std::unique_ptr<SequenceAttentionState> DenseAttentionBackend::NewSequenceState() const {
+  return std::make_unique<AccountedState>(audit_);
+}
+
 at::Tensor DenseAttentionBackend::Attend(const AttentionInput& input) const {
+  if (input.queries.size(1) == 1) {
+    // Other backends delegate to this one with their own states; only ours carry the account.
+    auto* state = dynamic_cast<AccountedState*>(input.state);
+    CountDecodeStep(state, input.layer);
+    const int64_t num_kv_heads = input.keys.size(0);
+    const int64_t length = input.keys.size(1);
+    const int64_t attended = input.sliding_window ? std::min(length, *input.sliding_window) : length;
+    for (int64_t head = 0; head < num_kv_heads; ++head) {
+      AccountHead(state, input.layer, head, num_kv_heads, attended, KvBytesPerPosition(input.keys));
+    }
+    AuditDense(state, input.queries.size(0));
+  }
   return DenseAttention(input.queries, input.keys, input.values, input.scale, input.sliding_window);
 }
 

@@ -14,9 +14,16 @@ at::Tensor DenseAttention(const at::Tensor& queries, const at::Tensor& keys, con
                           double scale, std::optional<int64_t> sliding_window = std::nullopt,
                           int64_t max_score_elements = int64_t{64} << 20);
 
+// Accounts its decode reads in its sequences' telemetry; with `audit`, records a dropped mass of
+// zero for every query (nothing is dropped), so that audited runs of every policy compare.
 class DenseAttentionBackend : public AttentionBackend {
  public:
+  explicit DenseAttentionBackend(bool audit = false) : audit_(audit) {}
+  std::unique_ptr<SequenceAttentionState> NewSequenceState() const override;
   at::Tensor Attend(const AttentionInput& input) const override;
+
+ private:
+  bool audit_;
 };
 
 }  // namespace lychee

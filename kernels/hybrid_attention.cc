@@ -78,13 +78,13 @@ absl::Status CheckHybridFits(const HeadPartition& partition, const ModelConfig& 
 }
 
 absl::StatusOr<std::shared_ptr<const HybridAttentionBackend>> HybridAttentionBackend::Create(
-    std::shared_ptr<const HeadPartition> partition, const ModelConfig& config) {
+    std::shared_ptr<const HeadPartition> partition, const ModelConfig& config, bool audit) {
   LYCHEE_RETURN_IF_ERROR(CheckHybridFits(*partition, config));
-  return std::shared_ptr<const HybridAttentionBackend>(new HybridAttentionBackend(std::move(partition)));
+  return std::shared_ptr<const HybridAttentionBackend>(new HybridAttentionBackend(std::move(partition), audit));
 }
 
 std::unique_ptr<SequenceAttentionState> HybridAttentionBackend::NewSequenceState() const {
-  auto state = std::make_unique<HybridSequenceState>();
+  auto state = std::make_unique<HybridSequenceState>(audit_);
   state->selected_blocks.resize(partition_->num_kv_heads());
   return state;
 }
@@ -102,6 +102,8 @@ at::Tensor HybridAttentionBackend::Attend(const AttentionInput& input) const {
   const int64_t num_kv_heads = input.keys.size(0);
   const int64_t group = input.queries.size(0) / num_kv_heads;
   const int64_t length = input.keys.size(1);
+  const int64_t bytes_per_position = KvBytesPerPosition(input.keys);
+  CountDecodeStep(&state, input.layer);
   std::vector<at::Tensor> outputs;
   for (int64_t head = 0; head < num_kv_heads; ++head) {
     at::Tensor queries = input.queries.narrow(0, head * group, group);  // [G, 1, D]
@@ -112,11 +114,15 @@ at::Tensor HybridAttentionBackend::Attend(const AttentionInput& input) const {
       outputs.push_back(DenseAttention(queries, keys, values, input.scale));
       at::Tensor pooled_query = queries.to(at::kFloat).mean(0).squeeze(0);
       selection = SelectBlocks(BlockScores(keys[0], pooled_query, params.block_size), length, params);
+      AccountHead(&state, input.layer, head, num_kv_heads, length, bytes_per_position);
+      AuditDense(&state, group);
     } else {
       const std::vector<int64_t>& blocks = selection.empty() ? MandatoryBlocks(length, params) : selection;
       at::Tensor positions = BlockPositions(blocks, length, params.block_size).to(keys.device());
       outputs.push_back(DenseAttention(queries, keys.index_select(1, positions), values.index_select(1, positions),
                                        input.scale));
+      AccountHead(&state, input.layer, head, num_kv_heads, positions.numel(), bytes_per_position);
+      AuditDroppedMass(&state, queries, keys[0], positions, input.scale);
     }
   }
   return at::cat(outputs, 0);

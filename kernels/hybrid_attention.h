@@ -10,6 +10,7 @@
 #include "absl/status/statusor.h"
 #include "common/attention.h"
 #include "common/head_partition.h"
+#include "kernels/policies/accounting.h"
 
 namespace lychee {
 
@@ -32,25 +33,29 @@ at::Tensor BlockPositions(const std::vector<int64_t>& blocks, int64_t length, in
 absl::Status CheckHybridFits(const HeadPartition& partition, const ModelConfig& config);
 
 // What one sequence carries between layers: the latest selection per KV-head index.
-struct HybridSequenceState : SequenceAttentionState {
+struct HybridSequenceState : AccountedState {
+  using AccountedState::AccountedState;
   std::vector<std::vector<int64_t>> selected_blocks;  // empty: none made yet in this step
 };
 
 class HybridAttentionBackend : public AttentionBackend {
  public:
-  // FAILED_PRECONDITION or INVALID_ARGUMENT when the partition does not fit the model.
+  // FAILED_PRECONDITION or INVALID_ARGUMENT when the partition does not fit the model. With
+  // `audit`, every decode step also computes the dense scores of the sparse heads and records the
+  // attention mass their selection drops.
   static absl::StatusOr<std::shared_ptr<const HybridAttentionBackend>> Create(
-      std::shared_ptr<const HeadPartition> partition, const ModelConfig& config);
+      std::shared_ptr<const HeadPartition> partition, const ModelConfig& config, bool audit = false);
 
   const HeadPartition& partition() const { return *partition_; }
   std::unique_ptr<SequenceAttentionState> NewSequenceState() const override;
   at::Tensor Attend(const AttentionInput& input) const override;
 
  private:
-  explicit HybridAttentionBackend(std::shared_ptr<const HeadPartition> partition)
-      : partition_(std::move(partition)) {}
+  HybridAttentionBackend(std::shared_ptr<const HeadPartition> partition, bool audit)
+      : partition_(std::move(partition)), audit_(audit) {}
 
   std::shared_ptr<const HeadPartition> partition_;
+  bool audit_;
 };
 
 }  // namespace lychee

@@ -1,93 +1,101 @@
 #include "tools/lychee/eval_command.h"
 
-#include <chrono>
 #include <cstdio>
-#include <random>
+#include <cstdlib>
+#include <fstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "absl/strings/str_split.h"
+#include "common/evaluation.h"
 #include "common/model.h"
 #include "common/retrieval_tasks.h"
 #include "common/status_macros.h"
 #include "common/tokenizer.h"
-#include "kernels/dense_attention.h"
-#include "kernels/hybrid_attention.h"
+#include "kernels/policy_backend.h"
 #include "tools/lychee/args.h"
 #include "tools/lychee/attention_args.h"
 
 namespace lychee::cli {
 namespace {
 
-absl::StatusOr<RetrievalTask> ParseTask(const std::string& name) {
-  if (name == "passkey") return RetrievalTask::kPasskey;
-  if (name == "multikey") return RetrievalTask::kMultiKey;
-  return absl::InvalidArgumentError(absl::StrCat("--tasks: unknown task '", name, "' (passkey, multikey)"));
-}
-
-// Greedy decoding of as many tokens as the answer has: the model answers right when they equal
-// the answer's tokens.
-absl::StatusOr<std::vector<int32_t>> GreedyAnswer(const Model& model, std::shared_ptr<const AttentionBackend> attention,
-                                                  const RetrievalSample& sample) {
-  auto sequence = model.NewSequence(std::move(attention));
-  LYCHEE_ASSIGN_OR_RETURN(at::Tensor logits, model.Prefill(*sequence, sample.prompt_ids));
-  Sequence* const batch[] = {sequence.get()};
-  std::vector<int32_t> answer;
-  while (true) {
-    answer.push_back(static_cast<int32_t>(logits.argmax().item<int64_t>()));
-    if (answer.size() == sample.answer_ids.size()) return answer;
-    const int32_t next[] = {answer.back()};
-    LYCHEE_ASSIGN_OR_RETURN(at::Tensor step, model.Decode(batch, next));
-    logits = step[0];
-  }
+absl::Status WriteFile(const std::string& flag, const std::string& path, const std::string& contents) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  out << contents;
+  out.close();
+  if (!out) return absl::UnavailableError(absl::StrCat("--", flag, ": cannot write ", path));
+  return absl::OkStatus();
 }
 
 }  // namespace
 
 absl::Status RunEval(const std::vector<std::string>& argv) {
-  LYCHEE_ASSIGN_OR_RETURN(Args args, Args::Parse(argv,
-                                                 {"model", "corpus", "tasks", "context", "samples", "seed", "attention",
-                                                  "partition", "budget", "random-partition", "partition-seed", "device"},
-                                                 {"print-failures"}));
+  std::set<std::string> valued = {"model", "corpus", "tasks", "context", "samples", "seed", "device", "json", "plot"};
+  valued.insert(PolicyValuedFlags().begin(), PolicyValuedFlags().end());
+  std::set<std::string> switches = {"print-failures"};
+  switches.insert(PolicySwitches().begin(), PolicySwitches().end());
+  LYCHEE_ASSIGN_OR_RETURN(Args args, Args::Parse(argv, valued, switches));
   const std::string model_dir = args.GetOr("model", LYCHEE_DEFAULT_MODEL_DIR);
-  LYCHEE_ASSIGN_OR_RETURN(int64_t context, args.GetInt("context", 4096));
   LYCHEE_ASSIGN_OR_RETURN(int64_t samples, args.GetInt("samples", 40));
   LYCHEE_ASSIGN_OR_RETURN(int64_t seed, args.GetInt("seed", 1));
   if (samples <= 0) return absl::InvalidArgumentError(absl::StrCat("--samples must be > 0, got ", samples));
-  std::vector<RetrievalTask> tasks;
-  std::vector<std::string> task_names = absl::StrSplit(args.GetOr("tasks", "passkey,multikey"), ',');
-  for (const std::string& name : task_names) {
-    LYCHEE_ASSIGN_OR_RETURN(RetrievalTask task, ParseTask(name));
-    tasks.push_back(task);
+  EvalOptions options;
+  options.samples = samples;
+  options.seed = static_cast<uint64_t>(seed);
+  for (const std::string& name : std::vector<std::string>(absl::StrSplit(args.GetOr("tasks", "passkey,multikey"), ','))) {
+    absl::StatusOr<RetrievalTask> task = ParseRetrievalTask(name);
+    if (!task.ok()) return absl::InvalidArgumentError(absl::StrCat("--tasks: ", task.status().message()));
+    options.tasks.push_back(*task);
   }
+  for (const std::string& item : std::vector<std::string>(absl::StrSplit(args.GetOr("context", "4096"), ','))) {
+    char* end = nullptr;
+    const long long context = std::strtoll(item.c_str(), &end, 10);
+    if (item.empty() || *end != '\0' || context <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat("--context: '", item, "' is not a positive token count"));
+    }
+    options.contexts.push_back(context);
+  }
+
   LYCHEE_ASSIGN_OR_RETURN(ModelOptions model_options, ModelOptionsForDevice(args.GetOr("device", "cpu")));
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::FromFile(model_dir + "/tokenizer.json"));
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(model_dir, model_options));
-  LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const AttentionBackend> attention, AttentionFromArgs(args, model->config(), model->options().device));
+  const ModelConfig& config = model->config();
+  const at::Device device = model->options().device;
+  LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const HeadPartition> partition, PartitionFromArgs(args, config));
+  LYCHEE_ASSIGN_OR_RETURN(std::vector<PolicySpec> specs, PolicySpecsFromArgs(args, config, partition.get()));
+  std::vector<EvalPolicy> policies;
+  for (const PolicySpec& spec : specs) {
+    LYCHEE_ASSIGN_OR_RETURN(auto attention, MakePolicyBackend(spec, config, partition, device));
+    policies.push_back({PolicyName(spec.kind), spec.Describe(), std::move(attention), !PolicyObservesPrefill(spec.kind)});
+  }
+  LYCHEE_ASSIGN_OR_RETURN(options.prefill_attention,
+                          MakePolicyBackend(PolicySpec::Defaults(PolicyKind::kDense), config, nullptr, device));
+  if (args.Has("print-failures")) {
+    options.on_failure = [&](const std::string& policy, RetrievalTask task, int64_t index,
+                             const RetrievalSample& sample, const std::vector<int32_t>& produced) {
+      const std::string said = tokenizer->Decode(produced).value_or("<undecodable>");
+      std::fprintf(stderr, "%s %s sample %lld: expected '%s', got '%s'\n", policy.c_str(),
+                   RetrievalTaskName(task).c_str(), static_cast<long long>(index), sample.answer_text.c_str(),
+                   said.c_str());
+    };
+  }
   LYCHEE_ASSIGN_OR_RETURN(std::string corpus,
                           ReadTextCorpus(args.GetOr("corpus", std::string(LYCHEE_SOURCE_DIR) + "/data/corpus/persuasion.txt.gz")));
   LYCHEE_ASSIGN_OR_RETURN(HaystackBuilder builder, HaystackBuilder::Create(*tokenizer, std::move(corpus)));
 
-  std::printf("%-10s %8s %8s %9s %8s\n", "task", "context", "samples", "accuracy", "seconds");
-  for (size_t t = 0; t < tasks.size(); ++t) {
-    const auto start = std::chrono::steady_clock::now();
-    int64_t correct = 0;
-    for (int64_t i = 0; i < samples; ++i) {
-      LYCHEE_ASSIGN_OR_RETURN(RetrievalSample sample,
-                              builder.Build(tasks[t], context, static_cast<uint64_t>(seed * 1000003 + i)));
-      LYCHEE_ASSIGN_OR_RETURN(std::vector<int32_t> answer, GreedyAnswer(*model, attention, sample));
-      const bool right = answer == sample.answer_ids;
-      correct += right;
-      if (!right && args.Has("print-failures")) {
-        LYCHEE_ASSIGN_OR_RETURN(std::string said, tokenizer->Decode(answer));
-        std::fprintf(stderr, "%s sample %lld: expected '%s', got '%s'\n", task_names[t].c_str(),
-                     static_cast<long long>(i), sample.answer_text.c_str(), said.c_str());
-      }
-    }
-    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-    std::printf("%-10s %8lld %8lld %9.3f %8.1f\n", task_names[t].c_str(), static_cast<long long>(context),
-                static_cast<long long>(samples), static_cast<double>(correct) / samples, seconds);
-    std::fflush(stdout);
+  for (const EvalPolicy& policy : policies) std::printf("# %s\n", policy.description.c_str());
+  std::printf("%s\n", EvalTableHeader().c_str());
+  std::fflush(stdout);
+  LYCHEE_ASSIGN_OR_RETURN(std::vector<EvalCell> cells,
+                          RunEvaluation(*model, builder, policies, options, [](const EvalCell& cell) {
+                            std::printf("%s\n", EvalTableRow(cell).c_str());
+                            std::fflush(stdout);
+                          }));
+  if (args.Has("json")) {
+    LYCHEE_RETURN_IF_ERROR(
+        WriteFile("json", *args.Get("json"), EvalJson(cells, absl::StrCat("lychee eval ", absl::StrJoin(argv, " ")))));
   }
+  if (args.Has("plot")) LYCHEE_RETURN_IF_ERROR(WriteFile("plot", *args.Get("plot"), EvalPlotSvg(cells)));
   return absl::OkStatus();
 }
 

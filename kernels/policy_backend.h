@@ -1,0 +1,26 @@
+// An attention backend for a policy spec (kernels/policy.h): the spec is validated against the
+// model first, so a bad request fails here with INVALID_ARGUMENT naming the parameter.
+#pragma once
+
+#include <c10/core/Device.h>
+
+#include <memory>
+
+#include "absl/status/statusor.h"
+#include "common/attention.h"
+#include "common/head_partition.h"
+#include "common/model_config.h"
+#include "kernels/policy.h"
+
+namespace lychee {
+
+// lychee and streaming need `partition` (its roles; lychee takes its selection from the spec:
+// token_budget, block_size, sink_tokens, recent_tokens). On a CUDA device, dense and lychee
+// decode on the CUDA kernels where this build has them, unless the spec asks for an audit (the
+// kernels keep no telemetry); every other policy runs its CPU reference through ATen on the
+// device.
+absl::StatusOr<std::shared_ptr<const AttentionBackend>> MakePolicyBackend(
+    const PolicySpec& spec, const ModelConfig& config, std::shared_ptr<const HeadPartition> partition,
+    c10::Device device = c10::Device(c10::kCPU));
+
+}  // namespace lychee
