@@ -106,6 +106,14 @@ KvCache::KvCache(const ModelConfig& config, at::TensorOptions options)
 void KvCache::Grow(int64_t min_capacity) {
   int64_t capacity = std::max<int64_t>(capacity_, 256);
   while (capacity < min_capacity) capacity *= 2;
+  Reallocate(capacity);
+}
+
+void KvCache::Reserve(int64_t tokens) {
+  if (tokens > capacity_) Reallocate(tokens);
+}
+
+void KvCache::Reallocate(int64_t capacity) {
   for (size_t layer = 0; layer < keys_.size(); ++layer) {
     for (at::Tensor* cache : {&keys_[layer], &values_[layer]}) {
       at::Tensor grown = at::empty({num_kv_heads_, capacity, head_dim_}, options_);
@@ -214,6 +222,15 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
 std::unique_ptr<Sequence> Model::NewSequence(std::shared_ptr<const AttentionBackend> attention) const {
   return std::make_unique<Sequence>(config_, at::TensorOptions().dtype(options_.dtype).device(options_.device),
                                     std::move(attention));
+}
+
+std::unique_ptr<Sequence> Model::Fork(const Sequence& source,
+                                      std::shared_ptr<const AttentionBackend> attention) const {
+  auto fork = NewSequence(std::move(attention));
+  for (int layer = 0; layer < config_.num_layers; ++layer) {
+    fork->cache_.Append(layer, source.cache_.Keys(layer), source.cache_.Values(layer));
+  }
+  return fork;
 }
 
 absl::Status Model::CheckIds(absl::Span<const int32_t> ids) const {

@@ -33,9 +33,13 @@ class KvCache {
   int64_t length() const { return lengths_.empty() ? 0 : lengths_.back(); }
   int64_t capacity() const { return capacity_; }
   size_t num_bytes() const;
+  // Allocates room for exactly `tokens` positions (when it has less), so that a server that
+  // accounts KV memory per sequence up front never sees the cache grow past its reservation.
+  void Reserve(int64_t tokens);
 
  private:
   void Grow(int64_t min_capacity);
+  void Reallocate(int64_t capacity);
 
   std::vector<at::Tensor> keys_;
   std::vector<at::Tensor> values_;
@@ -55,7 +59,11 @@ class Sequence {
 
   int64_t length() const { return cache_.length(); }
   const KvCache& cache() const { return cache_; }
+  void ReserveCache(int64_t tokens) { cache_.Reserve(tokens); }
   const AttentionBackend& attention() const { return *attention_; }
+  // The backend's state for this sequence (null for backends that keep none), which carries
+  // the telemetry of what decoding has read.
+  const SequenceAttentionState* attention_state() const { return attention_state_.get(); }
 
  private:
   friend class Model;
@@ -87,6 +95,10 @@ class Model {
   const std::string& model_dir() const { return model_dir_; }
 
   std::unique_ptr<Sequence> NewSequence(std::shared_ptr<const AttentionBackend> attention) const;
+  // A new sequence holding a copy of `source`'s cache that decodes on with `attention`, whose
+  // state starts fresh. Lets one prefill serve several backends whose prefill is dense and
+  // leaves nothing in their state (the evaluation harness compares policies this way).
+  std::unique_ptr<Sequence> Fork(const Sequence& source, std::shared_ptr<const AttentionBackend> attention) const;
 
   // Runs `ids` through the model after what `sequence` already holds and returns the float32
   // logits of the last position, [vocab_size].

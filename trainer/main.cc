@@ -26,6 +26,13 @@ constexpr char kUsage[] = R"(usage: lychee-trainer --registry-dir DIR [flags]
   --device cpu|cuda           where jobs run (default cpu)
   --threads N                 LibTorch intra-op threads per job (default 0: LibTorch's own
                               default, OMP_NUM_THREADS or 1)
+  --tls-cert FILE --tls-key FILE
+                              serve TLS with this PEM certificate chain and key (default plaintext)
+  --tls-client-ca FILE        mutual TLS: clients must present a certificate this CA signed
+  --admin-token-file FILE     submit, cancel and publish need this token ('authorization: Bearer
+                              TOKEN'); without it they are open, which only a loopback --listen
+                              accepts
+  --insecure-admin            allow open admin RPCs on a --listen beyond the loopback
 A job that names no corpus uses )" LYCHEE_SOURCE_DIR "/data/corpus/calibration.txt.gz\n";
 
 absl::Status Serve(const std::vector<std::string>& argv) {
@@ -33,12 +40,18 @@ absl::Status Serve(const std::vector<std::string>& argv) {
       lychee::cli::Args args,
       lychee::cli::Args::Parse(argv,
                                {"listen", "model-root", "data-root", "registry-dir", "max-concurrent-jobs",
-                                "max-queued-jobs", "device", "threads"},
-                               {}));
+                                "max-queued-jobs", "device", "threads", "tls-cert", "tls-key", "tls-client-ca",
+                                "admin-token-file"},
+                               {"insecure-admin"}));
   lychee::TrainerServerOptions options;
   options.listen_address = args.GetOr("listen", options.listen_address);
   options.registry_dir = args.GetOr("registry-dir", "");
   if (options.registry_dir.empty()) return absl::InvalidArgumentError("--registry-dir is required");
+  options.tls.cert_file = args.GetOr("tls-cert", "");
+  options.tls.key_file = args.GetOr("tls-key", "");
+  options.tls.client_ca_file = args.GetOr("tls-client-ca", "");
+  options.access.admin_token_file = args.GetOr("admin-token-file", "");
+  options.access.insecure_admin = args.Has("insecure-admin");
   options.jobs.model_root = args.GetOr("model-root", LYCHEE_SOURCE_DIR "/models");
   options.jobs.data_root = args.GetOr("data-root", LYCHEE_SOURCE_DIR "/data");
   options.jobs.default_corpus = LYCHEE_SOURCE_DIR "/data/corpus/calibration.txt.gz";
@@ -70,7 +83,10 @@ absl::Status Serve(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<lychee::TrainerServer> server,
                           lychee::TrainerServer::Start(options, std::move(runner)));
   std::cerr << "lychee-trainer: serving lychee.v1.TrainerService on port " << server->port() << " ("
-            << options.listen_address << "), registry " << options.registry_dir << "\n";
+            << options.listen_address << "), "
+            << (options.tls.client_ca_file.empty() ? (options.tls.enabled() ? "TLS" : "plaintext") : "mutual TLS")
+            << ", admin RPCs " << (options.access.admin_token_file.empty() ? "open" : "need the admin token")
+            << ", registry " << options.registry_dir << "\n";
   int signal_number = 0;
   sigwait(&signals, &signal_number);
   std::cerr << "lychee-trainer: signal " << signal_number << ", shutting down\n";

@@ -9,6 +9,8 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/model_config.h"
 #include "common/grpc_status.h"
 #include "common/model_fingerprint.h"
 #include "common/status_macros.h"
@@ -22,16 +24,19 @@ namespace {
 constexpr std::chrono::milliseconds kWatchPoll(250);
 // How long Shutdown lets calls in flight finish before cancelling them.
 constexpr std::chrono::seconds kShutdownGrace(1);
+// The largest request is a published partition: a few kilobytes even for large models.
+constexpr int kMaxRequestBytes = 1 << 20;
 
 }  // namespace
 
 class TrainerServer::Service final : public v1::TrainerService::Service {
  public:
-  Service(std::string model_root, JobManager& jobs, PartitionStore& store)
-      : model_root_(std::move(model_root)), jobs_(jobs), store_(store) {}
+  Service(std::string model_root, const AccessControl& access, JobManager& jobs, PartitionStore& store)
+      : model_root_(std::move(model_root)), access_(access), jobs_(jobs), store_(store) {}
 
-  grpc::Status SubmitCalibrationJob(grpc::ServerContext*, const v1::SubmitCalibrationJobRequest* request,
+  grpc::Status SubmitCalibrationJob(grpc::ServerContext* context, const v1::SubmitCalibrationJobRequest* request,
                                     v1::Job* response) override {
+    if (grpc::Status denied = access_.AuthorizeAdmin(*context); !denied.ok()) return denied;
     return Reply(jobs_.Submit(*request), response);
   }
 
@@ -44,7 +49,8 @@ class TrainerServer::Service final : public v1::TrainerService::Service {
     return grpc::Status::OK;
   }
 
-  grpc::Status CancelJob(grpc::ServerContext*, const v1::CancelJobRequest* request, v1::Job* response) override {
+  grpc::Status CancelJob(grpc::ServerContext* context, const v1::CancelJobRequest* request, v1::Job* response) override {
+    if (grpc::Status denied = access_.AuthorizeAdmin(*context); !denied.ok()) return denied;
     return Reply(jobs_.Cancel(request->name()), response);
   }
 
@@ -105,12 +111,40 @@ class TrainerServer::Service final : public v1::TrainerService::Service {
     return grpc::Status(grpc::StatusCode::CANCELLED, "watch ended");
   }
 
+  grpc::Status PublishHeadPartition(grpc::ServerContext* context, const v1::PublishHeadPartitionRequest* request,
+                                    v1::HeadPartition* response) override {
+    if (grpc::Status denied = access_.AuthorizeAdmin(*context); !denied.ok()) return denied;
+    return Reply(Publish(*request), response);
+  }
+
  private:
   template <typename Message>
   static grpc::Status Reply(absl::StatusOr<Message> result, Message* response) {
     if (!result.ok()) return ToGrpcStatus(result.status());
     *response = *std::move(result);
     return grpc::Status::OK;
+  }
+
+  absl::StatusOr<v1::HeadPartition> Publish(const v1::PublishHeadPartitionRequest& request) const {
+    if (request.model().model_case() != v1::ModelSelector::kName) {
+      return absl::InvalidArgumentError("model.name: required, the partition is checked against that model's shape");
+    }
+    LYCHEE_ASSIGN_OR_RETURN(const std::string model_dir, ResolveModelDir(model_root_, request.model().name()));
+    LYCHEE_ASSIGN_OR_RETURN(const std::string fingerprint, ModelFingerprint(model_dir));
+    LYCHEE_ASSIGN_OR_RETURN(HeadPartition partition, HeadPartitionFromProto(request.partition()));
+    if (!partition.model_fingerprint.empty() && partition.model_fingerprint != fingerprint) {
+      return absl::FailedPreconditionError(absl::StrCat("partition.model_fingerprint ", partition.model_fingerprint,
+                                                        " is not model ", request.model().name(), "'s (",
+                                                        fingerprint, ")"));
+    }
+    LYCHEE_ASSIGN_OR_RETURN(const ModelConfig config, ModelConfig::FromFile(model_dir + "/config.json"));
+    LYCHEE_RETURN_IF_ERROR(partition.ValidateFor(config));
+    partition.model_fingerprint = fingerprint;
+    if (partition.source.empty()) partition.source = "published";
+    if (partition.created_unix_seconds == 0) partition.created_unix_seconds = absl::ToUnixSeconds(absl::Now());
+    LYCHEE_ASSIGN_OR_RETURN(const uint64_t version, store_.Publish(std::move(partition)));
+    LYCHEE_ASSIGN_OR_RETURN(const PartitionStore::Snapshot stored, store_.Get(fingerprint, version));
+    return HeadPartitionToProto(*stored);
   }
 
   absl::StatusOr<std::string> Fingerprint(const v1::ModelSelector& selector) const {
@@ -132,6 +166,7 @@ class TrainerServer::Service final : public v1::TrainerService::Service {
   }
 
   const std::string model_root_;
+  const AccessControl& access_;
   JobManager& jobs_;
   PartitionStore& store_;
 };
@@ -140,17 +175,23 @@ absl::StatusOr<std::unique_ptr<TrainerServer>> TrainerServer::Start(TrainerServe
                                                                     CalibrationRunner runner) {
   if (options.registry_dir.empty()) return absl::InvalidArgumentError("the registry directory is required");
   std::unique_ptr<TrainerServer> server(new TrainerServer());
+  LYCHEE_ASSIGN_OR_RETURN(AccessControl access,
+                          AccessControl::Create(options.access, options.listen_address));
+  server->access_ = std::make_unique<AccessControl>(std::move(access));
+  LYCHEE_ASSIGN_OR_RETURN(const std::shared_ptr<grpc::ServerCredentials> credentials,
+                          MakeServerCredentials(options.tls));
   LYCHEE_ASSIGN_OR_RETURN(server->store_, PartitionStore::Open(options.registry_dir));
   options.jobs.journal_dir = (std::filesystem::path(options.registry_dir) / "jobs").string();
   const std::string model_root = options.jobs.model_root;
   LYCHEE_ASSIGN_OR_RETURN(server->jobs_, JobManager::Create(std::move(options.jobs), *server->store_, std::move(runner)));
-  server->service_ = std::make_unique<Service>(model_root, *server->jobs_, *server->store_);
+  server->service_ = std::make_unique<Service>(model_root, *server->access_, *server->jobs_, *server->store_);
 
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen_address, grpc::InsecureServerCredentials(), &server->port_);
+  builder.AddListeningPort(options.listen_address, credentials, &server->port_);
   builder.RegisterService(server->service_.get());
+  builder.SetMaxReceiveMessageSize(kMaxRequestBytes);
   server->server_ = builder.BuildAndStart();
   if (server->server_ == nullptr || server->port_ == 0) {
     return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen_address));

@@ -1,7 +1,7 @@
 // The trainer's gRPC server: lychee.v1.TrainerService over a JobManager and the partition
 // registry, with the standard grpc.health.v1 health service and server reflection. A thin
 // layer: requests are checked and served by the job manager and the store, whose absl::Status
-// errors map one to one onto gRPC codes. Free of LibTorch (the runner comes in from outside).
+// errors map one to one onto gRPC codes. TLS and the admin token are common/security.h's. Free of LibTorch (the runner comes in from outside).
 #pragma once
 
 #include <memory>
@@ -11,6 +11,7 @@
 
 #include "absl/status/statusor.h"
 #include "common/partition_store.h"
+#include "common/security.h"
 #include "trainer/job_manager.h"
 
 namespace lychee {
@@ -22,6 +23,11 @@ struct TrainerServerOptions {
   std::string registry_dir;
   // journal_dir is set from registry_dir.
   JobManagerOptions jobs;
+  // Plaintext unless a certificate is given; mutual TLS with a client CA.
+  TlsServerConfig tls;
+  // SubmitCalibrationJob, CancelJob and PublishHeadPartition are the admin RPCs; the others
+  // (reading jobs and partitions, the inference services' watch) are open. No client token here.
+  AccessOptions access;
 };
 
 class TrainerServer {
@@ -40,6 +46,7 @@ class TrainerServer {
   class Service;
   TrainerServer() = default;
 
+  std::unique_ptr<AccessControl> access_;
   std::unique_ptr<PartitionStore> store_;
   std::unique_ptr<JobManager> jobs_;
   std::unique_ptr<Service> service_;

@@ -1,10 +1,13 @@
 // lychee: the command-line client.
+#include <algorithm>
 #include <iostream>
 #include <string>
 #include <vector>
 
 #include "common/heap_tuning.h"
 #include "tools/lychee/eval_command.h"
+#include "tools/lychee/health_command.h"
+#include "tools/lychee/inference_commands.h"
 #include "tools/lychee/local_commands.h"
 #include "tools/lychee/trainer_commands.h"
 
@@ -20,11 +23,16 @@ commands:
            [--attention dense|hybrid --partition FILE [--budget TOKENS]]
       streams the generated text (temperature 0, the default, is greedy); --print-ids adds
       the generated ids on the last line; FILE is a lychee.v1.HeadPartition in JSON
-  eval [--model DIR] [--tasks passkey,multikey] [--context TOKENS] [--samples N] [--seed S]
-       [--corpus FILE] [--device cpu|cuda] [--print-failures]
-       [--attention dense|hybrid (--partition FILE | --random-partition DENSITY [--partition-seed S])
-        [--budget TOKENS]]
-      retrieval accuracy (greedy exact match of the answer) on held-out text
+  eval [--model DIR] [--tasks passkey,multikey,multivalue,vartrack] [--context T1,T2,...]
+       [--samples N] [--seed S] [--corpus FILE] [--device cpu|cuda] [--print-failures]
+       [--policy dense,lychee,double-p,prhs,streaming,tidal,quest | --attention dense|hybrid]
+       [--partition FILE | --random-partition DENSITY [--partition-seed S]] [--budget TOKENS]
+       [--block-size N] [--sink N] [--recent N] [--p1 P] [--p2 P] [--clusters N]
+       [--kmeans-iterations N] [--tail-tokens N] [--prhs-selectors temporal,recency,cross-layer]
+       [--prhs-enlargement BLOCKS] [--prhs-window N] [--tidal-layers L1,L2] [--page-size N]
+       [--quest-dense-layers N] [--audit] [--json FILE] [--plot FILE.svg]
+      retrieval accuracy (greedy exact match of the answer) on held-out text, per policy, task
+      and context, with the tokens attended per head and the KV bytes read per token
 
 commands that talk to a lychee-trainer (all take [--trainer HOST:PORT], default 127.0.0.1:50061):
   submit --target-density D --steps N [--model NAME] [--corpus PATH] [--min-context TOKENS]
@@ -36,10 +44,32 @@ commands that talk to a lychee-trainer (all take [--trainer HOST:PORT], default 
   watch JOB          a progress bar on stderr until the job ends; prints how it ended
   jobs               lists the jobs
   cancel JOB         cancels a queued or running job
-  partitions [--model NAME | --fingerprint FP]
-      lists the published head partitions of a model
-  partition VERSION|latest [--model NAME | --fingerprint FP] [--json]
-      shows one: a layer-by-KV-head map of retrieval (R) and sparse (S) heads, or its JSON
+  partitions [--model NAME | --fingerprint FP | --server HOST:PORT]
+      lists the published head partitions of a model (with --server: those an inference
+      server holds, and which is active)
+  partition VERSION|latest [--model NAME | --fingerprint FP | --server HOST:PORT] [--json] [--svg FILE]
+      shows one: a layer-by-KV-head map of retrieval (R) and sparse (S) heads, or its JSON;
+      --svg also writes it to FILE as an SVG heatmap of the gates
+  publish FILE [--model NAME]
+      stores a hand-written or shipped partition (JSON) as the model's next version
+
+commands that talk to a lychee-inference (all take [--server HOST:PORT], default 127.0.0.1:50062):
+  generate --server HOST:PORT (--prompt TEXT | --prompt-file FILE) [--max-new-tokens N]
+           [--temperature T] [--top-p P] [--seed S] [--stop TEXT] [--attention dense|hybrid]
+           [--budget TOKENS] [--partition-version V] [--timeout SECONDS] [--print-ids]
+      streams the generation; a summary (tokens, latency, partition version) goes to stderr
+  server-info        model, active partition, trainer connection, rejected partitions, load
+  activate VERSION   serves VERSION to new sequences
+  rollback           back to the partition active before the current one
+  hold on|off        while on, partitions from the trainer are stored but not activated
+
+  health [--target HOST:PORT] [--service NAME] [--timeout SECONDS]
+      asks a lychee-trainer or lychee-inference (default 127.0.0.1:50061) through
+      grpc.health.v1.Health/Check whether it serves; prints the status, exits 0 only if SERVING
+
+every command that talks to a server also takes [--tls-ca FILE] [--tls-cert FILE --tls-key FILE]
+[--token-file FILE]: TLS verified with the CA certificates of FILE (a client certificate for mutual
+TLS), and the admin or client token of FILE sent as 'authorization: Bearer TOKEN'
 The default model is the bundled one: )" LYCHEE_DEFAULT_MODEL_DIR "\n";
 
 }  // namespace
@@ -56,7 +86,20 @@ int main(int argc, char** argv) {
   if (command == "tokenize") {
     status = lychee::cli::RunTokenize(args);
   } else if (command == "generate") {
-    status = lychee::cli::RunGenerate(args);
+    const bool remote = std::any_of(args.begin(), args.end(), [](const std::string& arg) {
+      return arg == "--server" || arg.rfind("--server=", 0) == 0;
+    });
+    status = remote ? lychee::cli::RunRemoteGenerate(args) : lychee::cli::RunGenerate(args);
+  } else if (command == "server-info") {
+    status = lychee::cli::RunServerInfo(args);
+  } else if (command == "activate") {
+    status = lychee::cli::RunActivate(args);
+  } else if (command == "rollback") {
+    status = lychee::cli::RunRollback(args);
+  } else if (command == "hold") {
+    status = lychee::cli::RunHold(args);
+  } else if (command == "publish") {
+    status = lychee::cli::RunPublish(args);
   } else if (command == "eval") {
     status = lychee::cli::RunEval(args);
   } else if (command == "submit") {
@@ -71,6 +114,8 @@ int main(int argc, char** argv) {
     status = lychee::cli::RunPartitions(args);
   } else if (command == "partition") {
     status = lychee::cli::RunPartition(args);
+  } else if (command == "health") {
+    status = lychee::cli::RunHealth(args);
   } else {
     std::cerr << "lychee: unknown command '" << command << "'\n" << kUsage;
     return 2;

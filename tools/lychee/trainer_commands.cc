@@ -5,13 +5,13 @@
 #include <grpcpp/security/credentials.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <ctime>
 #include <filesystem>
 #include <functional>
 #include <iostream>
-#include <map>
 #include <memory>
 #include <optional>
 #include <set>
@@ -22,14 +22,17 @@
 #include "common/grpc_status.h"
 #include "common/head_partition.h"
 #include "common/status_macros.h"
+#include "lychee/v1/inference.grpc.pb.h"
 #include "lychee/v1/trainer.grpc.pb.h"
 #include "tools/lychee/args.h"
+#include "tools/lychee/grpc_client.h"
+#include "tools/lychee/partition_view.h"
 
 namespace lychee::cli {
 namespace {
 
 constexpr char kDefaultTrainer[] = "127.0.0.1:50061";
-constexpr std::chrono::seconds kCallTimeout(30);
+constexpr char kDefaultServer[] = "127.0.0.1:50062";
 
 std::string DefaultModelName() { return std::filesystem::path(LYCHEE_DEFAULT_MODEL_DIR).filename().string(); }
 
@@ -43,33 +46,12 @@ absl::StatusOr<std::pair<std::string, Args>> ParseWithOperand(const std::vector<
   return std::make_pair(argv[0], std::move(args));
 }
 
-class TrainerClient {
- public:
-  explicit TrainerClient(const Args& args)
-      : address_(args.GetOr("trainer", kDefaultTrainer)),
-        stub_(v1::TrainerService::NewStub(grpc::CreateChannel(address_, grpc::InsecureChannelCredentials()))) {}
+using TrainerClient = ServiceClient<v1::TrainerService>;
+using InferenceClient = ServiceClient<v1::InferenceService>;
 
-  v1::TrainerService::Stub& stub() { return *stub_; }
-
-  std::unique_ptr<grpc::ClientContext> UnaryContext() const {
-    auto context = std::make_unique<grpc::ClientContext>();
-    context->set_deadline(std::chrono::system_clock::now() + kCallTimeout);
-    return context;
-  }
-
-  // The call's error, prefixed with where the trainer is; the code is kept.
-  absl::Status Check(const grpc::Status& status) const {
-    const absl::Status converted = FromGrpcStatus(status);
-    if (converted.ok()) return converted;
-    return absl::Status(converted.code(), absl::StrCat("trainer at ", address_, ": ",
-                                                       absl::StatusCodeToString(converted.code()), ": ",
-                                                       std::string(converted.message())));
-  }
-
- private:
-  std::string address_;
-  std::unique_ptr<v1::TrainerService::Stub> stub_;
-};
+absl::StatusOr<TrainerClient> ConnectTrainer(const Args& args) {
+  return TrainerClient::Connect("trainer", args.GetOr("trainer", kDefaultTrainer), args);
+}
 
 std::string StateName(v1::JobState state) {
   const std::string name = v1::JobState_Name(state);
@@ -161,9 +143,10 @@ std::string Density(const v1::HeadPartition& proto) {
 absl::Status RunSubmit(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(
       Args args, Args::Parse(argv,
-                             {"trainer", "model", "corpus", "target-density", "steps", "min-context", "max-context",
-                              "passkeys", "learning-rate", "sparse-keep-ratio", "sparse-sink", "sparse-recent",
-                              "block-size", "budget", "sink", "recent", "seed"},
+                             WithConnectionFlags({"trainer", "model", "corpus", "target-density", "steps",
+                                                  "min-context", "max-context", "passkeys", "learning-rate",
+                                                  "sparse-keep-ratio", "sparse-sink", "sparse-recent", "block-size",
+                                                  "budget", "sink", "recent", "seed"}),
                              {}));
   if (!args.Has("target-density")) return absl::InvalidArgumentError("--target-density is required");
   if (!args.Has("steps")) return absl::InvalidArgumentError("--steps is required");
@@ -186,7 +169,7 @@ absl::Status RunSubmit(const std::vector<std::string>& argv) {
   LYCHEE_RETURN_IF_ERROR(SetInt(args, "recent", [&](int64_t v) { config->set_recent_tokens(v); }));
   LYCHEE_RETURN_IF_ERROR(SetInt(args, "seed", [&](int64_t v) { config->set_seed(static_cast<uint64_t>(v)); }));
 
-  TrainerClient client(args);
+  LYCHEE_ASSIGN_OR_RETURN(TrainerClient client, ConnectTrainer(args));
   v1::Job job;
   LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().SubmitCalibrationJob(client.UnaryContext().get(), request, &job)));
   std::cout << job.name() << "\n";
@@ -194,13 +177,14 @@ absl::Status RunSubmit(const std::vector<std::string>& argv) {
 }
 
 absl::Status RunWatch(const std::vector<std::string>& argv) {
-  LYCHEE_ASSIGN_OR_RETURN(auto parsed, ParseWithOperand(argv, "JOB (e.g. jobs/1)", {"trainer"}, {}));
+  LYCHEE_ASSIGN_OR_RETURN(auto parsed,
+                          ParseWithOperand(argv, "JOB (e.g. jobs/1)", WithConnectionFlags({"trainer"}), {}));
   const auto& [name, args] = parsed;
-  TrainerClient client(args);
-  grpc::ClientContext context;
+  LYCHEE_ASSIGN_OR_RETURN(TrainerClient client, ConnectTrainer(args));
+  const std::unique_ptr<grpc::ClientContext> context = client.StreamContext();
   v1::WatchJobRequest request;
   request.set_name(name);
-  std::unique_ptr<grpc::ClientReader<v1::Job>> reader = client.stub().WatchJob(&context, request);
+  std::unique_ptr<grpc::ClientReader<v1::Job>> reader = client.stub().WatchJob(context.get(), request);
   // On a terminal the bar redraws in place; in a log every update is a line of its own.
   const bool redraw = isatty(STDERR_FILENO);
   std::optional<v1::Job> last;
@@ -222,8 +206,8 @@ absl::Status RunWatch(const std::vector<std::string>& argv) {
 }
 
 absl::Status RunJobs(const std::vector<std::string>& argv) {
-  LYCHEE_ASSIGN_OR_RETURN(Args args, Args::Parse(argv, {"trainer"}, {}));
-  TrainerClient client(args);
+  LYCHEE_ASSIGN_OR_RETURN(Args args, Args::Parse(argv, WithConnectionFlags({"trainer"}), {}));
+  LYCHEE_ASSIGN_OR_RETURN(TrainerClient client, ConnectTrainer(args));
   v1::ListJobsResponse response;
   LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().ListJobs(client.UnaryContext().get(), {}, &response)));
   std::printf("%-10s %-12s %-24s %-13s %-7s %s\n", "NAME", "STATE", "MODEL", "STEP", "TARGET", "OUTCOME");
@@ -237,9 +221,10 @@ absl::Status RunJobs(const std::vector<std::string>& argv) {
 }
 
 absl::Status RunCancel(const std::vector<std::string>& argv) {
-  LYCHEE_ASSIGN_OR_RETURN(auto parsed, ParseWithOperand(argv, "JOB (e.g. jobs/1)", {"trainer"}, {}));
+  LYCHEE_ASSIGN_OR_RETURN(auto parsed,
+                          ParseWithOperand(argv, "JOB (e.g. jobs/1)", WithConnectionFlags({"trainer"}), {}));
   const auto& [name, args] = parsed;
-  TrainerClient client(args);
+  LYCHEE_ASSIGN_OR_RETURN(TrainerClient client, ConnectTrainer(args));
   v1::CancelJobRequest request;
   request.set_name(name);
   v1::Job job;
@@ -250,15 +235,30 @@ absl::Status RunCancel(const std::vector<std::string>& argv) {
 }
 
 absl::Status RunPartitions(const std::vector<std::string>& argv) {
-  LYCHEE_ASSIGN_OR_RETURN(Args args, Args::Parse(argv, {"trainer", "model", "fingerprint"}, {}));
-  TrainerClient client(args);
-  v1::ListHeadPartitionsRequest request;
-  LYCHEE_ASSIGN_OR_RETURN(*request.mutable_model(), ModelFromArgs(args));
-  v1::ListHeadPartitionsResponse response;
-  LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().ListHeadPartitions(client.UnaryContext().get(), request, &response)));
-  std::printf("model fingerprint %s: %d partition(s)\n", response.model_fingerprint().c_str(), response.partitions_size());
+  LYCHEE_ASSIGN_OR_RETURN(Args args,
+                          Args::Parse(argv, WithConnectionFlags({"trainer", "server", "model", "fingerprint"}), {}));
+  std::vector<v1::HeadPartition> partitions;
+  if (args.Has("server")) {
+    LYCHEE_ASSIGN_OR_RETURN(InferenceClient client,
+                            InferenceClient::Connect("inference server", *args.Get("server"), args));
+    v1::ListPartitionsResponse response;
+    LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().ListPartitions(client.UnaryContext().get(), {}, &response)));
+    std::printf("inference server %s holds %d partition(s); active: %llu\n", args.Get("server")->c_str(),
+                response.partitions_size(), static_cast<unsigned long long>(response.active_version()));
+    partitions.assign(response.partitions().begin(), response.partitions().end());
+  } else {
+    LYCHEE_ASSIGN_OR_RETURN(TrainerClient client, ConnectTrainer(args));
+    v1::ListHeadPartitionsRequest request;
+    LYCHEE_ASSIGN_OR_RETURN(*request.mutable_model(), ModelFromArgs(args));
+    v1::ListHeadPartitionsResponse response;
+    LYCHEE_RETURN_IF_ERROR(
+        client.Check(client.stub().ListHeadPartitions(client.UnaryContext().get(), request, &response)));
+    std::printf("model fingerprint %s: %d partition(s)\n", response.model_fingerprint().c_str(),
+                response.partitions_size());
+    partitions.assign(response.partitions().begin(), response.partitions().end());
+  }
   std::printf("%-8s %-21s %-8s %-7s %-10s %s\n", "VERSION", "CREATED", "DENSITY", "STEPS", "LOSS", "SOURCE");
-  for (const v1::HeadPartition& partition : response.partitions()) {
+  for (const v1::HeadPartition& partition : partitions) {
     std::printf("%-8llu %-21s %-8s %-7llu %-10.4g %s\n", static_cast<unsigned long long>(partition.version()),
                 UtcTime(partition.created_unix_seconds()).c_str(), Density(partition).c_str(),
                 static_cast<unsigned long long>(partition.metrics().steps()), partition.metrics().final_loss(),
@@ -268,58 +268,72 @@ absl::Status RunPartitions(const std::vector<std::string>& argv) {
 }
 
 absl::Status RunPartition(const std::vector<std::string>& argv) {
-  LYCHEE_ASSIGN_OR_RETURN(auto parsed, ParseWithOperand(argv, "VERSION (a number, or latest)",
-                                                        {"trainer", "model", "fingerprint"}, {"json"}));
+  LYCHEE_ASSIGN_OR_RETURN(
+      auto parsed, ParseWithOperand(argv, "VERSION (a number, or latest)",
+                                    WithConnectionFlags({"trainer", "server", "model", "fingerprint", "svg"}), {"json"}));
   const auto& [version_text, args] = parsed;
-  v1::GetHeadPartitionRequest request;
   uint64_t version = 0;
   if (version_text != "latest" && (!absl::SimpleAtoi(version_text, &version) || version == 0)) {
     return absl::InvalidArgumentError(absl::StrCat("VERSION must be a number >= 1 or latest, got '", version_text, "'"));
   }
-  request.set_version(version);
-  LYCHEE_ASSIGN_OR_RETURN(*request.mutable_model(), ModelFromArgs(args));
-  TrainerClient client(args);
   v1::HeadPartition proto;
-  LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().GetHeadPartition(client.UnaryContext().get(), request, &proto)));
+  if (args.Has("server")) {
+    // The inference server's own copies: what it validated and may serve.
+    LYCHEE_ASSIGN_OR_RETURN(InferenceClient client,
+                            InferenceClient::Connect("inference server", *args.Get("server"), args));
+    v1::ListPartitionsResponse response;
+    LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().ListPartitions(client.UnaryContext().get(), {}, &response)));
+    const auto found = std::find_if(response.partitions().begin(), response.partitions().end(),
+                                    [&](const v1::HeadPartition& p) { return p.version() == version; });
+    if (version == 0 && response.partitions_size() > 0) {
+      proto = *response.partitions().rbegin();
+    } else if (found != response.partitions().end()) {
+      proto = *found;
+    } else {
+      return absl::NotFoundError(absl::StrCat("inference server ", *args.Get("server"), " holds no partition ", version_text));
+    }
+  } else {
+    v1::GetHeadPartitionRequest request;
+    request.set_version(version);
+    LYCHEE_ASSIGN_OR_RETURN(*request.mutable_model(), ModelFromArgs(args));
+    LYCHEE_ASSIGN_OR_RETURN(TrainerClient client, ConnectTrainer(args));
+    LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().GetHeadPartition(client.UnaryContext().get(), request, &proto)));
+  }
   LYCHEE_ASSIGN_OR_RETURN(const HeadPartition partition, HeadPartitionFromProto(proto));
+  if (args.Has("svg")) {
+    const std::string svg_path = *args.Get("svg");
+    LYCHEE_RETURN_IF_ERROR(WriteFileAtomically(svg_path, RenderPartitionSvg(partition)));
+    std::cerr << "wrote " << svg_path << "\n";
+  }
   if (args.Has("json")) {
     LYCHEE_ASSIGN_OR_RETURN(const std::string json, HeadPartitionToJson(partition));
     std::cout << json << "\n";
     return absl::OkStatus();
   }
-  const SelectionParams& s = partition.selection();
-  std::printf("partition version %llu of model %s\n", static_cast<unsigned long long>(partition.version),
-              partition.model_fingerprint.c_str());
-  std::printf("source %s, created %s\n", partition.source.c_str(), UtcTime(partition.created_unix_seconds).c_str());
-  std::printf("selection: block %lld, budget %lld, sink %lld, recent %lld tokens\n", static_cast<long long>(s.block_size),
-              static_cast<long long>(s.token_budget), static_cast<long long>(s.sink_tokens),
-              static_cast<long long>(s.recent_tokens));
+  std::cout << RenderPartitionMap(partition);
+  std::cout << "model " << partition.model_fingerprint << ", created " << UtcTime(partition.created_unix_seconds) << "\n";
   if (partition.training.steps > 0) {
     std::printf("trained %lld steps in %s: loss %.4g, expected density %.3f (target %.3f), lambda %.3g\n",
                 static_cast<long long>(partition.training.steps), Duration(partition.training.seconds).c_str(),
                 partition.training.final_loss, partition.training.expected_density, partition.training.target_density,
                 partition.training.lambda);
   }
-  // Each cell: R (retrieval) or S (sparse), with the gate's Kumaraswamy mean when it was learned.
-  std::map<std::pair<int64_t, int64_t>, double> means;
-  for (const HeadGateRecord& gate : partition.gates) means[{gate.layer, gate.kv_head}] = gate.kuma_mean;
-  std::printf("\nlayer \\ KV head");
-  for (int64_t head = 0; head < partition.num_kv_heads(); ++head) std::printf(" %6lld", static_cast<long long>(head));
-  std::printf("\n");
-  for (int64_t layer = 0; layer < partition.num_layers(); ++layer) {
-    std::printf("%15lld", static_cast<long long>(layer));
-    for (int64_t head = 0; head < partition.num_kv_heads(); ++head) {
-      const char role = partition.role(layer, head) == HeadRole::kRetrieval ? 'R' : 'S';
-      const auto mean = means.find({layer, head});
-      if (mean == means.end()) {
-        std::printf(" %6c", role);
-      } else {
-        std::printf("  %c%.2f", role, mean->second);
-      }
-    }
-    std::printf("\n");
-  }
-  std::printf("\nR retrieval (dense), S sparse; retrieval density outside layer 0: %.3f\n", partition.RetrievalDensity());
+  return absl::OkStatus();
+}
+
+absl::Status RunPublish(const std::vector<std::string>& argv) {
+  LYCHEE_ASSIGN_OR_RETURN(auto parsed, ParseWithOperand(argv, "FILE (a lychee.v1.HeadPartition in JSON)",
+                                                        WithConnectionFlags({"trainer", "model"}), {}));
+  const auto& [path, args] = parsed;
+  LYCHEE_ASSIGN_OR_RETURN(const HeadPartition partition, LoadHeadPartitionJson(path));
+  v1::PublishHeadPartitionRequest request;
+  request.mutable_model()->set_name(args.GetOr("model", DefaultModelName()));
+  *request.mutable_partition() = HeadPartitionToProto(partition);
+  LYCHEE_ASSIGN_OR_RETURN(TrainerClient client, ConnectTrainer(args));
+  v1::HeadPartition published;
+  LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().PublishHeadPartition(client.UnaryContext().get(), request, &published)));
+  std::printf("published %s as version %llu of model %s\n", path.c_str(),
+              static_cast<unsigned long long>(published.version()), published.model_fingerprint().c_str());
   return absl::OkStatus();
 }
 

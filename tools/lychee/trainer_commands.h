@@ -1,5 +1,6 @@
 // Subcommands that talk to a running lychee-trainer over gRPC (--trainer HOST:PORT, default
-// 127.0.0.1:50061): submit, watch, jobs, cancel, partitions, partition.
+// 127.0.0.1:50061): submit, watch, jobs, cancel, partitions, partition, publish. partitions and
+// partition take --server HOST:PORT instead to show what an inference server holds.
 #pragma once
 
 #include <string>
@@ -15,5 +16,6 @@ absl::Status RunJobs(const std::vector<std::string>& argv);
 absl::Status RunCancel(const std::vector<std::string>& argv);
 absl::Status RunPartitions(const std::vector<std::string>& argv);
 absl::Status RunPartition(const std::vector<std::string>& argv);
+absl::Status RunPublish(const std::vector<std::string>& argv);
 
 }  // namespace lychee::cli

@@ -1,0 +1,154 @@
+// The serving core of lychee-inference, driven without gRPC by the service and by tests.
+// One scheduler thread runs the model: every iteration it admits waiting requests whose KV
+// memory fits, runs one chunk of prefill for sequences still reading their prompt, and one
+// batched decode step for all the others (continuous batching: new sequences join between
+// steps). KV memory is reserved per sequence at admission (prompt plus the tokens it may
+// generate) and bounded; requests wait in a bounded queue when it is full. Cancellation and
+// deadlines end a sequence at the next step boundary and free its memory there. Each sequence
+// pins the attention it was admitted with: dense, or hybrid with the partition then active.
+// Free of LibTorch.
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/head_partition.h"
+#include "common/model_config.h"
+#include "common/tokenizer.h"
+#include "inference/metrics.h"
+#include "inference/partition_manager.h"
+
+namespace lychee {
+
+enum class AttentionChoice { kServerDefault, kDense, kHybrid };
+
+struct GenerationRequest {
+  std::vector<int32_t> prompt_ids;
+  int64_t max_new_tokens = 64;
+  double temperature = 0;  // 0: greedy
+  double top_p = 1;
+  uint64_t seed = 0;
+  // Generation ends before the first of these strings appears in the text.
+  std::vector<std::string> stop_sequences;
+  AttentionChoice attention = AttentionChoice::kServerDefault;
+  std::optional<int64_t> token_budget;
+  std::optional<uint64_t> partition_version;
+  std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
+};
+
+enum class FinishReason { kStopToken, kStopSequence, kMaxTokens, kContextLimit };
+
+struct GenerationSummary {
+  FinishReason finish_reason = FinishReason::kMaxTokens;
+  int64_t prompt_tokens = 0;
+  int64_t completion_tokens = 0;
+  double queue_seconds = 0;
+  double time_to_first_token_seconds = 0;
+  double mean_token_latency_seconds = 0;
+  double max_token_latency_seconds = 0;
+  double total_seconds = 0;
+  bool hybrid = false;
+  uint64_t partition_version = 0;  // 0 for dense
+  int64_t token_budget = 0;
+};
+
+// What a client reads from a generation, in order: chunks, then one summary or one error.
+struct GenerationEvent {
+  enum class Kind { kNothingYet, kChunk, kDone, kError };
+  Kind kind = Kind::kNothingYet;
+  std::vector<int32_t> token_ids;
+  std::string text;
+  GenerationSummary summary;
+  absl::Status error;
+};
+
+// The channel between the scheduler and one client. The scheduler pushes; the client pops and
+// may cancel.
+class GenerationStream {
+ public:
+  // The next event, waiting up to `timeout`; kNothingYet when none came. Consecutive chunks
+  // are merged into one.
+  GenerationEvent Next(std::chrono::milliseconds timeout);
+  // Ends the generation at the next step boundary; its memory is freed there.
+  void Cancel();
+  bool cancelled() const;
+
+ private:
+  friend class InferenceEngine;
+  void Push(GenerationEvent event);
+
+  mutable std::mutex mutex_;
+  std::condition_variable ready_;
+  std::deque<GenerationEvent> events_;
+  bool cancelled_ = false;
+};
+
+struct EngineOptions {
+  std::string model_dir;
+  std::string device = "cpu";
+  // 0: LibTorch's default.
+  int threads = 0;
+  // KV memory that admitted sequences may reserve, in bytes.
+  int64_t kv_cache_bytes = int64_t{2} << 30;
+  int max_batch = 16;
+  int max_queued = 64;
+  int64_t max_new_tokens_limit = 4096;
+  // 0: the model's max_position_embeddings.
+  int64_t max_context_tokens = 0;
+  // Prompt tokens a sequence prefills per scheduler iteration, so that a long prompt does not
+  // stall the decode steps of the others.
+  int64_t prefill_chunk_tokens = 512;
+  // What kServerDefault means: hybrid when a partition is active (else dense), or always dense.
+  bool hybrid_by_default = true;
+};
+
+struct EngineLoad {
+  int64_t active_sequences = 0;
+  int64_t queued_requests = 0;
+  int64_t kv_bytes_reserved = 0;
+  int64_t kv_bytes_limit = 0;
+};
+
+// INVALID_ARGUMENT or FAILED_PRECONDITION when the hybrid decoder cannot serve `partition` on a
+// model of `config`'s shape (beyond HeadPartition::ValidateFor).
+absl::Status CheckPartitionServable(const HeadPartition& partition, const ModelConfig& config);
+
+class InferenceEngine {
+ public:
+  // Loads the model and tokenizer and starts the scheduler. `partitions` and `metrics` must
+  // outlive the engine; `metrics` may be null.
+  static absl::StatusOr<std::unique_ptr<InferenceEngine>> Create(EngineOptions options, PartitionManager* partitions,
+                                                                 MetricsRegistry* metrics);
+  ~InferenceEngine();
+
+  // Checks the request (INVALID_ARGUMENT, OUT_OF_RANGE, NOT_FOUND, FAILED_PRECONDITION) and
+  // queues it; RESOURCE_EXHAUSTED when it can never fit the KV memory or the queue is full.
+  absl::StatusOr<std::shared_ptr<GenerationStream>> Submit(GenerationRequest request);
+
+  const Tokenizer& tokenizer() const;
+  const ModelConfig& config() const;
+  int64_t max_context_tokens() const;
+  int64_t max_new_tokens_limit() const;
+  std::string device() const;
+  EngineLoad load() const;
+  // KV bytes one token of one sequence takes.
+  int64_t kv_bytes_per_token() const;
+
+  // Ends every generation with UNAVAILABLE and stops the scheduler. Idempotent.
+  void Shutdown();
+
+ private:
+  class Impl;
+  explicit InferenceEngine(std::unique_ptr<Impl> impl);
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace lychee

@@ -1,0 +1,149 @@
+// lychee-inference: the generation server (lychee.v1.InferenceService).
+#include <pthread.h>
+#include <signal.h>
+
+#include <iostream>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "common/heap_tuning.h"
+#include "common/status_macros.h"
+#include "inference/service.h"
+#include "tools/lychee/args.h"
+
+namespace {
+
+constexpr char kUsage[] = R"(usage: lychee-inference --state-dir DIR [flags]
+
+  --model DIR                 the model to serve (default )" LYCHEE_DEFAULT_MODEL_DIR R"()
+  --state-dir DIR             partitions received and which one is active (kept across restarts)
+  --listen HOST:PORT          where to serve (default 127.0.0.1:50062)
+  --trainer HOST:PORT         a lychee-trainer whose partitions to follow and roll out (default:
+                              none; partitions then change only through the admin RPCs)
+  --trainer-tls-ca FILE       reach the trainer over TLS, verified with these PEM CA certificates
+  --trainer-tls-cert FILE --trainer-tls-key FILE
+                              a client certificate for a trainer that requires mutual TLS
+  --metrics-listen IP:PORT    serve Prometheus metrics at /metrics (default: off)
+  --device cpu|cuda           (default cpu)
+  --threads N                 LibTorch intra-op threads (default 0: LibTorch's own default)
+  --kv-cache-mib N            KV memory that sequences may reserve (default 2048)
+  --max-batch N               sequences decoded together (default 16)
+  --max-queued N              requests that may wait for KV memory (default 64)
+  --max-new-tokens N          the most tokens one request may ask for (default 4096)
+  --max-context N             context limit in tokens (default: the model's)
+  --prefill-chunk N           prompt tokens prefilled per step of the scheduler (default 512)
+  --default-attention hybrid|dense
+                              what requests that name no mode get (default hybrid: the active
+                              partition, or dense while there is none)
+  --tls-cert FILE --tls-key FILE
+                              serve TLS with this PEM certificate chain and key (default plaintext)
+  --tls-client-ca FILE        mutual TLS: clients must present a certificate this CA signed
+  --admin-token-file FILE     activate, rollback and hold need this token ('authorization: Bearer
+                              TOKEN'); without it they are open, which only a loopback --listen
+                              accepts
+  --client-token-file FILE    the other RPCs need this token (or the admin one); it never passes
+                              an admin check (needs --admin-token-file)
+  --insecure-admin            allow open admin RPCs on a --listen beyond the loopback
+)";
+
+absl::Status Serve(const std::vector<std::string>& argv) {
+  LYCHEE_ASSIGN_OR_RETURN(
+      lychee::cli::Args args,
+      lychee::cli::Args::Parse(argv,
+                               {"model", "state-dir", "listen", "trainer", "metrics-listen", "device", "threads",
+                                "kv-cache-mib", "max-batch", "max-queued", "max-new-tokens", "max-context",
+                                "prefill-chunk", "default-attention", "tls-cert", "tls-key", "tls-client-ca",
+                                "admin-token-file", "client-token-file", "trainer-tls-ca", "trainer-tls-cert",
+                                "trainer-tls-key"},
+                               {"insecure-admin"}));
+  lychee::InferenceServerOptions options;
+  options.state_dir = args.GetOr("state-dir", "");
+  if (options.state_dir.empty()) return absl::InvalidArgumentError("--state-dir is required");
+  options.listen_address = args.GetOr("listen", options.listen_address);
+  options.trainer_address = args.GetOr("trainer", "");
+  options.metrics_address = args.GetOr("metrics-listen", "");
+  options.trainer_tls.ca_file = args.GetOr("trainer-tls-ca", "");
+  options.trainer_tls.cert_file = args.GetOr("trainer-tls-cert", "");
+  options.trainer_tls.key_file = args.GetOr("trainer-tls-key", "");
+  if (options.trainer_tls.enabled() && options.trainer_address.empty()) {
+    return absl::InvalidArgumentError("--trainer-tls-* flags need --trainer");
+  }
+  options.tls.cert_file = args.GetOr("tls-cert", "");
+  options.tls.key_file = args.GetOr("tls-key", "");
+  options.tls.client_ca_file = args.GetOr("tls-client-ca", "");
+  options.access.admin_token_file = args.GetOr("admin-token-file", "");
+  options.access.client_token_file = args.GetOr("client-token-file", "");
+  options.access.insecure_admin = args.Has("insecure-admin");
+  lychee::EngineOptions& engine = options.engine;
+  engine.model_dir = args.GetOr("model", LYCHEE_DEFAULT_MODEL_DIR);
+  engine.device = args.GetOr("device", "cpu");
+  const auto in_range = [&](const std::string& flag, int64_t fallback, int64_t low, int64_t high) -> absl::StatusOr<int64_t> {
+    LYCHEE_ASSIGN_OR_RETURN(const int64_t value, args.GetInt(flag, fallback));
+    if (value < low || value > high) {
+      return absl::InvalidArgumentError(absl::StrCat("--", flag, " must be in [", low, ", ", high, "], got ", value));
+    }
+    return value;
+  };
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t threads, in_range("threads", 0, 0, 1024));
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t kv_mib, in_range("kv-cache-mib", 2048, 1, int64_t{1} << 24));
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t max_batch, in_range("max-batch", 16, 1, 1024));
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t max_queued, in_range("max-queued", 64, 0, 100000));
+  LYCHEE_ASSIGN_OR_RETURN(engine.max_new_tokens_limit, in_range("max-new-tokens", 4096, 1, 1 << 20));
+  LYCHEE_ASSIGN_OR_RETURN(engine.max_context_tokens, in_range("max-context", 0, 0, int64_t{1} << 24));
+  LYCHEE_ASSIGN_OR_RETURN(engine.prefill_chunk_tokens, in_range("prefill-chunk", 512, 1, 1 << 20));
+  engine.threads = static_cast<int>(threads);
+  engine.kv_cache_bytes = kv_mib << 20;
+  engine.max_batch = static_cast<int>(max_batch);
+  engine.max_queued = static_cast<int>(max_queued);
+  const std::string default_attention = args.GetOr("default-attention", "hybrid");
+  if (default_attention != "hybrid" && default_attention != "dense") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--default-attention must be hybrid or dense, got '", default_attention, "'"));
+  }
+  engine.hybrid_by_default = default_attention == "hybrid";
+
+  // SIGINT and SIGTERM are taken by sigwait below, not by whichever thread they hit: blocked
+  // here, before any thread starts, so that every thread inherits the mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGINT);
+  sigaddset(&signals, SIGTERM);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<lychee::InferenceServer> server, lychee::InferenceServer::Start(options));
+  std::cerr << "lychee-inference: serving lychee.v1.InferenceService on port " << server->port() << " ("
+            << options.listen_address << "), "
+            << (options.tls.client_ca_file.empty() ? (options.tls.enabled() ? "TLS" : "plaintext") : "mutual TLS")
+            << ", admin RPCs " << (options.access.admin_token_file.empty() ? "open" : "need the admin token")
+            << ", client RPCs " << (options.access.client_token_file.empty() ? "open" : "need the client token")
+            << ", model " << engine.model_dir << " on " << engine.device;
+  if (server->metrics_port() != 0) std::cerr << ", metrics on port " << server->metrics_port();
+  if (!options.trainer_address.empty()) {
+    std::cerr << ", following trainer " << options.trainer_address << (options.trainer_tls.enabled() ? " over TLS" : "");
+  }
+  std::cerr << std::endl;
+  int signal_number = 0;
+  sigwait(&signals, &signal_number);
+  std::cerr << "lychee-inference: signal " << signal_number << ", shutting down\n";
+  server->Shutdown();
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  lychee::KeepFreedMemoryInHeap();
+  const std::vector<std::string> args(argv + 1, argv + argc);
+  if (!args.empty() && (args[0] == "--help" || args[0] == "help")) {
+    std::cout << kUsage;
+    return 0;
+  }
+  const absl::Status status = Serve(args);
+  if (!status.ok()) {
+    std::cerr << "lychee-inference: " << status.message() << "\n"
+              << (status.code() == absl::StatusCode::kInvalidArgument ? kUsage : "");
+    return 1;
+  }
+  return 0;
+}

@@ -1,0 +1,276 @@
+#include "inference/partition_manager.h"
+
+#include <algorithm>
+#include <filesystem>
+#include <optional>
+#include <iostream>
+
+#include <nlohmann/json.hpp>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/time/clock.h"
+#include "common/durable_file.h"
+#include "common/status_macros.h"
+#include "lychee/v1/head_partition.pb.h"
+
+namespace lychee {
+namespace {
+
+constexpr size_t kRejectionsKept = 16;
+constexpr char kPartitionSuffix[] = ".pb";
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<PartitionManager>> PartitionManager::Open(Options options) {
+  if (options.state_dir.empty()) return absl::InvalidArgumentError("the state directory is required");
+  std::unique_ptr<PartitionManager> manager(new PartitionManager(std::move(options)));
+  const std::filesystem::path partitions_dir = std::filesystem::path(manager->options_.state_dir) / "partitions";
+  LYCHEE_RETURN_IF_ERROR(CreateDurableDirectory(partitions_dir.string()));
+
+  std::error_code error;
+  for (const auto& entry : std::filesystem::directory_iterator(partitions_dir, error)) {
+    const std::string name = entry.path().filename().string();
+    if (IsDurableTemporaryName(name)) continue;
+    uint64_t version = 0;
+    if (entry.path().extension() != kPartitionSuffix ||
+        !absl::SimpleAtoi(std::string(entry.path().stem().string()), &version) || version == 0) {
+      manager->problems_.push_back(absl::StrCat(entry.path().string(), ": not a stored partition, ignored"));
+      continue;
+    }
+    absl::StatusOr<HeadPartition> partition = manager->ReadStored(entry.path().string(), version);
+    if (!partition.ok()) {
+      manager->problems_.push_back(std::string(partition.status().message()));
+      continue;
+    }
+    manager->partitions_[version] = std::make_shared<const HeadPartition>(*std::move(partition));
+  }
+  if (error) {
+    return absl::InternalError(absl::StrCat("cannot list ", partitions_dir.string(), ": ", error.message()));
+  }
+
+  const std::string state_path = (std::filesystem::path(manager->options_.state_dir) / "active").string();
+  absl::StatusOr<std::string> state_text = ReadDurableFile(state_path);
+  uint64_t active_version = 0;
+  std::optional<uint64_t> decided_through;
+  if (state_text.ok()) {
+    const nlohmann::json state = nlohmann::json::parse(*state_text, nullptr, /*allow_exceptions=*/false);
+    if (state.is_object() && state.value("active_version", nlohmann::json()).is_number_unsigned()) {
+      active_version = state["active_version"].get<uint64_t>();
+      manager->held_ = state.value("held", false);
+      if (state.value("decided_through", nlohmann::json()).is_number_unsigned()) {
+        decided_through = state["decided_through"].get<uint64_t>();
+      }
+      for (const nlohmann::json& version : state.value("history", nlohmann::json::array())) {
+        if (version.is_number_unsigned() && manager->partitions_.count(version.get<uint64_t>()) != 0) {
+          manager->history_.push_back(version.get<uint64_t>());
+        }
+      }
+    } else {
+      manager->problems_.push_back(absl::StrCat(state_path, ": not a state record, starting with none active"));
+    }
+  } else if (!absl::IsNotFound(state_text.status())) {
+    manager->problems_.push_back(std::string(state_text.status().message()));
+  }
+  if (active_version != 0 && manager->partitions_.count(active_version) == 0) {
+    manager->problems_.push_back(
+        absl::StrCat("version ", active_version, " was active but is not readable; starting with none active"));
+    active_version = 0;
+  }
+  manager->active_ = std::make_shared<const ActivePartition>(ActivePartition{
+      active_version == 0 ? nullptr : manager->partitions_[active_version], active_version == 0 ? "" : "restored"});
+  for (const std::string& problem : manager->problems_) std::cerr << "partition state: " << problem << "\n";
+  // A version stored just before a crash, before its activation was recorded, is decided now as
+  // Offer would have decided it.
+  const uint64_t highest = manager->partitions_.empty() ? 0 : manager->partitions_.rbegin()->first;
+  manager->decided_through_ = decided_through.value_or(highest);
+  if (highest > manager->decided_through_ && !manager->held_ && highest > active_version) {
+    std::lock_guard<std::mutex> lock(manager->mutex_);
+    manager->decided_through_ = highest;
+    LYCHEE_RETURN_IF_ERROR(manager->ActivateLocked(highest, "trainer", /*push_history=*/true));
+  }
+  return manager;
+}
+
+absl::StatusOr<HeadPartition> PartitionManager::ReadStored(const std::string& path, uint64_t version) const {
+  LYCHEE_ASSIGN_OR_RETURN(const std::string payload, ReadDurableFile(path));  // names the file
+  v1::HeadPartition proto;
+  if (!proto.ParseFromString(payload)) return absl::DataLossError(absl::StrCat(path, ": not a lychee.v1.HeadPartition"));
+  absl::StatusOr<HeadPartition> partition = HeadPartitionFromProto(proto);
+  if (!partition.ok()) return absl::DataLossError(absl::StrCat(path, ": ", partition.status().message()));
+  if (partition->version != version) {
+    return absl::DataLossError(absl::StrCat(path, ": holds version ", partition->version));
+  }
+  if (absl::Status valid = Validate(*partition); !valid.ok()) {
+    return absl::FailedPreconditionError(absl::StrCat(path, ": ", valid.message()));
+  }
+  return partition;
+}
+
+absl::Status PartitionManager::Validate(const HeadPartition& partition) const {
+  if (partition.version == 0) return absl::InvalidArgumentError("partition has no registry version");
+  if (partition.model_fingerprint != options_.model_fingerprint) {
+    return absl::FailedPreconditionError(absl::StrCat("partition ", partition.version, " is for model ",
+                                                      partition.model_fingerprint.empty() ? "(none)" : partition.model_fingerprint,
+                                                      ", this service serves ", options_.model_fingerprint));
+  }
+  if (absl::Status fits = partition.ValidateFor(options_.model_config); !fits.ok()) {
+    return absl::Status(fits.code(), absl::StrCat("partition ", partition.version, ": ", fits.message()));
+  }
+  if (options_.check_servable) {
+    if (absl::Status servable = options_.check_servable(partition); !servable.ok()) {
+      return absl::Status(servable.code(), absl::StrCat("partition ", partition.version, ": ", servable.message()));
+    }
+  }
+  return absl::OkStatus();
+}
+
+ActivePartition PartitionManager::Active() const { return *std::atomic_load(&active_); }
+
+absl::StatusOr<PartitionManager::Snapshot> PartitionManager::Get(uint64_t version) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = partitions_.find(version);
+  if (it == partitions_.end()) {
+    return absl::NotFoundError(absl::StrCat("partition version ", version, " is not held by this service"));
+  }
+  return it->second;
+}
+
+std::vector<PartitionManager::Snapshot> PartitionManager::List() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<Snapshot> list;
+  for (const auto& [version, partition] : partitions_) list.push_back(partition);
+  return list;
+}
+
+uint64_t PartitionManager::highest_version() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return partitions_.empty() ? 0 : partitions_.rbegin()->first;
+}
+
+absl::Status PartitionManager::Offer(const HeadPartition& partition) {
+  absl::Status status;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (partitions_.count(partition.version) != 0) return absl::OkStatus();
+    status = Validate(partition);
+    if (status.ok()) {
+      v1::HeadPartition proto = HeadPartitionToProto(partition);
+      status = WriteDurableFile(PartitionPath(partition.version), proto.SerializeAsString());
+    }
+    if (status.ok()) {
+      partitions_[partition.version] = std::make_shared<const HeadPartition>(partition);
+      decided_through_ = std::max(decided_through_, partition.version);
+      const Snapshot current = std::atomic_load(&active_)->partition;
+      if (!held_ && (current == nullptr || current->version < partition.version)) {
+        status = ActivateLocked(partition.version, "trainer", /*push_history=*/true);
+      } else {
+        status = PersistStateLocked();
+      }
+    } else {
+      RecordRejectionLocked(partition.version, status);
+    }
+  }
+  Notify();
+  return status;
+}
+
+void PartitionManager::RejectUnreadable(uint64_t version, const absl::Status& why) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    RecordRejectionLocked(version, why);
+  }
+  Notify();
+}
+
+void PartitionManager::RecordRejectionLocked(uint64_t version, const absl::Status& why) {
+  rejections_.push_back({version, std::string(why.message()), absl::ToUnixSeconds(absl::Now())});
+  if (rejections_.size() > kRejectionsKept) rejections_.pop_front();
+  ++rejected_count_;
+  std::cerr << "partition " << version << " rejected: " << why.message() << "\n";
+}
+
+absl::Status PartitionManager::Activate(uint64_t version) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (partitions_.count(version) == 0) {
+      return absl::NotFoundError(absl::StrCat("partition version ", version, " is not held by this service"));
+    }
+    LYCHEE_RETURN_IF_ERROR(ActivateLocked(version, "activate", /*push_history=*/true));
+  }
+  Notify();
+  return absl::OkStatus();
+}
+
+absl::Status PartitionManager::Rollback() {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (history_.empty()) return absl::FailedPreconditionError("no earlier partition to roll back to");
+    const uint64_t previous = history_.back();
+    history_.pop_back();
+    LYCHEE_RETURN_IF_ERROR(ActivateLocked(previous, "rollback", /*push_history=*/false));
+  }
+  Notify();
+  return absl::OkStatus();
+}
+
+absl::Status PartitionManager::SetHold(bool hold) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    const bool was = held_;
+    held_ = hold;
+    if (absl::Status persisted = PersistStateLocked(); !persisted.ok()) {
+      held_ = was;
+      return persisted;
+    }
+  }
+  Notify();
+  return absl::OkStatus();
+}
+
+bool PartitionManager::held() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return held_;
+}
+
+std::vector<RejectedPartition> PartitionManager::rejections() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return {rejections_.begin(), rejections_.end()};
+}
+
+absl::Status PartitionManager::ActivateLocked(uint64_t version, const std::string& activated_by, bool push_history) {
+  const std::shared_ptr<const ActivePartition> previous = std::atomic_load(&active_);
+  const std::vector<uint64_t> previous_history = history_;
+  if (push_history && previous->partition != nullptr && previous->partition->version != version) {
+    history_.push_back(previous->partition->version);
+  }
+  std::atomic_store(&active_, std::make_shared<const ActivePartition>(ActivePartition{partitions_[version], activated_by}));
+  // The switch is only acknowledged once it would survive a restart.
+  if (absl::Status persisted = PersistStateLocked(); !persisted.ok()) {
+    std::atomic_store(&active_, previous);
+    history_ = previous_history;
+    return persisted;
+  }
+  ++rollouts_;
+  std::cerr << "partition " << version << " active (" << activated_by << ")\n";
+  return absl::OkStatus();
+}
+
+absl::Status PartitionManager::PersistStateLocked() const {
+  const Snapshot active = std::atomic_load(&active_)->partition;
+  const nlohmann::json state = {{"active_version", active == nullptr ? 0 : active->version},
+                                {"history", history_},
+                                {"held", held_},
+                                {"decided_through", decided_through_}};
+  return WriteDurableFile((std::filesystem::path(options_.state_dir) / "active").string(), state.dump());
+}
+
+std::string PartitionManager::PartitionPath(uint64_t version) const {
+  return (std::filesystem::path(options_.state_dir) / "partitions" / absl::StrCat(version, kPartitionSuffix)).string();
+}
+
+void PartitionManager::Notify() const {
+  if (options_.on_change) options_.on_change();
+}
+
+}  // namespace lychee

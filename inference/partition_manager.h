@@ -1,0 +1,111 @@
+// The head partitions an inference service holds, and which one it serves. Partitions arrive
+// from the trainer (Offer), are validated against the served model and stored durably under the
+// state directory; the active one is an immutable snapshot behind an atomically swapped pointer,
+// so that a sequence pins the partition it was admitted with while new sequences get the new
+// one. Which version is active, the rollback history and the hold switch survive a restart.
+// Thread-safe; free of LibTorch.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "common/head_partition.h"
+#include "common/model_config.h"
+
+namespace lychee {
+
+struct ActivePartition {
+  std::shared_ptr<const HeadPartition> partition;
+  // "trainer", "activate", "rollback" or "restored".
+  std::string activated_by;
+};
+
+struct RejectedPartition {
+  uint64_t version = 0;
+  std::string reason;
+  int64_t unix_seconds = 0;
+};
+
+class PartitionManager {
+ public:
+  using Snapshot = std::shared_ptr<const HeadPartition>;
+
+  struct Options {
+    // Holds partitions/<version>.pb and active (both written durably).
+    std::string state_dir;
+    std::string model_fingerprint;
+    ModelConfig model_config;
+    // Checks beyond the model's shape (whether the decoder's hybrid path can run it); may be empty.
+    std::function<absl::Status(const HeadPartition&)> check_servable;
+    // Called after every change of the active partition and every rejection, outside the lock.
+    std::function<void()> on_change;
+  };
+
+  // Reads what an earlier run stored. A stored file that is damaged or no longer validates is
+  // reported in problems() and not served.
+  static absl::StatusOr<std::unique_ptr<PartitionManager>> Open(Options options);
+
+  // The partition new sequences get; a null partition when none is active.
+  ActivePartition Active() const;
+  // A stored version: NOT_FOUND when this service does not hold it.
+  absl::StatusOr<Snapshot> Get(uint64_t version) const;
+  // Oldest first.
+  std::vector<Snapshot> List() const;
+  uint64_t highest_version() const;
+
+  // A partition from the trainer: validated (fingerprint, shape, parameters, servability),
+  // stored, and activated unless rollouts are held or a newer version is already active. A
+  // version already held is ignored. An invalid one leaves everything as it was, is remembered
+  // in rejections() and returned as the error.
+  absl::Status Offer(const HeadPartition& partition);
+  // A partition that arrived but could not even be read; remembered like a rejection.
+  void RejectUnreadable(uint64_t version, const absl::Status& why);
+  // NOT_FOUND for a version not held.
+  absl::Status Activate(uint64_t version);
+  // Back to the version active before the current one; FAILED_PRECONDITION when there is none.
+  absl::Status Rollback();
+  absl::Status SetHold(bool hold);
+  bool held() const;
+
+  std::vector<RejectedPartition> rejections() const;
+  const std::vector<std::string>& problems() const { return problems_; }
+  uint64_t rollouts() const { return rollouts_.load(); }
+  uint64_t rejected_count() const { return rejected_count_.load(); }
+
+ private:
+  explicit PartitionManager(Options options) : options_(std::move(options)) {}
+  absl::Status Validate(const HeadPartition& partition) const;
+  absl::StatusOr<HeadPartition> ReadStored(const std::string& path, uint64_t version) const;
+  // Makes `version` active and persists the state; the lock is held.
+  absl::Status ActivateLocked(uint64_t version, const std::string& activated_by, bool push_history);
+  absl::Status PersistStateLocked() const;
+  void RecordRejectionLocked(uint64_t version, const absl::Status& why);
+  std::string PartitionPath(uint64_t version) const;
+  void Notify() const;
+
+  const Options options_;
+  std::vector<std::string> problems_;
+  mutable std::mutex mutex_;
+  std::map<uint64_t, Snapshot> partitions_;
+  // Versions active before the current one, most recent last.
+  std::vector<uint64_t> history_;
+  bool held_ = false;
+  // The highest version Offer has decided on (activated, or kept because of the hold or a newer
+  // active one); a stored version above it was cut off by a crash before its decision was recorded.
+  uint64_t decided_through_ = 0;
+  std::deque<RejectedPartition> rejections_;
+  // Read without the lock by every admission; replaced whole under the lock.
+  std::shared_ptr<const ActivePartition> active_;
+  std::atomic<uint64_t> rollouts_{0};
+  std::atomic<uint64_t> rejected_count_{0};
+};
+
+}  // namespace lychee

@@ -1,0 +1,332 @@
+#include "inference/service.h"
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_builder.h>
+
+#include <chrono>
+#include <filesystem>
+
+#include "absl/strings/str_cat.h"
+#include "common/grpc_status.h"
+#include "common/model_config.h"
+#include "common/model_fingerprint.h"
+#include "common/status_macros.h"
+#include "lychee/v1/inference.grpc.pb.h"
+
+namespace lychee {
+namespace {
+
+// How long a Generate call waits for the next event before it looks again whether its client
+// is still there.
+constexpr std::chrono::milliseconds kStreamPoll(100);
+constexpr std::chrono::seconds kShutdownGrace(1);
+// Prompts of a few hundred thousand tokens fit; anything larger is refused before parsing.
+constexpr int kMaxRequestBytes = 16 << 20;
+constexpr int64_t kDefaultMaxNewTokens = 64;
+
+v1::FinishReason ToProto(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kStopToken:
+      return v1::FINISH_REASON_STOP_TOKEN;
+    case FinishReason::kStopSequence:
+      return v1::FINISH_REASON_STOP_SEQUENCE;
+    case FinishReason::kMaxTokens:
+      return v1::FINISH_REASON_MAX_TOKENS;
+    case FinishReason::kContextLimit:
+      return v1::FINISH_REASON_CONTEXT_LIMIT;
+  }
+  return v1::FINISH_REASON_UNSPECIFIED;
+}
+
+v1::GenerateDone ToProto(const GenerationSummary& summary) {
+  v1::GenerateDone done;
+  done.set_finish_reason(ToProto(summary.finish_reason));
+  done.mutable_usage()->set_prompt_tokens(static_cast<uint32_t>(summary.prompt_tokens));
+  done.mutable_usage()->set_completion_tokens(static_cast<uint32_t>(summary.completion_tokens));
+  v1::Timings* timings = done.mutable_timings();
+  timings->set_queue_seconds(summary.queue_seconds);
+  timings->set_time_to_first_token_seconds(summary.time_to_first_token_seconds);
+  timings->set_mean_token_latency_seconds(summary.mean_token_latency_seconds);
+  timings->set_max_token_latency_seconds(summary.max_token_latency_seconds);
+  timings->set_total_seconds(summary.total_seconds);
+  done.set_attention_mode(summary.hybrid ? v1::ATTENTION_MODE_HYBRID : v1::ATTENTION_MODE_DENSE);
+  done.set_partition_version(summary.partition_version);
+  done.set_token_budget(static_cast<uint32_t>(summary.token_budget));
+  return done;
+}
+
+}  // namespace
+
+class InferenceServer::Service final : public v1::InferenceService::Service {
+ public:
+  Service(std::string model_name, std::string fingerprint, std::string trainer_address, const AccessControl& access,
+          InferenceEngine& engine, PartitionManager& partitions, const TrainerWatcher* watcher)
+      : model_name_(std::move(model_name)),
+        fingerprint_(std::move(fingerprint)),
+        trainer_address_(std::move(trainer_address)),
+        access_(access),
+        engine_(engine),
+        partitions_(partitions),
+        watcher_(watcher) {}
+
+  grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
+                        grpc::ServerWriter<v1::GenerateResponse>* writer) override {
+    if (grpc::Status denied = access_.AuthorizeClient(*context); !denied.ok()) return denied;
+    absl::StatusOr<GenerationRequest> generation = ToGenerationRequest(*request, context->deadline());
+    if (!generation.ok()) return ToGrpcStatus(generation.status());
+    absl::StatusOr<std::shared_ptr<GenerationStream>> stream = engine_.Submit(*std::move(generation));
+    if (!stream.ok()) return ToGrpcStatus(stream.status());
+    while (true) {
+      if (context->IsCancelled()) {
+        (*stream)->Cancel();
+        return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+      }
+      GenerationEvent event = (*stream)->Next(kStreamPoll);
+      v1::GenerateResponse response;
+      switch (event.kind) {
+        case GenerationEvent::Kind::kNothingYet:
+          continue;
+        case GenerationEvent::Kind::kError:
+          return ToGrpcStatus(event.error);
+        case GenerationEvent::Kind::kChunk:
+          response.mutable_token_ids()->Add(event.token_ids.begin(), event.token_ids.end());
+          response.set_text(std::move(event.text));
+          if (!writer->Write(response)) {
+            (*stream)->Cancel();
+            return grpc::Status(grpc::StatusCode::CANCELLED, "the client went away");
+          }
+          continue;
+        case GenerationEvent::Kind::kDone:
+          *response.mutable_done() = ToProto(event.summary);
+          writer->Write(response);
+          return grpc::Status::OK;
+      }
+    }
+  }
+
+  grpc::Status Tokenize(grpc::ServerContext* context, const v1::TokenizeRequest* request,
+                        v1::TokenizeResponse* response) override {
+    if (grpc::Status denied = access_.AuthorizeClient(*context); !denied.ok()) return denied;
+    absl::StatusOr<std::vector<int32_t>> ids = engine_.tokenizer().Encode(request->text(), request->add_special_tokens());
+    if (!ids.ok()) return ToGrpcStatus(ids.status());
+    response->mutable_token_ids()->Add(ids->begin(), ids->end());
+    return grpc::Status::OK;
+  }
+
+  grpc::Status Detokenize(grpc::ServerContext* context, const v1::DetokenizeRequest* request,
+                          v1::DetokenizeResponse* response) override {
+    if (grpc::Status denied = access_.AuthorizeClient(*context); !denied.ok()) return denied;
+    const std::vector<int32_t> ids(request->token_ids().begin(), request->token_ids().end());
+    absl::StatusOr<std::string> text = engine_.tokenizer().Decode(ids, request->skip_special_tokens());
+    if (!text.ok()) return ToGrpcStatus(text.status());
+    response->set_text(*std::move(text));
+    return grpc::Status::OK;
+  }
+
+  grpc::Status GetServerInfo(grpc::ServerContext* context, const v1::GetServerInfoRequest*,
+                             v1::ServerInfo* response) override {
+    if (grpc::Status denied = access_.AuthorizeClient(*context); !denied.ok()) return denied;
+    *response = Info();
+    return grpc::Status::OK;
+  }
+
+  grpc::Status ListPartitions(grpc::ServerContext* context, const v1::ListPartitionsRequest*,
+                              v1::ListPartitionsResponse* response) override {
+    if (grpc::Status denied = access_.AuthorizeClient(*context); !denied.ok()) return denied;
+    for (const PartitionManager::Snapshot& partition : partitions_.List()) {
+      *response->add_partitions() = HeadPartitionToProto(*partition);
+    }
+    const PartitionManager::Snapshot active = partitions_.Active().partition;
+    response->set_active_version(active == nullptr ? 0 : active->version);
+    return grpc::Status::OK;
+  }
+
+  grpc::Status ActivatePartition(grpc::ServerContext* context, const v1::ActivatePartitionRequest* request,
+                                 v1::ServerInfo* response) override {
+    if (grpc::Status denied = access_.AuthorizeAdmin(*context); !denied.ok()) return denied;
+    if (request->version() == 0) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "version: required");
+    return ReplyWithInfo(partitions_.Activate(request->version()), response);
+  }
+
+  grpc::Status Rollback(grpc::ServerContext* context, const v1::RollbackRequest*, v1::ServerInfo* response) override {
+    if (grpc::Status denied = access_.AuthorizeAdmin(*context); !denied.ok()) return denied;
+    return ReplyWithInfo(partitions_.Rollback(), response);
+  }
+
+  grpc::Status SetRolloutHold(grpc::ServerContext* context, const v1::SetRolloutHoldRequest* request,
+                              v1::ServerInfo* response) override {
+    if (grpc::Status denied = access_.AuthorizeAdmin(*context); !denied.ok()) return denied;
+    return ReplyWithInfo(partitions_.SetHold(request->hold()), response);
+  }
+
+ private:
+  grpc::Status ReplyWithInfo(const absl::Status& status, v1::ServerInfo* response) const {
+    if (!status.ok()) return ToGrpcStatus(status);
+    *response = Info();
+    return grpc::Status::OK;
+  }
+
+  absl::StatusOr<GenerationRequest> ToGenerationRequest(const v1::GenerateRequest& request,
+                                                        std::chrono::system_clock::time_point deadline) const {
+    GenerationRequest generation;
+    switch (request.prompt_case()) {
+      case v1::GenerateRequest::kText: {
+        if (request.text().empty()) return absl::InvalidArgumentError("prompt.text: empty");
+        LYCHEE_ASSIGN_OR_RETURN(generation.prompt_ids, engine_.tokenizer().Encode(request.text()));
+        break;
+      }
+      case v1::GenerateRequest::kTokenIds:
+        generation.prompt_ids.assign(request.token_ids().ids().begin(), request.token_ids().ids().end());
+        if (generation.prompt_ids.empty()) return absl::InvalidArgumentError("prompt.token_ids: empty");
+        break;
+      case v1::GenerateRequest::PROMPT_NOT_SET:
+        return absl::InvalidArgumentError("prompt: required, give text or token_ids");
+    }
+    generation.max_new_tokens = request.has_max_new_tokens() ? request.max_new_tokens() : kDefaultMaxNewTokens;
+    generation.temperature = request.temperature();
+    generation.top_p = request.has_top_p() ? request.top_p() : 1.0;
+    generation.seed = request.seed();
+    generation.stop_sequences.assign(request.stop().begin(), request.stop().end());
+    const v1::AttentionOptions& attention = request.attention();
+    switch (attention.mode()) {
+      case v1::ATTENTION_MODE_DENSE:
+        generation.attention = AttentionChoice::kDense;
+        break;
+      case v1::ATTENTION_MODE_HYBRID:
+        generation.attention = AttentionChoice::kHybrid;
+        break;
+      case v1::ATTENTION_MODE_UNSPECIFIED:
+        generation.attention = AttentionChoice::kServerDefault;
+        break;
+      default:
+        return absl::InvalidArgumentError(absl::StrCat("attention.mode: unknown value ", attention.mode()));
+    }
+    if (attention.has_token_budget()) generation.token_budget = attention.token_budget();
+    if (attention.has_partition_version()) generation.partition_version = attention.partition_version();
+    if (deadline != std::chrono::system_clock::time_point::max()) {
+      generation.deadline = std::chrono::steady_clock::now() +
+                            std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                                deadline - std::chrono::system_clock::now());
+    }
+    return generation;
+  }
+
+  v1::ServerInfo Info() const {
+    v1::ServerInfo info;
+    info.set_model(model_name_);
+    info.set_model_fingerprint(fingerprint_);
+    info.set_num_layers(static_cast<uint32_t>(engine_.config().num_layers));
+    info.set_num_kv_heads(static_cast<uint32_t>(engine_.config().num_kv_heads));
+    info.set_max_context_tokens(static_cast<uint32_t>(engine_.max_context_tokens()));
+    info.set_device(engine_.device());
+    const ActivePartition active = partitions_.Active();
+    if (active.partition != nullptr) {
+      info.set_active_partition_version(active.partition->version);
+      info.set_active_partition_source(active.partition->source);
+      info.set_activated_by(active.activated_by);
+    }
+    info.set_rollout_held(partitions_.held());
+    info.set_trainer_address(trainer_address_);
+    if (watcher_ != nullptr) {
+      info.set_trainer_connected(watcher_->connected());
+      info.set_trainer_last_error(watcher_->last_error());
+    }
+    for (const RejectedPartition& rejected : partitions_.rejections()) {
+      v1::RejectedPartition* entry = info.add_rejected();
+      entry->set_version(rejected.version);
+      entry->set_reason(rejected.reason);
+      entry->set_unix_seconds(rejected.unix_seconds);
+    }
+    const EngineLoad load = engine_.load();
+    info.set_active_sequences(static_cast<uint32_t>(load.active_sequences));
+    info.set_queued_requests(static_cast<uint32_t>(load.queued_requests));
+    info.set_kv_cache_bytes_reserved(static_cast<uint64_t>(load.kv_bytes_reserved));
+    info.set_kv_cache_bytes_limit(static_cast<uint64_t>(load.kv_bytes_limit));
+    info.set_max_new_tokens_limit(static_cast<uint32_t>(engine_.max_new_tokens_limit()));
+    return info;
+  }
+
+  const std::string model_name_;
+  const std::string fingerprint_;
+  const std::string trainer_address_;
+  const AccessControl& access_;
+  InferenceEngine& engine_;
+  PartitionManager& partitions_;
+  const TrainerWatcher* const watcher_;
+};
+
+absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(InferenceServerOptions options) {
+  if (options.state_dir.empty()) return absl::InvalidArgumentError("the state directory is required");
+  const std::string model_dir = options.engine.model_dir;
+  LYCHEE_ASSIGN_OR_RETURN(const ModelConfig config, ModelConfig::FromFile(model_dir + "/config.json"));
+  LYCHEE_ASSIGN_OR_RETURN(const std::string fingerprint, ModelFingerprint(model_dir));
+  std::unique_ptr<InferenceServer> server(new InferenceServer());
+  LYCHEE_ASSIGN_OR_RETURN(AccessControl access,
+                          AccessControl::Create(options.access, options.listen_address));
+  server->access_ = std::make_unique<AccessControl>(std::move(access));
+  LYCHEE_ASSIGN_OR_RETURN(const std::shared_ptr<grpc::ServerCredentials> credentials,
+                          MakeServerCredentials(options.tls));
+  LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<grpc::ChannelCredentials> trainer_credentials,
+                          MakeChannelCredentials(options.trainer_tls));
+  MetricsRegistry& metrics = server->metrics_;
+
+  PartitionManager::Options partition_options;
+  partition_options.state_dir = options.state_dir;
+  partition_options.model_fingerprint = fingerprint;
+  partition_options.model_config = config;
+  partition_options.check_servable = [config](const HeadPartition& partition) {
+    return CheckPartitionServable(partition, config);
+  };
+  LYCHEE_ASSIGN_OR_RETURN(server->partitions_, PartitionManager::Open(std::move(partition_options)));
+  PartitionManager& partitions = *server->partitions_;
+  metrics.AddGauge("lychee_active_partition_version", "The head partition new sequences get; 0 for none", [&partitions] {
+    const PartitionManager::Snapshot active = partitions.Active().partition;
+    return active == nullptr ? 0.0 : static_cast<double>(active->version);
+  });
+  metrics.AddCounterFunction("lychee_partition_rollouts_total", "Changes of the active partition",
+                             [&partitions] { return static_cast<double>(partitions.rollouts()); });
+  metrics.AddCounterFunction("lychee_partition_rejections_total", "Partitions that failed validation",
+                             [&partitions] { return static_cast<double>(partitions.rejected_count()); });
+  metrics.AddGauge("lychee_rollout_held", "1 while automatic rollouts are held",
+                   [&partitions] { return partitions.held() ? 1.0 : 0.0; });
+
+  LYCHEE_ASSIGN_OR_RETURN(server->engine_, InferenceEngine::Create(options.engine, &partitions, &metrics));
+  if (!options.trainer_address.empty()) {
+    server->watcher_ = std::make_unique<TrainerWatcher>(
+        TrainerWatcherOptions{options.trainer_address, fingerprint, std::move(trainer_credentials)}, partitions);
+    const TrainerWatcher* watcher = server->watcher_.get();
+    metrics.AddGauge("lychee_trainer_connected", "1 while the partition watch of the trainer is up",
+                     [watcher] { return watcher->connected() ? 1.0 : 0.0; });
+  }
+  server->service_ = std::make_unique<Service>(std::filesystem::path(model_dir).filename().string(), fingerprint,
+                                               options.trainer_address, *server->access_, *server->engine_,
+                                               partitions, server->watcher_.get());
+
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(options.listen_address, credentials, &server->port_);
+  builder.RegisterService(server->service_.get());
+  builder.SetMaxReceiveMessageSize(kMaxRequestBytes);
+  server->server_ = builder.BuildAndStart();
+  if (server->server_ == nullptr || server->port_ == 0) {
+    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen_address));
+  }
+  if (!options.metrics_address.empty()) {
+    LYCHEE_ASSIGN_OR_RETURN(server->metrics_server_, MetricsHttpServer::Start(options.metrics_address, metrics));
+  }
+  return server;
+}
+
+InferenceServer::~InferenceServer() { Shutdown(); }
+
+void InferenceServer::Shutdown() {
+  if (engine_ != nullptr) engine_->Shutdown();
+  if (server_ != nullptr) server_->Shutdown(std::chrono::system_clock::now() + kShutdownGrace);
+  watcher_.reset();
+  metrics_server_.reset();
+}
+
+}  // namespace lychee

@@ -1,0 +1,67 @@
+// lychee-inference's gRPC server: lychee.v1.InferenceService over an InferenceEngine, the
+// PartitionManager and, when a trainer is named, a TrainerWatcher that rolls its partitions out;
+// grpc.health.v1 health, server reflection, and Prometheus metrics on their own port. A thin
+// layer: requests are translated and checked, the engine and the manager serve them, and their
+// absl::Status errors map one to one onto gRPC codes. TLS and the tokens are common/security.h's.
+// Free of LibTorch.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include <grpcpp/server.h>
+
+#include "absl/status/statusor.h"
+#include "common/security.h"
+#include "inference/engine.h"
+#include "inference/metrics.h"
+#include "inference/partition_manager.h"
+#include "inference/trainer_watcher.h"
+
+namespace lychee {
+
+struct InferenceServerOptions {
+  // host:port; port 0 picks a free one (see InferenceServer::port).
+  std::string listen_address = "127.0.0.1:50062";
+  // The partitions received and which one is active; survives restarts.
+  std::string state_dir;
+  // A lychee-trainer to follow; empty: partitions change only through the admin RPCs.
+  std::string trainer_address;
+  // How to reach that trainer: TLS when a file is named (the watch needs no token).
+  TlsClientConfig trainer_tls;
+  // Plaintext unless a certificate is given; mutual TLS with a client CA.
+  TlsServerConfig tls;
+  // ActivatePartition, Rollback and SetRolloutHold are the admin RPCs; the others are the
+  // clients', which need the client token when there is one.
+  AccessOptions access;
+  // IPV4:PORT for /metrics; empty: none.
+  std::string metrics_address;
+  EngineOptions engine;
+};
+
+class InferenceServer {
+ public:
+  static absl::StatusOr<std::unique_ptr<InferenceServer>> Start(InferenceServerOptions options);
+  ~InferenceServer();
+
+  int port() const { return port_; }
+  int metrics_port() const { return metrics_server_ == nullptr ? 0 : metrics_server_->port(); }
+  // Stops taking calls, ends the generations in flight and the watch. Idempotent.
+  void Shutdown();
+
+ private:
+  class Service;
+  InferenceServer() = default;
+
+  std::unique_ptr<AccessControl> access_;
+  MetricsRegistry metrics_;
+  std::unique_ptr<PartitionManager> partitions_;
+  std::unique_ptr<InferenceEngine> engine_;
+  std::unique_ptr<TrainerWatcher> watcher_;
+  std::unique_ptr<Service> service_;
+  std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<MetricsHttpServer> metrics_server_;
+  int port_ = 0;
+};
+
+}  // namespace lychee

@@ -1,0 +1,347 @@
+// The serving core on the bundled model, on the CPU: what the scheduler produces, how it
+// accounts and frees KV memory, and how it pins head partitions.
+#include "tests/torch_catch.h"
+
+#include "inference/engine.h"
+
+#include <chrono>
+#include <thread>
+
+#include "common/model.h"
+#include "common/model_fingerprint.h"
+#include "common/sampling.h"
+#include "kernels/dense_attention.h"
+#include "tests/temp_dir.h"
+
+namespace lychee {
+namespace {
+
+using std::chrono::milliseconds;
+
+const std::string kModelDir = "models/tiny-llama-retrieval";
+constexpr char kPrompt[] = "The old man walked down to the harbour and";
+
+struct Outcome {
+  std::vector<int32_t> ids;
+  std::string text;
+  std::optional<GenerationSummary> summary;
+  absl::Status error;
+  int chunks = 0;
+};
+
+// Reads a stream to its end (a minute at most).
+Outcome Drain(GenerationStream& stream) {
+  Outcome outcome;
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (std::chrono::steady_clock::now() < give_up) {
+    GenerationEvent event = stream.Next(milliseconds(200));
+    switch (event.kind) {
+      case GenerationEvent::Kind::kNothingYet:
+        continue;
+      case GenerationEvent::Kind::kChunk:
+        ++outcome.chunks;
+        outcome.ids.insert(outcome.ids.end(), event.token_ids.begin(), event.token_ids.end());
+        outcome.text += event.text;
+        continue;
+      case GenerationEvent::Kind::kDone:
+        outcome.summary = event.summary;
+        return outcome;
+      case GenerationEvent::Kind::kError:
+        outcome.error = event.error;
+        return outcome;
+    }
+  }
+  FAIL("the generation did not end within a minute");
+  return outcome;
+}
+
+struct Fixture {
+  testing::TempDir state;
+  std::unique_ptr<PartitionManager> partitions;
+  std::unique_ptr<InferenceEngine> engine;
+  std::string fingerprint;
+
+  explicit Fixture(EngineOptions options = {}) {
+    absl::StatusOr<ModelConfig> config = ModelConfig::FromFile(kModelDir + "/config.json");
+    REQUIRE(config.ok());
+    absl::StatusOr<std::string> model_fingerprint = ModelFingerprint(kModelDir);
+    REQUIRE(model_fingerprint.ok());
+    fingerprint = *model_fingerprint;
+    PartitionManager::Options partition_options;
+    partition_options.state_dir = state.str();
+    partition_options.model_fingerprint = fingerprint;
+    partition_options.model_config = *config;
+    partition_options.check_servable = [config = *config](const HeadPartition& partition) {
+      return CheckPartitionServable(partition, config);
+    };
+    auto manager = PartitionManager::Open(partition_options);
+    REQUIRE(manager.ok());
+    partitions = *std::move(manager);
+    options.model_dir = kModelDir;
+    auto created = InferenceEngine::Create(options, partitions.get(), nullptr);
+    REQUIRE(created.ok());
+    engine = *std::move(created);
+  }
+
+  std::vector<int32_t> Encode(const std::string& text) const {
+    auto ids = engine->tokenizer().Encode(text);
+    REQUIRE(ids.ok());
+    return *ids;
+  }
+
+  GenerationRequest Request(const std::string& text, int64_t max_new_tokens) const {
+    GenerationRequest request;
+    request.prompt_ids = Encode(text);
+    request.max_new_tokens = max_new_tokens;
+    return request;
+  }
+
+  // Layer 0 dense, one retrieval head per other layer, the given version.
+  void OfferPartition(uint64_t version, int64_t budget = 256) {
+    HeadPartition partition = HeadPartition::AllRetrieval(engine->config().num_layers, engine->config().num_kv_heads,
+                                                          SelectionParams{});
+    for (int64_t layer = 1; layer < partition.num_layers(); ++layer) {
+      for (int64_t head = 1; head < partition.num_kv_heads(); ++head) partition.set_role(layer, head, HeadRole::kSparse);
+    }
+    partition.mutable_selection().token_budget = budget;
+    partition.model_fingerprint = fingerprint;
+    partition.version = version;
+    REQUIRE(partitions->Offer(partition).ok());
+  }
+
+  bool WaitForIdle(milliseconds timeout = milliseconds(5000)) const {
+    const auto until = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < until) {
+      const EngineLoad load = engine->load();
+      if (load.active_sequences == 0 && load.queued_requests == 0 && load.kv_bytes_reserved == 0) return true;
+      std::this_thread::sleep_for(milliseconds(10));
+    }
+    return false;
+  }
+};
+
+std::vector<int32_t> GenerateDirectly(const std::vector<int32_t>& prompt, int64_t max_new_tokens) {
+  auto model = Model::Load(kModelDir);
+  REQUIRE(model.ok());
+  auto sequence = (*model)->NewSequence(std::make_shared<DenseAttentionBackend>());
+  GenerationOptions options;
+  options.max_new_tokens = max_new_tokens;
+  for (int64_t eos : (*model)->config().eos_token_ids) options.stop_ids.push_back(static_cast<int32_t>(eos));
+  std::vector<int32_t> ids;
+  REQUIRE(Generate(**model, *sequence, prompt, options, [&](int32_t id) {
+            ids.push_back(id);
+            return true;
+          }).ok());
+  if (!ids.empty() && std::find(options.stop_ids.begin(), options.stop_ids.end(), ids.back()) != options.stop_ids.end()) {
+    ids.pop_back();
+  }
+  return ids;
+}
+
+TEST_CASE("greedy generation equals the model's own, streamed as ids and whole text") {
+  Fixture fixture;
+  GenerationRequest request = fixture.Request(kPrompt, 24);
+  const std::vector<int32_t> expected = GenerateDirectly(request.prompt_ids, 24);
+  auto stream = fixture.engine->Submit(request);
+  REQUIRE(stream.ok());
+  const Outcome outcome = Drain(**stream);
+  REQUIRE(outcome.error.ok());
+  REQUIRE(outcome.summary.has_value());
+  CHECK(outcome.ids == expected);
+  auto text = fixture.engine->tokenizer().Decode(expected, /*skip_special_tokens=*/true);
+  REQUIRE(text.ok());
+  CHECK(outcome.text == *text);
+  CHECK(outcome.summary->completion_tokens == static_cast<int64_t>(expected.size()));
+  CHECK(outcome.summary->prompt_tokens == static_cast<int64_t>(request.prompt_ids.size()));
+  CHECK_FALSE(outcome.summary->hybrid);
+  CHECK(outcome.summary->partition_version == 0);
+  CHECK(outcome.summary->time_to_first_token_seconds > 0);
+  CHECK(outcome.summary->total_seconds >= outcome.summary->time_to_first_token_seconds);
+  CHECK(fixture.WaitForIdle());
+}
+
+TEST_CASE("sequences batched together decode as they would alone") {
+  EngineOptions options;
+  options.prefill_chunk_tokens = 4;  // prompts take several steps, so prefill and decode interleave
+  Fixture fixture(options);
+  const std::vector<std::string> prompts = {kPrompt, "In the beginning", "She opened the letter, read the first line,",
+                                            "Numbers: one, two, three,"};
+  std::vector<std::shared_ptr<GenerationStream>> streams;
+  std::vector<std::vector<int32_t>> expected;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    GenerationRequest request = fixture.Request(prompts[i], 12 + static_cast<int64_t>(i) * 4);
+    expected.push_back(GenerateDirectly(request.prompt_ids, request.max_new_tokens));
+    auto stream = fixture.engine->Submit(request);
+    REQUIRE(stream.ok());
+    streams.push_back(*stream);
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const Outcome outcome = Drain(*streams[i]);
+    REQUIRE(outcome.error.ok());
+    CHECK(outcome.ids == expected[i]);
+  }
+}
+
+TEST_CASE("KV memory is reserved per sequence, bounded, queued for, and refused when it can never fit") {
+  EngineOptions options;
+  Fixture probe;
+  const int64_t per_token = probe.engine->kv_bytes_per_token();
+  const int64_t prompt_tokens = static_cast<int64_t>(probe.Encode(kPrompt).size());
+  // Room for exactly one sequence of this prompt and 16 new tokens.
+  options.kv_cache_bytes = (prompt_tokens + 15) * per_token;
+  options.max_queued = 2;
+  Fixture fixture(options);
+
+  std::vector<std::shared_ptr<GenerationStream>> streams;
+  for (int i = 0; i < 3; ++i) {
+    auto stream = fixture.engine->Submit(fixture.Request(kPrompt, 16));
+    REQUIRE(stream.ok());
+    streams.push_back(*stream);
+  }
+  const EngineLoad load = fixture.engine->load();
+  CHECK(load.active_sequences + load.queued_requests == 3);
+  CHECK(load.active_sequences <= 1);
+  CHECK(load.kv_bytes_reserved <= options.kv_cache_bytes);
+
+  // The queue holds two already.
+  auto refused = fixture.engine->Submit(fixture.Request(kPrompt, 16));
+  CHECK(refused.status().code() == absl::StatusCode::kResourceExhausted);
+  CHECK(std::string(refused.status().message()).find("full") != std::string::npos);
+
+  for (auto& stream : streams) {
+    const Outcome outcome = Drain(*stream);
+    REQUIRE(outcome.error.ok());
+    CHECK(outcome.summary->completion_tokens <= 16);
+  }
+  CHECK(fixture.WaitForIdle());
+
+  auto too_big = fixture.engine->Submit(fixture.Request(kPrompt, 17 + 64));
+  CHECK(too_big.status().code() == absl::StatusCode::kResourceExhausted);
+  CHECK(std::string(too_big.status().message()).find("bytes of KV cache") != std::string::npos);
+}
+
+TEST_CASE("cancellation and deadlines stop the work and free its memory at once") {
+  EngineOptions options;
+  options.max_new_tokens_limit = 100000;
+  Fixture fixture(options);
+  SECTION("cancel") {
+    auto stream = fixture.engine->Submit(fixture.Request(kPrompt, 5000));
+    REQUIRE(stream.ok());
+    GenerationEvent first;
+    while (first.kind != GenerationEvent::Kind::kChunk) first = (*stream)->Next(milliseconds(1000));
+    CHECK(fixture.engine->load().kv_bytes_reserved > 0);
+    (*stream)->Cancel();
+    CHECK(fixture.WaitForIdle(milliseconds(2000)));
+  }
+  SECTION("deadline") {
+    GenerationRequest request = fixture.Request(kPrompt, 5000);
+    request.deadline = std::chrono::steady_clock::now() + milliseconds(300);
+    auto stream = fixture.engine->Submit(request);
+    REQUIRE(stream.ok());
+    const Outcome outcome = Drain(**stream);
+    CHECK(outcome.error.code() == absl::StatusCode::kDeadlineExceeded);
+    CHECK(fixture.WaitForIdle(milliseconds(2000)));
+  }
+}
+
+TEST_CASE("bad requests get the right code and a message naming the problem") {
+  Fixture fixture;
+  const auto code_of = [&](GenerationRequest request) { return fixture.engine->Submit(request).status(); };
+  GenerationRequest empty;
+  CHECK(code_of(empty).code() == absl::StatusCode::kInvalidArgument);
+
+  GenerationRequest outside = fixture.Request(kPrompt, 8);
+  outside.prompt_ids[2] = static_cast<int32_t>(fixture.engine->config().vocab_size);
+  const absl::Status vocab = code_of(outside);
+  CHECK(vocab.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(vocab.message()).find("token_ids[2]") != std::string::npos);
+
+  GenerationRequest too_long = fixture.Request(kPrompt, 8);
+  too_long.prompt_ids.assign(static_cast<size_t>(fixture.engine->max_context_tokens()), 1);
+  CHECK(code_of(too_long).code() == absl::StatusCode::kOutOfRange);
+
+  for (int64_t max_new_tokens : {int64_t{0}, int64_t{-3}, int64_t{1} << 40}) {
+    const absl::Status status = code_of(fixture.Request(kPrompt, max_new_tokens));
+    CHECK(status.code() == absl::StatusCode::kInvalidArgument);
+    CHECK(std::string(status.message()).find("max_new_tokens") != std::string::npos);
+  }
+  GenerationRequest bad_top_p = fixture.Request(kPrompt, 8);
+  bad_top_p.top_p = 1.5;
+  CHECK(code_of(bad_top_p).code() == absl::StatusCode::kInvalidArgument);
+
+  GenerationRequest hybrid = fixture.Request(kPrompt, 8);
+  hybrid.attention = AttentionChoice::kHybrid;
+  CHECK(code_of(hybrid).code() == absl::StatusCode::kFailedPrecondition);
+  fixture.OfferPartition(1);
+  hybrid.partition_version = 5;
+  CHECK(code_of(hybrid).code() == absl::StatusCode::kNotFound);
+  hybrid.partition_version.reset();
+  hybrid.token_budget = 10;
+  const absl::Status budget = code_of(hybrid);
+  CHECK(budget.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(budget.message()).find("token_budget") != std::string::npos);
+
+  // The engine still serves after all of that.
+  auto stream = fixture.engine->Submit(fixture.Request(kPrompt, 4));
+  REQUIRE(stream.ok());
+  CHECK(Drain(**stream).error.ok());
+}
+
+TEST_CASE("a sequence keeps the partition it was admitted with; new ones get the new partition") {
+  EngineOptions options;
+  options.max_new_tokens_limit = 100000;
+  Fixture fixture(options);
+  fixture.OfferPartition(1);
+  auto long_running = fixture.engine->Submit(fixture.Request(kPrompt, 200));
+  REQUIRE(long_running.ok());
+  GenerationEvent first;
+  while (first.kind != GenerationEvent::Kind::kChunk) first = (*long_running)->Next(milliseconds(1000));
+
+  fixture.OfferPartition(2, 512);
+  auto after = fixture.engine->Submit(fixture.Request(kPrompt, 8));
+  REQUIRE(after.ok());
+  GenerationRequest pinned_request = fixture.Request(kPrompt, 8);
+  pinned_request.partition_version = 1;
+  auto pinned = fixture.engine->Submit(pinned_request);
+  REQUIRE(pinned.ok());
+  GenerationRequest dense_request = fixture.Request(kPrompt, 8);
+  dense_request.attention = AttentionChoice::kDense;
+  auto dense = fixture.engine->Submit(dense_request);
+  REQUIRE(dense.ok());
+
+  const Outcome old_outcome = Drain(**long_running);
+  const Outcome new_outcome = Drain(**after);
+  const Outcome pinned_outcome = Drain(**pinned);
+  const Outcome dense_outcome = Drain(**dense);
+  REQUIRE(old_outcome.summary.has_value());
+  REQUIRE(new_outcome.summary.has_value());
+  CHECK(old_outcome.summary->hybrid);
+  CHECK(old_outcome.summary->partition_version == 1);
+  CHECK(old_outcome.summary->token_budget == 256);
+  CHECK(new_outcome.summary->partition_version == 2);
+  CHECK(new_outcome.summary->token_budget == 512);
+  CHECK(pinned_outcome.summary->partition_version == 1);
+  CHECK_FALSE(dense_outcome.summary->hybrid);
+}
+
+TEST_CASE("stop sequences end the text before them") {
+  Fixture fixture;
+  auto free_run = fixture.engine->Submit(fixture.Request(kPrompt, 24));
+  REQUIRE(free_run.ok());
+  const Outcome full = Drain(**free_run);
+  REQUIRE(full.text.size() > 12);
+  const std::string stop = full.text.substr(6, 4);
+  const std::string expected = full.text.substr(0, full.text.find(stop));
+
+  GenerationRequest request = fixture.Request(kPrompt, 24);
+  request.stop_sequences = {stop, "a stop that never comes"};
+  auto stopped = fixture.engine->Submit(request);
+  REQUIRE(stopped.ok());
+  const Outcome outcome = Drain(**stopped);
+  REQUIRE(outcome.summary.has_value());
+  CHECK(outcome.summary->finish_reason == FinishReason::kStopSequence);
+  CHECK(outcome.text == expected);
+}
+
+}  // namespace
+}  // namespace lychee

@@ -1,0 +1,100 @@
+// The `lychee` commands that drive an inference server, against real lychee-trainer and
+// lychee-inference processes on loopback.
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <regex>
+#include <thread>
+
+#include "tests/process.h"
+#include "tests/run_command.h"
+#include "tests/temp_dir.h"
+
+namespace lychee {
+namespace {
+
+using namespace std::chrono_literals;
+
+int PortFromLog(const std::string& log_path, const std::string& service) {
+  const auto until = std::chrono::steady_clock::now() + 60s;
+  while (std::chrono::steady_clock::now() < until) {
+    std::ifstream in(log_path);
+    const std::string log(std::istreambuf_iterator<char>(in), {});
+    std::smatch match;
+    if (std::regex_search(log, match, std::regex(service + " on port ([0-9]+)"))) return std::stoi(match[1]);
+    std::this_thread::sleep_for(50ms);
+  }
+  FAIL("no port in " << log_path);
+  return 0;
+}
+
+TEST_CASE("lychee publishes, generates against the server, and rolls partitions out and back") {
+  testing::TempDir dir;
+  const std::string trainer_log = (dir.path / "trainer.log").string();
+  const std::string inference_log = (dir.path / "inference.log").string();
+  testing::ChildProcess trainer(LYCHEE_TRAINER,
+                                {"--listen", "127.0.0.1:0", "--registry-dir", (dir.path / "registry").string()},
+                                trainer_log);
+  const std::string trainer_address = "127.0.0.1:" + std::to_string(PortFromLog(trainer_log, "TrainerService"));
+  testing::ChildProcess inference(LYCHEE_INFERENCE,
+                                  {"--listen", "127.0.0.1:0", "--state-dir", (dir.path / "state").string(),
+                                   "--trainer", trainer_address},
+                                  inference_log);
+  const std::string server = "127.0.0.1:" + std::to_string(PortFromLog(inference_log, "InferenceService"));
+  const std::string cli = std::string(LYCHEE_CLI) + " ";
+  const auto run = [&](const std::string& command) { return testing::RunCommand(cli + command); };
+
+  testing::CommandResult result = run("server-info --server " + server);
+  REQUIRE(result.exit_code == 0);
+  CHECK(result.output.find("active partition: none") != std::string::npos);
+
+  for (const char* file : {"learned-target-0.25.json", "retrieval-head-0.json"}) {
+    result = run(std::string("publish models/tiny-llama-retrieval/partitions/") + file + " --trainer " + trainer_address);
+    REQUIRE(result.exit_code == 0);
+  }
+  CHECK(result.output.find("as version 2") != std::string::npos);
+  const auto until = std::chrono::steady_clock::now() + 30s;
+  do {
+    result = run("server-info --server " + server);
+  } while (result.output.find("version 2 (") == std::string::npos && std::chrono::steady_clock::now() < until);
+  CHECK(result.output.find("active partition: version 2") != std::string::npos);
+  CHECK(result.output.find("connected") != std::string::npos);
+
+  result = run("generate --server " + server + " --prompt 'The harbour was quiet and' --max-new-tokens 6");
+  REQUIRE(result.exit_code == 0);
+  CHECK(result.output.find("hybrid, partition 2") != std::string::npos);
+  result = run("generate --server " + server + " --prompt 'The harbour' --max-new-tokens 3 --attention dense --print-ids");
+  REQUIRE(result.exit_code == 0);
+  CHECK(result.output.find("dense") != std::string::npos);
+
+  result = run("partitions --server " + server);
+  REQUIRE(result.exit_code == 0);
+  CHECK(result.output.find("holds 2 partition(s); active: 2") != std::string::npos);
+  const std::string svg = (dir.path / "p1.svg").string();
+  result = run("partition 1 --server " + server + " --svg " + svg);
+  REQUIRE(result.exit_code == 0);
+  CHECK(std::filesystem::file_size(svg) > 100);
+
+  result = run("rollback --server " + server);
+  REQUIRE(result.exit_code == 0);
+  CHECK(result.output.find("version 1 (") != std::string::npos);
+  CHECK(result.output.find("activated by rollback") != std::string::npos);
+  result = run("hold on --server " + server);
+  CHECK(result.output.find("HELD") != std::string::npos);
+  result = run("activate 2 --server " + server);
+  REQUIRE(result.exit_code == 0);
+  CHECK(result.output.find("version 2 (") != std::string::npos);
+
+  result = run("activate 9 --server " + server);
+  CHECK(result.exit_code == 1);
+  CHECK(result.output.find("NOT_FOUND") != std::string::npos);
+  result = run("generate --server " + server + " --prompt '' ");
+  CHECK(result.exit_code == 1);
+  CHECK(result.output.find("INVALID_ARGUMENT") != std::string::npos);
+}
+
+}  // namespace
+}  // namespace lychee

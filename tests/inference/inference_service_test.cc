@@ -1,0 +1,274 @@
+// lychee.v1.InferenceService in process, over loopback gRPC, with a stand-in trainer that
+// streams a good partition and a bad one: status codes for bad requests, streaming, admin RPCs,
+// rejection reporting, metrics, cancellation and deadlines.
+#include <arpa/inet.h>
+#include <grpcpp/client_context.h>
+#include <grpcpp/create_channel.h>
+#include <grpcpp/server_builder.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <thread>
+
+#include "common/model_fingerprint.h"
+#include "inference/service.h"
+#include "lychee/v1/inference.grpc.pb.h"
+#include "lychee/v1/trainer.grpc.pb.h"
+#include "tests/temp_dir.h"
+
+namespace lychee {
+namespace {
+
+using namespace std::chrono_literals;
+
+const std::string kModelDir = "models/tiny-llama-retrieval";
+
+// Streams the partitions it was given to every watcher, then holds the stream open.
+class StandInTrainer final : public v1::TrainerService::Service {
+ public:
+  explicit StandInTrainer(std::vector<v1::HeadPartition> partitions) : partitions_(std::move(partitions)) {}
+
+  grpc::Status WatchHeadPartitions(grpc::ServerContext* context, const v1::WatchHeadPartitionsRequest* request,
+                                   grpc::ServerWriter<v1::HeadPartition>* writer) override {
+    for (const v1::HeadPartition& partition : partitions_) {
+      if (partition.version() > request->after_version()) writer->Write(partition);
+    }
+    while (!context->IsCancelled()) std::this_thread::sleep_for(20ms);
+    return grpc::Status::OK;
+  }
+
+ private:
+  std::vector<v1::HeadPartition> partitions_;
+};
+
+v1::HeadPartition PartitionProto(uint64_t version, int64_t layers, const std::string& fingerprint) {
+  HeadPartition partition = HeadPartition::AllRetrieval(layers, 2, SelectionParams{});
+  for (int64_t layer = 1; layer < layers; ++layer) partition.set_role(layer, 1, HeadRole::kSparse);
+  partition.mutable_selection().token_budget = 256;
+  partition.version = version;
+  partition.model_fingerprint = fingerprint;
+  partition.source = "stand-in " + std::to_string(version);
+  return HeadPartitionToProto(partition);
+}
+
+std::string HttpGet(int port, const std::string& path) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(static_cast<uint16_t>(port));
+  inet_pton(AF_INET, "127.0.0.1", &address.sin_addr);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) return "";
+  const std::string request = "GET " + path + " HTTP/1.0\r\n\r\n";
+  if (write(fd, request.data(), request.size()) < 0) return "";
+  std::string response;
+  char buffer[4096];
+  for (ssize_t n; (n = read(fd, buffer, sizeof buffer)) > 0;) response.append(buffer, static_cast<size_t>(n));
+  close(fd);
+  return response;
+}
+
+struct Fixture {
+  testing::TempDir state;
+  std::unique_ptr<StandInTrainer> trainer_service;
+  std::unique_ptr<grpc::Server> trainer;
+  std::unique_ptr<InferenceServer> server;
+  std::unique_ptr<v1::InferenceService::Stub> stub;
+
+  Fixture() {
+    absl::StatusOr<std::string> fingerprint = ModelFingerprint(kModelDir);
+    REQUIRE(fingerprint.ok());
+    // Version 2 has the wrong number of layers for the model.
+    trainer_service = std::make_unique<StandInTrainer>(
+        std::vector<v1::HeadPartition>{PartitionProto(1, 6, *fingerprint), PartitionProto(2, 5, *fingerprint)});
+    int trainer_port = 0;
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &trainer_port);
+    builder.RegisterService(trainer_service.get());
+    trainer = builder.BuildAndStart();
+    REQUIRE(trainer != nullptr);
+
+    InferenceServerOptions options;
+    options.listen_address = "127.0.0.1:0";
+    options.state_dir = state.str();
+    options.trainer_address = "127.0.0.1:" + std::to_string(trainer_port);
+    options.metrics_address = "127.0.0.1:0";
+    options.engine.model_dir = kModelDir;
+    options.engine.max_new_tokens_limit = 100000;
+    absl::StatusOr<std::unique_ptr<InferenceServer>> started = InferenceServer::Start(options);
+    REQUIRE(started.ok());
+    server = *std::move(started);
+    stub = v1::InferenceService::NewStub(grpc::CreateChannel("127.0.0.1:" + std::to_string(server->port()),
+                                                             grpc::InsecureChannelCredentials()));
+  }
+
+  ~Fixture() {
+    server->Shutdown();
+    trainer->Shutdown(std::chrono::system_clock::now() + 1s);
+  }
+
+  v1::ServerInfo Info() const {
+    grpc::ClientContext context;
+    v1::ServerInfo info;
+    REQUIRE(stub->GetServerInfo(&context, {}, &info).ok());
+    return info;
+  }
+
+  // The whole stream: its status, and the last message (which carries `done` on success).
+  std::pair<grpc::Status, v1::GenerateResponse> Generate(const v1::GenerateRequest& request,
+                                                         std::chrono::milliseconds timeout = 60000ms) const {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + timeout);
+    auto reader = stub->Generate(&context, request);
+    v1::GenerateResponse response, last;
+    while (reader->Read(&response)) last = response;
+    return {reader->Finish(), last};
+  }
+};
+
+v1::GenerateRequest TextRequest(const std::string& text, int max_new_tokens = 8) {
+  v1::GenerateRequest request;
+  request.set_text(text);
+  request.set_max_new_tokens(max_new_tokens);
+  return request;
+}
+
+TEST_CASE("the service streams generations, takes partitions from the trainer and reports the bad one") {
+  Fixture fixture;
+  const auto waited_until = std::chrono::steady_clock::now() + 20s;
+  while (fixture.Info().rejected_size() == 0 && std::chrono::steady_clock::now() < waited_until) {
+    std::this_thread::sleep_for(50ms);
+  }
+  const v1::ServerInfo info = fixture.Info();
+  CHECK(info.model() == "tiny-llama-retrieval");
+  CHECK(info.active_partition_version() == 1);
+  CHECK(info.activated_by() == "trainer");
+  CHECK(info.trainer_connected());
+  REQUIRE(info.rejected_size() == 1);
+  CHECK(info.rejected(0).version() == 2);
+  CHECK(info.rejected(0).reason().find("5 layers") != std::string::npos);
+
+  auto [status, last] = fixture.Generate(TextRequest("The harbour was quiet that morning and", 6));
+  REQUIRE(status.ok());
+  REQUIRE(last.has_done());
+  CHECK(last.done().attention_mode() == v1::ATTENTION_MODE_HYBRID);
+  CHECK(last.done().partition_version() == 1);
+  CHECK(last.done().usage().completion_tokens() >= 1);
+  CHECK(last.done().timings().time_to_first_token_seconds() > 0);
+
+  v1::GenerateRequest dense = TextRequest("The harbour was quiet that morning and", 6);
+  dense.mutable_attention()->set_mode(v1::ATTENTION_MODE_DENSE);
+  auto [dense_status, dense_last] = fixture.Generate(dense);
+  REQUIRE(dense_status.ok());
+  CHECK(dense_last.done().partition_version() == 0);
+
+  const std::string metrics = HttpGet(fixture.server->metrics_port(), "/metrics");
+  CHECK(metrics.find("lychee_active_partition_version 1\n") != std::string::npos);
+  CHECK(metrics.find("lychee_partition_rejections_total 1\n") != std::string::npos);
+  CHECK(metrics.find("lychee_requests_total{outcome=\"ok\"} 2\n") != std::string::npos);
+  CHECK(metrics.find("lychee_time_to_first_token_seconds_count 2\n") != std::string::npos);
+  CHECK(metrics.find("lychee_trainer_connected 1\n") != std::string::npos);
+}
+
+TEST_CASE("bad requests get the right code and the server goes on") {
+  Fixture fixture;
+  const auto code = [&](const v1::GenerateRequest& request) { return fixture.Generate(request).first; };
+  CHECK(code(TextRequest("")).error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+  CHECK(code(v1::GenerateRequest()).error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+  v1::GenerateRequest no_ids;
+  no_ids.mutable_token_ids();
+  CHECK(code(no_ids).error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+
+  v1::GenerateRequest too_long;
+  too_long.mutable_token_ids()->mutable_ids()->Resize(fixture.Info().max_context_tokens() + 1, 1);
+  const grpc::Status long_status = code(too_long);
+  CHECK(long_status.error_code() == grpc::StatusCode::OUT_OF_RANGE);
+  CHECK(long_status.error_message().find("context limit") != std::string::npos);
+
+  v1::GenerateRequest outside;
+  outside.mutable_token_ids()->add_ids(5);
+  outside.mutable_token_ids()->add_ids(1 << 30);
+  const grpc::Status vocab = code(outside);
+  CHECK(vocab.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+  CHECK(vocab.error_message().find("token_ids[1]") != std::string::npos);
+
+  for (int max_new_tokens : {0, -1, 1 << 30}) {
+    const grpc::Status status = code(TextRequest("Hello", max_new_tokens));
+    CHECK(status.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+    CHECK(status.error_message().find("max_new_tokens") != std::string::npos);
+  }
+  v1::GenerateRequest unknown_version = TextRequest("Hello");
+  unknown_version.mutable_attention()->set_partition_version(42);
+  CHECK(code(unknown_version).error_code() == grpc::StatusCode::NOT_FOUND);
+  v1::GenerateRequest small_budget = TextRequest("Hello");
+  small_budget.mutable_attention()->set_mode(v1::ATTENTION_MODE_HYBRID);
+  small_budget.mutable_attention()->set_token_budget(3);
+  // Before the trainer's partition arrives this is FAILED_PRECONDITION; after it, the budget is wrong.
+  const grpc::StatusCode budget_code = code(small_budget).error_code();
+  CHECK((budget_code == grpc::StatusCode::INVALID_ARGUMENT || budget_code == grpc::StatusCode::FAILED_PRECONDITION));
+
+  grpc::ClientContext detokenize_context;
+  v1::DetokenizeRequest detokenize;
+  detokenize.add_token_ids(-4);
+  v1::DetokenizeResponse detokenized;
+  CHECK(fixture.stub->Detokenize(&detokenize_context, detokenize, &detokenized).error_code() ==
+        grpc::StatusCode::OUT_OF_RANGE);
+
+  grpc::ClientContext activate_context;
+  v1::ActivatePartitionRequest activate;
+  activate.set_version(77);
+  v1::ServerInfo info;
+  CHECK(fixture.stub->ActivatePartition(&activate_context, activate, &info).error_code() == grpc::StatusCode::NOT_FOUND);
+
+  auto [status, last] = fixture.Generate(TextRequest("Still serving?", 3));
+  CHECK(status.ok());
+  CHECK(last.has_done());
+}
+
+TEST_CASE("tokenize and detokenize round-trip") {
+  Fixture fixture;
+  grpc::ClientContext context;
+  v1::TokenizeRequest request;
+  request.set_text("Lychee decodes long contexts.");
+  v1::TokenizeResponse tokens;
+  REQUIRE(fixture.stub->Tokenize(&context, request, &tokens).ok());
+  CHECK(tokens.token_ids_size() > 3);
+  grpc::ClientContext back_context;
+  v1::DetokenizeRequest back;
+  back.mutable_token_ids()->CopyFrom(tokens.token_ids());
+  v1::DetokenizeResponse text;
+  REQUIRE(fixture.stub->Detokenize(&back_context, back, &text).ok());
+  CHECK(text.text() == "Lychee decodes long contexts.");
+}
+
+TEST_CASE("a client that goes away or runs out of time frees its KV memory at once") {
+  Fixture fixture;
+  SECTION("cancel") {
+    grpc::ClientContext context;
+    auto reader = fixture.stub->Generate(&context, TextRequest("Tell me a very long story about the sea.", 50000));
+    v1::GenerateResponse response;
+    REQUIRE(reader->Read(&response));
+    CHECK(fixture.Info().kv_cache_bytes_reserved() > 0);
+    context.TryCancel();
+    while (reader->Read(&response)) {
+    }
+    CHECK(reader->Finish().error_code() == grpc::StatusCode::CANCELLED);
+  }
+  SECTION("deadline") {
+    auto [status, last] = fixture.Generate(TextRequest("Tell me a very long story about the sea.", 50000), 500ms);
+    CHECK(status.error_code() == grpc::StatusCode::DEADLINE_EXCEEDED);
+  }
+  const auto until = std::chrono::steady_clock::now() + 3s;
+  while (fixture.Info().kv_cache_bytes_reserved() != 0 && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(10ms);
+  }
+  const v1::ServerInfo info = fixture.Info();
+  CHECK(info.kv_cache_bytes_reserved() == 0);
+  CHECK(info.active_sequences() == 0);
+}
+
+}  // namespace
+}  // namespace lychee

@@ -1,0 +1,197 @@
+#include "tools/lychee/inference_commands.h"
+
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <iterator>
+
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "common/status_macros.h"
+#include "lychee/v1/inference.grpc.pb.h"
+#include "tools/lychee/args.h"
+#include "tools/lychee/grpc_client.h"
+
+namespace lychee::cli {
+namespace {
+
+constexpr char kDefaultServer[] = "127.0.0.1:50062";
+
+using InferenceClient = ServiceClient<v1::InferenceService>;
+
+absl::StatusOr<InferenceClient> ClientFor(const Args& args) {
+  return InferenceClient::Connect("inference server", args.GetOr("server", kDefaultServer), args);
+}
+
+std::string FinishReasonName(v1::FinishReason reason) {
+  const std::string name = v1::FinishReason_Name(reason);
+  constexpr size_t kPrefix = sizeof("FINISH_REASON_") - 1;
+  return name.size() > kPrefix ? name.substr(kPrefix) : name;
+}
+
+void PrintInfo(const v1::ServerInfo& info) {
+  std::printf("model %s (%s), %u layers x %u KV heads, context %u tokens, device %s\n", info.model().c_str(),
+              info.model_fingerprint().c_str(), info.num_layers(), info.num_kv_heads(), info.max_context_tokens(),
+              info.device().c_str());
+  if (info.active_partition_version() == 0) {
+    std::printf("active partition: none (hybrid requests are refused; dense is served)\n");
+  } else {
+    std::printf("active partition: version %llu (%s), activated by %s\n",
+                static_cast<unsigned long long>(info.active_partition_version()), info.active_partition_source().c_str(),
+                info.activated_by().c_str());
+  }
+  std::printf("rollouts %s\n", info.rollout_held() ? "HELD: new partitions are stored, not activated" : "automatic");
+  if (info.trainer_address().empty()) {
+    std::printf("trainer: none\n");
+  } else {
+    std::printf("trainer %s: %s%s\n", info.trainer_address().c_str(), info.trainer_connected() ? "connected" : "not connected",
+                info.trainer_last_error().empty() ? "" : absl::StrCat(" (last error: ", info.trainer_last_error(), ")").c_str());
+  }
+  std::printf("load: %u sequences active, %u queued, KV %.1f of %.1f MiB reserved\n", info.active_sequences(),
+              info.queued_requests(), static_cast<double>(info.kv_cache_bytes_reserved()) / (1 << 20),
+              static_cast<double>(info.kv_cache_bytes_limit()) / (1 << 20));
+  for (const v1::RejectedPartition& rejected : info.rejected()) {
+    std::printf("rejected partition %llu: %s\n", static_cast<unsigned long long>(rejected.version()),
+                rejected.reason().c_str());
+  }
+}
+
+absl::Status ReadPrompt(const Args& args, v1::GenerateRequest& request) {
+  if (args.Has("prompt") == args.Has("prompt-file")) {
+    return absl::InvalidArgumentError("give exactly one of --prompt TEXT and --prompt-file FILE");
+  }
+  if (args.Has("prompt")) {
+    request.set_text(*args.Get("prompt"));
+    return absl::OkStatus();
+  }
+  std::ifstream in(*args.Get("prompt-file"), std::ios::binary);
+  if (!in) return absl::NotFoundError(absl::StrCat("cannot read ", *args.Get("prompt-file")));
+  request.set_text(std::string(std::istreambuf_iterator<char>(in), {}));
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+absl::Status RunRemoteGenerate(const std::vector<std::string>& argv) {
+  LYCHEE_ASSIGN_OR_RETURN(
+      Args args, Args::Parse(argv,
+                             WithConnectionFlags({"server", "prompt", "prompt-file", "max-new-tokens", "temperature",
+                                                  "top-p", "seed", "stop", "attention", "budget", "partition-version",
+                                                  "timeout"}),
+                             {"print-ids"}));
+  v1::GenerateRequest request;
+  LYCHEE_RETURN_IF_ERROR(ReadPrompt(args, request));
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t max_new_tokens, args.GetInt("max-new-tokens", 64));
+  if (max_new_tokens < 1 || max_new_tokens > (int64_t{1} << 30)) {
+    return absl::InvalidArgumentError(absl::StrCat("--max-new-tokens must be >= 1, got ", max_new_tokens));
+  }
+  request.set_max_new_tokens(static_cast<int32_t>(max_new_tokens));
+  LYCHEE_ASSIGN_OR_RETURN(const double temperature, args.GetDouble("temperature", 0));
+  request.set_temperature(temperature);
+  LYCHEE_ASSIGN_OR_RETURN(const double top_p, args.GetDouble("top-p", 1));
+  request.set_top_p(top_p);
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t seed, args.GetInt("seed", 0));
+  request.set_seed(static_cast<uint64_t>(seed));
+  if (args.Has("stop")) request.add_stop(*args.Get("stop"));
+  const std::string mode = args.GetOr("attention", "");
+  v1::AttentionOptions* attention = request.mutable_attention();
+  if (mode == "dense") {
+    attention->set_mode(v1::ATTENTION_MODE_DENSE);
+  } else if (mode == "hybrid") {
+    attention->set_mode(v1::ATTENTION_MODE_HYBRID);
+  } else if (!mode.empty()) {
+    return absl::InvalidArgumentError(absl::StrCat("--attention must be dense or hybrid, got '", mode, "'"));
+  }
+  if (args.Has("budget")) {
+    LYCHEE_ASSIGN_OR_RETURN(const int64_t budget, args.GetInt("budget", 0));
+    if (budget < 1 || budget > UINT32_MAX) return absl::InvalidArgumentError("--budget must be a positive token count");
+    attention->set_token_budget(static_cast<uint32_t>(budget));
+  }
+  if (args.Has("partition-version")) {
+    LYCHEE_ASSIGN_OR_RETURN(const int64_t version, args.GetInt("partition-version", 0));
+    if (version < 1) return absl::InvalidArgumentError("--partition-version must be >= 1");
+    attention->set_partition_version(static_cast<uint64_t>(version));
+  }
+  LYCHEE_ASSIGN_OR_RETURN(const double timeout, args.GetDouble("timeout", 0));
+
+  LYCHEE_ASSIGN_OR_RETURN(InferenceClient client, ClientFor(args));
+  const std::unique_ptr<grpc::ClientContext> context = client.StreamContext();
+  if (timeout > 0) {
+    context->set_deadline(std::chrono::system_clock::now() +
+                         std::chrono::duration_cast<std::chrono::system_clock::duration>(std::chrono::duration<double>(timeout)));
+  }
+  auto reader = client.stub().Generate(context.get(), request);
+  v1::GenerateResponse response;
+  std::vector<int32_t> ids;
+  std::optional<v1::GenerateDone> done;
+  while (reader->Read(&response)) {
+    std::cout << response.text() << std::flush;
+    ids.insert(ids.end(), response.token_ids().begin(), response.token_ids().end());
+    if (response.has_done()) done = response.done();
+  }
+  LYCHEE_RETURN_IF_ERROR(client.Check(reader->Finish()));
+  std::cout << "\n";
+  if (args.Has("print-ids")) std::cout << absl::StrJoin(ids, " ") << "\n";
+  if (done) {
+    const v1::Timings& timings = done->timings();
+    std::cerr << "[" << done->usage().completion_tokens() << " tokens after " << done->usage().prompt_tokens()
+              << " prompt tokens; first token " << timings.time_to_first_token_seconds() * 1e3 << " ms, then "
+              << timings.mean_token_latency_seconds() * 1e3 << " ms/token; "
+              << (done->attention_mode() == v1::ATTENTION_MODE_HYBRID
+                      ? absl::StrCat("hybrid, partition ", done->partition_version(), ", budget ", done->token_budget())
+                      : std::string("dense"))
+              << "; ended by " << FinishReasonName(done->finish_reason()) << "]\n";
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RunServerInfo(const std::vector<std::string>& argv) {
+  LYCHEE_ASSIGN_OR_RETURN(Args args, Args::Parse(argv, WithConnectionFlags({"server"}), {}));
+  LYCHEE_ASSIGN_OR_RETURN(InferenceClient client, ClientFor(args));
+  v1::ServerInfo info;
+  LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().GetServerInfo(client.UnaryContext().get(), {}, &info)));
+  PrintInfo(info);
+  return absl::OkStatus();
+}
+
+absl::Status RunActivate(const std::vector<std::string>& argv) {
+  if (argv.empty() || argv[0].rfind("--", 0) == 0) return absl::InvalidArgumentError("missing VERSION");
+  uint64_t version = 0;
+  if (!absl::SimpleAtoi(argv[0], &version) || version == 0) {
+    return absl::InvalidArgumentError(absl::StrCat("VERSION must be a number >= 1, got '", argv[0], "'"));
+  }
+  LYCHEE_ASSIGN_OR_RETURN(Args args,
+                          Args::Parse({argv.begin() + 1, argv.end()}, WithConnectionFlags({"server"}), {}));
+  LYCHEE_ASSIGN_OR_RETURN(InferenceClient client, ClientFor(args));
+  v1::ActivatePartitionRequest request;
+  request.set_version(version);
+  v1::ServerInfo info;
+  LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().ActivatePartition(client.UnaryContext().get(), request, &info)));
+  PrintInfo(info);
+  return absl::OkStatus();
+}
+
+absl::Status RunRollback(const std::vector<std::string>& argv) {
+  LYCHEE_ASSIGN_OR_RETURN(Args args, Args::Parse(argv, WithConnectionFlags({"server"}), {}));
+  LYCHEE_ASSIGN_OR_RETURN(InferenceClient client, ClientFor(args));
+  v1::ServerInfo info;
+  LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().Rollback(client.UnaryContext().get(), {}, &info)));
+  PrintInfo(info);
+  return absl::OkStatus();
+}
+
+absl::Status RunHold(const std::vector<std::string>& argv) {
+  if (argv.empty() || (argv[0] != "on" && argv[0] != "off")) return absl::InvalidArgumentError("hold takes on or off");
+  LYCHEE_ASSIGN_OR_RETURN(Args args,
+                          Args::Parse({argv.begin() + 1, argv.end()}, WithConnectionFlags({"server"}), {}));
+  LYCHEE_ASSIGN_OR_RETURN(InferenceClient client, ClientFor(args));
+  v1::SetRolloutHoldRequest request;
+  request.set_hold(argv[0] == "on");
+  v1::ServerInfo info;
+  LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().SetRolloutHold(client.UnaryContext().get(), request, &info)));
+  PrintInfo(info);
+  return absl::OkStatus();
+}
+
+}  // namespace lychee::cli
