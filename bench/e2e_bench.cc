@@ -1,0 +1,520 @@
+// End-to-end decode latency of a whole model on the GPU (bf16, lychee::Model with the CUDA attention
+// kernels): dense attention, hybrid attention (layer 0 dense, then KV head 0 of every layer a
+// retrieval head and the others sparse, budget 4096 by default), and no attention at all (the rest
+// of the step alone), at several contexts and batch sizes; beside each row the bandwidth limit,
+// bytes that must be read per step (weights plus the KV actually attended) over the
+// device-to-device copy bandwidth measured in the same run; and a profile of one step.
+//
+//   e2e_bench --model DIR [--contexts 32768,65536,131072] [--batches 1,4] [--steps 10] [--warmup 3]
+//             [--budget 4096] [--json FILE]
+//
+// The KV caches are filled by a prefill of random token ids whose attention is skipped (the backend
+// hands back its queries while the cache fills): keys and values are the model's own projections of
+// those tokens, written where decode reads them, and the fill costs the projections' matmuls only
+// (a real 128K prefill would spend minutes in attention per sequence, and is not what is measured).
+// max(batches) sequences get their cache reserved for the largest context up front and are topped
+// up context after context; batch B decodes the first B of them.
+//
+// Timing: wall clock from the call of Model::Decode until its logits are complete on the device
+// (cudaDeviceSynchronize), median of `steps` after `warmup` steps. Profile: one more step per row in
+// which a spin kernel is queued on the GPU before layer 0's attention, so that the host has queued
+// the whole step before the GPU starts it; CUDA events around every layer's attention and around the
+// step then give the GPU's own time, attention and the rest, and the wall time beyond it is the
+// host's (launching kernels through LibTorch).
+//
+// A configuration whose KV caches do not fit the GPU's free memory is RESOURCE_EXHAUSTED with the
+// sizes, before anything is allocated for it.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Sleep.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/util/Exception.h>
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "absl/strings/str_split.h"
+#include "common/head_partition.h"
+#include "common/model.h"
+#include "common/status_macros.h"
+#include "kernels/cuda_attention.h"
+
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+// Working memory besides weights and KV caches: a prefill chunk's activations (2048 tokens), the
+// logits, the decode kernels' workspaces.
+constexpr int64_t kWorkingBytes = int64_t{2} << 30;
+// About 100 ms at the H100's and H200's clocks: longer than the host needs to queue one step.
+constexpr int64_t kSpinCycles = 200'000'000;
+
+using Clock = std::chrono::steady_clock;
+
+double MsSince(Clock::time_point since) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - since).count();
+}
+
+absl::Status CudaStatus(cudaError_t error, const char* what) {
+  if (error == cudaSuccess) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(error)));
+}
+
+cudaStream_t Stream() { return at::cuda::getCurrentCUDAStream().stream(); }
+
+double Median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const size_t n = values.size();
+  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+// Device-to-device copy of 1 GiB, read + write bytes over the time, GB/s (median of 20 copies).
+absl::StatusOr<double> CopyBandwidthGBs() {
+  const int64_t bytes = int64_t{1} << 30;
+  at::Tensor a = at::ones({bytes}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
+  at::Tensor b = at::empty_like(a);
+  std::vector<double> ms;
+  cudaEvent_t start, stop;
+  LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&start), "cudaEventCreate"));
+  LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&stop), "cudaEventCreate"));
+  for (int i = 0; i < 23; ++i) {
+    LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(start, Stream()), "cudaEventRecord"));
+    LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(i % 2 ? a.data_ptr() : b.data_ptr(),
+                                                      i % 2 ? b.data_ptr() : a.data_ptr(), bytes,
+                                                      cudaMemcpyDeviceToDevice, Stream()),
+                                      "cudaMemcpyAsync"));
+    LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(stop, Stream()), "cudaEventRecord"));
+    LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaEventSynchronize(stop), "cudaEventSynchronize"));
+    float elapsed = 0;
+    LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaEventElapsedTime(&elapsed, start, stop), "cudaEventElapsedTime"));
+    if (i >= 3) ms.push_back(elapsed);  // the first copies warm up
+  }
+  cudaEventDestroy(start);
+  cudaEventDestroy(stop);
+  return 2.0 * bytes / (Median(ms) * 1e-3) / 1e9;
+}
+
+enum class Attention { kNone, kDense, kHybrid };
+
+const char* Name(Attention attention) {
+  switch (attention) {
+    case Attention::kNone:
+      return "none";
+    case Attention::kDense:
+      return "dense";
+    case Attention::kHybrid:
+      return "hybrid";
+  }
+  return "?";
+}
+
+// CUDA events around every layer's attention of one decode step and around the step, with a spin
+// kernel queued before layer 0's attention (see the file comment).
+class StepProfiler {
+ public:
+  explicit StepProfiler(int num_layers) : begin_(num_layers), end_(num_layers) {
+    for (cudaEvent_t* event : AllEvents()) cudaEventCreate(event);
+  }
+  ~StepProfiler() {
+    for (cudaEvent_t* event : AllEvents()) cudaEventDestroy(*event);
+  }
+
+  void BeforeAttention(int layer) {
+    if (layer == 0) {
+      cudaEventRecord(spin_start_, Stream());
+      at::cuda::sleep(kSpinCycles);
+      cudaEventRecord(step_start_, Stream());
+      host_queued_from_ = Clock::now();
+    }
+    cudaEventRecord(begin_[layer], Stream());
+  }
+  void AfterAttention(int layer) { cudaEventRecord(end_[layer], Stream()); }
+  // After Model::Decode returned: the step is queued.
+  void EndStep() {
+    cudaEventRecord(step_end_, Stream());
+    host_queue_ms_ = MsSince(host_queued_from_);
+  }
+
+  // After the device finished the step.
+  double step_ms() const { return Elapsed(step_start_, step_end_); }
+  double attention_ms() const {
+    double sum = 0;
+    for (size_t layer = 0; layer < begin_.size(); ++layer) sum += Elapsed(begin_[layer], end_[layer]);
+    return sum;
+  }
+  double spin_ms() const { return Elapsed(spin_start_, step_start_); }
+  // Host time from queuing the spin to Model::Decode's return. When it is under spin_ms() the host
+  // queued the step while the GPU still spun, and the events time the GPU's work alone.
+  double host_queue_ms() const { return host_queue_ms_; }
+
+ private:
+  std::vector<cudaEvent_t*> AllEvents() {
+    std::vector<cudaEvent_t*> events = {&spin_start_, &step_start_, &step_end_};
+    for (size_t i = 0; i < begin_.size(); ++i) events.insert(events.end(), {&begin_[i], &end_[i]});
+    return events;
+  }
+  static double Elapsed(cudaEvent_t from, cudaEvent_t to) {
+    float ms = 0;
+    cudaEventElapsedTime(&ms, from, to);
+    return ms;
+  }
+
+  cudaEvent_t spin_start_, step_start_, step_end_;
+  std::vector<cudaEvent_t> begin_, end_;
+  Clock::time_point host_queued_from_;
+  double host_queue_ms_ = 0;
+};
+
+struct SwitchedState : lychee::SequenceAttentionState {
+  std::unique_ptr<lychee::SequenceAttentionState> dense, hybrid;
+};
+
+// The backend every benchmark sequence is created with: it forwards decode steps to the dense or
+// the hybrid CUDA backend, or does no attention at all (hands back the queries), as selected
+// between steps; prefill (the cache fill) never attends. One cache then serves all three.
+class SwitchedAttention : public lychee::AttentionBackend {
+ public:
+  SwitchedAttention(std::shared_ptr<const AttentionBackend> dense, std::shared_ptr<const AttentionBackend> hybrid)
+      : dense_(std::move(dense)), hybrid_(std::move(hybrid)) {}
+
+  void Select(Attention attention) { attention_ = attention; }
+  void set_profiler(StepProfiler* profiler) { profiler_ = profiler; }
+
+  std::unique_ptr<lychee::SequenceAttentionState> NewSequenceState() const override {
+    auto state = std::make_unique<SwitchedState>();
+    state->dense = dense_->NewSequenceState();
+    state->hybrid = hybrid_->NewSequenceState();
+    return state;
+  }
+
+  at::Tensor Attend(const lychee::AttentionInput& input) const override { return AttendBatch({input})[0]; }
+
+  std::vector<at::Tensor> AttendBatch(const std::vector<lychee::AttentionInput>& inputs) const override {
+    const bool decode = inputs[0].queries.size(1) == 1;
+    if (profiler_ != nullptr && decode) profiler_->BeforeAttention(inputs[0].layer);
+    std::vector<at::Tensor> outputs;
+    if (!decode || attention_ == Attention::kNone) {
+      for (const lychee::AttentionInput& input : inputs) outputs.push_back(input.queries);
+    } else {
+      const bool dense = attention_ == Attention::kDense;
+      std::vector<lychee::AttentionInput> forwarded = inputs;
+      for (lychee::AttentionInput& input : forwarded) {
+        auto& state = static_cast<SwitchedState&>(*input.state);
+        input.state = (dense ? state.dense : state.hybrid).get();
+      }
+      outputs = (dense ? dense_ : hybrid_)->AttendBatch(forwarded);
+    }
+    if (profiler_ != nullptr && decode) profiler_->AfterAttention(inputs[0].layer);
+    return outputs;
+  }
+
+ private:
+  std::shared_ptr<const AttentionBackend> dense_, hybrid_;
+  Attention attention_ = Attention::kNone;
+  StepProfiler* profiler_ = nullptr;
+};
+
+// Bytes one decode step must read: every weight once (the embedding only for the batch's rows) and
+// the keys and values each head attends to.
+struct ByteModel {
+  const lychee::ModelConfig& config;
+  const lychee::HeadPartition& partition;
+
+  int64_t element_bytes() const { return 2; }  // bf16
+  int64_t weight_bytes(int64_t batch) const {
+    const lychee::ModelConfig& c = config;
+    const int64_t q_rows = c.num_attention_heads * c.head_dim;
+    const int64_t kv_rows = c.num_kv_heads * c.head_dim;
+    const int64_t per_layer = c.hidden_size * (q_rows + 2 * kv_rows) + q_rows * c.hidden_size +
+                              3 * c.hidden_size * c.intermediate_size + 2 * c.hidden_size;
+    return element_bytes() * (c.num_layers * per_layer + c.vocab_size * c.hidden_size + c.hidden_size +
+                              batch * c.hidden_size);
+  }
+  // Keys and values of one position in one (layer, KV head).
+  int64_t position_bytes() const { return 2 * config.head_dim * element_bytes(); }
+  int64_t kv_bytes_per_token() const { return config.num_layers * config.num_kv_heads * position_bytes(); }
+  int64_t kv_bytes(Attention attention, int64_t batch, int64_t context) const {
+    if (attention == Attention::kNone) return 0;
+    if (attention == Attention::kDense) return batch * context * kv_bytes_per_token();
+    int64_t positions = 0;
+    for (int64_t layer = 0; layer < config.num_layers; ++layer) {
+      for (int64_t head = 0; head < config.num_kv_heads; ++head) {
+        positions += partition.role(layer, head) == lychee::HeadRole::kRetrieval
+                         ? context
+                         : std::min(context, partition.selection().token_budget);
+      }
+    }
+    return batch * positions * position_bytes();
+  }
+};
+
+struct Measurement {
+  double median_ms = 0;
+  double host_ms = 0;        // median time for Model::Decode to return (queuing the step)
+  double gpu_step_ms = 0;    // profile: the GPU's own time, from layer 0's attention to the logits
+  double gpu_attention_ms = 0;
+  double spin_ms = 0;
+  double host_queue_ms = 0;
+};
+
+struct Bench {
+  const lychee::Model& model;
+  SwitchedAttention& attention;
+  std::vector<std::unique_ptr<lychee::Sequence>>& sequences;
+  int steps;
+  int warmup;
+  std::mt19937 rng{1};
+
+  std::vector<int32_t> RandomIds(int64_t count) {
+    std::uniform_int_distribution<int32_t> token(0, static_cast<int32_t>(model.config().vocab_size) - 1);
+    std::vector<int32_t> ids(count);
+    for (int32_t& id : ids) id = token(rng);
+    return ids;
+  }
+
+  // Tops every sequence up to `context` positions.
+  absl::Status Fill(int64_t context) {
+    attention.Select(Attention::kNone);
+    for (auto& sequence : sequences) {
+      if (sequence->length() >= context) continue;
+      LYCHEE_RETURN_IF_ERROR(model.Prefill(*sequence, RandomIds(context - sequence->length())).status());
+    }
+    return CudaStatus(cudaDeviceSynchronize(), "fill");
+  }
+
+  absl::StatusOr<Measurement> Measure(Attention which, int64_t batch) {
+    attention.Select(which);
+    std::vector<lychee::Sequence*> members;
+    for (int64_t i = 0; i < batch; ++i) members.push_back(sequences[i].get());
+    std::vector<double> wall, host;
+    for (int step = 0; step < warmup + steps; ++step) {
+      const std::vector<int32_t> ids = RandomIds(batch);
+      const Clock::time_point start = Clock::now();
+      LYCHEE_RETURN_IF_ERROR(model.Decode(members, ids).status());
+      const double queued = MsSince(start);
+      LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaDeviceSynchronize(), "decode step"));
+      if (step >= warmup) {
+        wall.push_back(MsSince(start));
+        host.push_back(queued);
+      }
+    }
+    Measurement m;
+    m.median_ms = Median(wall);
+    m.host_ms = Median(host);
+
+    StepProfiler profiler(static_cast<int>(model.config().num_layers));
+    attention.set_profiler(&profiler);
+    const absl::Status profiled = model.Decode(members, RandomIds(batch)).status();
+    profiler.EndStep();
+    attention.set_profiler(nullptr);
+    LYCHEE_RETURN_IF_ERROR(profiled);
+    LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaDeviceSynchronize(), "profiled step"));
+    m.gpu_step_ms = profiler.step_ms();
+    m.gpu_attention_ms = profiler.attention_ms();
+    m.spin_ms = profiler.spin_ms();
+    m.host_queue_ms = profiler.host_queue_ms();
+    return m;
+  }
+};
+
+// RESOURCE_EXHAUSTED, with the sizes, when `batch` caches of `capacity` positions do not fit the
+// GPU's free memory beside the loaded model.
+absl::Status CheckFits(int64_t batch, int64_t capacity, const ByteModel& bytes) {
+  size_t free_bytes = 0, total_bytes = 0;
+  LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo"));
+  const double needed = static_cast<double>(batch) * capacity * bytes.kv_bytes_per_token();
+  if (needed + kWorkingBytes <= static_cast<double>(free_bytes)) return absl::OkStatus();
+  return absl::ResourceExhaustedError(absl::StrFormat(
+      "KV caches for batch %d at %d positions need %.1f GiB (%d KiB per position and sequence) plus %.1f GiB of "
+      "working memory; the GPU has %.1f GiB free of %.1f GiB with the model's %.2f GiB of weights loaded",
+      batch, capacity, needed / kGiB, bytes.kv_bytes_per_token() / 1024, kWorkingBytes / kGiB, free_bytes / kGiB,
+      total_bytes / kGiB, bytes.weight_bytes(0) / kGiB));
+}
+
+absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& flag, const std::string& value) {
+  std::vector<int64_t> list;
+  for (absl::string_view part : absl::StrSplit(value, ',')) {
+    int64_t number;
+    if (!absl::SimpleAtoi(part, &number) || number <= 0) {
+      return absl::InvalidArgumentError(absl::StrCat(flag, " takes positive integers separated by commas, got '",
+                                                     value, "'"));
+    }
+    list.push_back(number);
+  }
+  return list;
+}
+
+struct Flags {
+  std::string model_dir;
+  std::vector<int64_t> contexts = {32768, 65536, 131072};
+  std::vector<int64_t> batches = {1, 4};
+  int64_t steps = 10;
+  int64_t warmup = 3;
+  int64_t budget = 4096;
+  std::string json_path;
+};
+
+absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
+  Flags flags;
+  for (int i = 1; i < argc; i += 2) {
+    const std::string flag = argv[i];
+    if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat(flag, " needs a value"));
+    const std::string value = argv[i + 1];
+    int64_t* number = flag == "--steps" ? &flags.steps : flag == "--warmup" ? &flags.warmup
+                                                       : flag == "--budget" ? &flags.budget : nullptr;
+    if (flag == "--model") {
+      flags.model_dir = value;
+    } else if (flag == "--json") {
+      flags.json_path = value;
+    } else if (flag == "--contexts") {
+      LYCHEE_ASSIGN_OR_RETURN(flags.contexts, ParseList(flag, value));
+    } else if (flag == "--batches") {
+      LYCHEE_ASSIGN_OR_RETURN(flags.batches, ParseList(flag, value));
+    } else if (number != nullptr) {
+      if (!absl::SimpleAtoi(value, number) || *number < (flag == "--warmup" ? 0 : 1)) {
+        return absl::InvalidArgumentError(absl::StrCat("bad ", flag, " ", value));
+      }
+    } else {
+      return absl::InvalidArgumentError(absl::StrCat("unknown flag ", flag));
+    }
+  }
+  if (flags.model_dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
+  std::sort(flags.contexts.begin(), flags.contexts.end());
+  return flags;
+}
+
+absl::Status Run(const Flags& flags) {
+  LYCHEE_ASSIGN_OR_RETURN(lychee::ModelOptions options, lychee::ModelOptionsForDevice("cuda"));
+  cudaDeviceProp prop;
+  LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties"));
+  LYCHEE_ASSIGN_OR_RETURN(const double copy_gbs, CopyBandwidthGBs());
+  std::printf("device: %s, %.1f GiB; device-to-device copy: %.0f GB/s (read + write)\n", prop.name,
+              prop.totalGlobalMem / kGiB, copy_gbs);
+
+  Clock::time_point start = Clock::now();
+  LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<lychee::Model> model, lychee::Model::Load(flags.model_dir, options));
+  c10::cuda::CUDACachingAllocator::emptyCache();  // the loader's temporaries
+  const lychee::ModelConfig& config = model->config();
+  std::printf("model %s: %lld layers, %lld heads, %lld KV heads, head_dim %lld; loaded in %.1f s\n",
+              flags.model_dir.c_str(), static_cast<long long>(config.num_layers),
+              static_cast<long long>(config.num_attention_heads), static_cast<long long>(config.num_kv_heads),
+              static_cast<long long>(config.head_dim), MsSince(start) / 1e3);
+
+  // Layer 0 dense, KV head 0 of every later layer a retrieval head, the others sparse.
+  std::vector<lychee::HeadRole> roles;
+  for (int64_t layer = 0; layer < config.num_layers; ++layer) {
+    for (int64_t head = 0; head < config.num_kv_heads; ++head) {
+      roles.push_back(layer == 0 || head == 0 ? lychee::HeadRole::kRetrieval : lychee::HeadRole::kSparse);
+    }
+  }
+  lychee::SelectionParams selection;
+  selection.token_budget = flags.budget;
+  auto partition = std::make_shared<const lychee::HeadPartition>(config.num_layers, config.num_kv_heads,
+                                                                 std::move(roles), selection);
+  LYCHEE_RETURN_IF_ERROR(partition->ValidateFor(config));
+  LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const lychee::AttentionBackend> hybrid,
+                          lychee::MakeCudaHybridAttention(partition, config));
+  auto attention = std::make_shared<SwitchedAttention>(lychee::MakeCudaDenseAttention(), hybrid);
+  const ByteModel bytes{config, *partition};
+
+  const std::vector<Attention> kinds = {Attention::kDense, Attention::kHybrid, Attention::kNone};
+  const int64_t max_batch = *std::max_element(flags.batches.begin(), flags.batches.end());
+  // Decode steps add positions: every row of the largest context, plus its profiled step.
+  const int64_t capacity = flags.contexts.back() + static_cast<int64_t>(kinds.size() * flags.batches.size()) *
+                                                       (flags.warmup + flags.steps + 1);
+  LYCHEE_RETURN_IF_ERROR(CheckFits(max_batch, capacity, bytes));
+  std::vector<std::unique_ptr<lychee::Sequence>> sequences;
+  try {
+    for (int64_t i = 0; i < max_batch; ++i) {
+      sequences.push_back(model->NewSequence(attention));
+      sequences.back()->ReserveCache(capacity);
+    }
+  } catch (const c10::Error& error) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "reserving KV caches for batch %d at %d positions (%.1f GiB): %s", max_batch, capacity,
+        static_cast<double>(max_batch) * capacity * bytes.kv_bytes_per_token() / kGiB, error.what_without_backtrace()));
+  }
+
+  Bench bench{*model, *attention, sequences, static_cast<int>(flags.steps), static_cast<int>(flags.warmup)};
+  std::FILE* json = flags.json_path.empty() ? nullptr : std::fopen(flags.json_path.c_str(), "w");
+  if (!flags.json_path.empty() && json == nullptr) {
+    return absl::InvalidArgumentError(absl::StrCat("cannot write ", flags.json_path));
+  }
+  std::printf("copy bandwidth %.0f GB/s; weights read per step %.2f GB; limit = (weights + KV attended) / copy "
+              "bandwidth; ratio = ours / limit\n",
+              copy_gbs, bytes.weight_bytes(1) / 1e9);
+  std::printf("%5s %7s | %8s %8s %6s | %8s %8s %6s | %7s | %8s %8s\n", "batch", "context", "dense", "limit", "ratio",
+              "hybrid", "limit", "ratio", "speedup", "no-attn", "limit");
+  std::vector<std::string> profiles;
+  for (int64_t context : flags.contexts) {
+    start = Clock::now();
+    LYCHEE_RETURN_IF_ERROR(bench.Fill(context));
+    std::printf("(filled %lld caches to %lld positions in %.1f s)\n", static_cast<long long>(max_batch),
+                static_cast<long long>(context), MsSince(start) / 1e3);
+    for (int64_t batch : flags.batches) {
+      std::vector<Measurement> rows;
+      std::vector<double> limits;
+      for (Attention kind : kinds) {
+        LYCHEE_ASSIGN_OR_RETURN(Measurement m, bench.Measure(kind, batch));
+        rows.push_back(m);
+        limits.push_back((bytes.weight_bytes(batch) + bytes.kv_bytes(kind, batch, context)) / (copy_gbs * 1e9) * 1e3);
+        profiles.push_back(absl::StrFormat(
+            "%-6s B%d %6dK: wall %7.2f ms (host queues the step in %6.2f) | GPU alone %6.2f ms = attention %6.2f + "
+            "rest %6.2f | limit %5.2f | spin %.1f ms, host queued in %.1f%s",
+            Name(kind), batch, context / 1024, m.median_ms, m.host_ms, m.gpu_step_ms, m.gpu_attention_ms,
+            m.gpu_step_ms - m.gpu_attention_ms, limits.back(), m.spin_ms, m.host_queue_ms,
+            m.host_queue_ms < m.spin_ms ? "" : " (host fell behind the spin: GPU times include launch gaps)"));
+      }
+      std::printf("%5lld %6lldK | %8.2f %8.2f %6.2f | %8.2f %8.2f %6.2f | %7.2f | %8.2f %8.2f\n",
+                  static_cast<long long>(batch), static_cast<long long>(context / 1024), rows[0].median_ms, limits[0],
+                  rows[0].median_ms / limits[0], rows[1].median_ms, limits[1], rows[1].median_ms / limits[1],
+                  rows[0].median_ms / rows[1].median_ms, rows[2].median_ms, limits[2]);
+      std::fflush(stdout);
+      if (json != nullptr) {
+        for (size_t k = 0; k < kinds.size(); ++k) {
+          std::fprintf(json,
+                       "{\"attention\": \"%s\", \"batch\": %lld, \"context\": %lld, \"ms\": %.4f, \"limit_ms\": %.4f, "
+                       "\"host_ms\": %.4f, \"gpu_step_ms\": %.4f, \"gpu_attention_ms\": %.4f, \"copy_gbs\": %.1f}\n",
+                       Name(kinds[k]), static_cast<long long>(batch), static_cast<long long>(context),
+                       rows[k].median_ms, limits[k], rows[k].host_ms, rows[k].gpu_step_ms, rows[k].gpu_attention_ms,
+                       copy_gbs);
+        }
+        std::fflush(json);
+      }
+    }
+  }
+  if (json != nullptr) std::fclose(json);
+  std::printf("\nprofile of one step (GPU alone: the step queued behind a spin kernel, CUDA events around each "
+              "layer's attention):\n");
+  for (const std::string& line : profiles) std::printf("%s\n", line.c_str());
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  absl::StatusOr<Flags> flags = ParseFlags(argc, argv);
+  absl::Status status = flags.status();
+  if (status.ok()) {
+    try {
+      status = Run(*flags);
+    } catch (const c10::OutOfMemoryError& error) {
+      status = absl::ResourceExhaustedError(error.what_without_backtrace());
+    }
+  }
+  if (!status.ok()) {
+    std::fprintf(stderr, "e2e_bench: %s\n", status.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}
