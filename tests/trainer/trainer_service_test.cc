@@ -256,7 +256,7 @@ TEST_CASE("a tiny job runs to SUCCEEDED; its partition is listed, fetched, watch
   CHECK(nlohmann::json::parse(json.output)["numLayers"] == 6);
 }
 
-TEST_CASE("a running job is cancelled within seconds and the queued job behind it still runs") {
+TEST_CASE("a running job is cancelled within a step and the queued job behind it still runs") {
   Trainer trainer;
   v1::Job job;
   REQUIRE(trainer.stub->SubmitCalibrationJob(Context().get(), Tiny(100000), &job).ok());
@@ -273,7 +273,7 @@ TEST_CASE("a running job is cancelled within seconds and the queued job behind i
   REQUIRE(update.state() == v1::JOB_STATE_RUNNING);
   v1::CancelJobRequest cancel;
   cancel.set_name("jobs/1");
-  const auto cancelled_at = std::chrono::steady_clock::now();
+  const int64_t step_seen = update.progress().step();
   REQUIRE(trainer.stub->CancelJob(Context().get(), cancel, &job).ok());
   CHECK(job.state() == v1::JOB_STATE_RUNNING);
   while (reader->Read(&update)) {
@@ -281,8 +281,9 @@ TEST_CASE("a running job is cancelled within seconds and the queued job behind i
   CHECK(reader->Finish().ok());
   CHECK(update.state() == v1::JOB_STATE_CANCELLED);
   CHECK(update.error().code() == grpc::StatusCode::CANCELLED);
-  CHECK(std::chrono::steady_clock::now() - cancelled_at < std::chrono::seconds(10));
-  CHECK(update.progress().step() < 100);
+  // Counted in steps, not seconds: a step's time depends on the machine and its load. The watch
+  // may trail the job by one step, and the step under way when the cancel lands completes.
+  CHECK(update.progress().step() <= step_seen + 2);
 
   CHECK(WatchToEnd(*trainer.stub, "jobs/2").back().state() == v1::JOB_STATE_SUCCEEDED);
   const CliResult again = Cli(trainer, "cancel jobs/1");
