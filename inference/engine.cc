@@ -16,6 +16,7 @@
 #include "common/status_macros.h"
 #include "kernels/dense_attention.h"
 #include "kernels/hybrid_attention.h"
+#include "kernels/policy_backend.h"
 #ifdef LYCHEE_CUDA_ATTENTION
 #include "kernels/cuda_attention.h"
 #endif
@@ -169,6 +170,7 @@ class InferenceEngine::Impl {
   // The attention a request asked for, resolved against the partitions when it is admitted.
   struct AttentionPlan {
     bool hybrid = false;
+    std::optional<PolicySpec> policy;
     // Set for a pinned version; else the active partition at admission.
     PartitionManager::Snapshot pinned;
     std::optional<int64_t> token_budget;
@@ -233,6 +235,22 @@ class InferenceEngine::Impl {
 
   absl::StatusOr<AttentionPlan> PlanAttention(const GenerationRequest& request) const {
     AttentionPlan plan;
+    if (request.policy) {
+      LYCHEE_RETURN_IF_ERROR(request.policy->Validate(model_->config()));
+      plan.policy = request.policy;
+      if (PolicyNeedsPartition(request.policy->kind)) {
+        if (request.partition_version) {
+          LYCHEE_ASSIGN_OR_RETURN(plan.pinned, partitions_->Get(*request.partition_version));
+        } else if (partitions_->Active().partition == nullptr) {
+          return absl::FailedPreconditionError(absl::StrCat("policy ", PolicyName(request.policy->kind),
+                                                            ": no head partition is active on this server yet"));
+        }
+      } else if (request.partition_version) {
+        return absl::InvalidArgumentError(absl::StrCat("attention.partition_version: policy ",
+                                                       PolicyName(request.policy->kind), " uses no partition"));
+      }
+      return plan;
+    }
     plan.hybrid = request.attention == AttentionChoice::kHybrid ||
                   (request.attention == AttentionChoice::kServerDefault && options_.hybrid_by_default &&
                    (partitions_->Active().partition != nullptr || request.partition_version.has_value()));
@@ -357,6 +375,7 @@ class InferenceEngine::Impl {
 
   absl::StatusOr<std::shared_ptr<const AttentionBackend>> BackendFor(Running& running) {
     const AttentionPlan& plan = running.pending.plan;
+    if (plan.policy) return PolicyBackendFor(running);
     if (!plan.hybrid) return dense_;
     PartitionManager::Snapshot partition = plan.pinned != nullptr ? plan.pinned : partitions_->Active().partition;
     if (partition == nullptr) return absl::FailedPreconditionError("hybrid attention: no head partition is active");
@@ -380,13 +399,57 @@ class InferenceEngine::Impl {
       LYCHEE_ASSIGN_OR_RETURN(auto hybrid, HybridAttentionBackend::Create(adjusted, model_->config()));
       backend = std::move(hybrid);
     }
-    // Every rollout brings a new version: a backend that no sequence holds any more goes, so that
-    // a long-running service does not keep one (and its partition) per version it ever served.
-    for (auto it = hybrid_backends_.begin(); it != hybrid_backends_.end();) {
-      it = it->second.use_count() == 1 ? hybrid_backends_.erase(it) : std::next(it);
-    }
+    ForgetUnusedBackends(hybrid_backends_);
     hybrid_backends_[key] = backend;
     return backend;
+  }
+
+  // Backends of policies are shared, like hybrid ones, by every sequence with the same policy
+  // parameters and partition.
+  absl::StatusOr<std::shared_ptr<const AttentionBackend>> PolicyBackendFor(Running& running) {
+    const AttentionPlan& plan = running.pending.plan;
+    const PolicySpec& spec = *plan.policy;
+    PartitionManager::Snapshot partition;
+    if (PolicyNeedsPartition(spec.kind)) {
+      partition = plan.pinned != nullptr ? plan.pinned : partitions_->Active().partition;
+      if (partition == nullptr) return absl::FailedPreconditionError("no head partition is active");
+      running.summary.partition_version = partition->version;
+    }
+    running.summary.hybrid = spec.kind != PolicyKind::kDense;
+    running.summary.token_budget = spec.kind == PolicyKind::kDense ? 0 : spec.token_budget;
+    running.summary.policy = spec.Describe();
+    const std::pair<std::string, uint64_t> key(running.summary.policy, running.summary.partition_version);
+    if (auto it = policy_backends_.find(key); it != policy_backends_.end()) return it->second;
+    LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const AttentionBackend> backend,
+                            MakePolicyBackend(spec, model_->config(), partition, model_->options().device));
+    ForgetUnusedBackends(policy_backends_);
+    policy_backends_[key] = backend;
+    return backend;
+  }
+
+  // Drops cached backends that no sequence holds any more, so that a long-running service does
+  // not keep one (and its partition) per version or policy parameters it ever served.
+  template <typename Cache>
+  static void ForgetUnusedBackends(Cache& cache) {
+    for (auto it = cache.begin(); it != cache.end();) {
+      it = it->second.use_count() == 1 ? cache.erase(it) : std::next(it);
+    }
+  }
+
+  static std::optional<GenerationTelemetry> TelemetryOf(const Sequence& sequence) {
+    const SequenceAttentionState* state = sequence.attention_state();
+    const AttentionTelemetry* telemetry = state == nullptr ? nullptr : state->telemetry();
+    if (telemetry == nullptr) return std::nullopt;
+    GenerationTelemetry copy;
+    copy.num_layers = telemetry->num_layers;
+    copy.num_kv_heads = telemetry->num_kv_heads;
+    copy.tokens_attended = telemetry->tokens_attended;
+    copy.decode_steps = telemetry->decode_steps;
+    copy.kv_bytes_read = telemetry->kv_bytes_read;
+    copy.audited = telemetry->audited;
+    copy.max_dropped_mass = telemetry->max_dropped_mass;
+    copy.mean_dropped_mass = telemetry->mean_dropped_mass();
+    return copy;
   }
 
   void PrefillStep() {
@@ -494,6 +557,7 @@ class InferenceEngine::Impl {
       summary.mean_token_latency_seconds = running.latency_sum / static_cast<double>(summary.completion_tokens - 1);
     }
     summary.total_seconds = Seconds(Clock::now() - running.pending.arrived);
+    if (running.sequence != nullptr) summary.telemetry = TelemetryOf(*running.sequence);
     Count(prompt_tokens_, static_cast<double>(summary.prompt_tokens));
     GenerationEvent done;
     done.kind = GenerationEvent::Kind::kDone;
@@ -584,6 +648,7 @@ class InferenceEngine::Impl {
   // The scheduler thread's own.
   std::list<Running> running_;
   std::map<std::pair<uint64_t, int64_t>, std::shared_ptr<const AttentionBackend>> hybrid_backends_;
+  std::map<std::pair<std::string, uint64_t>, std::shared_ptr<const AttentionBackend>> policy_backends_;
   std::thread scheduler_;
 
   Counter* succeeded_ = nullptr;

@@ -25,6 +25,7 @@
 #include "common/tokenizer.h"
 #include "inference/metrics.h"
 #include "inference/partition_manager.h"
+#include "kernels/policy.h"
 
 namespace lychee {
 
@@ -41,10 +42,24 @@ struct GenerationRequest {
   AttentionChoice attention = AttentionChoice::kServerDefault;
   std::optional<int64_t> token_budget;
   std::optional<uint64_t> partition_version;
+  // A selection policy instead of `attention` (its token budget already set from the request).
+  std::optional<PolicySpec> policy;
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
 };
 
 enum class FinishReason { kStopToken, kStopSequence, kMaxTokens, kContextLimit };
+
+// What a sequence's attention read over its decode steps, as its backend counted it.
+struct GenerationTelemetry {
+  int64_t num_layers = 0;
+  int64_t num_kv_heads = 0;
+  std::vector<int64_t> tokens_attended;  // per (layer, KV head), layer-major
+  int64_t decode_steps = 0;
+  int64_t kv_bytes_read = 0;
+  bool audited = false;
+  double max_dropped_mass = 0;
+  double mean_dropped_mass = 0;
+};
 
 struct GenerationSummary {
   FinishReason finish_reason = FinishReason::kMaxTokens;
@@ -58,6 +73,8 @@ struct GenerationSummary {
   bool hybrid = false;
   uint64_t partition_version = 0;  // 0 for dense
   int64_t token_budget = 0;
+  std::string policy;  // the policy and its parameters, as PolicySpec::Describe gives them
+  std::optional<GenerationTelemetry> telemetry;
 };
 
 // What a client reads from a generation, in order: chunks, then one summary or one error.

@@ -54,7 +54,50 @@ v1::GenerateDone ToProto(const GenerationSummary& summary) {
   done.set_attention_mode(summary.hybrid ? v1::ATTENTION_MODE_HYBRID : v1::ATTENTION_MODE_DENSE);
   done.set_partition_version(summary.partition_version);
   done.set_token_budget(static_cast<uint32_t>(summary.token_budget));
+  done.set_policy(summary.policy);
+  if (summary.telemetry) {
+    const GenerationTelemetry& telemetry = *summary.telemetry;
+    v1::AttentionTelemetry* proto = done.mutable_telemetry();
+    proto->set_num_layers(static_cast<uint32_t>(telemetry.num_layers));
+    proto->set_num_kv_heads(static_cast<uint32_t>(telemetry.num_kv_heads));
+    for (int64_t tokens : telemetry.tokens_attended) proto->add_tokens_attended(static_cast<uint64_t>(tokens));
+    proto->set_decode_steps(static_cast<uint64_t>(telemetry.decode_steps));
+    proto->set_kv_bytes_read(static_cast<uint64_t>(telemetry.kv_bytes_read));
+    proto->set_audited(telemetry.audited);
+    proto->set_max_dropped_mass(telemetry.max_dropped_mass);
+    proto->set_mean_dropped_mass(telemetry.mean_dropped_mass);
+  }
   return done;
+}
+
+absl::StatusOr<PolicySpec> ToPolicySpec(const v1::PolicyOptions& options) {
+  absl::StatusOr<PolicyKind> kind = ParsePolicyKind(options.name());
+  if (!kind.ok()) return absl::InvalidArgumentError(absl::StrCat("attention.policy.name: ", kind.status().message()));
+  PolicySpec spec = PolicySpec::Defaults(*kind);
+  if (options.has_block_size()) spec.block_size = options.block_size();
+  if (options.has_sink_tokens()) spec.sink_tokens = options.sink_tokens();
+  if (options.has_recent_tokens()) spec.recent_tokens = options.recent_tokens();
+  if (options.has_p1()) spec.p1 = options.p1();
+  if (options.has_p2()) spec.p2 = options.p2();
+  if (options.has_clusters()) spec.clusters = options.clusters();
+  if (options.has_kmeans_iterations()) spec.kmeans_iterations = options.kmeans_iterations();
+  if (options.has_tail_tokens()) spec.tail_tokens = options.tail_tokens();
+  if (options.prhs_selectors_size() > 0) {
+    std::string list;
+    for (const std::string& selector : options.prhs_selectors()) absl::StrAppend(&list, list.empty() ? "" : ",", selector);
+    absl::StatusOr<PrhsSelectors> selectors = ParsePrhsSelectors(list);
+    if (!selectors.ok()) {
+      return absl::InvalidArgumentError(absl::StrCat("attention.policy.prhs_selectors: ", selectors.status().message()));
+    }
+    spec.prhs_selectors = *selectors;
+  }
+  if (options.has_prhs_enlargement()) spec.prhs_enlargement = options.prhs_enlargement();
+  if (options.has_prhs_window()) spec.prhs_window = options.prhs_window();
+  spec.tidal_selection_layers.assign(options.tidal_selection_layers().begin(), options.tidal_selection_layers().end());
+  if (options.has_page_size()) spec.page_size = options.page_size();
+  if (options.has_quest_dense_layers()) spec.quest_dense_layers = options.quest_dense_layers();
+  spec.audit = options.audit();
+  return spec;
 }
 
 }  // namespace
@@ -205,6 +248,15 @@ class InferenceServer::Service final : public v1::InferenceService::Service {
     }
     if (attention.has_token_budget()) generation.token_budget = attention.token_budget();
     if (attention.has_partition_version()) generation.partition_version = attention.partition_version();
+    if (!attention.policy().name().empty()) {
+      if (attention.mode() != v1::ATTENTION_MODE_UNSPECIFIED) {
+        return absl::InvalidArgumentError("attention: give a mode or a policy, not both");
+      }
+      LYCHEE_ASSIGN_OR_RETURN(PolicySpec policy, ToPolicySpec(attention.policy()));
+      if (generation.token_budget) policy.token_budget = *generation.token_budget;
+      generation.token_budget.reset();
+      generation.policy = std::move(policy);
+    }
     if (deadline != std::chrono::system_clock::time_point::max()) {
       generation.deadline = std::chrono::steady_clock::now() +
                             std::chrono::duration_cast<std::chrono::steady_clock::duration>(

@@ -70,6 +70,12 @@ TEST_CASE("lychee publishes, generates against the server, and rolls partitions 
   REQUIRE(result.exit_code == 0);
   CHECK(result.output.find("dense") != std::string::npos);
 
+  result = run("generate --server " + server + " --prompt 'The harbour was quiet and' --max-new-tokens 4 --policy prhs --audit --budget 512");
+  INFO(result.output);
+  REQUIRE(result.exit_code == 0);
+  CHECK(result.output.find("[policy prhs budget=512") != std::string::npos);
+  CHECK(result.output.find("dropped attention mass mean") != std::string::npos);
+
   result = run("partitions --server " + server);
   REQUIRE(result.exit_code == 0);
   CHECK(result.output.find("holds 2 partition(s); active: 2") != std::string::npos);

@@ -228,6 +228,52 @@ TEST_CASE("bad requests get the right code and the server goes on") {
   CHECK(last.has_done());
 }
 
+TEST_CASE("a request picks a selection policy and gets its telemetry back") {
+  Fixture fixture;
+  v1::GenerateRequest quest = TextRequest("The harbour was quiet that morning and the old sailor", 6);
+  quest.mutable_attention()->mutable_policy()->set_name("quest");
+  quest.mutable_attention()->mutable_policy()->set_page_size(8);
+  quest.mutable_attention()->mutable_policy()->set_audit(true);
+  quest.mutable_attention()->set_token_budget(16);
+  auto [status, last] = fixture.Generate(quest);
+  REQUIRE(status.ok());
+  REQUIRE(last.has_done());
+  const v1::GenerateDone& done = last.done();
+  CHECK(done.policy().rfind("quest budget=16 page=8", 0) == 0);
+  CHECK(done.token_budget() == 16);
+  REQUIRE(done.has_telemetry());
+  const v1::AttentionTelemetry& telemetry = done.telemetry();
+  CHECK(telemetry.num_layers() == 6);
+  CHECK(telemetry.num_kv_heads() == 2);
+  CHECK(telemetry.tokens_attended_size() == 12);
+  CHECK(telemetry.decode_steps() == done.usage().completion_tokens() - 1);
+  CHECK(telemetry.kv_bytes_read() > 0);
+  CHECK(telemetry.audited());
+  CHECK(telemetry.max_dropped_mass() >= telemetry.mean_dropped_mass());
+  // Layer 2 selects pages within the budget; layer 0 is dense and reads the whole prefix.
+  CHECK(telemetry.tokens_attended(2 * 2) < telemetry.tokens_attended(0));
+
+  v1::GenerateRequest bad_p1 = TextRequest("Hello", 4);
+  bad_p1.mutable_attention()->mutable_policy()->set_name("double-p");
+  bad_p1.mutable_attention()->mutable_policy()->set_p1(1.5);
+  const grpc::Status p1_status = fixture.Generate(bad_p1).first;
+  CHECK(p1_status.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+  CHECK(p1_status.error_message().find("p1") != std::string::npos);
+
+  v1::GenerateRequest unknown = TextRequest("Hello", 4);
+  unknown.mutable_attention()->mutable_policy()->set_name("magic");
+  const grpc::Status unknown_status = fixture.Generate(unknown).first;
+  CHECK(unknown_status.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+  CHECK(unknown_status.error_message().find("magic") != std::string::npos);
+
+  v1::GenerateRequest zero_clusters = TextRequest("Hello", 4);
+  zero_clusters.mutable_attention()->mutable_policy()->set_name("double-p");
+  zero_clusters.mutable_attention()->mutable_policy()->set_clusters(0);
+  const grpc::Status clusters_status = fixture.Generate(zero_clusters).first;
+  CHECK(clusters_status.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+  CHECK(clusters_status.error_message().find("clusters") != std::string::npos);
+}
+
 TEST_CASE("tokenize and detokenize round-trip") {
   Fixture fixture;
   grpc::ClientContext context;

@@ -1,5 +1,6 @@
 #include "tools/lychee/inference_commands.h"
 
+#include <algorithm>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -77,9 +78,9 @@ absl::Status RunRemoteGenerate(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(
       Args args, Args::Parse(argv,
                              WithConnectionFlags({"server", "prompt", "prompt-file", "max-new-tokens", "temperature",
-                                                  "top-p", "seed", "stop", "attention", "budget", "partition-version",
-                                                  "timeout"}),
-                             {"print-ids"}));
+                                                  "top-p", "seed", "stop", "attention", "policy", "budget",
+                                                  "partition-version", "timeout"}),
+                             {"print-ids", "audit"}));
   v1::GenerateRequest request;
   LYCHEE_RETURN_IF_ERROR(ReadPrompt(args, request));
   LYCHEE_ASSIGN_OR_RETURN(const int64_t max_new_tokens, args.GetInt("max-new-tokens", 64));
@@ -102,6 +103,11 @@ absl::Status RunRemoteGenerate(const std::vector<std::string>& argv) {
     attention->set_mode(v1::ATTENTION_MODE_HYBRID);
   } else if (!mode.empty()) {
     return absl::InvalidArgumentError(absl::StrCat("--attention must be dense or hybrid, got '", mode, "'"));
+  }
+  if (args.Has("policy")) attention->mutable_policy()->set_name(*args.Get("policy"));
+  if (args.Has("audit")) {
+    if (!args.Has("policy")) return absl::InvalidArgumentError("--audit goes with --policy");
+    attention->mutable_policy()->set_audit(true);
   }
   if (args.Has("budget")) {
     LYCHEE_ASSIGN_OR_RETURN(const int64_t budget, args.GetInt("budget", 0));
@@ -142,6 +148,20 @@ absl::Status RunRemoteGenerate(const std::vector<std::string>& argv) {
                       ? absl::StrCat("hybrid, partition ", done->partition_version(), ", budget ", done->token_budget())
                       : std::string("dense"))
               << "; ended by " << FinishReasonName(done->finish_reason()) << "]\n";
+    if (!done->policy().empty()) std::cerr << "[policy " << done->policy() << "]\n";
+    if (done->has_telemetry() && done->telemetry().decode_steps() > 0) {
+      const v1::AttentionTelemetry& telemetry = done->telemetry();
+      uint64_t tokens = 0;
+      for (uint64_t count : telemetry.tokens_attended()) tokens += count;
+      const double steps = static_cast<double>(telemetry.decode_steps());
+      std::cerr << "[per decode step: " << static_cast<double>(tokens) / steps / std::max(1, telemetry.tokens_attended_size())
+                << " positions per KV head, " << static_cast<double>(telemetry.kv_bytes_read()) / steps / (1 << 20)
+                << " MiB of KV read"
+                << (telemetry.audited() ? absl::StrCat("; dropped attention mass mean ", telemetry.mean_dropped_mass(),
+                                                       ", max ", telemetry.max_dropped_mass())
+                                        : std::string())
+                << "]\n";
+    }
   }
   return absl::OkStatus();
 }

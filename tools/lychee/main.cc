@@ -55,9 +55,11 @@ commands that talk to a lychee-trainer (all take [--trainer HOST:PORT], default 
 
 commands that talk to a lychee-inference (all take [--server HOST:PORT], default 127.0.0.1:50062):
   generate --server HOST:PORT (--prompt TEXT | --prompt-file FILE) [--max-new-tokens N]
-           [--temperature T] [--top-p P] [--seed S] [--stop TEXT] [--attention dense|hybrid]
-           [--budget TOKENS] [--partition-version V] [--timeout SECONDS] [--print-ids]
-      streams the generation; a summary (tokens, latency, partition version) goes to stderr
+           [--temperature T] [--top-p P] [--seed S] [--stop TEXT] [--attention dense|hybrid |
+           --policy dense|lychee|double-p|prhs|streaming|tidal|quest [--audit]] [--budget TOKENS]
+           [--partition-version V] [--timeout SECONDS] [--print-ids]
+      streams the generation; a summary (tokens, latency, partition version, the policy's
+      telemetry) goes to stderr
   server-info        model, active partition, trainer connection, rejected partitions, load
   activate VERSION   serves VERSION to new sequences
   rollback           back to the partition active before the current one
