@@ -1,13 +1,11 @@
 // lychee-inference: the generation server (lychee.v1.InferenceService).
-#include <pthread.h>
-#include <signal.h>
-
 #include <iostream>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/heap_tuning.h"
+#include "common/shutdown_signals.h"
 #include "common/status_macros.h"
 #include "inference/service.h"
 #include "tools/lychee/args.h"
@@ -103,13 +101,7 @@ absl::Status Serve(const std::vector<std::string>& argv) {
   }
   engine.hybrid_by_default = default_attention == "hybrid";
 
-  // SIGINT and SIGTERM are taken by sigwait below, not by whichever thread they hit: blocked
-  // here, before any thread starts, so that every thread inherits the mask.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  const sigset_t signals = lychee::BlockShutdownSignals();
 
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<lychee::InferenceServer> server, lychee::InferenceServer::Start(options));
   std::cerr << "lychee-inference: serving lychee.v1.InferenceService on port " << server->port() << " ("
@@ -123,8 +115,7 @@ absl::Status Serve(const std::vector<std::string>& argv) {
     std::cerr << ", following trainer " << options.trainer_address << (options.trainer_tls.enabled() ? " over TLS" : "");
   }
   std::cerr << std::endl;
-  int signal_number = 0;
-  sigwait(&signals, &signal_number);
+  const int signal_number = lychee::WaitForShutdownSignal(signals);
   std::cerr << "lychee-inference: signal " << signal_number << ", shutting down\n";
   server->Shutdown();
   return absl::OkStatus();

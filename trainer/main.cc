@@ -1,13 +1,11 @@
 // lychee-trainer: the calibration job server (lychee.v1.TrainerService).
-#include <pthread.h>
-#include <signal.h>
-
 #include <iostream>
 #include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/heap_tuning.h"
+#include "common/shutdown_signals.h"
 #include "common/status_macros.h"
 #include "tools/lychee/args.h"
 #include "trainer/job_runner.h"
@@ -72,13 +70,7 @@ absl::Status Serve(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(lychee::CalibrationRunner runner,
                           lychee::MakeCalibrationRunner(args.GetOr("device", "cpu"), static_cast<int>(threads)));
 
-  // SIGINT and SIGTERM are taken by sigwait below, not by whichever thread they hit: blocked
-  // here, before any thread starts, so that every thread inherits the mask.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGINT);
-  sigaddset(&signals, SIGTERM);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  const sigset_t signals = lychee::BlockShutdownSignals();
 
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<lychee::TrainerServer> server,
                           lychee::TrainerServer::Start(options, std::move(runner)));
@@ -87,8 +79,7 @@ absl::Status Serve(const std::vector<std::string>& argv) {
             << (options.tls.client_ca_file.empty() ? (options.tls.enabled() ? "TLS" : "plaintext") : "mutual TLS")
             << ", admin RPCs " << (options.access.admin_token_file.empty() ? "open" : "need the admin token")
             << ", registry " << options.registry_dir << "\n";
-  int signal_number = 0;
-  sigwait(&signals, &signal_number);
+  const int signal_number = lychee::WaitForShutdownSignal(signals);
   std::cerr << "lychee-trainer: signal " << signal_number << ", shutting down\n";
   server->Shutdown();
   return absl::OkStatus();
