@@ -183,10 +183,11 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
   } else {
     LYCHEE_ASSIGN_OR_RETURN(model->lm_head_, weights.Load("lm_head.weight", {c.vocab_size, c.hidden_size}));
   }
-  model->layers_.resize(c.num_layers);
+  // Grown layer by layer, not sized from config.json up front: a layer count the checkpoint does
+  // not back ends at its first missing tensor instead of in an allocation.
   for (int64_t i = 0; i < c.num_layers; ++i) {
     const std::string prefix = absl::StrCat("model.layers.", i, ".");
-    Layer& layer = model->layers_[i];
+    Layer layer;
     LYCHEE_ASSIGN_OR_RETURN(layer.input_norm, weights.Load(prefix + "input_layernorm.weight", {c.hidden_size}));
     LYCHEE_ASSIGN_OR_RETURN(layer.post_attention_norm,
                             weights.Load(prefix + "post_attention_layernorm.weight", {c.hidden_size}));
@@ -214,6 +215,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
     layer.gate_up_weight = at::cat({gate, up}, 0);
     LYCHEE_ASSIGN_OR_RETURN(layer.down_weight,
                             weights.Load(prefix + "mlp.down_proj.weight", {c.hidden_size, c.intermediate_size}));
+    model->layers_.push_back(std::move(layer));
   }
   model->rope_inv_freq_ = RopeInverseFrequencies(c).to(options.device);
   return model;

@@ -204,11 +204,20 @@ TEST_CASE("a missing or corrupt model directory is an error naming the file") {
   // A config whose sizes disagree with the weights names the tensor.
   std::ifstream original(kModelDir + "/config.json");
   nlohmann::json config = nlohmann::json::parse(original);
+  const nlohmann::json original_intermediate_size = config["intermediate_size"];
   config["intermediate_size"] = 2048;
   std::ofstream(dir + "/config.json") << config.dump();
   auto mismatched = Model::Load(dir);
   REQUIRE_FALSE(mismatched.ok());
   CHECK_THAT(std::string(mismatched.status().message()), Catch::Contains("mlp.gate_proj.weight"));
+
+  // More layers than the checkpoint holds ends at the first missing one, not in an allocation.
+  config["intermediate_size"] = original_intermediate_size;
+  config["num_hidden_layers"] = 2000000000;
+  std::ofstream(dir + "/config.json") << config.dump();
+  auto too_many_layers = Model::Load(dir);
+  REQUIRE_FALSE(too_many_layers.ok());
+  CHECK_THAT(std::string(too_many_layers.status().message()), Catch::Contains("model.layers.6."));
 }
 
 }  // namespace
