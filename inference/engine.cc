@@ -480,12 +480,14 @@ class InferenceEngine::Impl {
     }
     if (batch.empty()) return;
     absl::StatusOr<at::Tensor> logits = model_->Decode(sequences, ids);
+    if (!logits.ok()) {
+      for (Running* running : batch) Finish(*running, logits.status());
+      return;
+    }
+    // One device-to-host copy for the whole batch, not one per sequence inside the sampler.
+    const at::Tensor host_logits = logits->to(at::kCPU);
     for (size_t i = 0; i < batch.size(); ++i) {
-      if (!logits.ok()) {
-        Finish(*batch[i], logits.status());
-      } else {
-        HandleToken(*batch[i], batch[i]->sampler.Next((*logits)[static_cast<int64_t>(i)]));
-      }
+      HandleToken(*batch[i], batch[i]->sampler.Next(host_logits[static_cast<int64_t>(i)]));
     }
   }
 

@@ -11,6 +11,7 @@
 
 #include "tests/process.h"
 #include "tests/run_command.h"
+#include "tests/server_processes.h"
 #include "tests/temp_dir.h"
 
 namespace lychee {
@@ -18,18 +19,7 @@ namespace {
 
 using namespace std::chrono_literals;
 
-int PortFromLog(const std::string& log_path, const std::string& service) {
-  const auto until = std::chrono::steady_clock::now() + 60s;
-  while (std::chrono::steady_clock::now() < until) {
-    std::ifstream in(log_path);
-    const std::string log(std::istreambuf_iterator<char>(in), {});
-    std::smatch match;
-    if (std::regex_search(log, match, std::regex(service + " on port ([0-9]+)"))) return std::stoi(match[1]);
-    std::this_thread::sleep_for(50ms);
-  }
-  FAIL("no port in " << log_path);
-  return 0;
-}
+using testing::PortFromLog;
 
 TEST_CASE("lychee publishes, generates against the server, and rolls partitions out and back") {
   testing::TempDir dir;

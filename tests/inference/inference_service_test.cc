@@ -1,13 +1,9 @@
 // lychee.v1.InferenceService in process, over loopback gRPC, with a stand-in trainer that
 // streams a good partition and a bad one: status codes for bad requests, streaming, admin RPCs,
 // rejection reporting, metrics, cancellation and deadlines.
-#include <arpa/inet.h>
 #include <grpcpp/client_context.h>
 #include <grpcpp/create_channel.h>
 #include <grpcpp/server_builder.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
 
 #include <catch2/catch.hpp>
 
@@ -18,6 +14,7 @@
 #include "inference/service.h"
 #include "lychee/v1/inference.grpc.pb.h"
 #include "lychee/v1/trainer.grpc.pb.h"
+#include "tests/http_get.h"
 #include "tests/temp_dir.h"
 
 namespace lychee {
@@ -55,21 +52,7 @@ v1::HeadPartition PartitionProto(uint64_t version, int64_t layers, const std::st
   return HeadPartitionToProto(partition);
 }
 
-std::string HttpGet(int port, const std::string& path) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(static_cast<uint16_t>(port));
-  inet_pton(AF_INET, "127.0.0.1", &address.sin_addr);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) return "";
-  const std::string request = "GET " + path + " HTTP/1.0\r\n\r\n";
-  if (write(fd, request.data(), request.size()) < 0) return "";
-  std::string response;
-  char buffer[4096];
-  for (ssize_t n; (n = read(fd, buffer, sizeof buffer)) > 0;) response.append(buffer, static_cast<size_t>(n));
-  close(fd);
-  return response;
-}
+using testing::HttpGet;
 
 struct Fixture {
   testing::TempDir state;

@@ -1,38 +1,15 @@
 #include "inference/metrics.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <catch2/catch.hpp>
 
 #include <string>
 
+#include "tests/http_get.h"
+
 namespace lychee {
 namespace {
 
-// One HTTP/1.0 GET on 127.0.0.1; the whole response, headers included.
-std::string HttpGet(int port, const std::string& path) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  REQUIRE(fd >= 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_port = htons(static_cast<uint16_t>(port));
-  inet_pton(AF_INET, "127.0.0.1", &address.sin_addr);
-  REQUIRE(connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0);
-  const std::string request = "GET " + path + " HTTP/1.0\r\n\r\n";
-  REQUIRE(write(fd, request.data(), request.size()) == static_cast<ssize_t>(request.size()));
-  std::string response;
-  char buffer[4096];
-  while (true) {
-    const ssize_t n = read(fd, buffer, sizeof buffer);
-    if (n <= 0) break;
-    response.append(buffer, static_cast<size_t>(n));
-  }
-  close(fd);
-  return response;
-}
+using testing::HttpGet;
 
 TEST_CASE("the registry renders the text exposition format") {
   MetricsRegistry registry;

@@ -21,6 +21,7 @@
 #include "lychee/v1/inference.grpc.pb.h"
 #include "lychee/v1/trainer.grpc.pb.h"
 #include "tests/process.h"
+#include "tests/server_processes.h"
 #include "tests/temp_dir.h"
 
 namespace lychee {
@@ -29,41 +30,12 @@ namespace {
 using namespace std::chrono_literals;
 using Clock = std::chrono::steady_clock;
 
-constexpr char kModelName[] = "tiny-llama-retrieval";
 constexpr int kClients = 8;
 
-std::string ReadAll(const std::string& path) {
-  std::ifstream in(path);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-// Waits for `condition`, polling; fails the test with `what` after `timeout`.
-void WaitFor(const std::string& what, std::chrono::milliseconds timeout, const std::function<bool()>& condition) {
-  const auto until = Clock::now() + timeout;
-  while (Clock::now() < until) {
-    if (condition()) return;
-    std::this_thread::sleep_for(50ms);
-  }
-  FAIL("timed out waiting for " << what);
-}
-
-// The port a server printed in its log ("... on port N ...").
-int PortFromLog(const std::string& log_path, const std::string& pattern) {
-  int port = 0;
-  WaitFor("a server to print its port in " + log_path, 60s, [&] {
-    std::smatch match;
-    const std::string log = ReadAll(log_path);
-    if (std::regex_search(log, match, std::regex(pattern + " on port ([0-9]+)"))) port = std::stoi(match[1]);
-    return port != 0;
-  });
-  return port;
-}
-
-std::unique_ptr<grpc::ClientContext> Context(std::chrono::seconds timeout = 30s) {
-  auto context = std::make_unique<grpc::ClientContext>();
-  context->set_deadline(std::chrono::system_clock::now() + timeout);
-  return context;
-}
+using testing::Context;
+using testing::kModelName;
+using testing::PortFromLog;
+using testing::WaitFor;
 
 struct Trainer {
   std::unique_ptr<testing::ChildProcess> process;

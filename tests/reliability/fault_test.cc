@@ -17,7 +17,7 @@
 
 #include "common/durable_file.h"
 #include "common/partition_store.h"
-#include "tests/reliability/servers.h"
+#include "tests/server_processes.h"
 #include "tests/temp_dir.h"
 
 namespace lychee::testing {
@@ -448,7 +448,7 @@ std::vector<std::string> EntriesUnder(const fs::path& dir) {
   return entries;
 }
 
-TEST_CASE("a full disk and a read-only registry refuse publishing cleanly and publishing resumes after") {
+TEST_CASE("a full disk and a read-only registry refuse publishing cleanly and publishing resumes after", "[disk]") {
   TempDir dir;
   SmallFilesystem disk;
   const fs::path mount_point = dir.path / "small";
@@ -525,7 +525,7 @@ TEST_CASE("a full disk and a read-only registry refuse publishing cleanly and pu
   CHECK(trainer->log_text().find("partition registry:") == std::string::npos);
 }
 
-TEST_CASE("an inference service whose state directory is full keeps serving its active version") {
+TEST_CASE("an inference service whose state directory is full keeps serving its active version", "[disk]") {
   TempDir dir;
   SmallFilesystem disk;
   const fs::path state = dir.path / "state";

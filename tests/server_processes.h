@@ -1,5 +1,6 @@
-// lychee-trainer and lychee-inference as real processes for the fault tests: started with their
-// output in a log file, reached over loopback gRPC, killed with SIGKILL when a test says so.
+// lychee-trainer and lychee-inference as real processes for the integration, CLI and fault tests:
+// started with their output in a log file, reached over loopback gRPC, killed with SIGKILL when a
+// test says so.
 #pragma once
 
 #include <grpcpp/client_context.h>
@@ -56,7 +57,7 @@ inline std::unique_ptr<grpc::ClientContext> Context(std::chrono::seconds timeout
 
 // The port a server printed in its log ("<service> on port N"), printed after the one that
 // `skip_bytes` of the log already held (a restart appends to the same log).
-inline int PortFromLog(const std::string& log_path, const std::string& service, size_t skip_bytes) {
+inline int PortFromLog(const std::string& log_path, const std::string& service, size_t skip_bytes = 0) {
   int port = 0;
   WaitFor("a server to print its port in " + log_path, 120s, [&] {
     std::smatch match;
