@@ -1,6 +1,7 @@
-// Attention backends on the CUDA kernels (kernels/cuda), for bf16 models on the GPU: decode steps
-// run as one batched launch per layer; prefill stays the exact matmul attention of
-// DenseAttention. Built only with a CUDA LibTorch (LYCHEE_TORCH_CUDA).
+// Attention backends on the CUDA kernels (kernels/cuda), for bf16 models on the GPU: dense and
+// hybrid decode steps run as one batched launch per layer, the other policies' one sequence at a
+// time; prefill stays the exact matmul attention of DenseAttention. Built only with a CUDA
+// LibTorch (LYCHEE_TORCH_CUDA).
 #pragma once
 
 #include <memory>
@@ -9,6 +10,7 @@
 #include "common/attention.h"
 #include "common/head_partition.h"
 #include "common/model_config.h"
+#include "kernels/policy.h"
 
 namespace lychee {
 
@@ -18,5 +20,12 @@ std::shared_ptr<const AttentionBackend> MakeCudaDenseAttention();
 // Hybrid-head decoding with `partition`: the same function as HybridAttentionBackend.
 absl::StatusOr<std::shared_ptr<const AttentionBackend>> MakeCudaHybridAttention(
     std::shared_ptr<const HeadPartition> partition, const ModelConfig& config);
+
+// Quest, PrHS and Double-P (kernels/cuda_policies.cc): the same functions as their references in
+// kernels/policies/policies.h, for validated specs. Quest needs a power-of-two page size
+// (MakePolicyBackend checks). Like the other CUDA backends they keep no telemetry.
+std::shared_ptr<const AttentionBackend> MakeCudaQuestAttention(const PolicySpec& spec);
+std::shared_ptr<const AttentionBackend> MakeCudaPrhsAttention(const PolicySpec& spec);
+std::shared_ptr<const AttentionBackend> MakeCudaDoublePAttention(const PolicySpec& spec);
 
 }  // namespace lychee

@@ -10,6 +10,11 @@
 #endif
 
 namespace lychee {
+namespace {
+
+[[maybe_unused]] bool IsPowerOfTwo(int64_t x) { return x > 0 && (x & (x - 1)) == 0; }
+
+}  // namespace
 
 absl::StatusOr<std::shared_ptr<const AttentionBackend>> MakePolicyBackend(
     const PolicySpec& spec, const ModelConfig& config, std::shared_ptr<const HeadPartition> partition,
@@ -47,14 +52,23 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> MakePolicyBackend(
       return std::shared_ptr<const AttentionBackend>(std::move(hybrid));
     }
     case PolicyKind::kDoubleP:
+#ifdef LYCHEE_CUDA_ATTENTION
+      if (on_cuda_kernels) return MakeCudaDoublePAttention(spec);
+#endif
       return MakeDoublePBackend(spec);
     case PolicyKind::kPrhs:
+#ifdef LYCHEE_CUDA_ATTENTION
+      if (on_cuda_kernels) return MakeCudaPrhsAttention(spec);
+#endif
       return MakePrhsBackend(spec);
     case PolicyKind::kStreaming:
       return MakeStreamingBackend(spec, std::move(partition));
     case PolicyKind::kTidal:
       return MakeTidalBackend(spec, config.num_layers);
     case PolicyKind::kQuest:
+#ifdef LYCHEE_CUDA_ATTENTION
+      if (on_cuda_kernels && IsPowerOfTwo(spec.page_size)) return MakeCudaQuestAttention(spec);
+#endif
       return MakeQuestBackend(spec);
   }
   return absl::InvalidArgumentError("policy: unknown kind");

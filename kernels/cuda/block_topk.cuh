@@ -5,6 +5,7 @@
 #pragma once
 
 #include "kernels/cuda/common.cuh"
+#include "kernels/cuda/hybrid_decode.h"
 
 namespace lychee {
 namespace cuda {
@@ -13,6 +14,16 @@ namespace device {
 struct SelectConfig {
   int block_size, log2_block_size, budget_blocks, sink_tokens, recent_tokens;
 };
+
+// Host side: log2 of a power of two, and the kernels' form of a selection config.
+inline int Log2(int power_of_two) {
+  int r = 0;
+  while ((1 << r) < power_of_two) ++r;
+  return r;
+}
+inline SelectConfig ToSelectConfig(const BlockSelectionConfig& c) {
+  return {c.block_size, Log2(c.block_size), c.budget_blocks(), c.sink_tokens, c.recent_tokens};
+}
 
 // Block-wide exclusive scan of 0/1 flags in thread order (kThreads a multiple of 32). Returns the
 // exclusive prefix; *total gets the sum. Contains two barriers; every thread must call it.

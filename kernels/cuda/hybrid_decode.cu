@@ -11,16 +11,6 @@ namespace lychee {
 namespace cuda {
 namespace {
 
-int Log2(int x) {
-  int r = 0;
-  while ((1 << r) < x) ++r;
-  return r;
-}
-
-device::SelectConfig ToSelectConfig(const BlockSelectionConfig& c) {
-  return {c.block_size, Log2(c.block_size), c.budget_blocks(), c.sink_tokens, c.recent_tokens};
-}
-
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
 
 }  // namespace
@@ -86,7 +76,7 @@ cudaError_t LaunchHybridDecode(const HybridDecodeArgs& a, const HybridPlan& plan
   p.num_work = plan.num_work;
   p.num_merge = plan.num_merge;
   p.num_select = plan.num_select;
-  p.select = ToSelectConfig(config);
+  p.select = device::ToSelectConfig(config);
   const double scale = a.scale > 0 ? a.scale : 1.0 / std::sqrt(static_cast<double>(shape.head_dim));
   p.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
 
@@ -112,7 +102,7 @@ cudaError_t LaunchBlockSelect(const float* scores, const SelectItem* items, int 
     return cudaErrorInvalidValue;
   }
   device::BlockSelectKernel<device::kPostThreads><<<num_items, device::kPostThreads, 0, stream>>>(
-      scores, reinterpret_cast<const int4*>(items), ToSelectConfig(config), sel_indices, sel_counts,
+      scores, reinterpret_cast<const int4*>(items), device::ToSelectConfig(config), sel_indices, sel_counts,
       sel_batch_stride, sel_head_stride, sel_count_batch_stride);
   return cudaGetLastError();
 }

@@ -35,6 +35,21 @@ KeyClusters EmptyClusters(int64_t at, int64_t dim, at::Device device) {
   return none;
 }
 
+// The sink, everything from the end of the clusters on (the tail and the recent window), and
+// the members of the exact clusters.
+at::Tensor ExactPositions(const KeyClusters& clusters, const std::vector<int64_t>& exact_clusters, int64_t length,
+                          at::Device device) {
+  auto options = at::TensorOptions().dtype(at::kLong).device(device);
+  std::vector<at::Tensor> parts = {at::arange(std::min(clusters.first, length), options)};
+  if (!exact_clusters.empty()) {
+    at::Tensor chosen = at::zeros({clusters.sizes.size(0)}, options.dtype(at::kBool));
+    chosen.index_fill_(0, at::tensor(exact_clusters, at::kLong).to(device), true);
+    parts.push_back(chosen.index_select(0, clusters.assignment).nonzero().squeeze(1) + clusters.first);
+  }
+  if (clusters.end < length) parts.push_back(at::arange(clusters.end, length, options));
+  return at::cat(parts);
+}
+
 class DoublePBackend : public AttentionBackend {
  public:
   explicit DoublePBackend(const PolicySpec& spec) : spec_(spec) {}
@@ -58,67 +73,48 @@ class DoublePBackend : public AttentionBackend {
       at::Tensor queries = input.queries.narrow(0, head * group, group);
       at::Tensor keys = input.keys[head];
       at::Tensor values = input.values[head];
-      const KeyClusters& clusters = UpdateClusters(state.Slot(input.layer, head, num_kv_heads), keys, values);
-      const DoublePPlan plan = PlanDoubleP(queries.squeeze(1), clusters, input.scale, spec_.p1, spec_.p2);
-      at::Tensor exact = ExactPositions(clusters, plan.exact_clusters, length, keys.device());
-      outputs.push_back(
-          DoublePAttention(queries, keys, values, exact, clusters, plan.approximated_clusters, input.scale));
-      const int64_t num_clusters = clusters.sizes.size(0);
-      AccountHead(&state, input.layer, head, num_kv_heads, exact.numel(), bytes_per_position,
-                  (num_clusters + static_cast<int64_t>(plan.approximated_clusters.size())) * bytes_per_vector);
-      AuditDroppedMass(&state, queries, keys, exact, input.scale);
+      const KeyClusters& clusters =
+          UpdateDoublePClusters(state.Slot(input.layer, head, num_kv_heads), keys, values, spec_);
+      DoublePHeadResult result = DoublePHeadAttention(queries, keys, values, clusters, input.scale, spec_);
+      outputs.push_back(result.output);
+      AccountHead(&state, input.layer, head, num_kv_heads, result.exact_positions.numel(), bytes_per_position,
+                  (clusters.sizes.size(0) + result.approximated_clusters) * bytes_per_vector);
+      AuditDroppedMass(&state, queries, keys, result.exact_positions, input.scale);
     }
     return at::cat(outputs, 0);
   }
 
  private:
-  // Clusters [sink, length - recent) at the first call; later, once the tail between the clusters
-  // and the recent window holds tail_tokens, clusters it too.
-  const KeyClusters& UpdateClusters(std::optional<KeyClusters>& slot, const at::Tensor& keys,
-                                    const at::Tensor& values) const {
-    const int64_t length = keys.size(0);
-    const int64_t window_begin = std::max(spec_.sink_tokens, length - spec_.recent_tokens);
-    if (!slot) {
-      slot = EmptyClusters(spec_.sink_tokens, keys.size(1), keys.device());
-      if (window_begin > spec_.sink_tokens) {
-        slot = KMeansClusters(keys.narrow(0, slot->first, window_begin - slot->first),
-                              values.narrow(0, slot->first, window_begin - slot->first), slot->first,
-                              spec_.clusters, spec_.kmeans_iterations);
-      }
-      return *slot;
-    }
-    const int64_t tail = window_begin - slot->end;
-    if (tail >= spec_.tail_tokens) {
-      const int64_t clustered = slot->end - slot->first;
-      const int64_t existing = slot->sizes.size(0);
-      const int64_t count =
-          existing == 0 ? spec_.clusters
-                        : std::max<int64_t>(1, std::llround(static_cast<double>(tail) * existing / clustered));
-      AppendClusters(*slot, KMeansClusters(keys.narrow(0, slot->end, tail), values.narrow(0, slot->end, tail),
-                                           slot->end, count, spec_.kmeans_iterations));
-    }
-    return *slot;
-  }
-
-  // The sink, everything from the end of the clusters on (the tail and the recent window), and
-  // the members of the exact clusters.
-  static at::Tensor ExactPositions(const KeyClusters& clusters, const std::vector<int64_t>& exact_clusters,
-                                   int64_t length, at::Device device) {
-    auto options = at::TensorOptions().dtype(at::kLong).device(device);
-    std::vector<at::Tensor> parts = {at::arange(std::min(clusters.first, length), options)};
-    if (!exact_clusters.empty()) {
-      at::Tensor chosen = at::zeros({clusters.sizes.size(0)}, options.dtype(at::kBool));
-      chosen.index_fill_(0, at::tensor(exact_clusters, at::kLong).to(device), true);
-      parts.push_back(chosen.index_select(0, clusters.assignment).nonzero().squeeze(1) + clusters.first);
-    }
-    if (clusters.end < length) parts.push_back(at::arange(clusters.end, length, options));
-    return at::cat(parts);
-  }
-
   PolicySpec spec_;
 };
 
 }  // namespace
+
+const KeyClusters& UpdateDoublePClusters(std::optional<KeyClusters>& slot, const at::Tensor& keys,
+                                         const at::Tensor& values, const PolicySpec& spec) {
+  const int64_t length = keys.size(0);
+  const int64_t window_begin = std::max(spec.sink_tokens, length - spec.recent_tokens);
+  if (!slot) {
+    slot = EmptyClusters(spec.sink_tokens, keys.size(1), keys.device());
+    if (window_begin > spec.sink_tokens) {
+      slot = KMeansClusters(keys.narrow(0, slot->first, window_begin - slot->first),
+                            values.narrow(0, slot->first, window_begin - slot->first), slot->first, spec.clusters,
+                            spec.kmeans_iterations);
+    }
+    return *slot;
+  }
+  const int64_t tail = window_begin - slot->end;
+  if (tail >= spec.tail_tokens) {
+    const int64_t clustered = slot->end - slot->first;
+    const int64_t existing = slot->sizes.size(0);
+    const int64_t count =
+        existing == 0 ? spec.clusters
+                      : std::max<int64_t>(1, std::llround(static_cast<double>(tail) * existing / clustered));
+    AppendClusters(*slot, KMeansClusters(keys.narrow(0, slot->end, tail), values.narrow(0, slot->end, tail), slot->end,
+                                         count, spec.kmeans_iterations));
+  }
+  return *slot;
+}
 
 KeyClusters KMeansClusters(const at::Tensor& keys, const at::Tensor& values, int64_t first, int64_t clusters,
                            int64_t iterations) {
@@ -212,6 +208,17 @@ at::Tensor DoublePAttention(const at::Tensor& queries, const at::Tensor& keys, c
     entry_values = at::cat({entry_values, clusters.value_sums.index_select(0, chosen) / sizes.unsqueeze(1)});
   }
   return at::mm(at::softmax(logits, -1), entry_values).unsqueeze(1).to(queries.scalar_type());
+}
+
+DoublePHeadResult DoublePHeadAttention(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
+                                       const KeyClusters& clusters, double scale, const PolicySpec& spec) {
+  const DoublePPlan plan = PlanDoubleP(queries.squeeze(1), clusters, scale, spec.p1, spec.p2);
+  DoublePHeadResult result;
+  result.exact_positions = ExactPositions(clusters, plan.exact_clusters, keys.size(0), keys.device());
+  result.approximated_clusters = static_cast<int64_t>(plan.approximated_clusters.size());
+  result.output =
+      DoublePAttention(queries, keys, values, result.exact_positions, clusters, plan.approximated_clusters, scale);
+  return result;
 }
 
 std::shared_ptr<const AttentionBackend> MakeDoublePBackend(const PolicySpec& spec) {

@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "common/attention.h"
@@ -54,6 +55,11 @@ KeyClusters KMeansClusters(const at::Tensor& keys, const at::Tensor& values, int
                            int64_t iterations);
 // Appends `more` (clusters of later positions, more.first == into.end) to `into`.
 void AppendClusters(KeyClusters& into, const KeyClusters& more);
+// A KV head's clusters at a decode step over its keys and values [L, D]: made over
+// [sink, L - recent) at the first call (empty when that range is); later, once the tail between
+// the clusters and the recent window holds spec.tail_tokens, the tail is clustered and appended.
+const KeyClusters& UpdateDoublePClusters(std::optional<KeyClusters>& slot, const at::Tensor& keys,
+                                         const at::Tensor& values, const PolicySpec& spec);
 
 // Double-P's two-stage plan for one KV head: cluster masses averaged over the group's queries
 // [G, D] (softmax over clusters of q.C * scale + log size), ranked; a cluster is kept in stage 1
@@ -71,6 +77,15 @@ DoublePPlan PlanDoubleP(const at::Tensor& queries, const KeyClusters& clusters, 
 at::Tensor DoublePAttention(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
                             const at::Tensor& exact_positions, const KeyClusters& clusters,
                             const std::vector<int64_t>& approximated, double scale);
+
+// One KV head's decode step of Double-P over its clusters: the plan, then the attention.
+struct DoublePHeadResult {
+  at::Tensor output;           // [G, 1, D]
+  at::Tensor exact_positions;  // int64, ascending
+  int64_t approximated_clusters = 0;
+};
+DoublePHeadResult DoublePHeadAttention(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
+                                       const KeyClusters& clusters, double scale, const PolicySpec& spec);
 
 // PrHS: the pre-hoc priority of each of `num_blocks` blocks from a carried-over block mass
 // (-1 where unknown): the largest mass within `enlargement` blocks of it; -1 where none is known.

@@ -1,12 +1,14 @@
 // The CUDA attention backends inside the bundled model (bf16 on the GPU) against the LibTorch
 // reference backends on the same device: the same logits within bf16 noise (0.156 dense and
-// 0.125 hybrid seen on an H100), and a batch of sequences of different lengths equal to each decoded alone.
+// 0.125 hybrid seen on an H100), and a batch of sequences of different lengths equal to each
+// decoded alone. Dense, hybrid, Quest, PrHS and Double-P.
 #include "tests/torch_catch.h"
 
 #include "common/model.h"
 #include "kernels/cuda_attention.h"
 #include "kernels/dense_attention.h"
 #include "kernels/hybrid_attention.h"
+#include "kernels/policies/policies.h"
 
 namespace lychee {
 namespace {
@@ -53,12 +55,21 @@ TEST_CASE("CUDA backends decode as the reference backends do", "[cuda]") {
   auto reference_hybrid = HybridAttentionBackend::Create(shared, config);
   REQUIRE(reference_hybrid.ok());
 
+  PolicySpec quest = PolicySpec::Defaults(PolicyKind::kQuest);
+  quest.token_budget = 512;
+  PolicySpec prhs = PolicySpec::Defaults(PolicyKind::kPrhs);
+  prhs.token_budget = 512;
+  PolicySpec double_p = PolicySpec::Defaults(PolicyKind::kDoubleP);
+
   const std::vector<std::vector<int32_t>> prompts = {Prompt(3000, 1), Prompt(1234, 2), Prompt(70, 3)};
   const struct {
     const char* name;
     std::shared_ptr<const AttentionBackend> cuda, reference;
   } pairs[] = {{"dense", MakeCudaDenseAttention(), std::make_shared<DenseAttentionBackend>()},
-               {"hybrid", *cuda_hybrid, *reference_hybrid}};
+               {"hybrid", *cuda_hybrid, *reference_hybrid},
+               {"quest", MakeCudaQuestAttention(quest), MakeQuestBackend(quest)},
+               {"prhs", MakeCudaPrhsAttention(prhs), MakePrhsBackend(prhs)},
+               {"double-p", MakeCudaDoublePAttention(double_p), MakeDoublePBackend(double_p)}};
   for (const auto& pair : pairs) {
     const auto fast = DecodeBatch(**model, pair.cuda, prompts, 6);
     const auto reference = DecodeBatch(**model, pair.reference, prompts, 6);
