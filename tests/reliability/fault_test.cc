@@ -448,81 +448,110 @@ std::vector<std::string> EntriesUnder(const fs::path& dir) {
   return entries;
 }
 
-TEST_CASE("a full disk and a read-only registry refuse publishing cleanly and publishing resumes after", "[disk]") {
+// A trainer whose registry, and an inference service whose state directory, sit on a 1 MiB tmpfs,
+// with version 1 published and active.
+struct ServicesOnSmallDisk {
   TempDir dir;
   SmallFilesystem disk;
-  const fs::path mount_point = dir.path / "small";
-  if (const std::string why = disk.Mount(mount_point, "1m"); !why.empty()) {
-    WARN("SKIPPED: cannot mount a small tmpfs for the full-disk and read-only tests (mount: "
-         << why << "; needs CAP_SYS_ADMIN, e.g. root outside a restricted container)");
+  fs::path mount_point = dir.path / "small";
+  fs::path registry = mount_point / "registry";
+  std::unique_ptr<Server> trainer, inference;
+  std::unique_ptr<v1::TrainerService::Stub> stub;
+  std::unique_ptr<v1::InferenceService::Stub> inference_stub;
+  std::map<uint64_t, v1::HeadPartition> acknowledged;
+  std::vector<std::string> files_before;
+
+  // Empty when the services run; else why the tmpfs could not be mounted.
+  std::string Start() {
+    if (std::string why = disk.Mount(mount_point, "1m"); !why.empty()) return why;
+    trainer = MakeTrainer(registry.string(), (dir.path / "trainer.log").string());
+    trainer->Start();
+    stub = TrainerStub(*trainer);
+    v1::HeadPartition published;
+    REQUIRE(stub->PublishHeadPartition(Context().get(), PublishRequest(0), &published).ok());
+    acknowledged[published.version()] = published;
+    inference = MakeInference((mount_point / "state").string(), (dir.path / "inference.log").string(),
+                              {"--trainer", trainer->address()});
+    inference->Start();
+    inference_stub = InferenceStub(*inference);
+    WaitFor("version 1 to be active", 120s,
+            [&] { return ServerInfo(*inference_stub).active_partition_version() == 1; });
+    files_before = EntriesUnder(mount_point);
+    return "";
+  }
+
+  // After a refused write: both servers still up and serving, nothing of the refused write listed;
+  // then, the constraint lifted, publishing works again and the inference service rolls it out.
+  void CheckServingThenResume() {
+    REQUIRE(trainer->running());
+    REQUIRE(inference->running());
+    CheckAcknowledgedVersions(*stub, registry.string(), acknowledged);
+    CHECK(ListVersions(*stub).size() == 1);
+    const GenerationResult during = Generate(*inference_stub, "The harbour was quiet.", 4);
+    REQUIRE(during.status.ok());
+    CHECK(during.partition_version == 1);
+
+    v1::HeadPartition published;
+    REQUIRE(stub->PublishHeadPartition(Context().get(), PublishRequest(1), &published).ok());
+    acknowledged[published.version()] = published;
+    WaitFor("the new version to be active", 120s,
+            [&] { return ServerInfo(*inference_stub).active_partition_version() == published.version(); });
+    trainer->KillHard();
+    trainer->Start();
+    stub = TrainerStub(*trainer);
+    CheckAcknowledgedVersions(*stub, registry.string(), acknowledged);
+    CHECK(trainer->log_text().find("partition registry:") == std::string::npos);
+  }
+};
+
+constexpr const char* kNoTmpfs = "needs CAP_SYS_ADMIN, e.g. root outside a restricted container";
+
+TEST_CASE("a full disk refuses publishing cleanly and publishing resumes after", "[disk]") {
+  ServicesOnSmallDisk services;
+  if (const std::string why = services.Start(); !why.empty()) {
+    WARN("SKIPPED: cannot mount a small tmpfs for the full-disk test (mount: " << why << "; " << kNoTmpfs << ")");
     return;
   }
-  const fs::path registry = mount_point / "registry";
-  const fs::path state = mount_point / "state";
-  auto trainer = MakeTrainer(registry.string(), (dir.path / "trainer.log").string());
-  INFO("trainer log: " << trainer->log());
-  trainer->Start();
-  auto stub = TrainerStub(*trainer);
-  std::map<uint64_t, v1::HeadPartition> acknowledged;
+  INFO("trainer log: " << services.trainer->log() << "\ninference log: " << services.inference->log());
+  services.disk.Fill(services.mount_point / "filler");
   v1::HeadPartition published;
-  REQUIRE(stub->PublishHeadPartition(Context().get(), PublishRequest(0), &published).ok());
-  acknowledged[published.version()] = published;
-  auto inference = MakeInference(state.string(), (dir.path / "inference.log").string(), {"--trainer", trainer->address()});
-  INFO("inference log: " << inference->log());
-  inference->Start();
-  auto inference_stub = InferenceStub(*inference);
-  WaitFor("version 1 to be active", 120s, [&] { return ServerInfo(*inference_stub).active_partition_version() == 1; });
-  const std::vector<std::string> files_before = EntriesUnder(mount_point);
+  const grpc::Status refused = services.stub->PublishHeadPartition(Context().get(), PublishRequest(1), &published);
+  INFO(refused.error_message());
+  CHECK(refused.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED);
+  CHECK(refused.error_message().find("No space left on device") != std::string::npos);
+  // A job cannot be journaled, so it is refused rather than accepted and lost.
+  v1::Job job;
+  const grpc::Status job_refused = services.stub->SubmitCalibrationJob(Context().get(), JobRequest(2), &job);
+  CHECK(job_refused.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED);
+  std::vector<std::string> files_full = EntriesUnder(services.mount_point);
+  files_full.erase(std::find(files_full.begin(), files_full.end(), "filler"));
+  CHECK(files_full == services.files_before);  // nothing half-written is left
+  fs::remove(services.mount_point / "filler");
+  services.CheckServingThenResume();
+}
 
-  SECTION("full disk") {
-    disk.Fill(mount_point / "filler");
-    const grpc::Status refused = stub->PublishHeadPartition(Context().get(), PublishRequest(1), &published);
-    INFO(refused.error_message());
-    CHECK(refused.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED);
-    CHECK(refused.error_message().find("No space left on device") != std::string::npos);
-    // A job cannot be journaled, so it is refused rather than accepted and lost.
-    v1::Job job;
-    const grpc::Status job_refused = stub->SubmitCalibrationJob(Context().get(), JobRequest(2), &job);
-    CHECK(job_refused.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED);
-    std::vector<std::string> files_full = EntriesUnder(mount_point);
-    files_full.erase(std::find(files_full.begin(), files_full.end(), "filler"));
-    CHECK(files_full == files_before);  // nothing half-written is left
-    fs::remove(mount_point / "filler");
+TEST_CASE("a read-only registry refuses publishing cleanly and publishing resumes after", "[disk-readonly]") {
+  ServicesOnSmallDisk services;
+  if (const std::string why = services.Start(); !why.empty()) {
+    WARN("SKIPPED: cannot mount a small tmpfs for the read-only test (mount: " << why << "; " << kNoTmpfs << ")");
+    return;
   }
-  SECTION("read-only registry") {
-    if (const std::string why = disk.SetReadOnly(true); !why.empty()) {
-      WARN("SKIPPED: cannot remount the tmpfs read-only (" << why << ")");
-      return;
-    }
-    const grpc::Status refused = stub->PublishHeadPartition(Context().get(), PublishRequest(1), &published);
-    INFO(refused.error_message());
-    // absl maps EROFS to PERMISSION_DENIED; the message names the cause.
-    CHECK(refused.error_code() == grpc::StatusCode::PERMISSION_DENIED);
-    CHECK(refused.error_message().find("Read-only file system") != std::string::npos);
-    v1::Job job;
-    CHECK(!stub->SubmitCalibrationJob(Context().get(), JobRequest(2), &job).ok());
-    CHECK(EntriesUnder(mount_point) == files_before);
-    REQUIRE(disk.SetReadOnly(false).empty());
+  INFO("trainer log: " << services.trainer->log() << "\ninference log: " << services.inference->log());
+  if (const std::string why = services.disk.SetReadOnly(true); !why.empty()) {
+    WARN("SKIPPED: cannot remount the tmpfs read-only (" << why << ")");
+    return;
   }
-  // Both servers are still up and serving, with nothing of the refused write listed.
-  REQUIRE(trainer->running());
-  REQUIRE(inference->running());
-  CheckAcknowledgedVersions(*stub, registry.string(), acknowledged);
-  CHECK(ListVersions(*stub).size() == 1);
-  const GenerationResult during = Generate(*inference_stub, "The harbour was quiet.", 4);
-  REQUIRE(during.status.ok());
-  CHECK(during.partition_version == 1);
-
-  // The constraint lifted, publishing works again and the inference service rolls it out.
-  REQUIRE(stub->PublishHeadPartition(Context().get(), PublishRequest(1), &published).ok());
-  acknowledged[published.version()] = published;
-  WaitFor("the new version to be active", 120s,
-          [&] { return ServerInfo(*inference_stub).active_partition_version() == published.version(); });
-  trainer->KillHard();
-  trainer->Start();
-  stub = TrainerStub(*trainer);
-  CheckAcknowledgedVersions(*stub, registry.string(), acknowledged);
-  CHECK(trainer->log_text().find("partition registry:") == std::string::npos);
+  v1::HeadPartition published;
+  const grpc::Status refused = services.stub->PublishHeadPartition(Context().get(), PublishRequest(1), &published);
+  INFO(refused.error_message());
+  // absl maps EROFS to PERMISSION_DENIED; the message names the cause.
+  CHECK(refused.error_code() == grpc::StatusCode::PERMISSION_DENIED);
+  CHECK(refused.error_message().find("Read-only file system") != std::string::npos);
+  v1::Job job;
+  CHECK(!services.stub->SubmitCalibrationJob(Context().get(), JobRequest(2), &job).ok());
+  CHECK(EntriesUnder(services.mount_point) == services.files_before);
+  REQUIRE(services.disk.SetReadOnly(false).empty());
+  services.CheckServingThenResume();
 }
 
 TEST_CASE("an inference service whose state directory is full keeps serving its active version", "[disk]") {
