@@ -1,8 +1,9 @@
-# lychee-inference (with the lychee CLI for health checks), CPU build on Debian bookworm.
-# Build from the repository root:
-#   docker build -f inference/Dockerfile -t lychee-inference .
+# The service pair's images, CPU build on Debian bookworm: one build stage, then a runtime stage per
+# service (each with the lychee CLI for health checks). From the repository root:
+#   docker build --target trainer -t lychee-trainer .
+#   docker build --target inference -t lychee-inference .
 # The project is built at /opt/lychee, so the binaries' built-in defaults hold in the runtime
-# image: the model root /opt/lychee/models, the data root /opt/lychee/data and the calibration
+# images: the model root /opt/lychee/models, the data root /opt/lychee/data and the calibration
 # corpus under it.
 
 FROM debian:bookworm AS build
@@ -15,33 +16,47 @@ RUN scripts/build.sh -DLYCHEE_ENABLE_CUDA=OFF
 # The Debian packages that own the shared libraries the binaries load (ldd prints /lib paths
 # that dpkg knows under /usr/lib, so both are asked), plus the CPU runtime packages (OpenBLAS,
 # which LibTorch reaches through the libblas alternative, invisible to dpkg -S).
-RUN ldd build/inference/lychee-inference build/tools/lychee/lychee \
+RUN ldd build/trainer/lychee-trainer build/inference/lychee-inference build/tools/lychee/lychee \
       | awk '$2 == "=>" && $3 ~ /^\// { print $3; sub(/^\/lib\//, "/usr/lib/", $3); print $3 }' | sort -u \
       | xargs dpkg -S 2>/dev/null | cut -d: -f1 | sort -u > runtime-packages.txt \
     && grep -v '^\s*\(#\|$\)' scripts/debian-packages-cpu.txt >> runtime-packages.txt \
     && grep -q '^libtorch' runtime-packages.txt
 
-FROM debian:bookworm
+FROM debian:bookworm AS runtime
 COPY --from=build /opt/lychee/runtime-packages.txt /tmp/
 RUN apt-get update \
     && xargs -a /tmp/runtime-packages.txt env DEBIAN_FRONTEND=noninteractive \
          apt-get install -y -qq --no-install-recommends \
     && rm -rf /var/lib/apt/lists/* /tmp/runtime-packages.txt
-COPY --from=build /opt/lychee/build/inference/lychee-inference /opt/lychee/build/tools/lychee/lychee /usr/local/bin/
+COPY --from=build /opt/lychee/build/tools/lychee/lychee /usr/local/bin/
 COPY --from=build /opt/lychee/models /opt/lychee/models
-# /var/lib/lychee holds the service's state (and, where the trainer shares the volume, the
-# registry); made here so that a named volume mounted on it starts owned by the service's user.
+# /var/lib/lychee holds the trainer's registry and the inference service's state (one volume where
+# they share it); made here so that a named volume mounted on it starts owned by the services' user.
 RUN groupadd --system --gid 10001 lychee \
     && useradd --system --uid 10001 --gid lychee --home-dir /var/lib/lychee --shell /usr/sbin/nologin lychee \
     && install -d -o lychee -g lychee /var/lib/lychee /var/lib/lychee/registry /var/lib/lychee/inference
 USER lychee
 WORKDIR /var/lib/lychee
+# A container is reached through its published ports, so a service listens on every interface;
+# its admin RPCs are open (--insecure-admin) unless it is given --admin-token-file: publish it on
+# the loopback.
+
+FROM runtime AS trainer
+COPY --from=build /opt/lychee/build/trainer/lychee-trainer /usr/local/bin/
+COPY --from=build /opt/lychee/data /opt/lychee/data
+EXPOSE 50061
+HEALTHCHECK --interval=10s --timeout=6s --start-period=20s --retries=3 \
+  CMD ["lychee", "health", "--target", "127.0.0.1:50061", "--timeout", "5"]
+ENTRYPOINT ["lychee-trainer"]
+CMD ["--listen", "0.0.0.0:50061", "--registry-dir", "/var/lib/lychee/registry", "--insecure-admin"]
+
+# Without --trainer it serves the bundled model densely until a partition is pushed through the
+# admin RPCs.
+FROM runtime AS inference
+COPY --from=build /opt/lychee/build/inference/lychee-inference /usr/local/bin/
 EXPOSE 50062 9464
 HEALTHCHECK --interval=10s --timeout=6s --start-period=30s --retries=3 \
   CMD ["lychee", "health", "--target", "127.0.0.1:50062", "--timeout", "5"]
 ENTRYPOINT ["lychee-inference"]
-# A container is reached through its published ports, so it listens on every interface. Without
-# --trainer it serves the bundled model densely until a partition is pushed through the admin RPCs,
-# which are open (--insecure-admin) unless it is given --admin-token-file: publish it on the loopback.
 CMD ["--listen", "0.0.0.0:50062", "--state-dir", "/var/lib/lychee/inference", "--metrics-listen", "0.0.0.0:9464", \
      "--insecure-admin"]
