@@ -4,7 +4,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "common/heap_tuning.h"
+#include "common/service_main.h"
 #include "common/shutdown_signals.h"
 #include "common/status_macros.h"
 #include "inference/service.h"
@@ -123,18 +123,4 @@ absl::Status Serve(const std::vector<std::string>& argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) {
-  lychee::KeepFreedMemoryInHeap();
-  const std::vector<std::string> args(argv + 1, argv + argc);
-  if (!args.empty() && (args[0] == "--help" || args[0] == "help")) {
-    std::cout << kUsage;
-    return 0;
-  }
-  const absl::Status status = Serve(args);
-  if (!status.ok()) {
-    std::cerr << "lychee-inference: " << status.message() << "\n"
-              << (status.code() == absl::StatusCode::kInvalidArgument ? kUsage : "");
-    return 1;
-  }
-  return 0;
-}
+int main(int argc, char** argv) { return lychee::ServiceMain(argc, argv, "lychee-inference", kUsage, Serve); }

@@ -1,14 +1,12 @@
 #include "inference/service.h"
 
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
-#include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/security/server_credentials.h>
-#include <grpcpp/server_builder.h>
 
 #include <chrono>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "common/grpc_server.h"
 #include "common/grpc_status.h"
 #include "common/model_config.h"
 #include "common/model_fingerprint.h"
@@ -356,16 +354,8 @@ absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(Inferenc
                                                options.trainer_address, *server->access_, *server->engine_,
                                                partitions, server->watcher_.get());
 
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen_address, credentials, &server->port_);
-  builder.RegisterService(server->service_.get());
-  builder.SetMaxReceiveMessageSize(kMaxRequestBytes);
-  server->server_ = builder.BuildAndStart();
-  if (server->server_ == nullptr || server->port_ == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen_address));
-  }
+  LYCHEE_ASSIGN_OR_RETURN(server->server_, StartGrpcServer(options.listen_address, credentials, server->service_.get(),
+                                                           kMaxRequestBytes, &server->port_));
   if (!options.metrics_address.empty()) {
     LYCHEE_ASSIGN_OR_RETURN(server->metrics_server_, MetricsHttpServer::Start(options.metrics_address, metrics));
   }

@@ -41,23 +41,10 @@ std::vector<int64_t> SelectBlocks(const at::Tensor& block_scores, int64_t length
   std::iota(selected.begin(), selected.end(), 0);
   if (num_blocks <= params.budget_blocks()) return selected;
 
-  selected = MandatoryBlocks(length, params);
   std::vector<bool> taken(num_blocks, false);
-  for (int64_t block : selected) taken[block] = true;
-  std::vector<int64_t> candidates;
-  for (int64_t block = 0; block < num_blocks; ++block) {
-    if (!taken[block]) candidates.push_back(block);
-  }
+  for (int64_t block : MandatoryBlocks(length, params)) taken[block] = true;
   at::Tensor cpu_scores = block_scores.to(at::kCPU, at::kFloat).contiguous();
-  const float* score = cpu_scores.data_ptr<float>();
-  const int64_t wanted =
-      std::min<int64_t>(params.budget_blocks() - static_cast<int64_t>(selected.size()), candidates.size());
-  std::partial_sort(candidates.begin(), candidates.begin() + wanted, candidates.end(), [&](int64_t a, int64_t b) {
-    return score[a] > score[b] || (score[a] == score[b] && a < b);
-  });
-  selected.insert(selected.end(), candidates.begin(), candidates.begin() + wanted);
-  std::sort(selected.begin(), selected.end());
-  return selected;
+  return SelectUnits(std::move(taken), cpu_scores.data_ptr<float>(), params.budget_blocks());
 }
 
 at::Tensor BlockPositions(const std::vector<int64_t>& blocks, int64_t length, int64_t block_size) {
@@ -118,7 +105,7 @@ at::Tensor HybridAttentionBackend::Attend(const AttentionInput& input) const {
       AuditDense(&state, group);
     } else {
       const std::vector<int64_t>& blocks = selection.empty() ? MandatoryBlocks(length, params) : selection;
-      at::Tensor positions = BlockPositions(blocks, length, params.block_size).to(keys.device());
+      at::Tensor positions = UnitPositions(blocks, params.block_size, length, keys.device());
       outputs.push_back(DenseAttention(queries, keys.index_select(1, positions), values.index_select(1, positions),
                                        input.scale));
       AccountHead(&state, input.layer, head, num_kv_heads, positions.numel(), bytes_per_position);

@@ -25,9 +25,6 @@ at::Tensor BlockScores(const at::Tensor& keys, const at::Tensor& pooled_query, i
 // every block when the budget covers the context. Ascending.
 std::vector<int64_t> SelectBlocks(const at::Tensor& block_scores, int64_t length, const SelectionParams& params);
 
-// Positions covered by `blocks` in a context of `length` tokens, as an int64 tensor.
-at::Tensor BlockPositions(const std::vector<int64_t>& blocks, int64_t length, int64_t block_size);
-
 // INVALID_ARGUMENT or FAILED_PRECONDITION when hybrid decoding with `partition` cannot run on
 // a model of `config`'s shape.
 absl::Status CheckHybridFits(const HeadPartition& partition, const ModelConfig& config);

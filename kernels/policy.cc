@@ -8,9 +8,10 @@
 #include "absl/strings/str_split.h"
 
 namespace lychee {
-namespace {
 
 bool IsPowerOfTwo(int64_t value) { return value > 0 && (value & (value - 1)) == 0; }
+
+namespace {
 
 absl::Status Invalid(const std::string& kind, const std::string& parameter, const std::string& rule,
                      const std::string& got) {

@@ -115,6 +115,9 @@ std::vector<int64_t> TidalSelectionLayers(const PolicySpec& spec, int64_t num_la
 // copy of another backend's prefilled cache.
 bool PolicyObservesPrefill(PolicyKind kind);
 
+// Block and page sizes must be powers of two.
+bool IsPowerOfTwo(int64_t value);
+
 // Whether the policy needs a head partition (lychee, streaming).
 bool PolicyNeedsPartition(PolicyKind kind);
 

@@ -10,11 +10,6 @@
 #endif
 
 namespace lychee {
-namespace {
-
-[[maybe_unused]] bool IsPowerOfTwo(int64_t x) { return x > 0 && (x & (x - 1)) == 0; }
-
-}  // namespace
 
 absl::StatusOr<std::shared_ptr<const AttentionBackend>> MakePolicyBackend(
     const PolicySpec& spec, const ModelConfig& config, std::shared_ptr<const HeadPartition> partition,

@@ -1,9 +1,6 @@
 #include "trainer/service.h"
 
-#include <grpcpp/ext/proto_server_reflection_plugin.h>
-#include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/security/server_credentials.h>
-#include <grpcpp/server_builder.h>
 
 #include <chrono>
 #include <filesystem>
@@ -11,6 +8,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
 #include "common/model_config.h"
+#include "common/grpc_server.h"
 #include "common/grpc_status.h"
 #include "common/model_fingerprint.h"
 #include "common/status_macros.h"
@@ -186,16 +184,8 @@ absl::StatusOr<std::unique_ptr<TrainerServer>> TrainerServer::Start(TrainerServe
   LYCHEE_ASSIGN_OR_RETURN(server->jobs_, JobManager::Create(std::move(options.jobs), *server->store_, std::move(runner)));
   server->service_ = std::make_unique<Service>(model_root, *server->access_, *server->jobs_, *server->store_);
 
-  grpc::EnableDefaultHealthCheckService(true);
-  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
-  grpc::ServerBuilder builder;
-  builder.AddListeningPort(options.listen_address, credentials, &server->port_);
-  builder.RegisterService(server->service_.get());
-  builder.SetMaxReceiveMessageSize(kMaxRequestBytes);
-  server->server_ = builder.BuildAndStart();
-  if (server->server_ == nullptr || server->port_ == 0) {
-    return absl::UnavailableError(absl::StrCat("cannot listen on ", options.listen_address));
-  }
+  LYCHEE_ASSIGN_OR_RETURN(server->server_, StartGrpcServer(options.listen_address, credentials, server->service_.get(),
+                                                           kMaxRequestBytes, &server->port_));
   return server;
 }
 

@@ -9,6 +9,8 @@
 #include <memory>
 #include <string>
 
+#include "kernels/cuda/torch_checks.h"
+
 namespace lychee {
 namespace cuda {
 namespace {
@@ -16,17 +18,6 @@ namespace {
 bool SameSelection(const BlockSelectionConfig& a, const BlockSelectionConfig& b) {
   return a.block_size == b.block_size && a.token_budget == b.token_budget && a.sink_tokens == b.sink_tokens &&
          a.recent_tokens == b.recent_tokens;
-}
-
-bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
-void CheckVectorizable(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.stride(-1) == 1, name, ": the last dimension must be contiguous, strides ", t.strides());
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
-    TORCH_CHECK(t.stride(d) % 8 == 0 || t.size(d) == 1, name, ": strides must be multiples of 8 elements, got ",
-                t.strides());
-  }
-  TORCH_CHECK(Aligned16(t.data_ptr()), name, ": data must be 16-byte aligned");
 }
 
 size_t Align16(size_t x) { return (x + 15) & ~size_t{15}; }

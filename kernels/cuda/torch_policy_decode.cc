@@ -6,6 +6,8 @@
 
 #include <algorithm>
 
+#include "kernels/cuda/torch_checks.h"
+
 namespace lychee {
 namespace cuda {
 namespace {
@@ -18,17 +20,10 @@ void Check(cudaError_t err, const char* what) {
   TORCH_CHECK(err == cudaSuccess, what, ": ", cudaGetErrorString(err));
 }
 
-bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
 void CheckRows(const at::Tensor& t, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(t.defined() && t.is_cuda(), name, " must be a CUDA tensor");
   TORCH_CHECK(t.scalar_type() == dtype, name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK(t.stride(-1) == 1, name, ": the last dimension must be contiguous, strides ", t.strides());
-  for (int64_t d = 0; d + 1 < t.dim(); ++d) {
-    TORCH_CHECK(t.stride(d) % 8 == 0 || t.size(d) == 1, name, ": strides must be multiples of 8 elements, got ",
-                t.strides());
-  }
-  TORCH_CHECK(Aligned16(t.data_ptr()), name, ": data must be 16-byte aligned");
+  CheckVectorizable(t, name);
 }
 
 PolicyDecodeShape ShapeOf(const at::Tensor& queries, const at::Tensor& keys) {

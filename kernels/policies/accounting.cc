@@ -46,6 +46,29 @@ at::Tensor AttendPositions(const at::Tensor& queries, const at::Tensor& keys, co
                         values.index_select(0, positions).unsqueeze(0), scale);
 }
 
+std::vector<int64_t> SelectUnits(std::vector<bool> taken, const float* scores, int64_t budget, bool proposed_only) {
+  const int64_t count = static_cast<int64_t>(taken.size());
+  std::vector<int64_t> candidates;
+  int64_t kept = 0;
+  for (int64_t unit = 0; unit < count; ++unit) {
+    if (taken[unit]) {
+      ++kept;
+    } else if (!proposed_only || scores[unit] >= 0) {
+      candidates.push_back(unit);
+    }
+  }
+  const int64_t wanted = std::clamp<int64_t>(budget - kept, 0, static_cast<int64_t>(candidates.size()));
+  std::partial_sort(candidates.begin(), candidates.begin() + wanted, candidates.end(), [&](int64_t a, int64_t b) {
+    return scores[a] > scores[b] || (scores[a] == scores[b] && a < b);
+  });
+  for (int64_t i = 0; i < wanted; ++i) taken[candidates[i]] = true;
+  std::vector<int64_t> selected;
+  for (int64_t unit = 0; unit < count; ++unit) {
+    if (taken[unit]) selected.push_back(unit);
+  }
+  return selected;
+}
+
 at::Tensor UnitPositions(const std::vector<int64_t>& units, int64_t unit_size, int64_t length, at::Device device) {
   std::vector<int64_t> positions;
   positions.reserve(units.size() * unit_size);

@@ -50,6 +50,13 @@ void AuditDense(AccountedState* state, int64_t num_queries);
 at::Tensor AttendPositions(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values,
                            const at::Tensor& positions, double scale);
 
+// The units (blocks, pages or positions) 0..taken.size()-1 that a selection keeps: those already
+// `taken` (the mandatory ones), then the others by `scores` (higher first, ties to the lower
+// index) up to `budget` units in all, skipping units scored below 0 when `proposed_only`.
+// Ascending.
+std::vector<int64_t> SelectUnits(std::vector<bool> taken, const float* scores, int64_t budget,
+                                 bool proposed_only = false);
+
 // The positions [begin, end) of each unit (block, page) in `units`, for units of `unit_size`
 // tokens in a cache of `length`; int64 on `device`.
 at::Tensor UnitPositions(const std::vector<int64_t>& units, int64_t unit_size, int64_t length, at::Device device);

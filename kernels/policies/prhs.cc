@@ -128,26 +128,7 @@ class PrhsBackend : public AttentionBackend {
       priority = at::maximum(priority, EnlargedPriority(cross_layer, num_blocks, spec_.prhs_enlargement));
     }
     priority = priority.contiguous();
-    const float* score = priority.data_ptr<float>();
-    std::vector<int64_t> candidates;
-    int64_t kept = 0;
-    for (int64_t block = 0; block < num_blocks; ++block) {
-      if (taken[block]) {
-        ++kept;
-      } else if (score[block] >= 0) {
-        candidates.push_back(block);
-      }
-    }
-    const int64_t wanted = std::clamp<int64_t>(budget_blocks - kept, 0, candidates.size());
-    std::partial_sort(candidates.begin(), candidates.begin() + wanted, candidates.end(), [&](int64_t a, int64_t b) {
-      return score[a] > score[b] || (score[a] == score[b] && a < b);
-    });
-    for (int64_t i = 0; i < wanted; ++i) taken[candidates[i]] = true;
-    std::vector<int64_t> selected;
-    for (int64_t block = 0; block < num_blocks; ++block) {
-      if (taken[block]) selected.push_back(block);
-    }
-    return selected;
+    return SelectUnits(std::move(taken), priority.data_ptr<float>(), budget_blocks, /*proposed_only=*/true);
   }
 
   PolicySpec spec_;

@@ -92,26 +92,7 @@ std::vector<int64_t> QuestSelectPages(const at::Tensor& group_page_scores, int64
     taken[position / spec.page_size] = true;
   }
   at::Tensor best = std::get<0>(group_page_scores.to(at::kCPU, at::kFloat).max(0)).contiguous();
-  const float* score = best.data_ptr<float>();
-  std::vector<int64_t> candidates;
-  int64_t kept = 0;
-  for (int64_t page = 0; page < num_pages; ++page) {
-    if (taken[page]) {
-      ++kept;
-    } else {
-      candidates.push_back(page);
-    }
-  }
-  const int64_t wanted = std::clamp<int64_t>(budget_pages - kept, 0, static_cast<int64_t>(candidates.size()));
-  std::partial_sort(candidates.begin(), candidates.begin() + wanted, candidates.end(), [&](int64_t a, int64_t b) {
-    return score[a] > score[b] || (score[a] == score[b] && a < b);
-  });
-  for (int64_t i = 0; i < wanted; ++i) taken[candidates[i]] = true;
-  std::vector<int64_t> selected;
-  for (int64_t page = 0; page < num_pages; ++page) {
-    if (taken[page]) selected.push_back(page);
-  }
-  return selected;
+  return SelectUnits(std::move(taken), best.data_ptr<float>(), budget_pages);
 }
 
 std::vector<int64_t> SinkAndRecentPositions(int64_t length, int64_t sink_tokens, int64_t recent_tokens) {

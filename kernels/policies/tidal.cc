@@ -68,25 +68,10 @@ at::Tensor TidalSelectTokens(const at::Tensor& queries, const at::Tensor& keys, 
   if (length <= spec.token_budget) return at::arange(length, at::TensorOptions().dtype(at::kLong).device(keys.device()));
   at::Tensor weights =
       at::softmax(at::mm(queries.to(at::kFloat), keys.to(at::kFloat).t()) * scale, -1).mean(0).cpu().contiguous();
-  const float* weight = weights.data_ptr<float>();
   std::vector<bool> taken(length, false);
-  const std::vector<int64_t> kept = SinkAndRecentPositions(length, spec.sink_tokens, spec.recent_tokens);
-  for (int64_t position : kept) taken[position] = true;
-  std::vector<int64_t> candidates;
-  for (int64_t p = 0; p < length; ++p) {
-    if (!taken[p]) candidates.push_back(p);
-  }
-  const int64_t wanted =
-      std::clamp<int64_t>(spec.token_budget - static_cast<int64_t>(kept.size()), 0, candidates.size());
-  std::partial_sort(candidates.begin(), candidates.begin() + wanted, candidates.end(), [&](int64_t a, int64_t b) {
-    return weight[a] > weight[b] || (weight[a] == weight[b] && a < b);
-  });
-  for (int64_t i = 0; i < wanted; ++i) taken[candidates[i]] = true;
-  std::vector<int64_t> selected;
-  for (int64_t p = 0; p < length; ++p) {
-    if (taken[p]) selected.push_back(p);
-  }
-  return at::tensor(selected, at::kLong).to(keys.device());
+  for (int64_t position : SinkAndRecentPositions(length, spec.sink_tokens, spec.recent_tokens)) taken[position] = true;
+  return at::tensor(SelectUnits(std::move(taken), weights.data_ptr<float>(), spec.token_budget), at::kLong)
+      .to(keys.device());
 }
 
 std::shared_ptr<const AttentionBackend> MakeTidalBackend(const PolicySpec& spec, int64_t num_layers) {

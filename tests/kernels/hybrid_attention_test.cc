@@ -9,6 +9,7 @@
 #include "common/model.h"
 #include "kernels/dense_attention.h"
 #include "kernels/hybrid_attention.h"
+#include "tests/kernels/greedy_decode.h"
 
 namespace lychee {
 namespace {
@@ -139,21 +140,8 @@ TEST_CASE("hybrid decode equals masked attention over the selection shared per K
   }
 }
 
-const std::string kModelDir = "models/tiny-llama-retrieval";
-
-// Greedy decode of `steps` tokens after a prompt of the parity reference; returns each step's logits.
-std::vector<at::Tensor> DecodeLogits(const Model& model, std::shared_ptr<const AttentionBackend> attention, int steps) {
-  std::vector<int32_t> prompt(700);
-  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>(100 + (i * 37) % 4000);
-  auto sequence = model.NewSequence(std::move(attention));
-  std::vector<at::Tensor> logits = {model.Prefill(*sequence, prompt).value()};
-  Sequence* const batch[] = {sequence.get()};
-  for (int i = 0; i < steps; ++i) {
-    const int32_t next[] = {static_cast<int32_t>(logits.back().argmax().item<int64_t>())};
-    logits.push_back(model.Decode(batch, next).value()[0]);
-  }
-  return logits;
-}
+using testing::DecodeLogits;
+using testing::kModelDir;
 
 TEST_CASE("on the bundled model, hybrid with a budget covering the context equals dense") {
   auto model = Model::Load(kModelDir);

@@ -15,6 +15,7 @@
 #include "kernels/policies/policies.h"
 #include "kernels/policy.h"
 #include "kernels/policy_backend.h"
+#include "tests/kernels/greedy_decode.h"
 
 namespace lychee {
 namespace {
@@ -584,7 +585,7 @@ TEST_CASE("telemetry counts steps, positions and bytes; audit reports the droppe
       const SelectionParams params = {64, 256, 64, 64};
       at::Tensor pooled = inputs[0].queries.narrow(0, kGroup, kGroup).mean(0).squeeze(0);
       layer1_positions[1] =
-          BlockPositions(SelectBlocks(BlockScores(inputs[0].keys[1], pooled, 64), length, params), length, 64);
+          UnitPositions(SelectBlocks(BlockScores(inputs[0].keys[1], pooled, 64), length, params), 64, length, at::kCPU);
       CHECK(telemetry->tokens(1, 1) == layer1_positions[1].numel());
       CHECK(telemetry->kv_bytes_read == (3 * length + layer1_positions[1].numel()) * bytes_per_position);
     }
@@ -609,21 +610,8 @@ TEST_CASE("telemetry counts steps, positions and bytes; audit reports the droppe
   }
 }
 
-const std::string kModelDir = "models/tiny-llama-retrieval";
-
-// Greedy decode of `steps` tokens after a 700-token prompt; each step's logits.
-std::vector<at::Tensor> DecodeLogits(const Model& model, std::shared_ptr<const AttentionBackend> attention, int steps) {
-  std::vector<int32_t> prompt(700);
-  for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>(100 + (i * 37) % 4000);
-  auto sequence = model.NewSequence(std::move(attention));
-  std::vector<at::Tensor> logits = {model.Prefill(*sequence, prompt).value()};
-  Sequence* const batch[] = {sequence.get()};
-  for (int i = 0; i < steps; ++i) {
-    const int32_t next[] = {static_cast<int32_t>(logits.back().argmax().item<int64_t>())};
-    logits.push_back(model.Decode(batch, next).value()[0]);
-  }
-  return logits;
-}
+using testing::DecodeLogits;
+using testing::kModelDir;
 
 double MaxGap(const std::vector<at::Tensor>& a, const std::vector<at::Tensor>& b) {
   double gap = 0;

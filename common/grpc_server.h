@@ -1,0 +1,33 @@
+// What both services do to start their gRPC server: health checking and reflection on, one
+// service, a cap on request size. Header-only: each service links gRPC and its reflection library.
+#pragma once
+
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <grpcpp/security/server_credentials.h>
+#include <grpcpp/server_builder.h>
+
+#include <memory>
+#include <string>
+
+#include "absl/status/statusor.h"
+#include "absl/strings/str_cat.h"
+
+namespace lychee {
+
+// Serves `service` on `address`; *port gets the bound port. UNAVAILABLE when it cannot listen.
+inline absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(
+    const std::string& address, const std::shared_ptr<grpc::ServerCredentials>& credentials, grpc::Service* service,
+    int max_request_bytes, int* port) {
+  grpc::EnableDefaultHealthCheckService(true);
+  grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+  grpc::ServerBuilder builder;
+  builder.AddListeningPort(address, credentials, port);
+  builder.RegisterService(service);
+  builder.SetMaxReceiveMessageSize(max_request_bytes);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (server == nullptr || *port == 0) return absl::UnavailableError(absl::StrCat("cannot listen on ", address));
+  return server;
+}
+
+}  // namespace lychee

@@ -1,0 +1,34 @@
+// What both services' main() share: the heap setting, --help, and the exit code and message of
+// a failed start.
+#pragma once
+
+#include <iostream>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "common/heap_tuning.h"
+
+namespace lychee {
+
+// Runs `serve` with the command-line arguments; on an error prints "PROGRAM: message", and the
+// usage where the arguments were invalid, and returns 1.
+inline int ServiceMain(int argc, char** argv, std::string_view program, std::string_view usage,
+                       absl::Status (*serve)(const std::vector<std::string>& args)) {
+  KeepFreedMemoryInHeap();
+  const std::vector<std::string> args(argv + 1, argv + argc);
+  if (!args.empty() && (args[0] == "--help" || args[0] == "help")) {
+    std::cout << usage;
+    return 0;
+  }
+  const absl::Status status = serve(args);
+  if (!status.ok()) {
+    std::cerr << program << ": " << status.message() << "\n"
+              << (status.code() == absl::StatusCode::kInvalidArgument ? usage : "");
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace lychee
