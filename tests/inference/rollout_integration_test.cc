@@ -53,13 +53,9 @@ struct Trainer {
   }
 };
 
-struct Generation {
-  grpc::Status status;
+struct Generation : testing::GenerationResult {
   Clock::time_point started;
   Clock::time_point finished;
-  uint64_t partition_version = 0;
-  bool hybrid = false;
-  int tokens = 0;
 };
 
 TEST_CASE("partitions roll out from a trainer to an inference service under load") {
@@ -111,23 +107,10 @@ TEST_CASE("partitions roll out from a trainer to an inference service under load
     clients.emplace_back([&, client] {
       auto stub = v1::InferenceService::NewStub(channel);
       while (!stop_clients) {
-        v1::GenerateRequest request;
-        request.set_text("Client " + std::to_string(client) + " asks: what did the old sailor find in the harbour?");
-        request.set_max_new_tokens(12);
-        Generation generation;
-        generation.started = Clock::now();
-        auto context = Context(120s);
-        auto reader = stub->Generate(context.get(), request);
-        v1::GenerateResponse response;
-        while (reader->Read(&response)) {
-          generation.tokens += response.token_ids_size();
-          if (response.has_done()) {
-            generation.partition_version = response.done().partition_version();
-            generation.hybrid = response.done().attention_mode() == v1::ATTENTION_MODE_HYBRID;
-          }
-        }
-        generation.status = reader->Finish();
-        generation.finished = Clock::now();
+        const Clock::time_point started = Clock::now();
+        testing::GenerationResult result = testing::Generate(
+            *stub, "Client " + std::to_string(client) + " asks: what did the old sailor find in the harbour?", 12);
+        const Generation generation{std::move(result), started, Clock::now()};
         std::lock_guard<std::mutex> lock(results_mutex);
         results.push_back(generation);
       }
