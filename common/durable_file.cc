@@ -67,23 +67,26 @@ std::string EncodeDurableRecord(std::string_view payload) {
   return file;
 }
 
-absl::Status WriteDurableFile(const std::string& path, std::string_view payload) {
-  const std::filesystem::path target(path);
-  const std::string dir = target.has_parent_path() ? target.parent_path().string() : std::string(".");
+absl::Status ReplaceFile(const std::string& path, std::string_view bytes) {
   std::string temporary = absl::StrCat(path, kTemporaryMarker, "XXXXXX");
   const int fd = ::mkostemp(temporary.data(), O_CLOEXEC);
   if (fd < 0) return ErrnoError(errno, absl::StrCat("creating a temporary file for ", path));
-  absl::Status status = WriteAll(fd, EncodeDurableRecord(payload), temporary);
+  absl::Status status = WriteAll(fd, bytes, temporary);
+  // mkostemp makes the file 0600; what is written here is for anyone who may read the directory.
   if (status.ok() && ::fchmod(fd, 0644) != 0) status = ErrnoError(errno, absl::StrCat("chmod of ", temporary));
   if (status.ok() && ::fsync(fd) != 0) status = ErrnoError(errno, absl::StrCat("fsync of ", temporary));
   if (::close(fd) != 0 && status.ok()) status = ErrnoError(errno, absl::StrCat("closing ", temporary));
   if (status.ok() && ::rename(temporary.c_str(), path.c_str()) != 0) {
     status = ErrnoError(errno, absl::StrCat("renaming ", temporary, " to ", path));
   }
-  if (!status.ok()) {
-    ::unlink(temporary.c_str());
-    return status;
-  }
+  if (!status.ok()) ::unlink(temporary.c_str());
+  return status;
+}
+
+absl::Status WriteDurableFile(const std::string& path, std::string_view payload) {
+  const std::filesystem::path target(path);
+  const std::string dir = target.has_parent_path() ? target.parent_path().string() : std::string(".");
+  if (absl::Status status = ReplaceFile(path, EncodeDurableRecord(payload)); !status.ok()) return status;
   return FsyncDirectory(dir);
 }
 

@@ -10,8 +10,12 @@
 
 namespace lychee {
 
-// Writes a temporary file in the same directory, fsyncs it, renames it over `path` and fsyncs
-// the directory: after a crash `path` holds the old record or the new one.
+// Writes `bytes` to a temporary file beside `path` (mode 0644), fsyncs it and renames it over
+// `path`: readers see the old file or the new one, whole. The temporary is removed on failure.
+absl::Status ReplaceFile(const std::string& path, std::string_view bytes);
+
+// ReplaceFile with the record of `payload`, then fsyncs the directory: after a crash `path` holds
+// the old record or the new one.
 absl::Status WriteDurableFile(const std::string& path, std::string_view payload);
 
 // The payload of a file written by WriteDurableFile. DATA_LOSS naming the file when it is

@@ -1,6 +1,6 @@
 // The partition views of the lychee CLI on the bundled model's shipped partitions: the terminal
 // map and the SVG heatmap (one cell per head, a mark per retrieval head, colours from the gates,
-// well-formed XML whatever the partition's source says), and the atomic file write.
+// well-formed XML whatever the partition's source says), and the atomic write of the picture.
 #include <catch2/catch.hpp>
 #include <sys/stat.h>
 
@@ -15,6 +15,7 @@
 #include <string>
 #include <utility>
 
+#include "common/durable_file.h"
 #include "common/head_partition.h"
 #include "tests/temp_dir.h"
 #include "tests/tools/xml_check.h"
@@ -197,11 +198,11 @@ TEST_CASE("a large model's SVG keeps one cell per head and stays well-formed") {
   CHECK(Cells(svg).size() == static_cast<size_t>(kLayers * kKvHeads));
 }
 
-TEST_CASE("WriteFileAtomically replaces the file whole and leaves no temporary behind") {
+TEST_CASE("ReplaceFile, which writes the pictures, replaces the file whole and leaves no temporary behind") {
   lychee::testing::TempDir dir;
   const std::string path = (dir.path / "map.svg").string();
-  REQUIRE(WriteFileAtomically(path, "first").ok());
-  REQUIRE(WriteFileAtomically(path, "second, longer").ok());
+  REQUIRE(ReplaceFile(path, "first").ok());
+  REQUIRE(ReplaceFile(path, "second, longer").ok());
   std::ifstream in(path, std::ios::binary);
   CHECK(std::string(std::istreambuf_iterator<char>(in), {}) == "second, longer");
   int entries = 0;
@@ -211,7 +212,7 @@ TEST_CASE("WriteFileAtomically replaces the file whole and leaves no temporary b
   REQUIRE(stat(path.c_str(), &info) == 0);
   CHECK((info.st_mode & 0777) == 0644);
 
-  const absl::Status missing = WriteFileAtomically((dir.path / "no/such/dir/map.svg").string(), "x");
+  const absl::Status missing = ReplaceFile((dir.path / "no/such/dir/map.svg").string(), "x");
   CHECK(missing.code() == absl::StatusCode::kNotFound);
   CHECK_THAT(std::string(missing.message()), Catch::Contains("no/such/dir/map.svg"));
 }

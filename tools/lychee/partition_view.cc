@@ -1,11 +1,6 @@
 #include "tools/lychee/partition_view.h"
 
-#include <fcntl.h>
-#include <sys/stat.h>
-#include <unistd.h>
-
 #include <algorithm>
-#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
 #include <map>
@@ -303,27 +298,6 @@ std::string RenderPartitionSvg(const HeadPartition& partition) {
   AppendLegend(layout, svg);
   svg += "</svg>\n";
   return svg;
-}
-
-absl::Status WriteFileAtomically(const std::string& path, const std::string& contents) {
-  std::string temporary = absl::StrCat(path, ".tmp-XXXXXX");
-  const int fd = ::mkostemp(temporary.data(), O_CLOEXEC);
-  if (fd < 0) return absl::ErrnoToStatus(errno, absl::StrCat("creating a temporary file beside ", path));
-  absl::Status status;
-  for (size_t written = 0; status.ok() && written < contents.size();) {
-    const ssize_t n = ::write(fd, contents.data() + written, contents.size() - written);
-    if (n < 0 && errno != EINTR) status = absl::ErrnoToStatus(errno, absl::StrCat("writing ", temporary));
-    if (n > 0) written += static_cast<size_t>(n);
-  }
-  // mkostemp makes the file 0600; a picture is for anyone who may read the directory.
-  if (status.ok() && ::fchmod(fd, 0644) != 0) status = absl::ErrnoToStatus(errno, absl::StrCat("chmod of ", temporary));
-  if (status.ok() && ::fsync(fd) != 0) status = absl::ErrnoToStatus(errno, absl::StrCat("fsync of ", temporary));
-  if (::close(fd) != 0 && status.ok()) status = absl::ErrnoToStatus(errno, absl::StrCat("closing ", temporary));
-  if (status.ok() && ::rename(temporary.c_str(), path.c_str()) != 0) {
-    status = absl::ErrnoToStatus(errno, absl::StrCat("renaming ", temporary, " to ", path));
-  }
-  if (!status.ok()) ::unlink(temporary.c_str());
-  return status;
 }
 
 }  // namespace lychee::cli

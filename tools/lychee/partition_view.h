@@ -21,8 +21,4 @@ std::string RenderPartitionMap(const HeadPartition& partition);
 // a <rect class="retrieval-mark">, so that tools and tests can read the picture back.
 std::string RenderPartitionSvg(const HeadPartition& partition);
 
-// Writes `contents` to `path` through a temporary file in the same directory that is fsynced
-// and renamed over it: a reader sees the old file or the whole new one.
-absl::Status WriteFileAtomically(const std::string& path, const std::string& contents);
-
 }  // namespace lychee::cli

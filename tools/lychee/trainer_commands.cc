@@ -19,6 +19,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/durable_file.h"
 #include "common/grpc_status.h"
 #include "common/head_partition.h"
 #include "common/status_macros.h"
@@ -302,7 +303,7 @@ absl::Status RunPartition(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(const HeadPartition partition, HeadPartitionFromProto(proto));
   if (args.Has("svg")) {
     const std::string svg_path = *args.Get("svg");
-    LYCHEE_RETURN_IF_ERROR(WriteFileAtomically(svg_path, RenderPartitionSvg(partition)));
+    LYCHEE_RETURN_IF_ERROR(ReplaceFile(svg_path, RenderPartitionSvg(partition)));
     std::cerr << "wrote " << svg_path << "\n";
   }
   if (args.Has("json")) {
