@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Sets up, builds, and generates text from the bundled model: a passkey hidden in a held-out
-# passage, which the model must retrieve. Extra arguments go to `lychee generate`.
+# Sets up and builds, then runs the service pair on the bundled model (scripts/serve-demo.sh): a
+# passkey hidden in a held-out passage, streamed back through the inference service with dense and
+# hybrid attention, and a partition rollout and rollback while it serves.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/build.sh
-build/tools/lychee/lychee generate --prompt-file scripts/demo-prompt.txt --max-new-tokens 48 "$@"
+scripts/serve-demo.sh build cpu

@@ -194,7 +194,8 @@ TEST_CASE("lychee health and lychee partition --svg against a lychee-trainer pro
                                Catch::Contains("wrote " + svg_path));
   const std::string svg = ReadFile(svg_path);
   CHECK(testing::XmlProblem(svg) == "");
-  CHECK_THAT(svg, Catch::Contains("<title>partition version 1, density 0.100: trainer job jobs/1</title>"));
+  CHECK_THAT(svg, Catch::Contains("<title>partition version 1, density 0.100: shipped: calibration job jobs/1 of "
+                                   "scripts/partition-eval.sh on the H100</title>"));
   const testing::CommandResult unwritable =
       Cli("partition latest --trainer " + target + " --svg " + (dir.path / "no/such/dir/p.svg").string());
   CHECK(unwritable.exit_code == 1);

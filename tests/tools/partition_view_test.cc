@@ -82,7 +82,7 @@ TEST_CASE("the terminal map has a header line and one R or S per head, with gate
   const std::string header = map.substr(0, map.find('\n'));
   CHECK(header ==
         "partition version 1, density 0.100, block 64, budget 1024, sink 64, recent 64 tokens; "
-        "source: trainer job jobs/1");
+        "source: shipped: calibration job jobs/1 of scripts/partition-eval.sh on the H100");
   const std::vector<std::string> rows = GridRows(map);
   REQUIRE(rows.size() == 6);
   CHECK(rows[0] == "              0      R      R");  // layer 0 has no gates: it is always dense
@@ -161,7 +161,8 @@ TEST_CASE("SVG cells are coloured by the gate's mean where learned, else by role
 
 TEST_CASE("the SVG title names version, source and density, and escapes what the source holds") {
   const std::string learned = RenderPartitionSvg(Load(kLearned));
-  CHECK_THAT(learned, Catch::Contains("<title>partition version 1, density 0.100: trainer job jobs/1</title>"));
+  CHECK_THAT(learned, Catch::Contains("<title>partition version 1, density 0.100: shipped: calibration job jobs/1 of "
+                                       "scripts/partition-eval.sh on the H100</title>"));
 
   HeadPartition partition = Load(kHandMade);
   partition.version = 7;

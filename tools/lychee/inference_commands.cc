@@ -46,8 +46,10 @@ void PrintInfo(const v1::ServerInfo& info) {
   if (info.trainer_address().empty()) {
     std::printf("trainer: none\n");
   } else {
+    // The last error outlives the reconnection; once connected again it would only mislead.
+    const bool show_error = !info.trainer_connected() && !info.trainer_last_error().empty();
     std::printf("trainer %s: %s%s\n", info.trainer_address().c_str(), info.trainer_connected() ? "connected" : "not connected",
-                info.trainer_last_error().empty() ? "" : absl::StrCat(" (last error: ", info.trainer_last_error(), ")").c_str());
+                show_error ? absl::StrCat(" (last error: ", info.trainer_last_error(), ")").c_str() : "");
   }
   std::printf("load: %u sequences active, %u queued, KV %.1f of %.1f MiB reserved\n", info.active_sequences(),
               info.queued_requests(), static_cast<double>(info.kv_cache_bytes_reserved()) / (1 << 20),
