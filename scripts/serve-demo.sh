@@ -14,11 +14,18 @@ lychee=$bin/tools/lychee/lychee
 trap 'kill $(jobs -p) 2>/dev/null; wait; rm -rf "$state"' EXIT
 
 "$bin/trainer/lychee-trainer" --listen 127.0.0.1:50061 --registry-dir "$state/registry" >"$log" 2>&1 &
+trainer=$!
 "$bin/inference/lychee-inference" --device "$device" --state-dir "$state/inference" \
   --trainer 127.0.0.1:50061 --listen 127.0.0.1:50062 >>"$log" 2>&1 &
+inference=$!
 await() {  # text that `lychee server-info` must print
-  for _ in $(seq 150); do "$lychee" server-info 2>/dev/null | grep -q "$1" && return 0; sleep 0.2; done
-  echo "the inference service never reported '$1'; its log: $log" >&2
+  for _ in $(seq 150); do
+    # A server that cannot start (a port already taken, say) ends at once: say why.
+    { kill -0 $trainer && kill -0 $inference; } 2>/dev/null || { echo "a server stopped; the servers' log:" >&2; cat "$log" >&2; return 1; }
+    timeout 10 "$lychee" server-info 2>/dev/null | grep -q "$1" && return 0
+    sleep 0.2
+  done
+  echo "the inference service never reported '$1'; the servers' log: $log" >&2
   return 1
 }
 step() { printf '\n== %s\n' "$*"; }

@@ -191,6 +191,20 @@ TEST_CASE("a trainer or inference server beyond the loopback without an admin to
   CHECK_THAT(std::string(bad_key.message()), Catch::Contains(secrets.pki.Key("client")));
 }
 
+TEST_CASE("a port another server holds is refused, not shared") {
+  TempDir state;
+  TrainerServerOptions options;
+  options.listen_address = "127.0.0.1:0";
+  options.registry_dir = (state.path / "first").string();
+  absl::StatusOr<std::unique_ptr<TrainerServer>> first = TrainerServer::Start(options, RunnerThatRunsNothing());
+  REQUIRE(first.ok());
+  options.listen_address = absl::StrCat("127.0.0.1:", (*first)->port());
+  options.registry_dir = (state.path / "second").string();
+  const absl::Status second = TrainerServer::Start(options, RunnerThatRunsNothing()).status();
+  CHECK(second.code() == absl::StatusCode::kUnavailable);
+  CHECK_THAT(std::string(second.message()), Catch::Contains(options.listen_address) && Catch::Contains("taken"));
+}
+
 TEST_CASE("the inference service over TLS: client and admin tokens, a mutual-TLS trainer, the CLI, a size limit") {
   Secrets secrets;
   MutualTlsTrainer trainer(secrets);
