@@ -159,7 +159,8 @@ absl::StatusOr<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(cons
                                      &AnswerRequest, const_cast<MetricsRegistry*>(&registry), MHD_OPTION_SOCK_ADDR,
                                      reinterpret_cast<sockaddr*>(&address), MHD_OPTION_END);
   if (server->daemon_ == nullptr) {
-    return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", listen_address));
+    return absl::UnavailableError(absl::StrCat("cannot serve metrics on ", listen_address,
+                                               ": the port is taken, or the address is not one of this machine's"));
   }
   const MHD_DaemonInfo* info = MHD_get_daemon_info(server->daemon_, MHD_DAEMON_INFO_BIND_PORT);
   server->port_ = info != nullptr ? info->port : port;

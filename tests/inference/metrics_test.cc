@@ -4,6 +4,7 @@
 
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "tests/http_get.h"
 
 namespace lychee {
@@ -63,6 +64,13 @@ TEST_CASE("a bad metrics address is refused with its reason") {
   absl::StatusOr<std::unique_ptr<MetricsHttpServer>> server = MetricsHttpServer::Start("localhost", registry);
   CHECK(server.status().code() == absl::StatusCode::kInvalidArgument);
   CHECK(std::string(server.status().message()).find("localhost") != std::string::npos);
+
+  absl::StatusOr<std::unique_ptr<MetricsHttpServer>> first = MetricsHttpServer::Start("127.0.0.1:0", registry);
+  REQUIRE(first.ok());
+  const std::string taken = absl::StrCat("127.0.0.1:", (*first)->port());
+  server = MetricsHttpServer::Start(taken, registry);
+  CHECK(server.status().code() == absl::StatusCode::kUnavailable);
+  CHECK(std::string(server.status().message()).find(taken + ": the port is taken") != std::string::npos);
 }
 
 }  // namespace
