@@ -34,7 +34,7 @@ inline absl::StatusOr<std::unique_ptr<grpc::Server>> StartGrpcServer(
   std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
   if (server == nullptr || *port == 0) {
     return absl::UnavailableError(
-        absl::StrCat("cannot listen on ", address, ": the port is taken, or the host is not one of this machine's"));
+        absl::StrCat("cannot listen on ", address, ": the port is taken, or the address is not one of this machine's"));
   }
   return server;
 }

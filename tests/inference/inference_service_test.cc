@@ -8,7 +8,10 @@
 #include <catch2/catch.hpp>
 
 #include <chrono>
+#include <functional>
+#include <string>
 #include <thread>
+#include <vector>
 
 #include "common/model_fingerprint.h"
 #include "inference/service.h"
@@ -236,25 +239,21 @@ TEST_CASE("a request picks a selection policy and gets its telemetry back") {
   // Layer 2 selects pages within the budget; layer 0 is dense and reads the whole prefix.
   CHECK(telemetry.tokens_attended(2 * 2) < telemetry.tokens_attended(0));
 
-  v1::GenerateRequest bad_p1 = TextRequest("Hello", 4);
-  bad_p1.mutable_attention()->mutable_policy()->set_name("double-p");
-  bad_p1.mutable_attention()->mutable_policy()->set_p1(1.5);
-  const grpc::Status p1_status = fixture.Generate(bad_p1).first;
-  CHECK(p1_status.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
-  CHECK(p1_status.error_message().find("p1") != std::string::npos);
-
-  v1::GenerateRequest unknown = TextRequest("Hello", 4);
-  unknown.mutable_attention()->mutable_policy()->set_name("magic");
-  const grpc::Status unknown_status = fixture.Generate(unknown).first;
-  CHECK(unknown_status.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
-  CHECK(unknown_status.error_message().find("magic") != std::string::npos);
-
-  v1::GenerateRequest zero_clusters = TextRequest("Hello", 4);
-  zero_clusters.mutable_attention()->mutable_policy()->set_name("double-p");
-  zero_clusters.mutable_attention()->mutable_policy()->set_clusters(0);
-  const grpc::Status clusters_status = fixture.Generate(zero_clusters).first;
-  CHECK(clusters_status.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
-  CHECK(clusters_status.error_message().find("clusters") != std::string::npos);
+  struct BadPolicy {
+    std::function<void(v1::PolicyOptions*)> set;
+    std::string named;  // what the message must name
+  };
+  for (const BadPolicy& bad : std::vector<BadPolicy>{
+           {[](v1::PolicyOptions* p) { p->set_name("double-p"); p->set_p1(1.5); }, "p1"},
+           {[](v1::PolicyOptions* p) { p->set_name("magic"); }, "magic"},
+           {[](v1::PolicyOptions* p) { p->set_name("double-p"); p->set_clusters(0); }, "clusters"}}) {
+    v1::GenerateRequest request = TextRequest("Hello", 4);
+    bad.set(request.mutable_attention()->mutable_policy());
+    const grpc::Status status = fixture.Generate(request).first;
+    INFO(bad.named << ": " << status.error_message());
+    CHECK(status.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+    CHECK(status.error_message().find(bad.named) != std::string::npos);
+  }
 }
 
 TEST_CASE("tokenize and detokenize round-trip") {

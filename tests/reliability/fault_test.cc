@@ -407,13 +407,18 @@ TEST_CASE("an inference service killed with SIGKILL during generation restarts w
 // A small tmpfs mounted for one test, unmounted when it ends.
 class SmallFilesystem {
  public:
-  // Empty string when mounted; else why it could not be.
-  std::string Mount(const fs::path& at, const std::string& size) {
+  // False, with a warning that the test of `what` is skipped, where it cannot be mounted.
+  bool Mount(const fs::path& at, const std::string& size, const std::string& what) {
     fs::create_directories(at);
-    if (::mount("tmpfs", at.c_str(), "tmpfs", 0, ("size=" + size).c_str()) != 0) return std::strerror(errno);
+    if (::mount("tmpfs", at.c_str(), "tmpfs", 0, ("size=" + size).c_str()) != 0) {
+      const std::string why = std::strerror(errno);
+      WARN("SKIPPED: cannot mount a small tmpfs for the "
+           << what << " (mount: " << why << "; needs CAP_SYS_ADMIN, e.g. root outside a restricted container)");
+      return false;
+    }
     at_ = at;
     size_ = size;
-    return "";
+    return true;
   }
   // errno's text when the remount failed.
   std::string SetReadOnly(bool read_only) {
@@ -461,9 +466,9 @@ struct ServicesOnSmallDisk {
   std::map<uint64_t, v1::HeadPartition> acknowledged;
   std::vector<std::string> files_before;
 
-  // Empty when the services run; else why the tmpfs could not be mounted.
-  std::string Start() {
-    if (std::string why = disk.Mount(mount_point, "1m"); !why.empty()) return why;
+  // False, with a warning that the test of `what` is skipped, where the tmpfs cannot be mounted.
+  bool Start(const std::string& what) {
+    if (!disk.Mount(mount_point, "1m", what)) return false;
     trainer = MakeTrainer(registry.string(), (dir.path / "trainer.log").string());
     trainer->Start();
     stub = TrainerStub(*trainer);
@@ -477,7 +482,7 @@ struct ServicesOnSmallDisk {
     WaitFor("version 1 to be active", 120s,
             [&] { return ServerInfo(*inference_stub).active_partition_version() == 1; });
     files_before = EntriesUnder(mount_point);
-    return "";
+    return true;
   }
 
   // After a refused write: both servers still up and serving, nothing of the refused write listed;
@@ -504,14 +509,9 @@ struct ServicesOnSmallDisk {
   }
 };
 
-constexpr const char* kNoTmpfs = "needs CAP_SYS_ADMIN, e.g. root outside a restricted container";
-
 TEST_CASE("a full disk refuses publishing cleanly and publishing resumes after", "[disk]") {
   ServicesOnSmallDisk services;
-  if (const std::string why = services.Start(); !why.empty()) {
-    WARN("SKIPPED: cannot mount a small tmpfs for the full-disk test (mount: " << why << "; " << kNoTmpfs << ")");
-    return;
-  }
+  if (!services.Start("full-disk test")) return;
   INFO("trainer log: " << services.trainer->log() << "\ninference log: " << services.inference->log());
   services.disk.Fill(services.mount_point / "filler");
   v1::HeadPartition published;
@@ -532,10 +532,7 @@ TEST_CASE("a full disk refuses publishing cleanly and publishing resumes after",
 
 TEST_CASE("a read-only registry refuses publishing cleanly and publishing resumes after", "[disk-readonly]") {
   ServicesOnSmallDisk services;
-  if (const std::string why = services.Start(); !why.empty()) {
-    WARN("SKIPPED: cannot mount a small tmpfs for the read-only test (mount: " << why << "; " << kNoTmpfs << ")");
-    return;
-  }
+  if (!services.Start("read-only test")) return;
   INFO("trainer log: " << services.trainer->log() << "\ninference log: " << services.inference->log());
   if (const std::string why = services.disk.SetReadOnly(true); !why.empty()) {
     WARN("SKIPPED: cannot remount the tmpfs read-only (" << why << ")");
@@ -558,11 +555,7 @@ TEST_CASE("an inference service whose state directory is full keeps serving its 
   TempDir dir;
   SmallFilesystem disk;
   const fs::path state = dir.path / "state";
-  if (const std::string why = disk.Mount(state, "1m"); !why.empty()) {
-    WARN("SKIPPED: cannot mount a small tmpfs for the full state directory (mount: "
-         << why << "; needs CAP_SYS_ADMIN, e.g. root outside a restricted container)");
-    return;
-  }
+  if (!disk.Mount(state, "1m", "full state directory")) return;
   auto trainer = MakeTrainer((dir.path / "registry").string(), (dir.path / "trainer.log").string());
   trainer->Start();
   auto trainer_stub = TrainerStub(*trainer);
