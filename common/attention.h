@@ -1,7 +1,15 @@
 // The seam between the decoder and its attention: the model computes projections and RoPE,
-// appends keys and values to the sequence's cache, and asks an AttentionBackend for the output.
-// Backends (dense, hybrid-head sparse, ...) live in kernels/ and may keep per-sequence state,
-// such as the block selection that sparse heads of later layers reuse.
+// writes keys and values into the sequence's pages of the KV pool, and asks an AttentionBackend
+// for the output. Backends (dense, hybrid-head sparse, ...) live in kernels/ and may keep
+// per-sequence state, such as the block selection that sparse heads of later layers reuse.
+//
+// Two ways to attend:
+//   Attend / AttendBatch  one sequence at a time over its cache gathered from the pages into one
+//                         [num_kv_heads, L, head_dim] tensor (the CPU references, and prefill);
+//   paged decode          a whole batched decode step planned once (PlanDecodeStep) into a
+//                         workspace the caller owns, then one AttendDecode per layer that reads the
+//                         pool through the page tables and only enqueues device work (the CUDA
+//                         backends; FlashInfer's plan/run split).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,7 +19,11 @@
 #include <optional>
 #include <vector>
 
+#include "absl/status/status.h"
+
 namespace lychee {
+
+class KvPool;
 
 // What decoding one sequence has read from its KV cache, summed over its decode steps (prefill,
 // which every backend computes densely, is not counted). Backends that keep it fill it from
@@ -74,6 +86,40 @@ struct AttentionInput {
   SequenceAttentionState* state = nullptr;
 };
 
+// What every layer of one batched decode step shares, given to a paged backend once per step.
+struct DecodeStep {
+  // Cached positions per row, this step's token included.
+  std::vector<int64_t> lengths;
+  // Each row's state from NewSequenceState().
+  std::vector<SequenceAttentionState*> states;
+  // Each row's page table on the host.
+  std::vector<const std::vector<int32_t>*> pages;
+  const KvPool* pool = nullptr;
+  // int32 [rows >= lengths.size(), width] on the pool's device: row r lists the pages of row r's
+  // positions 0, page_size, 2 page_size, ...
+  at::Tensor page_table;
+  double scale = 1.0;
+  std::optional<int64_t> sliding_window;
+  int64_t batch() const { return static_cast<int64_t>(lengths.size()); }
+};
+
+// Device buffers a paged backend plans a decode step into. The backend makes one for a batch and
+// page-table capacity; the caller owns it and passes it to every step of at most that size, so that
+// no layer call allocates, copies from the host or synchronizes.
+class DecodeWorkspace {
+ public:
+  virtual ~DecodeWorkspace() = default;
+};
+
+struct DecodeCapacity {
+  int64_t max_batch = 1;
+  int64_t max_pages = 1;  // page-table width: pages of the longest sequence
+  // The workspace's launches cover the capacity whatever a step needs (the kernels read how much
+  // work there is from the plan on the device), so that a step captured in a CUDA graph replays
+  // correctly for any later step.
+  bool for_graph = false;
+};
+
 class AttentionBackend {
  public:
   virtual ~AttentionBackend() = default;
@@ -89,6 +135,21 @@ class AttentionBackend {
     for (const AttentionInput& input : inputs) outputs.push_back(Attend(input));
     return outputs;
   }
+
+  // Paged decode. The defaults serve every backend: each row's cache is gathered from its pages
+  // and attended through AttendBatch. Backends with kernels that read the pages themselves (CUDA)
+  // override all three.
+  virtual std::unique_ptr<DecodeWorkspace> NewDecodeWorkspace(const KvPool& pool, const DecodeCapacity& capacity) const;
+  // Once per step, before layer 0: plans every layer of `step` into `workspace` (host work and at
+  // most one copy to the device). Errors name what does not fit.
+  virtual absl::Status PlanDecodeStep(const DecodeStep& step, DecodeWorkspace& workspace) const;
+  // One layer of the planned step: queries [rows, num_heads, head_dim] (rows >= step.batch(); the
+  // rows past the batch are padding whose output is undefined) -> the same shape.
+  virtual at::Tensor AttendDecode(int layer, const at::Tensor& queries, const DecodeStep& step,
+                                  DecodeWorkspace& workspace) const;
+  // Whether AttendDecode only enqueues device work on the workspace's fixed buffers, so that a
+  // step can be captured in a CUDA graph and replayed for later steps.
+  virtual bool CapturesDecode() const { return false; }
 };
 
 }  // namespace lychee

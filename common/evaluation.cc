@@ -22,14 +22,14 @@ double SecondsSince(Clock::time_point start) { return std::chrono::duration<doub
 // Greedy decoding from the prompt's last logits, one token per answer token, stopping at the
 // first wrong one; returns the tokens produced.
 absl::StatusOr<std::vector<int32_t>> GreedyAnswer(const Model& model, Sequence& sequence, at::Tensor logits,
-                                                  const std::vector<int32_t>& expected) {
+                                                  const std::vector<int32_t>& expected, DecodeContext& context) {
   Sequence* const batch[] = {&sequence};
   std::vector<int32_t> produced;
   while (true) {
     produced.push_back(static_cast<int32_t>(logits.argmax().item<int64_t>()));
     if (produced.size() == expected.size() || produced.back() != expected[produced.size() - 1]) return produced;
     const int32_t next[] = {produced.back()};
-    LYCHEE_ASSIGN_OR_RETURN(at::Tensor step, model.Decode(batch, next));
+    LYCHEE_ASSIGN_OR_RETURN(at::Tensor step, model.Decode(batch, next, &context));
     logits = step[0];
   }
 }
@@ -109,6 +109,17 @@ absl::StatusOr<std::vector<EvalCell>> RunEvaluation(const Model& model, const Ha
   if (any_shared && options.prefill_attention == nullptr) {
     return absl::InvalidArgumentError("the shared prefill needs a dense attention backend");
   }
+  // One pool for every sample's sequences (the shared prefill and a fork at a time), so that the
+  // decode context's buckets, and on CUDA their graphs, serve every sample.
+  KvPool::Options pool_options;
+  const int64_t longest = *std::max_element(options.contexts.begin(), options.contexts.end());
+  pool_options.num_pages = 2 * ((longest + 256) / pool_options.page_size + 1);
+  pool_options.growable = true;
+  LYCHEE_ASSIGN_OR_RETURN(
+      std::shared_ptr<KvPool> pool,
+      KvPool::Create(model.config(),
+                     at::TensorOptions().dtype(model.options().dtype).device(model.options().device), pool_options));
+  DecodeContext decode;
   std::vector<EvalCell> cells;
   for (RetrievalTask task : options.tasks) {
     for (int64_t context : options.contexts) {
@@ -119,7 +130,7 @@ absl::StatusOr<std::vector<EvalCell>> RunEvaluation(const Model& model, const Ha
         std::unique_ptr<Sequence> shared;
         at::Tensor shared_logits;
         if (any_shared) {
-          shared = model.NewSequence(options.prefill_attention);
+          shared = model.NewSequence(pool, options.prefill_attention);
           LYCHEE_ASSIGN_OR_RETURN(shared_logits, model.Prefill(*shared, sample.prompt_ids));
         }
         for (size_t p = 0; p < policies.size(); ++p) {
@@ -127,14 +138,14 @@ absl::StatusOr<std::vector<EvalCell>> RunEvaluation(const Model& model, const Ha
           std::unique_ptr<Sequence> sequence;
           at::Tensor logits;
           if (policies[p].shares_dense_prefill) {
-            sequence = model.Fork(*shared, policies[p].attention);
+            LYCHEE_ASSIGN_OR_RETURN(sequence, model.Fork(*shared, policies[p].attention));
             logits = shared_logits;
           } else {
-            sequence = model.NewSequence(policies[p].attention);
+            sequence = model.NewSequence(pool, policies[p].attention);
             LYCHEE_ASSIGN_OR_RETURN(logits, model.Prefill(*sequence, sample.prompt_ids));
           }
           LYCHEE_ASSIGN_OR_RETURN(std::vector<int32_t> produced,
-                                  GreedyAnswer(model, *sequence, logits, sample.answer_ids));
+                                  GreedyAnswer(model, *sequence, logits, sample.answer_ids, decode));
           const bool right = produced == sample.answer_ids;
           tallies[p].correct += right;
           tallies[p].Add(sequence->attention_state() != nullptr ? sequence->attention_state()->telemetry() : nullptr);

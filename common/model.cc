@@ -5,6 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/cuda_graph.h"
 #include "common/safetensors.h"
 #include "common/status_macros.h"
 
@@ -95,62 +96,18 @@ struct Model::Layer {
   at::Tensor down_weight;
 };
 
-KvCache::KvCache(const ModelConfig& config, at::TensorOptions options)
-    : keys_(config.num_layers),
-      values_(config.num_layers),
-      lengths_(config.num_layers, 0),
-      num_kv_heads_(config.num_kv_heads),
-      head_dim_(config.head_dim),
-      options_(options) {}
+Sequence::Sequence(std::shared_ptr<KvPool> pool, std::shared_ptr<const AttentionBackend> attention)
+    : pool_(std::move(pool)), attention_(std::move(attention)), attention_state_(attention_->NewSequenceState()) {}
 
-void KvCache::Grow(int64_t min_capacity) {
-  int64_t capacity = std::max<int64_t>(capacity_, 256);
-  while (capacity < min_capacity) capacity *= 2;
-  Reallocate(capacity);
+Sequence::~Sequence() { pool_->Free(pages_); }
+
+absl::Status Sequence::Reserve(int64_t tokens) {
+  const int64_t missing = pool_->PagesFor(tokens) - static_cast<int64_t>(pages_.size());
+  if (missing <= 0) return absl::OkStatus();
+  LYCHEE_ASSIGN_OR_RETURN(std::vector<int32_t> pages, pool_->Allocate(missing));
+  pages_.insert(pages_.end(), pages.begin(), pages.end());
+  return absl::OkStatus();
 }
-
-void KvCache::Reserve(int64_t tokens) {
-  if (tokens > capacity_) Reallocate(tokens);
-}
-
-void KvCache::Reallocate(int64_t capacity) {
-  for (size_t layer = 0; layer < keys_.size(); ++layer) {
-    for (at::Tensor* cache : {&keys_[layer], &values_[layer]}) {
-      at::Tensor grown = at::empty({num_kv_heads_, capacity, head_dim_}, options_);
-      if (lengths_[layer] > 0) {
-        grown.narrow(1, 0, lengths_[layer]).copy_(cache->narrow(1, 0, lengths_[layer]));
-      }
-      *cache = std::move(grown);
-    }
-  }
-  capacity_ = capacity;
-}
-
-void KvCache::Append(int layer, const at::Tensor& keys, const at::Tensor& values) {
-  const int64_t added = keys.size(1);
-  const int64_t length = lengths_[layer];
-  if (length + added > capacity_) Grow(length + added);
-  keys_[layer].narrow(1, length, added).copy_(keys);
-  values_[layer].narrow(1, length, added).copy_(values);
-  lengths_[layer] = length + added;
-}
-
-at::Tensor KvCache::Keys(int layer) const { return keys_[layer].narrow(1, 0, lengths_[layer]); }
-at::Tensor KvCache::Values(int layer) const { return values_[layer].narrow(1, 0, lengths_[layer]); }
-
-size_t KvCache::num_bytes() const {
-  size_t bytes = 0;
-  for (size_t layer = 0; layer < keys_.size(); ++layer) {
-    if (keys_[layer].defined()) bytes += 2 * keys_[layer].nbytes();
-  }
-  return bytes;
-}
-
-Sequence::Sequence(const ModelConfig& config, at::TensorOptions cache_options,
-                   std::shared_ptr<const AttentionBackend> attention)
-    : cache_(config, cache_options),
-      attention_(std::move(attention)),
-      attention_state_(attention_->NewSequenceState()) {}
 
 absl::StatusOr<ModelOptions> ModelOptionsForDevice(const std::string& device) {
   if (device == "cpu") return ModelOptions{at::kCPU, at::kFloat};
@@ -221,17 +178,35 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
   return model;
 }
 
-std::unique_ptr<Sequence> Model::NewSequence(std::shared_ptr<const AttentionBackend> attention) const {
-  return std::make_unique<Sequence>(config_, at::TensorOptions().dtype(options_.dtype).device(options_.device),
-                                    std::move(attention));
+absl::StatusOr<std::shared_ptr<KvPool>> Model::NewKvPool(int64_t num_pages, int64_t page_size) const {
+  KvPool::Options options;
+  options.page_size = page_size;
+  options.num_pages = num_pages;
+  return KvPool::Create(config_, at::TensorOptions().dtype(options_.dtype).device(options_.device), options);
 }
 
-std::unique_ptr<Sequence> Model::Fork(const Sequence& source,
-                                      std::shared_ptr<const AttentionBackend> attention) const {
-  auto fork = NewSequence(std::move(attention));
-  for (int layer = 0; layer < config_.num_layers; ++layer) {
-    fork->cache_.Append(layer, source.cache_.Keys(layer), source.cache_.Values(layer));
-  }
+std::unique_ptr<Sequence> Model::NewSequence(std::shared_ptr<KvPool> pool,
+                                             std::shared_ptr<const AttentionBackend> attention) const {
+  return std::make_unique<Sequence>(std::move(pool), std::move(attention));
+}
+
+std::unique_ptr<Sequence> Model::NewSequence(std::shared_ptr<const AttentionBackend> attention) const {
+  KvPool::Options options;
+  options.num_pages = 4;
+  options.growable = true;
+  absl::StatusOr<std::shared_ptr<KvPool>> pool =
+      KvPool::Create(config_, at::TensorOptions().dtype(options_.dtype).device(options_.device), options);
+  // Four pages of the model's own shape: only an allocation failure could refuse them.
+  TORCH_CHECK(pool.ok(), pool.status().ToString());
+  return NewSequence(*std::move(pool), std::move(attention));
+}
+
+absl::StatusOr<std::unique_ptr<Sequence>> Model::Fork(Sequence& source,
+                                                      std::shared_ptr<const AttentionBackend> attention) const {
+  auto fork = NewSequence(source.pool_, std::move(attention));
+  LYCHEE_RETURN_IF_ERROR(fork->Reserve(source.length()));
+  source.pool_->Copy(source.pages_, fork->pages_, source.length());
+  fork->length_ = source.length();
   return fork;
 }
 
@@ -265,34 +240,16 @@ AttentionInput Model::MakeInput(int layer, const at::Tensor& queries, at::Tensor
   input.queries = queries;
   input.keys = std::move(keys);
   input.values = std::move(values);
-  input.scale = 1.0 / std::sqrt(static_cast<double>(config_.head_dim));
+  input.scale = Scale();
   input.sliding_window = config_.sliding_window;
   input.state = state;
   return input;
 }
 
-at::Tensor Model::AttendCached(absl::Span<Sequence* const> sequences, int layer, const at::Tensor& queries,
-                               const at::Tensor& keys, const at::Tensor& values) const {
-  std::vector<AttentionInput> inputs;
-  bool one_backend = true;
-  for (size_t i = 0; i < sequences.size(); ++i) {
-    Sequence& sequence = *sequences[i];
-    sequence.cache_.Append(layer, keys[i], values[i]);
-    inputs.push_back(MakeInput(layer, queries[i], sequence.cache_.Keys(layer), sequence.cache_.Values(layer),
-                               sequence.attention_state_.get()));
-    one_backend = one_backend && sequence.attention_ == sequences[0]->attention_;
-  }
-  std::vector<at::Tensor> outputs;
-  if (one_backend) {
-    outputs = sequences[0]->attention().AttendBatch(inputs);
-  } else {
-    for (size_t i = 0; i < sequences.size(); ++i) outputs.push_back(sequences[i]->attention().Attend(inputs[i]));
-  }
-  return at::stack(outputs);
-}
+double Model::Scale() const { return 1.0 / std::sqrt(static_cast<double>(config_.head_dim)); }
 
-at::Tensor Model::Attention(const Layer& layer, int layer_index, const at::Tensor& normed, const at::Tensor& positions,
-                            const AttendFn& attend) const {
+at::Tensor Model::Attention(const Layer& layer, int layer_index, const at::Tensor& normed, const at::Tensor& cos,
+                            const at::Tensor& sin, const AttendFn& attend) const {
   const int64_t n = normed.size(0);
   const int64_t t = normed.size(1);
   const int64_t d = config_.head_dim;
@@ -310,9 +267,6 @@ at::Tensor Model::Attention(const Layer& layer, int layer_index, const at::Tenso
   q = q.transpose(1, 2);  // [n, heads, t, d]
   k = k.transpose(1, 2);
   v = v.transpose(1, 2);
-  auto [cos, sin] = RopeCosSin(positions);
-  cos = cos.unsqueeze(1);
-  sin = sin.unsqueeze(1);
   q = q * cos + RotateHalf(q) * sin;
   k = k * cos + RotateHalf(k) * sin;
   at::Tensor attended = attend(layer_index, q, k, v).transpose(1, 2).reshape({n, t, q_width});
@@ -321,9 +275,12 @@ at::Tensor Model::Attention(const Layer& layer, int layer_index, const at::Tenso
 }
 
 at::Tensor Model::Forward(at::Tensor hidden, const at::Tensor& positions, const AttendFn& attend) const {
+  auto [cos, sin] = RopeCosSin(positions);
+  cos = cos.unsqueeze(1);  // [n, 1, t, d]: every head alike
+  sin = sin.unsqueeze(1);
   for (size_t i = 0; i < layers_.size(); ++i) {
     const Layer& layer = layers_[i];
-    hidden = hidden + Attention(layer, static_cast<int>(i), RmsNorm(hidden, layer.input_norm), positions, attend);
+    hidden = hidden + Attention(layer, static_cast<int>(i), RmsNorm(hidden, layer.input_norm), cos, sin, attend);
     at::Tensor gate_up = at::linear(RmsNorm(hidden, layer.post_attention_norm), layer.gate_up_weight);
     at::Tensor gate = gate_up.narrow(-1, 0, config_.intermediate_size);
     at::Tensor up = gate_up.narrow(-1, config_.intermediate_size, config_.intermediate_size);
@@ -340,44 +297,264 @@ at::Tensor Model::Embed(absl::Span<const int32_t> ids) const {
 absl::StatusOr<at::Tensor> Model::Prefill(Sequence& sequence, absl::Span<const int32_t> ids) const {
   if (ids.empty()) return absl::InvalidArgumentError("prefill needs at least one token");
   LYCHEE_RETURN_IF_ERROR(CheckIds(ids));
+  LYCHEE_RETURN_IF_ERROR(sequence.Reserve(sequence.length() + static_cast<int64_t>(ids.size())));
   at::NoGradGuard no_grad;
-  Sequence* const batch[] = {&sequence};
-  const AttendFn attend = [&](int layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-    return AttendCached(batch, layer, q, k, v);
-  };
+  KvPool& pool = *sequence.pool_;
   at::Tensor last_hidden;
   for (size_t start = 0; start < ids.size(); start += kPrefillChunk) {
     const absl::Span<const int32_t> chunk = ids.subspan(start, kPrefillChunk);
+    const int64_t first = sequence.length();
+    const int64_t end = first + static_cast<int64_t>(chunk.size());
+    const AttendFn attend = [&](int layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+      pool.Write(layer, sequence.pages_, first, k[0], v[0]);
+      AttentionInput input = MakeInput(layer, q[0], pool.GatherKeys(layer, sequence.pages_, end),
+                                       pool.GatherValues(layer, sequence.pages_, end), sequence.attention_state_.get());
+      return sequence.attention().Attend(input).unsqueeze(0);
+    };
     at::Tensor positions =
         (at::arange(static_cast<int64_t>(chunk.size()), at::TensorOptions().dtype(at::kLong).device(options_.device)) +
-         sequence.length())
+         first)
             .unsqueeze(0);
     at::Tensor hidden = Forward(Embed(chunk).unsqueeze(0), positions, attend);
+    sequence.length_ = end;
     last_hidden = hidden.select(1, static_cast<int64_t>(chunk.size()) - 1);
   }
   at::Tensor logits = at::linear(RmsNorm(last_hidden, final_norm_), lm_head_);
   return logits.squeeze(0).to(at::kFloat);
 }
 
-absl::StatusOr<at::Tensor> Model::Decode(absl::Span<Sequence* const> sequences, absl::Span<const int32_t> ids) const {
+// ---- Decode ------------------------------------------------------------------------------------
+
+// The inputs of one step on the device for a batch of up to `rows` sequences of one backend and
+// pool, the backend's workspace, and on CUDA the step's captured graph. The step's inputs are int32:
+// ids [rows], positions [rows], write slots [rows] (page * page_size + offset of the new position),
+// then the page tables [rows, width].
+struct DecodeContext::Bucket {
+  const AttentionBackend* backend = nullptr;
+  std::weak_ptr<const AttentionBackend> backend_alive;
+  const KvPool* pool = nullptr;
+  int64_t pool_generation = 0;
+  int64_t rows = 0;
+  int64_t width = 0;
+  bool for_graph = false;
+  std::unique_ptr<DecodeWorkspace> workspace;
+  at::Tensor inputs;
+  at::Tensor ids, positions, slots, page_table;
+  int64_t eager_steps = 0;
+  std::unique_ptr<CapturedGraph> graph;
+  at::Tensor graph_logits;
+
+  bool Matches(const AttentionBackend* b, const KvPool* p, int64_t r, bool g) const {
+    return backend == b && pool == p && rows == r && for_graph == g;
+  }
+  bool Stale() const { return backend_alive.expired() || pool->generation() != pool_generation; }
+};
+
+DecodeContext::DecodeContext(DecodeOptions options) : options_(options) {}
+DecodeContext::~DecodeContext() = default;
+
+namespace {
+
+int64_t NextPowerOfTwo(int64_t x) {
+  int64_t p = 1;
+  while (p < x) p *= 2;
+  return p;
+}
+
+}  // namespace
+
+// Rows of the batch that share a backend and a pool, and the step they decode together.
+struct Model::DecodeGroup {
+  const AttentionBackend* backend = nullptr;
+  KvPool* pool = nullptr;
+  std::vector<int64_t> rows;  // of the batch
+  at::Tensor row_index;       // int64 on the device; undefined when the group is the whole batch
+  DecodeContext::Bucket* bucket = nullptr;
+  DecodeStep step;
+};
+
+absl::StatusOr<DecodeContext::Bucket*> Model::BucketFor(DecodeContext& context, const Sequence& first,
+                                                        int64_t batch, int64_t width, bool whole_batch) const {
+  const AttentionBackend* backend = &first.attention();
+  const KvPool* pool = &first.pool();
+  const bool for_graph = whole_batch && context.options().cuda_graphs && !context.graphs_failed_ &&
+                         options_.device.is_cuda() &&
+                         backend->CapturesDecode() && batch <= context.options().max_graph_batch;
+  const int64_t rows = for_graph ? NextPowerOfTwo(batch) : batch;
+  auto& buckets = context.buckets_;
+  buckets.erase(std::remove_if(buckets.begin(), buckets.end(),
+                               [&](const std::unique_ptr<DecodeContext::Bucket>& b) {
+                                 return b->Stale() || (b->for_graph && context.graphs_failed_);
+                               }),
+                buckets.end());
+  for (auto it = buckets.begin(); it != buckets.end(); ++it) {
+    if (!(*it)->Matches(backend, pool, rows, for_graph)) continue;
+    if ((*it)->width >= width) return it->get();
+    buckets.erase(it);  // outgrown: made again below, wider
+    break;
+  }
+  auto bucket = std::make_unique<DecodeContext::Bucket>();
+  bucket->backend = backend;
+  bucket->backend_alive = first.attention_ptr();
+  bucket->pool = pool;
+  bucket->pool_generation = pool->generation();
+  bucket->rows = rows;
+  // Graph buckets hold tables for the longest sequence the pool or the model allows, so that one
+  // capture serves every later step; eager ones grow by doubling.
+  bucket->width = for_graph ? std::min(pool->num_pages() + 1, pool->PagesFor(config_.max_position_embeddings))
+                            : NextPowerOfTwo(width);
+  bucket->width = std::max(bucket->width, width);
+  bucket->for_graph = for_graph;
+  DecodeCapacity capacity;
+  capacity.max_batch = rows;
+  capacity.max_pages = bucket->width;
+  capacity.for_graph = for_graph;
+  bucket->workspace = backend->NewDecodeWorkspace(*pool, capacity);
+  if (bucket->workspace == nullptr) return absl::InternalError("the attention backend made no decode workspace");
+  bucket->inputs = at::zeros({rows * (3 + bucket->width)}, at::TensorOptions().dtype(at::kInt).device(options_.device));
+  bucket->ids = bucket->inputs.narrow(0, 0, rows);
+  bucket->positions = bucket->inputs.narrow(0, rows, rows);
+  bucket->slots = bucket->inputs.narrow(0, 2 * rows, rows);
+  bucket->page_table = bucket->inputs.narrow(0, 3 * rows, rows * bucket->width).view({rows, bucket->width});
+  buckets.push_back(std::move(bucket));
+  return buckets.back().get();
+}
+
+void Model::StageInputs(DecodeGroup& group, absl::Span<Sequence* const> sequences,
+                        absl::Span<const int32_t> ids) const {
+  DecodeContext::Bucket& bucket = *group.bucket;
+  const at::TensorOptions host = at::TensorOptions().dtype(at::kInt).pinned_memory(options_.device.is_cuda());
+  at::Tensor staging = at::zeros({bucket.inputs.numel()}, host);
+  int32_t* words = staging.data_ptr<int32_t>();
+  const int64_t page_size = group.pool->page_size();
+  for (size_t r = 0; r < group.rows.size(); ++r) {
+    const Sequence& sequence = *sequences[group.rows[r]];
+    const int64_t position = sequence.length();
+    words[r] = ids[group.rows[r]];
+    words[bucket.rows + r] = static_cast<int32_t>(position);
+    words[2 * bucket.rows + r] = static_cast<int32_t>(sequence.pages_[position / page_size] * page_size + position % page_size);
+    std::copy(sequence.pages_.begin(), sequence.pages_.end(), words + 3 * bucket.rows + r * bucket.width);
+  }
+  // Padding rows write their keys into the reserved page 0 and read nothing.
+  bucket.inputs.copy_(staging, /*non_blocking=*/true);
+
+  DecodeStep& step = group.step;
+  step = DecodeStep();
+  for (int64_t row : group.rows) {
+    Sequence& sequence = *sequences[row];
+    step.lengths.push_back(sequence.length() + 1);
+    step.states.push_back(sequence.attention_state_.get());
+    step.pages.push_back(&sequence.pages_);
+  }
+  step.pool = group.pool;
+  step.page_table = bucket.page_table;
+  step.scale = Scale();
+  step.sliding_window = config_.sliding_window;
+}
+
+at::Tensor Model::DecodeForward(const at::Tensor& ids, const at::Tensor& positions,
+                                std::vector<DecodeGroup>& groups) const {
+  std::vector<at::Tensor> slots;
+  for (DecodeGroup& group : groups) slots.push_back(group.bucket->slots.to(at::kLong));
+  const AttendFn attend = [&](int layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    at::Tensor out = groups.size() == 1 ? at::Tensor() : at::empty_like(q);
+    for (size_t g = 0; g < groups.size(); ++g) {
+      DecodeGroup& group = groups[g];
+      const bool whole = !group.row_index.defined();
+      const at::Tensor group_k = whole ? k : k.index_select(0, group.row_index);
+      const at::Tensor group_v = whole ? v : v.index_select(0, group.row_index);
+      // [rows, kv_heads, 1, D] -> [kv_heads, rows, D] into the flattened pages of the layer.
+      const int64_t kv_heads = config_.num_kv_heads, flat = group.pool->keys(layer).size(1) * group.pool->page_size();
+      group.pool->keys(layer).view({kv_heads, flat, config_.head_dim}).index_copy_(1, slots[g], group_k.select(2, 0).transpose(0, 1));
+      group.pool->values(layer).view({kv_heads, flat, config_.head_dim}).index_copy_(1, slots[g], group_v.select(2, 0).transpose(0, 1));
+      const at::Tensor group_q = (whole ? q : q.index_select(0, group.row_index)).select(2, 0);
+      at::Tensor attended =
+          group.backend->AttendDecode(layer, group_q, group.step, *group.bucket->workspace).unsqueeze(2);
+      if (whole) return attended;
+      out.index_copy_(0, group.row_index, attended);
+    }
+    return out;
+  };
+  at::Tensor hidden = Forward(at::embedding(embed_tokens_, ids).unsqueeze(1), positions.to(at::kLong).unsqueeze(1), attend);
+  return at::linear(RmsNorm(hidden.squeeze(1), final_norm_), lm_head_).to(at::kFloat);
+}
+
+absl::StatusOr<at::Tensor> Model::Decode(absl::Span<Sequence* const> sequences, absl::Span<const int32_t> ids,
+                                         DecodeContext* context) const {
   if (sequences.size() != ids.size() || sequences.empty()) {
     return absl::InvalidArgumentError(
         absl::StrCat("decode needs one token per sequence, got ", ids.size(), " for ", sequences.size()));
   }
   LYCHEE_RETURN_IF_ERROR(CheckIds(ids));
-  std::vector<int64_t> positions;
+  int64_t width = 1;
   for (Sequence* sequence : sequences) {
     if (sequence->length() == 0) return absl::FailedPreconditionError("decode of a sequence that was never prefilled");
-    positions.push_back(sequence->length());
+    LYCHEE_RETURN_IF_ERROR(sequence->Reserve(sequence->length() + 1));
+    width = std::max<int64_t>(width, static_cast<int64_t>(sequence->pages_.size()));
   }
   at::NoGradGuard no_grad;
-  at::Tensor position_tensor = at::tensor(positions, at::kLong).to(options_.device).unsqueeze(1);
-  const AttendFn attend = [&](int layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-    return AttendCached(sequences, layer, q, k, v);
-  };
-  at::Tensor hidden = Forward(Embed(ids).unsqueeze(1), position_tensor, attend);
-  at::Tensor logits = at::linear(RmsNorm(hidden.squeeze(1), final_norm_), lm_head_);
-  return logits.to(at::kFloat);
+  DecodeContext own_context(DecodeOptions{/*cuda_graphs=*/false});
+  if (context == nullptr) context = &own_context;
+
+  std::vector<DecodeGroup> groups;
+  for (size_t row = 0; row < sequences.size(); ++row) {
+    const Sequence& sequence = *sequences[row];
+    auto it = std::find_if(groups.begin(), groups.end(), [&](const DecodeGroup& g) {
+      return g.backend == &sequence.attention() && g.pool == sequence.pool_.get();
+    });
+    if (it == groups.end()) {
+      groups.push_back(DecodeGroup{&sequence.attention(), sequence.pool_.get()});
+      it = groups.end() - 1;
+    }
+    it->rows.push_back(static_cast<int64_t>(row));
+  }
+  const bool whole_batch = groups.size() == 1;
+  for (DecodeGroup& group : groups) {
+    LYCHEE_ASSIGN_OR_RETURN(group.bucket, BucketFor(*context, *sequences[group.rows[0]],
+                                                    static_cast<int64_t>(group.rows.size()), width, whole_batch));
+    if (!whole_batch) group.row_index = at::tensor(group.rows, at::kLong).to(options_.device);
+    StageInputs(group, sequences, ids);
+    LYCHEE_RETURN_IF_ERROR(group.backend->PlanDecodeStep(group.step, *group.bucket->workspace));
+  }
+
+  at::Tensor logits;
+  DecodeStats& stats = context->stats_;
+  if (whole_batch) {
+    DecodeContext::Bucket& bucket = *groups[0].bucket;
+    if (bucket.for_graph && bucket.graph == nullptr && bucket.eager_steps > 0) {
+      // Captured after one eager step of the bucket, which set up what is made on first use (cuBLAS
+      // handles, kernel attributes), so that none of it happens during capture.
+      absl::StatusOr<std::unique_ptr<CapturedGraph>> graph = CaptureCudaGraph(
+          [&] { bucket.graph_logits = DecodeForward(bucket.ids, bucket.positions, groups); });
+      if (graph.ok()) {
+        bucket.graph = *std::move(graph);
+        ++stats.graph_captures;
+      } else {
+        // Eager from now on: this step runs on the bucket's buffers, later ones on eager buckets.
+        context->graphs_failed_ = true;
+        ++stats.capture_failures;
+        stats.last_capture_error = std::string(graph.status().message());
+      }
+    }
+    if (bucket.graph != nullptr) {
+      bucket.graph->Replay();
+      ++stats.graph_replays;
+      logits = bucket.graph_logits;
+    } else {
+      logits = DecodeForward(bucket.ids, bucket.positions, groups);
+      ++bucket.eager_steps;
+      ++stats.eager_steps;
+    }
+    logits = logits.narrow(0, 0, static_cast<int64_t>(sequences.size()));
+  } else {
+    at::Tensor id_tensor = at::tensor(std::vector<int32_t>(ids.begin(), ids.end()), at::kInt).to(options_.device);
+    std::vector<int32_t> positions;
+    for (Sequence* sequence : sequences) positions.push_back(static_cast<int32_t>(sequence->length()));
+    logits = DecodeForward(id_tensor, at::tensor(positions, at::kInt).to(options_.device), groups);
+    ++stats.eager_steps;
+  }
+  for (Sequence* sequence : sequences) ++sequence->length_;
+  return logits;
 }
 
 absl::StatusOr<at::Tensor> Model::HiddenStates(absl::Span<const int32_t> ids, const AttentionBackend& attention,

@@ -15,61 +15,78 @@
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
 #include "common/attention.h"
+#include "common/kv_pool.h"
 #include "common/model_config.h"
 
 namespace lychee {
 
-// Keys and values of one sequence, every layer, grown by doubling so that appends are cheap.
-class KvCache {
- public:
-  KvCache(const ModelConfig& config, at::TensorOptions options);
-
-  // Appends [num_kv_heads, T, head_dim] keys and values to `layer`.
-  void Append(int layer, const at::Tensor& keys, const at::Tensor& values);
-  // [num_kv_heads, length, head_dim] views of what `layer` holds.
-  at::Tensor Keys(int layer) const;
-  at::Tensor Values(int layer) const;
-  // Positions held by the last layer appended to (all layers after a full step).
-  int64_t length() const { return lengths_.empty() ? 0 : lengths_.back(); }
-  int64_t capacity() const { return capacity_; }
-  size_t num_bytes() const;
-  // Allocates room for exactly `tokens` positions (when it has less), so that a server that
-  // accounts KV memory per sequence up front never sees the cache grow past its reservation.
-  void Reserve(int64_t tokens);
-
- private:
-  void Grow(int64_t min_capacity);
-  void Reallocate(int64_t capacity);
-
-  std::vector<at::Tensor> keys_;
-  std::vector<at::Tensor> values_;
-  std::vector<int64_t> lengths_;
-  int64_t capacity_ = 0;
-  int64_t num_kv_heads_;
-  int64_t head_dim_;
-  at::TensorOptions options_;
-};
-
-// One sequence being decoded: its cache, and the attention backend it was admitted with (held
-// for its whole life, so that a backend swapped in later does not change it mid-sequence).
+// One sequence being decoded: its page table in a KV pool, and the attention backend it was
+// admitted with (held for its whole life, so that a backend swapped in later does not change it
+// mid-sequence). Gives its pages back when destroyed.
 class Sequence {
  public:
-  Sequence(const ModelConfig& config, at::TensorOptions cache_options,
-           std::shared_ptr<const AttentionBackend> attention);
+  Sequence(std::shared_ptr<KvPool> pool, std::shared_ptr<const AttentionBackend> attention);
+  ~Sequence();
+  Sequence(const Sequence&) = delete;
+  Sequence& operator=(const Sequence&) = delete;
 
-  int64_t length() const { return cache_.length(); }
-  const KvCache& cache() const { return cache_; }
-  void ReserveCache(int64_t tokens) { cache_.Reserve(tokens); }
+  int64_t length() const { return length_; }
+  // Positions the sequence's pages hold.
+  int64_t capacity() const { return static_cast<int64_t>(pages_.size()) * pool_->page_size(); }
+  const std::vector<int32_t>& pages() const { return pages_; }
+  const KvPool& pool() const { return *pool_; }
+  // Takes pages from the pool until `tokens` positions fit; RESOURCE_EXHAUSTED, taking none, when
+  // the pool has too few.
+  absl::Status Reserve(int64_t tokens);
   const AttentionBackend& attention() const { return *attention_; }
+  const std::shared_ptr<const AttentionBackend>& attention_ptr() const { return attention_; }
   // The backend's state for this sequence (null for backends that keep none), which carries
   // the telemetry of what decoding has read.
   const SequenceAttentionState* attention_state() const { return attention_state_.get(); }
 
  private:
   friend class Model;
-  KvCache cache_;
+  std::shared_ptr<KvPool> pool_;
+  std::vector<int32_t> pages_;
+  int64_t length_ = 0;
   std::shared_ptr<const AttentionBackend> attention_;
   std::unique_ptr<SequenceAttentionState> attention_state_;
+};
+
+struct DecodeOptions {
+  // Capture each batch-size bucket's decode step as a CUDA graph and replay it (CUDA, paged
+  // backends only); otherwise every step is launched op by op.
+  bool cuda_graphs = true;
+  // Largest batch a graph is captured for; larger batches run eagerly.
+  int64_t max_graph_batch = 8;
+};
+
+// Counts of how a DecodeContext's steps ran, for metrics and benchmarks.
+struct DecodeStats {
+  int64_t graph_captures = 0;
+  int64_t graph_replays = 0;
+  int64_t eager_steps = 0;
+  int64_t capture_failures = 0;
+  std::string last_capture_error;
+};
+
+// What a caller keeps across its decode steps: per batch-size bucket, the step's inputs on the
+// device (ids, positions, write slots, page tables), the backend's plan workspace and, on CUDA, the
+// captured graph of the step. Not thread-safe: one per decoding thread.
+class DecodeContext {
+ public:
+  explicit DecodeContext(DecodeOptions options = {});
+  ~DecodeContext();
+  const DecodeOptions& options() const { return options_; }
+  DecodeStats stats() const { return stats_; }
+
+ private:
+  friend class Model;
+  struct Bucket;
+  DecodeOptions options_;
+  DecodeStats stats_;
+  bool graphs_failed_ = false;
+  std::vector<std::unique_ptr<Bucket>> buckets_;
 };
 
 struct ModelOptions {
@@ -94,19 +111,29 @@ class Model {
   const ModelOptions& options() const { return options_; }
   const std::string& model_dir() const { return model_dir_; }
 
+  // A fixed pool of `num_pages` pages on the model's device, in its compute dtype.
+  absl::StatusOr<std::shared_ptr<KvPool>> NewKvPool(int64_t num_pages, int64_t page_size = kDefaultPageSize) const;
+  // A sequence in `pool`.
+  std::unique_ptr<Sequence> NewSequence(std::shared_ptr<KvPool> pool,
+                                        std::shared_ptr<const AttentionBackend> attention) const;
+  // A sequence with a growable pool of its own.
   std::unique_ptr<Sequence> NewSequence(std::shared_ptr<const AttentionBackend> attention) const;
-  // A new sequence holding a copy of `source`'s cache that decodes on with `attention`, whose
-  // state starts fresh. Lets one prefill serve several backends whose prefill is dense and
+  // A new sequence in `source`'s pool holding a copy of its cache that decodes on with `attention`,
+  // whose state starts fresh. Lets one prefill serve several backends whose prefill is dense and
   // leaves nothing in their state (the evaluation harness compares policies this way).
-  std::unique_ptr<Sequence> Fork(const Sequence& source, std::shared_ptr<const AttentionBackend> attention) const;
+  absl::StatusOr<std::unique_ptr<Sequence>> Fork(Sequence& source,
+                                                 std::shared_ptr<const AttentionBackend> attention) const;
 
   // Runs `ids` through the model after what `sequence` already holds and returns the float32
   // logits of the last position, [vocab_size].
   absl::StatusOr<at::Tensor> Prefill(Sequence& sequence, absl::Span<const int32_t> ids) const;
   // One new token for each sequence (sequences may differ in length); returns float32 logits
-  // [sequences.size(), vocab_size].
-  absl::StatusOr<at::Tensor> Decode(absl::Span<Sequence* const> sequences,
-                                    absl::Span<const int32_t> ids) const;
+  // [sequences.size(), vocab_size] (a view of the context's buffers, valid until its next step).
+  // When every sequence has the same paged backend the step is planned once and, with a context
+  // on CUDA, replayed from a captured graph; otherwise each layer attends sequence by sequence.
+  // RESOURCE_EXHAUSTED when a sequence's pool has no page for the new position.
+  absl::StatusOr<at::Tensor> Decode(absl::Span<Sequence* const> sequences, absl::Span<const int32_t> ids,
+                                    DecodeContext* context = nullptr) const;
 
   // The final-normed hidden states of every position of `ids`, [T, hidden_size], computed in
   // one pass without a KV cache and with autograd left on: calibration differentiates through
@@ -124,17 +151,27 @@ class Model {
   Model() = default;
   absl::Status CheckIds(absl::Span<const int32_t> ids) const;
   at::Tensor Embed(absl::Span<const int32_t> ids) const;
+  double Scale() const;
   // hidden: [N, T, hidden]; positions: [N, T] int64.
   at::Tensor Forward(at::Tensor hidden, const at::Tensor& positions, const AttendFn& attend) const;
-  at::Tensor Attention(const Layer& layer, int layer_index, const at::Tensor& normed, const at::Tensor& positions,
-                       const AttendFn& attend) const;
-  // Appends the new keys and values to each sequence's cache and attends through its backend.
-  at::Tensor AttendCached(absl::Span<Sequence* const> sequences, int layer, const at::Tensor& queries,
-                          const at::Tensor& keys, const at::Tensor& values) const;
+  // cos and sin of the positions' RoPE angles, [N, 1, T, D].
+  at::Tensor Attention(const Layer& layer, int layer_index, const at::Tensor& normed, const at::Tensor& cos,
+                       const at::Tensor& sin, const AttendFn& attend) const;
   AttentionInput MakeInput(int layer, const at::Tensor& queries, at::Tensor keys, at::Tensor values,
                            SequenceAttentionState* state) const;
   at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight) const;
   std::pair<at::Tensor, at::Tensor> RopeCosSin(const at::Tensor& positions) const;
+
+  struct DecodeGroup;
+  // The context's bucket for a step of `batch` sequences like `first` (backend and pool) whose page
+  // tables are at most `width` pages; graph buckets only for a batch of one backend and pool.
+  absl::StatusOr<DecodeContext::Bucket*> BucketFor(DecodeContext& context, const Sequence& first, int64_t batch,
+                                                   int64_t width, bool whole_batch) const;
+  // Writes the group's step inputs into its bucket (one copy to the device) and fills its DecodeStep.
+  void StageInputs(DecodeGroup& group, absl::Span<Sequence* const> sequences, absl::Span<const int32_t> ids) const;
+  // The decode step from the embedding to the float32 logits [rows, vocab]: every group's new keys
+  // and values written through its slots, its attention through its backend's paged decode.
+  at::Tensor DecodeForward(const at::Tensor& ids, const at::Tensor& positions, std::vector<DecodeGroup>& groups) const;
 
   ModelConfig config_;
   ModelOptions options_;

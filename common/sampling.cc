@@ -64,8 +64,13 @@ absl::StatusOr<StopReason> Generate(const Model& model, Sequence& sequence, absl
     return absl::InvalidArgumentError(absl::StrCat("max_new_tokens must be > 0, got ", options.max_new_tokens));
   }
   Sampler sampler(options.sampling);
+  // Pages for the whole generation up front: a pool that grew mid-generation would move under the
+  // captured decode step.
+  LYCHEE_RETURN_IF_ERROR(sequence.Reserve(sequence.length() + static_cast<int64_t>(prompt.size()) +
+                                          options.max_new_tokens));
   LYCHEE_ASSIGN_OR_RETURN(at::Tensor logits, model.Prefill(sequence, prompt));
   Sequence* const batch[] = {&sequence};
+  DecodeContext context;
   for (int64_t generated = 0;;) {
     const int32_t token = sampler.Next(logits);
     ++generated;
@@ -75,7 +80,7 @@ absl::StatusOr<StopReason> Generate(const Model& model, Sequence& sequence, absl
     }
     if (generated >= options.max_new_tokens) return StopReason::kMaxTokens;
     const int32_t next[] = {token};
-    LYCHEE_ASSIGN_OR_RETURN(at::Tensor step_logits, model.Decode(batch, next));
+    LYCHEE_ASSIGN_OR_RETURN(at::Tensor step_logits, model.Decode(batch, next, &context));
     logits = step_logits[0];
   }
 }

@@ -370,7 +370,9 @@ class InferenceEngine::Impl {
       return;
     }
     running.sequence = model_->NewSequence(*std::move(attention));
-    running.sequence->ReserveCache(running.pending.reserved_tokens);
+    if (absl::Status reserved = running.sequence->Reserve(running.pending.reserved_tokens); !reserved.ok()) {
+      Finish(running, reserved);
+    }
   }
 
   absl::StatusOr<std::shared_ptr<const AttentionBackend>> BackendFor(Running& running) {

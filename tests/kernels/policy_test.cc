@@ -663,7 +663,7 @@ TEST_CASE("a forked sequence decodes as one prefilled with its own backend") {
   for (size_t i = 0; i < prompt.size(); ++i) prompt[i] = static_cast<int32_t>(50 + (i * 91) % 5000);
   auto dense = (*model)->NewSequence(std::make_shared<DenseAttentionBackend>());
   REQUIRE((*model)->Prefill(*dense, prompt).ok());
-  auto fork = (*model)->Fork(*dense, *backend);
+  auto fork = (*model)->Fork(*dense, *backend).value();
   auto own = (*model)->NewSequence(*backend);
   REQUIRE((*model)->Prefill(*own, prompt).ok());
   for (int32_t token : {5, 17, 400}) {

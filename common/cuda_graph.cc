@@ -1,0 +1,60 @@
+#include "common/cuda_graph.h"
+
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/util/Exception.h>
+#include <cuda_runtime_api.h>
+
+#include "absl/strings/str_cat.h"
+
+namespace lychee {
+namespace {
+
+class TorchGraph : public CapturedGraph {
+ public:
+  void Replay() override { graph_.replay(); }
+  at::cuda::CUDAGraph& graph() { return graph_; }
+
+ private:
+  at::cuda::CUDAGraph graph_;
+};
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(const std::function<void()>& work) {
+  auto graph = std::make_unique<TorchGraph>();
+  // Capture must not run on the default stream; the work queued before it must be done, since the
+  // capture stream does not wait for other streams.
+  if (const cudaError_t synced = cudaDeviceSynchronize(); synced != cudaSuccess) {
+    return absl::InternalError(absl::StrCat("before capturing a CUDA graph: ", cudaGetErrorString(synced)));
+  }
+  c10::cuda::CUDAStream capture_stream = c10::cuda::getStreamFromPool();
+  c10::cuda::CUDAStreamGuard guard(capture_stream);
+  try {
+    // Thread-local mode: other threads' CUDA calls (a second model, a checkpoint load) do not
+    // invalidate this capture.
+    graph->graph().capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+  } catch (const c10::Error& error) {
+    return absl::InternalError(absl::StrCat("cannot begin a CUDA graph capture: ", error.what_without_backtrace()));
+  }
+  std::string failure;
+  try {
+    work();
+  } catch (const std::exception& error) {
+    failure = error.what();
+  }
+  try {
+    graph->graph().capture_end();
+  } catch (const std::exception& error) {
+    if (failure.empty()) failure = error.what();
+  }
+  if (!failure.empty()) {
+    // A broken capture can leave a sticky error state in the runtime: clear it for the eager run.
+    (void)cudaGetLastError();
+    return absl::InternalError(absl::StrCat("CUDA graph capture failed: ", failure.substr(0, 500)));
+  }
+  return std::unique_ptr<CapturedGraph>(std::move(graph));
+}
+
+}  // namespace lychee

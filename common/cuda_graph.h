@@ -1,0 +1,26 @@
+// Capture and replay of LibTorch work as a CUDA graph, kept apart so that only a CUDA LibTorch
+// compiles it (cuda_graph.cc; cuda_graph_none.cc elsewhere).
+#pragma once
+
+#include <functional>
+#include <memory>
+
+#include "absl/status/statusor.h"
+
+namespace lychee {
+
+class CapturedGraph {
+ public:
+  virtual ~CapturedGraph() = default;
+  // Launches the captured work on the current CUDA stream.
+  virtual void Replay() = 0;
+};
+
+// Runs `work` (LibTorch operations and kernels on the current CUDA device) under stream capture on
+// a side stream, its allocations served from the graph's own memory pool, so that the tensors it
+// leaves behind stay valid for every replay. Nothing executes during capture. An error (an
+// operation that synchronizes, copies from pageable host memory, or throws) ends the capture and
+// is returned; the caller then runs `work` eagerly. UNIMPLEMENTED without a CUDA LibTorch.
+absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(const std::function<void()>& work);
+
+}  // namespace lychee
