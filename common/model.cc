@@ -5,7 +5,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "common/cuda_graph.h"
+#include "common/cuda_support.h"
 #include "common/safetensors.h"
 #include "common/status_macros.h"
 

@@ -1,9 +1,13 @@
-#include "common/cuda_graph.h"
+#include "common/cuda_support.h"
 
 namespace lychee {
 
 absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(const std::function<void()>&) {
   return absl::UnimplementedError("CUDA graphs need a LibTorch built with CUDA");
+}
+
+absl::StatusOr<int64_t> FreeCudaMemoryBytes() {
+  return absl::UnimplementedError("this LibTorch build has no CUDA");
 }
 
 }  // namespace lychee

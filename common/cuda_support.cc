@@ -1,4 +1,4 @@
-#include "common/cuda_graph.h"
+#include "common/cuda_support.h"
 
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -55,6 +55,14 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(const std::funct
     return absl::InternalError(absl::StrCat("CUDA graph capture failed: ", failure.substr(0, 500)));
   }
   return std::unique_ptr<CapturedGraph>(std::move(graph));
+}
+
+absl::StatusOr<int64_t> FreeCudaMemoryBytes() {
+  size_t free_bytes = 0, total_bytes = 0;
+  if (const cudaError_t error = cudaMemGetInfo(&free_bytes, &total_bytes); error != cudaSuccess) {
+    return absl::InternalError(absl::StrCat("cudaMemGetInfo: ", cudaGetErrorString(error)));
+  }
+  return static_cast<int64_t>(free_bytes);
 }
 
 }  // namespace lychee

@@ -1,7 +1,9 @@
-// Capture and replay of LibTorch work as a CUDA graph, kept apart so that only a CUDA LibTorch
-// compiles it (cuda_graph.cc; cuda_graph_none.cc elsewhere).
+// What the model needs of CUDA beyond LibTorch's portable API: capture and replay of LibTorch work
+// as a CUDA graph, and the device's free memory. Kept apart so that only a CUDA LibTorch compiles
+// it (cuda_support.cc; cuda_support_none.cc elsewhere).
 #pragma once
 
+#include <cstdint>
 #include <functional>
 #include <memory>
 
@@ -22,5 +24,9 @@ class CapturedGraph {
 // operation that synchronizes, copies from pageable host memory, or throws) ends the capture and
 // is returned; the caller then runs `work` eagerly. UNIMPLEMENTED without a CUDA LibTorch.
 absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(const std::function<void()>& work);
+
+// Bytes of memory free on the current CUDA device (cudaMemGetInfo); UNIMPLEMENTED without a CUDA
+// LibTorch.
+absl::StatusOr<int64_t> FreeCudaMemoryBytes();
 
 }  // namespace lychee
