@@ -1,32 +1,32 @@
 // End-to-end decode latency of a whole model on the GPU (bf16, lychee::Model with the CUDA attention
-// kernels): dense attention, hybrid attention (layer 0 dense, then KV head 0 of every layer a
-// retrieval head and the others sparse, budget 4096 by default), and no attention at all (the rest
-// of the step alone), at several contexts and batch sizes; beside each row the bandwidth limit,
-// bytes that must be read per step (weights plus the KV actually attended) over the
-// device-to-device copy bandwidth measured in the same run; and a profile of one step.
+// kernels over a paged KV pool): dense attention, hybrid attention (layer 0 dense, then KV head 0 of
+// every layer a retrieval head and the others sparse, budget 4096 by default), and no attention at
+// all (the rest of the step alone), at several contexts and batch sizes; beside each row the
+// bandwidth limit, bytes that must be read per step (weights plus the KV actually attended) over the
+// device-to-device copy bandwidth measured in the same run.
 //
 //   e2e_bench --model DIR [--contexts 32768,65536,131072] [--batches 1,4] [--steps 10] [--warmup 3]
-//             [--budget 4096] [--json FILE]
+//             [--budget 4096] [--graphs true|false] [--json FILE]
 //
-// The KV caches are filled by a prefill of random token ids whose attention is skipped (the backend
+// The KV pool is filled by a prefill of random token ids whose attention is skipped (the backend
 // hands back its queries while the cache fills): keys and values are the model's own projections of
 // those tokens, written where decode reads them, and the fill costs the projections' matmuls only
 // (a real 128K prefill would spend minutes in attention per sequence, and is not what is measured).
-// max(batches) sequences get their cache reserved for the largest context up front and are topped
-// up context after context; batch B decodes the first B of them.
+// max(batches) sequences take their pages for the largest context up front and are topped up
+// context after context; batch B decodes the first B of them.
 //
-// Timing: wall clock from the call of Model::Decode until its logits are complete on the device
-// (cudaDeviceSynchronize), median of `steps` after `warmup` steps. Profile: one more step per row in
-// which a spin kernel is queued on the GPU before layer 0's attention, so that the host has queued
-// the whole step before the GPU starts it; CUDA events around every layer's attention and around the
-// step then give the GPU's own time, attention and the rest, and the wall time beyond it is the
-// host's (launching kernels through LibTorch).
+// Each (attention, batch) row decodes with its own DecodeContext, so with --graphs true (the
+// default) its step is captured as a CUDA graph on the first steps and replayed after. Timing: wall
+// clock from the call of Model::Decode until its logits are complete on the device
+// (cudaDeviceSynchronize), median of `steps` after `warmup` steps; "host" is the median time for
+// Model::Decode to return (writing the step's inputs, planning every layer, launching the graph or
+// the operations). "none" is the step without attention: the rest of the step, whose weight-read
+// floor is the weights over the copy bandwidth.
 //
-// A configuration whose KV caches do not fit the GPU's free memory is RESOURCE_EXHAUSTED with the
+// A configuration whose KV pool does not fit the GPU's free memory is RESOURCE_EXHAUSTED with the
 // sizes, before anything is allocated for it.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
-#include <ATen/cuda/Sleep.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/util/Exception.h>
 #include <cuda_runtime_api.h>
@@ -56,8 +56,6 @@ constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
 // Working memory besides weights and KV caches: a prefill chunk's activations (2048 tokens), the
 // logits, the decode kernels' workspaces.
 constexpr int64_t kWorkingBytes = int64_t{2} << 30;
-// About 100 ms at the H100's and H200's clocks: longer than the host needs to queue one step.
-constexpr int64_t kSpinCycles = 200'000'000;
 
 using Clock = std::chrono::steady_clock;
 
@@ -118,110 +116,40 @@ const char* Name(Attention attention) {
   return "?";
 }
 
-// CUDA events around every layer's attention of one decode step and around the step, with a spin
-// kernel queued before layer 0's attention (see the file comment).
-class StepProfiler {
- public:
-  explicit StepProfiler(int num_layers) : begin_(num_layers), end_(num_layers) {
-    for (cudaEvent_t* event : AllEvents()) cudaEventCreate(event);
-  }
-  ~StepProfiler() {
-    for (cudaEvent_t* event : AllEvents()) cudaEventDestroy(*event);
-  }
-
-  void BeforeAttention(int layer) {
-    if (layer == 0) {
-      cudaEventRecord(spin_start_, Stream());
-      at::cuda::sleep(kSpinCycles);
-      cudaEventRecord(step_start_, Stream());
-      host_queued_from_ = Clock::now();
-    }
-    cudaEventRecord(begin_[layer], Stream());
-  }
-  void AfterAttention(int layer) { cudaEventRecord(end_[layer], Stream()); }
-  // After Model::Decode returned: the step is queued.
-  void EndStep() {
-    cudaEventRecord(step_end_, Stream());
-    host_queue_ms_ = MsSince(host_queued_from_);
-  }
-
-  // After the device finished the step.
-  double step_ms() const { return Elapsed(step_start_, step_end_); }
-  double attention_ms() const {
-    double sum = 0;
-    for (size_t layer = 0; layer < begin_.size(); ++layer) sum += Elapsed(begin_[layer], end_[layer]);
-    return sum;
-  }
-  double spin_ms() const { return Elapsed(spin_start_, step_start_); }
-  // Host time from queuing the spin to Model::Decode's return. When it is under spin_ms() the host
-  // queued the step while the GPU still spun, and the events time the GPU's work alone.
-  double host_queue_ms() const { return host_queue_ms_; }
-
- private:
-  std::vector<cudaEvent_t*> AllEvents() {
-    std::vector<cudaEvent_t*> events = {&spin_start_, &step_start_, &step_end_};
-    for (size_t i = 0; i < begin_.size(); ++i) events.insert(events.end(), {&begin_[i], &end_[i]});
-    return events;
-  }
-  static double Elapsed(cudaEvent_t from, cudaEvent_t to) {
-    float ms = 0;
-    cudaEventElapsedTime(&ms, from, to);
-    return ms;
-  }
-
-  cudaEvent_t spin_start_, step_start_, step_end_;
-  std::vector<cudaEvent_t> begin_, end_;
-  Clock::time_point host_queued_from_;
-  double host_queue_ms_ = 0;
-};
-
-struct SwitchedState : lychee::SequenceAttentionState {
-  std::unique_ptr<lychee::SequenceAttentionState> dense, hybrid;
-};
-
 // The backend every benchmark sequence is created with: it forwards decode steps to the dense or
 // the hybrid CUDA backend, or does no attention at all (hands back the queries), as selected
-// between steps; prefill (the cache fill) never attends. One cache then serves all three.
+// between rows; prefill (the cache fill) never attends. One pool then serves all three. Each row
+// decodes with its own DecodeContext, whose workspaces and graphs the selected backend made.
 class SwitchedAttention : public lychee::AttentionBackend {
  public:
   SwitchedAttention(std::shared_ptr<const AttentionBackend> dense, std::shared_ptr<const AttentionBackend> hybrid)
       : dense_(std::move(dense)), hybrid_(std::move(hybrid)) {}
 
   void Select(Attention attention) { attention_ = attention; }
-  void set_profiler(StepProfiler* profiler) { profiler_ = profiler; }
 
-  std::unique_ptr<lychee::SequenceAttentionState> NewSequenceState() const override {
-    auto state = std::make_unique<SwitchedState>();
-    state->dense = dense_->NewSequenceState();
-    state->hybrid = hybrid_->NewSequenceState();
-    return state;
+  at::Tensor Attend(const lychee::AttentionInput& input) const override { return input.queries; }
+
+  std::unique_ptr<lychee::DecodeWorkspace> NewDecodeWorkspace(const lychee::KvPool& pool,
+                                                              const lychee::DecodeCapacity& capacity) const override {
+    if (attention_ == Attention::kNone) return std::make_unique<lychee::DecodeWorkspace>();
+    return Selected().NewDecodeWorkspace(pool, capacity);
   }
-
-  at::Tensor Attend(const lychee::AttentionInput& input) const override { return AttendBatch({input})[0]; }
-
-  std::vector<at::Tensor> AttendBatch(const std::vector<lychee::AttentionInput>& inputs) const override {
-    const bool decode = inputs[0].queries.size(1) == 1;
-    if (profiler_ != nullptr && decode) profiler_->BeforeAttention(inputs[0].layer);
-    std::vector<at::Tensor> outputs;
-    if (!decode || attention_ == Attention::kNone) {
-      for (const lychee::AttentionInput& input : inputs) outputs.push_back(input.queries);
-    } else {
-      const bool dense = attention_ == Attention::kDense;
-      std::vector<lychee::AttentionInput> forwarded = inputs;
-      for (lychee::AttentionInput& input : forwarded) {
-        auto& state = static_cast<SwitchedState&>(*input.state);
-        input.state = (dense ? state.dense : state.hybrid).get();
-      }
-      outputs = (dense ? dense_ : hybrid_)->AttendBatch(forwarded);
-    }
-    if (profiler_ != nullptr && decode) profiler_->AfterAttention(inputs[0].layer);
-    return outputs;
+  absl::Status PlanDecodeStep(const lychee::DecodeStep& step, lychee::DecodeWorkspace& workspace) const override {
+    if (attention_ == Attention::kNone) return absl::OkStatus();
+    return Selected().PlanDecodeStep(step, workspace);
   }
+  at::Tensor AttendDecode(int layer, const at::Tensor& queries, const lychee::DecodeStep& step,
+                          lychee::DecodeWorkspace& workspace) const override {
+    if (attention_ == Attention::kNone) return queries;
+    return Selected().AttendDecode(layer, queries, step, workspace);
+  }
+  bool CapturesDecode() const override { return true; }
 
  private:
+  const AttentionBackend& Selected() const { return attention_ == Attention::kDense ? *dense_ : *hybrid_; }
+
   std::shared_ptr<const AttentionBackend> dense_, hybrid_;
   Attention attention_ = Attention::kNone;
-  StepProfiler* profiler_ = nullptr;
 };
 
 // Bytes one decode step must read: every weight once (the embedding only for the batch's rows) and
@@ -260,11 +188,8 @@ struct ByteModel {
 
 struct Measurement {
   double median_ms = 0;
-  double host_ms = 0;        // median time for Model::Decode to return (queuing the step)
-  double gpu_step_ms = 0;    // profile: the GPU's own time, from layer 0's attention to the logits
-  double gpu_attention_ms = 0;
-  double spin_ms = 0;
-  double host_queue_ms = 0;
+  double host_ms = 0;  // median time for Model::Decode to return
+  lychee::DecodeStats stats;
 };
 
 struct Bench {
@@ -273,6 +198,7 @@ struct Bench {
   std::vector<std::unique_ptr<lychee::Sequence>>& sequences;
   int steps;
   int warmup;
+  bool graphs;
   std::mt19937 rng{1};
 
   std::vector<int32_t> RandomIds(int64_t count) {
@@ -296,11 +222,15 @@ struct Bench {
     attention.Select(which);
     std::vector<lychee::Sequence*> members;
     for (int64_t i = 0; i < batch; ++i) members.push_back(sequences[i].get());
+    lychee::DecodeOptions options;
+    options.cuda_graphs = graphs;
+    lychee::DecodeContext context(options);
     std::vector<double> wall, host;
     for (int step = 0; step < warmup + steps; ++step) {
       const std::vector<int32_t> ids = RandomIds(batch);
+      LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaDeviceSynchronize(), "before a decode step"));
       const Clock::time_point start = Clock::now();
-      LYCHEE_RETURN_IF_ERROR(model.Decode(members, ids).status());
+      LYCHEE_RETURN_IF_ERROR(model.Decode(members, ids, &context).status());
       const double queued = MsSince(start);
       LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaDeviceSynchronize(), "decode step"));
       if (step >= warmup) {
@@ -311,31 +241,20 @@ struct Bench {
     Measurement m;
     m.median_ms = Median(wall);
     m.host_ms = Median(host);
-
-    StepProfiler profiler(static_cast<int>(model.config().num_layers));
-    attention.set_profiler(&profiler);
-    const absl::Status profiled = model.Decode(members, RandomIds(batch)).status();
-    profiler.EndStep();
-    attention.set_profiler(nullptr);
-    LYCHEE_RETURN_IF_ERROR(profiled);
-    LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaDeviceSynchronize(), "profiled step"));
-    m.gpu_step_ms = profiler.step_ms();
-    m.gpu_attention_ms = profiler.attention_ms();
-    m.spin_ms = profiler.spin_ms();
-    m.host_queue_ms = profiler.host_queue_ms();
+    m.stats = context.stats();
     return m;
   }
 };
 
-// RESOURCE_EXHAUSTED, with the sizes, when `batch` caches of `capacity` positions do not fit the
-// GPU's free memory beside the loaded model.
+// RESOURCE_EXHAUSTED, with the sizes, when a pool for `batch` sequences of `capacity` positions does
+// not fit the GPU's free memory beside the loaded model.
 absl::Status CheckFits(int64_t batch, int64_t capacity, const ByteModel& bytes) {
   size_t free_bytes = 0, total_bytes = 0;
   LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaMemGetInfo(&free_bytes, &total_bytes), "cudaMemGetInfo"));
   const double needed = static_cast<double>(batch) * capacity * bytes.kv_bytes_per_token();
   if (needed + kWorkingBytes <= static_cast<double>(free_bytes)) return absl::OkStatus();
   return absl::ResourceExhaustedError(absl::StrFormat(
-      "KV caches for batch %d at %d positions need %.1f GiB (%d KiB per position and sequence) plus %.1f GiB of "
+      "a KV pool for batch %d at %d positions needs %.1f GiB (%d KiB per position and sequence) plus %.1f GiB of "
       "working memory; the GPU has %.1f GiB free of %.1f GiB with the model's %.2f GiB of weights loaded",
       batch, capacity, needed / kGiB, bytes.kv_bytes_per_token() / 1024, kWorkingBytes / kGiB, free_bytes / kGiB,
       total_bytes / kGiB, bytes.weight_bytes(0) / kGiB));
@@ -361,6 +280,7 @@ struct Flags {
   int64_t steps = 10;
   int64_t warmup = 3;
   int64_t budget = 4096;
+  bool graphs = true;
   std::string json_path;
 };
 
@@ -374,6 +294,9 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
                                                        : flag == "--budget" ? &flags.budget : nullptr;
     if (flag == "--model") {
       flags.model_dir = value;
+    } else if (flag == "--graphs") {
+      if (value != "true" && value != "false") return absl::InvalidArgumentError("--graphs takes true or false");
+      flags.graphs = value == "true";
     } else if (flag == "--json") {
       flags.json_path = value;
     } else if (flag == "--contexts") {
@@ -424,42 +347,39 @@ absl::Status Run(const Flags& flags) {
   LYCHEE_RETURN_IF_ERROR(partition->ValidateFor(config));
   LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const lychee::AttentionBackend> hybrid,
                           lychee::MakeCudaHybridAttention(partition, config));
-  auto attention = std::make_shared<SwitchedAttention>(lychee::MakeCudaDenseAttention(), hybrid);
+  auto attention = std::make_shared<SwitchedAttention>(lychee::MakeCudaDenseAttention(config), hybrid);
   const ByteModel bytes{config, *partition};
 
   const std::vector<Attention> kinds = {Attention::kDense, Attention::kHybrid, Attention::kNone};
   const int64_t max_batch = *std::max_element(flags.batches.begin(), flags.batches.end());
-  // Decode steps add positions: every row of the largest context, plus its profiled step.
+  // Decode steps add positions: every row of the largest context.
   const int64_t capacity = flags.contexts.back() + static_cast<int64_t>(kinds.size() * flags.batches.size()) *
-                                                       (flags.warmup + flags.steps + 1);
+                                                       (flags.warmup + flags.steps);
   LYCHEE_RETURN_IF_ERROR(CheckFits(max_batch, capacity, bytes));
+  const int64_t pages_per_sequence = (capacity + lychee::kDefaultPageSize - 1) / lychee::kDefaultPageSize;
+  LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<lychee::KvPool> pool, model->NewKvPool(max_batch * pages_per_sequence));
   std::vector<std::unique_ptr<lychee::Sequence>> sequences;
-  try {
-    for (int64_t i = 0; i < max_batch; ++i) {
-      sequences.push_back(model->NewSequence(attention));
-      sequences.back()->ReserveCache(capacity);
-    }
-  } catch (const c10::Error& error) {
-    return absl::ResourceExhaustedError(absl::StrFormat(
-        "reserving KV caches for batch %d at %d positions (%.1f GiB): %s", max_batch, capacity,
-        static_cast<double>(max_batch) * capacity * bytes.kv_bytes_per_token() / kGiB, error.what_without_backtrace()));
+  for (int64_t i = 0; i < max_batch; ++i) {
+    sequences.push_back(model->NewSequence(pool, attention));
+    LYCHEE_RETURN_IF_ERROR(sequences.back()->Reserve(capacity));
   }
 
-  Bench bench{*model, *attention, sequences, static_cast<int>(flags.steps), static_cast<int>(flags.warmup)};
+  Bench bench{*model, *attention, sequences, static_cast<int>(flags.steps), static_cast<int>(flags.warmup),
+              flags.graphs};
   std::FILE* json = flags.json_path.empty() ? nullptr : std::fopen(flags.json_path.c_str(), "w");
   if (!flags.json_path.empty() && json == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat("cannot write ", flags.json_path));
   }
   std::printf("copy bandwidth %.0f GB/s; weights read per step %.2f GB; limit = (weights + KV attended) / copy "
-              "bandwidth; ratio = ours / limit\n",
-              copy_gbs, bytes.weight_bytes(1) / 1e9);
-  std::printf("%5s %7s | %8s %8s %6s | %8s %8s %6s | %7s | %8s %8s\n", "batch", "context", "dense", "limit", "ratio",
-              "hybrid", "limit", "ratio", "speedup", "no-attn", "limit");
-  std::vector<std::string> profiles;
+              "bandwidth; ratio = ours / limit; CUDA graphs %s\n",
+              copy_gbs, bytes.weight_bytes(1) / 1e9, flags.graphs ? "on" : "off");
+  std::printf("%5s %7s | %8s %8s %6s | %8s %8s %6s | %7s | %8s %8s %6s | %s\n", "batch", "context", "dense", "limit",
+              "ratio", "hybrid", "limit", "ratio", "speedup", "no-attn", "floor", "ratio", "host ms (dense/hybrid/none)");
+  std::vector<std::string> notes;
   for (int64_t context : flags.contexts) {
     start = Clock::now();
     LYCHEE_RETURN_IF_ERROR(bench.Fill(context));
-    std::printf("(filled %lld caches to %lld positions in %.1f s)\n", static_cast<long long>(max_batch),
+    std::printf("(filled %lld sequences to %lld positions in %.1f s)\n", static_cast<long long>(max_batch),
                 static_cast<long long>(context), MsSince(start) / 1e3);
     for (int64_t batch : flags.batches) {
       std::vector<Measurement> rows;
@@ -468,35 +388,33 @@ absl::Status Run(const Flags& flags) {
         LYCHEE_ASSIGN_OR_RETURN(Measurement m, bench.Measure(kind, batch));
         rows.push_back(m);
         limits.push_back((bytes.weight_bytes(batch) + bytes.kv_bytes(kind, batch, context)) / (copy_gbs * 1e9) * 1e3);
-        profiles.push_back(absl::StrFormat(
-            "%-6s B%d %6dK: wall %7.2f ms (host queues the step in %6.2f) | GPU alone %6.2f ms = attention %6.2f + "
-            "rest %6.2f | limit %5.2f | spin %.1f ms, host queued in %.1f%s",
-            Name(kind), batch, context / 1024, m.median_ms, m.host_ms, m.gpu_step_ms, m.gpu_attention_ms,
-            m.gpu_step_ms - m.gpu_attention_ms, limits.back(), m.spin_ms, m.host_queue_ms,
-            m.host_queue_ms < m.spin_ms ? "" : " (host fell behind the spin: GPU times include launch gaps)"));
+        const lychee::DecodeStats& st = m.stats;
+        if (flags.graphs && (st.capture_failures > 0 || st.graph_replays == 0)) {
+          notes.push_back(absl::StrFormat("%s B%d %dK: %d graph replays, %d eager steps, capture failures %d %s",
+                                          Name(kind), batch, context / 1024, st.graph_replays, st.eager_steps,
+                                          st.capture_failures, st.last_capture_error));
+        }
       }
-      std::printf("%5lld %6lldK | %8.2f %8.2f %6.2f | %8.2f %8.2f %6.2f | %7.2f | %8.2f %8.2f\n",
+      std::printf("%5lld %6lldK | %8.2f %8.2f %6.2f | %8.2f %8.2f %6.2f | %7.2f | %8.2f %8.2f %6.2f | %.3f / %.3f / %.3f\n",
                   static_cast<long long>(batch), static_cast<long long>(context / 1024), rows[0].median_ms, limits[0],
                   rows[0].median_ms / limits[0], rows[1].median_ms, limits[1], rows[1].median_ms / limits[1],
-                  rows[0].median_ms / rows[1].median_ms, rows[2].median_ms, limits[2]);
+                  rows[0].median_ms / rows[1].median_ms, rows[2].median_ms, limits[2], rows[2].median_ms / limits[2],
+                  rows[0].host_ms, rows[1].host_ms, rows[2].host_ms);
       std::fflush(stdout);
       if (json != nullptr) {
         for (size_t k = 0; k < kinds.size(); ++k) {
           std::fprintf(json,
                        "{\"attention\": \"%s\", \"batch\": %lld, \"context\": %lld, \"ms\": %.4f, \"limit_ms\": %.4f, "
-                       "\"host_ms\": %.4f, \"gpu_step_ms\": %.4f, \"gpu_attention_ms\": %.4f, \"copy_gbs\": %.1f}\n",
+                       "\"host_ms\": %.4f, \"graphs\": %s, \"copy_gbs\": %.1f}\n",
                        Name(kinds[k]), static_cast<long long>(batch), static_cast<long long>(context),
-                       rows[k].median_ms, limits[k], rows[k].host_ms, rows[k].gpu_step_ms, rows[k].gpu_attention_ms,
-                       copy_gbs);
+                       rows[k].median_ms, limits[k], rows[k].host_ms, flags.graphs ? "true" : "false", copy_gbs);
         }
         std::fflush(json);
       }
     }
   }
   if (json != nullptr) std::fclose(json);
-  std::printf("\nprofile of one step (GPU alone: the step queued behind a spin kernel, CUDA events around each "
-              "layer's attention):\n");
-  for (const std::string& line : profiles) std::printf("%s\n", line.c_str());
+  for (const std::string& note : notes) std::printf("note: %s\n", note.c_str());
   return absl::OkStatus();
 }
 

@@ -127,6 +127,20 @@ absl::Status KvPool::Grow(int64_t min_pages) {
 void KvPool::Write(int layer, absl::Span<const int32_t> pages, int64_t start, const at::Tensor& keys,
                    const at::Tensor& values) {
   const int64_t count = keys.size(1);
+  const int64_t first_page = start / page_size_;
+  const int64_t end_page = PagesFor(start + count);
+  const absl::Span<const int32_t> touched = pages.subspan(first_page, end_page - first_page);
+  if (Consecutive(touched)) {
+    // One copy into the run of pages seen as one stretch of positions.
+    const int64_t offset = start - first_page * page_size_;
+    for (auto [pool, source] : {std::pair{&keys_[layer], &keys}, std::pair{&values_[layer], &values}}) {
+      pool->narrow(1, touched[0], touched.size())
+          .view({pool->size(0), static_cast<int64_t>(touched.size()) * page_size_, pool->size(3)})
+          .narrow(1, offset, count)
+          .copy_(*source);
+    }
+    return;
+  }
   for (int64_t done = 0; done < count;) {
     const int64_t position = start + done;
     const int64_t page = pages[position / page_size_];
@@ -153,6 +167,20 @@ at::Tensor KvPool::GatherKeys(int layer, absl::Span<const int32_t> pages, int64_
 
 at::Tensor KvPool::GatherValues(int layer, absl::Span<const int32_t> pages, int64_t length) const {
   return Gather(values_[layer], pages, length);
+}
+
+std::pair<at::Tensor, at::Tensor> KvPool::GatherRange(int layer, absl::Span<const int32_t> pages, int64_t first,
+                                                      int64_t count) const {
+  const at::Tensor& keys = keys_[layer];
+  if (count <= 0) {
+    const at::Tensor none = at::empty({keys.size(0), 0, keys.size(3)}, keys.options());
+    return {none, none};
+  }
+  // The pages from the one holding `first` on, read as a sequence of its own from that page's start.
+  const absl::Span<const int32_t> from = pages.subspan(first / page_size_);
+  const int64_t offset = first % page_size_;
+  return {Gather(keys, from, offset + count).narrow(1, offset, count),
+          Gather(values_[layer], from, offset + count).narrow(1, offset, count)};
 }
 
 void KvPool::Copy(absl::Span<const int32_t> from, absl::Span<const int32_t> to, int64_t length) {

@@ -9,6 +9,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "absl/base/thread_annotations.h"
@@ -67,6 +68,11 @@ class KvPool {
   // head_dim] of `layer`'s keys (or values); a view when the pages are consecutive, else a copy.
   at::Tensor GatherKeys(int layer, absl::Span<const int32_t> pages, int64_t length) const;
   at::Tensor GatherValues(int layer, absl::Span<const int32_t> pages, int64_t length) const;
+  // Positions [first, first + count) of one sequence, read through its page table: `layer`'s keys
+  // and values [num_kv_heads, count, head_dim] (views when those positions lie in consecutive
+  // pages, else copies of just the pages that hold them).
+  std::pair<at::Tensor, at::Tensor> GatherRange(int layer, absl::Span<const int32_t> pages, int64_t first,
+                                                int64_t count) const;
   // Copies positions [0, length) of `from` into the pages `to`.
   void Copy(absl::Span<const int32_t> from, absl::Span<const int32_t> to, int64_t length);
 

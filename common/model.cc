@@ -1,5 +1,7 @@
 #include "common/model.h"
 
+#include <c10/util/Exception.h>
+
 #include <cmath>
 #include <utility>
 
@@ -298,6 +300,14 @@ absl::StatusOr<at::Tensor> Model::Prefill(Sequence& sequence, absl::Span<const i
   if (ids.empty()) return absl::InvalidArgumentError("prefill needs at least one token");
   LYCHEE_RETURN_IF_ERROR(CheckIds(ids));
   LYCHEE_RETURN_IF_ERROR(sequence.Reserve(sequence.length() + static_cast<int64_t>(ids.size())));
+  try {
+    return RunPrefill(sequence, ids);
+  } catch (const c10::Error& error) {
+    return absl::InternalError(absl::StrCat("prefill: ", error.what_without_backtrace()));
+  }
+}
+
+at::Tensor Model::RunPrefill(Sequence& sequence, absl::Span<const int32_t> ids) const {
   at::NoGradGuard no_grad;
   KvPool& pool = *sequence.pool_;
   at::Tensor last_hidden;
@@ -492,10 +502,19 @@ absl::StatusOr<at::Tensor> Model::Decode(absl::Span<Sequence* const> sequences, 
     LYCHEE_RETURN_IF_ERROR(sequence->Reserve(sequence->length() + 1));
     width = std::max<int64_t>(width, static_cast<int64_t>(sequence->pages_.size()));
   }
-  at::NoGradGuard no_grad;
   DecodeContext own_context(DecodeOptions{/*cuda_graphs=*/false});
-  if (context == nullptr) context = &own_context;
+  try {
+    return RunDecode(sequences, ids, width, context != nullptr ? *context : own_context);
+  } catch (const c10::Error& error) {
+    // A kernel's argument check: the step is not taken, and the caller's other work goes on.
+    return absl::InternalError(absl::StrCat("decode step: ", error.what_without_backtrace()));
+  }
+}
 
+absl::StatusOr<at::Tensor> Model::RunDecode(absl::Span<Sequence* const> sequences, absl::Span<const int32_t> ids,
+                                            int64_t width, DecodeContext& decode_context) const {
+  at::NoGradGuard no_grad;
+  DecodeContext* context = &decode_context;
   std::vector<DecodeGroup> groups;
   for (size_t row = 0; row < sequences.size(); ++row) {
     const Sequence& sequence = *sequences[row];

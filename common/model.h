@@ -162,6 +162,10 @@ class Model {
   at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight) const;
   std::pair<at::Tensor, at::Tensor> RopeCosSin(const at::Tensor& positions) const;
 
+  at::Tensor RunPrefill(Sequence& sequence, absl::Span<const int32_t> ids) const;
+  absl::StatusOr<at::Tensor> RunDecode(absl::Span<Sequence* const> sequences, absl::Span<const int32_t> ids,
+                                       int64_t width, DecodeContext& context) const;
+
   struct DecodeGroup;
   // The context's bucket for a step of `batch` sequences like `first` (backend and pool) whose page
   // tables are at most `width` pages; graph buckets only for a batch of one backend and pool.

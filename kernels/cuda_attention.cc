@@ -1,8 +1,9 @@
 #include "kernels/cuda_attention.h"
 
-#include <stdexcept>
+#include <c10/util/Exception.h>
 
 #include "absl/strings/str_cat.h"
+#include "common/kv_pool.h"
 #include "common/status_macros.h"
 #include "kernels/cuda/torch_hybrid_decode.h"
 #include "kernels/dense_attention.h"
@@ -11,121 +12,76 @@
 namespace lychee {
 namespace {
 
-bool IsPrefill(const std::vector<AttentionInput>& inputs) {
-  for (const AttentionInput& input : inputs) {
-    if (input.queries.size(1) != 1) return true;
-  }
-  return false;
-}
-
-std::vector<at::Tensor> DensePrefill(const std::vector<AttentionInput>& inputs) {
-  std::vector<at::Tensor> outputs;
-  for (const AttentionInput& input : inputs) {
-    outputs.push_back(DenseAttention(input.queries, input.keys, input.values, input.scale));
-  }
-  return outputs;
-}
-
-at::Tensor StackQueries(const std::vector<AttentionInput>& inputs) {
-  std::vector<at::Tensor> queries;
-  for (const AttentionInput& input : inputs) queries.push_back(input.queries.select(1, 0));
-  return at::stack(queries);  // [B, H_q, D]
-}
-
-std::vector<at::Tensor> Unstack(const at::Tensor& output) {
-  std::vector<at::Tensor> outputs;
-  for (int64_t i = 0; i < output.size(0); ++i) outputs.push_back(output[i].unsqueeze(1));  // [H_q, 1, D]
-  return outputs;
-}
-
-std::vector<int64_t> Lengths(const std::vector<AttentionInput>& inputs) {
-  std::vector<int64_t> lengths;
-  for (const AttentionInput& input : inputs) lengths.push_back(input.keys.size(1));
-  return lengths;
-}
-
-class CudaDenseAttention : public AttentionBackend {
- public:
-  at::Tensor Attend(const AttentionInput& input) const override { return AttendBatch({input})[0]; }
-
-  std::vector<at::Tensor> AttendBatch(const std::vector<AttentionInput>& inputs) const override {
-    if (IsPrefill(inputs)) return DensePrefill(inputs);
-    std::vector<at::Tensor> keys, values;
-    for (const AttentionInput& input : inputs) {
-      keys.push_back(input.keys);
-      values.push_back(input.values);
-    }
-    cuda::HybridDecodeOptions options;
-    options.scale = inputs[0].scale;
-    return Unstack(cuda::DenseDecodeAttention(StackQueries(inputs), keys, values, Lengths(inputs), options));
-  }
+struct CudaDecodeWorkspace : DecodeWorkspace {
+  explicit CudaDecodeWorkspace(cuda::PagedHybridDecode decode_in) : decode(std::move(decode_in)) {}
+  cuda::PagedHybridDecode decode;
 };
 
-// The selection state of a batch lives for one decode step: layer 0 (all retrieval heads) opens
-// it, and every sequence of the batch points at it with its row.
-struct CudaHybridSequenceState : SequenceAttentionState {
-  std::shared_ptr<cuda::HybridSelectionState> step;
-  int64_t row = 0;
-};
-
-class CudaHybridAttention : public AttentionBackend {
+// Dense and hybrid decode on the paged kernels, one batched launch per layer planned once per
+// step; their difference is the heads' modes. Prefill (and any call of Attend) is the exact matmul
+// attention over the gathered cache: LycheeDecode prefills densely.
+class CudaPagedAttention : public AttentionBackend {
  public:
-  explicit CudaHybridAttention(std::shared_ptr<const HeadPartition> partition) : partition_(std::move(partition)) {
-    const SelectionParams& s = partition_->selection();
-    options_.selection = {static_cast<int>(s.block_size), static_cast<int>(s.token_budget),
-                          static_cast<int>(s.sink_tokens), static_cast<int>(s.recent_tokens)};
+  // `layer_modes` [layers][kv heads]; empty: every head of every layer dense. `group`: query heads
+  // per KV head.
+  CudaPagedAttention(std::vector<std::vector<cuda::KvHeadMode>> layer_modes, const cuda::BlockSelectionConfig& selection,
+                     int64_t group)
+      : layer_modes_(std::move(layer_modes)), group_(group) {
+    options_.selection = selection;
   }
 
-  std::unique_ptr<SequenceAttentionState> NewSequenceState() const override {
-    return std::make_unique<CudaHybridSequenceState>();
+  at::Tensor Attend(const AttentionInput& input) const override {
+    return DenseAttention(input.queries, input.keys, input.values, input.scale, input.sliding_window);
   }
 
-  at::Tensor Attend(const AttentionInput& input) const override { return AttendBatch({input})[0]; }
-
-  std::vector<at::Tensor> AttendBatch(const std::vector<AttentionInput>& inputs) const override {
-    if (IsPrefill(inputs)) return DensePrefill(inputs);
-    const int layer = inputs[0].layer;
-    std::shared_ptr<cuda::HybridSelectionState> step;
-    if (layer == 0) {
-      step = std::make_shared<cuda::HybridSelectionState>(static_cast<int64_t>(inputs.size()),
-                                                          partition_->num_kv_heads(), options_.selection,
-                                                          inputs[0].queries.device());
-      step->BeginStep();
+  std::unique_ptr<DecodeWorkspace> NewDecodeWorkspace(const KvPool& pool, const DecodeCapacity& capacity) const override {
+    const at::Tensor& keys = pool.keys(0);  // [kv heads, pages, page size, D]
+    std::vector<std::vector<cuda::KvHeadMode>> modes = layer_modes_;
+    if (modes.empty()) {
+      modes.assign(pool.num_layers(), std::vector<cuda::KvHeadMode>(keys.size(0), cuda::KvHeadMode::kDense));
     }
-    std::vector<at::Tensor> keys, values;
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      auto& state = static_cast<CudaHybridSequenceState&>(*inputs[i].state);
-      if (layer == 0) {
-        state.step = step;
-        state.row = static_cast<int64_t>(i);
-      } else if (state.step != static_cast<CudaHybridSequenceState&>(*inputs[0].state).step ||
-                 state.row != static_cast<int64_t>(i)) {
-        // A batch keeps its members and their order through the layers of one step.
-        throw std::logic_error("hybrid decode: the batch changed between layers of one step");
-      }
-      keys.push_back(inputs[i].keys);
-      values.push_back(inputs[i].values);
-    }
-    std::vector<cuda::KvHeadMode> modes;
-    for (int64_t head = 0; head < partition_->num_kv_heads(); ++head) {
-      modes.push_back(partition_->role(layer, head) == HeadRole::kRetrieval ? cuda::KvHeadMode::kRetrieval
-                                                                            : cuda::KvHeadMode::kSparse);
-    }
-    cuda::HybridDecodeOptions options = options_;
-    options.scale = inputs[0].scale;
-    auto& step_state = *static_cast<CudaHybridSequenceState&>(*inputs[0].state).step;
-    return Unstack(cuda::HybridDecodeAttention(StackQueries(inputs), keys, values, Lengths(inputs), modes,
-                                               step_state, options));
+    return std::make_unique<CudaDecodeWorkspace>(cuda::PagedHybridDecode(
+        keys.size(0) * group_, keys.size(3), std::move(modes), options_, capacity.max_batch, capacity.max_pages,
+        pool.page_size(), capacity.for_graph, keys.device()));
   }
+
+  absl::Status PlanDecodeStep(const DecodeStep& step, DecodeWorkspace& workspace) const override {
+    if (step.sliding_window) {
+      return absl::FailedPreconditionError("the CUDA decode kernels do not take a sliding window");
+    }
+    try {
+      static_cast<CudaDecodeWorkspace&>(workspace).decode.Plan(step.lengths);
+    } catch (const c10::Error& error) {
+      return absl::InternalError(error.what_without_backtrace());
+    }
+    return absl::OkStatus();
+  }
+
+  at::Tensor AttendDecode(int layer, const at::Tensor& queries, const DecodeStep& step,
+                          DecodeWorkspace& workspace) const override {
+    return static_cast<CudaDecodeWorkspace&>(workspace).decode.Attend(
+        layer, queries, step.pool->keys(layer), step.pool->values(layer), step.page_table);
+  }
+
+  bool CapturesDecode() const override { return true; }
 
  private:
-  std::shared_ptr<const HeadPartition> partition_;
+  std::vector<std::vector<cuda::KvHeadMode>> layer_modes_;
   cuda::HybridDecodeOptions options_;
+  int64_t group_;
 };
+
+std::shared_ptr<const AttentionBackend> MakePaged(std::vector<std::vector<cuda::KvHeadMode>> modes,
+                                                  const cuda::BlockSelectionConfig& selection, const ModelConfig& config) {
+  return std::make_shared<CudaPagedAttention>(std::move(modes), selection,
+                                              config.num_attention_heads / config.num_kv_heads);
+}
 
 }  // namespace
 
-std::shared_ptr<const AttentionBackend> MakeCudaDenseAttention() { return std::make_shared<CudaDenseAttention>(); }
+std::shared_ptr<const AttentionBackend> MakeCudaDenseAttention(const ModelConfig& config) {
+  return MakePaged({}, cuda::BlockSelectionConfig(), config);
+}
 
 absl::StatusOr<std::shared_ptr<const AttentionBackend>> MakeCudaHybridAttention(
     std::shared_ptr<const HeadPartition> partition, const ModelConfig& config) {
@@ -135,7 +91,16 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> MakeCudaHybridAttention(
     return absl::InvalidArgumentError(
         absl::StrCat("the CUDA kernels take block sizes from 16 to 1024 tokens, the partition has ", s.block_size));
   }
-  return std::shared_ptr<const AttentionBackend>(std::make_shared<CudaHybridAttention>(std::move(partition)));
+  std::vector<std::vector<cuda::KvHeadMode>> modes(partition->num_layers());
+  for (int64_t layer = 0; layer < partition->num_layers(); ++layer) {
+    for (int64_t head = 0; head < partition->num_kv_heads(); ++head) {
+      modes[layer].push_back(partition->role(layer, head) == HeadRole::kRetrieval ? cuda::KvHeadMode::kRetrieval
+                                                                                  : cuda::KvHeadMode::kSparse);
+    }
+  }
+  const cuda::BlockSelectionConfig selection{static_cast<int>(s.block_size), static_cast<int>(s.token_budget),
+                                             static_cast<int>(s.sink_tokens), static_cast<int>(s.recent_tokens)};
+  return MakePaged(std::move(modes), selection, config);
 }
 
 }  // namespace lychee

@@ -1,7 +1,8 @@
-// Attention backends on the CUDA kernels (kernels/cuda), for bf16 models on the GPU: dense and
-// hybrid decode steps run as one batched launch per layer, the other policies' one sequence at a
-// time; prefill stays the exact matmul attention of DenseAttention. Built only with a CUDA
-// LibTorch (LYCHEE_TORCH_CUDA).
+// Attention backends on the CUDA kernels (kernels/cuda), for bf16 models on the GPU. Dense and
+// hybrid decode read the KV pool through the page tables in one batched launch per layer, planned
+// once per step into the caller's workspace, and can be captured in CUDA graphs; the other
+// policies run one sequence at a time, eagerly. Prefill stays the exact matmul attention of
+// DenseAttention. Built only with a CUDA LibTorch (LYCHEE_TORCH_CUDA).
 #pragma once
 
 #include <memory>
@@ -15,7 +16,7 @@
 namespace lychee {
 
 // Dense split-KV flash-decode of every head.
-std::shared_ptr<const AttentionBackend> MakeCudaDenseAttention();
+std::shared_ptr<const AttentionBackend> MakeCudaDenseAttention(const ModelConfig& config);
 
 // Hybrid-head decoding with `partition`: the same function as HybridAttentionBackend.
 absl::StatusOr<std::shared_ptr<const AttentionBackend>> MakeCudaHybridAttention(

@@ -30,7 +30,7 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> MakePolicyBackend(
   switch (spec.kind) {
     case PolicyKind::kDense:
 #ifdef LYCHEE_CUDA_ATTENTION
-      if (on_cuda_kernels) return MakeCudaDenseAttention();
+      if (on_cuda_kernels) return MakeCudaDenseAttention(config);
 #endif
       return std::shared_ptr<const AttentionBackend>(std::make_shared<DenseAttentionBackend>(spec.audit));
     case PolicyKind::kLychee: {

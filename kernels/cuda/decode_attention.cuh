@@ -43,6 +43,10 @@ struct DecodeParams {
   const int64_t* v_head_strides;
   int64_t k_batch_stride, k_head_stride, k_token_stride;
   int64_t v_batch_stride, v_head_stride, v_token_stride;
+  const int32_t* page_table;  // paged caches: [B, page_table_stride], or null
+  int64_t page_table_stride;
+  int log2_page_size;
+  int64_t k_page_stride, v_page_stride;
   int32_t* sel_indices;
   int32_t* sel_counts;
   int64_t sel_batch_stride, sel_head_stride, sel_count_batch_stride;
@@ -50,12 +54,13 @@ struct DecodeParams {
   float* partial_o;   // [num_partials, G, D]
   float2* partial_ml; // [num_partials, G]: (max in log2 units, sum of exp2)
   float* scores;      // block scores of retrieval heads
+  const int* counts;  // the plan's header on the device: num_work, num_merge, num_select
   const int4* work;   // two int4 per item
   const int4* merges;
   const int4* selects;
-  int num_work, num_merge, num_select;
   SelectConfig select;
   float scale_log2;   // softmax scale * log2(e)
+  int main_ctas;      // the main launch's grid (the plan's work items or its capacity)
   bool skip_post;     // benchmarking only: do not launch the second kernel
 };
 
@@ -63,6 +68,46 @@ __host__ __device__ constexpr size_t DecodeSmemBytes() {
   return 2 * kMaxItemChunks * sizeof(int32_t) +
          static_cast<size_t>(kDecodeWarps) * kDecodePipe * 2 * kStageVectors * 16;
 }
+
+// Where the keys and values of one (sequence, KV head) lie: a contiguous [capacity, D] region, or
+// pages of a pool read through the sequence's page table. A stage's rows never cross a page (pages
+// hold at least 16 positions, stages at most 16, both aligned).
+struct KvRows {
+  const __nv_bfloat16* k;  // the head's first row, or the head's base in the pool
+  const __nv_bfloat16* v;
+  const int32_t* pages;    // the sequence's page table, or null
+  int64_t k_token_stride, v_token_stride, k_page_stride, v_page_stride;
+  int log2_page_size;
+
+  __device__ __forceinline__ KvRows(const DecodeParams& p, int b, int h) {
+    if (p.page_table != nullptr) {
+      k = p.k + h * p.k_head_stride;
+      v = p.v + h * p.v_head_stride;
+      pages = p.page_table + b * p.page_table_stride;
+    } else {
+      k = (p.k_ptrs != nullptr ? static_cast<const __nv_bfloat16*>(p.k_ptrs[b]) : p.k + b * p.k_batch_stride) +
+          h * (p.k_head_strides != nullptr ? p.k_head_strides[b] : p.k_head_stride);
+      v = (p.v_ptrs != nullptr ? static_cast<const __nv_bfloat16*>(p.v_ptrs[b]) : p.v + b * p.v_batch_stride) +
+          h * (p.v_head_strides != nullptr ? p.v_head_strides[b] : p.v_head_stride);
+      pages = nullptr;
+    }
+    k_token_stride = p.k_token_stride, v_token_stride = p.v_token_stride;
+    k_page_stride = p.k_page_stride, v_page_stride = p.v_page_stride;
+    log2_page_size = p.log2_page_size;
+  }
+  // Element offsets of position `pos` in k and in v.
+  __device__ __forceinline__ void Offsets(int pos, int64_t* k_offset, int64_t* v_offset) const {
+    if (pages == nullptr) {
+      *k_offset = pos * k_token_stride;
+      *v_offset = pos * v_token_stride;
+      return;
+    }
+    const int64_t page = __ldg(pages + (pos >> log2_page_size));
+    const int64_t in_page = pos & ((1 << log2_page_size) - 1);
+    *k_offset = page * k_page_stride + in_page * k_token_stride;
+    *v_offset = page * v_page_stride + in_page * v_token_stride;
+  }
+};
 
 // Fills the item's block table (block index of each of its chunks) and clears the block maxima.
 __device__ __forceinline__ void LoadBlockTable(const DecodeParams& p, int b, int h, int L, int c_begin, int n_chunks,
@@ -166,6 +211,7 @@ __global__ void __launch_bounds__(kDecodeThreads) HybridDecodeKernel(const Decod
   uint32_t* s_bmax = reinterpret_cast<uint32_t*>(s_blocks + kMaxItemChunks);
   uint4* ring = reinterpret_cast<uint4*>(s_bmax + kMaxItemChunks);
 
+  if (static_cast<int>(blockIdx.x) >= __ldg(p.counts)) return;  // launched at a fixed capacity
   const int4 w0 = p.work[2 * blockIdx.x];
   const int4 w1 = p.work[2 * blockIdx.x + 1];
   const int b = w0.x, h = w0.y, L = w0.z, c_begin = w0.w;
@@ -191,13 +237,9 @@ __global__ void __launch_bounds__(kDecodeThreads) HybridDecodeKernel(const Decod
       }
     }
   }
-  const __nv_bfloat16* kb =
-      (p.k_ptrs != nullptr ? static_cast<const __nv_bfloat16*>(p.k_ptrs[b]) : p.k + b * p.k_batch_stride) +
-      h * (p.k_head_strides != nullptr ? p.k_head_strides[b] : p.k_head_stride) + col * 8;
-  const __nv_bfloat16* vb =
-      (p.v_ptrs != nullptr ? static_cast<const __nv_bfloat16*>(p.v_ptrs[b]) : p.v + b * p.v_batch_stride) +
-      h * (p.v_head_strides != nullptr ? p.v_head_strides[b] : p.v_head_stride) + col * 8;
-  const int64_t kts = p.k_token_stride, vts = p.v_token_stride;
+  const KvRows rows(p, b, h);
+  const __nv_bfloat16* kb = rows.k + col * 8;
+  const __nv_bfloat16* vb = rows.v + col * 8;
   __syncthreads();
 
   const int spc_log2 = lbs - LOG2_T;  // stages per chunk, log2
@@ -220,11 +262,12 @@ __global__ void __launch_bounds__(kDecodeThreads) HybridDecodeKernel(const Decod
       for (int t = 0; t < TPL; ++t) {
         const int pos = pos0 + t * RPS;
         const bool ok = pos < L;
-        const int64_t row = ok ? pos : 0;
+        int64_t k_offset, v_offset;
+        rows.Offsets(ok ? pos : 0, &k_offset, &v_offset);
 #pragma unroll
         for (int j = 0; j < NV; ++j) {
-          CpAsync16(slot + (t * NV + j) * 32, kb + row * kts + j * VPR * 8, ok ? 16 : 0);
-          CpAsync16(slot + kStageVectors + (t * NV + j) * 32, vb + row * vts + j * VPR * 8, ok ? 16 : 0);
+          CpAsync16(slot + (t * NV + j) * 32, kb + k_offset + j * VPR * 8, ok ? 16 : 0);
+          CpAsync16(slot + kStageVectors + (t * NV + j) * 32, vb + v_offset + j * VPR * 8, ok ? 16 : 0);
         }
       }
     }
@@ -410,6 +453,7 @@ __global__ void __launch_bounds__(kDecodeThreads) HybridDecodeMmaKernel(const De
   uint32_t* s_bmax = reinterpret_cast<uint32_t*>(s_blocks + kMaxItemChunks);
   uint4* ring = reinterpret_cast<uint4*>(s_bmax + kMaxItemChunks);
 
+  if (static_cast<int>(blockIdx.x) >= __ldg(p.counts)) return;  // launched at a fixed capacity
   const int4 w0 = p.work[2 * blockIdx.x];
   const int4 w1 = p.work[2 * blockIdx.x + 1];
   const int b = w0.x, h = w0.y, L = w0.z, c_begin = w0.w;
@@ -430,13 +474,7 @@ __global__ void __launch_bounds__(kDecodeThreads) HybridDecodeMmaKernel(const De
       qa[ks][1] = row_ok ? __ldg(reinterpret_cast<const unsigned int*>(qrow + ks * 16 + 8 + 2 * qd)) : 0u;
     }
   }
-  const __nv_bfloat16* kb =
-      (p.k_ptrs != nullptr ? static_cast<const __nv_bfloat16*>(p.k_ptrs[b]) : p.k + b * p.k_batch_stride) +
-      h * (p.k_head_strides != nullptr ? p.k_head_strides[b] : p.k_head_stride);
-  const __nv_bfloat16* vb =
-      (p.v_ptrs != nullptr ? static_cast<const __nv_bfloat16*>(p.v_ptrs[b]) : p.v + b * p.v_batch_stride) +
-      h * (p.v_head_strides != nullptr ? p.v_head_strides[b] : p.v_head_stride);
-  const int64_t kts = p.k_token_stride, vts = p.v_token_stride;
+  const KvRows rows(p, b, h);
   __syncthreads();
 
   const int spc_log2 = lbs - 4;  // stages per chunk, log2
@@ -459,10 +497,11 @@ __global__ void __launch_bounds__(kDecodeThreads) HybridDecodeMmaKernel(const De
         const int ci = lane + 32 * i, r = ci / CPR, c = ci % CPR;
         const int pos = tok0 + r;
         const bool ok = pos < L;
-        const int64_t row = ok ? pos : 0;
+        int64_t k_offset, v_offset;
+        rows.Offsets(ok ? pos : 0, &k_offset, &v_offset);
         uint4* dst = slot + r * CPR + (c ^ (r & 7));
-        CpAsync16(dst, kb + row * kts + c * 8, ok ? 16 : 0);
-        CpAsync16(dst + SC, vb + row * vts + c * 8, ok ? 16 : 0);
+        CpAsync16(dst, rows.k + k_offset + c * 8, ok ? 16 : 0);
+        CpAsync16(dst + SC, rows.v + v_offset + c * 8, ok ? 16 : 0);
       }
     }
     CpAsyncCommit();
@@ -580,8 +619,10 @@ __global__ void __launch_bounds__(kPostThreads) HybridPostKernel(const DecodePar
   constexpr int kWarps = kPostThreads / 32;
   constexpr int DPL = D / 32;  // floats per lane
   WaitPrerequisites();
-  const int n_merge_ctas = p.num_merge * group;
+  const int n_merge_ctas = __ldg(p.counts + 1) * group;
   if (static_cast<int>(blockIdx.x) >= n_merge_ctas) {
+    // Launched at a fixed capacity: CTAs past the plan's selections have nothing to do.
+    if (static_cast<int>(blockIdx.x) - n_merge_ctas >= __ldg(p.counts + 2)) return;
     const int4 it = p.selects[blockIdx.x - n_merge_ctas];  // batch, kv_head, length, score_offset
     SelectBlocksCta<kPostThreads>(p.scores + it.w, it.z, p.select,
                                   p.sel_indices + it.x * p.sel_batch_stride + it.y * p.sel_head_stride,

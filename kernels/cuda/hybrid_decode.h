@@ -16,6 +16,12 @@
 // LaunchHybridDecode (one main launch over a single pool of work items in which dense heads get
 // proportionally more splits, then one small launch that merges split partials and selects the
 // blocks of the retrieval heads). No host synchronization.
+//
+// The kernels read how many items there are from the plan's header on the device, and a plan may
+// be laid out for fixed capacities (PlanCapacity): launches then cover the capacities whatever the
+// step needs, so that a launch captured in a CUDA graph stays right when later steps write new
+// plans of other sizes into the same buffer. Caches are contiguous per sequence, or pages of a
+// shared pool read through each sequence's page table.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -72,8 +78,21 @@ struct HybridDecodeShape {
   int head_dim = 128;  // 64 or 128
 };
 
+// Words before the items: num_work, num_merge, num_select, 0.
+constexpr int kPlanHeaderWords = 4;
+
+// Room a plan is laid out for; 0 means exactly what it needs.
+struct PlanCapacity {
+  int work = 0;
+  int merge = 0;
+  int select = 0;
+  int partials = 0;
+  int64_t scores = 0;
+};
+
 struct HybridPlan {
-  std::vector<int32_t> words;  // work items, then merge items, then select items
+  // The header, then work items, merge items and select items, each section at its capacity.
+  std::vector<int32_t> words;
   int num_work = 0;
   int num_merge = 0;   // (sequence, KV head) pairs with more than one split
   int num_select = 0;  // (sequence, retrieval KV head) pairs
@@ -83,8 +102,9 @@ struct HybridPlan {
   int64_t total_tokens = 0;   // positions attended by all KV heads together (bytes = 4 D x this)
   int chunks_per_item = 0;
   bool reads_selection = false;  // some sparse head reads the selection buffer, or a head selects
-  int merge_offset() const { return num_work * 8; }
-  int select_offset() const { return num_work * 8 + num_merge * 4; }
+  PlanCapacity capacity;         // every field set: the counts, or the fixed layout's room
+  int merge_offset() const { return kPlanHeaderWords + capacity.work * 8; }
+  int select_offset() const { return merge_offset() + capacity.merge * 4; }
   size_t plan_bytes() const { return words.size() * sizeof(int32_t); }
 };
 
@@ -96,15 +116,24 @@ struct PlanOptions {
 
 // Builds the plan. lengths: [batch], each >= 1. modes: [num_kv_heads], this layer's. has_selection:
 // [num_kv_heads], whether a retrieval head at that index ran earlier in this step (only read for
-// sparse heads; may be null = none). Returns an empty string, or what is wrong.
+// sparse heads; may be null = none). `capacity` null: laid out exactly; else at that room (an error
+// when the plan needs more). Returns an empty string, or what is wrong.
 std::string PlanHybridDecode(const HybridDecodeShape& shape, const BlockSelectionConfig& config,
                              const int64_t* lengths, const KvHeadMode* modes, const bool* has_selection,
-                             const PlanOptions& options, HybridPlan* plan);
+                             const PlanOptions& options, HybridPlan* plan, const PlanCapacity* capacity = nullptr);
+
+// The room that a plan of any step of up to `max_batch` sequences of at most `max_length`
+// positions needs, for PlanHybridDecode's `capacity`.
+PlanCapacity HybridPlanCapacity(const HybridDecodeShape& max_shape, const BlockSelectionConfig& config,
+                                int64_t max_length, const PlanOptions& options);
 
 // Pointers and strides (in elements). Queries [B, H_q, D], output [B, H_q, D], caches per sequence
 // [H_kv, capacity, D], all bf16 with the last dimension contiguous. The caches are given either as
-// a batched base pointer with a batch stride, or as device arrays of per-sequence pointers (then the
-// batch stride is unused and the head stride may be per sequence, through *_head_strides).
+// a batched base pointer with a batch stride, as device arrays of per-sequence pointers (then the
+// batch stride is unused and the head stride may be per sequence, through *_head_strides), or as
+// the pages of a pool (page_table set): k and v are a layer's pool [H_kv, pages, page_size, D], and
+// position p of sequence b, head h is at k + h * k_head_stride + page_table[b * page_table_stride +
+// p / page_size] * k_page_stride + (p % page_size) * k_token_stride.
 struct HybridDecodeArgs {
   const void* q = nullptr;
   int64_t q_batch_stride = 0, q_head_stride = 0;
@@ -119,6 +148,10 @@ struct HybridDecodeArgs {
   const int64_t* v_head_strides = nullptr;
   int64_t k_batch_stride = 0, k_head_stride = 0, k_token_stride = 0;
   int64_t v_batch_stride = 0, v_head_stride = 0, v_token_stride = 0;
+  const int32_t* page_table = nullptr;  // device int32 [B, page_table_stride], or null
+  int64_t page_table_stride = 0;
+  int page_size = 0;  // a power of two >= 16, with page_table
+  int64_t k_page_stride = 0, v_page_stride = 0;
 
   // Selection buffer: int32 indices [B, H_kv, >= budget_blocks] and counts [B, H_kv].
   int32_t* sel_indices = nullptr;
@@ -128,6 +161,8 @@ struct HybridDecodeArgs {
 
   void* workspace = nullptr;  // HybridWorkspaceBytes(plan, shape), 256-byte aligned
   const int32_t* plan = nullptr;  // device copy of HybridPlan::words
+  // Launch the capacities' CTAs (extra ones exit at once) rather than the plan's counts.
+  bool launch_capacity = false;
 
   float scale = 0;  // softmax scale; 0 means 1/sqrt(head_dim)
   bool use_pdl = true;  // programmatic dependent launch of the second kernel (Hopper)

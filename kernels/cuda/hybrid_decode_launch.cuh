@@ -42,23 +42,23 @@ cudaError_t LaunchMainKernel(const DecodeParams& p, cudaStream_t stream) {
     constexpr size_t smem = MmaConfig<D>::kSmemBytes;
     err = EnsureSmemLimit<MmaTag<D, G>>(HybridDecodeMmaKernel<D, G>, smem);
     if (err != cudaSuccess) return err;
-    HybridDecodeMmaKernel<D, G><<<p.num_work, kDecodeThreads, smem, stream>>>(p);
+    HybridDecodeMmaKernel<D, G><<<p.main_ctas, kDecodeThreads, smem, stream>>>(p);
   } else if (G <= 4 && p.kernel_variant == 2) {
     constexpr int NV = G <= 4 ? 2 : 1;
     err = EnsureSmemLimit<CudaCoreTag<D, G, NV>>(HybridDecodeKernel<D, G, NV>, DecodeSmemBytes());
     if (err != cudaSuccess) return err;
-    HybridDecodeKernel<D, G, NV><<<p.num_work, kDecodeThreads, DecodeSmemBytes(), stream>>>(p);
+    HybridDecodeKernel<D, G, NV><<<p.main_ctas, kDecodeThreads, DecodeSmemBytes(), stream>>>(p);
   } else {
     err = EnsureSmemLimit<CudaCoreTag<D, G, 1>>(HybridDecodeKernel<D, G, 1>, DecodeSmemBytes());
     if (err != cudaSuccess) return err;
-    HybridDecodeKernel<D, G, 1><<<p.num_work, kDecodeThreads, DecodeSmemBytes(), stream>>>(p);
+    HybridDecodeKernel<D, G, 1><<<p.main_ctas, kDecodeThreads, DecodeSmemBytes(), stream>>>(p);
   }
   return cudaGetLastError();
 }
 
 template <int D, int G>
 cudaError_t LaunchDecodeGD(const DecodeParams& p, int post_ctas, bool pdl, cudaStream_t stream) {
-  if (p.num_work > 0) {
+  if (p.main_ctas > 0) {
     const cudaError_t err = LaunchMainKernel<D, G>(p, stream);
     if (err != cudaSuccess) return err;
   }
@@ -72,7 +72,7 @@ cudaError_t LaunchDecodeGD(const DecodeParams& p, int post_ctas, bool pdl, cudaS
   attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   config.attrs = attr;
-  config.numAttrs = pdl && p.num_work > 0 ? 1 : 0;
+  config.numAttrs = pdl && p.main_ctas > 0 ? 1 : 0;
   return cudaLaunchKernelEx(&config, HybridPostKernel<D>, p, G);
 }
 

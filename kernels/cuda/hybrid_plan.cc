@@ -35,7 +35,7 @@ int64_t SelectedBlockCount(int64_t length, const BlockSelectionConfig& config) {
 
 std::string PlanHybridDecode(const HybridDecodeShape& shape, const BlockSelectionConfig& config,
                              const int64_t* lengths, const KvHeadMode* modes, const bool* has_selection,
-                             const PlanOptions& options, HybridPlan* plan) {
+                             const PlanOptions& options, HybridPlan* plan, const PlanCapacity* capacity) {
   if (shape.batch < 1) return "batch must be at least 1";
   if (shape.num_kv_heads < 1 || shape.num_q_heads < shape.num_kv_heads || shape.num_q_heads % shape.num_kv_heads != 0) {
     return "num_q_heads (" + std::to_string(shape.num_q_heads) + ") must be a multiple of num_kv_heads (" +
@@ -158,19 +158,35 @@ std::string PlanHybridDecode(const HybridDecodeShape& shape, const BlockSelectio
   p.num_work = static_cast<int>(work.size());
   p.num_merge = static_cast<int>(merges.size());
   p.num_select = static_cast<int>(selects.size());
-  p.words.resize(work.size() * 8 + merges.size() * 4 + selects.size() * 4);
-  int32_t* w = p.words.data();
+  p.capacity = capacity != nullptr ? *capacity : PlanCapacity{p.num_work, p.num_merge, p.num_select, p.num_partials,
+                                                                p.num_scores};
+  const PlanCapacity& room = p.capacity;
+  if (p.num_work > room.work || p.num_merge > room.merge || p.num_select > room.select ||
+      p.num_partials > room.partials || p.num_scores > room.scores) {
+    return "the plan needs " + std::to_string(p.num_work) + " work items, " + std::to_string(p.num_merge) +
+           " merges, " + std::to_string(p.num_select) + " selections, " + std::to_string(p.num_partials) +
+           " partials and " + std::to_string(p.num_scores) + " scores; its layout has room for " +
+           std::to_string(room.work) + ", " + std::to_string(room.merge) + ", " + std::to_string(room.select) + ", " +
+           std::to_string(room.partials) + " and " + std::to_string(room.scores);
+  }
+  p.words.assign(static_cast<size_t>(p.select_offset()) + room.select * 4, 0);
+  p.words[0] = p.num_work;
+  p.words[1] = p.num_merge;
+  p.words[2] = p.num_select;
+  int32_t* w = p.words.data() + kPlanHeaderWords;
   for (const WorkItem& item : work) {
     const int32_t words[8] = {item.batch, item.kv_head,  item.length,    item.chunk_begin,
                               item.chunk_end, item.flags, item.out_index, item.score_offset};
     std::copy(words, words + 8, w);
     w += 8;
   }
+  w = p.words.data() + p.merge_offset();
   for (const MergeItem& m : merges) {
     const int32_t words[4] = {m.batch, m.kv_head, m.first_partial, m.num_splits};
     std::copy(words, words + 4, w);
     w += 4;
   }
+  w = p.words.data() + p.select_offset();
   for (const SelectItem& s : selects) {
     const int32_t words[4] = {s.batch, s.kv_head, s.length, s.score_offset};
     std::copy(words, words + 4, w);
@@ -179,15 +195,32 @@ std::string PlanHybridDecode(const HybridDecodeShape& shape, const BlockSelectio
   return "";
 }
 
+PlanCapacity HybridPlanCapacity(const HybridDecodeShape& max_shape, const BlockSelectionConfig& config,
+                                int64_t max_length, const PlanOptions& options) {
+  const int64_t heads = static_cast<int64_t>(max_shape.batch) * max_shape.num_kv_heads;
+  const int64_t max_blocks = NumBlocks(std::max<int64_t>(max_length, 1), config.block_size);
+  // The plan keeps to one wave of CTAs unless its heads need more items than that at the largest
+  // item size.
+  const int64_t wave = static_cast<int64_t>(options.num_sms) * options.ctas_per_sm;
+  const int64_t work = std::max(wave, heads * CeilDiv(max_blocks, kMaxItemChunks));
+  PlanCapacity capacity;
+  capacity.work = static_cast<int>(work);
+  capacity.merge = static_cast<int>(heads);
+  capacity.select = static_cast<int>(heads);
+  capacity.partials = static_cast<int>(work);
+  capacity.scores = heads * max_blocks;
+  return capacity;
+}
+
 namespace {
 size_t Align256(size_t x) { return (x + 255) & ~size_t{255}; }
 }  // namespace
 
 size_t HybridWorkspaceBytes(const HybridPlan& plan, const HybridDecodeShape& shape) {
   const size_t group = static_cast<size_t>(shape.num_q_heads / std::max(1, shape.num_kv_heads));
-  const size_t partials = static_cast<size_t>(plan.num_partials);
+  const size_t partials = static_cast<size_t>(plan.capacity.partials);
   return Align256(partials * group * shape.head_dim * sizeof(float)) + Align256(partials * group * 2 * sizeof(float)) +
-         Align256(static_cast<size_t>(plan.num_scores) * sizeof(float)) + 256;
+         Align256(static_cast<size_t>(plan.capacity.scores) * sizeof(float)) + 256;
 }
 
 }  // namespace cuda

@@ -235,5 +235,136 @@ at::Tensor DenseDecodeAttention(const at::Tensor& queries, const std::vector<at:
                                  options);
 }
 
+namespace {
+
+bool SameModes(const std::vector<KvHeadMode>& a, const bool* a_has, const std::vector<KvHeadMode>& b,
+               const bool* b_has) {
+  if (a != b) return false;
+  for (size_t h = 0; h < a.size(); ++h) {
+    if (a[h] == KvHeadMode::kSparse && a_has[h] != b_has[h]) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+PagedHybridDecode::PagedHybridDecode(int64_t num_q_heads, int64_t head_dim,
+                                     std::vector<std::vector<KvHeadMode>> layer_modes,
+                                     const HybridDecodeOptions& options, int64_t max_batch, int64_t max_pages,
+                                     int64_t page_size, bool launch_capacity, at::Device device)
+    : options_(options), page_size_(page_size), launch_capacity_(launch_capacity) {
+  TORCH_CHECK(!layer_modes.empty() && !layer_modes[0].empty(), "paged decode: no layers");
+  TORCH_CHECK(device.is_cuda(), "paged decode: the device must be CUDA, got ", device);
+  TORCH_CHECK(page_size >= 16 && (page_size & (page_size - 1)) == 0, "paged decode: the page size must be a power of ",
+              "two of at least 16, got ", page_size);
+  const int64_t num_kv_heads = static_cast<int64_t>(layer_modes[0].size());
+  shape_ = {static_cast<int>(max_batch), static_cast<int>(num_q_heads), static_cast<int>(num_kv_heads),
+            static_cast<int>(head_dim)};
+  const c10::cuda::CUDAGuard guard(device);
+  plan_options_.num_sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int occupancy = HybridDecodeMaxCtasPerSm(shape_.head_dim, shape_.num_q_heads / shape_.num_kv_heads);
+  plan_options_.ctas_per_sm =
+      std::max(1, occupancy > 0 ? std::min(options.ctas_per_sm, occupancy) : options.ctas_per_sm);
+  capacity_ = HybridPlanCapacity(shape_, options.selection, max_pages * page_size, plan_options_);
+
+  // Layers whose modes, and whose sparse heads' selections, are alike share one plan.
+  std::vector<uint8_t> has(num_kv_heads, 0);
+  for (const std::vector<KvHeadMode>& modes : layer_modes) {
+    TORCH_CHECK(static_cast<int64_t>(modes.size()) == num_kv_heads, "paged decode: every layer needs ", num_kv_heads,
+                " head modes");
+    std::unique_ptr<bool[]> flags(new bool[num_kv_heads]);
+    for (int64_t h = 0; h < num_kv_heads; ++h) flags[h] = has[h] != 0;
+    auto same = std::find_if(patterns_.begin(), patterns_.end(), [&](const Pattern& pattern) {
+      return SameModes(pattern.modes, pattern.has_selection.get(), modes, flags.get());
+    });
+    if (same == patterns_.end()) {
+      patterns_.push_back(Pattern{modes, std::move(flags), HybridPlan()});
+      same = patterns_.end() - 1;
+    }
+    layer_pattern_.push_back(static_cast<int>(same - patterns_.begin()));
+    for (int64_t h = 0; h < num_kv_heads; ++h) has[h] |= modes[h] == KvHeadMode::kRetrieval;
+  }
+  HybridPlan layout;
+  layout.capacity = capacity_;
+  slot_words_ = layout.select_offset() + 4 * capacity_.select;
+  const auto on_device = at::TensorOptions().device(device);
+  plans_ = at::zeros({static_cast<int64_t>(patterns_.size()) * slot_words_}, on_device.dtype(at::kInt));
+  workspace_ = at::empty({static_cast<int64_t>(HybridWorkspaceBytes(layout, shape_))}, on_device.dtype(at::kByte));
+  sel_indices_ = at::zeros({max_batch, num_kv_heads, options.selection.budget_blocks()}, on_device.dtype(at::kInt));
+  sel_counts_ = at::zeros({max_batch, num_kv_heads}, on_device.dtype(at::kInt));
+  out_ = at::zeros({max_batch, num_q_heads, head_dim}, on_device.dtype(at::kBFloat16));
+}
+
+void PagedHybridDecode::Plan(const std::vector<int64_t>& lengths) {
+  TORCH_CHECK(!lengths.empty() && static_cast<int64_t>(lengths.size()) <= shape_.batch, "paged decode: a step of ",
+              lengths.size(), " sequences on a workspace for ", shape_.batch);
+  batch_ = static_cast<int64_t>(lengths.size());
+  HybridDecodeShape shape = shape_;
+  shape.batch = static_cast<int>(batch_);
+  // A new pinned buffer every step: the caching host allocator hands it out again only once the
+  // copy that reads it is done.
+  at::Tensor staging = at::empty({plans_.numel()}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+  int32_t* host = staging.data_ptr<int32_t>();
+  for (size_t i = 0; i < patterns_.size(); ++i) {
+    Pattern& pattern = patterns_[i];
+    const std::string error = PlanHybridDecode(shape, options_.selection, lengths.data(), pattern.modes.data(),
+                                               pattern.has_selection.get(), plan_options_, &pattern.plan, &capacity_);
+    TORCH_CHECK(error.empty(), "paged decode: ", error);
+    std::memcpy(host + i * slot_words_, pattern.plan.words.data(), pattern.plan.plan_bytes());
+  }
+  plans_.copy_(staging, /*non_blocking=*/true);
+}
+
+at::Tensor PagedHybridDecode::Attend(int layer, const at::Tensor& queries, const at::Tensor& key_pages,
+                                     const at::Tensor& value_pages, const at::Tensor& page_table) {
+  TORCH_CHECK(layer >= 0 && layer < static_cast<int>(layer_pattern_.size()), "paged decode: no layer ", layer);
+  TORCH_CHECK(batch_ > 0, "paged decode: Attend before Plan");
+  TORCH_CHECK(queries.scalar_type() == at::kBFloat16 && queries.dim() == 3 && queries.size(0) >= batch_ &&
+                  queries.size(0) <= shape_.batch && queries.size(1) == shape_.num_q_heads &&
+                  queries.size(2) == shape_.head_dim && queries.device() == out_.device(),
+              "paged decode: queries must be bf16 [", batch_, "..", shape_.batch, ", ", shape_.num_q_heads, ", ",
+              shape_.head_dim, "] on ", out_.device(), ", got ", queries.sizes(), " ", queries.scalar_type());
+  CheckVectorizable(queries, "queries");
+  for (const at::Tensor* pages : {&key_pages, &value_pages}) {
+    TORCH_CHECK(pages->scalar_type() == at::kBFloat16 && pages->dim() == 4 && pages->size(0) == shape_.num_kv_heads &&
+                    pages->size(2) == page_size_ && pages->size(3) == shape_.head_dim && pages->is_contiguous() &&
+                    pages->device() == out_.device(),
+                "paged decode: the KV pool must be contiguous bf16 [", shape_.num_kv_heads, ", pages, ", page_size_,
+                ", ", shape_.head_dim, "], got ", pages->sizes());
+  }
+  TORCH_CHECK(page_table.scalar_type() == at::kInt && page_table.dim() == 2 && page_table.size(0) >= batch_ &&
+                  page_table.stride(1) == 1 && page_table.device() == out_.device(),
+              "paged decode: the page table must be int32 [rows, width] on ", out_.device());
+  const Pattern& pattern = patterns_[layer_pattern_[layer]];
+  HybridDecodeArgs args;
+  args.q = queries.data_ptr();
+  args.q_batch_stride = queries.stride(0), args.q_head_stride = queries.stride(1);
+  args.out = out_.data_ptr();
+  args.out_batch_stride = out_.stride(0), args.out_head_stride = out_.stride(1);
+  args.k = key_pages.data_ptr();
+  args.v = value_pages.data_ptr();
+  args.k_head_stride = key_pages.stride(0), args.k_page_stride = key_pages.stride(1);
+  args.k_token_stride = key_pages.stride(2);
+  args.v_head_stride = value_pages.stride(0), args.v_page_stride = value_pages.stride(1);
+  args.v_token_stride = value_pages.stride(2);
+  args.page_table = page_table.data_ptr<int32_t>();
+  args.page_table_stride = page_table.stride(0);
+  args.page_size = static_cast<int>(page_size_);
+  args.sel_indices = sel_indices_.data_ptr<int32_t>();
+  args.sel_counts = sel_counts_.data_ptr<int32_t>();
+  args.sel_batch_stride = sel_indices_.stride(0), args.sel_head_stride = sel_indices_.stride(1);
+  args.sel_count_batch_stride = sel_counts_.stride(0);
+  args.workspace = workspace_.data_ptr();
+  args.plan = plans_.data_ptr<int32_t>() + layer_pattern_[layer] * slot_words_;
+  args.launch_capacity = launch_capacity_;
+  args.scale = static_cast<float>(options_.scale);
+  args.use_pdl = options_.use_pdl;
+  const c10::cuda::CUDAGuard guard(out_.device());
+  const cudaError_t err = LaunchHybridDecode(args, pattern.plan, shape_, options_.selection,
+                                             c10::cuda::getCurrentCUDAStream(out_.device().index()));
+  TORCH_CHECK(err == cudaSuccess, "paged hybrid decode launch failed: ", cudaGetErrorString(err));
+  return out_.narrow(0, 0, queries.size(0));
+}
+
 }  // namespace cuda
 }  // namespace lychee

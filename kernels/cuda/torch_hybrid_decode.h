@@ -11,6 +11,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "kernels/cuda/hybrid_decode.h"
@@ -73,6 +74,50 @@ at::Tensor DenseDecodeAttention(const at::Tensor& queries, const at::Tensor& key
 at::Tensor DenseDecodeAttention(const at::Tensor& queries, const std::vector<at::Tensor>& key_caches,
                                 const std::vector<at::Tensor>& value_caches, const std::vector<int64_t>& lengths,
                                 const HybridDecodeOptions& options = {});
+
+// The CUDA side of a paged decode step (common/attention.h's DecodeWorkspace for the dense and
+// hybrid backends): every layer reads its KV pool through the step's page tables. Made for at
+// most `max_batch` sequences of at most `max_pages` pages; holds the plan of every distinct layer
+// pattern (modes, and which sparse heads have a selection to read) at a fixed layout, the split
+// partials and block scores, the selection, and the output. Plan() does the host work of a step
+// and one copy to the device; Attend() only enqueues the kernels on buffers of this object, so a
+// step can be captured in a CUDA graph and replayed after later Plan() calls.
+class PagedHybridDecode {
+ public:
+  // layer_modes: [layers][num_kv_heads]. launch_capacity: launches cover the capacity (for graphs).
+  PagedHybridDecode(int64_t num_q_heads, int64_t head_dim, std::vector<std::vector<KvHeadMode>> layer_modes,
+                    const HybridDecodeOptions& options, int64_t max_batch, int64_t max_pages, int64_t page_size,
+                    bool launch_capacity, at::Device device);
+
+  // Plans every layer pattern for sequences of `lengths` positions (this step's token included).
+  void Plan(const std::vector<int64_t>& lengths);
+  // Layer `layer` of the planned step. queries [rows, num_q_heads, head_dim] bf16 (rows past the
+  // planned batch are padding); key_pages and value_pages: the layer's pool [num_kv_heads, pages,
+  // page_size, head_dim]; page_table int32 [rows, >= pages of the longest sequence]. Returns the
+  // output [rows, num_q_heads, head_dim], a buffer of this object that the next layer overwrites.
+  at::Tensor Attend(int layer, const at::Tensor& queries, const at::Tensor& key_pages, const at::Tensor& value_pages,
+                    const at::Tensor& page_table);
+
+ private:
+  struct Pattern {
+    std::vector<KvHeadMode> modes;
+    std::unique_ptr<bool[]> has_selection;
+    HybridPlan plan;  // the latest step's, for the launch
+  };
+
+  HybridDecodeShape shape_;  // batch: the capacity
+  HybridDecodeOptions options_;
+  PlanOptions plan_options_;
+  PlanCapacity capacity_;
+  int64_t page_size_;
+  bool launch_capacity_;
+  int64_t batch_ = 0;  // of the planned step
+  std::vector<Pattern> patterns_;
+  std::vector<int> layer_pattern_;
+  int64_t slot_words_ = 0;  // one pattern's plan
+  at::Tensor plans_;        // int32 [patterns * slot_words] on the device
+  at::Tensor workspace_, sel_indices_, sel_counts_, out_;
+};
 
 }  // namespace cuda
 }  // namespace lychee

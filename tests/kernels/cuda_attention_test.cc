@@ -1,8 +1,12 @@
 // The CUDA attention backends inside the bundled model (bf16 on the GPU) against the LibTorch
 // reference backends on the same device: the same logits within bf16 noise (0.156 dense and
 // 0.125 hybrid seen on an H100), and a batch of sequences of different lengths equal to each
-// decoded alone. Dense, hybrid, Quest, PrHS and Double-P.
+// decoded alone. Dense, hybrid, Quest, PrHS and Double-P. Then the decode step replayed from CUDA
+// graphs over a shared pool of shuffled pages against the same step run eagerly.
 #include "tests/torch_catch.h"
+
+#include <algorithm>
+#include <random>
 
 #include "common/model.h"
 #include "kernels/cuda_attention.h"
@@ -65,7 +69,7 @@ TEST_CASE("CUDA backends decode as the reference backends do", "[cuda]") {
   const struct {
     const char* name;
     std::shared_ptr<const AttentionBackend> cuda, reference;
-  } pairs[] = {{"dense", MakeCudaDenseAttention(), std::make_shared<DenseAttentionBackend>()},
+  } pairs[] = {{"dense", MakeCudaDenseAttention(config), std::make_shared<DenseAttentionBackend>()},
                {"hybrid", *cuda_hybrid, *reference_hybrid},
                {"quest", MakeCudaQuestAttention(quest), MakeQuestBackend(quest)},
                {"prhs", MakeCudaPrhsAttention(prhs), MakePrhsBackend(prhs)},
@@ -85,6 +89,80 @@ TEST_CASE("CUDA backends decode as the reference backends do", "[cuda]") {
       for (size_t step = 0; step < alone.size(); ++step) {
         CHECK((alone[step][0] - fast[step][i]).abs().max().item<double>() < 0.05);
       }
+    }
+  }
+}
+
+// Greedy decoding of `prompts` as one batch in `pool` for `steps` steps; returns each step's tokens
+// and logits.
+struct Greedy {
+  std::vector<std::vector<int32_t>> tokens;
+  std::vector<at::Tensor> logits;
+};
+Greedy DecodeGreedy(const Model& model, std::shared_ptr<KvPool> pool, std::shared_ptr<const AttentionBackend> attention,
+                    const std::vector<std::vector<int32_t>>& prompts, int steps, DecodeContext& context) {
+  std::vector<std::unique_ptr<Sequence>> sequences;
+  std::vector<Sequence*> batch;
+  std::vector<int32_t> next;
+  for (const auto& prompt : prompts) {
+    sequences.push_back(model.NewSequence(pool, attention));
+    batch.push_back(sequences.back().get());
+    next.push_back(static_cast<int32_t>(model.Prefill(*sequences.back(), prompt).value().argmax().item<int64_t>()));
+  }
+  Greedy greedy;
+  for (int step = 0; step < steps; ++step) {
+    const at::Tensor logits = model.Decode(batch, next, &context).value().cpu();
+    greedy.logits.push_back(logits.clone());
+    for (size_t i = 0; i < next.size(); ++i) next[i] = static_cast<int32_t>(logits[i].argmax().item<int64_t>());
+    greedy.tokens.push_back(next);
+  }
+  return greedy;
+}
+
+TEST_CASE("the decode step replayed from a CUDA graph equals the eager step", "[cuda]") {
+  if (!at::hasCUDA()) {
+    WARN("SKIPPED: no CUDA device: CUDA graphs run on the GPU host only");
+    return;
+  }
+  auto model = Model::Load("models/tiny-llama-retrieval", ModelOptionsForDevice("cuda").value());
+  REQUIRE(model.ok());
+  const ModelConfig& config = (*model)->config();
+  HeadPartition partition = HeadPartition::AllRetrieval(config.num_layers, config.num_kv_heads, SelectionParams{});
+  for (int64_t layer = 1; layer < config.num_layers; ++layer) partition.set_role(layer, 1, HeadRole::kSparse);
+  partition.mutable_selection().token_budget = 256;
+  auto hybrid = MakeCudaHybridAttention(std::make_shared<const HeadPartition>(partition), config);
+  REQUIRE(hybrid.ok());
+  // The pool's pages handed out in a shuffled order, so that no sequence's pages are consecutive.
+  auto pool = (*model)->NewKvPool(200).value();
+  {
+    std::vector<int32_t> pages = pool->Allocate(200).value();
+    std::mt19937 rng(7);
+    std::shuffle(pages.begin(), pages.end(), rng);
+    pool->Free(pages);
+  }
+  for (const auto& [name, attention] : std::vector<std::pair<std::string, std::shared_ptr<const AttentionBackend>>>{
+           {"dense", MakeCudaDenseAttention(config)}, {"hybrid", *hybrid}}) {
+    for (const std::vector<std::vector<int32_t>>& prompts :
+         {std::vector<std::vector<int32_t>>{Prompt(1500, 4)},
+          std::vector<std::vector<int32_t>>{Prompt(2000, 5), Prompt(700, 6), Prompt(90, 7)}}) {
+      INFO(name << ", batch " << prompts.size());
+      DecodeContext eager_context(DecodeOptions{/*cuda_graphs=*/false});
+      DecodeContext graph_context;
+      const Greedy eager = DecodeGreedy(**model, pool, attention, prompts, 40, eager_context);
+      const Greedy graphed = DecodeGreedy(**model, pool, attention, prompts, 40, graph_context);
+      const DecodeStats stats = graph_context.stats();
+      INFO("capture error: " << stats.last_capture_error);
+      CHECK(stats.capture_failures == 0);
+      CHECK(stats.graph_captures == 1);
+      CHECK(stats.graph_replays == 39);
+      CHECK(eager_context.stats().graph_replays == 0);
+      CHECK(graphed.tokens == eager.tokens);
+      double worst = 0;
+      for (size_t step = 0; step < eager.logits.size(); ++step) {
+        worst = std::max(worst, (graphed.logits[step] - eager.logits[step]).abs().max().item<double>());
+      }
+      WARN(name << " batch " << prompts.size() << ": max |logit difference| graph vs eager: " << worst);
+      CHECK(worst <= 1e-3);
     }
   }
 }

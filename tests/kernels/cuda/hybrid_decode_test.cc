@@ -7,6 +7,7 @@
 #include <cmath>
 #include <memory>
 #include <numeric>
+#include <random>
 #include <set>
 #include <sstream>
 
@@ -20,7 +21,9 @@ using testing::Bf16ToFloat;
 using testing::DeviceBuffer;
 using testing::FloatToBf16;
 
-enum class Layout { kHeadMajor, kTokenMajor, kPerSequence };
+// kPaged: every sequence's positions in pages of one pool, [H, pages, page_size, D], its page
+// table a shuffled set of them.
+enum class Layout { kHeadMajor, kTokenMajor, kPerSequence, kPaged };
 
 struct Scenario {
   int head_dim = 128;
@@ -35,6 +38,9 @@ struct Scenario {
   bool use_pdl = true;
   int ctas_per_sm = 2;
   int kernel_variant = 0;  // 0 tensor cores, 1 / 2 CUDA cores (see HybridDecodeArgs)
+  int page_size = 64;      // kPaged
+  // Plan laid out for room beyond the step and launched at that room, as a CUDA-graph step is.
+  bool fixed_capacity = false;
 };
 
 std::string Describe(const Scenario& s) {
@@ -42,7 +48,8 @@ std::string Describe(const Scenario& s) {
   os << "D=" << s.head_dim << " G=" << s.group << " Hkv=" << s.num_kv_heads << " lengths={";
   for (size_t i = 0; i < s.lengths.size(); ++i) os << (i ? "," : "") << s.lengths[i];
   os << "} bs=" << s.config.block_size << " budget=" << s.config.token_budget << " sink=" << s.config.sink_tokens
-     << " recent=" << s.config.recent_tokens << " layout=" << static_cast<int>(s.layout) << " variant=" << s.kernel_variant
+     << " recent=" << s.config.recent_tokens << " layout=" << static_cast<int>(s.layout) << " page=" << s.page_size
+     << " fixed=" << s.fixed_capacity << " variant=" << s.kernel_variant
      << " layers=";
   for (const auto& layer : s.layers) {
     os << "[";
@@ -73,8 +80,15 @@ struct LayerCaches {
   std::vector<DeviceBuffer<uint16_t>> k_dev, v_dev;
   int64_t batch_stride = 0, head_stride = 0, token_stride = 0;
   std::vector<int64_t> head_strides;  // per sequence (kPerSequence)
+  // kPaged: page tables [B][width], pages in the pool, positions per page.
+  std::vector<std::vector<int32_t>> pages;
+  int64_t pool_pages = 0, page_size = 0, width = 0;
+  DeviceBuffer<int32_t> page_table;
   // Row (D values) of sequence b, head h, position p in the host copy.
   const uint16_t* Row(const std::vector<std::vector<uint16_t>>& host, int b, int h, int64_t p) const {
+    if (!pages.empty()) {
+      return host[0].data() + ((h * pool_pages + pages[b][p / page_size]) * page_size + p % page_size) * token_stride;
+    }
     if (host.size() == 1) return host[0].data() + b * batch_stride + h * head_stride + p * token_stride;
     return host[b].data() + h * head_strides[b] + p * token_stride;
   }
@@ -92,7 +106,42 @@ LayerCaches MakeCaches(const Scenario& s, FastRandom& rng) {
       }
     }
   };
-  if (s.layout == Layout::kPerSequence) {
+  if (s.layout == Layout::kPaged) {
+    // Pages for each sequence's length and one more, handed out in a shuffled order; page 0 unused.
+    c.page_size = s.page_size;
+    std::vector<int64_t> counts;
+    for (int b = 0; b < B; ++b) counts.push_back((s.lengths[b] + c.page_size) / c.page_size);
+    c.width = *std::max_element(counts.begin(), counts.end());
+    c.pool_pages = 1 + std::accumulate(counts.begin(), counts.end(), int64_t{0});
+    std::vector<int32_t> order(c.pool_pages - 1);
+    std::iota(order.begin(), order.end(), 1);
+    std::mt19937_64 shuffle(s.seed);
+    std::shuffle(order.begin(), order.end(), shuffle);
+    size_t next = 0;
+    std::vector<int32_t> table(static_cast<size_t>(B) * c.width, 0);
+    for (int b = 0; b < B; ++b) {
+      c.pages.emplace_back(order.begin() + next, order.begin() + next + counts[b]);
+      std::copy(c.pages[b].begin(), c.pages[b].end(), table.begin() + b * c.width);
+      next += counts[b];
+    }
+    c.token_stride = D;
+    c.head_stride = c.pool_pages * c.page_size * D;
+    std::vector<uint16_t> k(static_cast<size_t>(H) * c.pool_pages * c.page_size * D), v(k.size());
+    rng.Fill(k);
+    rng.Fill(v);
+    for (int b = 0; b < B; ++b) {
+      for (int h = 0; h < H; ++h) {
+        for (int64_t p = s.lengths[b]; p < static_cast<int64_t>(c.pages[b].size()) * c.page_size; ++p) {
+          const int64_t at = ((h * c.pool_pages + c.pages[b][p / c.page_size]) * c.page_size + p % c.page_size) * D;
+          for (int d = 0; d < D; ++d) k[at + d] = v[at + d] = testing::kBf16NaN;
+        }
+      }
+    }
+    c.page_table.Resize(table.size());
+    c.page_table.Upload(table);
+    c.k_host.push_back(std::move(k));
+    c.v_host.push_back(std::move(v));
+  } else if (s.layout == Layout::kPerSequence) {
     for (int b = 0; b < B; ++b) {
       const int64_t cap = s.lengths[b] + 5 + 8 * b;
       std::vector<uint16_t> k(static_cast<size_t>(H) * cap * D), v(k.size());
@@ -186,7 +235,10 @@ void RunScenario(const Scenario& s) {
     HybridPlan plan;
     std::unique_ptr<bool[]> flags(new bool[H]);
     for (int h = 0; h < H; ++h) flags[h] = has_selection[h];
-    const std::string error = PlanHybridDecode(shape, cfg, s.lengths.data(), modes.data(), flags.get(), popts, &plan);
+    const int64_t max_len = *std::max_element(s.lengths.begin(), s.lengths.end());
+    const PlanCapacity room = HybridPlanCapacity(HybridDecodeShape{B + 2, HQ, H, D}, cfg, 2 * max_len + 1000, popts);
+    const std::string error = PlanHybridDecode(shape, cfg, s.lengths.data(), modes.data(), flags.get(), popts, &plan,
+                                               s.fixed_capacity ? &room : nullptr);
     REQUIRE(error.empty());
     DeviceBuffer<int32_t> plan_dev(plan.words.size());
     plan_dev.Upload(plan.words);
@@ -212,6 +264,13 @@ void RunScenario(const Scenario& s) {
       a.k_batch_stride = a.v_batch_stride = caches.batch_stride;
       a.k_head_stride = a.v_head_stride = caches.head_stride;
     }
+    if (s.layout == Layout::kPaged) {
+      a.page_table = caches.page_table.get();
+      a.page_table_stride = caches.width;
+      a.page_size = static_cast<int>(caches.page_size);
+      a.k_page_stride = a.v_page_stride = caches.page_size * D;
+    }
+    a.launch_capacity = s.fixed_capacity;
     a.k_token_stride = a.v_token_stride = caches.token_stride;
     a.sel_indices = sel_indices.get();
     a.sel_counts = sel_counts.get();
@@ -395,6 +454,25 @@ TEST_CASE("hybrid decode: retrieval selection is shared by KV-head index across 
   longest.layers = {{R, S}, {S, R}};
   longest.seed = 78;
   RunScenario(longest);
+}
+
+TEST_CASE("paged caches read through shuffled page tables, plans at a fixed capacity", "[cuda]") {
+  if (!testing::HaveGpu()) return;
+  std::vector<Scenario> scenarios;
+  auto add = [&](int D, int G, std::vector<int64_t> lengths, BlockSelectionConfig cfg, int page, bool fixed) {
+    Scenario s;
+    s.head_dim = D, s.group = G, s.num_kv_heads = 3, s.lengths = std::move(lengths), s.config = cfg;
+    s.layers = {{Dn, R, S}, {R, S, S}, {S, S, R}}, s.layout = Layout::kPaged, s.page_size = page;
+    s.fixed_capacity = fixed, s.seed = 3000 + scenarios.size();
+    scenarios.push_back(s);
+  };
+  add(128, 4, {20000, 65, 4097}, Config(64, 1024), 64, false);
+  add(128, 4, {20000, 65, 4097}, Config(64, 1024), 64, true);
+  add(64, 8, {1000, 1, 64}, Config(32, 256), 16, true);     // blocks span two pages
+  add(128, 2, {4097, 63, 20000}, Config(128, 1024), 256, true);  // pages hold two blocks
+  add(64, 1, {131072 + 77}, Config(64, 4096), 64, true);
+  scenarios[2].kernel_variant = 1;
+  for (Scenario& s : scenarios) RunScenario(s);
 }
 
 TEST_CASE("block selection keeps the mandatory blocks and the best others, ties to the lower index", "[cuda]") {

@@ -39,13 +39,20 @@ struct Unpacked {
   std::vector<SelectItem> selects;
 };
 
+// Reads the items back as the kernels do: counts from the header, each section at its offset.
 Unpacked Unpack(const HybridPlan& plan) {
   Unpacked u;
-  const int32_t* w = plan.words.data();
-  for (int i = 0; i < plan.num_work; ++i, w += 8) u.work.push_back({w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]});
-  for (int i = 0; i < plan.num_merge; ++i, w += 4) u.merges.push_back({w[0], w[1], w[2], w[3]});
-  for (int i = 0; i < plan.num_select; ++i, w += 4) u.selects.push_back({w[0], w[1], w[2], w[3]});
-  CHECK(w == plan.words.data() + plan.words.size());
+  const int32_t* words = plan.words.data();
+  CHECK(words[0] == plan.num_work);
+  CHECK(words[1] == plan.num_merge);
+  CHECK(words[2] == plan.num_select);
+  const int32_t* w = words + kPlanHeaderWords;
+  for (int i = 0; i < words[0]; ++i, w += 8) u.work.push_back({w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7]});
+  w = words + plan.merge_offset();
+  for (int i = 0; i < words[1]; ++i, w += 4) u.merges.push_back({w[0], w[1], w[2], w[3]});
+  w = words + plan.select_offset();
+  for (int i = 0; i < words[2]; ++i, w += 4) u.selects.push_back({w[0], w[1], w[2], w[3]});
+  CHECK(static_cast<int64_t>(plan.words.size()) == plan.select_offset() + 4 * plan.capacity.select);
   return u;
 }
 
@@ -118,6 +125,47 @@ TEST_CASE("the plan covers every head's blocks once, in near-equal items from on
   // Items per multiprocessor near the target: one resident wave.
   CHECK(plan.num_work <= opts.num_sms * opts.ctas_per_sm);
   CHECK(plan.reads_selection);
+}
+
+TEST_CASE("a plan laid out at a fixed capacity holds the same items, and any step of that size fits") {
+  const BlockSelectionConfig cfg = Config(64, 4096, 64, 64);
+  const HybridDecodeShape shape{4, 32, 8, 128};
+  std::vector<KvHeadMode> modes(8, KvHeadMode::kSparse);
+  modes[0] = KvHeadMode::kRetrieval;
+  std::unique_ptr<bool[]> has(new bool[8]);
+  for (int h = 0; h < 8; ++h) has[h] = true;
+  PlanOptions opts;
+  const int64_t max_length = int64_t{1} << 20;
+  const PlanCapacity room = HybridPlanCapacity(shape, cfg, max_length, opts);
+  CHECK(room.work >= opts.num_sms * opts.ctas_per_sm);
+  CHECK(room.merge == 32);
+  CHECK(room.select == 32);
+  CHECK(room.scores == 32 * (max_length / 64));
+  // Lengths from one block to the maximum, every retrieval head selecting: all fit the room, and
+  // the items are those of the exact plan at fixed offsets.
+  for (const std::vector<int64_t>& lengths : std::vector<std::vector<int64_t>>{
+           {1, 1, 1, 1}, {100, 5000, 70000, 131072}, {max_length, max_length, max_length, max_length}}) {
+    HybridPlan exact, fixed;
+    REQUIRE(PlanHybridDecode(shape, cfg, lengths.data(), modes.data(), has.get(), opts, &exact).empty());
+    REQUIRE(PlanHybridDecode(shape, cfg, lengths.data(), modes.data(), has.get(), opts, &fixed, &room).empty());
+    CHECK(fixed.merge_offset() == kPlanHeaderWords + 8 * room.work);
+    const Unpacked a = Unpack(exact), b = Unpack(fixed);
+    REQUIRE(a.work.size() == b.work.size());
+    for (size_t i = 0; i < a.work.size(); ++i) {
+      CHECK(a.work[i].chunk_begin == b.work[i].chunk_begin);
+      CHECK(a.work[i].chunk_end == b.work[i].chunk_end);
+      CHECK(a.work[i].out_index == b.work[i].out_index);
+    }
+    CHECK(a.merges.size() == b.merges.size());
+    CHECK(a.selects.size() == b.selects.size());
+  }
+  // A step longer than the layout was made for is refused, with the counts.
+  PlanCapacity small = room;
+  small.scores = 10;
+  HybridPlan plan;
+  const std::vector<int64_t> lengths = {4096, 4096, 4096, 4096};
+  const std::string error = PlanHybridDecode(shape, cfg, lengths.data(), modes.data(), has.get(), opts, &plan, &small);
+  CHECK(error.find("scores") != std::string::npos);
 }
 
 TEST_CASE("the plan rejects shapes and parameters the kernels do not take") {

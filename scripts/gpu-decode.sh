@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The decode path on the GPU host, in one command from the project root with .gpu carried
+# (../shared/gpu/prepare.sh here first): configures as .gpu/build.sh does, builds only the decode
+# targets (the CUDA attention and model-kernel tests, e2e_bench) while bench/write_random_llama.py
+# writes a random Llama-3-8B-shaped checkpoint, runs those tests, then e2e_bench on the bundled model
+# and on the checkpoint. Logs go to $OUT (or /tmp/lychee-decode).
+#   E2E_ARGS   extra arguments of both e2e_bench runs (e.g. "--contexts 32768,131072 --batches 1,4")
+#   SKIP_TESTS=1, SKIP_E2E=1
+set -uo pipefail
+out=${OUT:-/tmp/lychee-decode}
+tmp=${TMPDIR:-/tmp}
+checkpoint=$tmp/random-llama3-8b
+mkdir -p "$out"
+since() { echo "[$(( $(date +%s) - t0 )) s]"; }
+t0=$(date +%s)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+
+if [ "${SKIP_E2E:-0}" != 1 ]; then
+  PYTHONUNBUFFERED=1 python3 bench/write_random_llama.py "$checkpoint" >"$out/checkpoint.log" 2>&1 &
+  writer=$!
+fi
+
+tests=(cuda_hybrid_plan_test cuda_hybrid_decode_test cuda_torch_hybrid_decode_test cuda_attention_test
+       cuda_policy_test model_test model_kernels_test)
+grep -v '^cmake --build' .gpu/build.sh >"$tmp/gpu-configure.sh"
+bash "$tmp/gpu-configure.sh" >"$out/build.log" 2>&1 && source .gpu/env.sh || { tail -30 "$out/build.log"; exit 1; }
+targets=(e2e_bench)
+for t in "${tests[@]}"; do
+  ninja -C build-gpu -t targets all 2>/dev/null | grep -q "^$t:" && targets+=("$t")
+done
+if ! cmake --build build-gpu -j"$(nproc)" --target "${targets[@]}" -- -k 0 >>"$out/build.log" 2>&1; then
+  echo "build failed:"; grep -E "error" -A3 "$out/build.log" | head -60
+fi
+echo "$(since) built: ${targets[*]}"
+
+if [ "${SKIP_TESTS:-0}" != 1 ]; then
+  regex=$(IFS='|'; echo "^(${tests[*]}|model_test_cuda)\$")
+  ctest --test-dir build-gpu --output-on-failure --timeout 400 -R "$regex" >"$out/ctest.log" 2>&1
+  grep -E "tests passed|Passed|Failed|SKIPPED|\*\*\*" "$out/ctest.log" | head -30
+  grep -E "max \|logit|graph vs eager|FAILED|REQUIRE|CHECK\(" "$out/ctest.log" | head -40
+  echo "$(since) tests done"
+fi
+
+if [ "${SKIP_E2E:-0}" != 1 ]; then
+  bench=build-gpu/bench/e2e_bench
+  $bench --model models/tiny-llama-retrieval --steps 30 --warmup 5 ${E2E_ARGS:-} 2>&1 | tee "$out/e2e-bundled.txt"
+  wait $writer || { echo "checkpoint writer failed:"; tail "$out/checkpoint.log"; exit 1; }
+  echo "$(since) checkpoint written"
+  $bench --model "$checkpoint" --json "$out/e2e-llama.json" --steps 30 --warmup 5 ${E2E_ARGS:-} 2>&1 |
+    tee "$out/e2e-llama.txt"
+  echo "$(since) e2e done"
+fi
