@@ -352,7 +352,7 @@ struct DecodeContext::Bucket {
   at::Tensor ids, positions, slots, page_table;
   int64_t eager_steps = 0;
   std::unique_ptr<CapturedGraph> graph;
-  at::Tensor graph_logits;
+  DecodeStepOutput graph_output;
 
   bool Matches(const AttentionBackend* b, const KvPool* p, int64_t r, bool g) const {
     return backend == b && pool == p && rows == r && for_graph == g;
@@ -462,7 +462,7 @@ void Model::StageInputs(DecodeGroup& group, absl::Span<Sequence* const> sequence
   step.sliding_window = config_.sliding_window;
 }
 
-at::Tensor Model::DecodeForward(const at::Tensor& ids, const at::Tensor& positions,
+DecodeStepOutput Model::DecodeForward(const at::Tensor& ids, const at::Tensor& positions,
                                 std::vector<DecodeGroup>& groups) const {
   std::vector<at::Tensor> slots;
   for (DecodeGroup& group : groups) slots.push_back(group.bucket->slots.to(at::kLong));
@@ -486,7 +486,10 @@ at::Tensor Model::DecodeForward(const at::Tensor& ids, const at::Tensor& positio
     return out;
   };
   at::Tensor hidden = Forward(at::embedding(embed_tokens_, ids).unsqueeze(1), positions.to(at::kLong).unsqueeze(1), attend);
-  return at::linear(RmsNorm(hidden.squeeze(1), final_norm_), lm_head_).to(at::kFloat);
+  DecodeStepOutput output;
+  output.logits = at::linear(RmsNorm(hidden.squeeze(1), final_norm_), lm_head_).to(at::kFloat);
+  output.greedy = output.logits.argmax(-1).to(at::kInt);
+  return output;
 }
 
 absl::StatusOr<at::Tensor> Model::Decode(absl::Span<Sequence* const> sequences, absl::Span<const int32_t> ids,
@@ -536,7 +539,7 @@ absl::StatusOr<at::Tensor> Model::RunDecode(absl::Span<Sequence* const> sequence
     LYCHEE_RETURN_IF_ERROR(group.backend->PlanDecodeStep(group.step, *group.bucket->workspace));
   }
 
-  at::Tensor logits;
+  DecodeStepOutput output;
   DecodeStats& stats = context->stats_;
   if (whole_batch) {
     DecodeContext::Bucket& bucket = *groups[0].bucket;
@@ -544,7 +547,7 @@ absl::StatusOr<at::Tensor> Model::RunDecode(absl::Span<Sequence* const> sequence
       // Captured after one eager step of the bucket, which set up what is made on first use (cuBLAS
       // handles, kernel attributes), so that none of it happens during capture.
       absl::StatusOr<std::unique_ptr<CapturedGraph>> graph = CaptureCudaGraph(
-          [&] { bucket.graph_logits = DecodeForward(bucket.ids, bucket.positions, groups); });
+          [&] { bucket.graph_output = DecodeForward(bucket.ids, bucket.positions, groups); });
       if (graph.ok()) {
         bucket.graph = *std::move(graph);
         ++stats.graph_captures;
@@ -558,22 +561,29 @@ absl::StatusOr<at::Tensor> Model::RunDecode(absl::Span<Sequence* const> sequence
     if (bucket.graph != nullptr) {
       bucket.graph->Replay();
       ++stats.graph_replays;
-      logits = bucket.graph_logits;
+      output = bucket.graph_output;
     } else {
-      logits = DecodeForward(bucket.ids, bucket.positions, groups);
+      output = DecodeForward(bucket.ids, bucket.positions, groups);
       ++bucket.eager_steps;
       ++stats.eager_steps;
     }
-    logits = logits.narrow(0, 0, static_cast<int64_t>(sequences.size()));
   } else {
     at::Tensor id_tensor = at::tensor(std::vector<int32_t>(ids.begin(), ids.end()), at::kInt).to(options_.device);
     std::vector<int32_t> positions;
     for (Sequence* sequence : sequences) positions.push_back(static_cast<int32_t>(sequence->length()));
-    logits = DecodeForward(id_tensor, at::tensor(positions, at::kInt).to(options_.device), groups);
+    output = DecodeForward(id_tensor, at::tensor(positions, at::kInt).to(options_.device), groups);
     ++stats.eager_steps;
   }
   for (Sequence* sequence : sequences) ++sequence->length_;
-  return logits;
+  const int64_t batch = static_cast<int64_t>(sequences.size());
+  context->last_greedy_ = output.greedy.narrow(0, 0, batch);
+  return output.logits.narrow(0, 0, batch);
+}
+
+std::vector<int32_t> DecodeContext::GreedyTokens() const {
+  if (!last_greedy_.defined()) return {};
+  const at::Tensor host = last_greedy_.to(at::kCPU).contiguous();
+  return std::vector<int32_t>(host.data_ptr<int32_t>(), host.data_ptr<int32_t>() + host.numel());
 }
 
 absl::StatusOr<at::Tensor> Model::HiddenStates(absl::Span<const int32_t> ids, const AttentionBackend& attention,

@@ -61,6 +61,13 @@ struct DecodeOptions {
   int64_t max_graph_batch = 8;
 };
 
+// What a decode step leaves on the device: float32 logits [rows, vocab] and each row's argmax, int32
+// [rows].
+struct DecodeStepOutput {
+  at::Tensor logits;
+  at::Tensor greedy;
+};
+
 // Counts of how a DecodeContext's steps ran, for metrics and benchmarks.
 struct DecodeStats {
   int64_t graph_captures = 0;
@@ -79,6 +86,9 @@ class DecodeContext {
   ~DecodeContext();
   const DecodeOptions& options() const { return options_; }
   DecodeStats stats() const { return stats_; }
+  // The argmax of each row's logits in the latest step decoded with this context (computed on the
+  // device with the step, so that greedy rows need not copy their logits to the host).
+  std::vector<int32_t> GreedyTokens() const;
 
  private:
   friend class Model;
@@ -87,6 +97,7 @@ class DecodeContext {
   DecodeStats stats_;
   bool graphs_failed_ = false;
   std::vector<std::unique_ptr<Bucket>> buckets_;
+  at::Tensor last_greedy_;
 };
 
 struct ModelOptions {
@@ -173,9 +184,9 @@ class Model {
                                                    int64_t width, bool whole_batch) const;
   // Writes the group's step inputs into its bucket (one copy to the device) and fills its DecodeStep.
   void StageInputs(DecodeGroup& group, absl::Span<Sequence* const> sequences, absl::Span<const int32_t> ids) const;
-  // The decode step from the embedding to the float32 logits [rows, vocab]: every group's new keys
-  // and values written through its slots, its attention through its backend's paged decode.
-  at::Tensor DecodeForward(const at::Tensor& ids, const at::Tensor& positions, std::vector<DecodeGroup>& groups) const;
+  // The decode step from the embedding to the logits: every group's new keys and values written
+  // through its slots, its attention through its backend's paged decode.
+  DecodeStepOutput DecodeForward(const at::Tensor& ids, const at::Tensor& positions, std::vector<DecodeGroup>& groups) const;
 
   ModelConfig config_;
   ModelOptions options_;

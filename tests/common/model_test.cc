@@ -144,6 +144,67 @@ TEST_CASE("batched decode of sequences of different lengths equals decoding each
   }
 }
 
+TEST_CASE("sequences sharing a pool of scattered pages decode as with pools of their own") {
+  const auto refs = ParityRefs();
+  // Pages handed out in a scattered order, so that no sequence's pages are consecutive.
+  auto pool = TinyModel().NewKvPool(160, 16).value();
+  {
+    std::vector<int32_t> pages = pool->Allocate(160).value();
+    std::reverse(pages.begin(), pages.begin() + 120);
+    pool->Free(pages);
+  }
+  std::vector<std::unique_ptr<Sequence>> shared, own;
+  std::vector<int32_t> next;
+  for (const auto& ref : refs) {
+    shared.push_back(TinyModel().NewSequence(pool, Dense()));
+    own.push_back(TinyModel().NewSequence(Dense()));
+    const auto prefilled = TinyModel().Prefill(*shared.back(), Ids(ref));
+    INFO(prefilled.status());
+    REQUIRE(prefilled.ok());
+    REQUIRE(TinyModel().Prefill(*own.back(), Ids(ref)).ok());
+    next.push_back(ref["greedy32"][0].get<int32_t>());
+  }
+  std::vector<Sequence*> shared_batch = {shared[0].get(), shared[1].get()};
+  std::vector<Sequence*> own_batch = {own[0].get(), own[1].get()};
+  DecodeContext context;
+  for (int step = 0; step < 20; ++step) {
+    auto a = TinyModel().Decode(shared_batch, next, &context);
+    auto b = TinyModel().Decode(own_batch, next);
+    REQUIRE(a.ok());
+    REQUIRE(b.ok());
+    CHECK(a->sub(*b).abs().max().item<double>() < 1e-4);
+    const std::vector<int32_t> greedy = context.GreedyTokens();
+    REQUIRE(greedy.size() == 2);
+    for (int64_t i = 0; i < 2; ++i) CHECK(greedy[i] == (*a)[i].argmax().item<int64_t>());
+    next = greedy;
+  }
+  CHECK(context.stats().eager_steps == 20);
+  CHECK(context.stats().graph_replays == 0);
+  // Once the pool's pages are all taken, a sequence that needs one more gets RESOURCE_EXHAUSTED and
+  // its length stays.
+  const int64_t free_before = pool->free_pages();
+  std::vector<std::unique_ptr<Sequence>> fillers;
+  while (pool->free_pages() > 0) {
+    fillers.push_back(TinyModel().NewSequence(pool, Dense()));
+    REQUIRE(fillers.back()->Reserve(16).ok());
+  }
+  Sequence* const full = shared[0].get();
+  const int64_t length = full->length();
+  while (full->length() < full->capacity()) {
+    Sequence* const one[] = {full};
+    const int32_t token[] = {next[0]};
+    REQUIRE(TinyModel().Decode(one, token).ok());
+  }
+  Sequence* const one[] = {full};
+  const int32_t token[] = {next[0]};
+  const auto refused = TinyModel().Decode(one, token);
+  CHECK(refused.status().code() == absl::StatusCode::kResourceExhausted);
+  CHECK(full->length() == full->capacity());
+  CHECK(full->length() > length);
+  fillers.clear();
+  CHECK(pool->free_pages() == free_before);
+}
+
 TEST_CASE("a prompt prefilled in two parts gives the logits of one prefill") {
   const std::vector<int32_t> ids = Ids(ParityRefs()[0]);
   auto whole = TinyModel().NewSequence(Dense());
