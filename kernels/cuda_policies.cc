@@ -1,10 +1,25 @@
 // Quest, PrHS and Double-P decode on the CUDA kernels of kernels/cuda/torch_policy_decode.h: the
 // same functions as their references in kernels/policies, one sequence at a time, with the
 // selection state kept on the device. Prefill is the exact matmul attention of DenseAttention.
+//
+// Each backend's decode of one sequence is one function (DecodeRow), run two ways:
+//   Attend        over a contiguous cache [H_kv, L, D] (callers without a decode step);
+//   paged decode  for every row of a step in turn, over the KV pool read through the row's page
+//                 table (a row of DecodeStep::page_table): the kernels address each position they
+//                 read in its pool page, and nothing gathers a sequence's cache. Double-P's
+//                 clustering (host code) reads only the positions it clusters.
+// The selection is planned on the host per layer and row (buffer sizes from the lengths, Double-P's
+// clusters), and the kernels' outputs are sized from it: these backends run eagerly, so
+// CapturesDecode() stays false.
 #include <algorithm>
+#include <cstdint>
+#include <limits>
 #include <optional>
+#include <utility>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
+#include "common/kv_pool.h"
 #include "kernels/cuda/torch_hybrid_decode.h"
 #include "kernels/cuda/torch_policy_decode.h"
 #include "kernels/cuda_attention.h"
@@ -23,6 +38,8 @@ at::Tensor DecodeQueries(const AttentionInput& input) { return input.queries.sel
 
 at::Tensor AsAttentionOutput(const at::Tensor& out) { return out.unsqueeze(1); }  // [H_q, 1, D]
 
+at::TensorOptions IntOptions(const at::Tensor& like) { return like.options().dtype(at::kInt); }
+
 cuda::BlockSelectionConfig SelectionOf(int64_t unit, int64_t budget, int64_t sink, int64_t recent) {
   return {static_cast<int>(unit), static_cast<int>(budget), static_cast<int>(sink), static_cast<int>(recent)};
 }
@@ -36,14 +53,137 @@ struct PerLayerState : SequenceAttentionState {
   }
 };
 
-// ---- Quest ----------------------------------------------------------------------------------
-
-struct QuestLayer {
-  at::Tensor bounds;  // bf16 [H_kv, capacity in pages, 2, D]
-  int64_t complete_pages = 0;  // pages whose bounds no later position changes
+// One sequence's decode at one layer: what a backend's DecodeRow reads and where it writes.
+struct RowDecode {
+  int layer = 0;
+  at::Tensor queries;  // bf16 [H_q, D]
+  cuda::KvCache kv;    // contiguous (Attend) or paged (AttendDecode)
+  double scale = 1.0;
+  SequenceAttentionState* state = nullptr;
+  at::Tensor out;  // bf16 [H_q, D], the row of the step's output; undefined under Attend
+  // Paged rows: the pool and the row's page table on the host, for host code that reads positions.
+  const KvPool* pool = nullptr;
+  const std::vector<int32_t>* pages = nullptr;
 };
 
-class CudaQuestAttention : public AttentionBackend {
+RowDecode ContiguousRow(const AttentionInput& input) {
+  RowDecode row;
+  row.layer = input.layer;
+  row.queries = DecodeQueries(input);
+  row.kv = cuda::KvCache::Contiguous(input.keys, input.values, input.keys.size(1));
+  row.scale = input.scale;
+  row.state = input.state;
+  return row;
+}
+
+// The row's output: `result`, copied into row.out unless a kernel wrote it there already.
+at::Tensor Deliver(const RowDecode& row, const at::Tensor& result) {
+  if (!row.out.defined() || result.is_same(row.out)) return result;
+  row.out.copy_(result);
+  return row.out;
+}
+
+// What PlanDecodeStep leaves for the layers of a step: each row's page table, a view of the step's
+// device table cut to the pages its length uses.
+struct PolicyDecodeWorkspace : DecodeWorkspace {
+  std::vector<at::Tensor> page_rows;
+};
+
+// The paged decode of the three backends: every layer of a step runs DecodeRow for each row, in
+// order, with the kernels reading the pool through that row's page table and writing its output
+// row. Prefill and callers without a step use Attend.
+class PagedPolicyBackend : public AttentionBackend {
+ public:
+  std::unique_ptr<DecodeWorkspace> NewDecodeWorkspace(const KvPool&, const DecodeCapacity&) const override {
+    return std::make_unique<PolicyDecodeWorkspace>();
+  }
+
+  absl::Status PlanDecodeStep(const DecodeStep& step, DecodeWorkspace& workspace) const override {
+    auto* planned = dynamic_cast<PolicyDecodeWorkspace*>(&workspace);
+    if (planned == nullptr) return absl::InvalidArgumentError("the decode workspace was made by another backend");
+    if (step.pool == nullptr) return absl::InvalidArgumentError("a paged decode step needs its KV pool");
+    if (step.sliding_window) {
+      return absl::FailedPreconditionError("the CUDA policy kernels do not take a sliding window");
+    }
+    const int64_t batch = step.batch();
+    if (static_cast<int64_t>(step.states.size()) != batch || static_cast<int64_t>(step.pages.size()) != batch) {
+      return absl::InvalidArgumentError(absl::StrCat("a decode step of ", batch, " rows has ", step.states.size(),
+                                                     " states and ", step.pages.size(), " page tables"));
+    }
+    const at::Tensor& table = step.page_table;
+    if (!table.defined() || table.scalar_type() != at::kInt || table.dim() != 2 || table.size(0) < batch ||
+        table.stride(1) != 1 || table.device() != step.pool->keys(0).device()) {
+      return absl::InvalidArgumentError(absl::StrCat("the step's page table must be int32 [>= ", batch,
+                                                     ", width] with contiguous rows on the pool's device"));
+    }
+    planned->page_rows.clear();
+    for (int64_t row = 0; row < batch; ++row) {
+      const int64_t length = step.lengths[row];
+      const int64_t pages = step.pool->PagesFor(length);
+      if (length < 1 || length > std::numeric_limits<int32_t>::max()) {
+        return absl::InvalidArgumentError(absl::StrCat("row ", row, " has length ", length));
+      }
+      if (step.states[row] == nullptr) {
+        return absl::InvalidArgumentError(absl::StrCat("row ", row, " has no attention state"));
+      }
+      if (step.pages[row] == nullptr || static_cast<int64_t>(step.pages[row]->size()) < pages ||
+          table.size(1) < pages) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("row ", row, " needs ", pages, " pages for ", length, " positions; its page table has ",
+                         step.pages[row] == nullptr ? 0 : step.pages[row]->size(), ", the step's ", table.size(1)));
+      }
+      planned->page_rows.push_back(table[row].narrow(0, 0, pages));
+    }
+    return absl::OkStatus();
+  }
+
+  at::Tensor AttendDecode(int layer, const at::Tensor& queries, const DecodeStep& step,
+                          DecodeWorkspace& workspace) const override {
+    auto* planned = dynamic_cast<PolicyDecodeWorkspace*>(&workspace);
+    TORCH_CHECK(planned != nullptr && static_cast<int64_t>(planned->page_rows.size()) == step.batch(),
+                "AttendDecode of a step that PlanDecodeStep did not plan into this workspace");
+    TORCH_CHECK(queries.dim() == 3 && queries.size(0) >= step.batch(), "queries [rows >= ", step.batch(),
+                ", H_q, D] expected, got ", queries.sizes());
+    at::Tensor out = at::empty(queries.sizes(), queries.options());
+    for (int64_t r = 0; r < step.batch(); ++r) {
+      RowDecode row;
+      row.layer = layer;
+      row.queries = queries[r];
+      row.kv = cuda::KvCache::Paged(step.pool->keys(layer), step.pool->values(layer), planned->page_rows[r],
+                                    step.lengths[r]);
+      row.scale = step.scale;
+      row.state = step.states[r];
+      row.out = out[r];
+      row.pool = step.pool;
+      row.pages = step.pages[r];
+      DecodeRow(row);
+    }
+    // Padding rows: their output is undefined by the interface; zeros keep it finite.
+    if (out.size(0) > step.batch()) out.narrow(0, step.batch(), out.size(0) - step.batch()).zero_();
+    return out;
+  }
+
+  // The selection is planned on the host per layer and the launches sized from it: eager only.
+  bool CapturesDecode() const override { return false; }
+
+ protected:
+  // One sequence's decode at one layer; returns its output [H_q, D], row.out when that is defined.
+  virtual at::Tensor DecodeRow(const RowDecode& row) const = 0;
+};
+
+// ---- Quest ----------------------------------------------------------------------------------
+//
+// Quest's pages (spec.page_size positions, 16 by default) are its selection unit: each has key
+// bounds and a score, and the budget is counted in them. They are not the KV pool's pages (64
+// positions by default), which only store positions; the kernels map each position they read
+// through the pool's page table whatever the two sizes are.
+
+struct QuestLayer {
+  at::Tensor bounds;           // bf16 [H_kv, capacity in Quest pages, 2, D]
+  int64_t complete_pages = 0;  // Quest pages whose bounds no later position changes
+};
+
+class CudaQuestAttention : public PagedPolicyBackend {
  public:
   explicit CudaQuestAttention(const PolicySpec& spec)
       : spec_(spec), selection_(SelectionOf(spec.page_size, spec.token_budget, spec.sink_tokens, spec.recent_tokens)) {}
@@ -54,41 +194,58 @@ class CudaQuestAttention : public AttentionBackend {
 
   at::Tensor Attend(const AttentionInput& input) const override {
     if (IsPrefill(input)) return DenseAttention(input.queries, input.keys, input.values, input.scale);
-    const int64_t length = input.keys.size(1);
-    at::Tensor queries = DecodeQueries(input);
-    if (input.layer < spec_.quest_dense_layers) {
-      cuda::HybridDecodeOptions options;
-      options.scale = input.scale;
-      // Spelled out: a braced {input.keys} would pick the batched-cache overload.
-      const std::vector<at::Tensor> keys = {input.keys}, values = {input.values};
-      return AsAttentionOutput(cuda::DenseDecodeAttention(queries.unsqueeze(0), keys, values, {length}, options)[0]);
+    return AsAttentionOutput(DecodeRow(ContiguousRow(input)));
+  }
+
+ protected:
+  at::Tensor DecodeRow(const RowDecode& row) const override {
+    const int64_t length = row.kv.length;
+    const int64_t num_kv_heads = row.kv.num_kv_heads();
+    const int64_t quest_pages = CeilDiv(length, spec_.page_size);
+    if (row.layer < spec_.quest_dense_layers) {
+      if (!row.kv.paged()) {
+        cuda::HybridDecodeOptions options;
+        options.scale = row.scale;
+        // Spelled out: a braced {row.kv.keys} would pick the batched-cache overload.
+        const std::vector<at::Tensor> keys = {row.kv.keys}, values = {row.kv.values};
+        return cuda::DenseDecodeAttention(row.queries.unsqueeze(0), keys, values, {length}, options)[0];
+      }
+      // Paged: exact attention over every Quest page, read through the page table.
+      const cuda::HeadLists every_page{
+          at::arange(quest_pages, IntOptions(row.kv.keys)).unsqueeze(0).expand({num_kv_heads, quest_pages}),
+          at::full({num_kv_heads}, quest_pages, IntOptions(row.kv.keys))};
+      cuda::GatherInput gather;
+      gather.tokens = &every_page;
+      gather.block_size = spec_.page_size;
+      gather.max_entries = quest_pages * spec_.page_size;
+      gather.out = row.out;
+      return Deliver(row, cuda::GatherDecode(row.queries, row.kv, gather, row.scale).out);
     }
-    QuestLayer& layer = static_cast<PerLayerState<QuestLayer>&>(*input.state).At(input.layer);
-    const int64_t num_pages = CeilDiv(length, spec_.page_size);
-    if (!layer.bounds.defined() || layer.bounds.size(1) < num_pages) {
-      // Grow by doubling; the bounds of complete pages carry over.
-      const int64_t capacity = std::max<int64_t>(num_pages, layer.bounds.defined() ? 2 * layer.bounds.size(1) : 0);
-      at::Tensor grown = at::empty({input.keys.size(0), capacity, 2, input.keys.size(2)}, input.keys.options());
+    QuestLayer& layer = static_cast<PerLayerState<QuestLayer>&>(*row.state).At(row.layer);
+    if (!layer.bounds.defined() || layer.bounds.size(1) < quest_pages) {
+      // Grow by doubling; the bounds of complete Quest pages carry over.
+      const int64_t capacity = std::max<int64_t>(quest_pages, layer.bounds.defined() ? 2 * layer.bounds.size(1) : 0);
+      at::Tensor grown = at::empty({num_kv_heads, capacity, 2, row.kv.head_dim()}, row.kv.keys.options());
       if (layer.complete_pages > 0) {
         grown.narrow(1, 0, layer.complete_pages).copy_(layer.bounds.narrow(1, 0, layer.complete_pages));
       }
       layer.bounds = grown;
     }
-    cuda::QuestPageBounds(input.keys, length, spec_.page_size, std::min(layer.complete_pages, num_pages),
-                          layer.bounds);
+    cuda::QuestPageBounds(row.kv, spec_.page_size, std::min(layer.complete_pages, quest_pages), layer.bounds);
     layer.complete_pages = length / spec_.page_size;
-    const at::Tensor scores = cuda::QuestPageScores(queries, layer.bounds, num_pages);
-    const cuda::HeadLists pages = cuda::SelectBlocks(scores, length, selection_);
+    const at::Tensor scores = cuda::QuestPageScores(row.queries, layer.bounds, quest_pages);
+    const cuda::HeadLists selected = cuda::SelectBlocks(scores, length, selection_);
     cuda::GatherInput gather;
-    gather.tokens = &pages;
+    gather.tokens = &selected;
     gather.block_size = spec_.page_size;
-    gather.max_entries = std::min<int64_t>(num_pages, selection_.budget_blocks()) * spec_.page_size;
-    return AsAttentionOutput(cuda::GatherDecode(queries, input.keys, input.values, length, gather, input.scale).out);
+    gather.max_entries = std::min<int64_t>(quest_pages, selection_.budget_blocks()) * spec_.page_size;
+    gather.out = row.out;
+    return Deliver(row, cuda::GatherDecode(row.queries, row.kv, gather, row.scale).out);
   }
 
  private:
   PolicySpec spec_;
-  cuda::BlockSelectionConfig selection_;
+  cuda::BlockSelectionConfig selection_;  // in Quest pages
 };
 
 // ---- PrHS -----------------------------------------------------------------------------------
@@ -106,7 +263,7 @@ struct PrhsSequence : SequenceAttentionState {
   }
 };
 
-class CudaPrhsAttention : public AttentionBackend {
+class CudaPrhsAttention : public PagedPolicyBackend {
  public:
   explicit CudaPrhsAttention(const PolicySpec& spec)
       : spec_(spec),
@@ -119,48 +276,60 @@ class CudaPrhsAttention : public AttentionBackend {
   }
 
   at::Tensor Attend(const AttentionInput& input) const override {
+    if (!IsPrefill(input)) return AsAttentionOutput(DecodeRow(ContiguousRow(input)));
     auto& state = static_cast<PrhsSequence&>(*input.state);
     const int64_t num_kv_heads = input.keys.size(0);
     const int64_t length = input.keys.size(1);
     const int64_t num_blocks = CeilDiv(length, spec_.block_size);
-    if (IsPrefill(input)) {
-      // The last prompt position's dense attention gives the first decode step its temporal set.
-      const at::Tensor every_block =
-          at::arange(num_blocks, input.keys.options().dtype(at::kInt)).unsqueeze(0).expand({num_kv_heads, num_blocks});
-      const cuda::HeadLists all{every_block.contiguous(),
-                                at::full({num_kv_heads}, num_blocks, input.keys.options().dtype(at::kInt))};
-      state.Previous(input.layer) =
-          GatherWithMass(input.queries.select(1, input.queries.size(1) - 1), input, all, num_blocks).second;
-      return DenseAttention(input.queries, input.keys, input.values, input.scale);
-    }
-    const at::Tensor& previous = state.Previous(input.layer);
-    const bool cross_layer = spec_.prhs_selectors.cross_layer && state.mass_layer == input.layer - 1 &&
-                             state.layer_mass.defined();
+    // The last prompt position's dense attention gives the first decode step its temporal set.
+    const at::Tensor every_block =
+        at::arange(num_blocks, input.keys.options().dtype(at::kInt)).unsqueeze(0).expand({num_kv_heads, num_blocks});
+    const cuda::HeadLists all{every_block.contiguous(),
+                              at::full({num_kv_heads}, num_blocks, input.keys.options().dtype(at::kInt))};
+    state.Previous(input.layer) =
+        GatherWithMass(input.queries.select(1, input.queries.size(1) - 1),
+                       cuda::KvCache::Contiguous(input.keys, input.values, length), all, num_blocks, input.scale,
+                       at::Tensor())
+            .second;
+    return DenseAttention(input.queries, input.keys, input.values, input.scale);
+  }
+
+ protected:
+  at::Tensor DecodeRow(const RowDecode& row) const override {
+    auto& state = static_cast<PrhsSequence&>(*row.state);
+    const int64_t num_kv_heads = row.kv.num_kv_heads();
+    const int64_t length = row.kv.length;
+    const int64_t num_blocks = CeilDiv(length, spec_.block_size);
+    const at::Tensor& previous = state.Previous(row.layer);
+    const bool cross_layer =
+        spec_.prhs_selectors.cross_layer && state.mass_layer == row.layer - 1 && state.layer_mass.defined();
     const at::Tensor priority = cuda::PrhsPriority(spec_.prhs_selectors.temporal ? previous : at::Tensor(),
                                                    cross_layer ? state.layer_mass : at::Tensor(), num_blocks,
-                                                   spec_.prhs_enlargement, num_kv_heads, input.keys.device());
+                                                   spec_.prhs_enlargement, num_kv_heads, row.kv.keys.device());
     cuda::HeadLists blocks = cuda::SelectBlocks(priority, length, selection_);
     cuda::DropUnproposedBlocks(blocks, priority, length, selection_);
-    auto [out, mass] = GatherWithMass(DecodeQueries(input), input, blocks, num_blocks);
-    state.Previous(input.layer) = mass;
+    auto [out, mass] = GatherWithMass(row.queries, row.kv, blocks, num_blocks, row.scale, row.out);
+    state.Previous(row.layer) = mass;
     state.layer_mass = mass;
-    state.mass_layer = input.layer;
-    return AsAttentionOutput(out);
+    state.mass_layer = row.layer;
+    return Deliver(row, out);
   }
 
  private:
-  // Attention of queries [H_q, D] over `blocks`, and each block's attention mass.
-  std::pair<at::Tensor, at::Tensor> GatherWithMass(const at::Tensor& queries, const AttentionInput& input,
-                                                   const cuda::HeadLists& blocks, int64_t num_blocks) const {
-    const int64_t length = input.keys.size(1);
+  // Attention of queries [H_q, D] over `blocks` (into `out` when defined), and each block's
+  // attention mass.
+  std::pair<at::Tensor, at::Tensor> GatherWithMass(const at::Tensor& queries, const cuda::KvCache& kv,
+                                                   const cuda::HeadLists& blocks, int64_t num_blocks, double scale,
+                                                   const at::Tensor& out) const {
     cuda::GatherInput gather;
     gather.tokens = &blocks;
     gather.block_size = spec_.block_size;
     gather.max_entries = blocks.entries.size(1) * spec_.block_size;
     gather.keep_logits = true;
-    const cuda::GatherOutput gathered = cuda::GatherDecode(queries, input.keys, input.values, length, gather, input.scale);
-    const int64_t group = queries.size(0) / input.keys.size(0);
-    return {gathered.out, cuda::BlockMass(gather, gathered, group, length, num_blocks)};
+    gather.out = out;
+    const cuda::GatherOutput gathered = cuda::GatherDecode(queries, kv, gather, scale);
+    const int64_t group = queries.size(0) / kv.num_kv_heads();
+    return {gathered.out, cuda::BlockMass(gather, gathered, group, kv.length, num_blocks)};
   }
 
   PolicySpec spec_;
@@ -177,7 +346,32 @@ struct DoublePLayer {
   int64_t first = 0, end = 0, packed_clusters = -1;
 };
 
-class CudaDoublePAttention : public AttentionBackend {
+// Keys and values of the positions Double-P's clustering (host code) asks for, per KV head [count,
+// D]: slices of a contiguous cache, or, paged, just those positions gathered through the page
+// table, once for all heads (the heads of a layer cluster the same range).
+class ClusterRangeReader {
+ public:
+  explicit ClusterRangeReader(const RowDecode& row) : row_(row) {}
+
+  std::pair<at::Tensor, at::Tensor> Read(int64_t head, int64_t first, int64_t count) {
+    if (!row_.kv.paged()) {
+      return {row_.kv.keys[head].narrow(0, first, count), row_.kv.values[head].narrow(0, first, count)};
+    }
+    if (!range_ || range_first_ != first || range_count_ != count) {
+      range_ = row_.pool->GatherRange(row_.layer, *row_.pages, first, count);
+      range_first_ = first;
+      range_count_ = count;
+    }
+    return {range_->first[head], range_->second[head]};
+  }
+
+ private:
+  const RowDecode& row_;
+  std::optional<std::pair<at::Tensor, at::Tensor>> range_;  // [H_kv, count, D] each
+  int64_t range_first_ = 0, range_count_ = 0;
+};
+
+class CudaDoublePAttention : public PagedPolicyBackend {
  public:
   explicit CudaDoublePAttention(const PolicySpec& spec) : spec_(spec) {}
 
@@ -187,20 +381,27 @@ class CudaDoublePAttention : public AttentionBackend {
 
   at::Tensor Attend(const AttentionInput& input) const override {
     if (IsPrefill(input)) return DenseAttention(input.queries, input.keys, input.values, input.scale);
-    const int64_t num_kv_heads = input.keys.size(0);
-    const int64_t length = input.keys.size(1);
-    DoublePLayer& layer = static_cast<PerLayerState<DoublePLayer>&>(*input.state).At(input.layer);
+    return AsAttentionOutput(DecodeRow(ContiguousRow(input)));
+  }
+
+ protected:
+  at::Tensor DecodeRow(const RowDecode& row) const override {
+    const int64_t num_kv_heads = row.kv.num_kv_heads();
+    const int64_t length = row.kv.length;
+    DoublePLayer& layer = static_cast<PerLayerState<DoublePLayer>&>(*row.state).At(row.layer);
     layer.heads.resize(num_kv_heads);
+    ClusterRangeReader reader(row);
     int64_t total_clusters = 0;
     for (int64_t head = 0; head < num_kv_heads; ++head) {
-      total_clusters +=
-          UpdateDoublePClusters(layer.heads[head], input.keys[head], input.values[head], spec_).sizes.size(0);
+      const KvRangeReader read = [&](int64_t first, int64_t count) { return reader.Read(head, first, count); };
+      total_clusters += UpdateDoublePClusters(layer.heads[head], length, row.kv.head_dim(), row.kv.keys.device(),
+                                              read, spec_)
+                            .sizes.size(0);
     }
     if (total_clusters != layer.packed_clusters || layer.heads[0]->end != layer.end) Pack(layer);
-    if (layer.table.centroids.size(1) > cuda::kMaxClustersPerHead) return ReferenceAttend(input, layer);
+    if (layer.table.centroids.size(1) > cuda::kMaxClustersPerHead) return Deliver(row, ReferenceAttend(row, layer));
 
-    const at::Tensor queries = DecodeQueries(input);
-    const cuda::ClusterClasses classes = cuda::DoublePClassify(queries, layer.table, input.scale, spec_.p1, spec_.p2);
+    const cuda::ClusterClasses classes = cuda::DoublePClassify(row.queries, layer.table, row.scale, spec_.p1, spec_.p2);
     const cuda::HeadLists exact =
         cuda::DoublePExactPositions(layer.assignment, classes.exact, layer.first, layer.end, length);
     cuda::GatherInput gather;
@@ -208,22 +409,28 @@ class CudaDoublePAttention : public AttentionBackend {
     gather.max_entries = length;
     gather.clusters = &layer.table;
     gather.approximated = &classes.approximated;
-    return AsAttentionOutput(cuda::GatherDecode(queries, input.keys, input.values, length, gather, input.scale).out);
+    gather.out = row.out;
+    return Deliver(row, cuda::GatherDecode(row.queries, row.kv, gather, row.scale).out);
   }
 
  private:
   // A long generation's appended tail clusters can outgrow the scoring kernel's table: the heads
-  // then run the reference through ATen on the device.
-  at::Tensor ReferenceAttend(const AttentionInput& input, const DoublePLayer& layer) const {
-    const int64_t num_kv_heads = input.keys.size(0);
-    const int64_t group = input.queries.size(0) / num_kv_heads;
+  // then run the reference through ATen on the device, over the whole cache (gathered from the
+  // pool in paged mode: this fallback alone reads it all).
+  at::Tensor ReferenceAttend(const RowDecode& row, const DoublePLayer& layer) const {
+    const int64_t num_kv_heads = row.kv.num_kv_heads();
+    const int64_t group = row.queries.size(0) / num_kv_heads;
+    const at::Tensor keys = row.kv.paged() ? row.pool->GatherKeys(row.layer, *row.pages, row.kv.length)
+                                           : row.kv.keys.narrow(1, 0, row.kv.length);
+    const at::Tensor values = row.kv.paged() ? row.pool->GatherValues(row.layer, *row.pages, row.kv.length)
+                                             : row.kv.values.narrow(1, 0, row.kv.length);
     std::vector<at::Tensor> outputs;
     for (int64_t head = 0; head < num_kv_heads; ++head) {
-      outputs.push_back(DoublePHeadAttention(input.queries.narrow(0, head * group, group), input.keys[head],
-                                             input.values[head], *layer.heads[head], input.scale, spec_)
+      outputs.push_back(DoublePHeadAttention(row.queries.narrow(0, head * group, group).unsqueeze(1), keys[head],
+                                             values[head], *layer.heads[head], row.scale, spec_)
                             .output);
     }
-    return at::cat(outputs, 0);
+    return at::cat(outputs, 0).squeeze(1);  // [H_q, D]
   }
 
   static void Pack(DoublePLayer& layer) {

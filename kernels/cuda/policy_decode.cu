@@ -18,11 +18,15 @@ bool ValidShape(const PolicyDecodeShape& s) {
          s.group() <= device::kMaxGroup && (s.head_dim == 64 || s.head_dim == 128);
 }
 
+// Either mode: 16-byte aligned rows at every position; in paged mode also a page table and a pool
+// page size of 1 to 2^30 positions.
 bool ValidKv(const KvView& kv) {
-  const int64_t strides[] = {kv.k_head_stride, kv.k_token_stride, kv.v_head_stride, kv.v_token_stride};
+  const int64_t strides[] = {kv.k_head_stride, kv.k_token_stride, kv.v_head_stride, kv.v_token_stride,
+                             kv.k_page_stride, kv.v_page_stride};
   for (int64_t s : strides) {
     if (s % 8 != 0) return false;
   }
+  if (kv.page_table != nullptr && (kv.log2_page_size < 0 || kv.log2_page_size > 30)) return false;
   return kv.k != nullptr && kv.v != nullptr && Aligned16(kv.k) && Aligned16(kv.v) && kv.length >= 1;
 }
 
@@ -43,18 +47,21 @@ size_t Align256(size_t x) { return (x + 255) & ~size_t{255}; }
 
 }  // namespace
 
-cudaError_t LaunchQuestPageBounds(const KvView& kv, const PolicyDecodeShape& shape, int page_size, int first_page,
-                                  int end_page, void* bounds, int64_t bounds_head_stride, cudaStream_t stream) {
-  if (!ValidShape(shape) || !ValidKv(kv) || page_size < 1 || bounds == nullptr || first_page < 0) {
+cudaError_t LaunchQuestPageBounds(const KvView& kv, const PolicyDecodeShape& shape, int quest_page_size,
+                                  int first_page, int end_page, void* bounds, int64_t bounds_head_stride,
+                                  cudaStream_t stream) {
+  if (!ValidShape(shape) || !ValidKv(kv) || quest_page_size < 1 || bounds == nullptr || first_page < 0) {
     return cudaErrorInvalidValue;
   }
   if (end_page <= first_page) return cudaSuccess;
   const dim3 grid(end_page - first_page, shape.num_kv_heads);
   auto* out = static_cast<__nv_bfloat16*>(bounds);
   if (shape.head_dim == 64) {
-    device::QuestPageBoundsKernel<64><<<grid, 64, 0, stream>>>(kv, page_size, first_page, out, bounds_head_stride);
+    device::QuestPageBoundsKernel<64><<<grid, 64, 0, stream>>>(kv, quest_page_size, first_page, out,
+                                                               bounds_head_stride);
   } else {
-    device::QuestPageBoundsKernel<128><<<grid, 128, 0, stream>>>(kv, page_size, first_page, out, bounds_head_stride);
+    device::QuestPageBoundsKernel<128><<<grid, 128, 0, stream>>>(kv, quest_page_size, first_page, out,
+                                                                 bounds_head_stride);
   }
   return cudaGetLastError();
 }

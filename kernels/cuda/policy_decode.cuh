@@ -1,7 +1,9 @@
 // Device code of the selection policies' kernels (host API: policy_decode.h). Each launch covers
 // the KV heads of one layer of one sequence. Rows (keys, values, page bounds) are read as 16-byte
 // vectors: a row of D bf16 is spread over D / 8 lanes (a "row group"), so a warp reads 32 / (D / 8)
-// rows at a time and reduces a dot product with log2(D / 8) shuffles.
+// rows at a time and reduces a dot product with log2(D / 8) shuffles. Keys and values are only
+// ever addressed through KeyRow / ValueRow (KvRowOffset), which serve the contiguous and the
+// paged cache alike.
 #pragma once
 
 #include "kernels/cuda/block_topk.cuh"
@@ -40,6 +42,29 @@ __device__ __forceinline__ void LoadFloatRow8(const float* row, float (&f)[8]) {
   f[0] = a.x, f[1] = a.y, f[2] = a.z, f[3] = a.w, f[4] = b.x, f[5] = b.y, f[6] = b.z, f[7] = b.w;
 }
 
+// Where position p of KV head h lives, in elements from the base of the keys (or values, with
+// their strides): p * token_stride in a contiguous cache; in a paged one (KV pool) the page
+// table's pool page of p, then p's offset in that pool page. The only place where the kernels
+// turn a cache position into an address.
+__device__ __forceinline__ int64_t KvRowOffset(const KvView& kv, int h, int p, int64_t head_stride,
+                                               int64_t page_stride, int64_t token_stride) {
+  const int64_t head = static_cast<int64_t>(h) * head_stride;
+  if (kv.page_table == nullptr) return head + static_cast<int64_t>(p) * token_stride;
+  const int64_t page = __ldg(kv.page_table + (p >> kv.log2_page_size));
+  const int offset = p & ((1 << kv.log2_page_size) - 1);
+  return head + page * page_stride + static_cast<int64_t>(offset) * token_stride;
+}
+
+__device__ __forceinline__ const __nv_bfloat16* KeyRow(const KvView& kv, int h, int p) {
+  return static_cast<const __nv_bfloat16*>(kv.k) + KvRowOffset(kv, h, p, kv.k_head_stride, kv.k_page_stride,
+                                                               kv.k_token_stride);
+}
+
+__device__ __forceinline__ const __nv_bfloat16* ValueRow(const KvView& kv, int h, int p) {
+  return static_cast<const __nv_bfloat16*>(kv.v) + KvRowOffset(kv, h, p, kv.v_head_stride, kv.v_page_stride,
+                                                               kv.v_token_stride);
+}
+
 // The group's queries of KV head h, this lane's 8 dimensions; zeros beyond the group.
 template <int D>
 __device__ __forceinline__ void LoadGroupQueries(const QueryView& q, int h, int group, int sub_lane,
@@ -57,16 +82,18 @@ __device__ __forceinline__ void LoadGroupQueries(const QueryView& q, int h, int 
 
 // ---- Quest ----------------------------------------------------------------------------------
 
-// grid (pages, H_kv), D threads: thread d bounds dimension d of one page.
+// grid (Quest pages, H_kv), D threads: thread d bounds dimension d of one Quest page (Quest's
+// selection unit of quest_page_size positions; in a paged cache it may span several pool pages or
+// lie inside one, so every position is addressed on its own).
 template <int D>
 __global__ void __launch_bounds__(D)
-    QuestPageBoundsKernel(KvView kv, int page_size, int first_page, __nv_bfloat16* bounds, int64_t bounds_head_stride) {
+    QuestPageBoundsKernel(KvView kv, int quest_page_size, int first_page, __nv_bfloat16* bounds,
+                          int64_t bounds_head_stride) {
   const int page = first_page + blockIdx.x, h = blockIdx.y, d = threadIdx.x;
-  const int begin = page * page_size, end = min(kv.length, begin + page_size);
-  const __nv_bfloat16* k = static_cast<const __nv_bfloat16*>(kv.k) + h * kv.k_head_stride + d;
+  const int begin = page * quest_page_size, end = min(kv.length, begin + quest_page_size);
   float hi = -INFINITY, lo = INFINITY;
   for (int p = begin; p < end; ++p) {
-    const float x = __bfloat162float(k[p * kv.k_token_stride]);
+    const float x = __bfloat162float(KeyRow(kv, h, p)[d]);
     hi = fmaxf(hi, x);
     lo = fminf(lo, x);
   }
@@ -364,8 +391,6 @@ __global__ void __launch_bounds__(kGatherThreads) GatherDecodeKernel(GatherParam
 #pragma unroll
     for (int i = 0; i < 8; ++i) acc[g][i] = 0.f;
   }
-  const __nv_bfloat16* k_head = static_cast<const __nv_bfloat16*>(p.kv.k) + h * p.kv.k_head_stride + sub_lane * 8;
-  const __nv_bfloat16* v_head = static_cast<const __nv_bfloat16*>(p.kv.v) + h * p.kv.v_head_stride + sub_lane * 8;
   const int64_t list_row = h * e.head_stride;
   const int64_t table_row = static_cast<int64_t>(h) * e.table.capacity;
   float* logits_out = p.extras.logits != nullptr ? p.extras.logits + h * p.extras.logit_head_stride : nullptr;
@@ -384,8 +409,8 @@ __global__ void __launch_bounds__(kGatherThreads) GatherDecodeKernel(GatherParam
                                  : e.positions[list_row + entry];
         valid = position < p.kv.length;
         if (valid) {
-          LoadBf16Row8(k_head + position * p.kv.k_token_stride, kf);
-          LoadBf16Row8(v_head + position * p.kv.v_token_stride, vf);
+          LoadBf16Row8(KeyRow(p.kv, h, position) + sub_lane * 8, kf);
+          LoadBf16Row8(ValueRow(p.kv, h, position) + sub_lane * 8, vf);
         }
       } else {
         const int64_t c = table_row + e.clusters[table_row + entry - num_tokens];

@@ -7,7 +7,9 @@
 // Every launch covers all KV heads of one layer of one sequence. Counts that depend on the data
 // (how many blocks, positions or clusters a head keeps) stay on the device: a kernel that reads
 // them takes a pointer, so a decode step never waits for the host. Keys and values are bf16
-// with 16-byte rows: [H_kv, >= length, D], last dimension contiguous, strides in elements.
+// with 16-byte rows, last dimension contiguous, strides in elements: either one sequence's
+// contiguous cache [H_kv, >= length, D], or a KV pool's pages read through the sequence's page
+// table (KvView).
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -32,23 +34,39 @@ struct QueryView {
   int64_t head_stride = 0;
 };
 
-// One sequence's cache of one layer.
+// One sequence's cache of one layer, in one of two modes (the kernels turn a position into an
+// address in one device helper, KvRowOffset in policy_decode.cuh):
+//   contiguous (page_table null): position p of KV head h at
+//       k + h * k_head_stride + p * k_token_stride;
+//   paged (a KV pool, common/kv_pool.h): k and v are the layer's pool tensors [H_kv, pool pages,
+//       pool page size, D], page_table the sequence's pool pages on the device (at least
+//       ceil(length / pool page size) entries), and position p of KV head h at
+//       k + h * k_head_stride + page_table[p >> log2_page_size] * k_page_stride
+//         + (p & (pool page size - 1)) * k_token_stride,
+//   v likewise with its own strides. The pool's pages are storage only: Quest's pages and the
+//   gather's blocks (below) are units of selection over positions and need not match them.
 struct KvView {
   const void* k = nullptr;
   const void* v = nullptr;
   int64_t k_head_stride = 0, k_token_stride = 0;
   int64_t v_head_stride = 0, v_token_stride = 0;
   int length = 0;
+  // Paged mode; page_table null for a contiguous cache.
+  const int32_t* page_table = nullptr;
+  int log2_page_size = 0;  // log2 of the pool's page size (positions)
+  int64_t k_page_stride = 0, v_page_stride = 0;
 };
 
-// Quest: per page of `page_size` positions the per-dimension maxima and minima of the keys,
-// written for pages [first_page, end_page) as bf16 bounds [H_kv][page][2][D] (maximum, then
-// minimum); a page that the cache fills only in part is bounded over what it holds.
-cudaError_t LaunchQuestPageBounds(const KvView& kv, const PolicyDecodeShape& shape, int page_size, int first_page,
-                                  int end_page, void* bounds, int64_t bounds_head_stride, cudaStream_t stream);
+// Quest: per Quest page of `quest_page_size` positions (Quest's selection unit, whatever the KV
+// pool's page size) the per-dimension maxima and minima of the keys, written for Quest pages
+// [first_page, end_page) as bf16 bounds [H_kv][Quest page][2][D] (maximum, then minimum); a Quest
+// page that the cache fills only in part is bounded over what it holds.
+cudaError_t LaunchQuestPageBounds(const KvView& kv, const PolicyDecodeShape& shape, int quest_page_size,
+                                  int first_page, int end_page, void* bounds, int64_t bounds_head_stride,
+                                  cudaStream_t stream);
 
-// Quest: scores [H_kv][page] float32, the highest over the group's queries of
-// sum_d max(q_d * kmax_d, q_d * kmin_d), for pages [0, num_pages).
+// Quest: scores [H_kv][Quest page] float32, the highest over the group's queries of
+// sum_d max(q_d * kmax_d, q_d * kmin_d), for Quest pages [0, num_pages).
 cudaError_t LaunchQuestPageScores(const QueryView& queries, const PolicyDecodeShape& shape, const void* bounds,
                                   int64_t bounds_head_stride, int num_pages, float* scores, int64_t score_head_stride,
                                   cudaStream_t stream);
@@ -132,8 +150,9 @@ struct GatherExtras {
 // Bytes of workspace a gather decode needs.
 size_t GatherWorkspaceBytes(const PolicyDecodeShape& shape, const GatherEntries& entries, int num_sms);
 
-// Exact attention of every query head over its KV head's entries, one softmax; out [H_q][D]
-// bf16 with `out_head_stride`. scale 0 means 1 / sqrt(D).
+// Exact attention of every query head over its KV head's entries, one softmax, reading keys and
+// values through `kv` in either mode; out [H_q][D] bf16 with `out_head_stride`. scale 0 means
+// 1 / sqrt(D).
 cudaError_t LaunchGatherDecode(const QueryView& queries, const KvView& kv, const PolicyDecodeShape& shape,
                                const GatherEntries& entries, float scale, void* out, int64_t out_head_stride,
                                const GatherExtras& extras, void* workspace, int num_sms, cudaStream_t stream);

@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAStream.h>
 
 #include <algorithm>
+#include <limits>
 
 #include "kernels/cuda/torch_checks.h"
 
@@ -47,12 +48,46 @@ QueryView QueriesOf(const at::Tensor& queries) {
 KvView KvOf(const at::Tensor& keys, const at::Tensor& values, int64_t length) {
   CheckRows(keys, "keys", at::kBFloat16);
   CheckRows(values, "values", at::kBFloat16);
-  TORCH_CHECK(values.dim() == 3 && values.size(0) == keys.size(0) && values.size(2) == keys.size(2), "values ",
-              values.sizes(), " must match keys ", keys.sizes());
+  TORCH_CHECK(keys.dim() == 3 && values.dim() == 3 && values.size(0) == keys.size(0) && values.size(2) == keys.size(2),
+              "keys and values [H_kv, L, D] expected, got ", keys.sizes(), " and ", values.sizes());
+  TORCH_CHECK(values.device() == keys.device(), "values on ", values.device(), ", keys on ", keys.device());
   TORCH_CHECK(length >= 1 && length <= keys.size(1) && length <= values.size(1), "length ", length,
               " is outside the cache's 1..", std::min(keys.size(1), values.size(1)));
   return {keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), values.stride(0), values.stride(1),
           static_cast<int>(length)};
+}
+
+// The layer's pool tensors [H_kv, pool pages, page size, D] and the sequence's page table.
+KvView PagedKvOf(const at::Tensor& keys, const at::Tensor& values, const at::Tensor& page_table, int64_t length) {
+  CheckRows(keys, "pool keys", at::kBFloat16);
+  CheckRows(values, "pool values", at::kBFloat16);
+  TORCH_CHECK(keys.dim() == 4 && values.sizes() == keys.sizes(),
+              "pool keys and values [H_kv, pages, page size, D] of one shape expected, got ", keys.sizes(), " and ",
+              values.sizes());
+  TORCH_CHECK(values.device() == keys.device(), "pool values on ", values.device(), ", keys on ", keys.device());
+  const int64_t page_size = keys.size(2);
+  TORCH_CHECK(page_size >= 1 && (page_size & (page_size - 1)) == 0,
+              "the pool's page size must be a power of two, got ", page_size);
+  TORCH_CHECK(page_table.defined() && page_table.is_cuda() && page_table.device() == keys.device() &&
+                  page_table.scalar_type() == at::kInt && page_table.dim() == 1 && page_table.stride(0) == 1,
+              "page table: a contiguous int32 row on ", keys.device(), " expected");
+  TORCH_CHECK(length >= 1 && length <= std::numeric_limits<int32_t>::max(), "length ", length, " out of range");
+  const int64_t pages = (length + page_size - 1) / page_size;
+  TORCH_CHECK(page_table.size(0) >= pages, "the page table lists ", page_table.size(0), " pages, ", length,
+              " positions need ", pages);
+  KvView kv{keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(2), values.stride(0), values.stride(2),
+            static_cast<int>(length)};
+  kv.page_table = page_table.data_ptr<int32_t>();
+  int log2 = 0;
+  while ((int64_t{1} << log2) < page_size) ++log2;
+  kv.log2_page_size = log2;
+  kv.k_page_stride = keys.stride(1);
+  kv.v_page_stride = values.stride(1);
+  return kv;
+}
+
+KvView KvViewOf(const KvCache& kv) {
+  return kv.paged() ? PagedKvOf(kv.keys, kv.values, kv.page_table, kv.length) : KvOf(kv.keys, kv.values, kv.length);
 }
 
 at::TensorOptions IntOptions(const at::Tensor& like) { return like.options().dtype(at::kInt); }
@@ -101,25 +136,32 @@ BlockMassSource SourceOf(const at::Tensor& mass, int64_t num_kv_heads, const cha
 
 }  // namespace
 
-void QuestPageBounds(const at::Tensor& keys, int64_t length, int64_t page_size, int64_t first_page,
-                     at::Tensor& bounds) {
-  const c10::cuda::CUDAGuard guard(keys.device());
-  CheckRows(keys, "keys", at::kBFloat16);
-  TORCH_CHECK(keys.dim() == 3 && length >= 1 && length <= keys.size(1), "keys [H_kv, >= ", length, ", D] expected");
-  TORCH_CHECK(page_size >= 1, "page_size must be positive");
-  const int64_t num_pages = (length + page_size - 1) / page_size;
+void QuestPageBounds(const KvCache& cache, int64_t quest_page_size, int64_t first_page, at::Tensor& bounds) {
+  TORCH_CHECK(cache.keys.defined() && (cache.keys.dim() == 3 || cache.keys.dim() == 4),
+              "keys: [H_kv, L, D] or a pool's [H_kv, pages, page size, D] expected");
+  const c10::cuda::CUDAGuard guard(cache.keys.device());
+  // Only keys are read: the view's values are the keys too.
+  const KvView kv = cache.paged() ? PagedKvOf(cache.keys, cache.keys, cache.page_table, cache.length)
+                                  : KvOf(cache.keys, cache.keys, cache.length);
+  TORCH_CHECK(quest_page_size >= 1, "the Quest page size must be positive");
+  const int64_t num_pages = (cache.length + quest_page_size - 1) / quest_page_size;
+  TORCH_CHECK(first_page >= 0, "first Quest page ", first_page);
   TORCH_CHECK(bounds.defined() && bounds.is_contiguous() && bounds.scalar_type() == at::kBFloat16 &&
-                  bounds.dim() == 4 && bounds.size(0) == keys.size(0) && bounds.size(1) >= num_pages &&
-                  bounds.size(2) == 2 && bounds.size(3) == keys.size(2),
+                  bounds.device() == cache.keys.device() && bounds.dim() == 4 &&
+                  bounds.size(0) == cache.num_kv_heads() && bounds.size(1) >= num_pages && bounds.size(2) == 2 &&
+                  bounds.size(3) == cache.head_dim(),
               "bounds: contiguous bf16 [H_kv, >= ", num_pages, ", 2, D] expected, got ", bounds.sizes());
   PolicyDecodeShape shape;
-  shape.num_q_heads = shape.num_kv_heads = static_cast<int>(keys.size(0));
-  shape.head_dim = static_cast<int>(keys.size(2));
-  const KvView kv{keys.data_ptr(), keys.data_ptr(), keys.stride(0), keys.stride(1), keys.stride(0), keys.stride(1),
-                  static_cast<int>(length)};
-  Check(LaunchQuestPageBounds(kv, shape, static_cast<int>(page_size), static_cast<int>(first_page),
-                              static_cast<int>(num_pages), bounds.data_ptr(), bounds.stride(0), Stream(keys)),
+  shape.num_q_heads = shape.num_kv_heads = static_cast<int>(cache.num_kv_heads());
+  shape.head_dim = static_cast<int>(cache.head_dim());
+  Check(LaunchQuestPageBounds(kv, shape, static_cast<int>(quest_page_size), static_cast<int>(first_page),
+                              static_cast<int>(num_pages), bounds.data_ptr(), bounds.stride(0), Stream(cache.keys)),
         "Quest page bounds");
+}
+
+void QuestPageBounds(const at::Tensor& keys, int64_t length, int64_t quest_page_size, int64_t first_page,
+                     at::Tensor& bounds) {
+  QuestPageBounds(KvCache::Contiguous(keys, keys, length), quest_page_size, first_page, bounds);
 }
 
 at::Tensor QuestPageScores(const at::Tensor& queries, const at::Tensor& bounds, int64_t num_pages) {
@@ -212,8 +254,18 @@ HeadLists DoublePExactPositions(const at::Tensor& assignment, const at::Tensor& 
 
 GatherOutput GatherDecode(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values, int64_t length,
                           const GatherInput& input, double scale) {
+  return GatherDecode(queries, KvCache::Contiguous(keys, values, length), input, scale);
+}
+
+GatherOutput GatherDecode(const at::Tensor& queries, const KvCache& cache, const GatherInput& input, double scale) {
   const c10::cuda::CUDAGuard guard(queries.device());
-  const PolicyDecodeShape shape = ShapeOf(queries, keys);
+  TORCH_CHECK(cache.keys.defined() && (cache.keys.dim() == 3 || cache.keys.dim() == 4),
+              "keys: [H_kv, L, D] or a pool's [H_kv, pages, page size, D] expected");
+  TORCH_CHECK(cache.keys.device() == queries.device(), "the cache is on ", cache.keys.device(), ", the queries on ",
+              queries.device());
+  // [H_kv, ., D] in either mode: a pool's page dimension aside.
+  const PolicyDecodeShape shape = ShapeOf(queries, cache.keys.dim() == 4 ? cache.keys.select(1, 0) : cache.keys);
+  const KvView kv = KvViewOf(cache);
   TORCH_CHECK(input.tokens != nullptr && input.max_entries >= 1, "a gather needs its token lists");
   CheckLists(*input.tokens, shape.num_kv_heads, "tokens");
   GatherEntries entries;
@@ -238,7 +290,16 @@ GatherOutput GatherDecode(const at::Tensor& queries, const at::Tensor& keys, con
     entries.max_entries += entries.table.capacity;
   }
   GatherOutput output;
-  output.out = at::empty({shape.num_q_heads, shape.head_dim}, queries.options());
+  if (input.out.defined()) {
+    CheckRows(input.out, "out", at::kBFloat16);
+    TORCH_CHECK(input.out.device() == queries.device() && input.out.dim() == 2 &&
+                    input.out.size(0) == shape.num_q_heads && input.out.size(1) == shape.head_dim,
+                "out: bf16 [", shape.num_q_heads, ", ", shape.head_dim, "] on ", queries.device(), " expected, got ",
+                input.out.sizes());
+    output.out = input.out;
+  } else {
+    output.out = at::empty({shape.num_q_heads, shape.head_dim}, queries.options());
+  }
   GatherExtras extras;
   if (input.keep_logits) {
     output.lse = at::empty({shape.num_q_heads}, FloatOptions(queries));
@@ -249,7 +310,7 @@ GatherOutput GatherDecode(const at::Tensor& queries, const at::Tensor& keys, con
   const int num_sms = NumSms();
   at::Tensor workspace = at::empty({static_cast<int64_t>(GatherWorkspaceBytes(shape, entries, num_sms))},
                                    queries.options().dtype(at::kByte));
-  Check(LaunchGatherDecode(QueriesOf(queries), KvOf(keys, values, length), shape, entries, static_cast<float>(scale),
+  Check(LaunchGatherDecode(QueriesOf(queries), kv, shape, entries, static_cast<float>(scale),
                            output.out.data_ptr(), output.out.stride(0), extras, workspace.data_ptr(), num_sms,
                            Stream(queries)),
         "gather decode");

@@ -2,13 +2,14 @@
 // of one sequence: tensors are checked (dtype, device, shapes, 16-byte rows) and the kernels run
 // on the current CUDA stream with no host synchronization. Built only with a CUDA LibTorch.
 //
-// Shapes: queries [H_q, D] bf16; keys and values [H_kv, >= length, D] bf16 (views of a larger
-// cache are fine), the last dimension contiguous.
+// Shapes: queries [H_q, D] bf16; one sequence's cache of one layer as a KvCache (contiguous, or
+// pages of a KV pool read through the sequence's page table).
 #pragma once
 
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <utility>
 
 #include "kernels/cuda/policy_decode.h"
 
@@ -22,11 +23,40 @@ struct HeadLists {
   at::Tensor counts;
 };
 
-// Quest: writes the bounds of pages [first_page, ceil(length / page_size)) into bounds, bf16
-// [H_kv, >= those pages, 2, D] (maximum, then minimum, per dimension).
-void QuestPageBounds(const at::Tensor& keys, int64_t length, int64_t page_size, int64_t first_page,
+// One sequence's cache of one layer, bf16 with the last dimension contiguous, other strides
+// multiples of 8 elements, data 16-byte aligned, on the device of the queries:
+//   contiguous  keys and values [H_kv, >= length, D] (views of a larger cache are fine);
+//   paged       the layer's KV-pool tensors [H_kv, pool pages, pool page size, D]
+//               (KvPool::keys(layer), values(layer); a power-of-two page size) and the
+//               sequence's page table: int32 [>= ceil(length / pool page size)], contiguous, on
+//               the pool's device (a row of DecodeStep::page_table), listing the pool pages of
+//               its positions 0, page size, 2 page size, ... The kernels read the positions they
+//               attend through it; nothing is gathered.
+struct KvCache {
+  at::Tensor keys, values;
+  at::Tensor page_table;  // undefined for a contiguous cache
+  int64_t length = 0;
+
+  static KvCache Contiguous(at::Tensor keys, at::Tensor values, int64_t length) {
+    return {std::move(keys), std::move(values), at::Tensor(), length};
+  }
+  static KvCache Paged(at::Tensor pool_keys, at::Tensor pool_values, at::Tensor page_table, int64_t length) {
+    return {std::move(pool_keys), std::move(pool_values), std::move(page_table), length};
+  }
+  bool paged() const { return page_table.defined(); }
+  int64_t num_kv_heads() const { return keys.size(0); }
+  int64_t head_dim() const { return keys.size(-1); }
+};
+
+// Quest: writes the bounds of Quest pages [first_page, ceil(length / quest_page_size)) into
+// bounds, bf16 [H_kv, >= those Quest pages, 2, D] (maximum, then minimum, per dimension). Quest's
+// pages are its selection unit over positions, independent of a KV pool's pages.
+void QuestPageBounds(const KvCache& kv, int64_t quest_page_size, int64_t first_page, at::Tensor& bounds);
+// The same over a contiguous cache [H_kv, >= length, D].
+void QuestPageBounds(const at::Tensor& keys, int64_t length, int64_t quest_page_size, int64_t first_page,
                      at::Tensor& bounds);
-// Quest: float32 [H_kv, num_pages], the group's highest sum_d max(q_d * kmax_d, q_d * kmin_d).
+// Quest: float32 [H_kv, num_pages], the group's highest sum_d max(q_d * kmax_d, q_d * kmin_d)
+// per Quest page.
 at::Tensor QuestPageScores(const at::Tensor& queries, const at::Tensor& bounds, int64_t num_pages);
 
 // The sink and recent blocks, then the highest scores (float32 [H_kv, >= blocks]) up to the budget.
@@ -67,6 +97,8 @@ struct GatherInput {
   const ClusterTensors* clusters = nullptr;
   const HeadLists* approximated = nullptr;
   bool keep_logits = false;  // for BlockMass
+  // bf16 [H_q, D] to write the output into (a row of a batch's output); made when undefined.
+  at::Tensor out;
 };
 struct GatherOutput {
   at::Tensor out;     // bf16 [H_q, D]
@@ -74,6 +106,8 @@ struct GatherOutput {
   at::Tensor logits;  // float32 [H_kv, G * max_entries], with keep_logits
 };
 // scale 0 means 1 / sqrt(D).
+GatherOutput GatherDecode(const at::Tensor& queries, const KvCache& kv, const GatherInput& input, double scale);
+// The same over contiguous keys and values [H_kv, >= length, D].
 GatherOutput GatherDecode(const at::Tensor& queries, const at::Tensor& keys, const at::Tensor& values, int64_t length,
                           const GatherInput& input, double scale);
 

@@ -92,14 +92,22 @@ class DoublePBackend : public AttentionBackend {
 
 const KeyClusters& UpdateDoublePClusters(std::optional<KeyClusters>& slot, const at::Tensor& keys,
                                          const at::Tensor& values, const PolicySpec& spec) {
-  const int64_t length = keys.size(0);
+  return UpdateDoublePClusters(
+      slot, keys.size(0), keys.size(1), keys.device(),
+      [&](int64_t first, int64_t count) {
+        return std::make_pair(keys.narrow(0, first, count), values.narrow(0, first, count));
+      },
+      spec);
+}
+
+const KeyClusters& UpdateDoublePClusters(std::optional<KeyClusters>& slot, int64_t length, int64_t dim,
+                                         at::Device device, const KvRangeReader& read, const PolicySpec& spec) {
   const int64_t window_begin = std::max(spec.sink_tokens, length - spec.recent_tokens);
   if (!slot) {
-    slot = EmptyClusters(spec.sink_tokens, keys.size(1), keys.device());
+    slot = EmptyClusters(spec.sink_tokens, dim, device);
     if (window_begin > spec.sink_tokens) {
-      slot = KMeansClusters(keys.narrow(0, slot->first, window_begin - slot->first),
-                            values.narrow(0, slot->first, window_begin - slot->first), slot->first, spec.clusters,
-                            spec.kmeans_iterations);
+      const auto [keys, values] = read(slot->first, window_begin - slot->first);
+      slot = KMeansClusters(keys, values, slot->first, spec.clusters, spec.kmeans_iterations);
     }
     return *slot;
   }
@@ -110,8 +118,8 @@ const KeyClusters& UpdateDoublePClusters(std::optional<KeyClusters>& slot, const
     const int64_t count =
         existing == 0 ? spec.clusters
                       : std::max<int64_t>(1, std::llround(static_cast<double>(tail) * existing / clustered));
-    AppendClusters(*slot, KMeansClusters(keys.narrow(0, slot->end, tail), values.narrow(0, slot->end, tail), slot->end,
-                                         count, spec.kmeans_iterations));
+    const auto [keys, values] = read(slot->end, tail);
+    AppendClusters(*slot, KMeansClusters(keys, values, slot->end, count, spec.kmeans_iterations));
   }
   return *slot;
 }

@@ -10,8 +10,10 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
 #include <memory>
 #include <optional>
+#include <utility>
 #include <vector>
 
 #include "common/attention.h"
@@ -60,6 +62,12 @@ void AppendClusters(KeyClusters& into, const KeyClusters& more);
 // the clusters and the recent window holds spec.tail_tokens, the tail is clustered and appended.
 const KeyClusters& UpdateDoublePClusters(std::optional<KeyClusters>& slot, const at::Tensor& keys,
                                          const at::Tensor& values, const PolicySpec& spec);
+// The same for a cache of `length` positions of `dim` on `device` that it reads only where it
+// clusters: `read(first, count)` returns the keys and values [count, D] of positions
+// [first, first + count) (a paged cache gathers just those through its page table).
+using KvRangeReader = std::function<std::pair<at::Tensor, at::Tensor>(int64_t first, int64_t count)>;
+const KeyClusters& UpdateDoublePClusters(std::optional<KeyClusters>& slot, int64_t length, int64_t dim,
+                                         at::Device device, const KvRangeReader& read, const PolicySpec& spec);
 
 // Double-P's two-stage plan for one KV head: cluster masses averaged over the group's queries
 // [G, D] (softmax over clusters of q.C * scale + log size), ranked; a cluster is kept in stage 1

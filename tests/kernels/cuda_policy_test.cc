@@ -1,14 +1,21 @@
 // The CUDA paths of Quest, PrHS and Double-P (kernels/cuda_policies.cc on the kernels of
 // kernels/cuda/policy_decode.h) against their LibTorch references (kernels/policies), both on
 // the GPU over the same random bf16 caches: the selection steps one by one, then whole decode
-// steps over several layers, GQA groups 1 to 8 and head_dim 64 and 128.
+// steps over several layers, GQA groups 1 to 8 and head_dim 64 and 128. Then the paged cache: the
+// kernels read a KV pool's pages through a page table exactly as they read the same cache
+// contiguous, and whole decode steps of the bundled model over one shared pool, its pages handed
+// out of order and interleaved between the sequences, match the references and each sequence
+// decoded alone.
 #include "tests/torch_catch.h"
 
 #include <algorithm>
 #include <cmath>
+#include <memory>
 #include <set>
 #include <vector>
 
+#include "common/kv_pool.h"
+#include "common/model.h"
 #include "kernels/cuda/torch_policy_decode.h"
 #include "kernels/cuda_attention.h"
 #include "kernels/policies/policies.h"
@@ -194,6 +201,251 @@ TEST_CASE("Quest, PrHS and Double-P decode on CUDA as their references do", "[cu
       WARN(policy.name << " H_q " << shape.q_heads << " H_kv " << shape.kv_heads << " D " << shape.dim
                        << ": max |output difference| CUDA vs reference " << worst);
       CHECK(worst < 0.05);
+    }
+  }
+}
+
+// ---- Paged caches ----------------------------------------------------------------------------
+
+// One layer of a KV pool on the device, [H_kv, 1 + pages, pool page size, D] keys and values, a
+// sequence's page table listing pool pages in random order (as a row of a larger table, the way
+// a decode step holds it), and the same cache contiguous, [H_kv, used pages * page size, D].
+struct PagedCache {
+  at::Tensor pool_keys, pool_values;
+  at::Tensor table;       // int32 [3, used + 4]; row 1 is the sequence's
+  at::Tensor page_table;  // table[1], narrowed to the used pages
+  at::Tensor keys, values;
+};
+
+PagedCache RandomPagedCache(int64_t kv_heads, int64_t dim, int64_t pool_page_size, int64_t length) {
+  const int64_t used = (length + pool_page_size - 1) / pool_page_size;
+  const int64_t pages = used + 5;
+  PagedCache cache;
+  cache.pool_keys = at::randn({kv_heads, 1 + pages, pool_page_size, dim}, Bf16());
+  cache.pool_values = at::randn({kv_heads, 1 + pages, pool_page_size, dim}, Bf16());
+  // Pages 1..pages (0 is the pool's reserved page) in random order, the first `used` of them.
+  const at::Tensor order = (at::randperm(pages, at::TensorOptions().dtype(at::kLong)) + 1).narrow(0, 0, used);
+  cache.table = at::zeros({3, used + 4}, at::TensorOptions().dtype(at::kInt).device(at::kCUDA));
+  cache.table[1].narrow(0, 0, used).copy_(order);
+  cache.page_table = cache.table[1].narrow(0, 0, used);
+  const at::Tensor index = order.to(at::kCUDA);
+  cache.keys = cache.pool_keys.index_select(1, index).reshape({kv_heads, used * pool_page_size, dim});
+  cache.values = cache.pool_values.index_select(1, index).reshape({kv_heads, used * pool_page_size, dim});
+  return cache;
+}
+
+TEST_CASE("Quest bounds and the gather decode read a paged cache exactly as the same cache contiguous", "[cuda]") {
+  if (SkipWithoutGpu()) return;
+  at::manual_seed(4);
+  const int64_t kv_heads = 2, group = 4, length = 1000;  // not a multiple of any page or block size
+  const auto i32 = at::TensorOptions().dtype(at::kInt).device(at::kCUDA);
+  for (const int64_t dim : {64, 128}) {
+    for (const int64_t pool_page_size : {16, 64}) {
+      INFO("D " << dim << ", pool pages of " << pool_page_size);
+      const PagedCache cache = RandomPagedCache(kv_heads, dim, pool_page_size, length);
+      const cuda::KvCache paged = cuda::KvCache::Paged(cache.pool_keys, cache.pool_values, cache.page_table, length);
+      const cuda::KvCache contiguous = cuda::KvCache::Contiguous(cache.keys, cache.values, length);
+      const at::Tensor queries = at::randn({kv_heads * group, dim}, Bf16()) * 3;
+
+      // Quest's pages (its selection unit) inside one pool page (16) and across several (128).
+      for (const int64_t quest_page_size : {16, 128}) {
+        INFO("Quest pages of " << quest_page_size);
+        const int64_t quest_pages = (length + quest_page_size - 1) / quest_page_size;
+        at::Tensor from_pages = at::zeros({kv_heads, quest_pages, 2, dim}, Bf16());
+        at::Tensor from_contiguous = at::zeros({kv_heads, quest_pages, 2, dim}, Bf16());
+        // In two parts, as decode grows them.
+        cuda::QuestPageBounds(cuda::KvCache::Paged(cache.pool_keys, cache.pool_values, cache.page_table, 700),
+                              quest_page_size, 0, from_pages);
+        cuda::QuestPageBounds(paged, quest_page_size, 700 / quest_page_size, from_pages);
+        cuda::QuestPageBounds(contiguous, quest_page_size, 0, from_contiguous);
+        CHECK(at::equal(from_pages, from_contiguous));
+        for (int64_t page = 0; page < quest_pages; ++page) {
+          const int64_t begin = page * quest_page_size, count = std::min(quest_page_size, length - begin);
+          const at::Tensor span = cache.keys.narrow(1, begin, count);
+          CHECK(at::equal(from_pages.select(1, page).select(1, 0), std::get<0>(span.max(1))));
+          CHECK(at::equal(from_pages.select(1, page).select(1, 1), std::get<0>(span.min(1))));
+        }
+      }
+
+      // Whole blocks of 32 positions (neither pool page size), the last one past the end, as PrHS
+      // gathers them, with its block masses.
+      const int64_t block_size = 32, blocks = (length + block_size - 1) / block_size;
+      const at::Tensor scores = at::rand({kv_heads, blocks}, at::TensorOptions().dtype(at::kFloat).device(at::kCUDA));
+      const cuda::HeadLists selected = cuda::SelectBlocks(scores, length, {32, 512, 64, 64});
+      cuda::GatherInput by_block;
+      by_block.tokens = &selected;
+      by_block.block_size = block_size;
+      by_block.max_entries = selected.entries.size(1) * block_size;
+      by_block.keep_logits = true;
+      const cuda::GatherOutput a = cuda::GatherDecode(queries, paged, by_block, 0);
+      const cuda::GatherOutput b = cuda::GatherDecode(queries, contiguous, by_block, 0);
+      CHECK(at::equal(a.out, b.out));
+      CHECK(at::equal(a.lse, b.lse));
+      CHECK(at::equal(cuda::BlockMass(by_block, a, group, length, blocks),
+                      cuda::BlockMass(by_block, b, group, length, blocks)));
+      // The contiguous gather is the reference's exact attention over the selected positions.
+      const double scale = 1 / std::sqrt(static_cast<double>(dim));
+      for (int64_t h = 0; h < kv_heads; ++h) {
+        std::vector<int64_t> positions;
+        for (const int32_t block : RowSet(selected, h)) {
+          for (int64_t p = block * block_size; p < std::min(length, (block + 1) * block_size); ++p) positions.push_back(p);
+        }
+        const at::Tensor index = at::tensor(positions, at::kLong).to(at::kCUDA);
+        const at::Tensor q = queries.narrow(0, h * group, group).to(at::kFloat);
+        const at::Tensor k = cache.keys[h].index_select(0, index).to(at::kFloat);
+        const at::Tensor v = cache.values[h].index_select(0, index).to(at::kFloat);
+        const at::Tensor expected = at::softmax(at::mm(q, k.t()) * scale, 1).mm(v);
+        CHECK((a.out.narrow(0, h * group, group).to(at::kFloat) - expected).abs().max().item<double>() < 2e-2);
+      }
+
+      // Positions one by one (every third, and the last), written into a row of a larger output.
+      std::vector<int32_t> every_third;
+      for (int32_t p = 0; p < length; p += 3) every_third.push_back(p);
+      if (every_third.back() != length - 1) every_third.push_back(static_cast<int32_t>(length - 1));
+      const int64_t count = static_cast<int64_t>(every_third.size());
+      const cuda::HeadLists by_position_lists{
+          at::tensor(every_third, at::kInt).to(at::kCUDA).unsqueeze(0).expand({kv_heads, count}).contiguous(),
+          at::full({kv_heads}, count, i32)};
+      at::Tensor rows = at::zeros({3, kv_heads * group, dim}, Bf16());
+      const at::Tensor row = rows[1];
+      cuda::GatherInput by_position;
+      by_position.tokens = &by_position_lists;
+      by_position.max_entries = count;
+      by_position.out = row;
+      const cuda::GatherOutput c = cuda::GatherDecode(queries, paged, by_position, 0);
+      CHECK(c.out.data_ptr() == row.data_ptr());
+      by_position.out = at::Tensor();
+      const cuda::GatherOutput d = cuda::GatherDecode(queries, contiguous, by_position, 0);
+      CHECK(at::equal(rows[1], d.out));
+      CHECK(rows[0].abs().max().item<double>() == 0);
+      CHECK(rows[2].abs().max().item<double>() == 0);
+    }
+  }
+}
+
+std::vector<int32_t> Prompt(size_t length, int salt) {
+  std::vector<int32_t> ids(length);
+  for (size_t i = 0; i < length; ++i) ids[i] = static_cast<int32_t>(100 + (i * 37 + salt * 11) % 4000);
+  return ids;
+}
+
+bool Consecutive(const std::vector<int32_t>& pages) {
+  for (size_t i = 1; i < pages.size(); ++i) {
+    if (pages[i] != pages[0] + static_cast<int32_t>(i)) return false;
+  }
+  return true;
+}
+
+// The fixed token every sequence is given at decode step `step`.
+int32_t NextToken(int step) { return 200 + 13 * step; }
+
+// Prefills `prompts` into sequences of one KV pool of `page_size` positions per page, whose pages
+// are handed out of order (some given back one by one first, so that they come out descending) and
+// interleaved between the sequences (one page each in turn), then decodes `steps` fixed tokens as
+// one batch through Model::Decode, so that both backends see the same inputs however their logits
+// differ. Each step's logits [B, V] on the host.
+std::vector<at::Tensor> DecodeInSharedPool(const Model& model, std::shared_ptr<const AttentionBackend> attention,
+                                           const std::vector<std::vector<int32_t>>& prompts, int steps,
+                                           int64_t page_size) {
+  int64_t pages = 16;
+  for (const auto& prompt : prompts) pages += (static_cast<int64_t>(prompt.size()) + steps + page_size - 1) / page_size;
+  std::shared_ptr<KvPool> pool = model.NewKvPool(pages, page_size).value();
+  const std::vector<int32_t> given_back = pool->Allocate(16).value();
+  for (const int32_t page : given_back) pool->Free({page});
+  std::vector<std::unique_ptr<Sequence>> sequences;
+  std::vector<Sequence*> batch;
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    sequences.push_back(model.NewSequence(pool, attention));
+    batch.push_back(sequences.back().get());
+  }
+  for (int64_t tokens = page_size;; tokens += page_size) {
+    bool more = false;
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      const int64_t prompt = static_cast<int64_t>(prompts[i].size());
+      REQUIRE(sequences[i]->Reserve(std::min(tokens, prompt)).ok());
+      more = more || tokens < prompt;
+    }
+    if (!more) break;
+  }
+  for (size_t i = 0; i < prompts.size(); ++i) {
+    const absl::StatusOr<at::Tensor> prefilled = model.Prefill(*sequences[i], prompts[i]);
+    INFO(prefilled.status().ToString());
+    REQUIRE(prefilled.ok());
+  }
+  std::vector<at::Tensor> logits;
+  for (int step = 0; step < steps; ++step) {
+    const std::vector<int32_t> next(prompts.size(), NextToken(step));
+    const absl::StatusOr<at::Tensor> decoded = model.Decode(batch, next);
+    INFO("step " << step << ": " << decoded.status().ToString());
+    REQUIRE(decoded.ok());
+    logits.push_back(decoded->cpu());
+  }
+  // Else this would not test reading through page tables.
+  for (const auto& sequence : sequences) CHECK(!Consecutive(sequence->pages()));
+  return logits;
+}
+
+// One sequence alone in a pool of its own (consecutive pages, one row per step).
+std::vector<at::Tensor> DecodeAlone(const Model& model, std::shared_ptr<const AttentionBackend> attention,
+                                    const std::vector<int32_t>& prompt, int steps) {
+  auto sequence = model.NewSequence(std::move(attention));
+  const absl::StatusOr<at::Tensor> prefilled = model.Prefill(*sequence, prompt);
+  INFO(prefilled.status().ToString());
+  REQUIRE(prefilled.ok());
+  Sequence* const batch[] = {sequence.get()};
+  std::vector<at::Tensor> logits;
+  for (int step = 0; step < steps; ++step) {
+    const int32_t next[] = {NextToken(step)};
+    const absl::StatusOr<at::Tensor> decoded = model.Decode(batch, next);
+    INFO("step " << step << ": " << decoded.status().ToString());
+    REQUIRE(decoded.ok());
+    logits.push_back((*decoded)[0].cpu());
+  }
+  return logits;
+}
+
+// Tolerances of cuda_attention_test (the same model and backends): 0.25 on the logits against the
+// references (bf16), 0.05 between a batch and each sequence decoded alone.
+TEST_CASE("Quest, PrHS and Double-P decode steps over a shared paged KV pool as their references do", "[cuda]") {
+  if (SkipWithoutGpu()) return;
+  auto model = Model::Load("models/tiny-llama-retrieval", ModelOptionsForDevice("cuda").value());
+  REQUIRE(model.ok());
+  PolicySpec quest = PolicySpec::Defaults(PolicyKind::kQuest);  // Quest pages of 16, two dense layers
+  quest.token_budget = 512;
+  PolicySpec prhs = PolicySpec::Defaults(PolicyKind::kPrhs);
+  prhs.token_budget = 512;
+  PolicySpec double_p = PolicySpec::Defaults(PolicyKind::kDoubleP);
+  double_p.recent_tokens = 16;
+  double_p.tail_tokens = 4;  // so that decoded tokens get clustered, through ranges of the pages
+  const struct {
+    const char* name;
+    std::shared_ptr<const AttentionBackend> cuda, reference;
+  } pairs[] = {{"quest", MakeCudaQuestAttention(quest), MakeQuestBackend(quest)},
+               {"prhs", MakeCudaPrhsAttention(prhs), MakePrhsBackend(prhs)},
+               {"double-p", MakeCudaDoublePAttention(double_p), MakeDoublePBackend(double_p)}};
+  const std::vector<std::vector<int32_t>> prompts = {Prompt(1500, 1), Prompt(333, 2), Prompt(700, 3)};
+  const int steps = 8;
+  for (const int64_t page_size : {16, 64}) {
+    for (const auto& pair : pairs) {
+      INFO(pair.name << ", pool pages of " << page_size);
+      const auto fast = DecodeInSharedPool(**model, pair.cuda, prompts, steps, page_size);
+      const auto reference = DecodeInSharedPool(**model, pair.reference, prompts, steps, page_size);
+      double worst = 0;
+      for (int step = 0; step < steps; ++step) {
+        worst = std::max(worst, (fast[step] - reference[step]).abs().max().item<double>());
+      }
+      WARN(pair.name << ", shared pool of " << page_size
+                     << "-position pages: max |logit difference| CUDA kernels vs LibTorch reference, bf16: " << worst);
+      CHECK(worst < 0.25);
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        const auto alone = DecodeAlone(**model, pair.cuda, prompts[i], steps);
+        double alone_worst = 0;
+        for (int step = 0; step < steps; ++step) {
+          alone_worst = std::max(alone_worst, (alone[step] - fast[step][i]).abs().max().item<double>());
+        }
+        INFO("sequence " << i << ": max |logit difference| alone vs in the batch " << alone_worst);
+        CHECK(alone_worst < 0.05);
+      }
     }
   }
 }

@@ -425,6 +425,77 @@ TEST_CASE("double-p keeps decoded tokens exact until the tail is long enough to 
   CHECK(state->telemetry()->decode_steps == 11);
 }
 
+// The CUDA Double-P backend clusters a paged cache through KvPool::GatherRange, reading only the
+// positions the clustering asks for: the same clusters as from the whole contiguous cache.
+TEST_CASE("double-p clusters from ranges gathered through a page table equal those of the whole cache") {
+  at::manual_seed(17);
+  PolicySpec spec = PolicySpec::Defaults(PolicyKind::kDoubleP);
+  spec.clusters = 8;
+  spec.sink_tokens = 4;
+  spec.recent_tokens = 8;
+  spec.tail_tokens = 5;
+  KvPool::Options options;
+  options.page_size = 16;
+  options.num_pages = 24;
+  auto pool = KvPool::Create(SmallConfig(), at::TensorOptions().dtype(at::kFloat), options);
+  REQUIRE(pool.ok());
+  // Pages handed back one by one come out again in descending order: a page table far from
+  // consecutive.
+  const std::vector<int32_t> taken = (*pool)->Allocate(24).value();
+  for (const int32_t page : taken) (*pool)->Free({page});
+  const std::vector<int32_t> pages = (*pool)->Allocate(8).value();
+  REQUIRE(pages.front() > pages.back());
+  const int64_t capacity = 8 * options.page_size;
+  const at::Tensor keys = at::randn({kKvHeads, capacity, kDim}), values = at::randn({kKvHeads, capacity, kDim});
+  for (int layer = 0; layer < kLayers; ++layer) (*pool)->Write(layer, pages, 0, keys, values);
+
+  SECTION("a range equals the same positions of the whole gathered cache") {
+    const int layer = 1;
+    const std::vector<std::pair<int64_t, int64_t>> ranges = {{0, 16}, {5, 3}, {4, 88}, {92, 5}, {17, 0}, {31, 2},
+                                                             {0, capacity}};
+    for (const auto& [first, count] : ranges) {
+      INFO("first " << first << " count " << count);
+      const auto [range_keys, range_values] = (*pool)->GatherRange(layer, pages, first, count);
+      CHECK(range_keys.sizes() == at::IntArrayRef({kKvHeads, count, kDim}));
+      CHECK(at::equal(range_keys, keys.narrow(1, first, count)));
+      CHECK(at::equal(range_values, values.narrow(1, first, count)));
+    }
+  }
+
+  SECTION("the clusters, step by step, and only the clustered positions read") {
+    std::optional<KeyClusters> whole, paged;
+    const int layer = 2, head = 1;
+    for (int64_t length = 100; length <= 115; ++length) {
+      INFO("length " << length);
+      const KeyClusters& expected =
+          UpdateDoublePClusters(whole, keys[head].narrow(0, 0, length), values[head].narrow(0, 0, length), spec);
+      std::vector<std::pair<int64_t, int64_t>> reads;
+      const KeyClusters& actual = UpdateDoublePClusters(
+          paged, length, kDim, at::kCPU,
+          [&](int64_t first, int64_t count) {
+            reads.emplace_back(first, count);
+            const auto [range_keys, range_values] = (*pool)->GatherRange(layer, pages, first, count);
+            return std::make_pair(range_keys[head], range_values[head]);
+          },
+          spec);
+      CHECK(actual.first == expected.first);
+      CHECK(actual.end == expected.end);
+      CHECK(at::equal(actual.centroids, expected.centroids));
+      CHECK(at::equal(actual.sizes, expected.sizes));
+      CHECK(at::equal(actual.value_sums, expected.value_sums));
+      CHECK(at::equal(actual.assignment, expected.assignment));
+      // The first step reads the clustered span [4, 92), later ones only each new tail of 5.
+      if (length == 100) {
+        CHECK(reads == std::vector<std::pair<int64_t, int64_t>>{{4, 88}});
+      } else if ((length - 8 - 92) % 5 == 0) {
+        CHECK(reads == std::vector<std::pair<int64_t, int64_t>>{{length - 8 - 5, 5}});
+      } else {
+        CHECK(reads.empty());
+      }
+    }
+  }
+}
+
 // PrHS's selection written out: blocks carried over from the previous step (or the last prompt
 // position) and from the previous layer, each enlarged by one block, ranked by mass.
 TEST_CASE("prhs attends blocks chosen before scoring: previous step, previous layer, recency window") {
