@@ -8,6 +8,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/cuda_support.h"
+#ifdef LYCHEE_FUSED_DECODE
+#include "common/cuda/torch_model_kernels.h"
+#endif
 #include "common/safetensors.h"
 #include "common/status_macros.h"
 
@@ -464,6 +467,7 @@ void Model::StageInputs(DecodeGroup& group, absl::Span<Sequence* const> sequence
 
 DecodeStepOutput Model::DecodeForward(const at::Tensor& ids, const at::Tensor& positions,
                                 std::vector<DecodeGroup>& groups) const {
+  if (UsesFusedDecode()) return FusedDecodeForward(ids, groups);
   std::vector<at::Tensor> slots;
   for (DecodeGroup& group : groups) slots.push_back(group.bucket->slots.to(at::kLong));
   const AttendFn attend = [&](int layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -491,6 +495,77 @@ DecodeStepOutput Model::DecodeForward(const at::Tensor& ids, const at::Tensor& p
   output.greedy = output.logits.argmax(-1).to(at::kInt);
   return output;
 }
+
+bool Model::UsesFusedDecode() const {
+#ifdef LYCHEE_FUSED_DECODE
+  return options_.fused_decode && options_.device.is_cuda() && options_.dtype == at::kBFloat16 &&
+         !config_.sliding_window;
+#else
+  return false;
+#endif
+}
+
+#ifdef LYCHEE_FUSED_DECODE
+DecodeStepOutput Model::FusedDecodeForward(const at::Tensor& ids, std::vector<DecodeGroup>& groups) const {
+  const int64_t rows = ids.size(0);
+  const double eps = config_.rms_norm_eps;
+  const bool gemv = options_.small_batch_gemv && rows <= 8;
+  const auto linear = [&](const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
+    if (bias.defined()) return at::linear(x, weight, bias);
+    return gemv ? cuda::Gemv(x, weight, at::Tensor()) : at::linear(x, weight);
+  };
+  // residual += x weight^T, one rounding.
+  const auto add_linear = [&](at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
+                              const at::Tensor& bias) {
+    if (bias.defined()) {
+      residual.add_(at::linear(x, weight, bias));
+    } else if (gemv) {
+      cuda::GemvOut(x, weight, residual, residual);
+    } else {
+      residual.addmm_(x, weight.t());
+    }
+  };
+  at::Tensor residual = at::embedding(embed_tokens_, ids);  // [rows, hidden], the residual stream
+  at::Tensor normed = cuda::AddRmsNorm(at::Tensor(), residual, layers_[0].input_norm, eps);
+  const int64_t q_width = config_.num_attention_heads * config_.head_dim;
+  for (size_t i = 0; i < layers_.size(); ++i) {
+    const Layer& layer = layers_[i];
+    const int index = static_cast<int>(i);
+    const at::Tensor qkv = linear(normed, layer.qkv_weight, layer.qkv_bias);
+    at::Tensor attended;
+    for (DecodeGroup& group : groups) {
+      const bool whole = !group.row_index.defined();
+      at::Tensor keys = group.pool->keys(index), values = group.pool->values(index);
+      const at::Tensor queries =
+          cuda::RopeAppend(whole ? qkv : qkv.index_select(0, group.row_index), group.bucket->positions, rope_inv_freq_,
+                           layer.q_norm, layer.k_norm, eps, config_.num_attention_heads, group.bucket->slots, keys,
+                           values);
+      at::Tensor out = group.backend->AttendDecode(index, queries, group.step, *group.bucket->workspace);
+      if (whole) {
+        attended = out;
+      } else {
+        if (!attended.defined()) attended = at::empty({rows, config_.num_attention_heads, config_.head_dim}, out.options());
+        attended.index_copy_(0, group.row_index, out);
+      }
+    }
+    add_linear(residual, attended.reshape({rows, q_width}), layer.o_weight, layer.o_bias);
+    cuda::AddRmsNorm(at::Tensor(), residual, layer.post_attention_norm, eps, normed);
+    const at::Tensor activated = cuda::SiluMul(linear(normed, layer.gate_up_weight, at::Tensor()));
+    add_linear(residual, activated, layer.down_weight, at::Tensor());
+    cuda::AddRmsNorm(at::Tensor(), residual, i + 1 < layers_.size() ? layers_[i + 1].input_norm : final_norm_, eps,
+                     normed);
+  }
+  DecodeStepOutput output;
+  output.logits = linear(normed, lm_head_, at::Tensor()).to(at::kFloat);
+  output.greedy = cuda::ArgmaxRows(output.logits);
+  return output;
+}
+#else
+DecodeStepOutput Model::FusedDecodeForward(const at::Tensor&, std::vector<DecodeGroup>&) const {
+  TORCH_CHECK(false, "this build has no fused decode kernels");
+  return {};
+}
+#endif
 
 absl::StatusOr<at::Tensor> Model::Decode(absl::Span<Sequence* const> sequences, absl::Span<const int32_t> ids,
                                          DecodeContext* context) const {

@@ -104,6 +104,13 @@ struct ModelOptions {
   at::Device device = at::kCPU;
   // Compute dtype: kFloat on the CPU, kBFloat16 on CUDA by default.
   at::ScalarType dtype = at::kFloat;
+  // CUDA decode steps on the fused kernels of common/cuda (residual add + RMSNorm, RoPE with the KV
+  // append, SiLU times up) where this build has them; false runs the LibTorch operations of the
+  // reference path (for comparison).
+  bool fused_decode = true;
+  // With fused_decode, the projections of steps of up to 8 rows on our tensor-core GEMV instead of
+  // cuBLAS (bf16 weights without biases).
+  bool small_batch_gemv = true;
 };
 
 // "cpu" (float32) or "cuda" (bf16 on device 0); FAILED_PRECONDITION where no CUDA device is
@@ -187,6 +194,9 @@ class Model {
   // The decode step from the embedding to the logits: every group's new keys and values written
   // through its slots, its attention through its backend's paged decode.
   DecodeStepOutput DecodeForward(const at::Tensor& ids, const at::Tensor& positions, std::vector<DecodeGroup>& groups) const;
+  // The same step on the fused CUDA kernels, with the residual stream added in place.
+  DecodeStepOutput FusedDecodeForward(const at::Tensor& ids, std::vector<DecodeGroup>& groups) const;
+  bool UsesFusedDecode() const;
 
   ModelConfig config_;
   ModelOptions options_;

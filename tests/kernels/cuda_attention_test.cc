@@ -167,5 +167,68 @@ TEST_CASE("the decode step replayed from a CUDA graph equals the eager step", "[
   }
 }
 
+TEST_CASE("the fused decode step gives the LibTorch step's logits", "[cuda]") {
+  if (!at::hasCUDA()) {
+    WARN("SKIPPED: no CUDA device: the fused decode kernels run on the GPU host only");
+    return;
+  }
+  ModelOptions fused_options = ModelOptionsForDevice("cuda").value();
+  ModelOptions plain_options = fused_options;
+  plain_options.fused_decode = false;
+  ModelOptions cublas_options = fused_options;
+  cublas_options.small_batch_gemv = false;
+  auto fused = Model::Load("models/tiny-llama-retrieval", fused_options);
+  auto plain = Model::Load("models/tiny-llama-retrieval", plain_options);
+  auto cublas = Model::Load("models/tiny-llama-retrieval", cublas_options);
+  REQUIRE(fused.ok());
+  REQUIRE(plain.ok());
+  REQUIRE(cublas.ok());
+  const ModelConfig& config = (*fused)->config();
+  const std::vector<std::vector<int32_t>> prompts = {Prompt(1200, 8), Prompt(300, 9), Prompt(45, 10)};
+  struct Run {
+    const Model* model;
+    std::vector<std::unique_ptr<Sequence>> sequences;
+    DecodeContext context;
+  };
+  std::vector<std::unique_ptr<Run>> runs;
+  std::vector<int32_t> next;
+  for (const Model* model : {fused->get(), plain->get(), cublas->get()}) {
+    runs.push_back(std::make_unique<Run>());
+    runs.back()->model = model;
+    auto pool = model->NewKvPool(64).value();
+    const auto attention = MakeCudaDenseAttention(config);
+    for (const auto& prompt : prompts) {
+      runs.back()->sequences.push_back(model->NewSequence(pool, attention));
+      const at::Tensor logits = model->Prefill(*runs.back()->sequences.back(), prompt).value();
+      if (model == plain->get()) next.push_back(static_cast<int32_t>(logits.argmax().item<int64_t>()));
+    }
+  }
+  // Every run is fed the LibTorch step's tokens, so that a near tie cannot make them diverge.
+  double worst = 0, worst_cublas = 0;
+  int agree = 0, total = 0;
+  for (int step = 0; step < 24; ++step) {
+    std::vector<at::Tensor> logits;
+    for (auto& run : runs) {
+      std::vector<Sequence*> batch;
+      for (auto& sequence : run->sequences) batch.push_back(sequence.get());
+      logits.push_back(run->model->Decode(batch, next, &run->context).value().cpu());
+    }
+    worst = std::max(worst, (logits[0] - logits[1]).abs().max().item<double>());
+    worst_cublas = std::max(worst_cublas, (logits[2] - logits[1]).abs().max().item<double>());
+    for (size_t i = 0; i < next.size(); ++i) {
+      const int32_t reference = static_cast<int32_t>(logits[1][i].argmax().item<int64_t>());
+      agree += static_cast<int32_t>(logits[0][i].argmax().item<int64_t>()) == reference;
+      ++total;
+      next[i] = reference;
+    }
+  }
+  WARN("fused vs LibTorch decode, max |logit difference| " << worst << " (with cuBLAS projections " << worst_cublas
+                                                          << "), argmax agreement " << agree << " of " << total);
+  CHECK(worst < 0.25);
+  CHECK(worst_cublas < 0.25);
+  CHECK(agree >= total - 2);
+  CHECK(runs[0]->context.stats().graph_replays > 0);
+}
+
 }  // namespace
 }  // namespace lychee
