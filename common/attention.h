@@ -14,6 +14,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <optional>
@@ -56,6 +57,19 @@ struct AttentionTelemetry {
     tokens_attended[layer * num_kv_heads + kv_head] += count;
   }
   double mean_dropped_mass() const { return audited_heads > 0 ? sum_dropped_mass / audited_heads : 0.0; }
+  // Adds what another sequence read (a preempted sequence's earlier life).
+  void Add(const AttentionTelemetry& other) {
+    num_layers = std::max(num_layers, other.num_layers);
+    num_kv_heads = std::max(num_kv_heads, other.num_kv_heads);
+    tokens_attended.resize(std::max(tokens_attended.size(), other.tokens_attended.size()), 0);
+    for (size_t i = 0; i < other.tokens_attended.size(); ++i) tokens_attended[i] += other.tokens_attended[i];
+    decode_steps += other.decode_steps;
+    kv_bytes_read += other.kv_bytes_read;
+    audited = audited || other.audited;
+    audited_heads += other.audited_heads;
+    max_dropped_mass = std::max(max_dropped_mass, other.max_dropped_mass);
+    sum_dropped_mass += other.sum_dropped_mass;
+  }
   void AddDroppedMass(double delta) {
     audited = true;
     ++audited_heads;

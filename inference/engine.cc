@@ -1,50 +1,24 @@
 #include "inference/engine.h"
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-
 #include <algorithm>
 #include <atomic>
-#include <list>
-#include <map>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "common/model.h"
-#include "common/model_fingerprint.h"
 #include "common/sampling.h"
 #include "common/status_macros.h"
-#include "kernels/dense_attention.h"
+#include "inference/engine_request.h"
+#include "inference/kv_cache_manager.h"
+#include "inference/model_runner.h"
+#include "inference/output_processor.h"
+#include "inference/scheduler.h"
 #include "kernels/hybrid_attention.h"
-#include "kernels/policy_backend.h"
-#ifdef LYCHEE_CUDA_ATTENTION
-#include "kernels/cuda_attention.h"
-#endif
 
 namespace lychee {
 namespace {
 
-using Clock = std::chrono::steady_clock;
-
-// How long the idle scheduler sleeps before it looks again at queued requests' deadlines.
+// How long the idle engine sleeps before it looks again at queued requests' deadlines.
 constexpr std::chrono::milliseconds kIdlePoll(50);
-
-double Seconds(Clock::duration duration) { return std::chrono::duration<double>(duration).count(); }
-
-// The length of the longest suffix of `text` that is a proper prefix of one of `stops`: text
-// that might become a stop sequence is held back until it is decided.
-size_t PossibleStopPrefix(const std::string& text, const std::vector<std::string>& stops) {
-  size_t longest = 0;
-  for (const std::string& stop : stops) {
-    for (size_t length = std::min(text.size(), stop.size() - 1); length > longest; --length) {
-      if (text.compare(text.size() - length, length, stop, 0, length) == 0) {
-        longest = length;
-        break;
-      }
-    }
-  }
-  return longest;
-}
 
 }  // namespace
 
@@ -91,129 +65,85 @@ class InferenceEngine::Impl {
   ~Impl() { Shutdown(); }
 
   absl::Status Load(MetricsRegistry* metrics) {
-    if (options_.threads > 0) at::set_num_threads(options_.threads);
     if (options_.max_batch < 1) return absl::InvalidArgumentError("max_batch must be >= 1");
     if (options_.max_queued < 0) return absl::InvalidArgumentError("max_queued must be >= 0");
     if (options_.prefill_chunk_tokens < 1) return absl::InvalidArgumentError("prefill_chunk_tokens must be >= 1");
-    LYCHEE_ASSIGN_OR_RETURN(ModelOptions model_options, ModelOptionsForDevice(options_.device));
     LYCHEE_ASSIGN_OR_RETURN(tokenizer_, Tokenizer::FromFile(options_.model_dir + "/tokenizer.json"));
-    LYCHEE_ASSIGN_OR_RETURN(model_, Model::Load(options_.model_dir, model_options));
-    const ModelConfig& config = model_->config();
+    LYCHEE_ASSIGN_OR_RETURN(runner_, ModelRunner::Create(options_, partitions_));
+    const ModelConfig& config = runner_->config();
     max_context_ = config.max_position_embeddings;
     if (options_.max_context_tokens > 0) max_context_ = std::min(max_context_, options_.max_context_tokens);
     if (max_context_ <= 0) max_context_ = options_.max_context_tokens;
     if (max_context_ <= 0) return absl::InvalidArgumentError("the model gives no context limit; set one");
-    kv_bytes_per_token_ = 2 * config.num_layers * config.num_kv_heads * config.head_dim *
-                          static_cast<int64_t>(at::elementSize(model_options.dtype));
-    for (int64_t eos : config.eos_token_ids) stop_ids_.push_back(static_cast<int32_t>(eos));
-#ifdef LYCHEE_CUDA_ATTENTION
-    if (model_options.device.is_cuda()) dense_ = MakeCudaDenseAttention();
-#endif
-    if (dense_ == nullptr) dense_ = std::make_shared<DenseAttentionBackend>();
-    if (metrics != nullptr) RegisterMetrics(*metrics);
-    scheduler_ = std::thread([this] { Run(); });
+    LYCHEE_ASSIGN_OR_RETURN(kv_, KvCacheManager::Create(runner_->model(), options_.kv_cache_bytes,
+                                                        options_.kv_cache_fraction));
+    runner_->UseKvPool(kv_->pool());
+    scheduler_ = std::make_unique<Scheduler>(
+        SchedulerOptions{options_.max_batch, options_.max_queued, options_.prefill_chunk_tokens}, *kv_);
+    if (metrics == nullptr) {
+      own_metrics_ = std::make_unique<MetricsRegistry>();
+      metrics = own_metrics_.get();
+    }
+    RegisterMetrics(*metrics);
+    engine_thread_ = std::thread([this] { Run(); });
     return absl::OkStatus();
   }
 
-  absl::StatusOr<std::shared_ptr<GenerationStream>> Submit(GenerationRequest request) {
-    LYCHEE_RETURN_IF_ERROR(Check(request));
-    LYCHEE_ASSIGN_OR_RETURN(AttentionPlan plan, PlanAttention(request));
-    const int64_t reserved_tokens =
-        std::min<int64_t>(static_cast<int64_t>(request.prompt_ids.size()) + request.max_new_tokens - 1, max_context_);
-    const int64_t reserved_bytes = reserved_tokens * kv_bytes_per_token_;
-    if (reserved_bytes > options_.kv_cache_bytes) {
-      Count(rejected_);
+  absl::StatusOr<std::shared_ptr<GenerationStream>> Submit(GenerationRequest generation) {
+    LYCHEE_RETURN_IF_ERROR(Check(generation));
+    LYCHEE_ASSIGN_OR_RETURN(AttentionPlan plan, PlanAttention(generation));
+    // The last token is sampled, never written to the cache.
+    const int64_t prompt_tokens = static_cast<int64_t>(generation.prompt_ids.size());
+    const int64_t most_positions = std::min(prompt_tokens + generation.max_new_tokens - 1, max_context_);
+    if (absl::Status fits = kv_->CheckFitsPool(most_positions); !fits.ok()) {
+      rejected_->Increment();
       return absl::ResourceExhaustedError(absl::StrCat(
-          "the request needs ", reserved_bytes, " bytes of KV cache (", reserved_tokens, " tokens of ",
-          kv_bytes_per_token_, " bytes), more than the server's whole KV memory of ", options_.kv_cache_bytes,
-          " bytes; shorten the prompt or max_new_tokens"));
+          "the request may need ", most_positions, " KV positions (", prompt_tokens, " prompt tokens and up to ",
+          generation.max_new_tokens, " new ones, within the context limit of ", max_context_, "): ", fits.message(),
+          "; shorten the prompt or max_new_tokens"));
     }
-    auto stream = std::make_shared<GenerationStream>();
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (stopping_) return absl::UnavailableError("the server is shutting down");
-      if (WaitingLocked() >= options_.max_queued && !(queue_.empty() && FitsLocked(reserved_bytes))) {
-        Count(rejected_);
-        return absl::ResourceExhaustedError(absl::StrCat("the server is full: ", running_count_, " sequences hold ",
-                                                         reserved_bytes_, " of ", options_.kv_cache_bytes,
-                                                         " KV bytes and ", queue_.size(),
-                                                         " requests wait already; retry later"));
-      }
-      queue_.push_back(Pending{std::move(request), stream, Clock::now(), reserved_tokens, reserved_bytes, plan});
+    auto request = std::make_unique<EngineRequest>(next_request_id_++, std::move(generation), *tokenizer_);
+    request->plan = std::move(plan);
+    std::shared_ptr<GenerationStream> stream = request->stream;
+    if (absl::Status added = scheduler_->Add(std::move(request)); !added.ok()) {
+      if (absl::IsResourceExhausted(added)) rejected_->Increment();
+      return added;
     }
-    wake_.notify_all();
     return stream;
   }
 
   EngineLoad load() const {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return {running_count_, static_cast<int64_t>(queue_.size()), reserved_bytes_, options_.kv_cache_bytes};
+    EngineLoad load;
+    load.active_sequences = scheduler_->num_running();
+    load.queued_requests = scheduler_->num_waiting();
+    load.kv_pages_used = kv_->used_pages();
+    load.kv_pages_total = kv_->num_pages();
+    load.kv_bytes_reserved = load.kv_pages_used * kv_->bytes_per_page();
+    load.kv_bytes_limit = load.kv_pages_total * kv_->bytes_per_page();
+    return load;
   }
 
   void Shutdown() {
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      if (stopping_) return;
-      stopping_ = true;
-    }
-    wake_.notify_all();
-    if (scheduler_.joinable()) scheduler_.join();
+    if (shut_down_.exchange(true) || scheduler_ == nullptr) return;
+    scheduler_->Stop();
+    if (engine_thread_.joinable()) engine_thread_.join();
   }
 
   const Tokenizer& tokenizer() const { return *tokenizer_; }
-  const ModelConfig& config() const { return model_->config(); }
+  const ModelConfig& config() const { return runner_->config(); }
   int64_t max_context() const { return max_context_; }
-  int64_t kv_bytes_per_token() const { return kv_bytes_per_token_; }
+  int64_t kv_bytes_per_token() const { return kv_->bytes_per_page() / kv_->page_size(); }
   const EngineOptions& options() const { return options_; }
 
  private:
-  // The attention a request asked for, resolved against the partitions when it is admitted.
-  struct AttentionPlan {
-    bool hybrid = false;
-    std::optional<PolicySpec> policy;
-    // Set for a pinned version; else the active partition at admission.
-    PartitionManager::Snapshot pinned;
-    std::optional<int64_t> token_budget;
-  };
-
-  struct Pending {
-    GenerationRequest request;
-    std::shared_ptr<GenerationStream> stream;
-    Clock::time_point arrived;
-    int64_t reserved_tokens = 0;
-    int64_t reserved_bytes = 0;
-    AttentionPlan plan;
-  };
-
-  struct Running {
-    Running(Pending pending_in, const Tokenizer& tokenizer)
-        : pending(std::move(pending_in)),
-          sampler(SamplingParams{pending.request.temperature, pending.request.top_p, pending.request.seed}),
-          decoder(tokenizer, /*skip_special_tokens=*/true) {}
-
-    Pending pending;
-    std::unique_ptr<Sequence> sequence;
-    Sampler sampler;
-    IncrementalDecoder decoder;
-    GenerationSummary summary;
-    size_t prefilled = 0;
-    int32_t last_token = 0;
-    // Decoded text not sent yet because it may begin a stop sequence.
-    std::string held_text;
-    Clock::time_point admitted;
-    Clock::time_point last_token_time;
-    double latency_sum = 0;
-    bool finished = false;
-  };
-
   absl::Status Check(const GenerationRequest& request) const {
+    const ModelConfig& config = runner_->config();
     if (request.prompt_ids.empty()) return absl::InvalidArgumentError("prompt: empty; give text or token ids");
     for (size_t i = 0; i < request.prompt_ids.size(); ++i) {
       const int32_t id = request.prompt_ids[i];
-      if (id < 0 || id >= model_->config().vocab_size) {
+      if (id < 0 || id >= config.vocab_size) {
         return absl::InvalidArgumentError(absl::StrCat("prompt.token_ids[", i, "] = ", id,
-                                                       " is outside the vocabulary [0, ", model_->config().vocab_size,
-                                                       ")"));
+                                                       " is outside the vocabulary [0, ", config.vocab_size, ")"));
       }
     }
     if (static_cast<int64_t>(request.prompt_ids.size()) >= max_context_) {
@@ -234,9 +164,10 @@ class InferenceEngine::Impl {
   }
 
   absl::StatusOr<AttentionPlan> PlanAttention(const GenerationRequest& request) const {
+    const ModelConfig& config = runner_->config();
     AttentionPlan plan;
     if (request.policy) {
-      LYCHEE_RETURN_IF_ERROR(request.policy->Validate(model_->config()));
+      LYCHEE_RETURN_IF_ERROR(request.policy->Validate(config));
       plan.policy = request.policy;
       if (PolicyNeedsPartition(request.policy->kind)) {
         if (request.partition_version) {
@@ -274,7 +205,7 @@ class InferenceEngine::Impl {
     if (request.token_budget) {
       HeadPartition adjusted = *partition;
       adjusted.mutable_selection().token_budget = *request.token_budget;
-      if (absl::Status fits = CheckHybridFits(adjusted, model_->config()); !fits.ok()) {
+      if (absl::Status fits = CheckHybridFits(adjusted, config); !fits.ok()) {
         return absl::InvalidArgumentError(absl::StrCat("attention.token_budget: ", fits.message()));
       }
       plan.token_budget = request.token_budget;
@@ -282,387 +213,136 @@ class InferenceEngine::Impl {
     return plan;
   }
 
-  bool FitsLocked(int64_t bytes) const {
-    return running_count_ < options_.max_batch && reserved_bytes_ + bytes <= options_.kv_cache_bytes;
-  }
-
-  // Queued requests that the scheduler will not admit at its next look: those behind the
-  // head of the queue that fits now.
-  int64_t WaitingLocked() const {
-    int64_t sequences = running_count_;
-    int64_t bytes = reserved_bytes_;
-    int64_t admissible = 0;
-    for (const Pending& pending : queue_) {
-      if (sequences >= options_.max_batch || bytes + pending.reserved_bytes > options_.kv_cache_bytes) break;
-      ++sequences;
-      bytes += pending.reserved_bytes;
-      ++admissible;
-    }
-    return static_cast<int64_t>(queue_.size()) - admissible;
-  }
-
-  // The scheduler's loop: admit, prefill one chunk each, decode one step, repeat.
+  // The engine's loop: end what was abandoned, schedule, drop the preempted sequences, start the
+  // admitted ones, prefill one chunk each, decode one step each, hand the tokens on; repeat.
   void Run() {
-    while (true) {
-      std::vector<Pending> admitted;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        if (running_.empty()) {
-          wake_.wait_for(lock, kIdlePoll, [&] { return stopping_ || (!queue_.empty() && FitsLocked(queue_.front().reserved_bytes)); });
-        }
-        if (stopping_) break;
-        DropAbandonedLocked();
-        while (!queue_.empty() && FitsLocked(queue_.front().reserved_bytes)) {
-          reserved_bytes_ += queue_.front().reserved_bytes;
-          ++running_count_;
-          admitted.push_back(std::move(queue_.front()));
-          queue_.pop_front();
+    while (scheduler_->WaitForWork(kIdlePoll)) {
+      EndAbandoned();
+      Retire();
+      const SchedulerOutput step = scheduler_->Schedule();
+      for (EngineRequest* request : step.preempted) {
+        runner_->Preempt(*request);
+        preemptions_->Increment();
+      }
+      for (EngineRequest* request : step.admitted) {
+        if (absl::Status started = runner_->Start(*request); !started.ok()) output_->Fail(*request, started);
+      }
+      for (const PrefillChunk& chunk : step.prefills) {
+        if (chunk.request->status == RequestStatus::kFinished) continue;
+        absl::StatusOr<std::optional<int32_t>> token = runner_->Prefill(*chunk.request, chunk.tokens);
+        if (!token.ok()) {
+          output_->Fail(*chunk.request, token.status());
+        } else if (token->has_value()) {
+          Deliver(*chunk.request, **token);
         }
       }
-      for (Pending& pending : admitted) Admit(std::move(pending));
-      if (running_.empty()) continue;
-      for (Running& running : running_) {
-        if (running.pending.stream->cancelled()) {
-          Finish(running, absl::CancelledError("cancelled by the client"));
-        } else if (Clock::now() > running.pending.request.deadline) {
-          Finish(running, absl::DeadlineExceededError("the deadline passed during generation"));
+      if (!step.decodes.empty()) {
+        const std::vector<absl::StatusOr<int32_t>> tokens = runner_->Decode(step.decodes);
+        for (size_t i = 0; i < tokens.size(); ++i) {
+          if (tokens[i].ok()) {
+            Deliver(*step.decodes[i], *tokens[i]);
+          } else {
+            output_->Fail(*step.decodes[i], tokens[i].status());
+          }
         }
       }
-      Reap();
-      PrefillStep();
-      DecodeStep();
-      Reap();
+      Retire();
     }
-    std::lock_guard<std::mutex> lock(mutex_);
-    for (Pending& pending : queue_) pending.stream->Push(ErrorEvent(absl::UnavailableError("the server shut down")));
-    queue_.clear();
-    for (Running& running : running_) {
-      if (!running.finished) running.pending.stream->Push(ErrorEvent(absl::UnavailableError("the server shut down")));
+    for (std::unique_ptr<EngineRequest>& request : scheduler_->TakeAll()) {
+      output_->Fail(*request, absl::UnavailableError("the server shut down"));
+      runner_->Release(*request);
     }
-    running_.clear();
   }
 
-  void DropAbandonedLocked() {
-    const Clock::time_point now = Clock::now();
-    for (auto it = queue_.begin(); it != queue_.end();) {
-      if (it->stream->cancelled()) {
-        Count(cancelled_);
-        it = queue_.erase(it);
-      } else if (now > it->request.deadline) {
-        Count(failed_);
-        it->stream->Push(ErrorEvent(absl::DeadlineExceededError("the deadline passed while the request was queued")));
-        it = queue_.erase(it);
+  void EndAbandoned() {
+    for (EngineRequest* request : scheduler_->Abandoned()) {
+      if (request->stream->cancelled()) {
+        output_->Fail(*request, absl::CancelledError("cancelled by the client"));
       } else {
-        ++it;
+        output_->Fail(*request, absl::DeadlineExceededError(request->status == RequestStatus::kWaiting
+                                                                ? "the deadline passed while the request was queued"
+                                                                : "the deadline passed during generation"));
       }
     }
   }
 
-  void Admit(Pending pending) {
-    running_.emplace_back(std::move(pending), *tokenizer_);
-    Running& running = running_.back();
-    running.admitted = Clock::now();
-    running.summary.prompt_tokens = static_cast<int64_t>(running.pending.request.prompt_ids.size());
-    running.summary.queue_seconds = Seconds(running.admitted - running.pending.arrived);
-    absl::StatusOr<std::shared_ptr<const AttentionBackend>> attention = BackendFor(running);
-    if (!attention.ok()) {
-      Finish(running, attention.status());
-      return;
-    }
-    running.sequence = model_->NewSequence(*std::move(attention));
-    if (absl::Status reserved = running.sequence->Reserve(running.pending.reserved_tokens); !reserved.ok()) {
-      Finish(running, reserved);
-    }
+  void Deliver(EngineRequest& request, int32_t token) {
+    // Released first: the pages are free by the time the client reads the summary.
+    if (output_->Process(request, token)) output_->Complete(request, runner_->Release(request));
   }
 
-  absl::StatusOr<std::shared_ptr<const AttentionBackend>> BackendFor(Running& running) {
-    const AttentionPlan& plan = running.pending.plan;
-    if (plan.policy) return PolicyBackendFor(running);
-    if (!plan.hybrid) return dense_;
-    PartitionManager::Snapshot partition = plan.pinned != nullptr ? plan.pinned : partitions_->Active().partition;
-    if (partition == nullptr) return absl::FailedPreconditionError("hybrid attention: no head partition is active");
-    const int64_t budget = plan.token_budget.value_or(partition->selection().token_budget);
-    running.summary.hybrid = true;
-    running.summary.partition_version = partition->version;
-    running.summary.token_budget = budget;
-    // Backends are shared by every sequence with the same partition and budget, so that they
-    // decode in one batched call.
-    const std::pair<uint64_t, int64_t> key(partition->version, budget);
-    if (auto it = hybrid_backends_.find(key); it != hybrid_backends_.end()) return it->second;
-    auto adjusted = std::make_shared<HeadPartition>(*partition);
-    adjusted->mutable_selection().token_budget = budget;
-    std::shared_ptr<const AttentionBackend> backend;
-#ifdef LYCHEE_CUDA_ATTENTION
-    if (model_->options().device.is_cuda()) {
-      LYCHEE_ASSIGN_OR_RETURN(backend, MakeCudaHybridAttention(adjusted, model_->config()));
-    }
-#endif
-    if (backend == nullptr) {
-      LYCHEE_ASSIGN_OR_RETURN(auto hybrid, HybridAttentionBackend::Create(adjusted, model_->config()));
-      backend = std::move(hybrid);
-    }
-    ForgetUnusedBackends(hybrid_backends_);
-    hybrid_backends_[key] = backend;
-    return backend;
-  }
-
-  // Backends of policies are shared, like hybrid ones, by every sequence with the same policy
-  // parameters and partition.
-  absl::StatusOr<std::shared_ptr<const AttentionBackend>> PolicyBackendFor(Running& running) {
-    const AttentionPlan& plan = running.pending.plan;
-    const PolicySpec& spec = *plan.policy;
-    PartitionManager::Snapshot partition;
-    if (PolicyNeedsPartition(spec.kind)) {
-      partition = plan.pinned != nullptr ? plan.pinned : partitions_->Active().partition;
-      if (partition == nullptr) return absl::FailedPreconditionError("no head partition is active");
-      running.summary.partition_version = partition->version;
-    }
-    running.summary.hybrid = spec.kind != PolicyKind::kDense;
-    running.summary.token_budget = spec.kind == PolicyKind::kDense ? 0 : spec.token_budget;
-    running.summary.policy = spec.Describe();
-    const std::pair<std::string, uint64_t> key(running.summary.policy, running.summary.partition_version);
-    if (auto it = policy_backends_.find(key); it != policy_backends_.end()) return it->second;
-    LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const AttentionBackend> backend,
-                            MakePolicyBackend(spec, model_->config(), partition, model_->options().device));
-    ForgetUnusedBackends(policy_backends_);
-    policy_backends_[key] = backend;
-    return backend;
-  }
-
-  // Drops cached backends that no sequence holds any more, so that a long-running service does
-  // not keep one (and its partition) per version or policy parameters it ever served.
-  template <typename Cache>
-  static void ForgetUnusedBackends(Cache& cache) {
-    for (auto it = cache.begin(); it != cache.end();) {
-      it = it->second.use_count() == 1 ? cache.erase(it) : std::next(it);
-    }
-  }
-
-  static std::optional<GenerationTelemetry> TelemetryOf(const Sequence& sequence) {
-    const SequenceAttentionState* state = sequence.attention_state();
-    const AttentionTelemetry* telemetry = state == nullptr ? nullptr : state->telemetry();
-    if (telemetry == nullptr) return std::nullopt;
-    GenerationTelemetry copy;
-    copy.num_layers = telemetry->num_layers;
-    copy.num_kv_heads = telemetry->num_kv_heads;
-    copy.tokens_attended = telemetry->tokens_attended;
-    copy.decode_steps = telemetry->decode_steps;
-    copy.kv_bytes_read = telemetry->kv_bytes_read;
-    copy.audited = telemetry->audited;
-    copy.max_dropped_mass = telemetry->max_dropped_mass;
-    copy.mean_dropped_mass = telemetry->mean_dropped_mass();
-    return copy;
-  }
-
-  void PrefillStep() {
-    for (Running& running : running_) {
-      const std::vector<int32_t>& prompt = running.pending.request.prompt_ids;
-      if (running.finished || running.prefilled >= prompt.size()) continue;
-      const size_t chunk = std::min<size_t>(prompt.size() - running.prefilled, options_.prefill_chunk_tokens);
-      absl::StatusOr<at::Tensor> logits =
-          model_->Prefill(*running.sequence, absl::MakeConstSpan(prompt).subspan(running.prefilled, chunk));
-      if (!logits.ok()) {
-        Finish(running, logits.status());
-        continue;
-      }
-      running.prefilled += chunk;
-      if (running.prefilled == prompt.size()) HandleToken(running, running.sampler.Next(*logits));
-    }
-  }
-
-  void DecodeStep() {
-    std::vector<Running*> batch;
-    std::vector<Sequence*> sequences;
-    std::vector<int32_t> ids;
-    for (Running& running : running_) {
-      if (running.finished || running.prefilled < running.pending.request.prompt_ids.size()) continue;
-      batch.push_back(&running);
-      sequences.push_back(running.sequence.get());
-      ids.push_back(running.last_token);
-    }
-    if (batch.empty()) return;
-    absl::StatusOr<at::Tensor> logits = model_->Decode(sequences, ids);
-    if (!logits.ok()) {
-      for (Running* running : batch) Finish(*running, logits.status());
-      return;
-    }
-    // One device-to-host copy for the whole batch, not one per sequence inside the sampler.
-    const at::Tensor host_logits = logits->to(at::kCPU);
-    for (size_t i = 0; i < batch.size(); ++i) {
-      HandleToken(*batch[i], batch[i]->sampler.Next(host_logits[static_cast<int64_t>(i)]));
-    }
-  }
-
-  void HandleToken(Running& running, int32_t token) {
-    const Clock::time_point now = Clock::now();
-    GenerationSummary& summary = running.summary;
-    if (summary.completion_tokens == 0) {
-      summary.time_to_first_token_seconds = Seconds(now - running.pending.arrived);
-      if (ttft_ != nullptr) ttft_->Observe(summary.time_to_first_token_seconds);
-    } else {
-      const double latency = Seconds(now - running.last_token_time);
-      running.latency_sum += latency;
-      summary.max_token_latency_seconds = std::max(summary.max_token_latency_seconds, latency);
-      if (token_latency_ != nullptr) token_latency_->Observe(latency);
-    }
-    running.last_token_time = now;
-    ++summary.completion_tokens;
-    Count(tokens_generated_);
-    running.last_token = token;
-    const GenerationRequest& request = running.pending.request;
-
-    if (std::find(stop_ids_.begin(), stop_ids_.end(), token) != stop_ids_.end()) {
-      Complete(running, FinishReason::kStopToken, {});
-      return;
-    }
-    absl::StatusOr<std::string> piece = running.decoder.Push(token);
-    if (!piece.ok()) {
-      Finish(running, piece.status());
-      return;
-    }
-    running.held_text += *piece;
-    size_t stop_at = std::string::npos;
-    for (const std::string& stop : request.stop_sequences) stop_at = std::min(stop_at, running.held_text.find(stop));
-    if (stop_at != std::string::npos) {
-      running.held_text.resize(stop_at);
-      Complete(running, FinishReason::kStopSequence, {token});
-      return;
-    }
-    if (summary.completion_tokens >= request.max_new_tokens) {
-      Complete(running, FinishReason::kMaxTokens, {token});
-      return;
-    }
-    if (running.sequence->length() + 1 > running.pending.reserved_tokens) {
-      Complete(running, FinishReason::kContextLimit, {token});
-      return;
-    }
-    const size_t keep = PossibleStopPrefix(running.held_text, request.stop_sequences);
-    GenerationEvent chunk;
-    chunk.kind = GenerationEvent::Kind::kChunk;
-    chunk.token_ids = {token};
-    chunk.text = running.held_text.substr(0, running.held_text.size() - keep);
-    running.held_text.erase(0, chunk.text.size());
-    running.pending.stream->Push(std::move(chunk));
-  }
-
-  // A normal end: the last tokens and text, then the summary.
-  void Complete(Running& running, FinishReason reason, std::vector<int32_t> last_ids) {
-    GenerationSummary& summary = running.summary;
-    if (reason != FinishReason::kStopSequence) running.held_text += running.decoder.Flush();
-    if (!last_ids.empty() || !running.held_text.empty()) {
-      GenerationEvent chunk;
-      chunk.kind = GenerationEvent::Kind::kChunk;
-      chunk.token_ids = std::move(last_ids);
-      chunk.text = std::move(running.held_text);
-      running.pending.stream->Push(std::move(chunk));
-    }
-    summary.finish_reason = reason;
-    if (summary.completion_tokens > 1) {
-      summary.mean_token_latency_seconds = running.latency_sum / static_cast<double>(summary.completion_tokens - 1);
-    }
-    summary.total_seconds = Seconds(Clock::now() - running.pending.arrived);
-    if (running.sequence != nullptr) summary.telemetry = TelemetryOf(*running.sequence);
-    Count(prompt_tokens_, static_cast<double>(summary.prompt_tokens));
-    GenerationEvent done;
-    done.kind = GenerationEvent::Kind::kDone;
-    done.summary = summary;
-    running.pending.stream->Push(std::move(done));
-    Count(succeeded_);
-    running.finished = true;
-  }
-
-  void Finish(Running& running, const absl::Status& error) {
-    if (running.finished) return;
-    running.finished = true;
-    Count(absl::IsCancelled(error) ? cancelled_ : failed_);
-    running.pending.stream->Push(ErrorEvent(error));
-  }
-
-  // Frees the KV memory of every finished sequence.
-  void Reap() {
-    int64_t freed_bytes = 0;
-    int64_t freed_sequences = 0;
-    for (auto it = running_.begin(); it != running_.end();) {
-      if (it->finished) {
-        freed_bytes += it->pending.reserved_bytes;
-        ++freed_sequences;
-        it = running_.erase(it);
-      } else {
-        ++it;
-      }
-    }
-    if (freed_sequences == 0) return;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      reserved_bytes_ -= freed_bytes;
-      running_count_ -= freed_sequences;
-    }
-    wake_.notify_all();
-  }
-
-  static GenerationEvent ErrorEvent(absl::Status error) {
-    GenerationEvent event;
-    event.kind = GenerationEvent::Kind::kError;
-    event.error = std::move(error);
-    return event;
+  // Frees the pages of every request that ended, however it ended.
+  void Retire() {
+    for (const std::unique_ptr<EngineRequest>& request : scheduler_->TakeFinished()) runner_->Release(*request);
   }
 
   void RegisterMetrics(MetricsRegistry& metrics) {
     const std::string requests = "lychee_requests_total";
     const std::string requests_help = "Generate requests by how they ended";
-    succeeded_ = &metrics.AddCounter(requests, requests_help, {{"outcome", "ok"}});
-    failed_ = &metrics.AddCounter(requests, requests_help, {{"outcome", "error"}});
-    cancelled_ = &metrics.AddCounter(requests, requests_help, {{"outcome", "cancelled"}});
+    OutputMetrics output;
+    output.succeeded = &metrics.AddCounter(requests, requests_help, {{"outcome", "ok"}});
+    output.failed = &metrics.AddCounter(requests, requests_help, {{"outcome", "error"}});
+    output.cancelled = &metrics.AddCounter(requests, requests_help, {{"outcome", "cancelled"}});
     rejected_ = &metrics.AddCounter(requests, requests_help, {{"outcome", "rejected"}});
-    tokens_generated_ = &metrics.AddCounter("lychee_generated_tokens_total", "Tokens generated");
-    prompt_tokens_ = &metrics.AddCounter("lychee_prompt_tokens_total", "Prompt tokens of completed requests");
+    output.generated_tokens = &metrics.AddCounter("lychee_generated_tokens_total", "Tokens generated");
+    output.prompt_tokens = &metrics.AddCounter("lychee_prompt_tokens_total", "Prompt tokens of completed requests");
     const std::vector<double> ttft_bounds = {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60};
-    ttft_ = &metrics.AddHistogram("lychee_time_to_first_token_seconds", "From arrival to the first token", ttft_bounds);
+    output.time_to_first_token =
+        &metrics.AddHistogram("lychee_time_to_first_token_seconds", "From arrival to the first token", ttft_bounds);
     const std::vector<double> token_bounds = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5};
-    token_latency_ =
+    output.token_latency =
         &metrics.AddHistogram("lychee_token_latency_seconds", "Between consecutive tokens of a sequence", token_bounds);
-    metrics.AddGauge("lychee_active_sequences", "Sequences holding KV memory", [this] { return double(load().active_sequences); });
-    metrics.AddGauge("lychee_queued_requests", "Requests waiting for KV memory", [this] { return double(load().queued_requests); });
-    metrics.AddGauge("lychee_kv_cache_reserved_bytes", "KV memory reserved by admitted sequences",
-                     [this] { return double(load().kv_bytes_reserved); });
-    metrics.AddGauge("lychee_kv_cache_limit_bytes", "KV memory sequences may reserve",
-                     [this] { return double(options_.kv_cache_bytes); });
+    output_ = std::make_unique<OutputProcessor>(StopIds(), max_context_, output);
+    preemptions_ = &metrics.AddCounter("lychee_preemptions_total",
+                                       "Sequences dropped for older ones when the KV pool ran out, to be recomputed");
+
+    const auto running = [this] { return static_cast<double>(scheduler_->num_running()); };
+    const auto waiting = [this] { return static_cast<double>(scheduler_->num_waiting()); };
+    metrics.AddGauge("lychee_running_requests", "Requests holding a sequence in the KV pool", running);
+    metrics.AddGauge("lychee_waiting_requests", "Requests waiting for admission, preempted ones included", waiting);
+    metrics.AddGauge("lychee_active_sequences", "Sequences in the KV pool (as lychee_running_requests)", running);
+    metrics.AddGauge("lychee_queued_requests", "Requests waiting (as lychee_waiting_requests)", waiting);
+    metrics.AddGauge("lychee_kv_cache_usage", "Fraction of the KV pool's pages in use",
+                     [this] { return static_cast<double>(kv_->used_pages()) / static_cast<double>(kv_->num_pages()); });
+    const std::string pages_help = "Pages of the KV pool by state";
+    metrics.AddGauge("lychee_kv_cache_pages", pages_help, [this] { return static_cast<double>(kv_->used_pages()); },
+                     {{"state", "used"}});
+    metrics.AddGauge("lychee_kv_cache_pages", pages_help, [this] { return static_cast<double>(kv_->free_pages()); },
+                     {{"state", "free"}});
+    metrics.AddGauge("lychee_kv_cache_reserved_bytes", "Bytes of the KV pages in use",
+                     [this] { return static_cast<double>(kv_->used_pages() * kv_->bytes_per_page()); });
+    metrics.AddGauge("lychee_kv_cache_limit_bytes", "Bytes of the whole KV pool",
+                     [this] { return static_cast<double>(kv_->num_pages() * kv_->bytes_per_page()); });
+    metrics.AddCounterFunction("lychee_decode_graph_replays_total", "Decode steps replayed from a captured CUDA graph",
+                               [this] { return static_cast<double>(runner_->decode_counts().graph_replays); });
+    metrics.AddCounterFunction("lychee_decode_eager_steps_total", "Decode steps launched op by op",
+                               [this] { return static_cast<double>(runner_->decode_counts().eager_steps); });
+    metrics.AddCounterFunction(
+        "lychee_decode_graph_capture_failures_total", "Decode steps whose CUDA graph capture failed",
+        [this] { return static_cast<double>(runner_->decode_counts().graph_capture_failures); });
   }
 
-  static void Count(Counter* counter, double amount = 1) {
-    if (counter != nullptr) counter->Increment(amount);
+  std::vector<int32_t> StopIds() const {
+    std::vector<int32_t> ids;
+    for (int64_t eos : runner_->config().eos_token_ids) ids.push_back(static_cast<int32_t>(eos));
+    return ids;
   }
 
   const EngineOptions options_;
   PartitionManager* const partitions_;
   std::unique_ptr<Tokenizer> tokenizer_;
-  std::unique_ptr<Model> model_;
   int64_t max_context_ = 0;
-  int64_t kv_bytes_per_token_ = 0;
-  std::vector<int32_t> stop_ids_;
-  std::shared_ptr<const AttentionBackend> dense_;
-
-  mutable std::mutex mutex_;
-  std::condition_variable wake_;
-  std::deque<Pending> queue_;
-  int64_t running_count_ = 0;
-  int64_t reserved_bytes_ = 0;
-  bool stopping_ = false;
-
-  // The scheduler thread's own.
-  std::list<Running> running_;
-  std::map<std::pair<uint64_t, int64_t>, std::shared_ptr<const AttentionBackend>> hybrid_backends_;
-  std::map<std::pair<std::string, uint64_t>, std::shared_ptr<const AttentionBackend>> policy_backends_;
-  std::thread scheduler_;
-
-  Counter* succeeded_ = nullptr;
-  Counter* failed_ = nullptr;
-  Counter* cancelled_ = nullptr;
+  std::unique_ptr<ModelRunner> runner_;
+  std::unique_ptr<KvCacheManager> kv_;
+  std::unique_ptr<Scheduler> scheduler_;
+  // Where the metrics go when the engine is given no registry.
+  std::unique_ptr<MetricsRegistry> own_metrics_;
+  std::unique_ptr<OutputProcessor> output_;
   Counter* rejected_ = nullptr;
-  Counter* tokens_generated_ = nullptr;
-  Counter* prompt_tokens_ = nullptr;
-  Histogram* ttft_ = nullptr;
-  Histogram* token_latency_ = nullptr;
+  Counter* preemptions_ = nullptr;
+  std::atomic<uint64_t> next_request_id_{1};
+  std::atomic<bool> shut_down_{false};
+  std::thread engine_thread_;
 };
 
 absl::StatusOr<std::unique_ptr<InferenceEngine>> InferenceEngine::Create(EngineOptions options,

@@ -1,12 +1,14 @@
 // The serving core of lychee-inference, driven without gRPC by the service and by tests.
-// One scheduler thread runs the model: every iteration it admits waiting requests whose KV
-// memory fits, runs one chunk of prefill for sequences still reading their prompt, and one
-// batched decode step for all the others (continuous batching: new sequences join between
-// steps). KV memory is reserved per sequence at admission (prompt plus the tokens it may
-// generate) and bounded; requests wait in a bounded queue when it is full. Cancellation and
-// deadlines end a sequence at the next step boundary and free its memory there. Each sequence
-// pins the attention it was admitted with: dense, or hybrid with the partition then active.
-// Free of LibTorch.
+// One thread runs the model, in iterations after vLLM v1's engine: the scheduler
+// (inference/scheduler.h) picks what runs, admitting waiting requests and preempting when the KV
+// pool runs out; the KV cache manager (inference/kv_cache_manager.h) holds the one pool of KV
+// pages, which sequences take as they grow; the model runner (inference/model_runner.h) runs a
+// prefill chunk of every sequence still reading its prompt and the decode steps of all the others
+// (continuous batching: new sequences join between steps); the output processor
+// (inference/output_processor.h) turns tokens into streamed text and summaries. Cancellation and
+// deadlines end a sequence at the next step boundary and free its pages there. Each sequence pins
+// the attention it was admitted with: dense, or hybrid with the partition then active. Free of
+// LibTorch.
 #pragma once
 
 #include <chrono>
@@ -75,6 +77,8 @@ struct GenerationSummary {
   int64_t token_budget = 0;
   std::string policy;  // the policy and its parameters, as PolicySpec::Describe gives them
   std::optional<GenerationTelemetry> telemetry;
+  // Times the sequence was dropped for an older one when the KV pool ran out, and recomputed.
+  int64_t preemptions = 0;
 };
 
 // What a client reads from a generation, in order: chunks, then one summary or one error.
@@ -99,7 +103,7 @@ class GenerationStream {
   bool cancelled() const;
 
  private:
-  friend class InferenceEngine;
+  friend class OutputProcessor;
   void Push(GenerationEvent event);
 
   mutable std::mutex mutex_;
@@ -113,8 +117,11 @@ struct EngineOptions {
   std::string device = "cpu";
   // 0: LibTorch's default.
   int threads = 0;
-  // KV memory that admitted sequences may reserve, in bytes.
+  // The KV pool, in bytes, rounded down to whole pages.
   int64_t kv_cache_bytes = int64_t{2} << 30;
+  // When not 0, the KV pool takes this fraction (0 < F <= 1) of the CUDA device's free memory once
+  // the model is loaded, in place of kv_cache_bytes; INVALID_ARGUMENT on the CPU.
+  double kv_cache_fraction = 0;
   int max_batch = 16;
   int max_queued = 64;
   int64_t max_new_tokens_limit = 4096;
@@ -125,13 +132,19 @@ struct EngineOptions {
   int64_t prefill_chunk_tokens = 512;
   // What kServerDefault means: hybrid when a partition is active (else dense), or always dense.
   bool hybrid_by_default = true;
+  // Capture decode steps as CUDA graphs and replay them (CUDA only).
+  bool cuda_graphs = true;
 };
 
 struct EngineLoad {
   int64_t active_sequences = 0;
+  // Waiting for admission, preempted ones included.
   int64_t queued_requests = 0;
+  // The bytes of the KV pages in use, and of the whole pool.
   int64_t kv_bytes_reserved = 0;
   int64_t kv_bytes_limit = 0;
+  int64_t kv_pages_used = 0;
+  int64_t kv_pages_total = 0;
 };
 
 // INVALID_ARGUMENT or FAILED_PRECONDITION when the hybrid decoder cannot serve `partition` on a
@@ -147,7 +160,8 @@ class InferenceEngine {
   ~InferenceEngine();
 
   // Checks the request (INVALID_ARGUMENT, OUT_OF_RANGE, NOT_FOUND, FAILED_PRECONDITION) and
-  // queues it; RESOURCE_EXHAUSTED when it can never fit the KV memory or the queue is full.
+  // queues it; RESOURCE_EXHAUSTED when its prompt and max_new_tokens could outgrow the whole KV
+  // pool, or the queue is full.
   absl::StatusOr<std::shared_ptr<GenerationStream>> Submit(GenerationRequest request);
 
   const Tokenizer& tokenizer() const;
@@ -156,7 +170,7 @@ class InferenceEngine {
   int64_t max_new_tokens_limit() const;
   std::string device() const;
   EngineLoad load() const;
-  // KV bytes one token of one sequence takes.
+  // KV bytes one position of one sequence takes (its pages hold 64 positions each).
   int64_t kv_bytes_per_token() const;
 
   // Ends every generation with UNAVAILABLE and stops the scheduler. Idempotent.

@@ -25,7 +25,12 @@ constexpr char kUsage[] = R"(usage: lychee-inference --state-dir DIR [flags]
   --metrics-listen IP:PORT    serve Prometheus metrics at /metrics (default: off)
   --device cpu|cuda           (default cpu)
   --threads N                 LibTorch intra-op threads (default 0: LibTorch's own default)
-  --kv-cache-mib N            KV memory that sequences may reserve (default 2048)
+  --kv-cache-mib N            the KV cache: a pool of pages of 64 positions that sequences take as
+                              they grow (default 2048)
+  --kv-cache-fraction F       CUDA only: size the KV cache as this fraction (0 < F <= 1) of the
+                              device's free memory once the model is loaded, in place of
+                              --kv-cache-mib
+  --cuda-graphs true|false    capture decode steps as CUDA graphs and replay them (default true)
   --max-batch N               sequences decoded together (default 16)
   --max-queued N              requests that may wait for KV memory (default 64)
   --max-new-tokens N          the most tokens one request may ask for (default 4096)
@@ -50,10 +55,10 @@ absl::Status Serve(const std::vector<std::string>& argv) {
       lychee::cli::Args args,
       lychee::cli::Args::Parse(argv,
                                {"model", "state-dir", "listen", "trainer", "metrics-listen", "device", "threads",
-                                "kv-cache-mib", "max-batch", "max-queued", "max-new-tokens", "max-context",
-                                "prefill-chunk", "default-attention", "tls-cert", "tls-key", "tls-client-ca",
-                                "admin-token-file", "client-token-file", "trainer-tls-ca", "trainer-tls-cert",
-                                "trainer-tls-key"},
+                                "kv-cache-mib", "kv-cache-fraction", "cuda-graphs", "max-batch", "max-queued",
+                                "max-new-tokens", "max-context", "prefill-chunk", "default-attention", "tls-cert",
+                                "tls-key", "tls-client-ca", "admin-token-file", "client-token-file", "trainer-tls-ca",
+                                "trainer-tls-cert", "trainer-tls-key"},
                                {"insecure-admin"}));
   lychee::InferenceServerOptions options;
   options.state_dir = args.GetOr("state-dir", "");
@@ -90,6 +95,21 @@ absl::Status Serve(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(engine.max_new_tokens_limit, in_range("max-new-tokens", 4096, 1, 1 << 20));
   LYCHEE_ASSIGN_OR_RETURN(engine.max_context_tokens, in_range("max-context", 0, 0, int64_t{1} << 24));
   LYCHEE_ASSIGN_OR_RETURN(engine.prefill_chunk_tokens, in_range("prefill-chunk", 512, 1, 1 << 20));
+  if (args.Has("kv-cache-fraction")) {
+    if (args.Has("kv-cache-mib")) {
+      return absl::InvalidArgumentError("give --kv-cache-mib or --kv-cache-fraction, not both");
+    }
+    LYCHEE_ASSIGN_OR_RETURN(engine.kv_cache_fraction, args.GetDouble("kv-cache-fraction", 0));
+    if (!(engine.kv_cache_fraction > 0 && engine.kv_cache_fraction <= 1)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("--kv-cache-fraction must be in (0, 1], got ", *args.Get("kv-cache-fraction")));
+    }
+  }
+  const std::string cuda_graphs = args.GetOr("cuda-graphs", "true");
+  if (cuda_graphs != "true" && cuda_graphs != "false") {
+    return absl::InvalidArgumentError(absl::StrCat("--cuda-graphs must be true or false, got '", cuda_graphs, "'"));
+  }
+  engine.cuda_graphs = cuda_graphs == "true";
   engine.threads = static_cast<int>(threads);
   engine.kv_cache_bytes = kv_mib << 20;
   engine.max_batch = static_cast<int>(max_batch);

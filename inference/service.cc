@@ -65,6 +65,7 @@ v1::GenerateDone ToProto(const GenerationSummary& summary) {
     proto->set_max_dropped_mass(telemetry.max_dropped_mass);
     proto->set_mean_dropped_mass(telemetry.mean_dropped_mass);
   }
+  done.set_preemptions(static_cast<uint32_t>(summary.preemptions));
   return done;
 }
 
@@ -294,6 +295,8 @@ class InferenceServer::Service final : public v1::InferenceService::Service {
     info.set_queued_requests(static_cast<uint32_t>(load.queued_requests));
     info.set_kv_cache_bytes_reserved(static_cast<uint64_t>(load.kv_bytes_reserved));
     info.set_kv_cache_bytes_limit(static_cast<uint64_t>(load.kv_bytes_limit));
+    info.set_kv_cache_pages_used(static_cast<uint64_t>(load.kv_pages_used));
+    info.set_kv_cache_pages_total(static_cast<uint64_t>(load.kv_pages_total));
     info.set_max_new_tokens_limit(static_cast<uint32_t>(engine_.max_new_tokens_limit()));
     return info;
   }

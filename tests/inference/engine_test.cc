@@ -1,5 +1,5 @@
-// The serving core on the bundled model, on the CPU: what the scheduler produces, how it
-// accounts and frees KV memory, and how it pins head partitions.
+// The serving core on the bundled model, on the CPU: what the scheduler produces, how it takes
+// and frees KV pages, preempts when they run out, and how it pins head partitions.
 #include "tests/torch_catch.h"
 
 #include "inference/engine.h"
@@ -7,6 +7,8 @@
 #include <chrono>
 #include <thread>
 
+#include "absl/strings/str_cat.h"
+#include "common/kv_pool.h"
 #include "common/model.h"
 #include "common/model_fingerprint.h"
 #include "common/sampling.h"
@@ -55,13 +57,25 @@ Outcome Drain(GenerationStream& stream) {
   return outcome;
 }
 
+// Key and value bytes of one KV page of the bundled model on the CPU (float32).
+int64_t BytesPerPage() {
+  absl::StatusOr<ModelConfig> config = ModelConfig::FromFile(kModelDir + "/config.json");
+  REQUIRE(config.ok());
+  return KvPool::BytesPerPage(*config, at::kFloat, kDefaultPageSize);
+}
+
 struct Fixture {
   testing::TempDir state;
   std::unique_ptr<PartitionManager> partitions;
+  MetricsRegistry metrics;
+  absl::Status started;
   std::unique_ptr<InferenceEngine> engine;
   std::string fingerprint;
 
-  explicit Fixture(EngineOptions options = {}) {
+  // An engine that must start.
+  explicit Fixture(EngineOptions options = {}) : Fixture(std::move(options), /*may_fail=*/false) {}
+
+  Fixture(EngineOptions options, bool may_fail) {
     absl::StatusOr<ModelConfig> config = ModelConfig::FromFile(kModelDir + "/config.json");
     REQUIRE(config.ok());
     absl::StatusOr<std::string> model_fingerprint = ModelFingerprint(kModelDir);
@@ -78,9 +92,18 @@ struct Fixture {
     REQUIRE(manager.ok());
     partitions = *std::move(manager);
     options.model_dir = kModelDir;
-    auto created = InferenceEngine::Create(options, partitions.get(), nullptr);
-    REQUIRE(created.ok());
-    engine = *std::move(created);
+    auto created = InferenceEngine::Create(options, partitions.get(), &metrics);
+    started = created.status();
+    if (!may_fail) REQUIRE(started.ok());
+    if (created.ok()) engine = *std::move(created);
+  }
+
+  // The value of one series in the metrics' text, e.g. "lychee_preemptions_total"; -1 if absent.
+  double Metric(const std::string& series) const {
+    const std::string text = metrics.Render();
+    const size_t at = text.find("\n" + series + " ");
+    if (at == std::string::npos) return -1;
+    return std::stod(text.substr(at + series.size() + 2));
   }
 
   std::vector<int32_t> Encode(const std::string& text) const {
@@ -182,16 +205,11 @@ TEST_CASE("sequences batched together decode as they would alone") {
   }
 }
 
-TEST_CASE("KV memory is reserved per sequence, bounded, queued for, and refused when it can never fit") {
+TEST_CASE("requests wait in a bounded queue") {
   EngineOptions options;
-  Fixture probe;
-  const int64_t per_token = probe.engine->kv_bytes_per_token();
-  const int64_t prompt_tokens = static_cast<int64_t>(probe.Encode(kPrompt).size());
-  // Room for exactly one sequence of this prompt and 16 new tokens.
-  options.kv_cache_bytes = (prompt_tokens + 15) * per_token;
+  options.max_batch = 1;
   options.max_queued = 2;
   Fixture fixture(options);
-
   std::vector<std::shared_ptr<GenerationStream>> streams;
   for (int i = 0; i < 3; ++i) {
     auto stream = fixture.engine->Submit(fixture.Request(kPrompt, 16));
@@ -201,9 +219,9 @@ TEST_CASE("KV memory is reserved per sequence, bounded, queued for, and refused 
   const EngineLoad load = fixture.engine->load();
   CHECK(load.active_sequences + load.queued_requests == 3);
   CHECK(load.active_sequences <= 1);
-  CHECK(load.kv_bytes_reserved <= options.kv_cache_bytes);
+  CHECK(load.kv_pages_used <= load.kv_pages_total);
 
-  // The queue holds two already.
+  // Two wait already behind the one that runs (or is about to).
   auto refused = fixture.engine->Submit(fixture.Request(kPrompt, 16));
   CHECK(refused.status().code() == absl::StatusCode::kResourceExhausted);
   CHECK(std::string(refused.status().message()).find("full") != std::string::npos);
@@ -214,10 +232,177 @@ TEST_CASE("KV memory is reserved per sequence, bounded, queued for, and refused 
     CHECK(outcome.summary->completion_tokens <= 16);
   }
   CHECK(fixture.WaitForIdle());
+}
 
-  auto too_big = fixture.engine->Submit(fixture.Request(kPrompt, 17 + 64));
-  CHECK(too_big.status().code() == absl::StatusCode::kResourceExhausted);
-  CHECK(std::string(too_big.status().message()).find("bytes of KV cache") != std::string::npos);
+TEST_CASE("a request that could outgrow the whole KV pool is refused at Submit, with the sizes") {
+  const int64_t page_bytes = BytesPerPage();
+  EngineOptions options;
+  options.kv_cache_bytes = 4 * page_bytes + page_bytes / 2;  // whole pages only: 4
+  options.max_context_tokens = 1024;
+  Fixture fixture(options);
+  CHECK(fixture.engine->load().kv_pages_total == 4);
+  CHECK(fixture.engine->load().kv_bytes_limit == 4 * page_bytes);
+
+  GenerationRequest request = fixture.Request(kPrompt, 1);
+  const int64_t prompt_tokens = static_cast<int64_t>(request.prompt_ids.size());
+  // The last token is never written to the cache: prompt + max_new_tokens - 1 positions.
+  request.max_new_tokens = 4 * 64 - prompt_tokens + 2;
+  const absl::Status refused = fixture.engine->Submit(request).status();
+  CHECK(refused.code() == absl::StatusCode::kResourceExhausted);
+  const std::string message(refused.message());
+  CHECK(message.find(absl::StrCat(4 * 64 + 1, " KV positions")) != std::string::npos);
+  CHECK(message.find("5 pages of 64 positions") != std::string::npos);
+  CHECK(message.find(absl::StrCat(5 * page_bytes, " bytes")) != std::string::npos);
+  CHECK(message.find(absl::StrCat("whole KV cache of 4 pages (", 4 * page_bytes, " bytes)")) != std::string::npos);
+  CHECK(fixture.Metric("lychee_requests_total{outcome=\"rejected\"}") == 1);
+
+  // One position less fits, and runs to its end in the pool alone.
+  request.max_new_tokens -= 1;
+  request.stop_sequences = {"\n"};
+  auto fits = fixture.engine->Submit(request);
+  REQUIRE(fits.ok());
+  CHECK(Drain(**fits).error.ok());
+
+  // The context limit caps what a request can take.
+  EngineOptions capped = options;
+  capped.max_context_tokens = 4 * 64;
+  capped.max_new_tokens_limit = 100000;
+  Fixture capped_fixture(capped);
+  auto long_request = capped_fixture.engine->Submit(capped_fixture.Request(kPrompt, 50000));
+  CHECK(long_request.ok());
+}
+
+TEST_CASE("a KV pool too small for every sequence at once preempts the youngest; each still generates what it would alone") {
+  EngineOptions options;
+  options.kv_cache_bytes = 3 * BytesPerPage();
+  options.prefill_chunk_tokens = 16;  // recomputation takes several chunks
+  Fixture fixture(options);
+  const std::vector<std::string> prompts = {kPrompt, "In the beginning", "She opened the letter, read the first line,",
+                                            "Numbers: one, two, three,", "Once upon a time there was"};
+  constexpr int64_t kNewTokens = 120;
+  std::vector<std::vector<int32_t>> expected;
+  for (const std::string& prompt : prompts) expected.push_back(GenerateDirectly(fixture.Encode(prompt), kNewTokens));
+  // Submitted together, so that they run together.
+  std::vector<std::shared_ptr<GenerationStream>> streams;
+  for (const std::string& prompt : prompts) {
+    auto stream = fixture.engine->Submit(fixture.Request(prompt, kNewTokens));
+    REQUIRE(stream.ok());
+    streams.push_back(*stream);
+  }
+  int64_t preemptions = 0;
+  for (size_t i = 0; i < streams.size(); ++i) {
+    const Outcome outcome = Drain(*streams[i]);
+    REQUIRE(outcome.error.ok());
+    REQUIRE(outcome.summary.has_value());
+    CHECK(outcome.ids == expected[i]);
+    auto text = fixture.engine->tokenizer().Decode(expected[i], /*skip_special_tokens=*/true);
+    REQUIRE(text.ok());
+    CHECK(outcome.text == *text);
+    CHECK(outcome.summary->completion_tokens == static_cast<int64_t>(expected[i].size()));
+    // What attention read is summed over the sequence's recomputations: one decode step per token
+    // after the first, as without preemption.
+    REQUIRE(outcome.summary->telemetry.has_value());
+    CHECK(outcome.summary->telemetry->decode_steps == outcome.summary->completion_tokens - 1);
+    preemptions += outcome.summary->preemptions;
+  }
+  CHECK(preemptions > 0);
+  CHECK(fixture.Metric("lychee_preemptions_total") == static_cast<double>(preemptions));
+  CHECK(fixture.WaitForIdle());
+  CHECK(fixture.Metric("lychee_kv_cache_pages{state=\"free\"}") == 3);
+  CHECK(fixture.Metric("lychee_kv_cache_usage") == 0);
+}
+
+TEST_CASE("pages are taken as sequences grow, so more run at once than whole reservations allowed") {
+  EngineOptions options;
+  constexpr int64_t kPages = 16;
+  options.kv_cache_bytes = kPages * BytesPerPage();
+  Fixture fixture(options);
+  // Each may take 8 pages: reserved whole at admission, two would fill the pool.
+  GenerationRequest request = fixture.Request(kPrompt, 8 * 64 - static_cast<int64_t>(fixture.Encode(kPrompt).size()));
+  auto free_run = fixture.engine->Submit(fixture.Request(kPrompt, 40));
+  REQUIRE(free_run.ok());
+  const Outcome full = Drain(**free_run);
+  REQUIRE(full.text.size() > 40);
+  // They stop early, after a few tokens.
+  request.stop_sequences = {full.text.substr(full.text.size() / 2, 4)};
+  CHECK(fixture.WaitForIdle());
+
+  constexpr int kRequests = 6;
+  std::vector<std::shared_ptr<GenerationStream>> streams;
+  for (int i = 0; i < kRequests; ++i) {
+    auto stream = fixture.engine->Submit(request);
+    REQUIRE(stream.ok());
+    streams.push_back(*stream);
+  }
+  int64_t most_running = 0;
+  double most_running_metric = 0;
+  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  while (std::chrono::steady_clock::now() < give_up) {
+    const EngineLoad load = fixture.engine->load();
+    CHECK(load.kv_pages_used <= kPages);
+    most_running = std::max(most_running, load.active_sequences);
+    most_running_metric = std::max(most_running_metric, fixture.Metric("lychee_running_requests"));
+    if (load.active_sequences == 0 && load.queued_requests == 0) break;
+    std::this_thread::sleep_for(milliseconds(1));
+  }
+  CHECK(most_running > 2);
+  CHECK(most_running_metric > 2);
+  for (auto& stream : streams) {
+    const Outcome outcome = Drain(*stream);
+    REQUIRE(outcome.error.ok());
+    CHECK(outcome.summary->finish_reason == FinishReason::kStopSequence);
+    CHECK(outcome.summary->preemptions == 0);
+  }
+}
+
+TEST_CASE("a seeded sampled generation gives the same tokens with and without preemption") {
+  const std::vector<std::string> hog_prompts = {"In the beginning", "Numbers: one, two, three,"};
+  constexpr int64_t kNewTokens = 120;
+  GenerationRequest sampled;
+  sampled.max_new_tokens = kNewTokens;
+  sampled.temperature = 0.8;
+  sampled.top_p = 0.95;
+  sampled.seed = 7;
+
+  Outcome alone;
+  {
+    Fixture fixture;
+    sampled.prompt_ids = fixture.Encode(kPrompt);
+    auto stream = fixture.engine->Submit(sampled);
+    REQUIRE(stream.ok());
+    alone = Drain(**stream);
+    REQUIRE(alone.error.ok());
+    CHECK(alone.summary->preemptions == 0);
+  }
+  // Long enough to need a second page, where the older requests take it away.
+  REQUIRE(alone.ids.size() + sampled.prompt_ids.size() > 70);
+
+  EngineOptions options;
+  options.kv_cache_bytes = 3 * BytesPerPage();
+  options.prefill_chunk_tokens = 16;
+  Fixture fixture(options);
+  std::vector<std::shared_ptr<GenerationStream>> hogs;
+  for (const std::string& prompt : hog_prompts) {
+    auto stream = fixture.engine->Submit(fixture.Request(prompt, kNewTokens));
+    REQUIRE(stream.ok());
+    hogs.push_back(*stream);
+  }
+  auto stream = fixture.engine->Submit(sampled);  // the youngest
+  REQUIRE(stream.ok());
+  const Outcome preempted = Drain(**stream);
+  REQUIRE(preempted.error.ok());
+  CHECK(preempted.summary->preemptions > 0);
+  CHECK(preempted.ids == alone.ids);
+  CHECK(preempted.text == alone.text);
+  for (auto& hog : hogs) CHECK(Drain(*hog).error.ok());
+}
+
+TEST_CASE("the KV cache as a fraction of free device memory is for CUDA only") {
+  EngineOptions options;
+  options.kv_cache_fraction = 0.5;
+  Fixture fixture(options, /*may_fail=*/true);
+  CHECK(fixture.started.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(std::string(fixture.started.message()).find("--kv-cache-mib") != std::string::npos);
 }
 
 TEST_CASE("cancellation and deadlines stop the work and free its memory at once") {

@@ -92,5 +92,23 @@ TEST_CASE("lychee publishes, generates against the server, and rolls partitions 
   CHECK(result.output.find("INVALID_ARGUMENT") != std::string::npos);
 }
 
+TEST_CASE("lychee-inference refuses KV cache and graph flags it cannot honour, naming the alternative") {
+  testing::TempDir dir;
+  const std::string inference = std::string(LYCHEE_INFERENCE) + " --listen 127.0.0.1:0 --state-dir " +
+                                (dir.path / "state").string() + " ";
+  testing::CommandResult result = testing::RunCommand(inference + "--kv-cache-fraction 0.5");
+  CHECK(result.exit_code == 1);
+  CHECK(result.output.find("on the CPU give --kv-cache-mib") != std::string::npos);
+  result = testing::RunCommand(inference + "--kv-cache-fraction 0.5 --kv-cache-mib 64");
+  CHECK(result.exit_code == 1);
+  CHECK(result.output.find("not both") != std::string::npos);
+  result = testing::RunCommand(inference + "--kv-cache-fraction 1.5");
+  CHECK(result.exit_code == 1);
+  CHECK(result.output.find("--kv-cache-fraction must be in (0, 1]") != std::string::npos);
+  result = testing::RunCommand(inference + "--cuda-graphs maybe");
+  CHECK(result.exit_code == 1);
+  CHECK(result.output.find("--cuda-graphs must be true or false") != std::string::npos);
+}
+
 }  // namespace
 }  // namespace lychee

@@ -295,6 +295,9 @@ TEST_CASE("a client that goes away or runs out of time frees its KV memory at on
   }
   const v1::ServerInfo info = fixture.Info();
   CHECK(info.kv_cache_bytes_reserved() == 0);
+  CHECK(info.kv_cache_pages_used() == 0);
+  CHECK(info.kv_cache_pages_total() > 0);
+  CHECK(info.kv_cache_bytes_limit() % info.kv_cache_pages_total() == 0);
   CHECK(info.active_sequences() == 0);
 }
 

@@ -51,9 +51,12 @@ void PrintInfo(const v1::ServerInfo& info) {
     std::printf("trainer %s: %s%s\n", info.trainer_address().c_str(), info.trainer_connected() ? "connected" : "not connected",
                 show_error ? absl::StrCat(" (last error: ", info.trainer_last_error(), ")").c_str() : "");
   }
-  std::printf("load: %u sequences active, %u queued, KV %.1f of %.1f MiB reserved\n", info.active_sequences(),
-              info.queued_requests(), static_cast<double>(info.kv_cache_bytes_reserved()) / (1 << 20),
-              static_cast<double>(info.kv_cache_bytes_limit()) / (1 << 20));
+  std::printf("load: %u sequences active, %u queued, KV %.1f of %.1f MiB in use (%llu of %llu pages)\n",
+              info.active_sequences(), info.queued_requests(),
+              static_cast<double>(info.kv_cache_bytes_reserved()) / (1 << 20),
+              static_cast<double>(info.kv_cache_bytes_limit()) / (1 << 20),
+              static_cast<unsigned long long>(info.kv_cache_pages_used()),
+              static_cast<unsigned long long>(info.kv_cache_pages_total()));
   for (const v1::RejectedPartition& rejected : info.rejected()) {
     std::printf("rejected partition %llu: %s\n", static_cast<unsigned long long>(rejected.version()),
                 rejected.reason().c_str());
@@ -151,6 +154,11 @@ absl::Status RunRemoteGenerate(const std::vector<std::string>& argv) {
                       : std::string("dense"))
               << "; ended by " << FinishReasonName(done->finish_reason()) << "]\n";
     if (!done->policy().empty()) std::cerr << "[policy " << done->policy() << "]\n";
+    if (done->preemptions() > 0) {
+      std::cerr << "[preempted " << done->preemptions()
+                << (done->preemptions() == 1 ? " time" : " times")
+                << " when the server's KV cache ran out; recomputed each time]\n";
+    }
     if (done->has_telemetry() && done->telemetry().decode_steps() > 0) {
       const v1::AttentionTelemetry& telemetry = done->telemetry();
       uint64_t tokens = 0;

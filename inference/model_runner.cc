@@ -1,0 +1,252 @@
+#include "inference/model_runner.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <iostream>
+
+#include "absl/strings/str_cat.h"
+#include "common/model.h"
+#include "common/sampling.h"
+#include "common/status_macros.h"
+#include "kernels/dense_attention.h"
+#include "kernels/hybrid_attention.h"
+#include "kernels/policy_backend.h"
+#ifdef LYCHEE_CUDA_ATTENTION
+#include "kernels/cuda_attention.h"
+#endif
+
+namespace lychee {
+namespace {
+
+// Drops cached backends that no request holds any more, so that a long-running service does not
+// keep one (and its partition) per version or policy parameters it ever served.
+template <typename Cache>
+void ForgetUnusedBackends(Cache& cache) {
+  for (auto it = cache.begin(); it != cache.end();) {
+    it = it->second.use_count() == 1 ? cache.erase(it) : std::next(it);
+  }
+}
+
+GenerationTelemetry ToGenerationTelemetry(const AttentionTelemetry& telemetry) {
+  GenerationTelemetry copy;
+  copy.num_layers = telemetry.num_layers;
+  copy.num_kv_heads = telemetry.num_kv_heads;
+  copy.tokens_attended = telemetry.tokens_attended;
+  copy.decode_steps = telemetry.decode_steps;
+  copy.kv_bytes_read = telemetry.kv_bytes_read;
+  copy.audited = telemetry.audited;
+  copy.max_dropped_mass = telemetry.max_dropped_mass;
+  copy.mean_dropped_mass = telemetry.mean_dropped_mass();
+  return copy;
+}
+
+}  // namespace
+
+struct ModelRunner::RequestState {
+  RequestState(std::shared_ptr<const AttentionBackend> backend_in, const GenerationRequest& request)
+      : backend(std::move(backend_in)), sampler(SamplingParams{request.temperature, request.top_p, request.seed}) {}
+
+  std::shared_ptr<const AttentionBackend> backend;
+  Sampler sampler;
+  // Null while the request is preempted.
+  std::unique_ptr<Sequence> sequence;
+  // What its earlier sequences read.
+  std::optional<AttentionTelemetry> telemetry;
+};
+
+ModelRunner::ModelRunner(const EngineOptions& options, PartitionManager* partitions) : partitions_(partitions) {
+  DecodeOptions decode_options;
+  decode_options.cuda_graphs = options.cuda_graphs;
+  // A graph for every batch-size bucket the scheduler can run: 1, 2, 4, ... up to max_batch.
+  decode_options.max_graph_batch = options.max_batch;
+  decode_context_ = std::make_unique<DecodeContext>(decode_options);
+}
+
+ModelRunner::~ModelRunner() = default;
+
+absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(const EngineOptions& options,
+                                                                 PartitionManager* partitions) {
+  if (options.threads > 0) at::set_num_threads(options.threads);
+  LYCHEE_ASSIGN_OR_RETURN(ModelOptions model_options, ModelOptionsForDevice(options.device));
+  std::unique_ptr<ModelRunner> runner(new ModelRunner(options, partitions));
+  LYCHEE_ASSIGN_OR_RETURN(runner->model_, Model::Load(options.model_dir, model_options));
+#ifdef LYCHEE_CUDA_ATTENTION
+  if (model_options.device.is_cuda()) runner->dense_ = MakeCudaDenseAttention(runner->model_->config());
+#endif
+  if (runner->dense_ == nullptr) runner->dense_ = std::make_shared<DenseAttentionBackend>();
+  return runner;
+}
+
+const ModelConfig& ModelRunner::config() const { return model_->config(); }
+
+ModelRunner::RequestState& ModelRunner::StateOf(const EngineRequest& request) { return *states_.at(request.id); }
+
+absl::Status ModelRunner::Start(EngineRequest& request) {
+  auto it = states_.find(request.id);
+  if (it == states_.end()) {
+    LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const AttentionBackend> backend, BackendFor(request));
+    it = states_.emplace(request.id, std::make_unique<RequestState>(std::move(backend), request.request)).first;
+  }
+  RequestState& state = *it->second;
+  state.sequence = model_->NewSequence(pool_, state.backend);
+  request.computed_tokens = 0;
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::optional<int32_t>> ModelRunner::Prefill(EngineRequest& request, int64_t tokens) {
+  RequestState& state = StateOf(request);
+  std::vector<int32_t> ids;
+  ids.reserve(static_cast<size_t>(tokens));
+  for (int64_t position = request.computed_tokens; position < request.computed_tokens + tokens; ++position) {
+    ids.push_back(request.token_at(position));
+  }
+  LYCHEE_ASSIGN_OR_RETURN(const at::Tensor logits, model_->Prefill(*state.sequence, ids));
+  request.computed_tokens = state.sequence->length();
+  if (request.prefilling() || !request.output_ids.empty()) return std::nullopt;
+  return state.sampler.Next(logits);
+}
+
+std::vector<absl::StatusOr<int32_t>> ModelRunner::Decode(absl::Span<EngineRequest* const> requests) {
+  std::vector<absl::StatusOr<int32_t>> tokens(requests.size(), absl::UnknownError("not decoded"));
+  // Rows of `requests` by backend, in the order the backends first appear.
+  std::vector<std::pair<const AttentionBackend*, std::vector<size_t>>> groups;
+  for (size_t row = 0; row < requests.size(); ++row) {
+    const AttentionBackend* backend = StateOf(*requests[row]).backend.get();
+    auto group = std::find_if(groups.begin(), groups.end(), [&](const auto& g) { return g.first == backend; });
+    if (group == groups.end()) group = groups.insert(groups.end(), {backend, {}});
+    group->second.push_back(row);
+  }
+  for (const auto& [backend, rows] : groups) {
+    std::vector<Sequence*> sequences;
+    std::vector<int32_t> ids;
+    for (size_t row : rows) {
+      sequences.push_back(StateOf(*requests[row]).sequence.get());
+      ids.push_back(requests[row]->output_ids.back());
+    }
+    absl::StatusOr<at::Tensor> logits = model_->Decode(sequences, ids, decode_context_.get());
+    if (!logits.ok()) {
+      for (size_t row : rows) tokens[row] = logits.status();
+      continue;
+    }
+    const bool all_greedy =
+        std::all_of(rows.begin(), rows.end(), [&](size_t row) { return requests[row]->request.temperature == 0; });
+    // Greedy rows need only the argmax the step computed on the device; otherwise one
+    // device-to-host copy of the group's logits, not one per request inside the sampler. Both are
+    // read before the next group's step reuses the context's buffers.
+    const std::vector<int32_t> greedy = all_greedy ? decode_context_->GreedyTokens() : std::vector<int32_t>();
+    const at::Tensor host_logits = all_greedy ? at::Tensor() : logits->to(at::kCPU);
+    for (size_t i = 0; i < rows.size(); ++i) {
+      EngineRequest& request = *requests[rows[i]];
+      RequestState& state = StateOf(request);
+      request.computed_tokens = state.sequence->length();
+      tokens[rows[i]] = all_greedy ? greedy[i] : state.sampler.Next(host_logits[static_cast<int64_t>(i)]);
+    }
+  }
+  CountDecodeSteps();
+  return tokens;
+}
+
+void ModelRunner::Preempt(EngineRequest& request) {
+  RequestState& state = StateOf(request);
+  KeepTelemetry(state);
+  state.sequence.reset();
+}
+
+std::optional<GenerationTelemetry> ModelRunner::Release(EngineRequest& request) {
+  auto it = states_.find(request.id);
+  if (it == states_.end()) return std::nullopt;
+  KeepTelemetry(*it->second);
+  std::optional<AttentionTelemetry> telemetry = std::move(it->second->telemetry);
+  states_.erase(it);
+  if (!telemetry) return std::nullopt;
+  return ToGenerationTelemetry(*telemetry);
+}
+
+void ModelRunner::KeepTelemetry(RequestState& state) {
+  if (state.sequence == nullptr) return;
+  const SequenceAttentionState* attention_state = state.sequence->attention_state();
+  const AttentionTelemetry* telemetry = attention_state == nullptr ? nullptr : attention_state->telemetry();
+  if (telemetry == nullptr) return;
+  if (!state.telemetry) {
+    state.telemetry = *telemetry;
+  } else {
+    state.telemetry->Add(*telemetry);
+  }
+}
+
+DecodeCounts ModelRunner::decode_counts() const {
+  return {graph_replays_.load(), eager_steps_.load(), graph_capture_failures_.load()};
+}
+
+void ModelRunner::CountDecodeSteps() {
+  const DecodeStats stats = decode_context_->stats();
+  if (stats.capture_failures > graph_capture_failures_.load()) {
+    std::cerr << "decode step not captured as a CUDA graph, so launched op by op from now on: "
+              << stats.last_capture_error << "\n";
+  }
+  graph_replays_ = stats.graph_replays;
+  eager_steps_ = stats.eager_steps;
+  graph_capture_failures_ = stats.capture_failures;
+}
+
+absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::BackendFor(EngineRequest& request) {
+  if (request.plan.policy) return PolicyBackendFor(request);
+  if (!request.plan.hybrid) return dense_;
+  return HybridBackendFor(request);
+}
+
+absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::HybridBackendFor(EngineRequest& request) {
+  const AttentionPlan& plan = request.plan;
+  PartitionManager::Snapshot partition = plan.pinned != nullptr ? plan.pinned : partitions_->Active().partition;
+  if (partition == nullptr) return absl::FailedPreconditionError("hybrid attention: no head partition is active");
+  const int64_t budget = plan.token_budget.value_or(partition->selection().token_budget);
+  GenerationSummary& summary = request.summary;
+  summary.hybrid = true;
+  summary.partition_version = partition->version;
+  summary.token_budget = budget;
+  // Shared by every request with the same partition and budget, so that they decode in one call.
+  const std::pair<uint64_t, int64_t> key(partition->version, budget);
+  if (auto it = hybrid_backends_.find(key); it != hybrid_backends_.end()) return it->second;
+  auto adjusted = std::make_shared<HeadPartition>(*partition);
+  adjusted->mutable_selection().token_budget = budget;
+  std::shared_ptr<const AttentionBackend> backend;
+#ifdef LYCHEE_CUDA_ATTENTION
+  if (model_->options().device.is_cuda()) {
+    LYCHEE_ASSIGN_OR_RETURN(backend, MakeCudaHybridAttention(adjusted, model_->config()));
+  }
+#endif
+  if (backend == nullptr) {
+    LYCHEE_ASSIGN_OR_RETURN(auto hybrid, HybridAttentionBackend::Create(adjusted, model_->config()));
+    backend = std::move(hybrid);
+  }
+  ForgetUnusedBackends(hybrid_backends_);
+  hybrid_backends_[key] = backend;
+  return backend;
+}
+
+// Shared, like hybrid ones, by every request with the same policy parameters and partition.
+absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::PolicyBackendFor(EngineRequest& request) {
+  const AttentionPlan& plan = request.plan;
+  const PolicySpec& spec = *plan.policy;
+  GenerationSummary& summary = request.summary;
+  PartitionManager::Snapshot partition;
+  if (PolicyNeedsPartition(spec.kind)) {
+    partition = plan.pinned != nullptr ? plan.pinned : partitions_->Active().partition;
+    if (partition == nullptr) return absl::FailedPreconditionError("no head partition is active");
+    summary.partition_version = partition->version;
+  }
+  summary.hybrid = spec.kind != PolicyKind::kDense;
+  summary.token_budget = spec.kind == PolicyKind::kDense ? 0 : spec.token_budget;
+  summary.policy = spec.Describe();
+  const std::pair<std::string, uint64_t> key(summary.policy, summary.partition_version);
+  if (auto it = policy_backends_.find(key); it != policy_backends_.end()) return it->second;
+  LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const AttentionBackend> backend,
+                          MakePolicyBackend(spec, model_->config(), partition, model_->options().device));
+  ForgetUnusedBackends(policy_backends_);
+  policy_backends_[key] = backend;
+  return backend;
+}
+
+}  // namespace lychee

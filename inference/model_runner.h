@@ -1,0 +1,95 @@
+// The model and what runs it for the engine: the one DecodeContext of the engine's thread, the
+// attention backends (shared by every request with the same attention, so that they decode
+// together), and per request its sampler and its current sequence in the KV pool. A request keeps
+// its backend and its sampler's state across preemptions, so that its generation goes on as if
+// uninterrupted; only the sequence is dropped and made again. Not thread-safe: the engine's
+// thread only, except decode_counts().
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "absl/types/span.h"
+#include "common/model_config.h"
+#include "inference/engine.h"
+#include "inference/engine_request.h"
+#include "inference/partition_manager.h"
+
+namespace lychee {
+
+class AttentionBackend;
+class DecodeContext;
+class KvPool;
+class Model;
+
+// How the decode steps ran, summed since the start.
+struct DecodeCounts {
+  int64_t graph_replays = 0;
+  int64_t eager_steps = 0;
+  int64_t graph_capture_failures = 0;
+};
+
+class ModelRunner {
+ public:
+  // Loads the model on `options.device`; `partitions` must outlive the runner.
+  static absl::StatusOr<std::unique_ptr<ModelRunner>> Create(const EngineOptions& options,
+                                                             PartitionManager* partitions);
+  ~ModelRunner();
+
+  const Model& model() const { return *model_; }
+  const ModelConfig& config() const;
+  // The pool every sequence is made in; before the first Start.
+  void UseKvPool(std::shared_ptr<KvPool> pool) { pool_ = std::move(pool); }
+
+  // Makes the request's sequence, empty. On its first admission this resolves its attention (and
+  // fills the summary's attention fields); FAILED_PRECONDITION when the partition it needs is gone.
+  absl::Status Start(EngineRequest& request);
+  // Prefills the next `tokens` positions of the prompt, or of the prompt and generated tokens
+  // being recomputed. Returns the first token when this completes the prompt of a request that has
+  // none yet; a recomputed request decodes its next token instead, as it would have.
+  absl::StatusOr<std::optional<int32_t>> Prefill(EngineRequest& request, int64_t tokens);
+  // One token for each request, from one decode call per group of requests that share a backend,
+  // so that each group can replay a captured graph. A group's error is each of its requests'.
+  std::vector<absl::StatusOr<int32_t>> Decode(absl::Span<EngineRequest* const> requests);
+  // Drops the request's sequence (its pages go back to the pool) and keeps the rest.
+  void Preempt(EngineRequest& request);
+  // Forgets the request; returns what its attention read over all its sequences, where the
+  // backend keeps telemetry.
+  std::optional<GenerationTelemetry> Release(EngineRequest& request);
+
+  // Any thread.
+  DecodeCounts decode_counts() const;
+
+ private:
+  struct RequestState;
+  ModelRunner(const EngineOptions& options, PartitionManager* partitions);
+  absl::StatusOr<std::shared_ptr<const AttentionBackend>> BackendFor(EngineRequest& request);
+  absl::StatusOr<std::shared_ptr<const AttentionBackend>> HybridBackendFor(EngineRequest& request);
+  absl::StatusOr<std::shared_ptr<const AttentionBackend>> PolicyBackendFor(EngineRequest& request);
+  RequestState& StateOf(const EngineRequest& request);
+  // Adds the sequence's telemetry to what the request's earlier sequences read.
+  static void KeepTelemetry(RequestState& state);
+  void CountDecodeSteps();
+
+  PartitionManager* const partitions_;
+  std::unique_ptr<Model> model_;
+  std::unique_ptr<DecodeContext> decode_context_;
+  std::shared_ptr<KvPool> pool_;
+  std::shared_ptr<const AttentionBackend> dense_;
+  std::map<std::pair<uint64_t, int64_t>, std::shared_ptr<const AttentionBackend>> hybrid_backends_;
+  std::map<std::pair<std::string, uint64_t>, std::shared_ptr<const AttentionBackend>> policy_backends_;
+  std::map<uint64_t, std::unique_ptr<RequestState>> states_;
+
+  std::atomic<int64_t> graph_replays_{0};
+  std::atomic<int64_t> eager_steps_{0};
+  std::atomic<int64_t> graph_capture_failures_{0};
+};
+
+}  // namespace lychee
