@@ -26,7 +26,7 @@ tests=(cuda_hybrid_plan_test cuda_hybrid_decode_test cuda_torch_hybrid_decode_te
        cuda_policy_test model_test model_kernels_test)
 grep -v '^cmake --build' .gpu/build.sh >"$tmp/gpu-configure.sh"
 bash "$tmp/gpu-configure.sh" >"$out/build.log" 2>&1 && source .gpu/env.sh || { tail -30 "$out/build.log"; exit 1; }
-targets=(e2e_bench model_kernels_bench)
+targets=(e2e_bench model_kernels_bench lychee-inference lychee)
 for t in "${tests[@]}"; do
   ninja -C build-gpu -t targets all 2>/dev/null | grep -q "^$t:" && targets+=("$t")
 done
