@@ -45,6 +45,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
+#include "bench/cuda_timing.h"
 #include "common/head_partition.h"
 #include "common/model.h"
 #include "common/status_macros.h"
@@ -68,38 +69,11 @@ absl::Status CudaStatus(cudaError_t error, const char* what) {
   return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(error)));
 }
 
-cudaStream_t Stream() { return at::cuda::getCurrentCUDAStream().stream(); }
 
 double Median(std::vector<double> values) {
   std::sort(values.begin(), values.end());
   const size_t n = values.size();
   return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
-}
-
-// Device-to-device copy of 1 GiB, read + write bytes over the time, GB/s (median of 20 copies).
-absl::StatusOr<double> CopyBandwidthGBs() {
-  const int64_t bytes = int64_t{1} << 30;
-  at::Tensor a = at::ones({bytes}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
-  at::Tensor b = at::empty_like(a);
-  std::vector<double> ms;
-  cudaEvent_t start, stop;
-  LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&start), "cudaEventCreate"));
-  LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaEventCreate(&stop), "cudaEventCreate"));
-  for (int i = 0; i < 23; ++i) {
-    LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(start, Stream()), "cudaEventRecord"));
-    LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaMemcpyAsync(i % 2 ? a.data_ptr() : b.data_ptr(),
-                                                      i % 2 ? b.data_ptr() : a.data_ptr(), bytes,
-                                                      cudaMemcpyDeviceToDevice, Stream()),
-                                      "cudaMemcpyAsync"));
-    LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaEventRecord(stop, Stream()), "cudaEventRecord"));
-    LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaEventSynchronize(stop), "cudaEventSynchronize"));
-    float elapsed = 0;
-    LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaEventElapsedTime(&elapsed, start, stop), "cudaEventElapsedTime"));
-    if (i >= 3) ms.push_back(elapsed);  // the first copies warm up
-  }
-  cudaEventDestroy(start);
-  cudaEventDestroy(stop);
-  return 2.0 * bytes / (Median(ms) * 1e-3) / 1e9;
 }
 
 enum class Attention { kNone, kDense, kHybrid };
@@ -320,7 +294,7 @@ absl::Status Run(const Flags& flags) {
   LYCHEE_ASSIGN_OR_RETURN(lychee::ModelOptions options, lychee::ModelOptionsForDevice("cuda"));
   cudaDeviceProp prop;
   LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties"));
-  LYCHEE_ASSIGN_OR_RETURN(const double copy_gbs, CopyBandwidthGBs());
+  const double copy_gbs = lychee::bench::CopyBandwidthGBs();
   std::printf("device: %s, %.1f GiB; device-to-device copy: %.0f GB/s (read + write)\n", prop.name,
               prop.totalGlobalMem / kGiB, copy_gbs);
 

@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "kernels/cuda/hybrid_decode.h"
+#include "bench/cuda_timing.h"
 
 namespace {
 
@@ -37,64 +38,16 @@ using lychee::cuda::HybridDecodeShape;
 using lychee::cuda::HybridPlan;
 using lychee::cuda::KvHeadMode;
 
-#define CUDA_OK(expr)                                                                       \
-  do {                                                                                      \
-    const cudaError_t err_ = (expr);                                                        \
-    if (err_ != cudaSuccess) {                                                              \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(err_)); \
-      std::exit(1);                                                                         \
-    }                                                                                       \
-  } while (0)
+#define CUDA_OK LYCHEE_BENCH_CUDA_OK
 
-int g_reps = 50;
-int g_warmup = 8;
+lychee::bench::Repeats g_repeats;
 
-cudaStream_t Stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+cudaStream_t Stream() { return lychee::bench::CurrentStream(); }
 
-// Median milliseconds of fn(i), i = repeat index.
-double TimeMs(const std::function<void(int)>& fn, int reps = -1) {
-  if (reps < 0) reps = g_reps;
-  for (int i = 0; i < g_warmup; ++i) fn(i);
-  CUDA_OK(cudaGetLastError());
-  CUDA_OK(cudaStreamSynchronize(Stream()));
-  std::vector<cudaEvent_t> start(reps), stop(reps);
-  for (int i = 0; i < reps; ++i) {
-    CUDA_OK(cudaEventCreate(&start[i]));
-    CUDA_OK(cudaEventCreate(&stop[i]));
-  }
-  at::cuda::sleep(40 * 1000 * 1000);  // ~20 ms of spinning: the host queues the repeats meanwhile
-  for (int i = 0; i < reps; ++i) {
-    CUDA_OK(cudaEventRecord(start[i], Stream()));
-    fn(i);
-    CUDA_OK(cudaEventRecord(stop[i], Stream()));
-  }
-  CUDA_OK(cudaGetLastError());
-  CUDA_OK(cudaStreamSynchronize(Stream()));
-  std::vector<double> ms(reps);
-  for (int i = 0; i < reps; ++i) {
-    float t = 0;
-    CUDA_OK(cudaEventElapsedTime(&t, start[i], stop[i]));
-    ms[i] = t;
-    cudaEventDestroy(start[i]);
-    cudaEventDestroy(stop[i]);
-  }
-  std::sort(ms.begin(), ms.end());
-  return ms[reps / 2];
-}
+// Median milliseconds of fn(i), i counting warm-ups and repeats.
+double TimeMs(const std::function<void(int)>& fn) { return lychee::bench::TimeMs(fn, g_repeats); }
 
-double CopyBandwidthGBs() {
-  const int64_t bytes = int64_t{1} << 30;
-  at::Tensor a = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
-  at::Tensor b = at::empty_like(a);
-  a.fill_(1);
-  const double ms = TimeMs(
-      [&](int i) {
-        CUDA_OK(cudaMemcpyAsync(i % 2 ? a.data_ptr() : b.data_ptr(), i % 2 ? b.data_ptr() : a.data_ptr(), bytes,
-                                cudaMemcpyDeviceToDevice, Stream()));
-      },
-      20);
-  return 2.0 * bytes / (ms * 1e-3) / 1e9;
-}
+using lychee::bench::CopyBandwidthGBs;
 
 struct Shape {
   const char* name;
@@ -280,8 +233,8 @@ Row Bench(const Shape& shape, int batch, int64_t ctx, double copy_gbs, bool swee
 int main(int argc, char** argv) {
   bool quick = false, sweep = false, profile = false;
   for (int i = 1; i < argc; ++i) {
-    if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) g_reps = std::atoi(argv[++i]);
-    if (!std::strcmp(argv[i], "--warmup") && i + 1 < argc) g_warmup = std::atoi(argv[++i]);
+    if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) g_repeats.reps = std::atoi(argv[++i]);
+    if (!std::strcmp(argv[i], "--warmup") && i + 1 < argc) g_repeats.warmup = std::atoi(argv[++i]);
     if (!std::strcmp(argv[i], "--quick")) quick = true;
     if (!std::strcmp(argv[i], "--sweep")) sweep = true;
     if (!std::strcmp(argv[i], "--profile")) profile = true;
@@ -344,7 +297,7 @@ int main(int argc, char** argv) {
   std::printf("\nTimes in microseconds (median of %d); BW = KV bytes / time; %%copy = BW / copy bandwidth;\n"
               "hybrid: budget 4096, block 64, sink 64, recent 64; xD = dense / hybrid, xS = SDPA / hybrid;\n"
               "floor = bytes the hybrid launch must read / copy bandwidth.\n",
-              g_reps);
+              g_repeats.reps);
   std::printf("%-10s %2s %7s | %8s %6s %5s | %8s | %5s %8s %7s %6s %5s %5s | %8s %7s %6s %5s %5s | %6s | %8s %6s | %7s\n",
               "shape", "B", "ctx", "dense", "GB/s", "%copy", "dense+sc", "hyb", "1R", "(main)", "floor", "xD", "xS",
               "noneR", "(main)", "floor", "xD", "xS", "select", "SDPA", "GB/s", "err");

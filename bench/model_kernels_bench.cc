@@ -28,68 +28,20 @@
 #include <vector>
 
 #include "common/cuda/torch_model_kernels.h"
+#include "bench/cuda_timing.h"
 
 namespace {
 
-#define CUDA_OK(expr)                                                                               \
-  do {                                                                                              \
-    const cudaError_t err_ = (expr);                                                                \
-    if (err_ != cudaSuccess) {                                                                      \
-      std::fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #expr, cudaGetErrorString(err_)); \
-      std::exit(1);                                                                                 \
-    }                                                                                               \
-  } while (0)
+#define CUDA_OK LYCHEE_BENCH_CUDA_OK
 
-int g_reps = 50;
-int g_warmup = 8;
+lychee::bench::Repeats g_repeats;
 
-cudaStream_t Stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+cudaStream_t Stream() { return lychee::bench::CurrentStream(); }
 
-// Median milliseconds of fn(i), i = repeat index (warm-ups included in the count).
-double TimeMs(const std::function<void(int)>& fn, int reps = -1) {
-  if (reps < 0) reps = g_reps;
-  for (int i = 0; i < g_warmup; ++i) fn(i);
-  CUDA_OK(cudaGetLastError());
-  CUDA_OK(cudaStreamSynchronize(Stream()));
-  std::vector<cudaEvent_t> start(reps), stop(reps);
-  for (int i = 0; i < reps; ++i) {
-    CUDA_OK(cudaEventCreate(&start[i]));
-    CUDA_OK(cudaEventCreate(&stop[i]));
-  }
-  at::cuda::sleep(40 * 1000 * 1000);  // ~20 ms of spinning: the host queues the repeats meanwhile
-  for (int i = 0; i < reps; ++i) {
-    CUDA_OK(cudaEventRecord(start[i], Stream()));
-    fn(g_warmup + i);
-    CUDA_OK(cudaEventRecord(stop[i], Stream()));
-  }
-  CUDA_OK(cudaGetLastError());
-  CUDA_OK(cudaStreamSynchronize(Stream()));
-  std::vector<double> ms(reps);
-  for (int i = 0; i < reps; ++i) {
-    float t = 0;
-    CUDA_OK(cudaEventElapsedTime(&t, start[i], stop[i]));
-    ms[i] = t;
-    cudaEventDestroy(start[i]);
-    cudaEventDestroy(stop[i]);
-  }
-  std::sort(ms.begin(), ms.end());
-  return ms[reps / 2];
-}
+// Median milliseconds of fn(i), i counting warm-ups and repeats.
+double TimeMs(const std::function<void(int)>& fn) { return lychee::bench::TimeMs(fn, g_repeats); }
 
-double CopyBandwidthGBs() {
-  const int64_t bytes = int64_t{1} << 30;
-  at::Tensor a = at::empty({bytes}, at::TensorOptions().dtype(at::kByte).device(at::kCUDA));
-  at::Tensor b = at::empty_like(a);
-  a.fill_(1);
-  b.fill_(2);
-  const double ms = TimeMs(
-      [&](int i) {
-        CUDA_OK(cudaMemcpyAsync(i % 2 ? a.data_ptr() : b.data_ptr(), i % 2 ? b.data_ptr() : a.data_ptr(), bytes,
-                                cudaMemcpyDeviceToDevice, Stream()));
-      },
-      20);
-  return 2.0 * bytes / (ms * 1e-3) / 1e9;
-}
+using lychee::bench::CopyBandwidthGBs;
 
 at::TensorOptions Bf16() { return at::TensorOptions().dtype(at::kBFloat16).device(at::kCUDA); }
 
@@ -205,8 +157,8 @@ void BenchElementwise() {
 int main(int argc, char** argv) {
   bool quick = false;
   for (int i = 1; i < argc; ++i) {
-    if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) g_reps = std::max(1, std::atoi(argv[++i]));
-    if (!std::strcmp(argv[i], "--warmup") && i + 1 < argc) g_warmup = std::max(0, std::atoi(argv[++i]));
+    if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) g_repeats.reps = std::max(1, std::atoi(argv[++i]));
+    if (!std::strcmp(argv[i], "--warmup") && i + 1 < argc) g_repeats.warmup = std::max(0, std::atoi(argv[++i]));
     if (!std::strcmp(argv[i], "--quick")) quick = true;
   }
   if (!at::hasCUDA()) {
@@ -218,7 +170,7 @@ int main(int argc, char** argv) {
   const double copy_gbs = CopyBandwidthGBs();
   std::printf("device: %s, %d SMs, L2 %d MB; device-to-device copy: %.0f GB/s (read + write); median of %d after %d "
               "warm-ups\n",
-              prop->name, prop->multiProcessorCount, prop->l2CacheSize >> 20, copy_gbs, g_reps, g_warmup);
+              prop->name, prop->multiProcessorCount, prop->l2CacheSize >> 20, copy_gbs, g_repeats.reps, g_repeats.warmup);
   BenchGemv(copy_gbs, prop->l2CacheSize, quick);
   BenchElementwise();
   return 0;

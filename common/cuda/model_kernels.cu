@@ -14,6 +14,8 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/cuda/bf16.cuh"
+
 namespace lychee {
 namespace cuda {
 namespace {
@@ -24,27 +26,6 @@ using bf16 = __nv_bfloat16;
 
 // A float rounded to the nearest bf16 (ties to even), as a float.
 __device__ __forceinline__ float RoundBf16(float f) { return __bfloat162float(__float2bfloat16_rn(f)); }
-
-// Eight bf16 (one 16-byte vector) to float32: a bf16 is the high half of a float32.
-__device__ __forceinline__ void Unpack8(const uint4& v, float (&f)[8]) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = __uint_as_float(w[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
-}
-
-// Eight floats, each rounded to the nearest bf16, as one 16-byte vector.
-__device__ __forceinline__ uint4 Pack8(const float (&f)[8]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __nv_bfloat162 pair = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-    w[i] = *reinterpret_cast<const uint32_t*>(&pair);
-  }
-  return make_uint4(w[0], w[1], w[2], w[3]);
-}
 
 // 16-byte load of data that nothing writes during the kernel, through the read-only path.
 __device__ __forceinline__ uint4 LoadConst16(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
@@ -109,13 +90,13 @@ __global__ void __launch_bounds__(1024) AddRmsNormKernel(const bf16* x, int64_t 
   for (int i = 0; i < VPT; ++i) {
     const int idx = threadIdx.x + i * blockDim.x;
     if (idx < nvec) {
-      Unpack8(rv[i], v[i]);
+      device::Bf16x8ToFloat(rv[i], v[i]);
       if (xs != nullptr) {
         float xf[8];
-        Unpack8(xv[i], xf);
+        device::Bf16x8ToFloat(xv[i], xf);
 #pragma unroll
         for (int e = 0; e < 8; ++e) v[i][e] = RoundBf16(v[i][e] + xf[e]);  // hidden = hidden + x, in bf16
-        res[idx] = Pack8(v[i]);
+        res[idx] = device::FloatToBf16x8(v[i]);
       }
 #pragma unroll
       for (int e = 0; e < 8; ++e) sum_sq += v[i][e] * v[i][e];
@@ -128,10 +109,10 @@ __global__ void __launch_bounds__(1024) AddRmsNormKernel(const bf16* x, int64_t 
     const int idx = threadIdx.x + i * blockDim.x;
     if (idx < nvec) {
       float wf[8], o[8];
-      Unpack8(wv[i], wf);
+      device::Bf16x8ToFloat(wv[i], wf);
 #pragma unroll
       for (int e = 0; e < 8; ++e) o[e] = wf[e] * RoundBf16(v[i][e] * scale);  // weight * normed.to(bf16)
-      outs[idx] = Pack8(o);
+      outs[idx] = device::FloatToBf16x8(o);
     }
   }
 }
@@ -240,14 +221,14 @@ __global__ void __launch_bounds__(kSiluThreads) SiluMulKernel(const bf16* __rest
     const int c = static_cast<int>(i - r * vec_per_row) * 8;
     const bf16* src = gate_up + r * gate_up_stride + c;
     float g[8], u[8], o[8];
-    Unpack8(LoadConst16(src), g);
-    Unpack8(LoadConst16(src + inter), u);
+    device::Bf16x8ToFloat(LoadConst16(src), g);
+    device::Bf16x8ToFloat(LoadConst16(src + inter), u);
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       // at::silu in float32 (x / (1 + exp(-x)), IEEE division), rounded; then the bf16 product.
       o[e] = RoundBf16(g[e] / (1.f + expf(-g[e]))) * u[e];
     }
-    *reinterpret_cast<uint4*>(out + r * out_stride + c) = Pack8(o);
+    *reinterpret_cast<uint4*>(out + r * out_stride + c) = device::FloatToBf16x8(o);
   }
 }
 

@@ -7,29 +7,11 @@
 
 #include <cstdint>
 
+#include "common/cuda/bf16.cuh"
+
 namespace lychee {
 namespace cuda {
 namespace device {
-
-// Eight bf16 (one 16-byte vector) to float32: a bf16 is the high half of a float32.
-__device__ __forceinline__ void Bf16x8ToFloat(const uint4& v, float (&f)[8]) {
-  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    f[2 * i] = __uint_as_float(w[i] << 16);
-    f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-  }
-}
-
-__device__ __forceinline__ uint4 FloatToBf16x8(const float (&f)[8]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const __nv_bfloat162 pair = __floats2bfloat162_rn(f[2 * i], f[2 * i + 1]);
-    w[i] = *reinterpret_cast<const uint32_t*>(&pair);
-  }
-  return make_uint4(w[0], w[1], w[2], w[3]);
-}
 
 // 16-byte global -> shared copy that does not go through registers; src_bytes 0 writes zeros.
 __device__ __forceinline__ void CpAsync16(void* smem_dst, const void* gmem_src, int src_bytes) {
