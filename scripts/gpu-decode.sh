@@ -6,6 +6,7 @@
 # and on the checkpoint. Logs go to $OUT (or /tmp/lychee-decode).
 #   E2E_ARGS   extra arguments of every e2e_bench run (e.g. "--steps 30 --graphs false")
 #   SKIP_TESTS=1, SKIP_E2E=1, SKIP_KERNEL_BENCH=1, BUNDLED_E2E=1 (the bundled model's rows too)
+#   E2E_ROWS   the checkpoint's invocations, ';'-separated (default below)
 # The checkpoint's rows run in three invocations (32K and 128K at batch 1; 32K and 64K at batch 4;
 # 128K at batch 4), so that a GPU too small for the last (an 80 GB H100) still gives the others.
 set -uo pipefail
@@ -58,7 +59,8 @@ if [ "${SKIP_E2E:-0}" != 1 ]; then
   wait $writer || { echo "checkpoint writer failed:"; tail "$out/checkpoint.log"; exit 1; }
   echo "$(since) checkpoint written"
   : >"$out/e2e-llama.json"
-  for rows in "--contexts 32768,131072 --batches 1" "--contexts 32768,65536 --batches 4" "--contexts 131072 --batches 4"; do
+  IFS=';' read -ra invocations <<<"${E2E_ROWS:---contexts 32768,131072 --batches 1;--contexts 32768,65536 --batches 4;--contexts 131072 --batches 4}"
+  for rows in "${invocations[@]}"; do
     $bench --model "$checkpoint" --json "$out/e2e-part.json" $rows --steps 15 --warmup 4 ${E2E_ARGS:-} 2>&1 |
       tee -a "$out/e2e-llama.txt"
     cat "$out/e2e-part.json" >>"$out/e2e-llama.json" 2>/dev/null
