@@ -38,14 +38,15 @@ echo "$(since) built: ${targets[*]}"
 
 if [ "${SKIP_TESTS:-0}" != 1 ]; then
   regex=$(IFS='|'; echo "^(${tests[*]}|model_test_cuda)\$")
-  ctest --test-dir build-gpu --output-on-failure --timeout 400 -R "$regex" >"$out/ctest.log" 2>&1
+  timeout "${TESTS_TIMEOUT:-400}" ctest --test-dir build-gpu --output-on-failure --timeout 300 -j2 -R "$regex" \
+    >"$out/ctest.log" 2>&1
   grep -E "tests passed|Passed|Failed|SKIPPED|\*\*\*" "$out/ctest.log" | head -30
   grep -E "max \|logit|graph vs eager|FAILED|REQUIRE|CHECK\(" "$out/ctest.log" | head -40
   echo "$(since) tests done"
 fi
 
 if [ -x build-gpu/bench/model_kernels_bench ] && [ "${SKIP_KERNEL_BENCH:-0}" != 1 ]; then
-  timeout 120 build-gpu/bench/model_kernels_bench --reps 20 >"$out/kernels-bench.txt" 2>&1
+  timeout 120 build-gpu/bench/model_kernels_bench --reps 20 ${KERNEL_BENCH_ARGS:-} >"$out/kernels-bench.txt" 2>&1
   cat "$out/kernels-bench.txt"
   echo "$(since) model_kernels_bench done"
 fi
@@ -61,7 +62,8 @@ if [ "${SKIP_E2E:-0}" != 1 ]; then
   : >"$out/e2e-llama.json"
   IFS=';' read -ra invocations <<<"${E2E_ROWS:---contexts 32768,131072 --batches 1;--contexts 32768,65536 --batches 4;--contexts 131072 --batches 4}"
   for rows in "${invocations[@]}"; do
-    $bench --model "$checkpoint" --json "$out/e2e-part.json" $rows --steps 15 --warmup 4 ${E2E_ARGS:-} 2>&1 |
+    timeout "${E2E_TIMEOUT:-300}" $bench --model "$checkpoint" --json "$out/e2e-part.json" $rows --steps 15 --warmup 4 \
+      ${E2E_ARGS:-} 2>&1 |
       tee -a "$out/e2e-llama.txt"
     cat "$out/e2e-part.json" >>"$out/e2e-llama.json" 2>/dev/null
     echo "$(since) e2e $rows done"
