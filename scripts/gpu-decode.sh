@@ -28,8 +28,9 @@ tests=(cuda_hybrid_plan_test cuda_hybrid_decode_test cuda_torch_hybrid_decode_te
 grep -v '^cmake --build' .gpu/build.sh >"$tmp/gpu-configure.sh"
 bash "$tmp/gpu-configure.sh" >"$out/build.log" 2>&1 && source .gpu/env.sh || { tail -30 "$out/build.log"; exit 1; }
 targets=(e2e_bench model_kernels_bench lychee-inference)
+ninja -C build-gpu -t targets all >"$tmp/gpu-targets.txt" 2>/dev/null
 for t in "${tests[@]}"; do
-  ninja -C build-gpu -t targets all 2>/dev/null | grep -q "^$t:" && targets+=("$t")
+  grep -q "^$t:" "$tmp/gpu-targets.txt" && targets+=("$t")
 done
 if ! cmake --build build-gpu -j"$(nproc)" --target "${targets[@]}" -- -k 0 >>"$out/build.log" 2>&1; then
   echo "build failed:"; grep -E "error" -A3 "$out/build.log" | head -60
