@@ -1,6 +1,8 @@
 #include "common/cuda_support.h"
 
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDACachingAllocator.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/Exception.h>
@@ -63,6 +65,16 @@ absl::StatusOr<int64_t> FreeCudaMemoryBytes() {
     return absl::InternalError(absl::StrCat("cudaMemGetInfo: ", cudaGetErrorString(error)));
   }
   return static_cast<int64_t>(free_bytes);
+}
+
+absl::StatusOr<int64_t> PeakCudaMemoryBytes() {
+  // Index 0 of each statistic is the aggregate over the allocator's small and large pools.
+  return c10::cuda::CUDACachingAllocator::getDeviceStats(c10::cuda::current_device()).allocated_bytes[0].peak;
+}
+
+absl::Status ResetPeakCudaMemory() {
+  c10::cuda::CUDACachingAllocator::resetPeakStats(c10::cuda::current_device());
+  return absl::OkStatus();
 }
 
 }  // namespace lychee

@@ -29,4 +29,10 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(const std::funct
 // LibTorch.
 absl::StatusOr<int64_t> FreeCudaMemoryBytes();
 
+// The most bytes of tensors LibTorch's caching allocator has had allocated at once on the current CUDA
+// device since the last ResetPeakCudaMemory (the allocator's cached free blocks not counted);
+// UNIMPLEMENTED without a CUDA LibTorch.
+absl::StatusOr<int64_t> PeakCudaMemoryBytes();
+absl::Status ResetPeakCudaMemory();
+
 }  // namespace lychee

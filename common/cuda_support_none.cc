@@ -10,4 +10,8 @@ absl::StatusOr<int64_t> FreeCudaMemoryBytes() {
   return absl::UnimplementedError("this LibTorch build has no CUDA");
 }
 
+absl::StatusOr<int64_t> PeakCudaMemoryBytes() { return absl::UnimplementedError("this LibTorch build has no CUDA"); }
+
+absl::Status ResetPeakCudaMemory() { return absl::UnimplementedError("this LibTorch build has no CUDA"); }
+
 }  // namespace lychee

@@ -279,18 +279,21 @@ at::Tensor Model::Attention(const Layer& layer, int layer_index, const at::Tenso
                                 : at::linear(attended, layer.o_weight);
 }
 
+at::Tensor Model::DecoderLayer(int layer_index, at::Tensor hidden, const at::Tensor& cos, const at::Tensor& sin,
+                               const AttendFn& attend) const {
+  const Layer& layer = layers_[layer_index];
+  hidden = hidden + Attention(layer, layer_index, RmsNorm(hidden, layer.input_norm), cos, sin, attend);
+  at::Tensor gate_up = at::linear(RmsNorm(hidden, layer.post_attention_norm), layer.gate_up_weight);
+  at::Tensor gate = gate_up.narrow(-1, 0, config_.intermediate_size);
+  at::Tensor up = gate_up.narrow(-1, config_.intermediate_size, config_.intermediate_size);
+  return hidden + at::linear(at::silu(gate) * up, layer.down_weight);
+}
+
 at::Tensor Model::Forward(at::Tensor hidden, const at::Tensor& positions, const AttendFn& attend) const {
   auto [cos, sin] = RopeCosSin(positions);
   cos = cos.unsqueeze(1);  // [n, 1, t, d]: every head alike
   sin = sin.unsqueeze(1);
-  for (size_t i = 0; i < layers_.size(); ++i) {
-    const Layer& layer = layers_[i];
-    hidden = hidden + Attention(layer, static_cast<int>(i), RmsNorm(hidden, layer.input_norm), cos, sin, attend);
-    at::Tensor gate_up = at::linear(RmsNorm(hidden, layer.post_attention_norm), layer.gate_up_weight);
-    at::Tensor gate = gate_up.narrow(-1, 0, config_.intermediate_size);
-    at::Tensor up = gate_up.narrow(-1, config_.intermediate_size, config_.intermediate_size);
-    hidden = hidden + at::linear(at::silu(gate) * up, layer.down_weight);
-  }
+  for (size_t i = 0; i < layers_.size(); ++i) hidden = DecoderLayer(static_cast<int>(i), hidden, cos, sin, attend);
   return hidden;
 }
 
@@ -655,23 +658,69 @@ absl::StatusOr<at::Tensor> Model::RunDecode(absl::Span<Sequence* const> sequence
   return output.logits.narrow(0, 0, batch);
 }
 
+absl::Status Model::PrepareDecodeGraphs(const std::shared_ptr<const AttentionBackend>& attention,
+                                        const std::shared_ptr<KvPool>& pool, DecodeContext& context) const {
+  if (!context.options().cuda_graphs || context.graphs_failed_ || !options_.device.is_cuda() ||
+      !attention->CapturesDecode()) {
+    return absl::OkStatus();
+  }
+  const DecodeStats counted = context.stats_;
+  const int64_t max_batch = context.options().max_graph_batch;
+  absl::Status status;
+  for (int64_t rows = 1; status.ok() && rows < 2 * max_batch; rows *= 2) {
+    const int64_t batch = std::min(rows, max_batch);  // the bucket of `rows` rows
+    std::vector<std::unique_ptr<Sequence>> owned;
+    std::vector<Sequence*> sequences;
+    const std::vector<int32_t> ids(static_cast<size_t>(batch), 0);
+    for (int64_t i = 0; i < batch && status.ok(); ++i) {
+      owned.push_back(NewSequence(pool, attention));
+      sequences.push_back(owned.back().get());
+      status = Prefill(*owned.back(), {ids[0]}).status();
+    }
+    for (int step = 0; step < 2 && status.ok(); ++step) status = Decode(sequences, ids, &context).status();
+    if (status.ok() && context.graphs_failed_) status = absl::InternalError(context.stats_.last_capture_error);
+  }
+  context.stats_.eager_steps = counted.eager_steps;
+  context.stats_.graph_replays = counted.graph_replays;
+  return status;
+}
+
 std::vector<int32_t> DecodeContext::GreedyTokens() const {
   if (!last_greedy_.defined()) return {};
   const at::Tensor host = last_greedy_.to(at::kCPU).contiguous();
   return std::vector<int32_t>(host.data_ptr<int32_t>(), host.data_ptr<int32_t>() + host.numel());
 }
 
+Model::AttendFn Model::WholeSequenceAttend(const AttentionBackend& attention, SequenceAttentionState* state) const {
+  return [this, &attention, state](int layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+    return attention.Attend(MakeInput(layer, q[0], k[0], v[0], state)).unsqueeze(0);
+  };
+}
+
+at::Tensor Model::WholeSequencePositions(int64_t length) const {
+  return at::arange(length, at::TensorOptions().dtype(at::kLong).device(options_.device)).unsqueeze(0);
+}
+
 absl::StatusOr<at::Tensor> Model::HiddenStates(absl::Span<const int32_t> ids, const AttentionBackend& attention,
                                                SequenceAttentionState* state) const {
   if (ids.empty()) return absl::InvalidArgumentError("hidden states of an empty sequence");
   LYCHEE_RETURN_IF_ERROR(CheckIds(ids));
-  at::Tensor positions =
-      at::arange(static_cast<int64_t>(ids.size()), at::TensorOptions().dtype(at::kLong).device(options_.device))
-          .unsqueeze(0);
-  const AttendFn attend = [&](int layer, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
-    return attention.Attend(MakeInput(layer, q[0], k[0], v[0], state)).unsqueeze(0);
-  };
-  return RmsNorm(Forward(Embed(ids).unsqueeze(0), positions, attend), final_norm_).squeeze(0);
+  const at::Tensor positions = WholeSequencePositions(static_cast<int64_t>(ids.size()));
+  return FinalNorm(Forward(Embed(ids).unsqueeze(0), positions, WholeSequenceAttend(attention, state)));
 }
+
+absl::StatusOr<at::Tensor> Model::EmbedForTraining(absl::Span<const int32_t> ids) const {
+  if (ids.empty()) return absl::InvalidArgumentError("hidden states of an empty sequence");
+  LYCHEE_RETURN_IF_ERROR(CheckIds(ids));
+  return Embed(ids).unsqueeze(0);
+}
+
+at::Tensor Model::LayerForTraining(int layer, const at::Tensor& hidden, const AttentionBackend& attention,
+                                   SequenceAttentionState* state) const {
+  auto [cos, sin] = RopeCosSin(WholeSequencePositions(hidden.size(1)));
+  return DecoderLayer(layer, hidden, cos.unsqueeze(1), sin.unsqueeze(1), WholeSequenceAttend(attention, state));
+}
+
+at::Tensor Model::FinalNorm(const at::Tensor& hidden) const { return RmsNorm(hidden, final_norm_).squeeze(0); }
 
 }  // namespace lychee

@@ -153,11 +153,30 @@ class Model {
   absl::StatusOr<at::Tensor> Decode(absl::Span<Sequence* const> sequences, absl::Span<const int32_t> ids,
                                     DecodeContext* context = nullptr) const;
 
+  // Captures the decode step of `attention` over `pool` for every batch-size bucket `context` would
+  // capture (1, 2, 4, ... up to its max_graph_batch), so that the first steps of real sequences
+  // replay instead of capturing: each bucket's first step runs eagerly and its second is captured,
+  // as RunDecode does, on throwaway sequences of one prefilled token that take a page each for
+  // the time of the call. Does nothing where the context would not capture (no CUDA, graphs off, or a
+  // backend that decodes eagerly). The context's counts of eager steps and replays leave these
+  // steps out. RESOURCE_EXHAUSTED when the pool has no pages for them; a failed capture is the
+  // error it returns, and the context decodes eagerly from then on, as after any failed capture.
+  absl::Status PrepareDecodeGraphs(const std::shared_ptr<const AttentionBackend>& attention,
+                                   const std::shared_ptr<KvPool>& pool, DecodeContext& context) const;
+
   // The final-normed hidden states of every position of `ids`, [T, hidden_size], computed in
   // one pass without a KV cache and with autograd left on: calibration differentiates through
   // the attention backend's gates. `state` comes from attention.NewSequenceState().
   absl::StatusOr<at::Tensor> HiddenStates(absl::Span<const int32_t> ids, const AttentionBackend& attention,
                                           SequenceAttentionState* state) const;
+  // HiddenStates one layer at a time, so that calibration's backward can recompute a layer's
+  // activations instead of keeping every layer's: the embedding of `ids`, [1, T, hidden]; decoder
+  // layer `layer` over the whole sequence `hidden` (positions 0..T-1), [1, T, hidden]; the final
+  // norm, [T, hidden].
+  absl::StatusOr<at::Tensor> EmbedForTraining(absl::Span<const int32_t> ids) const;
+  at::Tensor LayerForTraining(int layer, const at::Tensor& hidden, const AttentionBackend& attention,
+                              SequenceAttentionState* state) const;
+  at::Tensor FinalNorm(const at::Tensor& hidden) const;
 
  private:
   struct Layer;
@@ -172,6 +191,12 @@ class Model {
   double Scale() const;
   // hidden: [N, T, hidden]; positions: [N, T] int64.
   at::Tensor Forward(at::Tensor hidden, const at::Tensor& positions, const AttendFn& attend) const;
+  // One decoder layer; cos and sin [N, 1, T, D].
+  at::Tensor DecoderLayer(int layer_index, at::Tensor hidden, const at::Tensor& cos, const at::Tensor& sin,
+                          const AttendFn& attend) const;
+  // Whole-sequence attention of a single sequence through `attention`, and its positions [1, T].
+  AttendFn WholeSequenceAttend(const AttentionBackend& attention, SequenceAttentionState* state) const;
+  at::Tensor WholeSequencePositions(int64_t length) const;
   // cos and sin of the positions' RoPE angles, [N, 1, T, D].
   at::Tensor Attention(const Layer& layer, int layer_index, const at::Tensor& normed, const at::Tensor& cos,
                        const at::Tensor& sin, const AttendFn& attend) const;

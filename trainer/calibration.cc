@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <random>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "common/model.h"
@@ -36,6 +37,63 @@ double LearningRate(const CalibrationConfig& config, int64_t step) {
   if (step < decay_start) return config.learning_rate;
   const double progress = (step - decay_start) / std::max(1.0, steps - decay_start);
   return config.learning_rate * (1.0 - (1.0 - kFinalLearningRateShare) * progress);
+}
+
+// Mean squared distance of the answer positions' hidden states.
+at::Tensor Distillation(const at::Tensor& student_hidden, const at::Tensor& teacher_hidden, int64_t first,
+                        int64_t count) {
+  return (student_hidden.narrow(0, first, count).to(at::kFloat) - teacher_hidden.narrow(0, first, count).to(at::kFloat))
+      .pow(2)
+      .mean();
+}
+
+// The distillation loss with its gradient left in `state.gates` (a leaf), computed without keeping
+// every layer's activations: the forward keeps each layer's input alone; the backward walks down the
+// layers, recomputing each from its input and passing the gradient of its input on. A layer's sparse
+// side selects from the scores of the layer below, which the state holds after the forward of that
+// layer, so the layer below is run again (without autograd) before each layer is recomputed. Layer 0
+// has no gate, so the walk stops above it.
+absl::StatusOr<at::Tensor> DistillLayerByLayer(const Model& model, absl::Span<const int32_t> ids,
+                                               const GatedTrainingAttention& student, GatedSequenceState& state,
+                                               const at::Tensor& teacher_hidden, int64_t first, int64_t count) {
+  const int num_layers = static_cast<int>(model.config().num_layers);
+  std::vector<at::Tensor> layer_inputs(num_layers);
+  at::Tensor hidden;
+  {
+    at::NoGradGuard no_grad;
+    LYCHEE_ASSIGN_OR_RETURN(hidden, model.EmbedForTraining(ids));
+    for (int layer = 0; layer < num_layers; ++layer) {
+      layer_inputs[layer] = hidden;
+      hidden = model.LayerForTraining(layer, hidden, student, &state);
+    }
+  }
+  at::Tensor last = hidden.detach().set_requires_grad(true);
+  at::Tensor distillation = Distillation(model.FinalNorm(last), teacher_hidden, first, count);
+  distillation.backward();
+  at::Tensor gradient = last.grad();
+  for (int layer = num_layers - 1; layer >= 1; --layer) {
+    {
+      at::NoGradGuard no_grad;
+      model.LayerForTraining(layer - 1, layer_inputs[layer - 1], student, &state);
+    }
+    at::Tensor input = layer_inputs[layer].set_requires_grad(true);
+    model.LayerForTraining(layer, input, student, &state).backward(gradient);
+    gradient = input.grad();
+    layer_inputs[layer] = at::Tensor();
+  }
+  return distillation.detach();
+}
+
+bool RecomputesLayers(const CalibrationConfig& config, const Model& model) {
+  switch (config.activation_checkpointing) {
+    case CalibrationConfig::Checkpointing::kOn:
+      return true;
+    case CalibrationConfig::Checkpointing::kOff:
+      return false;
+    case CalibrationConfig::Checkpointing::kAuto:
+      break;
+  }
+  return model.options().device.is_cuda();
 }
 
 absl::Status FieldError(const std::string& field, const std::string& problem) {
@@ -90,6 +148,7 @@ absl::StatusOr<HeadPartition> RunCalibration(const Model& model, const Tokenizer
   const DenseAttentionBackend teacher;
   const GatedTrainingAttention student(
       SparseTrainingParams{config.sparse_keep_ratio, config.sparse_sink_tokens, config.sparse_recent_tokens});
+  const bool recompute_layers = RecomputesLayers(config, model);
   std::mt19937_64 rng(config.seed);
   std::uniform_int_distribution<int64_t> context_length(config.min_context_tokens, config.max_context_tokens);
   std::uniform_real_distribution<double> uniform(0.001, 0.999);
@@ -120,29 +179,36 @@ absl::StatusOr<HeadPartition> RunCalibration(const Model& model, const Tokenizer
     std::vector<float> noise(a.numel());
     for (float& u : noise) u = static_cast<float>(uniform(rng));
     at::Tensor u = at::tensor(noise).view(a.sizes()).to(a.device());
+    for (auto& group : optimizer.param_groups()) {
+      static_cast<torch::optim::AdamWOptions&>(group.options()).lr(LearningRate(config, step));
+    }
+    optimizer.zero_grad();
     auto state = student.NewSequenceState();
     auto& gated = static_cast<GatedSequenceState&>(*state);
-    gated.gates = at::cat({at::ones({1, shape.num_kv_heads}, gate_options), hard_kuma::Sample(a, b, u)}, 0)
-                      .to(model.options().dtype);
-    LYCHEE_ASSIGN_OR_RETURN(at::Tensor student_hidden, model.HiddenStates(ids, student, state.get()));
-
-    at::Tensor distillation = (student_hidden.narrow(0, first, count).to(at::kFloat) -
-                               teacher_hidden.narrow(0, first, count).to(at::kFloat))
-                                  .pow(2)
-                                  .mean();
+    at::Tensor gates = at::cat({at::ones({1, shape.num_kv_heads}, gate_options), hard_kuma::Sample(a, b, u)}, 0)
+                           .to(model.options().dtype);
+    at::Tensor distillation;
+    if (recompute_layers) {
+      gated.gates = gates.detach().set_requires_grad(true);
+      LYCHEE_ASSIGN_OR_RETURN(distillation,
+                              DistillLayerByLayer(model, ids, student, gated, teacher_hidden, first, count));
+      if (gated.gates.grad().defined()) gates.backward(gated.gates.grad());
+    } else {
+      gated.gates = gates;
+      LYCHEE_ASSIGN_OR_RETURN(at::Tensor student_hidden, model.HiddenStates(ids, student, state.get()));
+      distillation = Distillation(student_hidden, teacher_hidden, first, count);
+      // A one-layer model has no gated layer for the loss to depend on.
+      if (distillation.requires_grad()) distillation.backward();
+    }
     at::Tensor expected_density = (1.0 - hard_kuma::ProbabilityZero(a, b)).mean();
     at::Tensor penalty = at::relu(expected_density - config.target_density);
     const double penalty_value = penalty.item<double>();
     if (smoothed_penalty < 0) smoothed_penalty = penalty_value;
     at::Tensor smoothed = kPenaltySmoothing * smoothed_penalty + (1.0 - kPenaltySmoothing) * penalty;
     smoothed_penalty = smoothed.item<double>();
-    at::Tensor loss = distillation + lambda * smoothed;
-
-    for (auto& group : optimizer.param_groups()) {
-      static_cast<torch::optim::AdamWOptions&>(group.options()).lr(LearningRate(config, step));
-    }
-    optimizer.zero_grad();
-    loss.backward();
+    at::Tensor density_term = lambda * smoothed;
+    density_term.backward();
+    const double loss = distillation.item<double>() + density_term.item<double>();
     optimizer.step();
     {
       at::NoGradGuard no_grad;
@@ -154,7 +220,7 @@ absl::StatusOr<HeadPartition> RunCalibration(const Model& model, const Tokenizer
     const double step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     progress.step = step + 1;
-    progress.loss = loss.item<double>();
+    progress.loss = loss;
     progress.distillation_loss = distillation.item<double>();
     progress.density_penalty = smoothed_penalty;
     progress.expected_density = expected_density.item<double>();

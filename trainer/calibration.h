@@ -27,6 +27,12 @@ struct CalibrationConfig {
   double sparse_keep_ratio = 0.3;
   int64_t sparse_sink_tokens = 128;
   int64_t sparse_recent_tokens = 256;
+  // Whether the student's backward recomputes each layer from its input instead of keeping every
+  // layer's activations: then one layer's T x T attention weights are alive at a time, for two more
+  // forward passes (the layer's own, and the layer below's, whose scores its sparse side selects from).
+  // kAuto recomputes on CUDA, where memory binds, and keeps activations on the CPU.
+  enum class Checkpointing { kAuto, kOn, kOff };
+  Checkpointing activation_checkpointing = Checkpointing::kAuto;
   // Selection parameters the exported partition carries for decoding.
   SelectionParams selection;
   uint64_t seed = 0;

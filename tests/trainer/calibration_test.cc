@@ -59,6 +59,44 @@ TEST_CASE("the gated student equals the dense teacher when every gate is 1, or w
   CHECK((model.HiddenStates(ids, student, state.get()).value() - expected).abs().max().item<double>() > 1e-3);
 }
 
+TEST_CASE("the student attends in chunks of query rows exactly as in one block") {
+  const Model& model = *Shared().model;
+  std::vector<int32_t> ids(200);
+  for (size_t i = 0; i < ids.size(); ++i) ids[i] = static_cast<int32_t>(70 + (i * 37) % 4000);
+  const ModelConfig& c = model.config();
+  const auto hidden = [&](int64_t chunk_score_elements) {
+    const GatedTrainingAttention student(SparseTrainingParams{0.2, 8, 8, chunk_score_elements});
+    auto state = student.NewSequenceState();
+    static_cast<GatedSequenceState&>(*state).gates = at::full({c.num_layers, c.num_kv_heads}, 0.3);
+    return model.HiddenStates(ids, student, state.get()).value();
+  };
+  // 7 query rows per chunk: chunks that do not divide the sequence, the last one short.
+  at::Tensor chunked = hidden(c.num_attention_heads * 200 * 7);
+  CHECK((chunked - hidden(int64_t{1} << 40)).abs().max().item<double>() < 1e-4);
+}
+
+TEST_CASE("recomputing each layer in the backward trains the same gates as keeping every layer") {
+  const auto run = [](CalibrationConfig::Checkpointing checkpointing) {
+    CalibrationConfig config = Tiny();
+    config.activation_checkpointing = checkpointing;
+    std::vector<double> losses;
+    std::atomic<bool> cancelled{false};
+    HeadPartition partition = RunCalibration(*Shared().model, *Shared().tokenizer, Shared().corpus, config,
+                                             [&](const CalibrationProgress& p) { losses.push_back(p.loss); }, cancelled)
+                                  .value();
+    return std::pair{partition, losses};
+  };
+  const auto [kept, kept_losses] = run(CalibrationConfig::Checkpointing::kOff);
+  const auto [recomputed, recomputed_losses] = run(CalibrationConfig::Checkpointing::kOn);
+  REQUIRE(kept_losses.size() == recomputed_losses.size());
+  for (size_t i = 0; i < kept_losses.size(); ++i) CHECK(recomputed_losses[i] == Approx(kept_losses[i]).epsilon(1e-5));
+  REQUIRE(kept.gates.size() == recomputed.gates.size());
+  for (size_t i = 0; i < kept.gates.size(); ++i) {
+    CHECK(recomputed.gates[i].a == Approx(kept.gates[i].a).epsilon(1e-4));
+    CHECK(recomputed.gates[i].b == Approx(kept.gates[i].b).epsilon(1e-4));
+  }
+}
+
 TEST_CASE("a short calibration reports every step and exports a partition that fits the model") {
   std::vector<CalibrationProgress> seen;
   std::atomic<bool> cancelled{false};

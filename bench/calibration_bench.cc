@@ -1,0 +1,141 @@
+// Time and memory of calibration steps (trainer/calibration.cc, the core a trainer job runs) at fixed
+// context lengths: for each context and each activation-checkpointing mode, a short calibration whose
+// samples all have that many tokens; prints seconds per step (median after the first step, which
+// warms the allocator), tokens per second and, on CUDA, the peak of tensor memory allocated at once.
+// A configuration that does not fit prints the error (out of memory) and the next one runs.
+//
+//   calibration_bench --model DIR [--tokenizer FILE] [--corpus FILE] [--device cuda|cpu]
+//                     [--contexts 2048,8192] [--checkpointing on,off] [--steps 4]
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <exception>
+#include <string>
+#include <vector>
+
+#include "absl/flags/flag.h"
+#include "absl/flags/parse.h"
+#include "absl/flags/usage.h"
+#include "absl/status/status.h"
+#include "absl/strings/numbers.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/cuda_support.h"
+#include "common/model.h"
+#include "common/retrieval_tasks.h"
+#include "common/status_macros.h"
+#include "common/tokenizer.h"
+#include "trainer/calibration.h"
+
+ABSL_FLAG(std::string, model, "", "model directory (config.json and safetensors)");
+ABSL_FLAG(std::string, tokenizer, "", "tokenizer.json (default: the model directory's)");
+ABSL_FLAG(std::string, corpus, "data/corpus/calibration.txt.gz", "text the samples are built from");
+ABSL_FLAG(std::string, device, "cuda", "cuda or cpu");
+ABSL_FLAG(std::vector<std::string>, contexts, std::vector<std::string>({"2048", "8192"}), "sample lengths in tokens");
+ABSL_FLAG(std::vector<std::string>, checkpointing, std::vector<std::string>({"on", "off"}),
+          "activation checkpointing modes to run: on, off, auto");
+ABSL_FLAG(int64_t, steps, 4, "calibration steps per configuration (at least 2)");
+
+namespace lychee {
+namespace {
+
+constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+
+absl::StatusOr<CalibrationConfig::Checkpointing> ParseCheckpointing(const std::string& name) {
+  if (name == "on") return CalibrationConfig::Checkpointing::kOn;
+  if (name == "off") return CalibrationConfig::Checkpointing::kOff;
+  if (name == "auto") return CalibrationConfig::Checkpointing::kAuto;
+  return absl::InvalidArgumentError(absl::StrCat("--checkpointing takes on, off or auto, got '", name, "'"));
+}
+
+double Median(std::vector<double> values) {
+  std::sort(values.begin(), values.end());
+  const size_t n = values.size();
+  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
+}
+
+// One short calibration: its line of the table, or the reason it could not run.
+std::string MeasureRow(const Model& model, const Tokenizer& tokenizer, const std::string& corpus, int64_t context,
+                       const std::string& checkpointing_name, CalibrationConfig::Checkpointing checkpointing) {
+  CalibrationConfig config;
+  config.steps = absl::GetFlag(FLAGS_steps);
+  config.min_context_tokens = context;
+  config.max_context_tokens = context;
+  config.activation_checkpointing = checkpointing;
+  const std::string label = absl::StrCat(context, "\t", checkpointing_name, "\t");
+  (void)ResetPeakCudaMemory();  // UNIMPLEMENTED on the CPU, where no peak is shown
+  std::vector<double> step_seconds;
+  auto last = std::chrono::steady_clock::now();
+  std::atomic<bool> cancelled{false};
+  absl::StatusOr<HeadPartition> partition;
+  try {
+    partition = RunCalibration(model, tokenizer, corpus, config,
+                               [&](const CalibrationProgress&) {
+                                 const auto now = std::chrono::steady_clock::now();
+                                 step_seconds.push_back(std::chrono::duration<double>(now - last).count());
+                                 last = now;
+                               },
+                               cancelled);
+  } catch (const std::exception& error) {
+    const std::string what = error.what();
+    return absl::StrCat(label, "failed: ", what.substr(0, what.find('\n')));
+  }
+  if (!partition.ok()) return absl::StrCat(label, "failed: ", partition.status().ToString());
+  const double seconds = Median(std::vector<double>(step_seconds.begin() + 1, step_seconds.end()));
+  const absl::StatusOr<int64_t> peak = PeakCudaMemoryBytes();
+  return absl::StrCat(label, absl::StrFormat("%.2f\t%.0f\t", seconds, context / seconds),
+                      peak.ok() ? absl::StrFormat("%.1f", *peak / kGiB) : "-");
+}
+
+absl::Status Run() {
+  const std::string model_dir = absl::GetFlag(FLAGS_model);
+  if (model_dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
+  if (absl::GetFlag(FLAGS_steps) < 2) return absl::InvalidArgumentError("--steps must be at least 2");
+  std::vector<int64_t> contexts;
+  for (const std::string& text : absl::GetFlag(FLAGS_contexts)) {
+    int64_t context = 0;
+    if (!absl::SimpleAtoi(text, &context) || context < 64) {
+      return absl::InvalidArgumentError(absl::StrCat("--contexts takes lengths of at least 64 tokens, got '", text, "'"));
+    }
+    contexts.push_back(context);
+  }
+  std::vector<std::pair<std::string, CalibrationConfig::Checkpointing>> modes;
+  for (const std::string& name : absl::GetFlag(FLAGS_checkpointing)) {
+    LYCHEE_ASSIGN_OR_RETURN(CalibrationConfig::Checkpointing mode, ParseCheckpointing(name));
+    modes.emplace_back(name, mode);
+  }
+  LYCHEE_ASSIGN_OR_RETURN(ModelOptions options, ModelOptionsForDevice(absl::GetFlag(FLAGS_device)));
+  const std::string tokenizer_path =
+      absl::GetFlag(FLAGS_tokenizer).empty() ? model_dir + "/tokenizer.json" : absl::GetFlag(FLAGS_tokenizer);
+  LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::FromFile(tokenizer_path));
+  LYCHEE_ASSIGN_OR_RETURN(std::string corpus, ReadTextCorpus(absl::GetFlag(FLAGS_corpus)));
+  LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(model_dir, options));
+  const ModelConfig& shape = model->config();
+  std::printf("# %s on %s: %lld layers, %lld heads, %lld KV heads, hidden %lld; %lld steps per row\n",
+              model_dir.c_str(), absl::GetFlag(FLAGS_device).c_str(), static_cast<long long>(shape.num_layers),
+              static_cast<long long>(shape.num_attention_heads), static_cast<long long>(shape.num_kv_heads),
+              static_cast<long long>(shape.hidden_size), static_cast<long long>(absl::GetFlag(FLAGS_steps)));
+  std::printf("context\tcheckpointing\ts/step\ttokens/s\tpeak GiB\n");
+  for (int64_t context : contexts) {
+    for (const auto& [name, mode] : modes) {
+      std::printf("%s\n", MeasureRow(*model, *tokenizer, corpus, context, name, mode).c_str());
+      std::fflush(stdout);
+    }
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace
+}  // namespace lychee
+
+int main(int argc, char** argv) {
+  absl::SetProgramUsageMessage("Seconds per step and peak GPU memory of calibration at fixed contexts");
+  absl::ParseCommandLine(argc, argv);
+  const absl::Status status = lychee::Run();
+  if (!status.ok()) {
+    std::fprintf(stderr, "calibration_bench: %s\n", status.ToString().c_str());
+    return 1;
+  }
+  return 0;
+}
