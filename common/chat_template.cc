@@ -121,13 +121,11 @@ bool IsValidUtf8(std::string_view text) {
 // the ASCII whitespace, the information separators and the Unicode spaces and line breaks.
 bool IsPythonSpace(char32_t c) {
   return (c >= 0x09 && c <= 0x0D) || (c >= 0x1C && c <= 0x20) || c == 0x85 || c == 0xA0 || c == 0x1680 ||
-         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F ||
-         c == 0x3000;
+         (c >= 0x2000 && c <= 0x200A) || c == 0x2028 || c == 0x2029 || c == 0x202F || c == 0x205F || c == 0x3000;
 }
 
 // str.strip / lstrip / rstrip: without `chars` strips whitespace, else any of its code points.
-std::string StripPython(std::string_view text, const std::optional<std::u32string>& chars, bool left,
-                        bool right) {
+std::string StripPython(std::string_view text, const std::optional<std::u32string>& chars, bool left, bool right) {
   const std::u32string code_points = DecodeUtf8(text);
   const auto strippable = [&](char32_t c) {
     return chars.has_value() ? chars->find(c) != std::u32string::npos : IsPythonSpace(c);
@@ -158,11 +156,13 @@ struct ObjectData;
 struct FunctionData;
 
 // How a sequence prints and behaves: Jinja's filters return generators (one-shot iterators that
-// print as "<generator object ...>"), dict.items() returns a view.
+// print as "<generator object ...>"); dict.items(), keys(), values() and range() return views
+// (iterable again and again, printed as "dict_items([...])" or "range(0, 3)").
 enum class ListKind { kList, kTuple, kGenerator, kView };
 
 class Value {
  public:
+  // In the order of the alternatives of Data.
   enum class Kind { kUndefined, kNone, kBool, kInt, kFloat, kString, kList, kDict, kObject, kFunction };
 
   // Jinja's Undefined. `description` says what is undefined ("'x' is undefined"): using the
@@ -299,7 +299,7 @@ std::string TypeName(const Value& value) {
         case ListKind::kList: return "list";
         case ListKind::kTuple: return "tuple";
         case ListKind::kGenerator: return "generator";
-        case ListKind::kView: return "dict view";
+        case ListKind::kView: return "view";
       }
       break;
     case Value::Kind::kDict: return "dict";
@@ -313,8 +313,8 @@ std::string TypeName(const Value& value) {
 // The UndefinedError Jinja raises where an undefined value is used for more than printing,
 // testing or iterating.
 absl::Status UndefinedError(int line, const Value& undefined) {
-  return RenderError(line, undefined.undefined_description().empty() ? "undefined value used"
-                                                                      : undefined.undefined_description());
+  return RenderError(
+      line, undefined.undefined_description().empty() ? "undefined value used" : undefined.undefined_description());
 }
 
 bool Truthy(const Value& value) {
@@ -374,7 +374,8 @@ absl::StatusOr<int64_t> Length(const Value& value, int line) {
     case Value::Kind::kString: {
       const std::string& text = value.as_string();
       // Code points: every byte but UTF-8 continuation bytes starts one.
-      return std::count_if(text.begin(), text.end(), [](char c) { return (static_cast<unsigned char>(c) & 0xC0) != 0x80; });
+      return std::count_if(text.begin(), text.end(),
+                           [](char c) { return (static_cast<unsigned char>(c) & 0xC0) != 0x80; });
     }
     case Value::Kind::kList:
       if (value.as_list().kind == ListKind::kGenerator) break;
@@ -400,7 +401,9 @@ absl::StatusOr<bool> Equals(const Value& a, const Value& b, int line) {
     case Value::Kind::kList: {
       const ListData& x = a.as_list();
       const ListData& y = b.as_list();
-      if (x.kind == ListKind::kView || y.kind == ListKind::kView) return Unsupported(line, "comparison of dict views");
+      if (x.kind == ListKind::kView || y.kind == ListKind::kView) {
+        return Unsupported(line, "comparison of views (apply |list)");
+      }
       if (x.kind == ListKind::kGenerator || y.kind == ListKind::kGenerator) return &x == &y;
       if (x.kind != y.kind || x.items.size() != y.items.size()) return false;
       for (size_t i = 0; i < x.items.size(); ++i) {
@@ -413,10 +416,13 @@ absl::StatusOr<bool> Equals(const Value& a, const Value& b, int line) {
       const DictData& x = a.as_dict();
       const DictData& y = b.as_dict();
       if (x.entries.size() != y.entries.size()) return false;
+      // Keys may come in another order.
+      std::unordered_map<std::string_view, const Value*> y_values;
+      for (const auto& [key, value] : y.entries) y_values.emplace(key, &value);
       for (const auto& [key, value] : x.entries) {
-        const Value* other = y.Find(key);
-        if (other == nullptr) return false;
-        LYCHEE_ASSIGN_OR_RETURN(const bool equal, Equals(value, *other, line));
+        const auto other = y_values.find(key);
+        if (other == y_values.end()) return false;
+        LYCHEE_ASSIGN_OR_RETURN(const bool equal, Equals(value, *other->second, line));
         if (!equal) return false;
       }
       return true;
@@ -455,8 +461,8 @@ absl::StatusOr<bool> Less(const Value& a, const Value& b, int line, absl::string
   }
   if (a.is(Value::Kind::kUndefined)) return UndefinedError(line, a);
   if (b.is(Value::Kind::kUndefined)) return UndefinedError(line, b);
-  return RenderError(line, absl::StrCat("'", op, "' not supported between instances of '", TypeName(a), "' and '",
-                                        TypeName(b), "'"));
+  return RenderError(
+      line, absl::StrCat("'", op, "' not supported between instances of '", TypeName(a), "' and '", TypeName(b), "'"));
 }
 
 // Python's `needle in container`.
@@ -478,8 +484,7 @@ absl::StatusOr<bool> Contains(const Value& container, const Value& needle, int l
       }
       return false;
     }
-    default:
-      return RenderError(line, absl::StrCat("argument of type '", TypeName(container), "' is not iterable"));
+    default: return RenderError(line, absl::StrCat("argument of type '", TypeName(container), "' is not iterable"));
   }
 }
 
@@ -518,8 +523,11 @@ std::string FloatRepr(double value) {
     return text;
   }
   if (point <= 0) return absl::StrCat(sign, "0.", std::string(static_cast<size_t>(-point), '0'), digits);
-  if (point >= digit_count) return absl::StrCat(sign, digits, std::string(static_cast<size_t>(point - digit_count), '0'), ".0");
-  return absl::StrCat(sign, digits.substr(0, static_cast<size_t>(point)), ".", digits.substr(static_cast<size_t>(point)));
+  if (point >= digit_count) {
+    return absl::StrCat(sign, digits, std::string(static_cast<size_t>(point - digit_count), '0'), ".0");
+  }
+  return absl::StrCat(sign, digits.substr(0, static_cast<size_t>(point)), ".",
+                      digits.substr(static_cast<size_t>(point)));
 }
 
 void AppendHexEscape(char prefix, int width, char32_t code_point, std::string* out) {
@@ -645,7 +653,8 @@ absl::Status AppendRepr(const Value& value, int line, std::string* out) {
       }
       return absl::OkStatus();
     }
-    case Value::Kind::kFunction: return Unsupported(line, absl::StrCat("printing the function '", value.as_function().name, "'"));
+    case Value::Kind::kFunction:
+      return Unsupported(line, absl::StrCat("printing the function '", value.as_function().name, "'"));
   }
   return absl::OkStatus();
 }
@@ -774,7 +783,9 @@ class ValueBuilder : public nlohmann::json_sax<nlohmann::json> {
   bool boolean(bool value) override { return Add(Value::Bool(value)); }
   bool number_integer(number_integer_t value) override { return Add(Value::Int(value)); }
   bool number_unsigned(number_unsigned_t value) override {
-    if (value > static_cast<number_unsigned_t>(std::numeric_limits<int64_t>::max())) return Fail("an integer above 2^63 - 1");
+    if (value > static_cast<number_unsigned_t>(std::numeric_limits<int64_t>::max())) {
+      return Fail("an integer above 2^63 - 1");
+    }
     return Add(Value::Int(static_cast<int64_t>(value)));
   }
   bool number_float(number_float_t value, const string_t& text) override {
@@ -808,16 +819,26 @@ class ValueBuilder : public nlohmann::json_sax<nlohmann::json> {
     bool is_object;
     std::vector<Value> items;
     DictData dict;
+    // The object's next key, and where each key read so far sits among its entries.
     std::string key;
+    std::unordered_map<std::string, size_t> key_positions;
   };
 
   bool Add(Value value) {
     if (open_.empty()) {
       result_ = std::move(value);
-    } else if (open_.back().is_object) {
-      open_.back().dict.Set(std::move(open_.back().key), std::move(value));
+      return true;
+    }
+    Container& container = open_.back();
+    if (!container.is_object) {
+      container.items.push_back(std::move(value));
+      return true;
+    }
+    const auto [position, inserted] = container.key_positions.emplace(container.key, container.dict.entries.size());
+    if (inserted) {
+      container.dict.entries.emplace_back(std::move(container.key), std::move(value));
     } else {
-      open_.back().items.push_back(std::move(value));
+      container.dict.entries[position->second].second = std::move(value);
     }
     return true;
   }
@@ -826,7 +847,7 @@ class ValueBuilder : public nlohmann::json_sax<nlohmann::json> {
     if (open_.size() >= static_cast<size_t>(kMaxJsonDepth)) {
       return Fail(absl::StrCat("nesting deeper than ", kMaxJsonDepth, " levels"));
     }
-    open_.push_back(Container{is_object, {}, {}, {}});
+    open_.push_back(Container{is_object, {}, {}, {}, {}});
     return true;
   }
   bool Close() {
@@ -858,7 +879,17 @@ absl::StatusOr<Value> ParseJsonValue(std::string_view text) {
 
 struct Token {
   enum class Type {
-    kData, kVariableBegin, kVariableEnd, kBlockBegin, kBlockEnd, kName, kString, kInteger, kFloat, kOperator, kEnd
+    kData,
+    kVariableBegin,
+    kVariableEnd,
+    kBlockBegin,
+    kBlockEnd,
+    kName,
+    kString,
+    kInteger,
+    kFloat,
+    kOperator,
+    kEnd
   };
   Type type;
   // The data, name or operator; a string literal's value; a number's digits.
@@ -879,7 +910,8 @@ class Lexer {
         break;
       }
       const char kind = source_[tag + 1];
-      const char sign = tag + 2 < source_.size() && (source_[tag + 2] == '-' || source_[tag + 2] == '+') ? source_[tag + 2] : 0;
+      const char sign =
+          tag + 2 < source_.size() && (source_[tag + 2] == '-' || source_[tag + 2] == '+') ? source_[tag + 2] : 0;
       std::string data(source_.substr(pos_, tag - pos_));
       if (sign == '-') {
         data = StripPython(data, std::nullopt, false, true);
@@ -984,7 +1016,8 @@ class Lexer {
     std::string open_brackets;
     while (true) {
       if (pos_ >= source_.size()) {
-        return SyntaxError(tag_line, absl::StrCat("unexpected end of template, expected '", is_variable ? "}}" : "%}", "'"));
+        return SyntaxError(tag_line,
+                           absl::StrCat("unexpected end of template, expected '", is_variable ? "}}" : "%}", "'"));
       }
       if (open_brackets.empty() && TryTagEnd(is_variable)) return absl::OkStatus();
       const char c = source_[pos_];
@@ -995,7 +1028,10 @@ class Lexer {
         LYCHEE_RETURN_IF_ERROR(TokenizeNumber());
       } else if (IsAsciiLetter(c) || c == '_') {
         size_t end = pos_;
-        while (end < source_.size() && (IsAsciiLetter(source_[end]) || IsAsciiDigit(source_[end]) || source_[end] == '_')) ++end;
+        while (end < source_.size() &&
+               (IsAsciiLetter(source_[end]) || IsAsciiDigit(source_[end]) || source_[end] == '_')) {
+          ++end;
+        }
         Emit(Token::Type::kName, std::string(source_.substr(pos_, end - pos_)));
         Advance(end);
       } else if (c == '\'' || c == '"') {
@@ -1024,7 +1060,9 @@ class Lexer {
     if (c == '(' || c == '[' || c == '{') {
       open_brackets->push_back(c == '(' ? ')' : c == '[' ? ']' : '}');
     } else if (c == ')' || c == ']' || c == '}') {
-      if (open_brackets->empty() || open_brackets->back() != c) return SyntaxError(line_, absl::StrCat("unexpected '", std::string(1, c), "'"));
+      if (open_brackets->empty() || open_brackets->back() != c) {
+        return SyntaxError(line_, absl::StrCat("unexpected '", std::string(1, c), "'"));
+      }
       open_brackets->pop_back();
     }
     Emit(Token::Type::kOperator, std::string(1, c));
@@ -1036,8 +1074,8 @@ class Lexer {
   // and an exponent making a float.
   absl::Status TokenizeNumber() {
     const auto digits_end = [&](size_t pos) {
-      while (pos < source_.size() && (IsAsciiDigit(source_[pos]) ||
-                                      (source_[pos] == '_' && pos + 1 < source_.size() && IsAsciiDigit(source_[pos + 1])))) {
+      while (pos < source_.size() && (IsAsciiDigit(source_[pos]) || (source_[pos] == '_' && pos + 1 < source_.size() &&
+                                                                     IsAsciiDigit(source_[pos + 1])))) {
         ++pos;
       }
       return pos;
@@ -1050,7 +1088,8 @@ class Lexer {
       is_float = true;
     }
     if (end < source_.size() && (source_[end] == 'e' || source_[end] == 'E')) {
-      const size_t exponent = end + 1 < source_.size() && (source_[end + 1] == '+' || source_[end + 1] == '-') ? end + 2 : end + 1;
+      const size_t exponent =
+          end + 1 < source_.size() && (source_[end + 1] == '+' || source_[end + 1] == '-') ? end + 2 : end + 1;
       if (digit_at(exponent)) {
         end = digits_end(exponent);
         is_float = true;
@@ -1066,7 +1105,8 @@ class Lexer {
       }
       return SyntaxError(line_, absl::StrCat("leading zeros in integer literal '", digits, "'"));
     }
-    if (!is_float && digits == "0" && end < source_.size() && std::string_view("xXoObB").find(source_[end]) != std::string_view::npos) {
+    if (!is_float && digits == "0" && end < source_.size() &&
+        std::string_view("xXoObB").find(source_[end]) != std::string_view::npos) {
       return Unsupported(line_, "integer literal in base 2, 8 or 16");
     }
     Emit(is_float ? Token::Type::kFloat : Token::Type::kInteger, std::move(digits));
@@ -1103,7 +1143,10 @@ class Lexer {
         char32_t code_point = 0;
         for (int i = 0; i < digits; ++i) {
           const char h = raw[pos + i];
-          const int nibble = IsAsciiDigit(h) ? h - '0' : (h >= 'a' && h <= 'f') ? h - 'a' + 10 : (h >= 'A' && h <= 'F') ? h - 'A' + 10 : -1;
+          const int nibble = IsAsciiDigit(h)          ? h - '0'
+                             : (h >= 'a' && h <= 'f') ? h - 'a' + 10
+                             : (h >= 'A' && h <= 'F') ? h - 'A' + 10
+                                                      : -1;
           if (nibble < 0) return SyntaxError(line, "truncated escape in string");
           code_point = code_point * 16 + static_cast<char32_t>(nibble);
         }
@@ -1229,7 +1272,8 @@ struct Stmt {
     kSetBlock,  // set targets[0] [| filter]: the text body renders
     kBreak,
     kContinue,
-    kScope,     // body in a scope of its own: transformers' {% generation %} block
+    kScope,  // body in a scope of its own: transformers' {% generation %} block
+    kMacro,  // macro `text`(targets, with defaults): body
   };
   Stmt(Kind kind, int line) : kind(kind), line(line) {}
 
@@ -1244,6 +1288,8 @@ struct Stmt {
   std::vector<std::pair<ExprPtr, Body>> branches;
   Body body;
   Body else_body;
+  // kMacro: each parameter's default value, null where it has none.
+  std::vector<ExprPtr> defaults;
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1253,7 +1299,7 @@ struct Stmt {
 // Binds a call's arguments to a Python function's parameters: positional ones in order, then
 // keywords by name; one entry per parameter, empty where the call passed nothing.
 absl::StatusOr<std::vector<std::optional<Value>>> BindArguments(const CallArgs& args, absl::string_view function,
-                                                               std::initializer_list<std::string_view> parameters) {
+                                                                std::initializer_list<std::string_view> parameters) {
   if (args.positional.size() > parameters.size()) {
     return RenderError(args.line, absl::StrCat(function, "() takes at most ", parameters.size(), " arguments (",
                                                args.positional.size(), " given)"));
@@ -1266,7 +1312,9 @@ absl::StatusOr<std::vector<std::optional<Value>>> BindArguments(const CallArgs& 
       return RenderError(args.line, absl::StrCat(function, "() got an unexpected keyword argument '", name, "'"));
     }
     auto& slot = bound[static_cast<size_t>(parameter - parameters.begin())];
-    if (slot.has_value()) return RenderError(args.line, absl::StrCat(function, "() got multiple values for argument '", name, "'"));
+    if (slot.has_value()) {
+      return RenderError(args.line, absl::StrCat(function, "() got multiple values for argument '", name, "'"));
+    }
     slot = value;
   }
   return bound;
@@ -1276,13 +1324,17 @@ bool IsNoneOrAbsent(const std::optional<Value>& value) { return !value.has_value
 
 absl::StatusOr<std::string> RequireString(const std::optional<Value>& value, absl::string_view what, int line) {
   if (!value.has_value()) return RenderError(line, absl::StrCat(what, " is missing"));
-  if (!value->is(Value::Kind::kString)) return RenderError(line, absl::StrCat(what, " must be a string, not ", TypeName(*value)));
+  if (!value->is(Value::Kind::kString)) {
+    return RenderError(line, absl::StrCat(what, " must be a string, not ", TypeName(*value)));
+  }
   return value->as_string();
 }
 
 absl::StatusOr<int64_t> RequireInt(const std::optional<Value>& value, absl::string_view what, int line) {
   if (!value.has_value()) return RenderError(line, absl::StrCat(what, " is missing"));
-  if (!value->is_integral()) return RenderError(line, absl::StrCat(what, " must be an integer, not ", TypeName(*value)));
+  if (!value->is_integral()) {
+    return RenderError(line, absl::StrCat(what, " must be an integer, not ", TypeName(*value)));
+  }
   return value->as_int();
 }
 
@@ -1356,9 +1408,13 @@ absl::StatusOr<Value> Power(const Value& base, const Value& exponent, int line) 
   const double a = base.as_double();
   const double b = exponent.as_double();
   if (a == 0.0 && b < 0.0) return RenderError(line, "0.0 cannot be raised to a negative power");
-  if (a < 0.0 && b != std::floor(b)) return Unsupported(line, "a negative number raised to a fractional power (a complex number)");
+  if (a < 0.0 && b != std::floor(b)) {
+    return Unsupported(line, "a negative number raised to a fractional power (a complex number)");
+  }
   const double result = std::pow(a, b);
-  if (std::isinf(result) && std::isfinite(a) && std::isfinite(b)) return RenderError(line, "numerical result out of range");
+  if (std::isinf(result) && std::isfinite(a) && std::isfinite(b)) {
+    return RenderError(line, "numerical result out of range");
+  }
   return Value::Float(result);
 }
 
@@ -1368,20 +1424,25 @@ absl::StatusOr<Value> Repeat(const Value& sequence, int64_t times, int line) {
   const int64_t count = std::max<int64_t>(times, 0);
   if (sequence.is(Value::Kind::kString)) {
     const std::string& text = sequence.as_string();
-    if (count > 0 && static_cast<int64_t>(text.size()) > kMaxRepeatedSize / count) return Unsupported(line, "repetition beyond 16 MiB");
+    if (count > 0 && static_cast<int64_t>(text.size()) > kMaxRepeatedSize / count) {
+      return Unsupported(line, "repetition beyond 16 MiB");
+    }
     std::string repeated;
     for (int64_t i = 0; i < count; ++i) repeated += text;
     return Value::String(std::move(repeated));
   }
   const ListData& list = sequence.as_list();
-  if (count > 0 && static_cast<int64_t>(list.items.size()) > kMaxRepeatedSize / count) return Unsupported(line, "repetition beyond 16 Mi items");
+  if (count > 0 && static_cast<int64_t>(list.items.size()) > kMaxRepeatedSize / count) {
+    return Unsupported(line, "repetition beyond 16 Mi items");
+  }
   std::vector<Value> repeated;
   for (int64_t i = 0; i < count; ++i) repeated.insert(repeated.end(), list.items.begin(), list.items.end());
   return Value::List(std::move(repeated), list.kind);
 }
 
 bool IsPlainSequence(const Value& value) {
-  return value.is(Value::Kind::kList) && (value.as_list().kind == ListKind::kList || value.as_list().kind == ListKind::kTuple);
+  return value.is(Value::Kind::kList) &&
+         (value.as_list().kind == ListKind::kList || value.as_list().kind == ListKind::kTuple);
 }
 
 // + - * / // % ** between two values.
@@ -1414,18 +1475,23 @@ absl::StatusOr<Value> Arithmetic(absl::string_view op, const Value& a, const Val
     items.insert(items.end(), b.as_list().items.begin(), b.as_list().items.end());
     return Value::List(std::move(items), a.as_list().kind);
   }
-  if (op == "*" && (a.is(Value::Kind::kString) || IsPlainSequence(a)) && b.is_integral()) return Repeat(a, b.as_int(), line);
-  if (op == "*" && a.is_integral() && (b.is(Value::Kind::kString) || IsPlainSequence(b))) return Repeat(b, a.as_int(), line);
+  if (op == "*" && (a.is(Value::Kind::kString) || IsPlainSequence(a)) && b.is_integral()) {
+    return Repeat(a, b.as_int(), line);
+  }
+  if (op == "*" && a.is_integral() && (b.is(Value::Kind::kString) || IsPlainSequence(b))) {
+    return Repeat(b, a.as_int(), line);
+  }
   if (op == "%" && a.is(Value::Kind::kString)) return Unsupported(line, "string formatting with '%'");
-  return RenderError(line, absl::StrCat("unsupported operand type(s) for ", op, ": '", TypeName(a), "' and '", TypeName(b), "'"));
+  return RenderError(
+      line, absl::StrCat("unsupported operand type(s) for ", op, ": '", TypeName(a), "' and '", TypeName(b), "'"));
 }
 
 // --- Strings.
 
 // Python's slicing of a sequence of `length` items: the indices start:stop:step selects.
 absl::StatusOr<std::vector<int64_t>> SliceIndices(int64_t length, const std::optional<int64_t>& start,
-                                                  const std::optional<int64_t>& stop, const std::optional<int64_t>& step,
-                                                  int line) {
+                                                  const std::optional<int64_t>& stop,
+                                                  const std::optional<int64_t>& step, int line) {
   const int64_t stride = step.value_or(1);
   if (stride == 0) return RenderError(line, "slice step cannot be zero");
   const int64_t lower = stride > 0 ? 0 : -1;
@@ -1479,7 +1545,7 @@ std::string ReplaceString(std::string_view text, std::string_view old, std::stri
   std::string result;
   int64_t done = 0;
   if (old.empty()) {
-    for (size_t pos = 0; pos <= text.size(); ) {
+    for (size_t pos = 0; pos <= text.size();) {
       if (count < 0 || done < count) {
         result.append(replacement);
         ++done;
@@ -1557,16 +1623,16 @@ absl::StatusOr<bool> HasOnlyCase(std::string_view text, bool lower, int line) {
 // The methods of Python's str, dict and list, so that a method outside the subset is an error
 // naming it rather than an undefined attribute.
 constexpr std::string_view kStringMethods[] = {
-    "capitalize", "casefold", "center", "count", "encode", "endswith", "expandtabs", "find", "format",
-    "format_map", "index", "isalnum", "isalpha", "isascii", "isdecimal", "isdigit", "isidentifier",
-    "islower", "isnumeric", "isprintable", "isspace", "istitle", "isupper", "join", "ljust", "lower",
-    "lstrip", "maketrans", "partition", "removeprefix", "removesuffix", "replace", "rfind", "rindex",
-    "rjust", "rpartition", "rsplit", "rstrip", "split", "splitlines", "startswith", "strip", "swapcase",
-    "title", "translate", "upper", "zfill"};
-constexpr std::string_view kDictMethods[] = {"clear", "copy", "fromkeys", "get", "items", "keys",
-                                             "pop", "popitem", "setdefault", "update", "values"};
-constexpr std::string_view kListMethods[] = {"append", "clear", "copy", "count", "extend", "index",
-                                             "insert", "pop", "remove", "reverse", "sort"};
+    "capitalize",   "casefold",   "center",    "count",       "encode",    "endswith",     "expandtabs",   "find",
+    "format",       "format_map", "index",     "isalnum",     "isalpha",   "isascii",      "isdecimal",    "isdigit",
+    "isidentifier", "islower",    "isnumeric", "isprintable", "isspace",   "istitle",      "isupper",      "join",
+    "ljust",        "lower",      "lstrip",    "maketrans",   "partition", "removeprefix", "removesuffix", "replace",
+    "rfind",        "rindex",     "rjust",     "rpartition",  "rsplit",    "rstrip",       "split",        "splitlines",
+    "startswith",   "strip",      "swapcase",  "title",       "translate", "upper",        "zfill"};
+constexpr std::string_view kDictMethods[] = {"clear", "copy",    "fromkeys",   "get",    "items", "keys",
+                                             "pop",   "popitem", "setdefault", "update", "values"};
+constexpr std::string_view kListMethods[] = {"append", "clear", "copy",   "count",   "extend", "index",
+                                             "insert", "pop",   "remove", "reverse", "sort"};
 
 template <size_t N>
 bool IsOneOf(std::string_view name, const std::string_view (&names)[N]) {
@@ -1599,13 +1665,16 @@ absl::StatusOr<Value> CallStringMethod(const std::string& self, const std::strin
   }
   if (method == "startswith" || method == "endswith") {
     LYCHEE_ASSIGN_OR_RETURN(const auto bound, BindArguments(args, function, {"affix", "start", "end"}));
-    if (bound[1].has_value() || bound[2].has_value()) return Unsupported(args.line, absl::StrCat(function, " with start or end"));
+    if (bound[1].has_value() || bound[2].has_value()) {
+      return Unsupported(args.line, absl::StrCat(function, " with start or end"));
+    }
     std::vector<Value> affixes = {bound[0].value_or(Value())};
     if (bound[0].has_value() && bound[0]->is(Value::Kind::kList) && bound[0]->as_list().kind == ListKind::kTuple) {
       affixes = bound[0]->as_list().items;
     }
     for (const Value& affix : affixes) {
-      LYCHEE_ASSIGN_OR_RETURN(const std::string text, RequireString(affix, absl::StrCat(function, "'s argument"), args.line));
+      LYCHEE_ASSIGN_OR_RETURN(const std::string text,
+                              RequireString(affix, absl::StrCat(function, "'s argument"), args.line));
       const bool matches = text.size() <= self.size() &&
                            (method == "startswith" ? self.compare(0, text.size(), text) == 0
                                                    : self.compare(self.size() - text.size(), text.size(), text) == 0);
@@ -1663,8 +1732,9 @@ absl::StatusOr<Value> CallDictMethod(const Value& self, const std::string& metho
 // `object`'s method `name` as a bound function, where the object's Python type has that method.
 std::optional<Value> Method(const Value& object, const std::string& name) {
   if (object.is(Value::Kind::kString) && IsOneOf(name, kStringMethods)) {
-    return MakeFunction(absl::StrCat("str.", name),
-                        [object, name](const CallArgs& args) { return CallStringMethod(object.as_string(), name, args); });
+    return MakeFunction(absl::StrCat("str.", name), [object, name](const CallArgs& args) {
+      return CallStringMethod(object.as_string(), name, args);
+    });
   }
   if (object.is(Value::Kind::kDict) && IsOneOf(name, kDictMethods)) {
     return MakeFunction(absl::StrCat("dict.", name),
@@ -1705,7 +1775,9 @@ absl::StatusOr<Value> GetItem(const Value& object, const Value& key, int line) {
       const std::u32string code_points = DecodeUtf8(object.as_string());
       const auto length = static_cast<int64_t>(code_points.size());
       if (index < 0) index += length;
-      if (index >= 0 && index < length) return Value::String(EncodeUtf8(code_points.substr(static_cast<size_t>(index), 1)));
+      if (index >= 0 && index < length) {
+        return Value::String(EncodeUtf8(code_points.substr(static_cast<size_t>(index), 1)));
+      }
     } else {
       const std::vector<Value>& items = object.as_list().items;
       const auto length = static_cast<int64_t>(items.size());
@@ -1714,7 +1786,9 @@ absl::StatusOr<Value> GetItem(const Value& object, const Value& key, int line) {
     }
     return Value::Undefined(absl::StrCat(TypeName(object), " object has no element ", key.as_int()));
   }
-  if (!key.is(Value::Kind::kString)) return Value::Undefined(absl::StrCat(TypeName(object), " object has no such element"));
+  if (!key.is(Value::Kind::kString)) {
+    return Value::Undefined(absl::StrCat(TypeName(object), " object has no such element"));
+  }
   const std::string& name = key.as_string();
   if (object.is(Value::Kind::kDict)) {
     if (const Value* found = object.as_dict().Find(name)) return *found;
@@ -1730,7 +1804,8 @@ absl::StatusOr<Value> AttributePath(const Value& item, std::string_view path, in
     int64_t index = 0;
     const auto [end, error] = std::from_chars(part.data(), part.data() + part.size(), index);
     const bool is_index = error == std::errc() && end == part.data() + part.size();
-    LYCHEE_ASSIGN_OR_RETURN(value, GetItem(value, is_index ? Value::Int(index) : Value::String(std::string(part)), line));
+    LYCHEE_ASSIGN_OR_RETURN(value,
+                            GetItem(value, is_index ? Value::Int(index) : Value::String(std::string(part)), line));
   }
   return value;
 }
@@ -1805,7 +1880,8 @@ absl::StatusOr<bool> TestSameAs(const Value& value, const CallArgs& args) {
 const std::map<std::string_view, TestFunction>& Tests() {
   static const auto* const tests = new std::map<std::string_view, TestFunction>{
       {"defined", TestDefined},
-      {"undefined", [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
+      {"undefined",
+       [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
          LYCHEE_ASSIGN_OR_RETURN(const bool defined, TestDefined(v, a));
          return !defined;
        }},
@@ -1815,49 +1891,59 @@ const std::map<std::string_view, TestFunction>& Tests() {
       {"float", TestKind<Value::Kind::kFloat>},
       {"integer", TestKind<Value::Kind::kInt>},
       {"boolean", TestKind<Value::Kind::kBool>},
-      {"number", [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
+      {"number",
+       [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
          LYCHEE_RETURN_IF_ERROR(NoArguments(a, "number").status());
          return v.is_number();
        }},
-      {"callable", [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
+      {"callable",
+       [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
          LYCHEE_RETURN_IF_ERROR(NoArguments(a, "callable").status());
          return v.is(Value::Kind::kFunction);
        }},
-      {"true", [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
+      {"true",
+       [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
          LYCHEE_RETURN_IF_ERROR(NoArguments(a, "true").status());
          return TestBooleanValue(v, true);
        }},
-      {"false", [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
+      {"false",
+       [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
          LYCHEE_RETURN_IF_ERROR(NoArguments(a, "false").status());
          return TestBooleanValue(v, false);
        }},
       {"iterable", TestIterable},
       {"sequence", TestSequence},
       {"sameas", TestSameAs},
-      {"odd", [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
+      {"odd",
+       [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
          LYCHEE_RETURN_IF_ERROR(NoArguments(a, "odd").status());
          LYCHEE_ASSIGN_OR_RETURN(const Value remainder, Arithmetic("%", v, Value::Int(2), a.line));
          return Equals(remainder, Value::Int(1), a.line);
        }},
-      {"even", [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
+      {"even",
+       [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
          LYCHEE_RETURN_IF_ERROR(NoArguments(a, "even").status());
          return IsDivisibleBy(v, Value::Int(2), a.line);
        }},
-      {"divisibleby", [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
+      {"divisibleby",
+       [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
          LYCHEE_ASSIGN_OR_RETURN(const Value divisor, TestArgument(a, "divisibleby"));
          return IsDivisibleBy(v, divisor, a.line);
        }},
-      {"lower", [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
+      {"lower",
+       [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
          LYCHEE_RETURN_IF_ERROR(NoArguments(a, "lower").status());
          LYCHEE_ASSIGN_OR_RETURN(const std::string text, Str(v, a.line));
          return HasOnlyCase(text, true, a.line);
        }},
-      {"upper", [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
+      {"upper",
+       [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
          LYCHEE_RETURN_IF_ERROR(NoArguments(a, "upper").status());
          LYCHEE_ASSIGN_OR_RETURN(const std::string text, Str(v, a.line));
          return HasOnlyCase(text, false, a.line);
        }},
-      {"in", [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
+      {"in",
+       [](const Value& v, const CallArgs& a) -> absl::StatusOr<bool> {
          LYCHEE_ASSIGN_OR_RETURN(const Value container, TestArgument(a, "in"));
          return Contains(container, v, a.line);
        }},
@@ -1868,15 +1954,17 @@ const std::map<std::string_view, TestFunction>& Tests() {
 // The comparison tests (equalto, ==, gt, >, ...) map to the comparison operators.
 std::optional<std::string_view> ComparisonTestOperator(std::string_view test) {
   static const auto* const operators = new std::map<std::string_view, std::string_view>{
-      {"eq", "=="}, {"equalto", "=="}, {"==", "=="}, {"ne", "!="}, {"!=", "!="},
-      {"lt", "<"}, {"lessthan", "<"}, {"<", "<"}, {"le", "<="}, {"<=", "<="},
-      {"gt", ">"}, {"greaterthan", ">"}, {">", ">"}, {"ge", ">="}, {">=", ">="}};
+      {"eq", "=="}, {"equalto", "=="},    {"==", "=="}, {"ne", "!="}, {"!=", "!="},
+      {"lt", "<"},  {"lessthan", "<"},    {"<", "<"},   {"le", "<="}, {"<=", "<="},
+      {"gt", ">"},  {"greaterthan", ">"}, {">", ">"},   {"ge", ">="}, {">=", ">="}};
   const auto found = operators->find(test);
   if (found == operators->end()) return std::nullopt;
   return found->second;
 }
 
-bool IsSupportedTest(std::string_view name) { return Tests().count(name) > 0 || ComparisonTestOperator(name).has_value(); }
+bool IsSupportedTest(std::string_view name) {
+  return Tests().count(name) > 0 || ComparisonTestOperator(name).has_value();
+}
 
 absl::StatusOr<bool> Compare(std::string_view op, const Value& left, const Value& right, int line) {
   if (op == "==" || op == "!=") {
@@ -1912,7 +2000,9 @@ std::optional<std::string> PythonNumberText(std::string_view text) {
   for (size_t i = 0; i < stripped.size(); ++i) {
     const char c = stripped[i];
     if (c == '_') {
-      if (i == 0 || i + 1 == stripped.size() || !IsAsciiDigit(stripped[i - 1]) || !IsAsciiDigit(stripped[i + 1])) return std::nullopt;
+      if (i == 0 || i + 1 == stripped.size() || !IsAsciiDigit(stripped[i - 1]) || !IsAsciiDigit(stripped[i + 1])) {
+        return std::nullopt;
+      }
       continue;
     }
     digits.push_back(c);
@@ -1952,7 +2042,9 @@ std::optional<double> ParsePythonFloat(std::string_view text) {
 
 absl::StatusOr<Value> FilterInt(const Value& value, const CallArgs& args) {
   LYCHEE_ASSIGN_OR_RETURN(const auto bound, BindArguments(args, "int", {"default", "base"}));
-  if (bound[1].has_value() && !(bound[1]->is_integral() && bound[1]->as_int() == 10)) return Unsupported(args.line, "int filter base other than 10");
+  if (bound[1].has_value() && !(bound[1]->is_integral() && bound[1]->as_int() == 10)) {
+    return Unsupported(args.line, "int filter base other than 10");
+  }
   const Value fallback = bound[0].value_or(Value::Int(0));
   switch (value.kind()) {
     case Value::Kind::kBool:
@@ -1966,7 +2058,9 @@ absl::StatusOr<Value> FilterInt(const Value& value, const CallArgs& args) {
     case Value::Kind::kString: {
       // Jinja tries int(text), then int(float(text)) so that "42.23" gives 42.
       if (const std::optional<int64_t> parsed = ParsePythonInt(value.as_string())) return Value::Int(*parsed);
-      if (const std::optional<double> parsed = ParsePythonFloat(value.as_string())) return FilterInt(Value::Float(*parsed), CallArgs{{fallback}, {}, args.line});
+      if (const std::optional<double> parsed = ParsePythonFloat(value.as_string())) {
+        return FilterInt(Value::Float(*parsed), CallArgs{{fallback}, {}, args.line});
+      }
       if (!IsAscii(value.as_string())) return Unsupported(args.line, "int of non-ASCII text");
       return fallback;
     }
@@ -1986,7 +2080,8 @@ absl::StatusOr<Value> FilterFloat(const Value& value, const CallArgs& args) {
 }
 
 absl::StatusOr<Value> FilterToJson(const Value& value, const CallArgs& args) {
-  LYCHEE_ASSIGN_OR_RETURN(const auto bound, BindArguments(args, "tojson", {"ensure_ascii", "indent", "separators", "sort_keys"}));
+  LYCHEE_ASSIGN_OR_RETURN(const auto bound,
+                          BindArguments(args, "tojson", {"ensure_ascii", "indent", "separators", "sort_keys"}));
   JsonStyle style;
   style.ensure_ascii = bound[0].has_value() && Truthy(*bound[0]);
   if (!IsNoneOrAbsent(bound[1])) {
@@ -1995,7 +2090,8 @@ absl::StatusOr<Value> FilterToJson(const Value& value, const CallArgs& args) {
     } else if (bound[1]->is(Value::Kind::kString)) {
       style.indent = bound[1]->as_string();
     } else {
-      return RenderError(args.line, absl::StrCat("tojson's indent must be an integer or a string, not ", TypeName(*bound[1])));
+      return RenderError(args.line,
+                         absl::StrCat("tojson's indent must be an integer or a string, not ", TypeName(*bound[1])));
     }
     // json.dumps drops the space after commas when it indents.
     style.item_separator = ",";
@@ -2003,7 +2099,8 @@ absl::StatusOr<Value> FilterToJson(const Value& value, const CallArgs& args) {
   if (!IsNoneOrAbsent(bound[2])) {
     const Value& separators = *bound[2];
     if (!IsPlainSequence(separators) || separators.as_list().items.size() != 2 ||
-        !separators.as_list().items[0].is(Value::Kind::kString) || !separators.as_list().items[1].is(Value::Kind::kString)) {
+        !separators.as_list().items[0].is(Value::Kind::kString) ||
+        !separators.as_list().items[1].is(Value::Kind::kString)) {
       return RenderError(args.line, "tojson's separators must be two strings");
     }
     style.item_separator = separators.as_list().items[0].as_string();
@@ -2048,7 +2145,8 @@ absl::StatusOr<Value> FilterItems(const Value& value, const CallArgs& args) {
 
 absl::StatusOr<Value> FilterDefault(const Value& value, const CallArgs& args) {
   LYCHEE_ASSIGN_OR_RETURN(const auto bound, BindArguments(args, "default", {"default_value", "boolean"}));
-  const bool use_default = value.is(Value::Kind::kUndefined) || (bound[1].has_value() && Truthy(*bound[1]) && !Truthy(value));
+  const bool use_default =
+      value.is(Value::Kind::kUndefined) || (bound[1].has_value() && Truthy(*bound[1]) && !Truthy(value));
   if (!use_default) return value;
   return bound[0].value_or(Value::String(""));
 }
@@ -2086,7 +2184,9 @@ absl::StatusOr<Value> FilterReverse(const Value& value, const CallArgs& args) {
 
 absl::StatusOr<Value> FilterReplace(const Value& value, const CallArgs& args) {
   LYCHEE_ASSIGN_OR_RETURN(const auto bound, BindArguments(args, "replace", {"old", "new", "count"}));
-  if (!bound[0].has_value() || !bound[1].has_value()) return RenderError(args.line, "replace needs the old and the new text");
+  if (!bound[0].has_value() || !bound[1].has_value()) {
+    return RenderError(args.line, "replace needs the old and the new text");
+  }
   LYCHEE_ASSIGN_OR_RETURN(const std::string text, Str(value, args.line));
   LYCHEE_ASSIGN_OR_RETURN(const std::string old, Str(*bound[0], args.line));
   LYCHEE_ASSIGN_OR_RETURN(const std::string replacement, Str(*bound[1], args.line));
@@ -2103,13 +2203,17 @@ absl::StatusOr<Value> SelectOrReject(const Value& value, const CallArgs& args, b
   std::vector<Value> rest = args.positional;
   std::optional<std::string> attribute;
   if (by_attribute) {
-    if (rest.empty() || !rest[0].is(Value::Kind::kString)) return RenderError(args.line, "selectattr and rejectattr need an attribute name");
+    if (rest.empty() || !rest[0].is(Value::Kind::kString)) {
+      return RenderError(args.line, "selectattr and rejectattr need an attribute name");
+    }
     attribute = rest[0].as_string();
     rest.erase(rest.begin());
   }
   std::optional<std::string> test;
   if (!rest.empty()) {
-    if (!rest[0].is(Value::Kind::kString)) return RenderError(args.line, "the test to select with must be named by a string");
+    if (!rest[0].is(Value::Kind::kString)) {
+      return RenderError(args.line, "the test to select with must be named by a string");
+    }
     test = rest[0].as_string();
     rest.erase(rest.begin());
     if (!IsSupportedTest(*test)) return Unsupported(args.line, absl::StrCat("test '", *test, "'"));
@@ -2137,16 +2241,21 @@ absl::StatusOr<Value> FilterMap(const Value& value, const CallArgs& args) {
   std::vector<Value> mapped;
   if (args.positional.empty()) {
     LYCHEE_ASSIGN_OR_RETURN(const auto bound, BindArguments(args, "map", {"attribute", "default"}));
-    if (!bound[0].has_value() || !bound[0]->is(Value::Kind::kString)) return RenderError(args.line, "map needs a filter name or attribute=");
+    if (!bound[0].has_value() || !bound[0]->is(Value::Kind::kString)) {
+      return RenderError(args.line, "map needs a filter name or attribute=");
+    }
     for (const Value& item : items) {
       LYCHEE_ASSIGN_OR_RETURN(Value attribute, AttributePath(item, bound[0]->as_string(), args.line));
       if (attribute.is(Value::Kind::kUndefined) && bound[1].has_value()) attribute = *bound[1];
       mapped.push_back(std::move(attribute));
     }
   } else {
-    if (!args.positional[0].is(Value::Kind::kString)) return RenderError(args.line, "map's filter must be named by a string");
+    if (!args.positional[0].is(Value::Kind::kString)) {
+      return RenderError(args.line, "map's filter must be named by a string");
+    }
     const std::string& filter = args.positional[0].as_string();
-    const CallArgs filter_args{std::vector<Value>(args.positional.begin() + 1, args.positional.end()), args.keywords, args.line};
+    const CallArgs filter_args{std::vector<Value>(args.positional.begin() + 1, args.positional.end()), args.keywords,
+                               args.line};
     for (const Value& item : items) {
       LYCHEE_ASSIGN_OR_RETURN(Value result, ApplyFilter(filter, item, filter_args));
       mapped.push_back(std::move(result));
@@ -2166,7 +2275,8 @@ absl::StatusOr<Value> FilterCase(const Value& value, const CallArgs& args) {
 
 const std::map<std::string_view, FilterFunction>& Filters() {
   static const auto* const filters = new std::map<std::string_view, FilterFunction>{
-      {"trim", [](const Value& v, const CallArgs& a) -> absl::StatusOr<Value> {
+      {"trim",
+       [](const Value& v, const CallArgs& a) -> absl::StatusOr<Value> {
          LYCHEE_ASSIGN_OR_RETURN(const auto bound, BindArguments(a, "trim", {"chars"}));
          LYCHEE_ASSIGN_OR_RETURN(const std::string text, Str(v, a.line));
          std::optional<std::u32string> chars;
@@ -2177,7 +2287,8 @@ const std::map<std::string_view, FilterFunction>& Filters() {
          return Value::String(StripPython(text, chars, true, true));
        }},
       {"tojson", FilterToJson},
-      {"length", [](const Value& v, const CallArgs& a) -> absl::StatusOr<Value> {
+      {"length",
+       [](const Value& v, const CallArgs& a) -> absl::StatusOr<Value> {
          LYCHEE_RETURN_IF_ERROR(BindArguments(a, "length", {}).status());
          LYCHEE_ASSIGN_OR_RETURN(const int64_t length, Length(v, a.line));
          return Value::Int(length);
@@ -2193,14 +2304,16 @@ const std::map<std::string_view, FilterFunction>& Filters() {
       {"d", FilterDefault},
       {"first", FilterFirst},
       {"last", FilterLast},
-      {"string", [](const Value& v, const CallArgs& a) -> absl::StatusOr<Value> {
+      {"string",
+       [](const Value& v, const CallArgs& a) -> absl::StatusOr<Value> {
          LYCHEE_RETURN_IF_ERROR(BindArguments(a, "string", {}).status());
          LYCHEE_ASSIGN_OR_RETURN(std::string text, Str(v, a.line));
          return Value::String(std::move(text));
        }},
       {"int", FilterInt},
       {"float", FilterFloat},
-      {"list", [](const Value& v, const CallArgs& a) -> absl::StatusOr<Value> {
+      {"list",
+       [](const Value& v, const CallArgs& a) -> absl::StatusOr<Value> {
          LYCHEE_RETURN_IF_ERROR(BindArguments(a, "list", {}).status());
          LYCHEE_ASSIGN_OR_RETURN(std::vector<Value> items, Iterate(v, a.line));
          return Value::List(std::move(items));
@@ -2278,7 +2391,9 @@ absl::StatusOr<Value> Range(const CallArgs& args) {
   if (step == 0) return RenderError(args.line, "range() arg 3 must not be zero");
   std::vector<Value> items;
   for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) {
-    if (static_cast<int64_t>(items.size()) == kMaxRangeItems) return Unsupported(args.line, "range of more than 2^20 items");
+    if (static_cast<int64_t>(items.size()) == kMaxRangeItems) {
+      return Unsupported(args.line, "range of more than 2^20 items");
+    }
     items.push_back(Value::Int(i));
   }
   // A range object prints as "range(0, 3)", not as a list.
@@ -2300,8 +2415,8 @@ absl::StatusOr<Value> MakeDict(const CallArgs& args) {
 // `not x is defined` is not (x is defined).
 
 // Jinja's tags that this subset does not implement.
-constexpr std::string_view kUnsupportedTags[] = {"macro", "call", "filter", "with", "block", "extends", "include",
-                                                 "import", "from", "autoescape", "raw", "do", "trans"};
+constexpr std::string_view kUnsupportedTags[] = {"call",   "filter", "with",       "block", "extends", "include",
+                                                 "import", "from",   "autoescape", "raw",   "do",      "trans"};
 
 class Parser {
  public:
@@ -2370,7 +2485,8 @@ class Parser {
       switch (token.type) {
         case Token::Type::kEnd:
           if (end_tags.size() > 0) {
-            return SyntaxError(token.line, absl::StrCat("unexpected end of template, expected '", std::string(*end_tags.begin()), "'"));
+            return SyntaxError(token.line, absl::StrCat("unexpected end of template, expected '",
+                                                        std::string(*end_tags.begin()), "'"));
           }
           return body;
         case Token::Type::kData: {
@@ -2416,6 +2532,7 @@ class Parser {
     if (name == "for") return ParseFor(line);
     if (name == "if") return ParseIf(line);
     if (name == "set") return ParseSet(line);
+    if (name == "macro") return ParseMacro(line);
     if (name == "break" || name == "continue") {
       if (loop_depth_ == 0) return SyntaxError(line, absl::StrCat("'", name, "' outside a for loop"));
       LYCHEE_RETURN_IF_ERROR(ExpectBlockEnd());
@@ -2424,13 +2541,53 @@ class Parser {
     if (name == "generation") {
       auto scope = std::make_unique<Stmt>(Stmt::Kind::kScope, line);
       LYCHEE_RETURN_IF_ERROR(ExpectBlockEnd());
-      LYCHEE_ASSIGN_OR_RETURN(scope->body, ParseBody({"endgeneration"}));
+      LYCHEE_ASSIGN_OR_RETURN(scope->body, ParseScopedBody({"endgeneration"}));
       Next();
       LYCHEE_RETURN_IF_ERROR(ExpectBlockEnd());
       return scope;
     }
     if (IsOneOf(name, kUnsupportedTags)) return Unsupported(line, absl::StrCat("tag '", name, "'"));
     return SyntaxError(line, absl::StrCat("unknown tag '", name, "'"));
+  }
+
+  // The body of a for loop, set block, generation block or macro, which has a scope of its own.
+  absl::StatusOr<Body> ParseScopedBody(std::initializer_list<std::string_view> end_tags) {
+    ++scope_depth_;
+    absl::StatusOr<Body> body = ParseBody(end_tags);
+    --scope_depth_;
+    return body;
+  }
+
+  // {% macro name(parameter, parameter=default, ...) %}...{% endmacro %}. A macro reads the
+  // variables of the scope it is defined in when it is called; defined only at the top level,
+  // that is the render's own scope, which outlives every call.
+  absl::StatusOr<std::unique_ptr<Stmt>> ParseMacro(int line) {
+    if (scope_depth_ > 0) return Unsupported(line, "macro defined inside a for loop, set block or macro");
+    auto macro = std::make_unique<Stmt>(Stmt::Kind::kMacro, line);
+    LYCHEE_ASSIGN_OR_RETURN(macro->text, ExpectName());
+    LYCHEE_RETURN_IF_ERROR(ExpectOperator("("));
+    while (!IsOperator(")")) {
+      if (!macro->targets.empty()) {
+        LYCHEE_RETURN_IF_ERROR(ExpectOperator(","));
+        if (IsOperator(")")) break;
+      }
+      LYCHEE_ASSIGN_OR_RETURN(std::string parameter, ExpectName());
+      ExprPtr default_value;
+      if (IsOperator("=")) {
+        Next();
+        LYCHEE_ASSIGN_OR_RETURN(default_value, ParseExpression());
+      } else if (!macro->defaults.empty() && macro->defaults.back() != nullptr) {
+        return SyntaxError(line, "non-default argument follows default argument");
+      }
+      macro->targets.push_back(std::move(parameter));
+      macro->defaults.push_back(std::move(default_value));
+    }
+    Next();
+    LYCHEE_RETURN_IF_ERROR(ExpectBlockEnd());
+    LYCHEE_ASSIGN_OR_RETURN(macro->body, ParseScopedBody({"endmacro"}));
+    Next();
+    LYCHEE_RETURN_IF_ERROR(ExpectBlockEnd());
+    return macro;
   }
 
   // Assignment targets: a name, or names separated by commas (optionally in parentheses).
@@ -2460,13 +2617,13 @@ class Parser {
     if (IsName("recursive")) return Unsupported(Peek().line, "recursive for loop");
     LYCHEE_RETURN_IF_ERROR(ExpectBlockEnd());
     ++loop_depth_;
-    absl::StatusOr<Body> body = ParseBody({"endfor", "else"});
+    absl::StatusOr<Body> body = ParseScopedBody({"endfor", "else"});
     --loop_depth_;
     if (!body.ok()) return body.status();
     loop->body = std::move(*body);
     if (Next().text == "else") {
       LYCHEE_RETURN_IF_ERROR(ExpectBlockEnd());
-      LYCHEE_ASSIGN_OR_RETURN(loop->else_body, ParseBody({"endfor"}));
+      LYCHEE_ASSIGN_OR_RETURN(loop->else_body, ParseScopedBody({"endfor"}));
       Next();
     }
     LYCHEE_RETURN_IF_ERROR(ExpectBlockEnd());
@@ -2508,13 +2665,15 @@ class Parser {
       return set;
     }
     // {% set name [| filters] %}...{% endset %}: the rendered block.
-    if (set->targets.size() != 1 || !set->attribute.empty()) return Unsupported(line, "block set of anything but a name");
+    if (set->targets.size() != 1 || !set->attribute.empty()) {
+      return Unsupported(line, "block set of anything but a name");
+    }
     set->kind = Stmt::Kind::kSetBlock;
     if (IsOperator("|")) {
       LYCHEE_ASSIGN_OR_RETURN(set->filter, ParseFilters(nullptr));
     }
     LYCHEE_RETURN_IF_ERROR(ExpectBlockEnd());
-    LYCHEE_ASSIGN_OR_RETURN(set->body, ParseBody({"endset"}));
+    LYCHEE_ASSIGN_OR_RETURN(set->body, ParseScopedBody({"endset"}));
     Next();
     LYCHEE_RETURN_IF_ERROR(ExpectBlockEnd());
     return set;
@@ -2577,7 +2736,8 @@ class Parser {
         Next();
         LYCHEE_ASSIGN_OR_RETURN(otherwise, ParseConditional());
       }
-      expr = MakeExpr(Expr::Kind::kConditional, line, OperandList(std::move(expr), std::move(condition), std::move(otherwise)));
+      expr = MakeExpr(Expr::Kind::kConditional, line,
+                      OperandList(std::move(expr), std::move(condition), std::move(otherwise)));
     }
     return expr;
   }
@@ -2620,9 +2780,8 @@ class Parser {
     auto comparison = MakeExpr(Expr::Kind::kCompare, line, OperandList(std::move(first)));
     while (true) {
       std::string op;
-      if (Peek().type == Token::Type::kOperator &&
-          (Peek().text == "==" || Peek().text == "!=" || Peek().text == "<" || Peek().text == "<=" ||
-           Peek().text == ">" || Peek().text == ">=")) {
+      if (Peek().type == Token::Type::kOperator && (Peek().text == "==" || Peek().text == "!=" || Peek().text == "<" ||
+                                                    Peek().text == "<=" || Peek().text == ">" || Peek().text == ">=")) {
         op = Next().text;
       } else if (IsName("in")) {
         Next();
@@ -2725,7 +2884,9 @@ class Parser {
         if (token.type == Token::Type::kInteger) {
           int64_t value = 0;
           const auto [end, error] = std::from_chars(digits.data(), digits.data() + digits.size(), value);
-          if (error != std::errc() || end != digits.data() + digits.size()) return Unsupported(line, "integer literal beyond 64 bits");
+          if (error != std::errc() || end != digits.data() + digits.size()) {
+            return Unsupported(line, "integer literal beyond 64 bits");
+          }
           constant->constant = Value::Int(value);
         } else {
           constant->constant = Value::Float(std::strtod(digits.c_str(), nullptr));
@@ -2900,9 +3061,9 @@ class Parser {
       LYCHEE_RETURN_IF_ERROR(ParseArguments(test.get()));
     } else {
       const Token& next = Peek();
-      const bool starts_argument =
-          next.type == Token::Type::kName || next.type == Token::Type::kString || next.type == Token::Type::kInteger ||
-          next.type == Token::Type::kFloat || IsOperator("(") || IsOperator("[") || IsOperator("{");
+      const bool starts_argument = next.type == Token::Type::kName || next.type == Token::Type::kString ||
+                                   next.type == Token::Type::kInteger || next.type == Token::Type::kFloat ||
+                                   IsOperator("(") || IsOperator("[") || IsOperator("{");
       if (starts_argument && !IsName("else") && !IsName("or") && !IsName("and")) {
         if (IsName("is")) return SyntaxError(next.line, "tests cannot be chained with 'is'");
         LYCHEE_ASSIGN_OR_RETURN(ExprPtr argument, ParsePrimary());
@@ -2917,6 +3078,8 @@ class Parser {
   std::vector<Token> tokens_;
   size_t pos_ = 0;
   int loop_depth_ = 0;
+  // How many enclosing bodies have a scope of their own.
+  int scope_depth_ = 0;
   int nesting_ = 0;
 };
 
@@ -3000,8 +3163,61 @@ class Renderer {
         Scope inner(&scope);
         return Execute(statement.body, inner);
       }
+      case Stmt::Kind::kMacro:
+        // The parser takes macros only at the top level, whose scope outlives every call.
+        scope.Set(statement.text, MakeFunction(statement.text, [this, &statement, &scope](const CallArgs& args) {
+                    return CallMacro(statement, scope, args);
+                  }));
+        return Flow::kNormal;
     }
     return Flow::kNormal;
+  }
+
+  // A macro call: the arguments bound in a scope inside the defining one, the body rendered to
+  // text. Jinja would pass extra arguments as varargs and kwargs; here they are an error.
+  absl::StatusOr<Value> CallMacro(const Stmt& macro, const Scope& defining_scope, const CallArgs& args) {
+    const std::vector<std::string>& parameters = macro.targets;
+    if (args.positional.size() > parameters.size()) {
+      return RenderError(
+          args.line, absl::StrCat("macro '", macro.text, "' takes not more than ", parameters.size(), " argument(s)"));
+    }
+    std::vector<std::optional<Value>> arguments(parameters.size());
+    std::copy(args.positional.begin(), args.positional.end(), arguments.begin());
+    for (const auto& [name, value] : args.keywords) {
+      const auto parameter = std::find(parameters.begin(), parameters.end(), name);
+      if (parameter == parameters.end()) {
+        return RenderError(args.line, absl::StrCat("macro '", macro.text, "' takes no keyword argument '", name, "'"));
+      }
+      std::optional<Value>& argument = arguments[static_cast<size_t>(parameter - parameters.begin())];
+      if (argument.has_value()) {
+        return RenderError(args.line,
+                           absl::StrCat("macro '", macro.text, "' got multiple values for argument '", name, "'"));
+      }
+      argument = value;
+    }
+    if (macro_depth_ == kMaxMacroDepth) return RenderError(args.line, "macro calls nested too deeply");
+    Scope call_scope(&defining_scope);
+    // Defaults are evaluated at the call, where the parameters before them are bound.
+    for (size_t i = 0; i < parameters.size(); ++i) {
+      Value value = Value::Undefined(absl::StrCat("parameter '", parameters[i], "' was not provided"));
+      if (arguments[i].has_value()) {
+        value = *arguments[i];
+      } else if (macro.defaults[i] != nullptr) {
+        LYCHEE_ASSIGN_OR_RETURN(value, Eval(*macro.defaults[i], call_scope));
+      }
+      call_scope.Set(parameters[i], std::move(value));
+    }
+    call_scope.Set("varargs", Value::List({}, ListKind::kTuple));
+    call_scope.Set("kwargs", Value::Dict({}));
+    std::string text;
+    std::string* const outer = out_;
+    out_ = &text;
+    ++macro_depth_;
+    const absl::StatusOr<Flow> flow = Execute(macro.body, call_scope);
+    --macro_depth_;
+    out_ = outer;
+    if (!flow.ok()) return flow.status();
+    return Value::String(std::move(text));
   }
 
   // Binds the targets of a for loop or a set: one name takes the value, several unpack it.
@@ -3012,8 +3228,9 @@ class Renderer {
     }
     LYCHEE_ASSIGN_OR_RETURN(const std::vector<Value> items, Iterate(value, line));
     if (items.size() != targets.size()) {
-      return RenderError(line, absl::StrCat(items.size() < targets.size() ? "not enough" : "too many",
-                                            " values to unpack (expected ", targets.size(), ", got ", items.size(), ")"));
+      return RenderError(
+          line, absl::StrCat(items.size() < targets.size() ? "not enough" : "too many", " values to unpack (expected ",
+                             targets.size(), ", got ", items.size(), ")"));
     }
     for (size_t i = 0; i < items.size(); ++i) scope.Set(targets[i], items[i]);
     return absl::OkStatus();
@@ -3022,7 +3239,8 @@ class Renderer {
   static absl::Status Assign(const Stmt& set, Value value, Scope& scope) {
     if (set.attribute.empty()) return Bind(set.targets, value, set.line, scope);
     const Value* target = scope.Find(set.targets[0]);
-    if (target == nullptr || !target->is(Value::Kind::kObject) || target->as_object().type != ObjectData::Type::kNamespace) {
+    if (target == nullptr || !target->is(Value::Kind::kObject) ||
+        target->as_object().type != ObjectData::Type::kNamespace) {
       return RenderError(set.line, "cannot assign attribute on non-namespace object");
     }
     target->as_object().attributes.Set(set.attribute, std::move(value));
@@ -3104,7 +3322,8 @@ class Renderer {
     Value value = input;
     if (filter.operands[0] != nullptr) {
       const Expr& operand = *filter.operands[0];
-      LYCHEE_ASSIGN_OR_RETURN(value, operand.kind == Expr::Kind::kFilter ? EvalFilter(operand, input, scope) : Eval(operand, scope));
+      LYCHEE_ASSIGN_OR_RETURN(
+          value, operand.kind == Expr::Kind::kFilter ? EvalFilter(operand, input, scope) : Eval(operand, scope));
     }
     LYCHEE_ASSIGN_OR_RETURN(const CallArgs args, EvalArguments(filter, 1, scope));
     return ApplyFilter(filter.name, value, args);
@@ -3189,7 +3408,9 @@ class Renderer {
       case Expr::Kind::kCall: {
         LYCHEE_ASSIGN_OR_RETURN(const Value callee, Eval(*expr.operands[0], scope));
         if (callee.is(Value::Kind::kUndefined)) return UndefinedError(line, callee);
-        if (!callee.is(Value::Kind::kFunction)) return RenderError(line, absl::StrCat("'", TypeName(callee), "' object is not callable"));
+        if (!callee.is(Value::Kind::kFunction)) {
+          return RenderError(line, absl::StrCat("'", TypeName(callee), "' object is not callable"));
+        }
         LYCHEE_ASSIGN_OR_RETURN(const CallArgs args, EvalArguments(expr, 1, scope));
         return callee.as_function().call(args);
       }
@@ -3210,8 +3431,11 @@ class Renderer {
         if (value.is(Value::Kind::kUndefined)) return UndefinedError(line, value);
         const bool negate = expr.kind == Expr::Kind::kNegate;
         if (value.is(Value::Kind::kFloat)) return Value::Float(negate ? -value.as_double() : value.as_double());
-        if (value.is_integral()) return negate ? IntegerArithmetic('-', 0, value.as_int(), line) : Value::Int(value.as_int());
-        return RenderError(line, absl::StrCat("bad operand type for unary ", negate ? "-" : "+", ": '", TypeName(value), "'"));
+        if (value.is_integral()) {
+          return negate ? IntegerArithmetic('-', 0, value.as_int(), line) : Value::Int(value.as_int());
+        }
+        return RenderError(
+            line, absl::StrCat("bad operand type for unary ", negate ? "-" : "+", ": '", TypeName(value), "'"));
       }
       case Expr::Kind::kBinary: {
         LYCHEE_ASSIGN_OR_RETURN(const Value left, Eval(*expr.operands[0], scope));
@@ -3251,7 +3475,11 @@ class Renderer {
     return Value();
   }
 
+  // Python's recursion limit stops runaway recursion in Jinja; this bounds the stack here.
+  static constexpr int kMaxMacroDepth = 100;
+
   std::string* out_;
+  int macro_depth_ = 0;
 };
 
 }  // namespace
@@ -3316,13 +3544,16 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
 
 }  // namespace
 
-ChatTemplate::ChatTemplate(std::shared_ptr<const chat_template_internal::Program> program) : program_(std::move(program)) {}
+ChatTemplate::ChatTemplate(std::shared_ptr<const chat_template_internal::Program> program)
+    : program_(std::move(program)) {}
 
 absl::StatusOr<ChatTemplate> ChatTemplate::Parse(std::string_view source, std::string_view variables_json) {
   using namespace chat_template_internal;
   if (!IsValidUtf8(source)) return absl::InvalidArgumentError("chat template is not valid UTF-8");
   LYCHEE_ASSIGN_OR_RETURN(const Value variables, ParseJsonField(variables_json, "chat template variables"));
-  if (!variables.is(Value::Kind::kDict)) return absl::InvalidArgumentError("chat template variables must be a JSON object");
+  if (!variables.is(Value::Kind::kDict)) {
+    return absl::InvalidArgumentError("chat template variables must be a JSON object");
+  }
   const std::string normalized = NormalizeNewlines(source);
   LYCHEE_ASSIGN_OR_RETURN(std::vector<Token> tokens, Lexer(normalized).Tokenize());
   LYCHEE_ASSIGN_OR_RETURN(Body body, Parser(std::move(tokens)).ParseTemplate());
@@ -3334,7 +3565,8 @@ absl::StatusOr<ChatTemplate> ChatTemplate::Parse(std::string_view source, std::s
 
 absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string& path) {
   const bool is_directory = std::filesystem::is_directory(path);
-  const std::string config_path = is_directory ? (std::filesystem::path(path) / "tokenizer_config.json").string() : path;
+  const std::string config_path =
+      is_directory ? (std::filesystem::path(path) / "tokenizer_config.json").string() : path;
   LYCHEE_ASSIGN_OR_RETURN(const std::string text, ReadFile(config_path));
   absl::StatusOr<nlohmann::json> config = ParseJson(text);
   if (!config.ok()) return absl::InvalidArgumentError(absl::StrCat(config_path, ": ", config.status().message()));
@@ -3350,7 +3582,8 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string
     } else if (token->is_object() && token->contains("content") && (*token)["content"].is_string()) {
       variables[key] = (*token)["content"];
     } else {
-      return absl::InvalidArgumentError(absl::StrCat(config_path, ": ", key, " must be a string or an object with \"content\""));
+      return absl::InvalidArgumentError(
+          absl::StrCat(config_path, ": ", key, " must be a string or an object with \"content\""));
     }
   }
   const auto additional = config->find("additional_special_tokens");
@@ -3362,7 +3595,8 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string
       } else if (token.is_object() && token.contains("content") && token["content"].is_string()) {
         tokens.push_back(token["content"]);
       } else {
-        return absl::InvalidArgumentError(absl::StrCat(config_path, ": additional_special_tokens has an entry that is not a token"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(config_path, ": additional_special_tokens has an entry that is not a token"));
       }
     }
     variables["additional_special_tokens"] = std::move(tokens);
@@ -3384,23 +3618,26 @@ absl::StatusOr<ChatTemplate> ChatTemplate::FromTokenizerConfig(const std::string
       // Named templates (e.g. "default", "tool_use", "rag"): apply_chat_template uses "default".
       std::vector<std::string> names;
       for (const auto& entry : *chat_template) {
-        if (!entry.is_object() || !entry.contains("name") || !entry["name"].is_string() || !entry.contains("template") ||
-            !entry["template"].is_string()) {
-          return absl::InvalidArgumentError(absl::StrCat(config_path, ": chat_template entries must have a name and a template"));
+        if (!entry.is_object() || !entry.contains("name") || !entry["name"].is_string() ||
+            !entry.contains("template") || !entry["template"].is_string()) {
+          return absl::InvalidArgumentError(
+              absl::StrCat(config_path, ": chat_template entries must have a name and a template"));
         }
         names.push_back(entry["name"].get<std::string>());
         if (names.back() == "default") source = entry["template"].get<std::string>();
       }
       if (std::find(names.begin(), names.end(), "default") == names.end()) {
-        return absl::NotFoundError(absl::StrCat(config_path, " has no default chat template (it has: ",
-                                                absl::StrJoin(names, ", "), ")"));
+        return absl::NotFoundError(
+            absl::StrCat(config_path, " has no default chat template (it has: ", absl::StrJoin(names, ", "), ")"));
       }
     } else {
       return absl::InvalidArgumentError(absl::StrCat(config_path, ": chat_template must be a string or a list"));
     }
   }
   absl::StatusOr<ChatTemplate> parsed = Parse(source, variables.dump());
-  if (!parsed.ok()) return absl::Status(parsed.status().code(), absl::StrCat(config_path, ": ", parsed.status().message()));
+  if (!parsed.ok()) {
+    return absl::Status(parsed.status().code(), absl::StrCat(config_path, ": ", parsed.status().message()));
+  }
   return parsed;
 }
 
@@ -3426,7 +3663,8 @@ absl::StatusOr<std::string> ChatTemplate::Render(const ChatRequest& request) con
   }
   Scope globals(nullptr);
   globals.Set("raise_exception", MakeFunction("raise_exception", RaiseException));
-  globals.Set("strftime_now", MakeFunction("strftime_now", [now](const CallArgs& args) { return StrftimeNow(now, args); }));
+  globals.Set("strftime_now",
+              MakeFunction("strftime_now", [now](const CallArgs& args) { return StrftimeNow(now, args); }));
   globals.Set("namespace", MakeFunction("namespace", MakeNamespace));
   globals.Set("range", MakeFunction("range", Range));
   globals.Set("dict", MakeFunction("dict", MakeDict));

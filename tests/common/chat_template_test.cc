@@ -2,8 +2,8 @@
 
 #include <unistd.h>
 
-#include <catch2/catch.hpp>
 #include <algorithm>
+#include <catch2/catch.hpp>
 #include <ctime>
 #include <filesystem>
 #include <fstream>
@@ -122,7 +122,9 @@ TEST_CASE("a construct outside the subset is an error naming it and its line", "
     std::string message;
   } cases[] = {
       {"{{ messages }}\n\n{{ messages | wordcount }}", "chat template line 3: unsupported filter 'wordcount'"},
-      {"{% macro greet(name) %}hi{% endmacro %}", "chat template line 1: unsupported tag 'macro'"},
+      {"{% call greet('x') %}hi{% endcall %}", "chat template line 1: unsupported tag 'call'"},
+      {"{% for m in messages %}\n{% macro greet() %}hi{% endmacro %}{% endfor %}",
+       "chat template line 2: unsupported macro defined inside a for loop, set block or macro"},
       {"{% if x is escaped %}{% endif %}", "chat template line 1: unsupported test 'escaped'"},
       {"line\n{% for x in y recursive %}{% endfor %}", "chat template line 2: unsupported recursive for loop"},
       {"{{ f(*args) }}", "chat template line 1: unsupported *args or **kwargs in a call"},
@@ -134,7 +136,8 @@ TEST_CASE("a construct outside the subset is an error naming it and its line", "
     CHECK(chat_template.status().message() == c.message);
   }
   // What only the values reveal fails at render time, naming it too.
-  const absl::StatusOr<std::string> upper = RenderSource("\n{{ messages[0].content.upper() }}", R"([{"content": "straße"}])");
+  const absl::StatusOr<std::string> upper =
+      RenderSource("\n{{ messages[0].content.upper() }}", R"([{"content": "straße"}])");
   CHECK(upper.status().code() == absl::StatusCode::kUnimplemented);
   CHECK(upper.status().message() == "chat template line 2: unsupported case conversion of non-ASCII text");
   const absl::StatusOr<std::string> method = RenderSource("{{ 'a'.zfill(3) }}");
@@ -148,7 +151,8 @@ TEST_CASE("raise_exception fails the render with the template's message", "[chat
   const std::string source =
       "{% for message in messages %}{% if message.role not in ['user', 'assistant'] %}"
       "{{ raise_exception('Unsupported role: ' + message.role) }}{% endif %}{{ message.content }}{% endfor %}";
-  const absl::StatusOr<std::string> rejected = RenderSource(source, R"([{"role": "user", "content": "a"}, {"role": "developer", "content": "b"}])");
+  const absl::StatusOr<std::string> rejected =
+      RenderSource(source, R"([{"role": "user", "content": "a"}, {"role": "developer", "content": "b"}])");
   CHECK(rejected.status().code() == absl::StatusCode::kInvalidArgument);
   CHECK(rejected.status().message() == "Unsupported role: developer");
   const absl::StatusOr<std::string> accepted = RenderSource(source, R"([{"role": "user", "content": "a"}])");
@@ -193,6 +197,9 @@ TEST_CASE("errors Jinja raises at render time are errors here", "[chat_template]
       {"{{ 1 // 0 }}", "chat template line 1: integer division or modulo by zero"},
       {"{% set x = 1 %}{% set x.a = 2 %}", "chat template line 1: cannot assign attribute on non-namespace object"},
       {"{{ missing | tojson }}", "chat template line 1: Object of type Undefined is not JSON serializable"},
+      {"{% macro m(x) %}{{ x }}{% endmacro %}{{ m(1, 2) }}",
+       "chat template line 1: macro 'm' takes not more than 1 argument(s)"},
+      {"{% macro m(x) %}{{ m(x) }}{% endmacro %}{{ m(1) }}", "chat template line 1: macro calls nested too deeply"},
   };
   for (const auto& c : cases) {
     const absl::StatusOr<std::string> text = RenderSource(c.source, R"([{"role": "user"}])");
@@ -223,9 +230,9 @@ TEST_CASE("malformed requests are INVALID_ARGUMENT", "[chat_template]") {
 }
 
 TEST_CASE("transformers' {% generation %} block renders its body", "[chat_template]") {
-  const absl::StatusOr<std::string> text =
-      RenderSource("{% for m in messages %}{% generation %}{% set x = m.content %}[{{ x }}]{% endgeneration %}{% endfor %}{{ x }}",
-                   R"([{"content": "a"}, {"content": "b"}])");
+  const absl::StatusOr<std::string> text = RenderSource(
+      "{% for m in messages %}{% generation %}{% set x = m.content %}[{{ x }}]{% endgeneration %}{% endfor %}{{ x }}",
+      R"([{"content": "a"}, {"content": "b"}])");
   REQUIRE(text.ok());
   CHECK(*text == "[a][b]");
 }
@@ -278,7 +285,8 @@ TEST_CASE("tokenizer_config.json: the template, named templates and the special 
   CHECK(chat_template.status().code() == absl::StatusCode::kUnimplemented);
   CHECK(chat_template.status().message().find("unsupported filter 'frobnicate'") != std::string::npos);
 
-  CHECK(ChatTemplate::FromTokenizerConfig((model.path / "absent").string()).status().code() == absl::StatusCode::kNotFound);
+  CHECK(ChatTemplate::FromTokenizerConfig((model.path / "absent").string()).status().code() ==
+        absl::StatusCode::kNotFound);
 }
 
 TEST_CASE("the bundled model's chat template, if it has one", "[chat_template]") {

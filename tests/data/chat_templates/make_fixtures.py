@@ -302,6 +302,15 @@ SNIPPETS = [
     ("undefined_values", "[{{ missing }}][{{ missing | length }}][{{ missing | trim }}][{% for x in missing %}x{% endfor %}]"
      "[{{ missing ~ 'a' }}][{{ missing | list }}][{{ missing is sequence }}][{{ (missing.attr is defined) if missing is defined }}]", {}),
     ("strftime_now", "{{ strftime_now('%d %b %Y') }}|{{ strftime_now('%Y-%m-%d %H:%M:%S %A %B %j %p') }}", {}),
+    ("macros", "{% set greeting = 'hi' %}{% macro render(item, sep=', ', upper=false) %}{{ greeting }} "
+     "{{ item.name | upper if upper else item.name }}{% for tag in item.tags %}{{ sep }}{{ tag }}{% endfor %}"
+     "{% set local = 1 %}{% endmacro %}{% set greeting = 'hello' %}{{ render(users[0]) }}|{{ render(users[1], ' / ') }}|"
+     "{{ render(item=users[0], upper=true) }}|{{ render(users[0]) | length }}|[{{ local }}]{{ render is defined }}"
+     "{% macro countdown(n) %}{% if n > 0 %}{{ n }}{{ countdown(n - 1) }}{% endif %}{% endmacro %}|{{ countdown(3) }}"
+     "{% macro missing(a, b) %}[{{ a }}][{{ b }}][{{ varargs }}][{{ kwargs }}]{% endmacro %}|{{ missing(1) }}"
+     "{% set ns = namespace(calls=0) %}{% macro count() %}{% set ns.calls = ns.calls + 1 %}{% endmacro %}"
+     "{{ count() }}{{ count() }}|{{ ns.calls }}",
+     {"users": [{"name": "ann", "tags": ["x", "y"]}, {"name": "bob", "tags": []}]}),
     ("range_and_dict", "{{ range(3) | list }} {{ range(1, 10, 3) | list }} {{ range(5, 0, -2) | list }} {{ range(0) | list }}", {}),
 ]
 
