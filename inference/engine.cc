@@ -2,9 +2,14 @@
 
 #include <algorithm>
 #include <atomic>
+#include <deque>
+#include <functional>
+#include <future>
+#include <iostream>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "common/sampling.h"
 #include "common/status_macros.h"
 #include "inference/engine_request.h"
@@ -85,8 +90,16 @@ class InferenceEngine::Impl {
       metrics = own_metrics_.get();
     }
     RegisterMetrics(*metrics);
+    // Before serving, so that the first requests, dense or with the active partition, replay.
+    PrepareGraphsNow(nullptr);
+    if (PartitionManager::Snapshot active = partitions_->Active().partition) PrepareGraphsNow(active);
     engine_thread_ = std::thread([this] { Run(); });
     return absl::OkStatus();
+  }
+
+  // Any thread: the engine's thread captures the graphs between two iterations.
+  absl::Status PrepareGraphs(const PartitionManager::Snapshot& partition) {
+    return RunOnEngineThread([this, partition] { return runner_->PrepareGraphs(partition); });
   }
 
   absl::StatusOr<std::shared_ptr<GenerationStream>> Submit(GenerationRequest generation) {
@@ -127,6 +140,8 @@ class InferenceEngine::Impl {
     if (shut_down_.exchange(true) || scheduler_ == nullptr) return;
     scheduler_->Stop();
     if (engine_thread_.joinable()) engine_thread_.join();
+    absl::MutexLock lock(&tasks_mutex_);
+    tasks_stopped_ = true;
   }
 
   const Tokenizer& tokenizer() const { return *tokenizer_; }
@@ -213,10 +228,45 @@ class InferenceEngine::Impl {
     return plan;
   }
 
-  // The engine's loop: end what was abandoned, schedule, drop the preempted sequences, start the
-  // admitted ones, prefill one chunk each, decode one step each, hand the tokens on; repeat.
+  void PrepareGraphsNow(const PartitionManager::Snapshot& partition) {
+    if (absl::Status prepared = runner_->PrepareGraphs(partition); !prepared.ok()) {
+      std::cerr << "decode graphs of " << (partition == nullptr ? std::string("dense attention")
+                                                                 : absl::StrCat("partition ", partition->version))
+                << " not captured ahead (its first steps capture them): " << prepared.message() << "\n";
+    }
+  }
+
+  // Any thread: `task` runs on the engine's thread between two iterations (within kIdlePoll when
+  // idle); its result, or UNAVAILABLE once the engine has stopped.
+  absl::Status RunOnEngineThread(std::function<absl::Status()> task) {
+    auto promise = std::make_shared<std::promise<absl::Status>>();
+    std::future<absl::Status> result = promise->get_future();
+    {
+      absl::MutexLock lock(&tasks_mutex_);
+      if (tasks_stopped_) return absl::UnavailableError("the inference engine has stopped");
+      tasks_.push_back({std::move(task), std::move(promise)});
+    }
+    return result.get();
+  }
+
+  void RunTasks(bool stopping) {
+    std::deque<EngineTask> tasks;
+    {
+      absl::MutexLock lock(&tasks_mutex_);
+      tasks.swap(tasks_);
+      if (stopping) tasks_stopped_ = true;
+    }
+    for (EngineTask& task : tasks) {
+      task.result->set_value(stopping ? absl::UnavailableError("the inference engine has stopped") : task.run());
+    }
+  }
+
+  // The engine's loop: run what other threads queued, end what was abandoned, schedule, drop the
+  // preempted sequences, start the admitted ones, prefill one chunk each, decode one step each, hand
+  // the tokens on; repeat.
   void Run() {
     while (scheduler_->WaitForWork(kIdlePoll)) {
+      RunTasks(/*stopping=*/false);
       EndAbandoned();
       Retire();
       const SchedulerOutput step = scheduler_->Schedule();
@@ -252,6 +302,7 @@ class InferenceEngine::Impl {
       output_->Fail(*request, absl::UnavailableError("the server shut down"));
       runner_->Release(*request);
     }
+    RunTasks(/*stopping=*/true);
   }
 
   void EndAbandoned() {
@@ -343,6 +394,14 @@ class InferenceEngine::Impl {
   std::atomic<uint64_t> next_request_id_{1};
   std::atomic<bool> shut_down_{false};
   std::thread engine_thread_;
+
+  struct EngineTask {
+    std::function<absl::Status()> run;
+    std::shared_ptr<std::promise<absl::Status>> result;
+  };
+  absl::Mutex tasks_mutex_;
+  std::deque<EngineTask> tasks_ ABSL_GUARDED_BY(tasks_mutex_);
+  bool tasks_stopped_ ABSL_GUARDED_BY(tasks_mutex_) = false;
 };
 
 absl::StatusOr<std::unique_ptr<InferenceEngine>> InferenceEngine::Create(EngineOptions options,
@@ -367,5 +426,8 @@ std::string InferenceEngine::device() const { return impl_->options().device; }
 EngineLoad InferenceEngine::load() const { return impl_->load(); }
 int64_t InferenceEngine::kv_bytes_per_token() const { return impl_->kv_bytes_per_token(); }
 void InferenceEngine::Shutdown() { impl_->Shutdown(); }
+absl::Status InferenceEngine::PrepareGraphs(const PartitionManager::Snapshot& partition) {
+  return impl_->PrepareGraphs(partition);
+}
 
 }  // namespace lychee

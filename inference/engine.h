@@ -175,6 +175,11 @@ class InferenceEngine {
 
   // Ends every generation with UNAVAILABLE and stops the scheduler. Idempotent.
   void Shutdown();
+  // Any thread: captures the decode-step graphs of `partition` (dense attention for null) on the
+  // engine's thread between two iterations, for each batch bucket, so that requests with it replay
+  // from their first step (a no-op without CUDA graphs). The partition manager calls it before a
+  // rollout switches; the engine does it at load for dense attention and the active partition.
+  absl::Status PrepareGraphs(const PartitionManager::Snapshot& partition);
 
  private:
   class Impl;

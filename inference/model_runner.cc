@@ -206,6 +206,11 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::HybridBacke
   summary.hybrid = true;
   summary.partition_version = partition->version;
   summary.token_budget = budget;
+  return HybridBackend(partition, budget);
+}
+
+absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::HybridBackend(
+    const PartitionManager::Snapshot& partition, int64_t budget) {
   // Shared by every request with the same partition and budget, so that they decode in one call.
   const std::pair<uint64_t, int64_t> key(partition->version, budget);
   if (auto it = hybrid_backends_.find(key); it != hybrid_backends_.end()) return it->second;
@@ -224,6 +229,18 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::HybridBacke
   ForgetUnusedBackends(hybrid_backends_);
   hybrid_backends_[key] = backend;
   return backend;
+}
+
+absl::Status ModelRunner::PrepareGraphs(const PartitionManager::Snapshot& partition) {
+  std::shared_ptr<const AttentionBackend> backend = dense_;
+  if (partition != nullptr) {
+    LYCHEE_ASSIGN_OR_RETURN(backend, HybridBackend(partition, partition->selection().token_budget));
+  }
+  // Kept from being forgotten as unused until the next preparation: no request holds it yet.
+  prepared_ = backend;
+  absl::Status prepared = model_->PrepareDecodeGraphs(backend, pool_, *decode_context_);
+  CountDecodeSteps();
+  return prepared;
 }
 
 // Shared, like hybrid ones, by every request with the same policy parameters and partition.

@@ -64,6 +64,11 @@ class ModelRunner {
   // backend keeps telemetry.
   std::optional<GenerationTelemetry> Release(EngineRequest& request);
 
+  // Captures the decode-step graphs of every batch bucket for the backend of `partition` at its
+  // own token budget (of dense attention for a null partition), so that requests that start with it
+  // replay from their first step; see Model::PrepareDecodeGraphs.
+  absl::Status PrepareGraphs(const PartitionManager::Snapshot& partition);
+
   // Any thread.
   DecodeCounts decode_counts() const;
 
@@ -73,6 +78,8 @@ class ModelRunner {
   absl::StatusOr<std::shared_ptr<const AttentionBackend>> BackendFor(EngineRequest& request);
   absl::StatusOr<std::shared_ptr<const AttentionBackend>> HybridBackendFor(EngineRequest& request);
   absl::StatusOr<std::shared_ptr<const AttentionBackend>> PolicyBackendFor(EngineRequest& request);
+  absl::StatusOr<std::shared_ptr<const AttentionBackend>> HybridBackend(const PartitionManager::Snapshot& partition,
+                                                                        int64_t budget);
   RequestState& StateOf(const EngineRequest& request);
   // Adds the sequence's telemetry to what the request's earlier sequences read.
   static void KeepTelemetry(RequestState& state);
@@ -86,6 +93,7 @@ class ModelRunner {
   std::map<std::pair<uint64_t, int64_t>, std::shared_ptr<const AttentionBackend>> hybrid_backends_;
   std::map<std::pair<std::string, uint64_t>, std::shared_ptr<const AttentionBackend>> policy_backends_;
   std::map<uint64_t, std::unique_ptr<RequestState>> states_;
+  std::shared_ptr<const AttentionBackend> prepared_;
 
   std::atomic<int64_t> graph_replays_{0};
   std::atomic<int64_t> eager_steps_{0};

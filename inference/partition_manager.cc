@@ -150,6 +150,7 @@ uint64_t PartitionManager::highest_version() const {
 
 absl::Status PartitionManager::Offer(const HeadPartition& partition) {
   absl::Status status;
+  bool activate = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (partitions_.count(partition.version) != 0) return absl::OkStatus();
@@ -161,18 +162,46 @@ absl::Status PartitionManager::Offer(const HeadPartition& partition) {
     if (status.ok()) {
       partitions_[partition.version] = std::make_shared<const HeadPartition>(partition);
       decided_through_ = std::max(decided_through_, partition.version);
-      const Snapshot current = std::atomic_load(&active_)->partition;
-      if (!held_ && (current == nullptr || current->version < partition.version)) {
-        status = ActivateLocked(partition.version, "trainer", /*push_history=*/true);
-      } else {
-        status = PersistStateLocked();
-      }
+      activate = ShouldActivateOfferLocked(partition.version);
+      if (!activate) status = PersistStateLocked();
     } else {
       RecordRejectionLocked(partition.version, status);
     }
   }
+  if (activate) status = PrepareAndActivate(partition.version, "trainer", /*as_offer=*/true);
   Notify();
   return status;
+}
+
+bool PartitionManager::ShouldActivateOfferLocked(uint64_t version) const {
+  const Snapshot current = std::atomic_load(&active_)->partition;
+  return !held_ && (current == nullptr || current->version < version);
+}
+
+void PartitionManager::SetActivationPreparer(std::function<absl::Status(const Snapshot&)> preparer) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  preparer_ = std::move(preparer);
+}
+
+absl::Status PartitionManager::PrepareAndActivate(uint64_t version, const std::string& activated_by, bool as_offer) {
+  std::function<absl::Status(const Snapshot&)> preparer;
+  Snapshot snapshot;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    preparer = preparer_;
+    snapshot = partitions_.at(version);
+  }
+  // Outside the lock: preparing takes a while, and admissions read partitions meanwhile.
+  if (preparer) {
+    if (absl::Status prepared = preparer(snapshot); !prepared.ok()) {
+      std::cerr << "partition " << version << " is activated unprepared (its first decode steps capture their CUDA "
+                << "graphs): " << prepared.message() << "\n";
+    }
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  // An offer is decided again: a newer version may have become active, or rollouts been held, meanwhile.
+  if (as_offer && !ShouldActivateOfferLocked(version)) return PersistStateLocked();
+  return ActivateLocked(version, activated_by, /*push_history=*/true);
 }
 
 void PartitionManager::RejectUnreadable(uint64_t version, const absl::Status& why) {
@@ -196,8 +225,8 @@ absl::Status PartitionManager::Activate(uint64_t version) {
     if (partitions_.count(version) == 0) {
       return absl::NotFoundError(absl::StrCat("partition version ", version, " is not held by this service"));
     }
-    LYCHEE_RETURN_IF_ERROR(ActivateLocked(version, "activate", /*push_history=*/true));
   }
+  LYCHEE_RETURN_IF_ERROR(PrepareAndActivate(version, "activate", /*as_offer=*/false));
   Notify();
   return absl::OkStatus();
 }

@@ -66,6 +66,11 @@ class PartitionManager {
   // version already held is ignored. An invalid one leaves everything as it was, is remembered
   // in rejections() and returned as the error.
   absl::Status Offer(const HeadPartition& partition);
+  // Called with a partition about to become active by Offer or Activate, outside the lock, before
+  // the switch: the engine captures its decode graphs there, so that no serving step waits for them.
+  // An error is logged and the partition activated all the same. Rollback does not wait for it.
+  void SetActivationPreparer(std::function<absl::Status(const Snapshot&)> preparer);
+
   // A partition that arrived but could not even be read; remembered like a rejection.
   void RejectUnreadable(uint64_t version, const absl::Status& why);
   // NOT_FOUND for a version not held.
@@ -84,6 +89,11 @@ class PartitionManager {
   explicit PartitionManager(Options options) : options_(std::move(options)) {}
   absl::Status Validate(const HeadPartition& partition) const;
   absl::StatusOr<HeadPartition> ReadStored(const std::string& path, uint64_t version) const;
+  // Whether an offered `version` becomes active: rollouts are not held and no newer one is active.
+  bool ShouldActivateOfferLocked(uint64_t version) const;
+  // Runs the preparer on a held `version`, then activates it; `as_offer`: only if an offer still
+  // should be.
+  absl::Status PrepareAndActivate(uint64_t version, const std::string& activated_by, bool as_offer);
   // Makes `version` active and persists the state; the lock is held.
   absl::Status ActivateLocked(uint64_t version, const std::string& activated_by, bool push_history);
   absl::Status PersistStateLocked() const;
@@ -102,6 +112,7 @@ class PartitionManager {
   // active one); a stored version above it was cut off by a crash before its decision was recorded.
   uint64_t decided_through_ = 0;
   std::deque<RejectedPartition> rejections_;
+  std::function<absl::Status(const Snapshot&)> preparer_;
   // Read without the lock by every admission; replaced whole under the lock.
   std::shared_ptr<const ActivePartition> active_;
   std::atomic<uint64_t> rollouts_{0};

@@ -346,6 +346,8 @@ absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(Inferenc
                    [&partitions] { return partitions.held() ? 1.0 : 0.0; });
 
   LYCHEE_ASSIGN_OR_RETURN(server->engine_, InferenceEngine::Create(options.engine, &partitions, &metrics));
+  partitions.SetActivationPreparer(
+      [engine = server->engine_.get()](const PartitionManager::Snapshot& partition) { return engine->PrepareGraphs(partition); });
   if (!options.trainer_address.empty()) {
     server->watcher_ = std::make_unique<TrainerWatcher>(
         TrainerWatcherOptions{options.trainer_address, fingerprint, std::move(trainer_credentials)}, partitions);
@@ -368,6 +370,7 @@ absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(Inferenc
 InferenceServer::~InferenceServer() { Shutdown(); }
 
 void InferenceServer::Shutdown() {
+  if (partitions_ != nullptr) partitions_->SetActivationPreparer(nullptr);
   if (engine_ != nullptr) engine_->Shutdown();
   if (server_ != nullptr) server_->Shutdown(std::chrono::system_clock::now() + kShutdownGrace);
   watcher_.reset();

@@ -509,6 +509,25 @@ TEST_CASE("a sequence keeps the partition it was admitted with; new ones get the
   CHECK_FALSE(dense_outcome.summary->hybrid);
 }
 
+TEST_CASE("graphs are prepared on the engine's thread between the steps of running requests; a stopped engine refuses") {
+  EngineOptions options;
+  options.max_new_tokens_limit = 100000;
+  Fixture fixture(options);
+  fixture.OfferPartition(1);
+  auto running = fixture.engine->Submit(fixture.Request(kPrompt, 40));
+  REQUIRE(running.ok());
+  GenerationEvent first;
+  while (first.kind != GenerationEvent::Kind::kChunk) first = (*running)->Next(milliseconds(1000));
+  // On the CPU nothing is captured, but the work goes through the engine's thread as on CUDA.
+  CHECK(fixture.engine->PrepareGraphs(fixture.partitions->Active().partition).ok());
+  CHECK(fixture.engine->PrepareGraphs(nullptr).ok());
+  const Outcome outcome = Drain(**running);
+  REQUIRE(outcome.summary.has_value());
+  CHECK(outcome.summary->completion_tokens == 40);
+  fixture.engine->Shutdown();
+  CHECK(fixture.engine->PrepareGraphs(nullptr).code() == absl::StatusCode::kUnavailable);
+}
+
 TEST_CASE("stop sequences end the text before them") {
   Fixture fixture;
   auto free_run = fixture.engine->Submit(fixture.Request(kPrompt, 24));

@@ -73,6 +73,43 @@ TEST_CASE("offered partitions are validated, stored and activated in version ord
   CHECK(manager->rollouts() == 2);
 }
 
+TEST_CASE("a partition is prepared before it becomes active; one whose preparation fails is activated all the same") {
+  testing::TempDir dir;
+  auto manager = Open(dir);
+  std::vector<std::pair<uint64_t, uint64_t>> prepared;  // (version prepared, version active meanwhile)
+  bool fail = false;
+  manager->SetActivationPreparer([&](const PartitionManager::Snapshot& partition) {
+    prepared.emplace_back(partition->version, ActiveVersion(*manager));
+    return fail ? absl::InternalError("capture failed") : absl::OkStatus();
+  });
+  REQUIRE(manager->Offer(Version(1)).ok());
+  fail = true;
+  REQUIRE(manager->Offer(Version(2)).ok());
+  CHECK(ActiveVersion(*manager) == 2);
+  fail = false;
+  REQUIRE(manager->Activate(1).ok());
+  // An offer that does not become active, a rollback and a held version are not prepared.
+  REQUIRE(manager->Offer(Version(1)).ok());  // held already: ignored
+  REQUIRE(manager->Rollback().ok());
+  REQUIRE(manager->SetHold(true).ok());
+  REQUIRE(manager->Offer(Version(5)).ok());
+  CHECK(ActiveVersion(*manager) == 2);
+  CHECK(prepared == std::vector<std::pair<uint64_t, uint64_t>>{{1, 0}, {2, 1}, {1, 2}});
+}
+
+TEST_CASE("an offer is decided again after its preparation: a newer version activated meanwhile stays") {
+  testing::TempDir dir;
+  auto manager = Open(dir);
+  manager->SetActivationPreparer([&](const PartitionManager::Snapshot& partition) {
+    // While version 4 prepares, version 6 arrives and becomes active (prepared in turn).
+    if (partition->version == 4) REQUIRE(manager->Offer(Version(6)).ok());
+    return absl::OkStatus();
+  });
+  REQUIRE(manager->Offer(Version(4)).ok());
+  CHECK(ActiveVersion(*manager) == 6);
+  CHECK(manager->List().size() == 2);
+}
+
 TEST_CASE("a partition that fails validation leaves the active one and is reported") {
   testing::TempDir dir;
   auto manager = Open(dir);

@@ -167,6 +167,40 @@ TEST_CASE("the decode step replayed from a CUDA graph equals the eager step", "[
   }
 }
 
+TEST_CASE("graphs prepared ahead are replayed from the first step and decode as the eager step", "[cuda]") {
+  if (!at::hasCUDA()) {
+    WARN("SKIPPED: no CUDA device: CUDA graphs run on the GPU host only");
+    return;
+  }
+  auto model = Model::Load("models/tiny-llama-retrieval", ModelOptionsForDevice("cuda").value());
+  REQUIRE(model.ok());
+  const ModelConfig& config = (*model)->config();
+  HeadPartition partition = HeadPartition::AllRetrieval(config.num_layers, config.num_kv_heads, SelectionParams{});
+  for (int64_t layer = 1; layer < config.num_layers; ++layer) partition.set_role(layer, 0, HeadRole::kSparse);
+  partition.mutable_selection().token_budget = 256;
+  std::shared_ptr<const AttentionBackend> hybrid =
+      MakeCudaHybridAttention(std::make_shared<const HeadPartition>(partition), config).value();
+  auto pool = (*model)->NewKvPool(120).value();
+  DecodeOptions options;
+  options.max_graph_batch = 3;  // buckets of 1, 2 and 4 rows
+  DecodeContext prepared(options);
+  REQUIRE((*model)->PrepareDecodeGraphs(hybrid, pool, prepared).ok());
+  INFO("capture error: " << prepared.stats().last_capture_error);
+  CHECK(prepared.stats().graph_captures == 3);
+  CHECK(prepared.stats().eager_steps == 0);
+  CHECK(prepared.stats().graph_replays == 0);
+  CHECK(pool->free_pages() == 120);  // the throwaway sequences gave their pages back
+
+  const std::vector<std::vector<int32_t>> prompts = {Prompt(900, 11), Prompt(300, 12), Prompt(64, 13)};
+  DecodeContext eager_context(DecodeOptions{/*cuda_graphs=*/false});
+  const Greedy eager = DecodeGreedy(**model, pool, hybrid, prompts, 12, eager_context);
+  const Greedy graphed = DecodeGreedy(**model, pool, hybrid, prompts, 12, prepared);
+  CHECK(prepared.stats().graph_captures == 3);
+  CHECK(prepared.stats().graph_replays == 12);
+  CHECK(prepared.stats().eager_steps == 0);
+  CHECK(graphed.tokens == eager.tokens);
+}
+
 TEST_CASE("the fused decode step gives the LibTorch step's logits", "[cuda]") {
   if (!at::hasCUDA()) {
     WARN("SKIPPED: no CUDA device: the fused decode kernels run on the GPU host only");
