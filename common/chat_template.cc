@@ -150,6 +150,7 @@ bool IsAsciiDigit(char c) { return c >= '0' && c <= '9'; }
 // Values: the Python objects a template sees. Strings and containers are shared and immutable
 // (the sandbox forbids mutating them); only a namespace changes, through {% set ns.attr = %}.
 
+struct StringData;
 struct ListData;
 struct DictData;
 struct ObjectData;
@@ -172,7 +173,10 @@ class Value {
   static Value Bool(bool value) { return Value(value); }
   static Value Int(int64_t value) { return Value(value); }
   static Value Float(double value) { return Value(value); }
-  static Value String(std::string value) { return Value(std::make_shared<const std::string>(std::move(value))); }
+  static Value String(std::string value);
+  // A string marked safe (the safe filter: markupsafe's Markup), which escapes plain strings
+  // added to it.
+  static Value Markup(std::string value);
   static Value List(std::vector<Value> items, ListKind kind = ListKind::kList);
   static Value Dict(DictData dict);
   static Value Object(std::shared_ptr<ObjectData> object) { return Value(std::move(object)); }
@@ -192,7 +196,8 @@ class Value {
   int64_t as_int() const { return is(Kind::kBool) ? as_bool() : std::get<int64_t>(data_); }
   // For any number.
   double as_double() const { return is(Kind::kFloat) ? std::get<double>(data_) : static_cast<double>(as_int()); }
-  const std::string& as_string() const { return *std::get<std::shared_ptr<const std::string>>(data_); }
+  const std::string& as_string() const;
+  bool is_markup() const;
   const ListData& as_list() const { return *std::get<std::shared_ptr<const ListData>>(data_); }
   const DictData& as_dict() const { return *std::get<std::shared_ptr<const DictData>>(data_); }
   ObjectData& as_object() const { return *std::get<std::shared_ptr<ObjectData>>(data_); }
@@ -205,13 +210,18 @@ class Value {
     std::string description;
   };
   struct NoneData {};
-  using Data = std::variant<UndefinedData, NoneData, bool, int64_t, double, std::shared_ptr<const std::string>,
+  using Data = std::variant<UndefinedData, NoneData, bool, int64_t, double, std::shared_ptr<const StringData>,
                             std::shared_ptr<const ListData>, std::shared_ptr<const DictData>,
                             std::shared_ptr<ObjectData>, std::shared_ptr<const FunctionData>>;
   template <typename T>
   explicit Value(T data) : data_(std::move(data)) {}
 
   Data data_;
+};
+
+struct StringData {
+  std::string text;
+  bool markup = false;
 };
 
 struct ListData {
@@ -261,6 +271,20 @@ struct FunctionData {
   std::string name;
   std::function<absl::StatusOr<Value>(const CallArgs&)> call;
 };
+
+Value Value::String(std::string value) {
+  return Value(std::make_shared<const StringData>(StringData{std::move(value), false}));
+}
+
+Value Value::Markup(std::string value) {
+  return Value(std::make_shared<const StringData>(StringData{std::move(value), true}));
+}
+
+const std::string& Value::as_string() const { return std::get<std::shared_ptr<const StringData>>(data_)->text; }
+
+bool Value::is_markup() const {
+  return is(Kind::kString) && std::get<std::shared_ptr<const StringData>>(data_)->markup;
+}
 
 Value Value::List(std::vector<Value> items, ListKind kind) {
   auto list = std::make_shared<ListData>();
@@ -611,7 +635,11 @@ absl::Status AppendRepr(const Value& value, int line, std::string* out) {
     case Value::Kind::kBool: out->append(value.as_bool() ? "True" : "False"); return absl::OkStatus();
     case Value::Kind::kInt: out->append(std::to_string(value.as_int())); return absl::OkStatus();
     case Value::Kind::kFloat: out->append(FloatRepr(value.as_double())); return absl::OkStatus();
-    case Value::Kind::kString: AppendStringRepr(value.as_string(), out); return absl::OkStatus();
+    case Value::Kind::kString:
+      if (value.is_markup()) out->append("Markup(");
+      AppendStringRepr(value.as_string(), out);
+      if (value.is_markup()) out->push_back(')');
+      return absl::OkStatus();
     case Value::Kind::kList: {
       const ListData& list = value.as_list();
       if (list.kind == ListKind::kGenerator || list.kind == ListKind::kView) {
@@ -1418,6 +1446,30 @@ absl::StatusOr<Value> Power(const Value& base, const Value& exponent, int line) 
   return Value::Float(result);
 }
 
+// markupsafe.escape of a plain string.
+std::string EscapeHtml(std::string_view text) {
+  std::string escaped;
+  for (char c : text) {
+    switch (c) {
+      case '&': escaped += "&amp;"; break;
+      case '<': escaped += "&lt;"; break;
+      case '>': escaped += "&gt;"; break;
+      case '\'': escaped += "&#39;"; break;
+      case '"': escaped += "&#34;"; break;
+      default: escaped.push_back(c);
+    }
+  }
+  return escaped;
+}
+
+// A safe string's methods, items and most filters give safe strings in Python, which escape
+// what is later added to them; this subset only prints, concatenates with ~, compares, measures
+// and serializes them.
+absl::Status RejectMarkup(const Value& value, absl::string_view what, int line) {
+  if (value.is_markup()) return Unsupported(line, absl::StrCat(what, " of a safe string"));
+  return absl::OkStatus();
+}
+
 // Sequence repetition ("ab" * 3, [1] * 2); bounded so that a template cannot exhaust memory.
 absl::StatusOr<Value> Repeat(const Value& sequence, int64_t times, int line) {
   constexpr int64_t kMaxRepeatedSize = int64_t{1} << 24;
@@ -1468,8 +1520,14 @@ absl::StatusOr<Value> Arithmetic(absl::string_view op, const Value& a, const Val
     return Value::Float(op == "//" ? quotient : remainder);
   }
   if (op == "+" && a.is(Value::Kind::kString) && b.is(Value::Kind::kString)) {
+    // A safe string escapes the plain one it is added to, and the sum is safe.
+    if (a.is_markup() || b.is_markup()) {
+      return Value::Markup((a.is_markup() ? a.as_string() : EscapeHtml(a.as_string())) +
+                           (b.is_markup() ? b.as_string() : EscapeHtml(b.as_string())));
+    }
     return Value::String(a.as_string() + b.as_string());
   }
+  if (a.is_markup() || b.is_markup()) return Unsupported(line, absl::StrCat("'", op, "' on a safe string"));
   if (op == "+" && IsPlainSequence(a) && IsPlainSequence(b) && a.as_list().kind == b.as_list().kind) {
     std::vector<Value> items = a.as_list().items;
     items.insert(items.end(), b.as_list().items.begin(), b.as_list().items.end());
@@ -1732,7 +1790,8 @@ absl::StatusOr<Value> CallDictMethod(const Value& self, const std::string& metho
 // `object`'s method `name` as a bound function, where the object's Python type has that method.
 std::optional<Value> Method(const Value& object, const std::string& name) {
   if (object.is(Value::Kind::kString) && IsOneOf(name, kStringMethods)) {
-    return MakeFunction(absl::StrCat("str.", name), [object, name](const CallArgs& args) {
+    return MakeFunction(absl::StrCat("str.", name), [object, name](const CallArgs& args) -> absl::StatusOr<Value> {
+      LYCHEE_RETURN_IF_ERROR(RejectMarkup(object, absl::StrCat("method '", name, "'"), args.line));
       return CallStringMethod(object.as_string(), name, args);
     });
   }
@@ -1769,6 +1828,7 @@ absl::StatusOr<Value> GetAttribute(const Value& object, const std::string& name,
 // would refuse with a TypeError or a LookupError is undefined, as in Jinja.
 absl::StatusOr<Value> GetItem(const Value& object, const Value& key, int line) {
   if (object.is(Value::Kind::kUndefined)) return UndefinedError(line, object);
+  if (key.is_integral()) LYCHEE_RETURN_IF_ERROR(RejectMarkup(object, "an item", line));
   if (key.is_integral() && (IsPlainSequence(object) || object.is(Value::Kind::kString))) {
     int64_t index = key.as_int();
     if (object.is(Value::Kind::kString)) {
@@ -2169,6 +2229,7 @@ absl::StatusOr<Value> FilterLast(const Value& value, const CallArgs& args) {
 }
 
 absl::StatusOr<Value> FilterReverse(const Value& value, const CallArgs& args) {
+  LYCHEE_RETURN_IF_ERROR(RejectMarkup(value, "filter 'reverse'", args.line));
   LYCHEE_RETURN_IF_ERROR(BindArguments(args, "reverse", {}).status());
   if (value.is(Value::Kind::kString)) {
     std::u32string code_points = DecodeUtf8(value.as_string());
@@ -2200,6 +2261,8 @@ absl::StatusOr<Value> FilterReplace(const Value& value, const CallArgs& args) {
 // select, reject, selectattr and rejectattr: the items (or their attribute) passing a test,
 // given by name with its arguments after it, or truthy when no test is named.
 absl::StatusOr<Value> SelectOrReject(const Value& value, const CallArgs& args, bool by_attribute, bool select) {
+  // Jinja yields nothing from a false value (None included) without looking at the arguments.
+  if (!Truthy(value)) return Value::List({}, ListKind::kGenerator);
   std::vector<Value> rest = args.positional;
   std::optional<std::string> attribute;
   if (by_attribute) {
@@ -2237,6 +2300,8 @@ absl::StatusOr<Value> SelectOrReject(const Value& value, const CallArgs& args, b
 
 // map(attribute='x', default=d) or map('filter', args...).
 absl::StatusOr<Value> FilterMap(const Value& value, const CallArgs& args) {
+  // As select: nothing from a false value.
+  if (!Truthy(value)) return Value::List({}, ListKind::kGenerator);
   LYCHEE_ASSIGN_OR_RETURN(const std::vector<Value> items, Iterate(value, args.line));
   std::vector<Value> mapped;
   if (args.positional.empty()) {
@@ -2267,33 +2332,57 @@ absl::StatusOr<Value> FilterMap(const Value& value, const CallArgs& args) {
 // The filters that convert soft_str(value) (str() of anything, "" for undefined).
 template <CaseConversion conversion>
 absl::StatusOr<Value> FilterCase(const Value& value, const CallArgs& args) {
+  LYCHEE_RETURN_IF_ERROR(RejectMarkup(value, "a case filter", args.line));
   LYCHEE_RETURN_IF_ERROR(BindArguments(args, "case filter", {}).status());
   LYCHEE_ASSIGN_OR_RETURN(const std::string text, Str(value, args.line));
   LYCHEE_ASSIGN_OR_RETURN(std::string converted, ConvertCase(text, conversion, args.line));
   return Value::String(std::move(converted));
 }
 
+absl::StatusOr<Value> FilterTrim(const Value& value, const CallArgs& args) {
+  LYCHEE_RETURN_IF_ERROR(RejectMarkup(value, "filter 'trim'", args.line));
+  LYCHEE_ASSIGN_OR_RETURN(const auto bound, BindArguments(args, "trim", {"chars"}));
+  LYCHEE_ASSIGN_OR_RETURN(const std::string text, Str(value, args.line));
+  std::optional<std::u32string> chars;
+  if (!IsNoneOrAbsent(bound[0])) {
+    LYCHEE_ASSIGN_OR_RETURN(const std::string set, RequireString(bound[0], "trim's characters", args.line));
+    chars = DecodeUtf8(set);
+  }
+  return Value::String(StripPython(text, chars, true, true));
+}
+
+absl::StatusOr<Value> FilterLength(const Value& value, const CallArgs& args) {
+  LYCHEE_RETURN_IF_ERROR(BindArguments(args, "length", {}).status());
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t length, Length(value, args.line));
+  return Value::Int(length);
+}
+
+// soft_str: str() of anything but a string, which (safe or not) stays as it is.
+absl::StatusOr<Value> FilterString(const Value& value, const CallArgs& args) {
+  LYCHEE_RETURN_IF_ERROR(BindArguments(args, "string", {}).status());
+  if (value.is(Value::Kind::kString)) return value;
+  LYCHEE_ASSIGN_OR_RETURN(std::string text, Str(value, args.line));
+  return Value::String(std::move(text));
+}
+
+absl::StatusOr<Value> FilterList(const Value& value, const CallArgs& args) {
+  LYCHEE_RETURN_IF_ERROR(BindArguments(args, "list", {}).status());
+  LYCHEE_ASSIGN_OR_RETURN(std::vector<Value> items, Iterate(value, args.line));
+  return Value::List(std::move(items));
+}
+
+absl::StatusOr<Value> FilterSafe(const Value& value, const CallArgs& args) {
+  LYCHEE_RETURN_IF_ERROR(BindArguments(args, "safe", {}).status());
+  LYCHEE_ASSIGN_OR_RETURN(std::string text, Str(value, args.line));
+  return Value::Markup(std::move(text));
+}
+
 const std::map<std::string_view, FilterFunction>& Filters() {
   static const auto* const filters = new std::map<std::string_view, FilterFunction>{
-      {"trim",
-       [](const Value& v, const CallArgs& a) -> absl::StatusOr<Value> {
-         LYCHEE_ASSIGN_OR_RETURN(const auto bound, BindArguments(a, "trim", {"chars"}));
-         LYCHEE_ASSIGN_OR_RETURN(const std::string text, Str(v, a.line));
-         std::optional<std::u32string> chars;
-         if (!IsNoneOrAbsent(bound[0])) {
-           LYCHEE_ASSIGN_OR_RETURN(const std::string set, RequireString(bound[0], "trim's characters", a.line));
-           chars = DecodeUtf8(set);
-         }
-         return Value::String(StripPython(text, chars, true, true));
-       }},
+      {"trim", FilterTrim},
       {"tojson", FilterToJson},
-      {"length",
-       [](const Value& v, const CallArgs& a) -> absl::StatusOr<Value> {
-         LYCHEE_RETURN_IF_ERROR(BindArguments(a, "length", {}).status());
-         LYCHEE_ASSIGN_OR_RETURN(const int64_t length, Length(v, a.line));
-         return Value::Int(length);
-       }},
-      {"count", [](const Value& v, const CallArgs& a) { return ApplyFilter("length", v, a); }},
+      {"length", FilterLength},
+      {"count", FilterLength},
       {"join", FilterJoin},
       {"items", FilterItems},
       {"upper", FilterCase<CaseConversion::kUpper>},
@@ -2304,20 +2393,10 @@ const std::map<std::string_view, FilterFunction>& Filters() {
       {"d", FilterDefault},
       {"first", FilterFirst},
       {"last", FilterLast},
-      {"string",
-       [](const Value& v, const CallArgs& a) -> absl::StatusOr<Value> {
-         LYCHEE_RETURN_IF_ERROR(BindArguments(a, "string", {}).status());
-         LYCHEE_ASSIGN_OR_RETURN(std::string text, Str(v, a.line));
-         return Value::String(std::move(text));
-       }},
+      {"string", FilterString},
       {"int", FilterInt},
       {"float", FilterFloat},
-      {"list",
-       [](const Value& v, const CallArgs& a) -> absl::StatusOr<Value> {
-         LYCHEE_RETURN_IF_ERROR(BindArguments(a, "list", {}).status());
-         LYCHEE_ASSIGN_OR_RETURN(std::vector<Value> items, Iterate(v, a.line));
-         return Value::List(std::move(items));
-       }},
+      {"list", FilterList},
       {"replace", FilterReplace},
       {"reverse", FilterReverse},
       {"select", [](const Value& v, const CallArgs& a) { return SelectOrReject(v, a, false, true); }},
@@ -2325,6 +2404,7 @@ const std::map<std::string_view, FilterFunction>& Filters() {
       {"selectattr", [](const Value& v, const CallArgs& a) { return SelectOrReject(v, a, true, true); }},
       {"rejectattr", [](const Value& v, const CallArgs& a) { return SelectOrReject(v, a, true, false); }},
       {"map", FilterMap},
+      {"safe", FilterSafe},
   };
   return *filters;
 }
@@ -3338,6 +3418,7 @@ class Renderer {
   absl::StatusOr<Value> EvalSlice(const Expr& expr, Scope& scope) {
     LYCHEE_ASSIGN_OR_RETURN(const Value object, Eval(*expr.operands[0], scope));
     if (object.is(Value::Kind::kUndefined)) return UndefinedError(expr.line, object);
+    LYCHEE_RETURN_IF_ERROR(RejectMarkup(object, "a slice", expr.line));
     std::optional<Value> bounds[3];
     for (int i = 0; i < 3; ++i) {
       if (expr.operands[static_cast<size_t>(i) + 1] != nullptr) {
@@ -3389,7 +3470,8 @@ class Renderer {
         DictData dict;
         for (size_t i = 0; i < expr.operands.size(); i += 2) {
           LYCHEE_ASSIGN_OR_RETURN(const Value key, Eval(*expr.operands[i], scope));
-          if (!key.is(Value::Kind::kString)) return Unsupported(line, "dict key other than a string");
+          if (!key.is(Value::Kind::kString) || key.is_markup())
+            return Unsupported(line, "dict key other than a string");
           LYCHEE_ASSIGN_OR_RETURN(Value value, Eval(*expr.operands[i + 1], scope));
           dict.Set(key.as_string(), std::move(value));
         }

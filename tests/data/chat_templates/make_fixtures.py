@@ -281,6 +281,7 @@ SNIPPETS = [
      "{{ users | selectattr('admin') | map(attribute='name') | list }}|{{ users | rejectattr('name', 'equalto', 'ann') | map(attribute='name') | join }}|"
      "{{ users | selectattr('age', 'gt', 30) | list | length }}|{{ users | map(attribute='missing', default='?') | list }}|"
      "{{ ['a', 'b'] | map('upper') | list }}|{{ users | selectattr('tags.0', 'equalto', 'x') | map(attribute='name') | first }}|"
+     "{{ none | selectattr('x') | list }}{{ none | map(attribute='x') | list }}{{ '' | select | list }}|"
      "{% for k, v in {'b': 1, 'a': 2} | items %}{{ k }}{{ v }}{% endfor %}|{{ undefined_name | items | list }}",
      {"users": [{"name": "ann", "admin": True, "age": 31, "tags": ["x"]}, {"name": "bob", "admin": False, "age": 25, "tags": ["y"]}]}),
     ("filter_default", "{{ missing | default('d') }} {{ '' | default('d') }} {{ '' | default('d', true) }} {{ none | default('d') }} "
@@ -311,6 +312,9 @@ SNIPPETS = [
      "{% set ns = namespace(calls=0) %}{% macro count() %}{% set ns.calls = ns.calls + 1 %}{% endmacro %}"
      "{{ count() }}{{ count() }}|{{ ns.calls }}",
      {"users": [{"name": "ann", "tags": ["x", "y"]}, {"name": "bob", "tags": []}]}),
+    ("safe_strings", "{% set args = data | tojson | safe %}{{ args }}|{{ '<p>' ~ args ~ '</p>' }}|{{ '<p>' + args }}|"
+     "{{ args + '&' }}|{{ args | length }}{{ args is string }}{{ args == data | tojson }}|{{ [args] }}|{{ (5 | safe) + '<' }}|"
+     "{{ args | string + '\"' }}|{{ args | tojson }}|{{ args ~ 1 }}", {"data": {"q": "<a & 'b'>"}}),
     ("range_and_dict", "{{ range(3) | list }} {{ range(1, 10, 3) | list }} {{ range(5, 0, -2) | list }} {{ range(0) | list }}", {}),
 ]
 
