@@ -3,6 +3,16 @@
 // jinja2/parser.py's grammar and precedence), and rendered by walking them (Renderer) over Values
 // that behave as the Python objects transformers hands to Jinja: JSON from json.loads, Jinja's
 // Undefined, namespaces and functions.
+//
+// The subset: {{ }}, {# #}, whitespace control (- and +, trim_blocks, lstrip_blocks); if / elif /
+// else, for (unpacking, loop filter, else, the loop variable, break, continue), set (names,
+// unpacking, namespace attributes, blocks with filters), top-level macros, transformers'
+// generation block; literals (strings with Python escapes, numbers, lists, tuples, dicts),
+// arithmetic, ~, comparisons, in, and / or / not, inline if, attributes, items, slices, calls;
+// the globals raise_exception, strftime_now, namespace, range and dict; the str methods strip,
+// lstrip, rstrip, split, startswith, endswith, replace, upper, lower, title, capitalize and the
+// dict methods get, items, keys, values; the filters and tests of Filters() and Tests(). Anything
+// else is an UNIMPLEMENTED error naming it.
 #include "common/chat_template.h"
 
 #include <utf8proc.h>
@@ -3470,8 +3480,9 @@ class Renderer {
         DictData dict;
         for (size_t i = 0; i < expr.operands.size(); i += 2) {
           LYCHEE_ASSIGN_OR_RETURN(const Value key, Eval(*expr.operands[i], scope));
-          if (!key.is(Value::Kind::kString) || key.is_markup())
+          if (!key.is(Value::Kind::kString) || key.is_markup()) {
             return Unsupported(line, "dict key other than a string");
+          }
           LYCHEE_ASSIGN_OR_RETURN(Value value, Eval(*expr.operands[i + 1], scope));
           dict.Set(key.as_string(), std::move(value));
         }

@@ -56,7 +56,9 @@ class ChatTemplate {
   // with raise_exception (its message, as is: e.g. a role the template rejects) and for the
   // errors Jinja would raise at render time (an undefined value used, a type mismatch), which
   // name the line; UNIMPLEMENTED where rendering reaches something outside the subset that only
-  // the values reveal (e.g. a case conversion of non-ASCII text).
+  // the values reveal (e.g. a case conversion of non-ASCII text). Safe to call from several
+  // threads at once. The text is meant to be tokenized without adding special tokens again
+  // (the template writes bos_token itself where the model wants it).
   absl::StatusOr<std::string> Render(const ChatRequest& request) const;
 
  private:

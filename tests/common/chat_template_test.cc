@@ -66,7 +66,7 @@ absl::StatusOr<std::string> RenderSource(const std::string& source, const std::s
 
 TEST_CASE("the real templates render as transformers' apply_chat_template does", "[chat_template]") {
   const std::vector<fs::path> fixtures = RenderFixtures();
-  REQUIRE(fixtures.size() == 8);
+  REQUIRE(fixtures.size() == 11);
   for (const fs::path& path : fixtures) {
     const std::string name = path.filename().string();
     const std::string model = name.substr(0, name.size() - std::string(".renders.json").size());

@@ -40,6 +40,10 @@ LLAMA_CPP_MODELS = {
     "llama-3.1": ("meta-llama-Llama-3.1-8B-Instruct.jinja", "llama3_1"),
     "mistral-nemo-llamacpp": ("mistralai-Mistral-Nemo-Instruct-2407.jinja", "mistral_nemo"),
     "mistral-small-3.2": ("Mistral-Small-3.2-24B-Instruct-2506.jinja", "mistral_nemo"),
+    # Newer templates with macros and the safe filter.
+    "qwen3.5": ("Qwen3.5-4B.jinja", "qwen3"),
+    "qwen3-coder": ("Qwen3-Coder.jinja", "qwen3"),
+    "gpt-oss": ("openai-gpt-oss-120b.jinja", "gptoss"),
 }
 
 

@@ -65,9 +65,11 @@ def special_tokens(config):
 LLAMA = {"llama-3", "llama-3.1", "llama-3.2"}
 QWEN = {"qwen2.5", "qwen3"}
 MISTRAL = {"mistral-nemo-lenml", "mistral-nemo-llamacpp", "mistral-small-3.2"}
-ALL = LLAMA | QWEN | MISTRAL
+# Newer templates, with macros and the safe filter.
+NEWER = {"qwen3.5", "qwen3-coder", "gpt-oss"}
+ALL = LLAMA | QWEN | MISTRAL | NEWER
 # The templates that render tool definitions and tool calls.
-TOOLS = {"llama-3.1", "llama-3.2"} | QWEN | MISTRAL
+TOOLS = {"llama-3.1", "llama-3.2"} | QWEN | MISTRAL | NEWER
 
 WEATHER_TOOL = {
     "type": "function",
@@ -184,21 +186,21 @@ CASES = [
          variables={"custom_tools": [WEATHER_TOOL], "date_string": "05 Feb 2025"}),
     dict(name="tools_without_user_message", models={"llama-3.1", "llama-3.2"},
          messages=[SYSTEM], tools=[WEATHER_TOOL]),
-    dict(name="thinking_history", models={"qwen3"},
+    dict(name="thinking_history", models={"qwen3", "qwen3.5"},
          messages=[user("Is 17 prime?"),
                    assistant("Yes, 17 is prime.", reasoning_content="Check divisors up to 4: none divide 17."),
                    user("And 21?"),
                    assistant("<think>\n21 = 3 * 7.\n</think>\n\nNo, 21 = 3 × 7."),
                    user("And 23?")],
          add_generation_prompt=True),
-    dict(name="thinking_last_assistant", models={"qwen3"},
+    dict(name="thinking_last_assistant", models={"qwen3", "qwen3.5"},
          messages=[user("Is 17 prime?"),
                    assistant("Yes.", reasoning_content="\nDivisors up to 4 fail.\n")]),
-    dict(name="enable_thinking_false", models={"qwen3"}, messages=[user("Quick: 2 + 2?")],
+    dict(name="enable_thinking_false", models={"qwen3", "qwen3.5"}, messages=[user("Quick: 2 + 2?")],
          add_generation_prompt=True, variables={"enable_thinking": False}),
-    dict(name="enable_thinking_true", models={"qwen3"}, messages=[user("Quick: 2 + 2?")],
+    dict(name="enable_thinking_true", models={"qwen3", "qwen3.5"}, messages=[user("Quick: 2 + 2?")],
          add_generation_prompt=True, variables={"enable_thinking": True}),
-    dict(name="thinking_with_tools", models={"qwen3"},
+    dict(name="thinking_with_tools", models={"qwen3", "qwen3.5"},
          messages=[SYSTEM, user("Weather in Zürich?"),
                    assistant("", reasoning_content="I should call the tool.", tool_calls=[WEATHER_CALL]),
                    WEATHER_RESULT,
