@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The decode path on the GPU host, in one command from the project root with .gpu carried
 # (../shared/gpu/prepare.sh here first): configures as .gpu/build.sh does, builds only the decode
-# targets (the CUDA attention and model-kernel tests, e2e_bench) while bench/write_random_llama.py
+# targets (the CUDA attention and model-kernel tests, the benchmarks, the servers and the CLI for
+# scripts/gpu-calibration.sh and scripts/gpu-serve-load.sh) while bench/write_random_llama.py
 # writes a random Llama-3-8B-shaped checkpoint, runs those tests, then e2e_bench on the bundled model
 # and on the checkpoint. Logs go to $OUT (or /tmp/lychee-decode).
 #   E2E_ARGS   extra arguments of every e2e_bench run (e.g. "--steps 30 --graphs false")
@@ -27,7 +28,7 @@ tests=(cuda_hybrid_plan_test cuda_hybrid_decode_test cuda_torch_hybrid_decode_te
        cuda_policy_test model_test model_kernels_test)
 grep -v '^cmake --build' .gpu/build.sh >"$tmp/gpu-configure.sh"
 bash "$tmp/gpu-configure.sh" >"$out/build.log" 2>&1 && source .gpu/env.sh || { tail -30 "$out/build.log"; exit 1; }
-targets=(e2e_bench model_kernels_bench lychee-inference)
+targets=(e2e_bench model_kernels_bench calibration_bench lychee-inference lychee-trainer lychee)
 ninja -C build-gpu -t targets all >"$tmp/gpu-targets.txt" 2>/dev/null
 for t in "${tests[@]}"; do
   grep -q "^$t:" "$tmp/gpu-targets.txt" && targets+=("$t")
