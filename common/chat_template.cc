@@ -2122,7 +2122,8 @@ absl::StatusOr<Value> FilterInt(const Value& value, const CallArgs& args) {
     case Value::Kind::kFloat: {
       const double number = value.as_double();
       if (std::isnan(number)) return fallback;
-      if (std::isinf(number) || std::fabs(number) >= 9.2e18) return OverflowError(args.line);
+      if (std::isinf(number)) return RenderError(args.line, "cannot convert float infinity to integer");
+      if (std::fabs(number) >= 9.2e18) return OverflowError(args.line);
       return Value::Int(static_cast<int64_t>(number));
     }
     case Value::Kind::kString: {
