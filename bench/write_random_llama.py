@@ -92,11 +92,17 @@ def main():
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)  # the data starts 8-byte aligned
 
+    path = os.path.join(out_dir, "model.safetensors")
+    # The same seed writes the same file: one written whole by an earlier run (it is renamed into
+    # place only when complete) is kept, so that the GPU scripts of one session share it.
+    if os.path.exists(path) and os.path.getsize(path) == 8 + len(header_bytes) + offset:
+        print(f"kept {path}, written by an earlier run")
+        return
     device = "cuda" if torch.cuda.is_available() else "cpu"
     generator = torch.Generator(device=device).manual_seed(0)
     start = time.time()
-    path = os.path.join(out_dir, "model.safetensors")
-    with open(path, "wb") as f:
+    partial = path + ".partial"
+    with open(partial, "wb") as f:
         f.write(struct.pack("<Q", len(header_bytes)))
         f.write(header_bytes)
         for name, shape in shapes:
@@ -105,6 +111,7 @@ def main():
             else:
                 tensor = (torch.randn(shape, device=device, generator=generator) * 0.02).to(torch.bfloat16)
             f.write(memoryview(tensor.cpu().contiguous().view(torch.uint8).numpy()))
+    os.replace(partial, path)
     print(f"wrote {path}: {len(shapes)} tensors, {offset / 1e9:.2f} GB in {time.time() - start:.1f} s")
 
 
