@@ -47,12 +47,10 @@ bool OutputProcessor::Process(EngineRequest& request, int32_t token) {
   if (std::find(stop_ids_.begin(), stop_ids_.end(), token) != stop_ids_.end()) {
     return End(request, FinishReason::kStopToken, {});
   }
-  absl::StatusOr<std::string> piece = request.decoder.Push(token);
-  if (!piece.ok()) {
-    Fail(request, piece.status());
-    return false;
-  }
-  request.held_text += *piece;
+  // An id the tokenizer does not know (its only error) adds no text: models pad their embedding rows
+  // past the tokenizer's vocabulary (Qwen2.5: 152064 rows for 151665 tokens), and Hugging Face's
+  // decode skips such ids too. The id itself is streamed.
+  if (absl::StatusOr<std::string> piece = request.decoder.Push(token); piece.ok()) request.held_text += *piece;
   size_t stop_at = std::string::npos;
   for (const std::string& stop : generation.stop_sequences) stop_at = std::min(stop_at, request.held_text.find(stop));
   if (stop_at != std::string::npos) {

@@ -12,6 +12,8 @@
 #include "common/model.h"
 #include "common/model_fingerprint.h"
 #include "common/sampling.h"
+#include "common/tokenizer.h"
+#include "inference/output_processor.h"
 #include "kernels/dense_attention.h"
 #include "tests/temp_dir.h"
 
@@ -526,6 +528,33 @@ TEST_CASE("graphs are prepared on the engine's thread between the steps of runni
   CHECK(outcome.summary->completion_tokens == 40);
   fixture.engine->Shutdown();
   CHECK(fixture.engine->PrepareGraphs(nullptr).code() == absl::StatusCode::kUnavailable);
+}
+
+TEST_CASE("a generated id outside the tokenizer's vocabulary (padded embedding rows) streams without text") {
+  const std::unique_ptr<Tokenizer> tokenizer = Tokenizer::FromFile(kModelDir + "/tokenizer.json").value();
+  MetricsRegistry metrics;
+  OutputMetrics counters;
+  counters.succeeded = &metrics.AddCounter("ok", "");
+  counters.failed = &metrics.AddCounter("failed", "");
+  counters.cancelled = &metrics.AddCounter("cancelled", "");
+  counters.generated_tokens = &metrics.AddCounter("tokens", "");
+  counters.prompt_tokens = &metrics.AddCounter("prompt", "");
+  counters.time_to_first_token = &metrics.AddHistogram("ttft", "", {1});
+  counters.token_latency = &metrics.AddHistogram("latency", "", {1});
+  OutputProcessor output(/*stop_ids=*/{}, /*max_context_tokens=*/1000, counters);
+  GenerationRequest generation;
+  generation.prompt_ids = tokenizer->Encode("a").value();
+  generation.max_new_tokens = 3;
+  EngineRequest request(1, generation, *tokenizer);
+  const int32_t word = tokenizer->Encode(" harbour").value().back();
+  CHECK_FALSE(output.Process(request, word));
+  CHECK_FALSE(output.Process(request, tokenizer->vocab_size() + 5));
+  CHECK(output.Process(request, word));
+  output.Complete(request, std::nullopt);
+  const Outcome outcome = Drain(*request.stream);
+  CHECK(outcome.error.ok());
+  CHECK(outcome.ids == std::vector<int32_t>{word, tokenizer->vocab_size() + 5, word});
+  CHECK(outcome.text == tokenizer->Decode({word, word}).value());
 }
 
 TEST_CASE("stop sequences end the text before them") {

@@ -405,7 +405,8 @@ std::vector<at::Tensor> DecodeAlone(const Model& model, std::shared_ptr<const At
 }
 
 // Tolerances of cuda_attention_test (the same model and backends): 0.25 on the logits against the
-// references (bf16), 0.05 between a batch and each sequence decoded alone.
+// references (bf16, where logits between 32 and 64 are 0.25 apart, so one step of rounding is
+// allowed), 0.05 between a batch and each sequence decoded alone.
 TEST_CASE("Quest, PrHS and Double-P decode steps over a shared paged KV pool as their references do", "[cuda]") {
   if (SkipWithoutGpu()) return;
   auto model = Model::Load("models/tiny-llama-retrieval", ModelOptionsForDevice("cuda").value());
@@ -436,7 +437,7 @@ TEST_CASE("Quest, PrHS and Double-P decode steps over a shared paged KV pool as 
       }
       WARN(pair.name << ", shared pool of " << page_size
                      << "-position pages: max |logit difference| CUDA kernels vs LibTorch reference, bf16: " << worst);
-      CHECK(worst < 0.25);
+      CHECK(worst <= 0.25);
       for (size_t i = 0; i < prompts.size(); ++i) {
         const auto alone = DecodeAlone(**model, pair.cuda, prompts[i], steps);
         double alone_worst = 0;
