@@ -129,7 +129,8 @@ absl::StatusOr<HeadPartition> HeadPartitionFromProto(const v1::HeadPartition& pr
   }
   const v1::TrainingMetrics& m = proto.metrics();
   partition.training = {static_cast<int64_t>(m.steps()), m.final_loss(), m.final_distillation_loss(),
-                        m.expected_density(), m.target_density(), m.lambda(), m.seconds(), m.job_name()};
+                        m.expected_density(), m.deployed_density(), m.target_density(),
+                        m.lambda(), m.seconds(), m.job_name()};
   return partition;
 }
 
@@ -165,6 +166,7 @@ v1::HeadPartition HeadPartitionToProto(const HeadPartition& partition) {
   m->set_final_loss(t.final_loss);
   m->set_final_distillation_loss(t.final_distillation_loss);
   m->set_expected_density(t.expected_density);
+  m->set_deployed_density(t.deployed_density);
   m->set_target_density(t.target_density);
   m->set_lambda(t.lambda);
   m->set_seconds(t.seconds);

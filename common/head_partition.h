@@ -42,7 +42,8 @@ struct TrainingRecord {
   int64_t steps = 0;
   double final_loss = 0;
   double final_distillation_loss = 0;
-  double expected_density = 0;
+  double expected_density = 0;  // of the learned gates: what training held at the target
+  double deployed_density = 0;  // of the roles the trainer gave: the target rounded down to whole heads
   double target_density = 0;
   double lambda = 0;
   double seconds = 0;

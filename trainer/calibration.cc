@@ -1,10 +1,13 @@
 #include "trainer/calibration.h"
 
 #include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/optim/adamw.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -19,11 +22,32 @@
 namespace lychee {
 namespace {
 
-constexpr double kInitialLambda = 2.0;
-constexpr double kLambdaRate = 0.001;
-constexpr double kMinLambda = 1e-12;
-constexpr double kMaxLambda = 20.0;
-constexpr double kPenaltySmoothing = 0.9;
+// How the density is held at the target. AdamW steps on the distillation loss alone; after every
+// step a projection puts the gates back on the constraint "expected density = scheduled target":
+// every head's (log a, log b) moves by the same (s, -s), s found by bisection (ProjectDensity). That
+// raises or lowers every head's P(z != 0) together, so the projection takes no side among heads;
+// which heads keep the density is the distillation's choice. The constraint then holds exactly,
+// from above and from below, whatever the number of steps and the scale of the loss.
+// Why not a multiplier on a density term in the loss, raised by dual ascent: AdamW divides every
+// gradient by its own running magnitude, so a multiplier's pull saturates and depends on the
+// gradients of earlier steps. On the bundled model, dual ascent through it (an augmented Lagrangian,
+// lambda += (20 / steps)(rho - target), the distillation loss normalised by its running mean)
+// overshot to 0.14 for a target of 0.3 and came back too slowly, ending at 0.25 after 300 steps; with
+// integration paused while the density approached the target, it ended at 0.306 or at 0.275
+// depending on how the two terms were scaled. The multiplier is still reported: the one the
+// distillation gradient implies at each step (see lambda below).
+// The optimizer works on log a and log b: its steps and the projection's shifts are then in the same
+// units, a head the distillation wants open keeps up with the shifts, and no gate is pushed to a
+// parameter bound within a few steps (from where, its gradients vanishing, it could not come back).
+// The target is not imposed at once: it falls linearly from the initial density (0.92, every gate at
+// a = b = 1) to the target over the first half of the job, as in gradual pruning (Zhu and Gupta
+// 2017), so that the distillation sees every head open before it must choose which to close; the
+// second half trains at the target.
+constexpr double kDescentShare = 0.5;
+// Halvings of a bracket 37 wide (the log of the bounds' ratio, both ways): far below float resolution.
+constexpr int kBisectionSteps = 60;
+// Smoothing of the multiplier estimate, which one sample's gradient makes noisy.
+constexpr double kLambdaSmoothing = 0.9;
 constexpr double kWarmupShare = 0.2;
 constexpr double kDecayShare = 0.2;
 constexpr double kFinalLearningRateShare = 0.1;
@@ -37,6 +61,73 @@ double LearningRate(const CalibrationConfig& config, int64_t step) {
   if (step < decay_start) return config.learning_rate;
   const double progress = (step - decay_start) / std::max(1.0, steps - decay_start);
   return config.learning_rate * (1.0 - (1.0 - kFinalLearningRateShare) * progress);
+}
+
+// The density the constraint holds after step `step`: the initial density moving linearly to the
+// target over the first kDescentShare of the steps.
+double ScheduledDensity(const CalibrationConfig& config, double initial_density, int64_t step) {
+  const double descent = std::max(1.0, kDescentShare * static_cast<double>(config.steps));
+  const double remaining = std::max(0.0, 1.0 - static_cast<double>(step + 1) / descent);
+  return config.target_density + (initial_density - config.target_density) * remaining;
+}
+
+// Share of gated heads expected to be retrieval heads: the mean of P(z != 0) over the gates given by
+// their log a and log b. With no gated head (one layer) every head is a retrieval head, as
+// HeadPartition::RetrievalDensity counts it.
+at::Tensor ExpectedDensity(const at::Tensor& log_a, const at::Tensor& log_b) {
+  if (log_a.numel() == 0) return at::ones({}, log_a.options());
+  return (1.0 - hard_kuma::ProbabilityZero(log_a.exp(), log_b.exp())).mean();
+}
+
+// A gate's log a or log b moved by `shift`, within the bounds the parameters are kept in.
+at::Tensor Shifted(const at::Tensor& log_parameter, double shift) {
+  return (log_parameter + shift).clamp(std::log(hard_kuma::kMinParameter), std::log(hard_kuma::kMaxParameter));
+}
+
+// Puts the gates on "expected density = target": every log a moves by s and every log b by -s, s
+// found by bisection. P(z != 0) = (1 - (1/12)^a)^b rises with a and falls with b, so the expected
+// density rises monotonically with s, from about 0 (every a at its lower bound, every b at its upper
+// one) to about 1, over a bracket that spans the bounds; a target beyond what the bounds allow ends
+// at the nearest it can. The shift also brings back within the bounds a parameter that the
+// optimizer's step took past them. Done in double on the CPU: the gates are a few hundred numbers.
+void ProjectDensity(at::Tensor& log_a, at::Tensor& log_b, double target) {
+  const at::Tensor log_a_cpu = log_a.detach().to(at::kCPU, at::kDouble);
+  const at::Tensor log_b_cpu = log_b.detach().to(at::kCPU, at::kDouble);
+  double low = -std::log(hard_kuma::kMaxParameter / hard_kuma::kMinParameter);
+  double high = -low;
+  for (int i = 0; i < kBisectionSteps; ++i) {
+    const double middle = 0.5 * (low + high);
+    const double density = ExpectedDensity(Shifted(log_a_cpu, middle), Shifted(log_b_cpu, -middle)).item<double>();
+    (density < target ? low : high) = middle;
+  }
+  const double shift = 0.5 * (low + high);
+  at::NoGradGuard no_grad;
+  log_a.copy_(Shifted(log_a_cpu, shift));
+  log_b.copy_(Shifted(log_b_cpu, -shift));
+}
+
+// The deployed roles, from the gate means (a CPU tensor of doubles, one per gated head, layer-major):
+// the round-down of target x (gated heads) heads with the highest means are retrieval heads, the
+// other gated heads sparse; layer 0 stays dense. The count comes from the target, not from a
+// threshold on the means: a threshold deploys however many heads happen to cross it (at 0.5, one
+// head of ten on the bundled model for a target of 0.25), while the training held the expected
+// density at the target. With N gated heads the reachable densities are the multiples of 1/N;
+// rounding down keeps the deployed density at most the target.
+void AssignRoles(const at::Tensor& means, double target_density, HeadPartition& partition) {
+  const int64_t gated_heads = means.numel();
+  // The epsilon keeps a product such as 0.3 x 10 = 3.0000000000000004, or 0.29 x 100 =
+  // 28.999999999999996, on the side of the whole number it stands for.
+  const int64_t retrieval_heads = static_cast<int64_t>(std::floor(target_density * gated_heads + 1e-9));
+  const at::Tensor flat = means.reshape({-1}).contiguous();
+  const double* mean = flat.data_ptr<double>();
+  std::vector<int64_t> order(gated_heads);
+  std::iota(order.begin(), order.end(), 0);
+  // Stable: among equal means the lower layer, then the lower head, comes first.
+  std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return mean[x] > mean[y]; });
+  for (int64_t rank = retrieval_heads; rank < gated_heads; ++rank) {
+    partition.set_role(1 + order[rank] / partition.num_kv_heads(), order[rank] % partition.num_kv_heads(),
+                       HeadRole::kSparse);
+  }
 }
 
 // Mean squared distance of the answer positions' hidden states.
@@ -141,10 +232,10 @@ absl::StatusOr<HeadPartition> RunCalibration(const Model& model, const Tokenizer
   }
   const ModelConfig& shape = model.config();
   const at::TensorOptions gate_options = at::TensorOptions().dtype(at::kFloat).device(model.options().device);
-  // Gates of layers 1 and up; layer 0 stays dense.
-  at::Tensor a = at::ones({shape.num_layers - 1, shape.num_kv_heads}, gate_options).set_requires_grad(true);
-  at::Tensor b = at::ones({shape.num_layers - 1, shape.num_kv_heads}, gate_options).set_requires_grad(true);
-  torch::optim::AdamW optimizer({a, b}, torch::optim::AdamWOptions(config.learning_rate));
+  // Gates of layers 1 and up (layer 0 stays dense), as log a and log b, from a = b = 1.
+  at::Tensor log_a = at::zeros({shape.num_layers - 1, shape.num_kv_heads}, gate_options).set_requires_grad(true);
+  at::Tensor log_b = at::zeros({shape.num_layers - 1, shape.num_kv_heads}, gate_options).set_requires_grad(true);
+  torch::optim::AdamW optimizer({log_a, log_b}, torch::optim::AdamWOptions(config.learning_rate));
   const DenseAttentionBackend teacher;
   const GatedTrainingAttention student(
       SparseTrainingParams{config.sparse_keep_ratio, config.sparse_sink_tokens, config.sparse_recent_tokens});
@@ -155,8 +246,11 @@ absl::StatusOr<HeadPartition> RunCalibration(const Model& model, const Tokenizer
 
   CalibrationProgress progress;
   progress.total_steps = config.steps;
-  double lambda = kInitialLambda;
-  double smoothed_penalty = -1;  // set from the first step's penalty
+  const double initial_density = ExpectedDensity(log_a, log_b).item<double>();
+  // The multiplier of the density constraint that the distillation gradient implies, smoothed: how
+  // much distillation loss one more unit of expected density would save (negative where it would
+  // cost some).
+  double lambda = 0;
   const auto start = std::chrono::steady_clock::now();
   for (int64_t step = 0; step < config.steps; ++step) {
     if (cancelled.load()) return absl::CancelledError(absl::StrCat("calibration cancelled after ", step, " steps"));
@@ -176,17 +270,18 @@ absl::StatusOr<HeadPartition> RunCalibration(const Model& model, const Tokenizer
       at::NoGradGuard no_grad;
       LYCHEE_ASSIGN_OR_RETURN(teacher_hidden, model.HiddenStates(ids, teacher, nullptr));
     }
-    std::vector<float> noise(a.numel());
+    std::vector<float> noise(log_a.numel());
     for (float& u : noise) u = static_cast<float>(uniform(rng));
-    at::Tensor u = at::tensor(noise).view(a.sizes()).to(a.device());
+    at::Tensor u = at::tensor(noise).view(log_a.sizes()).to(log_a.device());
     for (auto& group : optimizer.param_groups()) {
       static_cast<torch::optim::AdamWOptions&>(group.options()).lr(LearningRate(config, step));
     }
     optimizer.zero_grad();
     auto state = student.NewSequenceState();
     auto& gated = static_cast<GatedSequenceState&>(*state);
-    at::Tensor gates = at::cat({at::ones({1, shape.num_kv_heads}, gate_options), hard_kuma::Sample(a, b, u)}, 0)
-                           .to(model.options().dtype);
+    at::Tensor gates =
+        at::cat({at::ones({1, shape.num_kv_heads}, gate_options), hard_kuma::Sample(log_a.exp(), log_b.exp(), u)}, 0)
+            .to(model.options().dtype);
     at::Tensor distillation;
     if (recompute_layers) {
       gated.gates = gates.detach().set_requires_grad(true);
@@ -200,30 +295,32 @@ absl::StatusOr<HeadPartition> RunCalibration(const Model& model, const Tokenizer
       // A one-layer model has no gated layer for the loss to depend on.
       if (distillation.requires_grad()) distillation.backward();
     }
-    at::Tensor expected_density = (1.0 - hard_kuma::ProbabilityZero(a, b)).mean();
-    at::Tensor penalty = at::relu(expected_density - config.target_density);
-    const double penalty_value = penalty.item<double>();
-    if (smoothed_penalty < 0) smoothed_penalty = penalty_value;
-    at::Tensor smoothed = kPenaltySmoothing * smoothed_penalty + (1.0 - kPenaltySmoothing) * penalty;
-    smoothed_penalty = smoothed.item<double>();
-    at::Tensor density_term = lambda * smoothed;
-    density_term.backward();
-    const double loss = distillation.item<double>() + density_term.item<double>();
-    optimizer.step();
-    {
-      at::NoGradGuard no_grad;
-      a.clamp_(hard_kuma::kMinParameter, hard_kuma::kMaxParameter);
-      b.clamp_(hard_kuma::kMinParameter, hard_kuma::kMaxParameter);
+    // The least-squares multiplier at this point, -<grad D, grad rho> / |grad rho|^2: at a
+    // constrained optimum grad D + lambda grad rho = 0.
+    const at::Tensor density_before = ExpectedDensity(log_a, log_b);
+    if (log_a.grad().defined() && density_before.requires_grad()) {
+      const std::vector<at::Tensor> density_gradient = torch::autograd::grad({density_before}, {log_a, log_b});
+      const double along = (log_a.grad() * density_gradient[0]).sum().item<double>() +
+                           (log_b.grad() * density_gradient[1]).sum().item<double>();
+      const double norm2 =
+          density_gradient[0].pow(2).sum().item<double>() + density_gradient[1].pow(2).sum().item<double>();
+      const double estimate = norm2 > 0 ? -along / norm2 : 0.0;
+      lambda = step == 0 ? estimate : kLambdaSmoothing * lambda + (1 - kLambdaSmoothing) * estimate;
     }
-    lambda = std::clamp(lambda * std::exp(kLambdaRate * penalty_value), kMinLambda, kMaxLambda);
+    optimizer.step();
+    // How far the distillation step took the density off the constraint, priced by the multiplier:
+    // the Lagrangian's density term, which the projection then takes back.
+    const double scheduled_density = ScheduledDensity(config, initial_density, step);
+    const double density_penalty = lambda * (ExpectedDensity(log_a, log_b).item<double>() - scheduled_density);
+    ProjectDensity(log_a, log_b, scheduled_density);
 
     const double step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     progress.step = step + 1;
-    progress.loss = loss;
     progress.distillation_loss = distillation.item<double>();
-    progress.density_penalty = smoothed_penalty;
-    progress.expected_density = expected_density.item<double>();
+    progress.density_penalty = density_penalty;
+    progress.loss = progress.distillation_loss + density_penalty;
+    progress.expected_density = ExpectedDensity(log_a, log_b).item<double>();
     progress.lambda = lambda;
     progress.tokens_per_second = static_cast<double>(ids.size()) / step_seconds;
     progress.eta_seconds = elapsed / progress.step * static_cast<double>(config.steps - progress.step);
@@ -231,20 +328,21 @@ absl::StatusOr<HeadPartition> RunCalibration(const Model& model, const Tokenizer
   }
 
   HeadPartition partition = HeadPartition::AllRetrieval(shape.num_layers, shape.num_kv_heads, config.selection);
-  at::Tensor means = hard_kuma::Mean(a, b).detach().to(at::kCPU);
-  at::Tensor a_cpu = a.detach().to(at::kCPU), b_cpu = b.detach().to(at::kCPU);
+  const at::Tensor a = log_a.detach().exp().to(at::kCPU, at::kDouble);
+  const at::Tensor b = log_b.detach().exp().to(at::kCPU, at::kDouble);
+  const at::Tensor means = hard_kuma::Mean(a, b);
+  AssignRoles(means, config.target_density, partition);
   for (int64_t layer = 1; layer < shape.num_layers; ++layer) {
     for (int64_t head = 0; head < shape.num_kv_heads; ++head) {
-      const double mean = means[layer - 1][head].item<double>();
-      if (mean <= 0.5) partition.set_role(layer, head, HeadRole::kSparse);
-      partition.gates.push_back(
-          {layer, head, a_cpu[layer - 1][head].item<double>(), b_cpu[layer - 1][head].item<double>(), mean});
+      partition.gates.push_back({layer, head, a[layer - 1][head].item<double>(), b[layer - 1][head].item<double>(),
+                                 means[layer - 1][head].item<double>()});
     }
   }
   partition.training.steps = config.steps;
   partition.training.final_loss = progress.loss;
   partition.training.final_distillation_loss = progress.distillation_loss;
   partition.training.expected_density = progress.expected_density;
+  partition.training.deployed_density = partition.RetrievalDensity();
   partition.training.target_density = config.target_density;
   partition.training.lambda = lambda;
   partition.training.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();

@@ -44,10 +44,16 @@ struct CalibrationConfig {
 struct CalibrationProgress {
   int64_t step = 0;  // steps done
   int64_t total_steps = 0;
-  double loss = 0;
+  double loss = 0;  // distillation_loss + density_penalty: the Lagrangian
   double distillation_loss = 0;
+  // lambda times how far this step's optimizer update took the expected density off its scheduled
+  // target, before the projection took it back.
   double density_penalty = 0;
+  // After the step: on the schedule from the initial density down to the target, reached at half
+  // the steps and held from then on.
   double expected_density = 0;
+  // The density constraint's multiplier that the distillation gradient implies, smoothed over
+  // steps: distillation loss saved per unit of expected density added (negative: lost).
   double lambda = 0;
   double tokens_per_second = 0;
   double eta_seconds = 0;
@@ -55,6 +61,9 @@ struct CalibrationProgress {
 
 // Runs a calibration to the end, calling `on_progress` after every step; returns CANCELLED
 // within one step of `cancelled` becoming true. `haystack` is the text the samples are built from.
+// The learned gates end with their expected density at the target; the partition makes the
+// round-down of target x (gated heads) heads with the highest gate means retrieval heads, so that its
+// deployed density is at most the target (with N gated heads, densities are multiples of 1/N).
 absl::StatusOr<HeadPartition> RunCalibration(const Model& model, const Tokenizer& tokenizer,
                                              const std::string& haystack, const CalibrationConfig& config,
                                              const std::function<void(const CalibrationProgress&)>& on_progress,

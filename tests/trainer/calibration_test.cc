@@ -1,13 +1,17 @@
-// The calibration core on the bundled model: the gated student, a short run, cancellation and
-// bad configurations.
+// The calibration core on the bundled model: the gated student, a short run, the density held at its
+// target and the deployed partition rounded down to whole heads, cancellation and bad configurations.
 #include "tests/torch_catch.h"
 
+#include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <vector>
 
 #include "common/model.h"
 #include "common/retrieval_tasks.h"
 #include "common/tokenizer.h"
 #include "kernels/dense_attention.h"
+#include "lychee/v1/head_partition.pb.h"
 #include "trainer/calibration.h"
 #include "trainer/gated_attention.h"
 
@@ -25,6 +29,24 @@ struct Fixture {
 Fixture& Shared() {
   static Fixture fixture;
   return fixture;
+}
+
+// The roles the trainer gives: the round-down of target x (gated heads) heads with the highest gate
+// means are retrieval heads, every other gated head sparse.
+void CheckRolesFollowMeans(const HeadPartition& partition, double target_density) {
+  const size_t gated_heads = partition.gates.size();
+  std::vector<double> retrieval_means, sparse_means;
+  for (const HeadGateRecord& gate : partition.gates) {
+    (partition.role(gate.layer, gate.kv_head) == HeadRole::kRetrieval ? retrieval_means : sparse_means)
+        .push_back(gate.kuma_mean);
+  }
+  CHECK(retrieval_means.size() == static_cast<size_t>(std::floor(target_density * gated_heads + 1e-9)));
+  if (!retrieval_means.empty() && !sparse_means.empty()) {
+    CHECK(*std::min_element(retrieval_means.begin(), retrieval_means.end()) >=
+          *std::max_element(sparse_means.begin(), sparse_means.end()));
+  }
+  CHECK(partition.training.deployed_density == partition.RetrievalDensity());
+  CHECK(partition.training.deployed_density <= target_density);
 }
 
 CalibrationConfig Tiny() {
@@ -107,10 +129,8 @@ TEST_CASE("a short calibration reports every step and exports a partition that f
   CHECK(partition->selection().token_budget == 512);
   const ModelConfig& c = Shared().model->config();
   CHECK(partition->gates.size() == static_cast<size_t>((c.num_layers - 1) * c.num_kv_heads));
-  for (const HeadGateRecord& gate : partition->gates) {
-    CHECK(partition->role(gate.layer, gate.kv_head) == (gate.kuma_mean > 0.5 ? HeadRole::kRetrieval : HeadRole::kSparse));
-    CHECK(gate.a != 1.0);  // the optimizer moved every gate
-  }
+  for (const HeadGateRecord& gate : partition->gates) CHECK(gate.a != 1.0);  // every gate moved
+  CheckRolesFollowMeans(*partition, Tiny().target_density);
   REQUIRE(seen.size() == 3);
   for (size_t i = 0; i < seen.size(); ++i) {
     CHECK(seen[i].step == static_cast<int64_t>(i) + 1);
@@ -122,6 +142,57 @@ TEST_CASE("a short calibration reports every step and exports a partition that f
   CHECK(seen.back().eta_seconds == 0);
   CHECK(partition->training.steps == 3);
   CHECK(partition->training.target_density == Tiny().target_density);
+  // Even three steps end on the target: the last half of any job holds it.
+  CHECK(partition->training.expected_density == Approx(Tiny().target_density).margin(1e-6));
+  CHECK(HeadPartitionFromProto(HeadPartitionToProto(*partition))->training.deployed_density ==
+        partition->training.deployed_density);
+}
+
+TEST_CASE("a target between reachable densities is rounded down to whole heads") {
+  // Ten gated heads (five layers of two KV heads): the reachable densities are the multiples of 0.1.
+  for (auto [target, deployed] : {std::pair{0.25, 0.2}, std::pair{0.05, 0.0}, std::pair{1.0, 1.0}}) {
+    CAPTURE(target);
+    CalibrationConfig config = Tiny();
+    config.target_density = target;
+    std::atomic<bool> cancelled{false};
+    auto partition = RunCalibration(*Shared().model, *Shared().tokenizer, Shared().corpus, config,
+                                    [](const CalibrationProgress&) {}, cancelled);
+    REQUIRE(partition.ok());
+    CHECK(partition->ValidateFor(Shared().model->config()).ok());
+    CHECK(partition->training.deployed_density == Approx(deployed));
+    CheckRolesFollowMeans(*partition, target);
+  }
+}
+
+TEST_CASE("the expected density comes down to the target and stays there; the deployed one is at most it") {
+  for (double target : {0.1, 0.2, 0.3}) {
+    CAPTURE(target);
+    CalibrationConfig config = Tiny();
+    config.target_density = target;
+    // Few steps, at a learning rate high enough for them to tell the retrieval head apart.
+    config.steps = 30;
+    config.learning_rate = 0.05;
+    // Sink and recent windows shorter than the context, so that a sparse head differs from a dense
+    // one at these lengths and the distillation has something to choose.
+    config.sparse_sink_tokens = 16;
+    config.sparse_recent_tokens = 32;
+    std::vector<CalibrationProgress> seen;
+    std::atomic<bool> cancelled{false};
+    HeadPartition partition = RunCalibration(*Shared().model, *Shared().tokenizer, Shared().corpus, config,
+                                             [&](const CalibrationProgress& p) { seen.push_back(p); }, cancelled)
+                                  .value();
+    REQUIRE(seen.size() == 30);
+    CHECK(seen.front().expected_density > target + 0.5);  // it starts with every head nearly open
+    for (size_t i = seen.size() / 2; i < seen.size(); ++i) {
+      CHECK(std::abs(seen[i].expected_density - target) <= 0.01);
+      CHECK(std::isfinite(seen[i].lambda));
+    }
+    CHECK(std::abs(partition.training.expected_density - target) <= 0.01);
+    CHECK(partition.training.deployed_density == Approx(target));  // a multiple of 0.1: reachable
+    CheckRolesFollowMeans(partition, target);
+    // The head the bundled model retrieves with (README: layer 3, KV head 0) is kept at every target.
+    CHECK(partition.role(3, 0) == HeadRole::kRetrieval);
+  }
 }
 
 TEST_CASE("cancellation takes effect within one step") {

@@ -98,10 +98,12 @@ std::string ProgressLine(const v1::Job& job) {
   if (p.step() == 0) return absl::StrCat(job.name(), " RUNNING: loading the model, step 0/", p.total_steps());
   constexpr int kWidth = 24;
   const int filled = p.total_steps() > 0 ? static_cast<int>(kWidth * p.step() / p.total_steps()) : 0;
-  char numbers[192];
-  std::snprintf(numbers, sizeof numbers, "step %lld/%lld  loss %.4g  density %.3f  lambda %.3g  %.0f tok/s  ETA %s",
+  char numbers[224];
+  std::snprintf(numbers, sizeof numbers,
+                "step %lld/%lld  loss %.4g  density %.3f (target %.3f)  lambda %.3g  %.0f tok/s  ETA %s",
                 static_cast<long long>(p.step()), static_cast<long long>(p.total_steps()), p.loss(),
-                p.expected_density(), p.lambda(), p.tokens_per_second(), Duration(p.eta_seconds()).c_str());
+                p.expected_density(), job.request().config().target_density(), p.lambda(), p.tokens_per_second(),
+                Duration(p.eta_seconds()).c_str());
   return absl::StrCat(job.name(), " [", std::string(filled, '#'), std::string(kWidth - filled, '.'), "] ", numbers);
 }
 
@@ -137,6 +139,35 @@ std::string Density(const v1::HeadPartition& proto) {
   char text[16];
   std::snprintf(text, sizeof text, "%.3f", partition->RetrievalDensity());
   return text;
+}
+
+// What a trained partition's density came to against its target. The deployed density is read from
+// the roles, which also covers partitions trained before TrainingMetrics recorded it; with N KV heads
+// outside layer 0 it can only be a multiple of 1/N, so the trainer rounds the target down to one.
+std::string TrainedDensities(const HeadPartition& partition) {
+  const TrainingRecord& t = partition.training;
+  const int64_t gated_heads = (partition.num_layers() - 1) * partition.num_kv_heads();
+  char text[224];
+  if (gated_heads == 0) {
+    std::snprintf(text, sizeof text, "density: expected %.3f, deployed %.3f, target %.3f (no KV head outside layer 0)",
+                  t.expected_density, partition.RetrievalDensity(), t.target_density);
+  } else {
+    std::snprintf(text, sizeof text,
+                  "density: expected %.3f, deployed %.3f, target %.3f (%lld KV heads outside layer 0: "
+                  "reachable densities are multiples of %.4g)",
+                  t.expected_density, partition.RetrievalDensity(), t.target_density,
+                  static_cast<long long>(gated_heads), 1.0 / static_cast<double>(gated_heads));
+  }
+  return text;
+}
+
+absl::StatusOr<HeadPartition> PublishedPartition(TrainerClient& client, const v1::JobResult& result) {
+  v1::GetHeadPartitionRequest request;
+  request.mutable_model()->set_fingerprint(result.model_fingerprint());
+  request.set_version(result.partition_version());
+  v1::HeadPartition proto;
+  LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().GetHeadPartition(client.UnaryContext().get(), request, &proto)));
+  return HeadPartitionFromProto(proto);
 }
 
 }  // namespace
@@ -203,6 +234,15 @@ absl::Status RunWatch(const std::vector<std::string>& argv) {
   if (last->state() != v1::JOB_STATE_SUCCEEDED) {
     return absl::AbortedError(absl::StrCat("job ", name, " ended ", StateName(last->state())));
   }
+  // The job's result is the partition it published, and its densities are what the user asked for.
+  const absl::StatusOr<HeadPartition> partition = PublishedPartition(client, last->result());
+  // The job did succeed: a partition that cannot be read back is reported, not turned into a failure.
+  if (!partition.ok()) {
+    std::cerr << "could not read partition version " << last->result().partition_version() << ": "
+              << partition.status() << "\n";
+    return absl::OkStatus();
+  }
+  std::cout << TrainedDensities(*partition) << "\n";
   return absl::OkStatus();
 }
 
@@ -314,10 +354,9 @@ absl::Status RunPartition(const std::vector<std::string>& argv) {
   std::cout << RenderPartitionMap(partition);
   std::cout << "model " << partition.model_fingerprint << ", created " << UtcTime(partition.created_unix_seconds) << "\n";
   if (partition.training.steps > 0) {
-    std::printf("trained %lld steps in %s: loss %.4g, expected density %.3f (target %.3f), lambda %.3g\n",
+    std::printf("trained %lld steps in %s: loss %.4g, lambda %.3g\n%s\n",
                 static_cast<long long>(partition.training.steps), Duration(partition.training.seconds).c_str(),
-                partition.training.final_loss, partition.training.expected_density, partition.training.target_density,
-                partition.training.lambda);
+                partition.training.final_loss, partition.training.lambda, TrainedDensities(partition).c_str());
   }
   return absl::OkStatus();
 }
