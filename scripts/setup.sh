@@ -5,9 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mapfile -t packages < <(cat scripts/debian-packages.txt scripts/debian-packages-cpu.txt | grep -v '^\s*\(#\|$\)')
+# What installed packages provide counts as installed: e.g. NodeSource's nodejs provides npm, and
+# conflicts with Debian's npm package.
+declare -A provided
+while read -r name; do provided[$name]=1; done < <(dpkg-query -W -f='${db:Status-Abbrev}|${Provides}\n' 2>/dev/null |
+  awk -F'|' '$1 ~ /^ii/ { n = split($2, entries, /, */); for (i = 1; i <= n; i++) { split(entries[i], words, " "); if (words[1] != "") print words[1] } }')
 missing=()
 for package in "${packages[@]}"; do
-  dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
+  [ -n "${provided[$package]:-}" ] ||
+    dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed" || missing+=("$package")
 done
 if [ ${#missing[@]} -eq 0 ]; then
   echo "setup: all ${#packages[@]} packages are installed"
