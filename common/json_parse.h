@@ -1,6 +1,6 @@
-// Parsing JSON that comes from files (config.json, tokenizer.json, safetensors headers and
-// indexes) into nlohmann::json, with errors as values and a bound on nesting. Only for the .cc
-// files of lychee_common, which link nlohmann_json.
+// Parsing untrusted JSON (config.json, tokenizer.json, safetensors headers and indexes, the HTTP
+// API's request bodies) into nlohmann::json, with errors as values and a bound on nesting. Only
+// for .cc files of libraries that link nlohmann_json (lychee_common, lychee_inference_service).
 #pragma once
 
 #include <string>
@@ -21,12 +21,13 @@ inline constexpr int kMaxJsonDepth = 64;
 
 // The JSON value of `text`; INVALID_ARGUMENT saying what is wrong with it (no source named: the
 // caller adds that). `callback`, when given, sees every parse event as in nlohmann::json::parse.
-inline absl::StatusOr<nlohmann::json> ParseJson(std::string_view text,
-                                                nlohmann::json::parser_callback_t callback = nullptr) {
-  using nlohmann::json;
+// `Json` may be nlohmann::ordered_json, for text whose objects' key order matters.
+template <typename Json = nlohmann::json>
+absl::StatusOr<Json> ParseJson(std::string_view text, typename Json::parser_callback_t callback = nullptr) {
+  using json = Json;
   bool too_deep = false;
   // Values deeper than the bound are dropped while parsing, so none is ever built.
-  const json::parser_callback_t bounded = [&](int depth, json::parse_event_t event, json& parsed) {
+  const typename json::parser_callback_t bounded = [&](int depth, typename json::parse_event_t event, json& parsed) {
     if ((event == json::parse_event_t::object_start || event == json::parse_event_t::array_start) &&
         depth >= kMaxJsonDepth) {
       too_deep = true;
@@ -37,7 +38,7 @@ inline absl::StatusOr<nlohmann::json> ParseJson(std::string_view text,
   json parsed;
   try {
     parsed = json::parse(text.begin(), text.end(), bounded);
-  } catch (const json::exception& e) {
+  } catch (const typename json::exception& e) {
     // Not only parse_error: a number too large for a double (1e400) is an out_of_range.
     return absl::InvalidArgumentError(e.what());
   }

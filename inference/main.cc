@@ -23,6 +23,10 @@ constexpr char kUsage[] = R"(usage: lychee-inference --state-dir DIR [flags]
   --trainer-tls-cert FILE --trainer-tls-key FILE
                               a client certificate for a trainer that requires mutual TLS
   --metrics-listen IP:PORT    serve Prometheus metrics at /metrics (default: off)
+  --http-listen [HOST:]PORT   serve the OpenAI-compatible HTTP API (/v1/completions,
+                              /v1/chat/completions, /v1/models, /health, /metrics); a bare port
+                              listens on 127.0.0.1 (default: off). HTTPS with --tls-cert/--tls-key;
+                              the client token as 'Authorization: Bearer TOKEN'
   --device cpu|cuda           (default cpu)
   --threads N                 LibTorch intra-op threads (default 0: LibTorch's own default)
   --kv-cache-mib N            the KV cache: a pool of pages of 64 positions that sequences take as
@@ -54,11 +58,11 @@ absl::Status Serve(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(
       lychee::cli::Args args,
       lychee::cli::Args::Parse(argv,
-                               {"model", "state-dir", "listen", "trainer", "metrics-listen", "device", "threads",
-                                "kv-cache-mib", "kv-cache-fraction", "cuda-graphs", "max-batch", "max-queued",
-                                "max-new-tokens", "max-context", "prefill-chunk", "default-attention", "tls-cert",
-                                "tls-key", "tls-client-ca", "admin-token-file", "client-token-file", "trainer-tls-ca",
-                                "trainer-tls-cert", "trainer-tls-key"},
+                               {"model", "state-dir", "listen", "trainer", "metrics-listen", "http-listen", "device",
+                                "threads", "kv-cache-mib", "kv-cache-fraction", "cuda-graphs", "max-batch",
+                                "max-queued", "max-new-tokens", "max-context", "prefill-chunk", "default-attention",
+                                "tls-cert", "tls-key", "tls-client-ca", "admin-token-file", "client-token-file",
+                                "trainer-tls-ca", "trainer-tls-cert", "trainer-tls-key"},
                                {"insecure-admin"}));
   lychee::InferenceServerOptions options;
   options.state_dir = args.GetOr("state-dir", "");
@@ -66,6 +70,7 @@ absl::Status Serve(const std::vector<std::string>& argv) {
   options.listen_address = args.GetOr("listen", options.listen_address);
   options.trainer_address = args.GetOr("trainer", "");
   options.metrics_address = args.GetOr("metrics-listen", "");
+  options.http_address = args.GetOr("http-listen", "");
   options.trainer_tls.ca_file = args.GetOr("trainer-tls-ca", "");
   options.trainer_tls.cert_file = args.GetOr("trainer-tls-cert", "");
   options.trainer_tls.key_file = args.GetOr("trainer-tls-key", "");
@@ -131,10 +136,18 @@ absl::Status Serve(const std::vector<std::string>& argv) {
             << ", client RPCs " << (options.access.client_token_file.empty() ? "open" : "need the client token")
             << ", model " << engine.model_dir << " on " << engine.device;
   if (server->metrics_port() != 0) std::cerr << ", metrics on port " << server->metrics_port();
+  if (server->http_port() != 0) {
+    std::cerr << ", OpenAI-compatible HTTP API on port " << server->http_port() << " ("
+              << (options.tls.enabled() ? "HTTPS" : "HTTP") << ")";
+  }
   if (!options.trainer_address.empty()) {
     std::cerr << ", following trainer " << options.trainer_address << (options.trainer_tls.enabled() ? " over TLS" : "");
   }
   std::cerr << std::endl;
+  if (server->http_port() != 0 && !server->chat_template_status().ok()) {
+    std::cerr << "lychee-inference: /v1/chat/completions answers 400 for this model: "
+              << server->chat_template_status().message() << std::endl;
+  }
   const int signal_number = lychee::WaitForShutdownSignal(signals);
   std::cerr << "lychee-inference: signal " << signal_number << ", shutting down\n";
   server->Shutdown();

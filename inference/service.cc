@@ -3,14 +3,17 @@
 #include <grpcpp/security/server_credentials.h>
 
 #include <chrono>
+#include <ctime>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "common/chat_template.h"
 #include "common/grpc_server.h"
 #include "common/grpc_status.h"
 #include "common/model_config.h"
 #include "common/model_fingerprint.h"
 #include "common/status_macros.h"
+#include "inference/generate_request.h"
 #include "lychee/v1/inference.grpc.pb.h"
 
 namespace lychee {
@@ -20,9 +23,15 @@ namespace {
 // is still there.
 constexpr std::chrono::milliseconds kStreamPoll(100);
 constexpr std::chrono::seconds kShutdownGrace(1);
-// Prompts of a few hundred thousand tokens fit; anything larger is refused before parsing.
+// Prompts of a few hundred thousand tokens fit; anything larger is refused before parsing (gRPC
+// messages and HTTP bodies alike).
 constexpr int kMaxRequestBytes = 16 << 20;
-constexpr int64_t kDefaultMaxNewTokens = 64;
+
+// What clients call the model: its directory's name (also with a trailing slash).
+std::string ServedModelName(const std::string& model_dir) {
+  const std::filesystem::path path(model_dir);
+  return (path.has_filename() ? path : path.parent_path()).filename().string();
+}
 
 v1::FinishReason ToProto(FinishReason reason) {
   switch (reason) {
@@ -69,36 +78,6 @@ v1::GenerateDone ToProto(const GenerationSummary& summary) {
   return done;
 }
 
-absl::StatusOr<PolicySpec> ToPolicySpec(const v1::PolicyOptions& options) {
-  absl::StatusOr<PolicyKind> kind = ParsePolicyKind(options.name());
-  if (!kind.ok()) return absl::InvalidArgumentError(absl::StrCat("attention.policy.name: ", kind.status().message()));
-  PolicySpec spec = PolicySpec::Defaults(*kind);
-  if (options.has_block_size()) spec.block_size = options.block_size();
-  if (options.has_sink_tokens()) spec.sink_tokens = options.sink_tokens();
-  if (options.has_recent_tokens()) spec.recent_tokens = options.recent_tokens();
-  if (options.has_p1()) spec.p1 = options.p1();
-  if (options.has_p2()) spec.p2 = options.p2();
-  if (options.has_clusters()) spec.clusters = options.clusters();
-  if (options.has_kmeans_iterations()) spec.kmeans_iterations = options.kmeans_iterations();
-  if (options.has_tail_tokens()) spec.tail_tokens = options.tail_tokens();
-  if (options.prhs_selectors_size() > 0) {
-    std::string list;
-    for (const std::string& selector : options.prhs_selectors()) absl::StrAppend(&list, list.empty() ? "" : ",", selector);
-    absl::StatusOr<PrhsSelectors> selectors = ParsePrhsSelectors(list);
-    if (!selectors.ok()) {
-      return absl::InvalidArgumentError(absl::StrCat("attention.policy.prhs_selectors: ", selectors.status().message()));
-    }
-    spec.prhs_selectors = *selectors;
-  }
-  if (options.has_prhs_enlargement()) spec.prhs_enlargement = options.prhs_enlargement();
-  if (options.has_prhs_window()) spec.prhs_window = options.prhs_window();
-  spec.tidal_selection_layers.assign(options.tidal_selection_layers().begin(), options.tidal_selection_layers().end());
-  if (options.has_page_size()) spec.page_size = options.page_size();
-  if (options.has_quest_dense_layers()) spec.quest_dense_layers = options.quest_dense_layers();
-  spec.audit = options.audit();
-  return spec;
-}
-
 }  // namespace
 
 class InferenceServer::Service final : public v1::InferenceService::Service {
@@ -116,7 +95,8 @@ class InferenceServer::Service final : public v1::InferenceService::Service {
   grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
                         grpc::ServerWriter<v1::GenerateResponse>* writer) override {
     if (grpc::Status denied = access_.AuthorizeClient(*context); !denied.ok()) return denied;
-    absl::StatusOr<GenerationRequest> generation = ToGenerationRequest(*request, context->deadline());
+    absl::StatusOr<GenerationRequest> generation =
+        ToGenerationRequest(*request, engine_.tokenizer(), context->deadline());
     if (!generation.ok()) return ToGrpcStatus(generation.status());
     absl::StatusOr<std::shared_ptr<GenerationStream>> stream = engine_.Submit(*std::move(generation));
     if (!stream.ok()) return ToGrpcStatus(stream.status());
@@ -210,60 +190,6 @@ class InferenceServer::Service final : public v1::InferenceService::Service {
     return grpc::Status::OK;
   }
 
-  absl::StatusOr<GenerationRequest> ToGenerationRequest(const v1::GenerateRequest& request,
-                                                        std::chrono::system_clock::time_point deadline) const {
-    GenerationRequest generation;
-    switch (request.prompt_case()) {
-      case v1::GenerateRequest::kText: {
-        if (request.text().empty()) return absl::InvalidArgumentError("prompt.text: empty");
-        LYCHEE_ASSIGN_OR_RETURN(generation.prompt_ids, engine_.tokenizer().Encode(request.text()));
-        break;
-      }
-      case v1::GenerateRequest::kTokenIds:
-        generation.prompt_ids.assign(request.token_ids().ids().begin(), request.token_ids().ids().end());
-        if (generation.prompt_ids.empty()) return absl::InvalidArgumentError("prompt.token_ids: empty");
-        break;
-      case v1::GenerateRequest::PROMPT_NOT_SET:
-        return absl::InvalidArgumentError("prompt: required, give text or token_ids");
-    }
-    generation.max_new_tokens = request.has_max_new_tokens() ? request.max_new_tokens() : kDefaultMaxNewTokens;
-    generation.temperature = request.temperature();
-    generation.top_p = request.has_top_p() ? request.top_p() : 1.0;
-    generation.seed = request.seed();
-    generation.stop_sequences.assign(request.stop().begin(), request.stop().end());
-    const v1::AttentionOptions& attention = request.attention();
-    switch (attention.mode()) {
-      case v1::ATTENTION_MODE_DENSE:
-        generation.attention = AttentionChoice::kDense;
-        break;
-      case v1::ATTENTION_MODE_HYBRID:
-        generation.attention = AttentionChoice::kHybrid;
-        break;
-      case v1::ATTENTION_MODE_UNSPECIFIED:
-        generation.attention = AttentionChoice::kServerDefault;
-        break;
-      default:
-        return absl::InvalidArgumentError(absl::StrCat("attention.mode: unknown value ", attention.mode()));
-    }
-    if (attention.has_token_budget()) generation.token_budget = attention.token_budget();
-    if (attention.has_partition_version()) generation.partition_version = attention.partition_version();
-    if (!attention.policy().name().empty()) {
-      if (attention.mode() != v1::ATTENTION_MODE_UNSPECIFIED) {
-        return absl::InvalidArgumentError("attention: give a mode or a policy, not both");
-      }
-      LYCHEE_ASSIGN_OR_RETURN(PolicySpec policy, ToPolicySpec(attention.policy()));
-      if (generation.token_budget) policy.token_budget = *generation.token_budget;
-      generation.token_budget.reset();
-      generation.policy = std::move(policy);
-    }
-    if (deadline != std::chrono::system_clock::time_point::max()) {
-      generation.deadline = std::chrono::steady_clock::now() +
-                            std::chrono::duration_cast<std::chrono::steady_clock::duration>(
-                                deadline - std::chrono::system_clock::now());
-    }
-    return generation;
-  }
-
   v1::ServerInfo Info() const {
     v1::ServerInfo info;
     info.set_model(model_name_);
@@ -355,7 +281,7 @@ absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(Inferenc
     metrics.AddGauge("lychee_trainer_connected", "1 while the partition watch of the trainer is up",
                      [watcher] { return watcher->connected() ? 1.0 : 0.0; });
   }
-  server->service_ = std::make_unique<Service>(std::filesystem::path(model_dir).filename().string(), fingerprint,
+  server->service_ = std::make_unique<Service>(ServedModelName(model_dir), fingerprint,
                                                options.trainer_address, *server->access_, *server->engine_,
                                                partitions, server->watcher_.get());
 
@@ -363,6 +289,22 @@ absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(Inferenc
                                                            kMaxRequestBytes, &server->port_));
   if (!options.metrics_address.empty()) {
     LYCHEE_ASSIGN_OR_RETURN(server->metrics_server_, MetricsHttpServer::Start(options.metrics_address, metrics));
+  }
+  if (!options.http_address.empty()) {
+    openai::ServedModel served;
+    served.name = ServedModelName(model_dir);
+    served.tokenizer = &server->engine_->tokenizer();
+    served.max_context_tokens = server->engine_->max_context_tokens();
+    served.max_new_tokens_limit = server->engine_->max_new_tokens_limit();
+    served.chat_template = ChatTemplate::FromTokenizerConfig(model_dir);
+    server->chat_template_status_ = served.chat_template.status();
+    served.created = static_cast<int64_t>(std::time(nullptr));
+    HttpServerOptions http;
+    http.listen_address = options.http_address;
+    http.max_body_bytes = kMaxRequestBytes;
+    http.tls = options.tls;
+    LYCHEE_ASSIGN_OR_RETURN(server->http_server_, HttpServer::Start(http, std::move(served), *server->engine_,
+                                                                     *server->access_, metrics));
   }
   return server;
 }
@@ -375,6 +317,8 @@ void InferenceServer::Shutdown() {
   if (server_ != nullptr) server_->Shutdown(std::chrono::system_clock::now() + kShutdownGrace);
   watcher_.reset();
   metrics_server_.reset();
+  // After the engine: the streams it still serves end with the engine's UNAVAILABLE error event.
+  http_server_.reset();
 }
 
 }  // namespace lychee

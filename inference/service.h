@@ -1,9 +1,10 @@
 // lychee-inference's gRPC server: lychee.v1.InferenceService over an InferenceEngine, the
 // PartitionManager and, when a trainer is named, a TrainerWatcher that rolls its partitions out;
-// grpc.health.v1 health, server reflection, and Prometheus metrics on their own port. A thin
-// layer: requests are translated and checked, the engine and the manager serve them, and their
-// absl::Status errors map one to one onto gRPC codes. TLS and the tokens are common/security.h's.
-// Free of LibTorch.
+// grpc.health.v1 health, server reflection, Prometheus metrics on their own port and, when asked
+// for, the OpenAI-compatible HTTP API (inference/http_server.h). A thin layer: requests are
+// translated and checked, the engine and the manager serve them, and their absl::Status errors
+// map one to one onto gRPC codes (onto HTTP statuses for the HTTP API). TLS and the tokens are
+// common/security.h's. Free of LibTorch.
 #pragma once
 
 #include <memory>
@@ -14,6 +15,7 @@
 #include "absl/status/statusor.h"
 #include "common/security.h"
 #include "inference/engine.h"
+#include "inference/http_server.h"
 #include "inference/metrics.h"
 #include "inference/partition_manager.h"
 #include "inference/trainer_watcher.h"
@@ -36,6 +38,9 @@ struct InferenceServerOptions {
   AccessOptions access;
   // IPV4:PORT for /metrics; empty: none.
   std::string metrics_address;
+  // [HOST:]PORT for the OpenAI-compatible HTTP API (a bare port: the loopback); empty: none. It
+  // takes the client token as the gRPC service does, and serves HTTPS when `tls` has a certificate.
+  std::string http_address;
   EngineOptions engine;
 };
 
@@ -46,6 +51,10 @@ class InferenceServer {
 
   int port() const { return port_; }
   int metrics_port() const { return metrics_server_ == nullptr ? 0 : metrics_server_->port(); }
+  int http_port() const { return http_server_ == nullptr ? 0 : http_server_->port(); }
+  // Why /v1/chat/completions answers 400 (the model's chat template is missing or outside the
+  // supported subset); OK when it has a usable one, or when there is no HTTP API.
+  const absl::Status& chat_template_status() const { return chat_template_status_; }
   // Stops taking calls, ends the generations in flight and the watch. Idempotent.
   void Shutdown();
 
@@ -61,6 +70,8 @@ class InferenceServer {
   std::unique_ptr<Service> service_;
   std::unique_ptr<grpc::Server> server_;
   std::unique_ptr<MetricsHttpServer> metrics_server_;
+  std::unique_ptr<HttpServer> http_server_;
+  absl::Status chat_template_status_;
   int port_ = 0;
 };
 

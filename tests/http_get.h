@@ -1,32 +1,98 @@
-// One HTTP/1.0 GET on 127.0.0.1, for tests of the metrics endpoint.
+// HTTP/1.0 requests on 127.0.0.1, for tests of the metrics endpoint and the HTTP API: one request
+// per connection, which the server closes after its response, so that the body is whatever
+// follows the headers (no chunked encoding to undo).
 #pragma once
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <string>
+#include <vector>
 
 namespace lychee::testing {
 
-// The whole response, headers included; empty when nothing listens on `port`.
-inline std::string HttpGet(int port, const std::string& path) {
+// A socket connected to 127.0.0.1:`port`, or -1. Reads give up after a minute, so that a server
+// that never answers fails a test rather than hanging it.
+inline int ConnectLoopback(int port) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return "";
+  if (fd < 0) return -1;
+  const timeval read_timeout{60, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &read_timeout, sizeof read_timeout);
   sockaddr_in address{};
   address.sin_family = AF_INET;
   address.sin_port = htons(static_cast<uint16_t>(port));
   inet_pton(AF_INET, "127.0.0.1", &address.sin_addr);
-  std::string response;
-  const std::string request = "GET " + path + " HTTP/1.0\r\n\r\n";
-  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0 &&
-      write(fd, request.data(), request.size()) == static_cast<ssize_t>(request.size())) {
-    char buffer[4096];
-    for (ssize_t n; (n = read(fd, buffer, sizeof buffer)) > 0;) response.append(buffer, static_cast<size_t>(n));
+  if (connect(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) != 0) {
+    close(fd);
+    return -1;
   }
+  return fd;
+}
+
+// Writes all of `data`; false when the peer closed (no SIGPIPE).
+inline bool SendAll(int fd, const std::string& data) {
+  for (size_t sent = 0; sent < data.size();) {
+    const ssize_t n = send(fd, data.data() + sent, data.size() - sent, MSG_NOSIGNAL);
+    if (n <= 0) return false;
+    sent += static_cast<size_t>(n);
+  }
+  return true;
+}
+
+inline std::string ReadToEnd(int fd) {
+  std::string received;
+  char buffer[4096];
+  for (ssize_t n; (n = read(fd, buffer, sizeof buffer)) > 0;) received.append(buffer, static_cast<size_t>(n));
+  return received;
+}
+
+// The request's text: `headers` are whole lines ("Authorization: Bearer ..."); a body gets its
+// Content-Length.
+inline std::string HttpRequestText(const std::string& method, const std::string& path, const std::string& body = "",
+                                   const std::vector<std::string>& headers = {}) {
+  std::string request = method + " " + path + " HTTP/1.0\r\n";
+  for (const std::string& header : headers) request += header + "\r\n";
+  if (!body.empty()) {
+    request += "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) + "\r\n";
+  }
+  return request + "\r\n" + body;
+}
+
+// The whole response, headers included; empty when nothing listens on `port`.
+inline std::string HttpGet(int port, const std::string& path) {
+  const int fd = ConnectLoopback(port);
+  if (fd < 0) return "";
+  const std::string response = SendAll(fd, HttpRequestText("GET", path)) ? ReadToEnd(fd) : "";
   close(fd);
   return response;
+}
+
+struct HttpResponse {
+  int status = 0;  // 0: no response
+  std::string headers;
+  std::string body;
+};
+
+inline HttpResponse ParseHttpResponse(const std::string& text) {
+  HttpResponse response;
+  const size_t end_of_headers = text.find("\r\n\r\n");
+  if (text.rfind("HTTP/", 0) != 0 || end_of_headers == std::string::npos) return response;
+  response.status = std::stoi(text.substr(text.find(' ') + 1, 3));
+  response.headers = text.substr(0, end_of_headers);
+  response.body = text.substr(end_of_headers + 4);
+  return response;
+}
+
+inline HttpResponse HttpRequest(int port, const std::string& method, const std::string& path,
+                                const std::string& body = "", const std::vector<std::string>& headers = {}) {
+  const int fd = ConnectLoopback(port);
+  if (fd < 0) return {};
+  const std::string response = SendAll(fd, HttpRequestText(method, path, body, headers)) ? ReadToEnd(fd) : "";
+  close(fd);
+  return ParseHttpResponse(response);
 }
 
 }  // namespace lychee::testing
