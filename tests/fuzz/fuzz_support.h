@@ -62,7 +62,8 @@ inline std::string PartitionDifference(const HeadPartition& a, const HeadPartiti
   const TrainingRecord& tb = b.training;
   if (ta.steps != tb.steps || !SameDouble(ta.final_loss, tb.final_loss) ||
       !SameDouble(ta.final_distillation_loss, tb.final_distillation_loss) ||
-      !SameDouble(ta.expected_density, tb.expected_density) || !SameDouble(ta.target_density, tb.target_density) ||
+      !SameDouble(ta.expected_density, tb.expected_density) || !SameDouble(ta.deployed_density, tb.deployed_density) ||
+      !SameDouble(ta.target_density, tb.target_density) ||
       !SameDouble(ta.lambda, tb.lambda) || !SameDouble(ta.seconds, tb.seconds) || ta.job_name != tb.job_name) {
     return "training record";
   }
