@@ -164,7 +164,8 @@ TEST_CASE("a target between reachable densities is rounded down to whole heads")
   }
 }
 
-TEST_CASE("the expected density comes down to the target and stays there; the deployed one is at most it") {
+TEST_CASE("the expected density comes down to the target and stays there; the deployed one is at most it",
+          "[convergence]") {
   for (double target : {0.1, 0.2, 0.3}) {
     CAPTURE(target);
     CalibrationConfig config = Tiny();
