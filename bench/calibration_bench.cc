@@ -21,6 +21,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "bench/median.h"
 #include "common/cuda_support.h"
 #include "common/model.h"
 #include "common/retrieval_tasks.h"
@@ -47,12 +48,6 @@ absl::StatusOr<CalibrationConfig::Checkpointing> ParseCheckpointing(const std::s
   if (name == "off") return CalibrationConfig::Checkpointing::kOff;
   if (name == "auto") return CalibrationConfig::Checkpointing::kAuto;
   return absl::InvalidArgumentError(absl::StrCat("--checkpointing takes on, off or auto, got '", name, "'"));
-}
-
-double Median(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  const size_t n = values.size();
-  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
 }
 
 // One short calibration: its line of the table, or the reason it could not run.
@@ -82,7 +77,7 @@ std::string MeasureRow(const Model& model, const Tokenizer& tokenizer, const std
     return absl::StrCat(label, "failed: ", what.substr(0, what.find('\n')));
   }
   if (!partition.ok()) return absl::StrCat(label, "failed: ", partition.status().ToString());
-  const double seconds = Median(std::vector<double>(step_seconds.begin() + 1, step_seconds.end()));
+  const double seconds = bench::Median(std::vector<double>(step_seconds.begin() + 1, step_seconds.end()));
   const absl::StatusOr<int64_t> peak = PeakCudaMemoryBytes();
   return absl::StrCat(label, absl::StrFormat("%.2f\t%.0f\t", seconds, context / seconds),
                       peak.ok() ? absl::StrFormat("%.1f", *peak / kGiB) : "-");

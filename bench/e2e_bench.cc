@@ -46,6 +46,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
 #include "bench/cuda_timing.h"
+#include "bench/median.h"
 #include "common/head_partition.h"
 #include "common/model.h"
 #include "common/status_macros.h"
@@ -69,12 +70,6 @@ absl::Status CudaStatus(cudaError_t error, const char* what) {
   return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(error)));
 }
 
-
-double Median(std::vector<double> values) {
-  std::sort(values.begin(), values.end());
-  const size_t n = values.size();
-  return n % 2 ? values[n / 2] : 0.5 * (values[n / 2 - 1] + values[n / 2]);
-}
 
 enum class Attention { kNone, kDense, kHybrid };
 
@@ -213,8 +208,8 @@ struct Bench {
       }
     }
     Measurement m;
-    m.median_ms = Median(wall);
-    m.host_ms = Median(host);
+    m.median_ms = lychee::bench::Median(wall);
+    m.host_ms = lychee::bench::Median(host);
     m.stats = context.stats();
     return m;
   }

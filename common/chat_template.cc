@@ -45,6 +45,7 @@
 #include "absl/strings/str_split.h"
 #include "common/json_parse.h"
 #include "common/status_macros.h"
+#include "common/utf8.h"
 #include "nlohmann/json.hpp"
 
 namespace lychee {
@@ -58,11 +59,8 @@ absl::string_view ToAbsl(std::string_view text) { return {text.data(), text.size
 // ---------------------------------------------------------------------------------------------
 // Errors. Every error but raise_exception's names the template line it comes from.
 
-absl::Status SyntaxError(int line, absl::string_view message) {
-  return absl::InvalidArgumentError(absl::StrCat("chat template line ", line, ": ", message));
-}
-
-absl::Status RenderError(int line, absl::string_view message) {
+// A template that does not parse, or that fails on the values it renders.
+absl::Status TemplateError(int line, absl::string_view message) {
   return absl::InvalidArgumentError(absl::StrCat("chat template line ", line, ": ", message));
 }
 
@@ -75,32 +73,10 @@ absl::Status Unsupported(int line, absl::string_view what) {
 
 // The code point starting at text[*pos] of valid UTF-8; moves *pos past it.
 char32_t NextCodePoint(std::string_view text, size_t* pos) {
-  const auto lead = static_cast<unsigned char>(text[*pos]);
-  const int length = lead < 0x80 ? 1 : lead < 0xE0 ? 2 : lead < 0xF0 ? 3 : 4;
-  char32_t code_point = length == 1 ? lead : lead & (0x3F >> (length - 1));
-  for (int i = 1; i < length; ++i) {
-    code_point = (code_point << 6) | (static_cast<unsigned char>(text[*pos + i]) & 0x3F);
-  }
+  size_t length = 0;
+  const char32_t code_point = DecodeUtf8At(text, *pos, &length);
   *pos += length;
   return code_point;
-}
-
-void AppendUtf8(char32_t code_point, std::string* out) {
-  if (code_point < 0x80) {
-    out->push_back(static_cast<char>(code_point));
-  } else if (code_point < 0x800) {
-    out->push_back(static_cast<char>(0xC0 | (code_point >> 6)));
-    out->push_back(static_cast<char>(0x80 | (code_point & 0x3F)));
-  } else if (code_point < 0x10000) {
-    out->push_back(static_cast<char>(0xE0 | (code_point >> 12)));
-    out->push_back(static_cast<char>(0x80 | ((code_point >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (code_point & 0x3F)));
-  } else {
-    out->push_back(static_cast<char>(0xF0 | (code_point >> 18)));
-    out->push_back(static_cast<char>(0x80 | ((code_point >> 12) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | ((code_point >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (code_point & 0x3F)));
-  }
 }
 
 std::u32string DecodeUtf8(std::string_view text) {
@@ -347,7 +323,7 @@ std::string TypeName(const Value& value) {
 // The UndefinedError Jinja raises where an undefined value is used for more than printing,
 // testing or iterating.
 absl::Status UndefinedError(int line, const Value& undefined) {
-  return RenderError(
+  return TemplateError(
       line, undefined.undefined_description().empty() ? "undefined value used" : undefined.undefined_description());
 }
 
@@ -397,7 +373,7 @@ absl::StatusOr<std::vector<Value>> Iterate(const Value& value, int line) {
       }
       return characters;
     }
-    default: return RenderError(line, absl::StrCat("'", TypeName(value), "' object is not iterable"));
+    default: return TemplateError(line, absl::StrCat("'", TypeName(value), "' object is not iterable"));
   }
 }
 
@@ -417,7 +393,7 @@ absl::StatusOr<int64_t> Length(const Value& value, int line) {
     case Value::Kind::kDict: return static_cast<int64_t>(value.as_dict().entries.size());
     default: break;
   }
-  return RenderError(line, absl::StrCat("object of type '", TypeName(value), "' has no len()"));
+  return TemplateError(line, absl::StrCat("object of type '", TypeName(value), "' has no len()"));
 }
 
 // Python's ==: numbers by value (True == 1), dicts regardless of key order, lists and tuples
@@ -495,7 +471,7 @@ absl::StatusOr<bool> Less(const Value& a, const Value& b, int line, absl::string
   }
   if (a.is(Value::Kind::kUndefined)) return UndefinedError(line, a);
   if (b.is(Value::Kind::kUndefined)) return UndefinedError(line, b);
-  return RenderError(
+  return TemplateError(
       line, absl::StrCat("'", op, "' not supported between instances of '", TypeName(a), "' and '", TypeName(b), "'"));
 }
 
@@ -505,7 +481,7 @@ absl::StatusOr<bool> Contains(const Value& container, const Value& needle, int l
     case Value::Kind::kUndefined: return false;
     case Value::Kind::kString:
       if (!needle.is(Value::Kind::kString)) {
-        return RenderError(line, absl::StrCat("'in <string>' requires string as left operand, not ", TypeName(needle)));
+        return TemplateError(line, absl::StrCat("'in <string>' requires string as left operand, not ", TypeName(needle)));
       }
       return container.as_string().find(needle.as_string()) != std::string::npos;
     case Value::Kind::kDict:
@@ -518,7 +494,7 @@ absl::StatusOr<bool> Contains(const Value& container, const Value& needle, int l
       }
       return false;
     }
-    default: return RenderError(line, absl::StrCat("argument of type '", TypeName(container), "' is not iterable"));
+    default: return TemplateError(line, absl::StrCat("argument of type '", TypeName(container), "' is not iterable"));
   }
 }
 
@@ -808,7 +784,7 @@ absl::Status AppendJson(const Value& value, const JsonStyle& style, int depth, i
     }
     default: break;
   }
-  return RenderError(line, absl::StrCat("Object of type ", TypeName(value), " is not JSON serializable"));
+  return TemplateError(line, absl::StrCat("Object of type ", TypeName(value), " is not JSON serializable"));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -995,7 +971,7 @@ class Lexer {
 
   absl::Status SkipComment(int tag_line) {
     const size_t end = source_.find("#}", pos_);
-    if (end == std::string_view::npos) return SyntaxError(tag_line, "missing end of comment tag");
+    if (end == std::string_view::npos) return TemplateError(tag_line, "missing end of comment tag");
     const char sign = end > pos_ ? source_[end - 1] : 0;
     Advance(end + 2);
     if (sign == '-') {
@@ -1054,7 +1030,7 @@ class Lexer {
     std::string open_brackets;
     while (true) {
       if (pos_ >= source_.size()) {
-        return SyntaxError(tag_line,
+        return TemplateError(tag_line,
                            absl::StrCat("unexpected end of template, expected '", is_variable ? "}}" : "%}", "'"));
       }
       if (open_brackets.empty() && TryTagEnd(is_variable)) return absl::OkStatus();
@@ -1093,13 +1069,13 @@ class Lexer {
     }
     const char c = source_[pos_];
     if (kOneCharacter.find(c) == std::string_view::npos) {
-      return SyntaxError(line_, absl::StrCat("unexpected character '", std::string(source_.substr(pos_, 1)), "'"));
+      return TemplateError(line_, absl::StrCat("unexpected character '", std::string(source_.substr(pos_, 1)), "'"));
     }
     if (c == '(' || c == '[' || c == '{') {
       open_brackets->push_back(c == '(' ? ')' : c == '[' ? ']' : '}');
     } else if (c == ')' || c == ']' || c == '}') {
       if (open_brackets->empty() || open_brackets->back() != c) {
-        return SyntaxError(line_, absl::StrCat("unexpected '", std::string(1, c), "'"));
+        return TemplateError(line_, absl::StrCat("unexpected '", std::string(1, c), "'"));
       }
       open_brackets->pop_back();
     }
@@ -1141,7 +1117,7 @@ class Lexer {
       if (end < source_.size() && std::string_view("xXoObB").find(source_[end]) != std::string_view::npos) {
         return Unsupported(line_, "integer literal in base 2, 8 or 16");
       }
-      return SyntaxError(line_, absl::StrCat("leading zeros in integer literal '", digits, "'"));
+      return TemplateError(line_, absl::StrCat("leading zeros in integer literal '", digits, "'"));
     }
     if (!is_float && digits == "0" && end < source_.size() &&
         std::string_view("xXoObB").find(source_[end]) != std::string_view::npos) {
@@ -1158,7 +1134,7 @@ class Lexer {
     const int line = line_;
     size_t end = pos_ + 1;
     while (end < source_.size() && source_[end] != quote) end += source_[end] == '\\' ? 2 : 1;
-    if (end >= source_.size()) return SyntaxError(line, "unterminated string");
+    if (end >= source_.size()) return TemplateError(line, "unterminated string");
     LYCHEE_ASSIGN_OR_RETURN(std::string value, Unescape(source_.substr(pos_ + 1, end - pos_ - 1), line));
     Emit(Token::Type::kString, std::move(value));
     Advance(end + 1);
@@ -1177,7 +1153,7 @@ class Lexer {
       const char escape = raw[pos + 1];
       pos += 2;
       const auto hex_escape = [&](int digits) -> absl::Status {
-        if (pos + digits > raw.size()) return SyntaxError(line, "truncated escape in string");
+        if (pos + digits > raw.size()) return TemplateError(line, "truncated escape in string");
         char32_t code_point = 0;
         for (int i = 0; i < digits; ++i) {
           const char h = raw[pos + i];
@@ -1185,10 +1161,10 @@ class Lexer {
                              : (h >= 'a' && h <= 'f') ? h - 'a' + 10
                              : (h >= 'A' && h <= 'F') ? h - 'A' + 10
                                                       : -1;
-          if (nibble < 0) return SyntaxError(line, "truncated escape in string");
+          if (nibble < 0) return TemplateError(line, "truncated escape in string");
           code_point = code_point * 16 + static_cast<char32_t>(nibble);
         }
-        if (code_point > 0x10FFFF) return SyntaxError(line, "escape beyond U+10FFFF in string");
+        if (code_point > 0x10FFFF) return TemplateError(line, "escape beyond U+10FFFF in string");
         if (code_point >= 0xD800 && code_point <= 0xDFFF) return Unsupported(line, "surrogate escape in a string");
         pos += digits;
         AppendUtf8(code_point, &value);
@@ -1339,7 +1315,7 @@ struct Stmt {
 absl::StatusOr<std::vector<std::optional<Value>>> BindArguments(const CallArgs& args, absl::string_view function,
                                                                 std::initializer_list<std::string_view> parameters) {
   if (args.positional.size() > parameters.size()) {
-    return RenderError(args.line, absl::StrCat(function, "() takes at most ", parameters.size(), " arguments (",
+    return TemplateError(args.line, absl::StrCat(function, "() takes at most ", parameters.size(), " arguments (",
                                                args.positional.size(), " given)"));
   }
   std::vector<std::optional<Value>> bound(parameters.size());
@@ -1347,11 +1323,11 @@ absl::StatusOr<std::vector<std::optional<Value>>> BindArguments(const CallArgs& 
   for (const auto& [name, value] : args.keywords) {
     const auto parameter = std::find(parameters.begin(), parameters.end(), name);
     if (parameter == parameters.end()) {
-      return RenderError(args.line, absl::StrCat(function, "() got an unexpected keyword argument '", name, "'"));
+      return TemplateError(args.line, absl::StrCat(function, "() got an unexpected keyword argument '", name, "'"));
     }
     auto& slot = bound[static_cast<size_t>(parameter - parameters.begin())];
     if (slot.has_value()) {
-      return RenderError(args.line, absl::StrCat(function, "() got multiple values for argument '", name, "'"));
+      return TemplateError(args.line, absl::StrCat(function, "() got multiple values for argument '", name, "'"));
     }
     slot = value;
   }
@@ -1361,17 +1337,17 @@ absl::StatusOr<std::vector<std::optional<Value>>> BindArguments(const CallArgs& 
 bool IsNoneOrAbsent(const std::optional<Value>& value) { return !value.has_value() || value->is(Value::Kind::kNone); }
 
 absl::StatusOr<std::string> RequireString(const std::optional<Value>& value, absl::string_view what, int line) {
-  if (!value.has_value()) return RenderError(line, absl::StrCat(what, " is missing"));
+  if (!value.has_value()) return TemplateError(line, absl::StrCat(what, " is missing"));
   if (!value->is(Value::Kind::kString)) {
-    return RenderError(line, absl::StrCat(what, " must be a string, not ", TypeName(*value)));
+    return TemplateError(line, absl::StrCat(what, " must be a string, not ", TypeName(*value)));
   }
   return value->as_string();
 }
 
 absl::StatusOr<int64_t> RequireInt(const std::optional<Value>& value, absl::string_view what, int line) {
-  if (!value.has_value()) return RenderError(line, absl::StrCat(what, " is missing"));
+  if (!value.has_value()) return TemplateError(line, absl::StrCat(what, " is missing"));
   if (!value->is_integral()) {
-    return RenderError(line, absl::StrCat(what, " must be an integer, not ", TypeName(*value)));
+    return TemplateError(line, absl::StrCat(what, " must be an integer, not ", TypeName(*value)));
   }
   return value->as_int();
 }
@@ -1396,7 +1372,7 @@ absl::StatusOr<Value> IntegerArithmetic(char op, int64_t a, int64_t b, int line)
       return Value::Int(result);
     case '/':  // floor division
     case '%': {
-      if (b == 0) return RenderError(line, "integer division or modulo by zero");
+      if (b == 0) return TemplateError(line, "integer division or modulo by zero");
       if (a == std::numeric_limits<int64_t>::min() && b == -1) return OverflowError(line);
       int64_t quotient = a / b;
       int64_t remainder = a % b;
@@ -1445,13 +1421,13 @@ absl::StatusOr<Value> Power(const Value& base, const Value& exponent, int line) 
   }
   const double a = base.as_double();
   const double b = exponent.as_double();
-  if (a == 0.0 && b < 0.0) return RenderError(line, "0.0 cannot be raised to a negative power");
+  if (a == 0.0 && b < 0.0) return TemplateError(line, "0.0 cannot be raised to a negative power");
   if (a < 0.0 && b != std::floor(b)) {
     return Unsupported(line, "a negative number raised to a fractional power (a complex number)");
   }
   const double result = std::pow(a, b);
   if (std::isinf(result) && std::isfinite(a) && std::isfinite(b)) {
-    return RenderError(line, "numerical result out of range");
+    return TemplateError(line, "numerical result out of range");
   }
   return Value::Float(result);
 }
@@ -1514,7 +1490,7 @@ absl::StatusOr<Value> Arithmetic(absl::string_view op, const Value& a, const Val
   if (a.is_number() && b.is_number()) {
     if (op == "**") return Power(a, b, line);
     if (op == "/") {
-      if (b.as_double() == 0.0) return RenderError(line, "division by zero");
+      if (b.as_double() == 0.0) return TemplateError(line, "division by zero");
       return Value::Float(a.as_double() / b.as_double());
     }
     if (a.is_integral() && b.is_integral()) {
@@ -1525,7 +1501,7 @@ absl::StatusOr<Value> Arithmetic(absl::string_view op, const Value& a, const Val
     if (op == "+") return Value::Float(x + y);
     if (op == "-") return Value::Float(x - y);
     if (op == "*") return Value::Float(x * y);
-    if (y == 0.0) return RenderError(line, "float division or modulo by zero");
+    if (y == 0.0) return TemplateError(line, "float division or modulo by zero");
     const auto [quotient, remainder] = FloatDivmod(x, y);
     return Value::Float(op == "//" ? quotient : remainder);
   }
@@ -1550,7 +1526,7 @@ absl::StatusOr<Value> Arithmetic(absl::string_view op, const Value& a, const Val
     return Repeat(b, a.as_int(), line);
   }
   if (op == "%" && a.is(Value::Kind::kString)) return Unsupported(line, "string formatting with '%'");
-  return RenderError(
+  return TemplateError(
       line, absl::StrCat("unsupported operand type(s) for ", op, ": '", TypeName(a), "' and '", TypeName(b), "'"));
 }
 
@@ -1561,7 +1537,7 @@ absl::StatusOr<std::vector<int64_t>> SliceIndices(int64_t length, const std::opt
                                                   const std::optional<int64_t>& stop,
                                                   const std::optional<int64_t>& step, int line) {
   const int64_t stride = step.value_or(1);
-  if (stride == 0) return RenderError(line, "slice step cannot be zero");
+  if (stride == 0) return TemplateError(line, "slice step cannot be zero");
   const int64_t lower = stride > 0 ? 0 : -1;
   const int64_t upper = stride > 0 ? length : length - 1;
   const auto clamp = [&](const std::optional<int64_t>& bound, int64_t absent) {
@@ -1723,7 +1699,7 @@ absl::StatusOr<Value> CallStringMethod(const std::string& self, const std::strin
     std::optional<std::string> separator;
     if (!IsNoneOrAbsent(bound[0])) {
       LYCHEE_ASSIGN_OR_RETURN(separator, RequireString(bound[0], "the separator", args.line));
-      if (separator->empty()) return RenderError(args.line, "empty separator");
+      if (separator->empty()) return TemplateError(args.line, "empty separator");
     }
     int64_t max_splits = -1;
     if (bound[1].has_value()) {
@@ -1781,7 +1757,7 @@ absl::StatusOr<Value> CallDictMethod(const Value& self, const std::string& metho
   const DictData& dict = self.as_dict();
   if (method == "get") {
     LYCHEE_ASSIGN_OR_RETURN(const auto bound, BindArguments(args, function, {"key", "default"}));
-    if (!bound[0].has_value()) return RenderError(args.line, "dict.get() needs a key");
+    if (!bound[0].has_value()) return TemplateError(args.line, "dict.get() needs a key");
     const Value* found = bound[0]->is(Value::Kind::kString) ? dict.Find(bound[0]->as_string()) : nullptr;
     if (found != nullptr) return *found;
     return bound[1].value_or(Value::None());
@@ -1887,7 +1863,7 @@ using TestFunction = absl::StatusOr<bool> (*)(const Value& value, const CallArgs
 // The single argument of a test such as `equalto`.
 absl::StatusOr<Value> TestArgument(const CallArgs& args, absl::string_view test) {
   LYCHEE_ASSIGN_OR_RETURN(const auto bound, BindArguments(args, test, {"other"}));
-  if (!bound[0].has_value()) return RenderError(args.line, absl::StrCat("the test '", test, "' needs an argument"));
+  if (!bound[0].has_value()) return TemplateError(args.line, absl::StrCat("the test '", test, "' needs an argument"));
   return *bound[0];
 }
 
@@ -2122,7 +2098,7 @@ absl::StatusOr<Value> FilterInt(const Value& value, const CallArgs& args) {
     case Value::Kind::kFloat: {
       const double number = value.as_double();
       if (std::isnan(number)) return fallback;
-      if (std::isinf(number)) return RenderError(args.line, "cannot convert float infinity to integer");
+      if (std::isinf(number)) return TemplateError(args.line, "cannot convert float infinity to integer");
       if (std::fabs(number) >= 9.2e18) return OverflowError(args.line);
       return Value::Int(static_cast<int64_t>(number));
     }
@@ -2161,7 +2137,7 @@ absl::StatusOr<Value> FilterToJson(const Value& value, const CallArgs& args) {
     } else if (bound[1]->is(Value::Kind::kString)) {
       style.indent = bound[1]->as_string();
     } else {
-      return RenderError(args.line,
+      return TemplateError(args.line,
                          absl::StrCat("tojson's indent must be an integer or a string, not ", TypeName(*bound[1])));
     }
     // json.dumps drops the space after commas when it indents.
@@ -2172,7 +2148,7 @@ absl::StatusOr<Value> FilterToJson(const Value& value, const CallArgs& args) {
     if (!IsPlainSequence(separators) || separators.as_list().items.size() != 2 ||
         !separators.as_list().items[0].is(Value::Kind::kString) ||
         !separators.as_list().items[1].is(Value::Kind::kString)) {
-      return RenderError(args.line, "tojson's separators must be two strings");
+      return TemplateError(args.line, "tojson's separators must be two strings");
     }
     style.item_separator = separators.as_list().items[0].as_string();
     style.key_separator = separators.as_list().items[1].as_string();
@@ -2209,7 +2185,7 @@ absl::StatusOr<Value> FilterItems(const Value& value, const CallArgs& args) {
   if (value.is(Value::Kind::kDict)) {
     for (const auto& [key, item] : value.as_dict().entries) pairs.push_back(ItemTuple(key, item));
   } else if (!value.is(Value::Kind::kUndefined)) {
-    return RenderError(args.line, "Can only get item pairs from a mapping.");
+    return TemplateError(args.line, "Can only get item pairs from a mapping.");
   }
   return Value::List(std::move(pairs), ListKind::kGenerator);
 }
@@ -2232,7 +2208,7 @@ absl::StatusOr<Value> FilterFirst(const Value& value, const CallArgs& args) {
 absl::StatusOr<Value> FilterLast(const Value& value, const CallArgs& args) {
   LYCHEE_RETURN_IF_ERROR(BindArguments(args, "last", {}).status());
   if (value.is(Value::Kind::kList) && value.as_list().kind == ListKind::kGenerator) {
-    return RenderError(args.line, "'generator' object is not reversible");
+    return TemplateError(args.line, "'generator' object is not reversible");
   }
   LYCHEE_ASSIGN_OR_RETURN(const std::vector<Value> items, Iterate(value, args.line));
   if (items.empty()) return Value::Undefined("No last item, sequence was empty.");
@@ -2257,7 +2233,7 @@ absl::StatusOr<Value> FilterReverse(const Value& value, const CallArgs& args) {
 absl::StatusOr<Value> FilterReplace(const Value& value, const CallArgs& args) {
   LYCHEE_ASSIGN_OR_RETURN(const auto bound, BindArguments(args, "replace", {"old", "new", "count"}));
   if (!bound[0].has_value() || !bound[1].has_value()) {
-    return RenderError(args.line, "replace needs the old and the new text");
+    return TemplateError(args.line, "replace needs the old and the new text");
   }
   LYCHEE_ASSIGN_OR_RETURN(const std::string text, Str(value, args.line));
   LYCHEE_ASSIGN_OR_RETURN(const std::string old, Str(*bound[0], args.line));
@@ -2278,7 +2254,7 @@ absl::StatusOr<Value> SelectOrReject(const Value& value, const CallArgs& args, b
   std::optional<std::string> attribute;
   if (by_attribute) {
     if (rest.empty() || !rest[0].is(Value::Kind::kString)) {
-      return RenderError(args.line, "selectattr and rejectattr need an attribute name");
+      return TemplateError(args.line, "selectattr and rejectattr need an attribute name");
     }
     attribute = rest[0].as_string();
     rest.erase(rest.begin());
@@ -2286,7 +2262,7 @@ absl::StatusOr<Value> SelectOrReject(const Value& value, const CallArgs& args, b
   std::optional<std::string> test;
   if (!rest.empty()) {
     if (!rest[0].is(Value::Kind::kString)) {
-      return RenderError(args.line, "the test to select with must be named by a string");
+      return TemplateError(args.line, "the test to select with must be named by a string");
     }
     test = rest[0].as_string();
     rest.erase(rest.begin());
@@ -2318,7 +2294,7 @@ absl::StatusOr<Value> FilterMap(const Value& value, const CallArgs& args) {
   if (args.positional.empty()) {
     LYCHEE_ASSIGN_OR_RETURN(const auto bound, BindArguments(args, "map", {"attribute", "default"}));
     if (!bound[0].has_value() || !bound[0]->is(Value::Kind::kString)) {
-      return RenderError(args.line, "map needs a filter name or attribute=");
+      return TemplateError(args.line, "map needs a filter name or attribute=");
     }
     for (const Value& item : items) {
       LYCHEE_ASSIGN_OR_RETURN(Value attribute, AttributePath(item, bound[0]->as_string(), args.line));
@@ -2327,7 +2303,7 @@ absl::StatusOr<Value> FilterMap(const Value& value, const CallArgs& args) {
     }
   } else {
     if (!args.positional[0].is(Value::Kind::kString)) {
-      return RenderError(args.line, "map's filter must be named by a string");
+      return TemplateError(args.line, "map's filter must be named by a string");
     }
     const std::string& filter = args.positional[0].as_string();
     const CallArgs filter_args{std::vector<Value>(args.positional.begin() + 1, args.positional.end()), args.keywords,
@@ -2459,7 +2435,7 @@ absl::StatusOr<Value> StrftimeNow(const std::tm& now, const CallArgs& args) {
 absl::StatusOr<Value> MakeNamespace(const CallArgs& args) {
   auto object = std::make_shared<ObjectData>(ObjectData{ObjectData::Type::kNamespace, {}});
   if (args.positional.size() > 1 || (args.positional.size() == 1 && !args.positional[0].is(Value::Kind::kDict))) {
-    return RenderError(args.line, "namespace() takes a dict and keyword arguments");
+    return TemplateError(args.line, "namespace() takes a dict and keyword arguments");
   }
   if (!args.positional.empty()) object->attributes = args.positional[0].as_dict();
   for (const auto& [name, value] : args.keywords) object->attributes.Set(name, value);
@@ -2469,7 +2445,7 @@ absl::StatusOr<Value> MakeNamespace(const CallArgs& args) {
 absl::StatusOr<Value> Range(const CallArgs& args) {
   constexpr int64_t kMaxRangeItems = 1 << 20;
   if (!args.keywords.empty() || args.positional.empty() || args.positional.size() > 3) {
-    return RenderError(args.line, "range() takes 1 to 3 positional arguments");
+    return TemplateError(args.line, "range() takes 1 to 3 positional arguments");
   }
   std::vector<int64_t> bounds;
   for (const Value& argument : args.positional) {
@@ -2479,7 +2455,7 @@ absl::StatusOr<Value> Range(const CallArgs& args) {
   const int64_t start = bounds.size() == 1 ? 0 : bounds[0];
   const int64_t stop = bounds.size() == 1 ? bounds[0] : bounds[1];
   const int64_t step = bounds.size() == 3 ? bounds[2] : 1;
-  if (step == 0) return RenderError(args.line, "range() arg 3 must not be zero");
+  if (step == 0) return TemplateError(args.line, "range() arg 3 must not be zero");
   std::vector<Value> items;
   for (int64_t i = start; step > 0 ? i < stop : i > stop; i += step) {
     if (static_cast<int64_t>(items.size()) == kMaxRangeItems) {
@@ -2548,7 +2524,7 @@ class Parser {
   }
 
   absl::Status Unexpected(absl::string_view expected) const {
-    return SyntaxError(Peek().line, absl::StrCat("expected ", expected, ", got ", Describe(Peek())));
+    return TemplateError(Peek().line, absl::StrCat("expected ", expected, ", got ", Describe(Peek())));
   }
 
   absl::Status ExpectOperator(std::string_view op) {
@@ -2576,7 +2552,7 @@ class Parser {
       switch (token.type) {
         case Token::Type::kEnd:
           if (end_tags.size() > 0) {
-            return SyntaxError(token.line, absl::StrCat("unexpected end of template, expected '",
+            return TemplateError(token.line, absl::StrCat("unexpected end of template, expected '",
                                                         std::string(*end_tags.begin()), "'"));
           }
           return body;
@@ -2603,7 +2579,7 @@ class Parser {
             return body;
           }
           Next();
-          if (++nesting_ > kMaxNesting) return SyntaxError(tag.line, "statements nested too deeply");
+          if (++nesting_ > kMaxNesting) return TemplateError(tag.line, "statements nested too deeply");
           absl::StatusOr<std::unique_ptr<Stmt>> statement = ParseStatement();
           --nesting_;
           if (!statement.ok()) return statement.status();
@@ -2625,7 +2601,7 @@ class Parser {
     if (name == "set") return ParseSet(line);
     if (name == "macro") return ParseMacro(line);
     if (name == "break" || name == "continue") {
-      if (loop_depth_ == 0) return SyntaxError(line, absl::StrCat("'", name, "' outside a for loop"));
+      if (loop_depth_ == 0) return TemplateError(line, absl::StrCat("'", name, "' outside a for loop"));
       LYCHEE_RETURN_IF_ERROR(ExpectBlockEnd());
       return std::make_unique<Stmt>(name == "break" ? Stmt::Kind::kBreak : Stmt::Kind::kContinue, line);
     }
@@ -2638,7 +2614,7 @@ class Parser {
       return scope;
     }
     if (IsOneOf(name, kUnsupportedTags)) return Unsupported(line, absl::StrCat("tag '", name, "'"));
-    return SyntaxError(line, absl::StrCat("unknown tag '", name, "'"));
+    return TemplateError(line, absl::StrCat("unknown tag '", name, "'"));
   }
 
   // The body of a for loop, set block, generation block or macro, which has a scope of its own.
@@ -2668,7 +2644,7 @@ class Parser {
         Next();
         LYCHEE_ASSIGN_OR_RETURN(default_value, ParseExpression());
       } else if (!macro->defaults.empty() && macro->defaults.back() != nullptr) {
-        return SyntaxError(line, "non-default argument follows default argument");
+        return TemplateError(line, "non-default argument follows default argument");
       }
       macro->targets.push_back(std::move(parameter));
       macro->defaults.push_back(std::move(default_value));
@@ -2810,7 +2786,7 @@ class Parser {
   }
 
   absl::StatusOr<ExprPtr> ParseExpression() {
-    if (++nesting_ > kMaxNesting) return SyntaxError(Peek().line, "expression nested too deeply");
+    if (++nesting_ > kMaxNesting) return TemplateError(Peek().line, "expression nested too deeply");
     absl::StatusOr<ExprPtr> expr = ParseConditional();
     --nesting_;
     return expr;
@@ -2856,7 +2832,7 @@ class Parser {
   absl::StatusOr<ExprPtr> ParseNot() {
     if (IsName("not")) {
       const int line = Next().line;
-      if (++nesting_ > kMaxNesting) return SyntaxError(line, "expression nested too deeply");
+      if (++nesting_ > kMaxNesting) return TemplateError(line, "expression nested too deeply");
       absl::StatusOr<ExprPtr> operand = ParseNot();
       --nesting_;
       if (!operand.ok()) return operand.status();
@@ -2918,7 +2894,7 @@ class Parser {
     ExprPtr expr;
     if (IsOperator("-") || IsOperator("+")) {
       const Expr::Kind kind = Next().text == "-" ? Expr::Kind::kNegate : Expr::Kind::kPositive;
-      if (++nesting_ > kMaxNesting) return SyntaxError(line, "expression nested too deeply");
+      if (++nesting_ > kMaxNesting) return TemplateError(line, "expression nested too deeply");
       absl::StatusOr<ExprPtr> operand = ParseUnary(false);
       --nesting_;
       if (!operand.ok()) return operand.status();
@@ -2987,7 +2963,7 @@ class Parser {
       case Token::Type::kOperator:
         if (token.text == "(") {
           Next();
-          if (++nesting_ > kMaxNesting) return SyntaxError(line, "expression nested too deeply");
+          if (++nesting_ > kMaxNesting) return TemplateError(line, "expression nested too deeply");
           absl::StatusOr<ExprPtr> inner = ParseTuple(true, {}, true);
           --nesting_;
           if (!inner.ok()) return inner.status();
@@ -3047,7 +3023,7 @@ class Parser {
           index->constant = Value::Int(std::strtoll(attribute.text.c_str(), nullptr, 10));
           expr = MakeExpr(Expr::Kind::kItem, line, OperandList(std::move(expr), std::move(index)));
         } else {
-          return SyntaxError(line, "expected a name or a number after '.'");
+          return TemplateError(line, "expected a name or a number after '.'");
         }
       } else if (IsOperator("[")) {
         Next();
@@ -3077,7 +3053,7 @@ class Parser {
     if (IsOperator(",")) return Unsupported(line, "subscript with several indices");
     LYCHEE_RETURN_IF_ERROR(ExpectOperator("]"));
     if (!is_slice) {
-      if (bounds[0] == nullptr) return SyntaxError(line, "expected an index");
+      if (bounds[0] == nullptr) return TemplateError(line, "expected an index");
       return MakeExpr(Expr::Kind::kItem, line, OperandList(std::move(object), std::move(bounds[0])));
     }
     return MakeExpr(Expr::Kind::kSlice, line,
@@ -3101,7 +3077,7 @@ class Parser {
         LYCHEE_ASSIGN_OR_RETURN(ExprPtr value, ParseExpression());
         expr->keywords.emplace_back(std::move(name), std::move(value));
       } else {
-        if (!expr->keywords.empty()) return SyntaxError(Peek().line, "positional argument after a keyword argument");
+        if (!expr->keywords.empty()) return TemplateError(Peek().line, "positional argument after a keyword argument");
         LYCHEE_ASSIGN_OR_RETURN(ExprPtr value, ParseExpression());
         expr->operands.push_back(std::move(value));
       }
@@ -3156,7 +3132,7 @@ class Parser {
                                    next.type == Token::Type::kInteger || next.type == Token::Type::kFloat ||
                                    IsOperator("(") || IsOperator("[") || IsOperator("{");
       if (starts_argument && !IsName("else") && !IsName("or") && !IsName("and")) {
-        if (IsName("is")) return SyntaxError(next.line, "tests cannot be chained with 'is'");
+        if (IsName("is")) return TemplateError(next.line, "tests cannot be chained with 'is'");
         LYCHEE_ASSIGN_OR_RETURN(ExprPtr argument, ParsePrimary());
         LYCHEE_ASSIGN_OR_RETURN(argument, ParsePostfix(std::move(argument)));
         test->operands.push_back(std::move(argument));
@@ -3269,7 +3245,7 @@ class Renderer {
   absl::StatusOr<Value> CallMacro(const Stmt& macro, const Scope& defining_scope, const CallArgs& args) {
     const std::vector<std::string>& parameters = macro.targets;
     if (args.positional.size() > parameters.size()) {
-      return RenderError(
+      return TemplateError(
           args.line, absl::StrCat("macro '", macro.text, "' takes not more than ", parameters.size(), " argument(s)"));
     }
     std::vector<std::optional<Value>> arguments(parameters.size());
@@ -3277,16 +3253,16 @@ class Renderer {
     for (const auto& [name, value] : args.keywords) {
       const auto parameter = std::find(parameters.begin(), parameters.end(), name);
       if (parameter == parameters.end()) {
-        return RenderError(args.line, absl::StrCat("macro '", macro.text, "' takes no keyword argument '", name, "'"));
+        return TemplateError(args.line, absl::StrCat("macro '", macro.text, "' takes no keyword argument '", name, "'"));
       }
       std::optional<Value>& argument = arguments[static_cast<size_t>(parameter - parameters.begin())];
       if (argument.has_value()) {
-        return RenderError(args.line,
+        return TemplateError(args.line,
                            absl::StrCat("macro '", macro.text, "' got multiple values for argument '", name, "'"));
       }
       argument = value;
     }
-    if (macro_depth_ == kMaxMacroDepth) return RenderError(args.line, "macro calls nested too deeply");
+    if (macro_depth_ == kMaxMacroDepth) return TemplateError(args.line, "macro calls nested too deeply");
     Scope call_scope(&defining_scope);
     // Defaults are evaluated at the call, where the parameters before them are bound.
     for (size_t i = 0; i < parameters.size(); ++i) {
@@ -3319,7 +3295,7 @@ class Renderer {
     }
     LYCHEE_ASSIGN_OR_RETURN(const std::vector<Value> items, Iterate(value, line));
     if (items.size() != targets.size()) {
-      return RenderError(
+      return TemplateError(
           line, absl::StrCat(items.size() < targets.size() ? "not enough" : "too many", " values to unpack (expected ",
                              targets.size(), ", got ", items.size(), ")"));
     }
@@ -3332,7 +3308,7 @@ class Renderer {
     const Value* target = scope.Find(set.targets[0]);
     if (target == nullptr || !target->is(Value::Kind::kObject) ||
         target->as_object().type != ObjectData::Type::kNamespace) {
-      return RenderError(set.line, "cannot assign attribute on non-namespace object");
+      return TemplateError(set.line, "cannot assign attribute on non-namespace object");
     }
     target->as_object().attributes.Set(set.attribute, std::move(value));
     return absl::OkStatus();
@@ -3357,7 +3333,7 @@ class Renderer {
     if (index + 1 < length) attributes.Set("nextitem", items[i + 1]);
     attributes.Set("cycle", MakeFunction("loop.cycle", [index](const CallArgs& args) -> absl::StatusOr<Value> {
                      if (args.positional.empty() || !args.keywords.empty()) {
-                       return RenderError(args.line, "loop.cycle() needs positional arguments");
+                       return TemplateError(args.line, "loop.cycle() needs positional arguments");
                      }
                      return args.positional[static_cast<size_t>(index) % args.positional.size()];
                    }));
@@ -3503,7 +3479,7 @@ class Renderer {
         LYCHEE_ASSIGN_OR_RETURN(const Value callee, Eval(*expr.operands[0], scope));
         if (callee.is(Value::Kind::kUndefined)) return UndefinedError(line, callee);
         if (!callee.is(Value::Kind::kFunction)) {
-          return RenderError(line, absl::StrCat("'", TypeName(callee), "' object is not callable"));
+          return TemplateError(line, absl::StrCat("'", TypeName(callee), "' object is not callable"));
         }
         LYCHEE_ASSIGN_OR_RETURN(const CallArgs args, EvalArguments(expr, 1, scope));
         return callee.as_function().call(args);
@@ -3528,7 +3504,7 @@ class Renderer {
         if (value.is_integral()) {
           return negate ? IntegerArithmetic('-', 0, value.as_int(), line) : Value::Int(value.as_int());
         }
-        return RenderError(
+        return TemplateError(
             line, absl::StrCat("bad operand type for unary ", negate ? "-" : "+", ": '", TypeName(value), "'"));
       }
       case Expr::Kind::kBinary: {

@@ -28,6 +28,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/json_parse.h"
 #include "common/status_macros.h"
+#include "common/utf8.h"
 #include "common/tokenizer_unicode_tables.h"
 #include "nlohmann/json.hpp"
 
@@ -42,15 +43,6 @@ absl::string_view Absl(std::string_view text) { return {text.data(), text.size()
 
 // ---------------------------------------------------------------------------------------------
 // UTF-8
-
-// Length of the sequence that `lead` starts, or 0 for a byte that cannot start one.
-size_t Utf8SequenceLength(unsigned char lead) {
-  if (lead < 0x80) return 1;
-  if (lead >= 0xC2 && lead <= 0xDF) return 2;
-  if (lead >= 0xE0 && lead <= 0xEF) return 3;
-  if (lead >= 0xF0 && lead <= 0xF4) return 4;
-  return 0;
-}
 
 struct Utf8Prefix {
   size_t valid_length;     // bytes from the start that can still begin a valid character
@@ -93,24 +85,6 @@ std::optional<size_t> FirstInvalidUtf8Offset(std::string_view text) {
   return std::nullopt;
 }
 
-void AppendUtf8(char32_t code_point, std::string* out) {
-  if (code_point < 0x80) {
-    out->push_back(static_cast<char>(code_point));
-  } else if (code_point < 0x800) {
-    out->push_back(static_cast<char>(0xC0 | (code_point >> 6)));
-    out->push_back(static_cast<char>(0x80 | (code_point & 0x3F)));
-  } else if (code_point < 0x10000) {
-    out->push_back(static_cast<char>(0xE0 | (code_point >> 12)));
-    out->push_back(static_cast<char>(0x80 | ((code_point >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (code_point & 0x3F)));
-  } else {
-    out->push_back(static_cast<char>(0xF0 | (code_point >> 18)));
-    out->push_back(static_cast<char>(0x80 | ((code_point >> 12) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | ((code_point >> 6) & 0x3F)));
-    out->push_back(static_cast<char>(0x80 | (code_point & 0x3F)));
-  }
-}
-
 // Appends `bytes` as Rust's String::from_utf8_lossy does (one U+FFFD per maximal invalid
 // subpart). With `hold_incomplete_tail`, a last character cut short by the end of `bytes` is left
 // out and its length returned, so that a later call can complete it.
@@ -135,18 +109,6 @@ size_t AppendUtf8Lossy(std::string_view bytes, bool hold_incomplete_tail, std::s
     pos += std::max<size_t>(prefix.valid_length, 1);
   }
   return 0;
-}
-
-// Only for text already known to be valid UTF-8.
-char32_t DecodeUtf8At(std::string_view text, size_t pos, size_t* length) {
-  const auto lead = static_cast<unsigned char>(text[pos]);
-  *length = Utf8SequenceLength(lead);
-  if (*length == 1) return lead;
-  char32_t code_point = lead & (0x7F >> *length);
-  for (size_t i = 1; i < *length; ++i) {
-    code_point = (code_point << 6) | (static_cast<unsigned char>(text[pos + i]) & 0x3F);
-  }
-  return code_point;
 }
 
 size_t StartOfLastCharacter(std::string_view text) {

@@ -33,6 +33,12 @@ struct Outcome {
   int chunks = 0;
 };
 
+// Waits for the stream's first chunk of tokens.
+void AwaitFirstChunk(GenerationStream& stream) {
+  GenerationEvent event;
+  while (event.kind != GenerationEvent::Kind::kChunk) event = stream.Next(milliseconds(1000));
+}
+
 // Reads a stream to its end (a minute at most).
 Outcome Drain(GenerationStream& stream) {
   Outcome outcome;
@@ -414,8 +420,7 @@ TEST_CASE("cancellation and deadlines stop the work and free its memory at once"
   SECTION("cancel") {
     auto stream = fixture.engine->Submit(fixture.Request(kPrompt, 5000));
     REQUIRE(stream.ok());
-    GenerationEvent first;
-    while (first.kind != GenerationEvent::Kind::kChunk) first = (*stream)->Next(milliseconds(1000));
+    AwaitFirstChunk(**stream);
     CHECK(fixture.engine->load().kv_bytes_reserved > 0);
     (*stream)->Cancel();
     CHECK(fixture.WaitForIdle(milliseconds(2000)));
@@ -481,8 +486,7 @@ TEST_CASE("a sequence keeps the partition it was admitted with; new ones get the
   fixture.OfferPartition(1);
   auto long_running = fixture.engine->Submit(fixture.Request(kPrompt, 200));
   REQUIRE(long_running.ok());
-  GenerationEvent first;
-  while (first.kind != GenerationEvent::Kind::kChunk) first = (*long_running)->Next(milliseconds(1000));
+  AwaitFirstChunk(**long_running);
 
   fixture.OfferPartition(2, 512);
   auto after = fixture.engine->Submit(fixture.Request(kPrompt, 8));
@@ -512,14 +516,11 @@ TEST_CASE("a sequence keeps the partition it was admitted with; new ones get the
 }
 
 TEST_CASE("graphs are prepared on the engine's thread between the steps of running requests; a stopped engine refuses") {
-  EngineOptions options;
-  options.max_new_tokens_limit = 100000;
-  Fixture fixture(options);
+  Fixture fixture;
   fixture.OfferPartition(1);
   auto running = fixture.engine->Submit(fixture.Request(kPrompt, 40));
   REQUIRE(running.ok());
-  GenerationEvent first;
-  while (first.kind != GenerationEvent::Kind::kChunk) first = (*running)->Next(milliseconds(1000));
+  AwaitFirstChunk(**running);
   // On the CPU nothing is captured, but the work goes through the engine's thread as on CUDA.
   CHECK(fixture.engine->PrepareGraphs(fixture.partitions->Active().partition).ok());
   CHECK(fixture.engine->PrepareGraphs(nullptr).ok());

@@ -6,6 +6,7 @@
 #include "tests/torch_catch.h"
 
 #include <algorithm>
+#include <functional>
 #include <random>
 
 #include "common/model.h"
@@ -42,6 +43,16 @@ std::vector<at::Tensor> DecodeBatch(const Model& model, std::shared_ptr<const At
   return logits;
 }
 
+// The bundled model's hybrid partition with KV head `sparse_head(layer)` sparse in every layer after 0.
+std::shared_ptr<const HeadPartition> OneSparseHeadPerLayer(const ModelConfig& config,
+                                                           const std::function<int64_t(int64_t)>& sparse_head,
+                                                           int64_t budget) {
+  HeadPartition partition = HeadPartition::AllRetrieval(config.num_layers, config.num_kv_heads, SelectionParams{});
+  for (int64_t layer = 1; layer < config.num_layers; ++layer) partition.set_role(layer, sparse_head(layer), HeadRole::kSparse);
+  partition.mutable_selection().token_budget = budget;
+  return std::make_shared<const HeadPartition>(std::move(partition));
+}
+
 TEST_CASE("CUDA backends decode as the reference backends do", "[cuda]") {
   if (!at::hasCUDA()) {
     WARN("SKIPPED: no CUDA device: the CUDA attention backends run on the GPU host only");
@@ -50,10 +61,7 @@ TEST_CASE("CUDA backends decode as the reference backends do", "[cuda]") {
   auto model = Model::Load("models/tiny-llama-retrieval", ModelOptionsForDevice("cuda").value());
   REQUIRE(model.ok());
   const ModelConfig& config = (*model)->config();
-  HeadPartition partition = HeadPartition::AllRetrieval(config.num_layers, config.num_kv_heads, SelectionParams{});
-  for (int64_t layer = 1; layer < config.num_layers; ++layer) partition.set_role(layer, layer % 2, HeadRole::kSparse);
-  partition.mutable_selection().token_budget = 512;
-  auto shared = std::make_shared<const HeadPartition>(partition);
+  auto shared = OneSparseHeadPerLayer(config, [](int64_t layer) { return layer % 2; }, 512);
   auto cuda_hybrid = MakeCudaHybridAttention(shared, config);
   REQUIRE(cuda_hybrid.ok());
   auto reference_hybrid = HybridAttentionBackend::Create(shared, config);
@@ -127,10 +135,7 @@ TEST_CASE("the decode step replayed from a CUDA graph equals the eager step", "[
   auto model = Model::Load("models/tiny-llama-retrieval", ModelOptionsForDevice("cuda").value());
   REQUIRE(model.ok());
   const ModelConfig& config = (*model)->config();
-  HeadPartition partition = HeadPartition::AllRetrieval(config.num_layers, config.num_kv_heads, SelectionParams{});
-  for (int64_t layer = 1; layer < config.num_layers; ++layer) partition.set_role(layer, 1, HeadRole::kSparse);
-  partition.mutable_selection().token_budget = 256;
-  auto hybrid = MakeCudaHybridAttention(std::make_shared<const HeadPartition>(partition), config);
+  auto hybrid = MakeCudaHybridAttention(OneSparseHeadPerLayer(config, [](int64_t) { return 1; }, 256), config);
   REQUIRE(hybrid.ok());
   // The pool's pages handed out in a shuffled order, so that no sequence's pages are consecutive.
   auto pool = (*model)->NewKvPool(200).value();
@@ -175,11 +180,8 @@ TEST_CASE("graphs prepared ahead are replayed from the first step and decode as 
   auto model = Model::Load("models/tiny-llama-retrieval", ModelOptionsForDevice("cuda").value());
   REQUIRE(model.ok());
   const ModelConfig& config = (*model)->config();
-  HeadPartition partition = HeadPartition::AllRetrieval(config.num_layers, config.num_kv_heads, SelectionParams{});
-  for (int64_t layer = 1; layer < config.num_layers; ++layer) partition.set_role(layer, 0, HeadRole::kSparse);
-  partition.mutable_selection().token_budget = 256;
   std::shared_ptr<const AttentionBackend> hybrid =
-      MakeCudaHybridAttention(std::make_shared<const HeadPartition>(partition), config).value();
+      MakeCudaHybridAttention(OneSparseHeadPerLayer(config, [](int64_t) { return 0; }, 256), config).value();
   auto pool = (*model)->NewKvPool(120).value();
   DecodeOptions options;
   options.max_graph_batch = 3;  // buckets of 1, 2 and 4 rows
