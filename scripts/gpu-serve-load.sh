@@ -10,7 +10,7 @@
 #   scripts/gpu-decode.sh; the bundled tokenizer is copied beside it when it has none), CLIENTS (8),
 #   PROMPT_TOKENS (32768), NEW_TOKENS (128), BUDGET (4096), RESERVED_NEW_TOKENS (4096: what clients
 #   typically ask for), INFERENCE_FLAGS (extra flags of lychee-inference; on CUDA by default
-#   --kv-cache-fraction 0.85).
+#   --kv-cache-fraction 0.85), ATTENTIONS (which halves run, in order; default "dense hybrid").
 # Logs to $OUT (or a temporary directory); both servers stop on exit.
 set -euo pipefail
 bin=${BIN:-build-gpu}
@@ -73,7 +73,7 @@ await "trainer 127.0.0.1:50061: connected"
 await "active partition: version 1 "
 "$lychee" server-info | tee "$out/server-info.txt"
 
-for attention in dense hybrid; do
+for attention in ${ATTENTIONS:-dense hybrid}; do
   start=$(date +%s.%N)
   for i in $(seq "$clients"); do
     "$lychee" generate --server 127.0.0.1:50062 --prompt-file "$state/prompt-$i.txt" --max-new-tokens "$new_tokens" \
