@@ -8,6 +8,7 @@
 #include "kernels/cuda/torch_hybrid_decode.h"
 #include "kernels/dense_attention.h"
 #include "kernels/hybrid_attention.h"
+#include "kernels/policies/accounting.h"
 
 namespace lychee {
 namespace {
@@ -28,6 +29,10 @@ class CudaPagedAttention : public AttentionBackend {
                      int64_t group)
       : layer_modes_(std::move(layer_modes)), group_(group) {
     options_.selection = selection;
+  }
+
+  std::unique_ptr<SequenceAttentionState> NewSequenceState() const override {
+    return std::make_unique<AccountedState>(/*audit=*/false);
   }
 
   at::Tensor Attend(const AttentionInput& input) const override {
@@ -54,6 +59,7 @@ class CudaPagedAttention : public AttentionBackend {
     } catch (const c10::Error& error) {
       return absl::InternalError(error.what_without_backtrace());
     }
+    Account(step);
     return absl::OkStatus();
   }
 
@@ -66,6 +72,32 @@ class CudaPagedAttention : public AttentionBackend {
   bool CapturesDecode() const override { return true; }
 
  private:
+  // Each row's reads in its sequence's telemetry, as the CPU references count them. What every head
+  // attends to follows from the row's length, so the count needs no device work and no
+  // synchronization, and it holds for replayed graphs alike.
+  void Account(const DecodeStep& step) const {
+    const at::Tensor& keys = step.pool->keys(0);
+    const int64_t num_kv_heads = keys.size(0);
+    const int64_t bytes_per_position = KvBytesPerPosition(keys);
+    for (int64_t row = 0; row < step.batch(); ++row) {
+      auto* state = static_cast<AccountedState*>(step.states[row]);
+      if (state == nullptr) continue;
+      CountDecodeStep(state, /*layer=*/0);
+      std::vector<bool> has_selection(num_kv_heads, false);
+      for (int layer = 0; layer < step.pool->num_layers(); ++layer) {
+        for (int64_t head = 0; head < num_kv_heads; ++head) {
+          const cuda::KvHeadMode mode = layer_modes_.empty() ? cuda::KvHeadMode::kDense : layer_modes_[layer][head];
+          AccountHead(state, layer, head, num_kv_heads,
+                      cuda::HeadPositionsAttended(step.lengths[row], mode, has_selection[head], options_.selection),
+                      bytes_per_position);
+        }
+        for (int64_t head = 0; head < num_kv_heads && !layer_modes_.empty(); ++head) {
+          if (layer_modes_[layer][head] == cuda::KvHeadMode::kRetrieval) has_selection[head] = true;
+        }
+      }
+    }
+  }
+
   std::vector<std::vector<cuda::KvHeadMode>> layer_modes_;
   cuda::HybridDecodeOptions options_;
   int64_t group_;

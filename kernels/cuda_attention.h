@@ -24,7 +24,8 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> MakeCudaHybridAttention(
 
 // Quest, PrHS and Double-P (kernels/cuda_policies.cc): the same functions as their references in
 // kernels/policies/policies.h, for validated specs. Quest needs a power-of-two page size
-// (MakePolicyBackend checks). Like the other CUDA backends they keep no telemetry.
+// (MakePolicyBackend checks). Every CUDA backend keeps its sequences' telemetry as the references
+// count it (audits run on the references).
 std::shared_ptr<const AttentionBackend> MakeCudaQuestAttention(const PolicySpec& spec);
 std::shared_ptr<const AttentionBackend> MakeCudaPrhsAttention(const PolicySpec& spec);
 std::shared_ptr<const AttentionBackend> MakeCudaDoublePAttention(const PolicySpec& spec);

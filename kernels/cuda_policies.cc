@@ -44,8 +44,76 @@ cuda::BlockSelectionConfig SelectionOf(int64_t unit, int64_t budget, int64_t sin
   return {static_cast<int>(unit), static_cast<int>(budget), static_cast<int>(sink), static_cast<int>(recent)};
 }
 
+// Telemetry of a backend whose kernels decide how many positions each head reads: the counts
+// accumulate on the device, with no synchronization per step, and are copied once, when the
+// telemetry is read (at the end of a request). What the host knows (steps, summary bytes) is
+// counted on the host.
+class DeviceAccountedState : public SequenceAttentionState {
+ public:
+  const AttentionTelemetry* telemetry() const override {
+    read_ = host_;
+    if (positions_.defined()) {
+      const at::Tensor positions = positions_.cpu();
+      const int64_t num_kv_heads = positions.size(1);
+      const int64_t* counts = positions.data_ptr<int64_t>();
+      for (int64_t layer = 0; layer < positions.size(0); ++layer) {
+        for (int64_t head = 0; head < num_kv_heads; ++head) {
+          read_.AddTokens(layer, head, num_kv_heads, counts[layer * num_kv_heads + head]);
+        }
+      }
+      read_.kv_bytes_read += positions.sum().item<int64_t>() * bytes_per_position_ + summary_bytes_.item<int64_t>();
+    }
+    return &read_;
+  }
+
+  void CountStep(int layer) {
+    if (layer == 0) ++host_.decode_steps;
+  }
+  // Every head of `layer` read `positions` cached positions (int64 [H_kv] on the device).
+  void AddPositions(int layer, const at::Tensor& positions, int64_t bytes_per_position) {
+    bytes_per_position_ = bytes_per_position;
+    if (!positions_.defined()) {
+      positions_ = at::zeros({layer + 1, positions.size(0)}, positions.options());
+      summary_bytes_ = at::zeros({}, positions.options());
+    } else if (positions_.size(0) <= layer) {
+      positions_ = at::cat({positions_, at::zeros({layer + 1 - positions_.size(0), positions_.size(1)},
+                                                  positions_.options())});
+    }
+    positions_[layer].add_(positions);
+  }
+  // One head's count, known on the host.
+  void AddPositions(int layer, int64_t head, int64_t num_kv_heads, int64_t positions, int64_t bytes_per_position) {
+    host_.AddTokens(layer, head, num_kv_heads, positions);
+    host_.kv_bytes_read += positions * bytes_per_position;
+  }
+  void AddSummaryBytes(int64_t bytes) { host_.kv_bytes_read += bytes; }
+  // Summary bytes the device counts (int64, one element); needs a call of AddPositions first.
+  void AddSummaryBytes(const at::Tensor& bytes) { summary_bytes_.add_(bytes.sum()); }
+
+ private:
+  AttentionTelemetry host_;
+  at::Tensor positions_;      // int64 [layers seen, H_kv] on the device
+  at::Tensor summary_bytes_;  // int64 [] on the device
+  int64_t bytes_per_position_ = 0;
+  mutable AttentionTelemetry read_;
+};
+
+// Positions each KV head of `lists` covers: `unit`-position blocks cut at `length` (unit 0: the
+// entries are positions). int64 [H_kv] on the device.
+at::Tensor ListedPositions(const cuda::HeadLists& lists, int64_t unit, int64_t length) {
+  const at::Tensor counts = lists.counts.to(at::kLong);
+  const at::Tensor listed = at::arange(lists.entries.size(1), counts.options()).unsqueeze(0) < counts.unsqueeze(1);
+  if (unit == 0) return listed.sum(1);
+  const at::Tensor sizes = (length - lists.entries.to(at::kLong) * unit).clamp(0, unit);
+  return (sizes * listed).sum(1);
+}
+
+// A key's (or a centroid's) bytes; a cached position's are a key and a value.
+int64_t BytesPerVector(const cuda::KvCache& kv) { return kv.head_dim() * static_cast<int64_t>(kv.keys.element_size()); }
+int64_t BytesPerPosition(const cuda::KvCache& kv) { return 2 * BytesPerVector(kv); }
+
 template <typename LayerState>
-struct PerLayerState : SequenceAttentionState {
+struct PerLayerState : DeviceAccountedState {
   std::vector<LayerState> layers;
   LayerState& At(int layer) {
     if (static_cast<int64_t>(layers.size()) <= layer) layers.resize(layer + 1);
@@ -202,6 +270,15 @@ class CudaQuestAttention : public PagedPolicyBackend {
     const int64_t length = row.kv.length;
     const int64_t num_kv_heads = row.kv.num_kv_heads();
     const int64_t quest_pages = CeilDiv(length, spec_.page_size);
+    auto& account = static_cast<DeviceAccountedState&>(*row.state);
+    account.CountStep(row.layer);
+    // As the reference: layers before quest_dense_layers, and contexts within the budget, read
+    // everything; it attends to them exactly, which the selection of every page does here too.
+    if (row.layer < spec_.quest_dense_layers || quest_pages * spec_.page_size <= spec_.token_budget) {
+      for (int64_t head = 0; head < num_kv_heads; ++head) {
+        account.AddPositions(row.layer, head, num_kv_heads, length, BytesPerPosition(row.kv));
+      }
+    }
     if (row.layer < spec_.quest_dense_layers) {
       if (!row.kv.paged()) {
         cuda::HybridDecodeOptions options;
@@ -235,6 +312,11 @@ class CudaQuestAttention : public PagedPolicyBackend {
     layer.complete_pages = length / spec_.page_size;
     const at::Tensor scores = cuda::QuestPageScores(row.queries, layer.bounds, quest_pages);
     const cuda::HeadLists selected = cuda::SelectBlocks(scores, length, selection_);
+    if (quest_pages * spec_.page_size > spec_.token_budget) {
+      account.AddPositions(row.layer, ListedPositions(selected, spec_.page_size, length), BytesPerPosition(row.kv));
+      // A real Quest keeps the bounds beside the cache: reading them costs a key's worth per bound.
+      account.AddSummaryBytes(num_kv_heads * quest_pages * BytesPerPosition(row.kv));
+    }
     cuda::GatherInput gather;
     gather.tokens = &selected;
     gather.block_size = spec_.page_size;
@@ -250,7 +332,7 @@ class CudaQuestAttention : public PagedPolicyBackend {
 
 // ---- PrHS -----------------------------------------------------------------------------------
 
-struct PrhsSequence : SequenceAttentionState {
+struct PrhsSequence : DeviceAccountedState {
   // [layer]: float32 [H_kv, blocks] block masses of the latest step there, -1 where not attended.
   std::vector<at::Tensor> previous_mass;
   // The block masses of `mass_layer` in the current step, for the next layer.
@@ -308,6 +390,8 @@ class CudaPrhsAttention : public PagedPolicyBackend {
                                                    spec_.prhs_enlargement, num_kv_heads, row.kv.keys.device());
     cuda::HeadLists blocks = cuda::SelectBlocks(priority, length, selection_);
     cuda::DropUnproposedBlocks(blocks, priority, length, selection_);
+    state.CountStep(row.layer);
+    state.AddPositions(row.layer, ListedPositions(blocks, spec_.block_size, length), BytesPerPosition(row.kv));
     auto [out, mass] = GatherWithMass(row.queries, row.kv, blocks, num_blocks, row.scale, row.out);
     state.Previous(row.layer) = mass;
     state.layer_mass = mass;
@@ -388,7 +472,9 @@ class CudaDoublePAttention : public PagedPolicyBackend {
   at::Tensor DecodeRow(const RowDecode& row) const override {
     const int64_t num_kv_heads = row.kv.num_kv_heads();
     const int64_t length = row.kv.length;
-    DoublePLayer& layer = static_cast<PerLayerState<DoublePLayer>&>(*row.state).At(row.layer);
+    auto& state = static_cast<PerLayerState<DoublePLayer>&>(*row.state);
+    state.CountStep(row.layer);
+    DoublePLayer& layer = state.At(row.layer);
     layer.heads.resize(num_kv_heads);
     ClusterRangeReader reader(row);
     int64_t total_clusters = 0;
@@ -399,11 +485,18 @@ class CudaDoublePAttention : public PagedPolicyBackend {
                             .sizes.size(0);
     }
     if (total_clusters != layer.packed_clusters || layer.heads[0]->end != layer.end) Pack(layer);
-    if (layer.table.centroids.size(1) > cuda::kMaxClustersPerHead) return Deliver(row, ReferenceAttend(row, layer));
+    // Scoring reads every centroid, as in the reference; each approximated cluster's value mean too.
+    const int64_t bytes_per_vector = BytesPerVector(row.kv);
+    state.AddSummaryBytes(total_clusters * bytes_per_vector);
+    if (layer.table.centroids.size(1) > cuda::kMaxClustersPerHead) {
+      return Deliver(row, ReferenceAttend(row, layer, state));
+    }
 
     const cuda::ClusterClasses classes = cuda::DoublePClassify(row.queries, layer.table, row.scale, spec_.p1, spec_.p2);
     const cuda::HeadLists exact =
         cuda::DoublePExactPositions(layer.assignment, classes.exact, layer.first, layer.end, length);
+    state.AddPositions(row.layer, ListedPositions(exact, 0, length), BytesPerPosition(row.kv));
+    state.AddSummaryBytes(classes.approximated.counts.to(at::kLong) * bytes_per_vector);
     cuda::GatherInput gather;
     gather.tokens = &exact;
     gather.max_entries = length;
@@ -417,7 +510,7 @@ class CudaDoublePAttention : public PagedPolicyBackend {
   // A long generation's appended tail clusters can outgrow the scoring kernel's table: the heads
   // then run the reference through ATen on the device, over the whole cache (gathered from the
   // pool in paged mode: this fallback alone reads it all).
-  at::Tensor ReferenceAttend(const RowDecode& row, const DoublePLayer& layer) const {
+  at::Tensor ReferenceAttend(const RowDecode& row, const DoublePLayer& layer, DeviceAccountedState& state) const {
     const int64_t num_kv_heads = row.kv.num_kv_heads();
     const int64_t group = row.queries.size(0) / num_kv_heads;
     const at::Tensor keys = row.kv.paged() ? row.pool->GatherKeys(row.layer, *row.pages, row.kv.length)
@@ -425,10 +518,13 @@ class CudaDoublePAttention : public PagedPolicyBackend {
     const at::Tensor values = row.kv.paged() ? row.pool->GatherValues(row.layer, *row.pages, row.kv.length)
                                              : row.kv.values.narrow(1, 0, row.kv.length);
     std::vector<at::Tensor> outputs;
+    const int64_t bytes_per_vector = BytesPerVector(row.kv);
     for (int64_t head = 0; head < num_kv_heads; ++head) {
-      outputs.push_back(DoublePHeadAttention(row.queries.narrow(0, head * group, group).unsqueeze(1), keys[head],
-                                             values[head], *layer.heads[head], row.scale, spec_)
-                            .output);
+      DoublePHeadResult result = DoublePHeadAttention(row.queries.narrow(0, head * group, group).unsqueeze(1),
+                                                      keys[head], values[head], *layer.heads[head], row.scale, spec_);
+      outputs.push_back(result.output);
+      state.AddPositions(row.layer, head, num_kv_heads, result.exact_positions.numel(), BytesPerPosition(row.kv));
+      state.AddSummaryBytes(result.approximated_clusters * bytes_per_vector);
     }
     return at::cat(outputs, 0).squeeze(1);  // [H_q, D]
   }

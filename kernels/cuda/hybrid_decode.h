@@ -53,6 +53,11 @@ int64_t NumBlocks(int64_t length, int block_size);
 std::vector<int32_t> MandatoryBlocks(int64_t length, const BlockSelectionConfig& config);
 // How many blocks a selection holds: every block when they fit the budget, else budget_blocks.
 int64_t SelectedBlockCount(int64_t length, const BlockSelectionConfig& config);
+// Cached positions one KV head of `mode` attends to in a context of `length`: all of them for dense
+// and retrieval heads; for a sparse head, those of its selection's blocks (has_selection: a retrieval
+// head at its index ran earlier in the step), else of the mandatory blocks. Exact from the lengths
+// alone, since every selected block is full but the last, which is always selected.
+int64_t HeadPositionsAttended(int64_t length, KvHeadMode mode, bool has_selection, const BlockSelectionConfig& config);
 
 // Work descriptors, as the kernels read them (int32 words).
 struct WorkItem {

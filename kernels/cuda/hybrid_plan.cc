@@ -33,6 +33,14 @@ int64_t SelectedBlockCount(int64_t length, const BlockSelectionConfig& config) {
   return num_blocks <= config.budget_blocks() ? num_blocks : config.budget_blocks();
 }
 
+int64_t HeadPositionsAttended(int64_t length, KvHeadMode mode, bool has_selection, const BlockSelectionConfig& config) {
+  if (mode != KvHeadMode::kSparse) return length;
+  const int64_t blocks = has_selection ? SelectedBlockCount(length, config)
+                                       : static_cast<int64_t>(MandatoryBlocks(length, config).size());
+  const int64_t padding = NumBlocks(length, config.block_size) * config.block_size - length;
+  return std::min<int64_t>(length, blocks * config.block_size - padding);
+}
+
 std::string PlanHybridDecode(const HybridDecodeShape& shape, const BlockSelectionConfig& config,
                              const int64_t* lengths, const KvHeadMode* modes, const bool* has_selection,
                              const PlanOptions& options, HybridPlan* plan, const PlanCapacity* capacity) {
@@ -69,7 +77,7 @@ std::string PlanHybridDecode(const HybridDecodeShape& shape, const BlockSelectio
     const int64_t num_blocks = NumBlocks(length, config.block_size);
     for (int h = 0; h < shape.num_kv_heads; ++h) {
       Head& head = heads[static_cast<size_t>(b) * shape.num_kv_heads + h];
-      int64_t tokens = length;
+      const bool selected = has_selection != nullptr && has_selection[h];
       switch (modes[h]) {
         case KvHeadMode::kDense:
           head = {num_blocks, 0};
@@ -77,15 +85,11 @@ std::string PlanHybridDecode(const HybridDecodeShape& shape, const BlockSelectio
         case KvHeadMode::kRetrieval:
           head = {num_blocks, kWorkScore};
           break;
-        case KvHeadMode::kSparse: {
-          const bool selected = has_selection != nullptr && has_selection[h];
-          const std::vector<int32_t> mandatory = MandatoryBlocks(length, config);
-          head = {selected ? SelectedBlockCount(length, config) : static_cast<int64_t>(mandatory.size()),
+        case KvHeadMode::kSparse:
+          head = {selected ? SelectedBlockCount(length, config)
+                           : static_cast<int64_t>(MandatoryBlocks(length, config).size()),
                   kWorkSparse | (selected ? 0 : kWorkFallback)};
-          // Every selected block is full but perhaps the last (always selected when not all are).
-          tokens = std::min<int64_t>(length, head.chunks * config.block_size - (num_blocks * config.block_size - length));
           break;
-        }
         default:
           return "unknown head mode";
       }
@@ -93,7 +97,7 @@ std::string PlanHybridDecode(const HybridDecodeShape& shape, const BlockSelectio
         reads_selection = true;
       }
       total += head.chunks;
-      total_tokens += tokens;
+      total_tokens += HeadPositionsAttended(length, modes[h], selected, config);
     }
   }
 

@@ -1,12 +1,15 @@
 // The CUDA attention backends inside the bundled model (bf16 on the GPU) against the LibTorch
 // reference backends on the same device: the same logits within bf16 noise (0.156 dense and
 // 0.125 hybrid seen on an H100), and a batch of sequences of different lengths equal to each
-// decoded alone. Dense, hybrid, Quest, PrHS and Double-P. Then the decode step replayed from CUDA
-// graphs over a shared pool of shuffled pages against the same step run eagerly.
+// decoded alone, and the same reads in each sequence's telemetry. Dense, hybrid, Quest, PrHS and
+// Double-P. Then the decode step replayed from CUDA graphs over a shared pool of shuffled pages
+// against the same step run eagerly.
 #include "tests/torch_catch.h"
 
 #include <algorithm>
+#include <cmath>
 #include <functional>
+#include <string>
 #include <random>
 
 #include "common/model.h"
@@ -25,9 +28,11 @@ std::vector<int32_t> Prompt(size_t length, int salt) {
 }
 
 // Decodes `steps` fixed tokens after each prompt, as one batch, so that both backends see the
-// same inputs however their logits differ; returns each step's logits [B, V].
+// same inputs however their logits differ; returns each step's logits [B, V], and each sequence's
+// telemetry in `telemetry` when given.
 std::vector<at::Tensor> DecodeBatch(const Model& model, std::shared_ptr<const AttentionBackend> attention,
-                                    const std::vector<std::vector<int32_t>>& prompts, int steps) {
+                                    const std::vector<std::vector<int32_t>>& prompts, int steps,
+                                    std::vector<AttentionTelemetry>* telemetry = nullptr) {
   std::vector<std::unique_ptr<Sequence>> sequences;
   std::vector<Sequence*> batch;
   for (const auto& prompt : prompts) {
@@ -39,6 +44,13 @@ std::vector<at::Tensor> DecodeBatch(const Model& model, std::shared_ptr<const At
   for (int step = 0; step < steps; ++step) {
     const std::vector<int32_t> next(prompts.size(), 200 + 13 * step);
     logits.push_back(model.Decode(batch, next).value().cpu());
+  }
+  for (const auto& sequence : sequences) {
+    if (telemetry == nullptr) break;
+    const SequenceAttentionState* state = sequence->attention_state();
+    REQUIRE(state != nullptr);
+    REQUIRE(state->telemetry() != nullptr);
+    telemetry->push_back(*state->telemetry());
   }
   return logits;
 }
@@ -83,8 +95,26 @@ TEST_CASE("CUDA backends decode as the reference backends do", "[cuda]") {
                {"prhs", MakeCudaPrhsAttention(prhs), MakePrhsBackend(prhs)},
                {"double-p", MakeCudaDoublePAttention(double_p), MakeDoublePBackend(double_p)}};
   for (const auto& pair : pairs) {
-    const auto fast = DecodeBatch(**model, pair.cuda, prompts, 6);
-    const auto reference = DecodeBatch(**model, pair.reference, prompts, 6);
+    std::vector<AttentionTelemetry> fast_reads, reference_reads;
+    const auto fast = DecodeBatch(**model, pair.cuda, prompts, 6, &fast_reads);
+    const auto reference = DecodeBatch(**model, pair.reference, prompts, 6, &reference_reads);
+    // What each sequence read, counted as the reference counts it: exactly for dense and hybrid,
+    // whose reads follow from the lengths; within 2% of the bytes for the policies whose selections
+    // follow scores that bf16 noise can reorder.
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      INFO(pair.name << ", sequence " << i);
+      CHECK(fast_reads[i].decode_steps == reference_reads[i].decode_steps);
+      const double bytes_ratio = static_cast<double>(fast_reads[i].kv_bytes_read) / reference_reads[i].kv_bytes_read;
+      WARN(pair.name << ", sequence " << i << ": KV bytes read CUDA " << fast_reads[i].kv_bytes_read << ", reference "
+                     << reference_reads[i].kv_bytes_read);
+      if (std::string(pair.name) == "dense" || std::string(pair.name) == "hybrid") {
+        CHECK(fast_reads[i].tokens_attended == reference_reads[i].tokens_attended);
+        CHECK(fast_reads[i].kv_bytes_read == reference_reads[i].kv_bytes_read);
+      } else {
+        CHECK(fast_reads[i].num_layers == reference_reads[i].num_layers);
+        CHECK(std::abs(bytes_ratio - 1) < 0.02);
+      }
+    }
     double worst = 0;
     for (size_t step = 0; step < fast.size(); ++step) {
       worst = std::max(worst, (fast[step] - reference[step]).abs().max().item<double>());

@@ -3,6 +3,7 @@
 // heads getting proportionally more of them.
 #include <catch2/catch.hpp>
 
+#include <algorithm>
 #include <map>
 #include <memory>
 
@@ -31,6 +32,31 @@ TEST_CASE("mandatory blocks are the sink blocks and those holding the recent win
   CHECK(SelectedBlockCount(4096, p) == 64);
   CHECK(SelectedBlockCount(4097, p) == 64);
   CHECK(SelectedBlockCount(1000, p) == 16);
+}
+
+// Positions of `blocks` in a context of `length`, each block cut at the end.
+int64_t PositionsOf(const Blocks& blocks, int64_t length, int block_size) {
+  int64_t positions = 0;
+  for (int32_t block : blocks) positions += std::min<int64_t>(length - int64_t{block} * block_size, block_size);
+  return positions;
+}
+
+TEST_CASE("a head's attended positions follow from the length and its mode") {
+  const BlockSelectionConfig p = Config(64, 1024, 64, 64);
+  for (const int64_t length : {1, 63, 64, 65, 300, 1024, 1025, 1087, 5000, 131071}) {
+    INFO("length " << length);
+    CHECK(HeadPositionsAttended(length, KvHeadMode::kDense, false, p) == length);
+    CHECK(HeadPositionsAttended(length, KvHeadMode::kRetrieval, true, p) == length);
+    CHECK(HeadPositionsAttended(length, KvHeadMode::kSparse, false, p) ==
+          PositionsOf(MandatoryBlocks(length, p), length, 64));
+    // Any selection of budget blocks holding the last block: here the first ones and the last.
+    const int64_t count = SelectedBlockCount(length, p);
+    const int64_t last = NumBlocks(length, 64) - 1;
+    Blocks selection;
+    for (int64_t block = 0; block < count - 1; ++block) selection.push_back(static_cast<int32_t>(block));
+    selection.push_back(static_cast<int32_t>(last));
+    CHECK(HeadPositionsAttended(length, KvHeadMode::kSparse, true, p) == PositionsOf(selection, length, 64));
+  }
 }
 
 struct Unpacked {
