@@ -6,7 +6,7 @@
 // device-to-device copy bandwidth measured in the same run.
 //
 //   e2e_bench --model DIR [--contexts 32768,65536,131072] [--batches 1,4] [--steps 10] [--warmup 3]
-//             [--budget 4096] [--graphs true|false] [--json FILE]
+//             [--budget 4096] [--graphs true|false] [--audit-every N] [--json FILE]
 //
 // The KV pool is filled by a prefill of random token ids whose attention is skipped (the backend
 // hands back its queries while the cache fills): keys and values are the model's own projections of
@@ -22,6 +22,11 @@
 // Model::Decode to return (writing the step's inputs, planning every layer, launching the graph or
 // the operations). "none" is the step without attention: the rest of the step, whose weight-read
 // floor is the weights over the copy bandwidth.
+//
+// With --audit-every N, each row also decodes hybrid with the sampled audit (every Nth step of each
+// sequence audited on the device) and prints its cost: the mean step over a whole number of periods
+// (at least 4, after a warmup that holds two audited steps, so that both graphs are captured)
+// against the plain hybrid step's mean over as many steps.
 //
 // A configuration whose KV pool does not fit the GPU's free memory is RESOURCE_EXHAUSTED with the
 // sizes, before anything is allocated for it.
@@ -71,7 +76,7 @@ absl::Status CudaStatus(cudaError_t error, const char* what) {
 }
 
 
-enum class Attention { kNone, kDense, kHybrid };
+enum class Attention { kNone, kDense, kHybrid, kAudited };
 
 const char* Name(Attention attention) {
   switch (attention) {
@@ -81,20 +86,29 @@ const char* Name(Attention attention) {
       return "dense";
     case Attention::kHybrid:
       return "hybrid";
+    case Attention::kAudited:
+      return "hybrid+audit";
   }
   return "?";
 }
 
 // The backend every benchmark sequence is created with: it forwards decode steps to the dense or
 // the hybrid CUDA backend, or does no attention at all (hands back the queries), as selected
-// between rows; prefill (the cache fill) never attends. One pool then serves all three. Each row
-// decodes with its own DecodeContext, whose workspaces and graphs the selected backend made.
+// between rows; prefill (the cache fill) never attends. One pool then serves all of them. Each row
+// decodes with its own DecodeContext, whose workspaces and graphs the selected backend made. The
+// sequences' states are the audited backend's (where there is one), which the others account in
+// as well.
 class SwitchedAttention : public lychee::AttentionBackend {
  public:
-  SwitchedAttention(std::shared_ptr<const AttentionBackend> dense, std::shared_ptr<const AttentionBackend> hybrid)
-      : dense_(std::move(dense)), hybrid_(std::move(hybrid)) {}
+  SwitchedAttention(std::shared_ptr<const AttentionBackend> dense, std::shared_ptr<const AttentionBackend> hybrid,
+                    std::shared_ptr<const AttentionBackend> audited)
+      : dense_(std::move(dense)), hybrid_(std::move(hybrid)), audited_(std::move(audited)) {}
 
   void Select(Attention attention) { attention_ = attention; }
+
+  std::unique_ptr<lychee::SequenceAttentionState> NewSequenceState() const override {
+    return audited_ != nullptr ? audited_->NewSequenceState() : nullptr;
+  }
 
   at::Tensor Attend(const lychee::AttentionInput& input) const override { return input.queries; }
 
@@ -115,9 +129,11 @@ class SwitchedAttention : public lychee::AttentionBackend {
   bool CapturesDecode() const override { return true; }
 
  private:
-  const AttentionBackend& Selected() const { return attention_ == Attention::kDense ? *dense_ : *hybrid_; }
+  const AttentionBackend& Selected() const {
+    return attention_ == Attention::kDense ? *dense_ : attention_ == Attention::kHybrid ? *hybrid_ : *audited_;
+  }
 
-  std::shared_ptr<const AttentionBackend> dense_, hybrid_;
+  std::shared_ptr<const AttentionBackend> dense_, hybrid_, audited_;
   Attention attention_ = Attention::kNone;
 };
 
@@ -157,6 +173,7 @@ struct ByteModel {
 
 struct Measurement {
   double median_ms = 0;
+  double mean_ms = 0;
   double host_ms = 0;  // median time for Model::Decode to return
   lychee::DecodeStats stats;
 };
@@ -187,7 +204,9 @@ struct Bench {
     return CudaStatus(cudaDeviceSynchronize(), "fill");
   }
 
-  absl::StatusOr<Measurement> Measure(Attention which, int64_t batch) {
+  absl::StatusOr<Measurement> Measure(Attention which, int64_t batch) { return Measure(which, batch, warmup, steps); }
+
+  absl::StatusOr<Measurement> Measure(Attention which, int64_t batch, int warmup, int steps) {
     attention.Select(which);
     std::vector<lychee::Sequence*> members;
     for (int64_t i = 0; i < batch; ++i) members.push_back(sequences[i].get());
@@ -209,6 +228,7 @@ struct Bench {
     }
     Measurement m;
     m.median_ms = lychee::bench::Median(wall);
+    for (double ms : wall) m.mean_ms += ms / static_cast<double>(wall.size());
     m.host_ms = lychee::bench::Median(host);
     m.stats = context.stats();
     return m;
@@ -250,7 +270,15 @@ struct Flags {
   int64_t warmup = 3;
   int64_t budget = 4096;
   bool graphs = true;
+  int64_t audit_every = 0;  // 0: no audit rows
   std::string json_path;
+
+  // The audit rows' warmup and measured steps: two audited steps in the warmup (the eager one and
+  // the capture), then whole periods, at least four.
+  int audit_warmup() const { return static_cast<int>(std::max(warmup, 2 * audit_every + 1)); }
+  int audit_steps() const {
+    return static_cast<int>((std::max(steps, 4 * audit_every) + audit_every - 1) / audit_every * audit_every);
+  }
 };
 
 absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
@@ -259,8 +287,11 @@ absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
     const std::string flag = argv[i];
     if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat(flag, " needs a value"));
     const std::string value = argv[i + 1];
-    int64_t* number = flag == "--steps" ? &flags.steps : flag == "--warmup" ? &flags.warmup
-                                                       : flag == "--budget" ? &flags.budget : nullptr;
+    int64_t* number = flag == "--steps"         ? &flags.steps
+                      : flag == "--warmup"      ? &flags.warmup
+                      : flag == "--budget"      ? &flags.budget
+                      : flag == "--audit-every" ? &flags.audit_every
+                                                : nullptr;
     if (flag == "--model") {
       flags.model_dir = value;
     } else if (flag == "--graphs") {
@@ -316,14 +347,20 @@ absl::Status Run(const Flags& flags) {
   LYCHEE_RETURN_IF_ERROR(partition->ValidateFor(config));
   LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const lychee::AttentionBackend> hybrid,
                           lychee::MakeCudaHybridAttention(partition, config));
-  auto attention = std::make_shared<SwitchedAttention>(lychee::MakeCudaDenseAttention(config), hybrid);
+  std::shared_ptr<const lychee::AttentionBackend> audited;
+  if (flags.audit_every > 0) {
+    LYCHEE_ASSIGN_OR_RETURN(audited, lychee::MakeCudaHybridAttention(partition, config, flags.audit_every));
+  }
+  auto attention = std::make_shared<SwitchedAttention>(lychee::MakeCudaDenseAttention(config), hybrid, audited);
   const ByteModel bytes{config, *partition};
 
   const std::vector<Attention> kinds = {Attention::kDense, Attention::kHybrid, Attention::kNone};
   const int64_t max_batch = *std::max_element(flags.batches.begin(), flags.batches.end());
   // Decode steps add positions: every row of the largest context.
-  const int64_t capacity = flags.contexts.back() + static_cast<int64_t>(kinds.size() * flags.batches.size()) *
-                                                       (flags.warmup + flags.steps);
+  const int64_t audit_steps = flags.audit_every > 0 ? 2 * (flags.audit_warmup() + flags.audit_steps()) : 0;
+  const int64_t capacity = flags.contexts.back() + static_cast<int64_t>(flags.batches.size()) *
+                                                       (static_cast<int64_t>(kinds.size()) * (flags.warmup + flags.steps) +
+                                                        audit_steps);
   LYCHEE_RETURN_IF_ERROR(CheckFits(max_batch, capacity, bytes));
   const int64_t pages_per_sequence = (capacity + lychee::kDefaultPageSize - 1) / lychee::kDefaultPageSize;
   LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<lychee::KvPool> pool, model->NewKvPool(max_batch * pages_per_sequence));
@@ -369,6 +406,29 @@ absl::Status Run(const Flags& flags) {
                   rows[0].median_ms / limits[0], rows[1].median_ms, limits[1], rows[1].median_ms / limits[1],
                   rows[0].median_ms / rows[1].median_ms, rows[2].median_ms, limits[2], rows[2].median_ms / limits[2],
                   rows[0].host_ms, rows[1].host_ms, rows[2].host_ms);
+      if (audited != nullptr) {
+        // Plain and audited hybrid over the same number of steps, means (the audited steps are the
+        // tail of the distribution, which a median would hide).
+        LYCHEE_ASSIGN_OR_RETURN(const Measurement plain,
+                                bench.Measure(Attention::kHybrid, batch, flags.audit_warmup(), flags.audit_steps()));
+        LYCHEE_ASSIGN_OR_RETURN(const Measurement with_audit,
+                                bench.Measure(Attention::kAudited, batch, flags.audit_warmup(), flags.audit_steps()));
+        std::printf("%5lld %6lldK | audit every %lld steps: hybrid mean %.3f ms, with the audit %.3f ms (%+.1f%%) over %d "
+                    "steps; graphs captured %lld, replays %lld, eager steps %lld\n",
+                    static_cast<long long>(batch), static_cast<long long>(context / 1024),
+                    static_cast<long long>(flags.audit_every), plain.mean_ms, with_audit.mean_ms,
+                    100 * (with_audit.mean_ms / plain.mean_ms - 1), flags.audit_steps(),
+                    static_cast<long long>(with_audit.stats.graph_captures),
+                    static_cast<long long>(with_audit.stats.graph_replays),
+                    static_cast<long long>(with_audit.stats.eager_steps));
+        if (json != nullptr) {
+          std::fprintf(json,
+                       "{\"attention\": \"hybrid+audit\", \"audit_every\": %lld, \"batch\": %lld, \"context\": %lld, "
+                       "\"mean_ms\": %.4f, \"hybrid_mean_ms\": %.4f}\n",
+                       static_cast<long long>(flags.audit_every), static_cast<long long>(batch),
+                       static_cast<long long>(context), with_audit.mean_ms, plain.mean_ms);
+        }
+      }
       std::fflush(stdout);
       if (json != nullptr) {
         for (size_t k = 0; k < kinds.size(); ++k) {

@@ -123,6 +123,10 @@ struct DecodeStep {
 class DecodeWorkspace {
  public:
   virtual ~DecodeWorkspace() = default;
+  // Which captured graph the planned step replays: steps whose device work differs (an audited
+  // step runs more kernels than a plain one) are captured apart. Below kGraphVariants.
+  virtual int graph_variant() const { return 0; }
+  static constexpr int kGraphVariants = 2;
 };
 
 struct DecodeCapacity {

@@ -356,9 +356,13 @@ struct DecodeContext::Bucket {
   std::unique_ptr<DecodeWorkspace> workspace;
   at::Tensor inputs;
   at::Tensor ids, positions, slots, page_table;
-  int64_t eager_steps = 0;
-  std::unique_ptr<CapturedGraph> graph;
-  DecodeStepOutput graph_output;
+  // Per graph variant of the workspace's steps (DecodeWorkspace::graph_variant).
+  struct Graph {
+    int64_t eager_steps = 0;
+    std::unique_ptr<CapturedGraph> captured;
+    DecodeStepOutput output;
+  };
+  Graph graphs[DecodeWorkspace::kGraphVariants];
 
   bool Matches(const AttentionBackend* b, const KvPool* p, int64_t r, bool g) const {
     return backend == b && pool == p && rows == r && for_graph == g;
@@ -621,28 +625,29 @@ absl::StatusOr<at::Tensor> Model::RunDecode(absl::Span<Sequence* const> sequence
   DecodeStats& stats = context->stats_;
   if (whole_batch) {
     DecodeContext::Bucket& bucket = *groups[0].bucket;
-    if (bucket.for_graph && bucket.graph == nullptr && bucket.eager_steps > 0) {
-      // Captured after one eager step of the bucket, which set up what is made on first use (cuBLAS
-      // handles, kernel attributes), so that none of it happens during capture.
-      absl::StatusOr<std::unique_ptr<CapturedGraph>> graph = CaptureCudaGraph(
-          [&] { bucket.graph_output = DecodeForward(bucket.ids, bucket.positions, groups); });
-      if (graph.ok()) {
-        bucket.graph = *std::move(graph);
+    DecodeContext::Bucket::Graph& graph = bucket.graphs[bucket.workspace->graph_variant()];
+    if (bucket.for_graph && graph.captured == nullptr && graph.eager_steps > 0) {
+      // Captured after one eager step of the bucket's variant, which set up what is made on first use
+      // (cuBLAS handles, kernel attributes), so that none of it happens during capture.
+      absl::StatusOr<std::unique_ptr<CapturedGraph>> captured =
+          CaptureCudaGraph([&] { graph.output = DecodeForward(bucket.ids, bucket.positions, groups); });
+      if (captured.ok()) {
+        graph.captured = *std::move(captured);
         ++stats.graph_captures;
       } else {
         // Eager from now on: this step runs on the bucket's buffers, later ones on eager buckets.
         context->graphs_failed_ = true;
         ++stats.capture_failures;
-        stats.last_capture_error = std::string(graph.status().message());
+        stats.last_capture_error = std::string(captured.status().message());
       }
     }
-    if (bucket.graph != nullptr) {
-      bucket.graph->Replay();
+    if (graph.captured != nullptr) {
+      graph.captured->Replay();
       ++stats.graph_replays;
-      output = bucket.graph_output;
+      output = graph.output;
     } else {
       output = DecodeForward(bucket.ids, bucket.positions, groups);
-      ++bucket.eager_steps;
+      ++graph.eager_steps;
       ++stats.eager_steps;
     }
   } else {

@@ -184,6 +184,7 @@ class InferenceEngine::Impl {
     if (request.policy) {
       LYCHEE_RETURN_IF_ERROR(request.policy->Validate(config));
       plan.policy = request.policy;
+      if (plan.policy->audit_every == 0) plan.policy->audit_every = options_.audit_every;
       if (PolicyNeedsPartition(request.policy->kind)) {
         if (request.partition_version) {
           LYCHEE_ASSIGN_OR_RETURN(plan.pinned, partitions_->Get(*request.partition_version));

@@ -134,6 +134,8 @@ struct EngineOptions {
   bool hybrid_by_default = true;
   // Capture decode steps as CUDA graphs and replay them (CUDA only).
   bool cuda_graphs = true;
+  // The audit period of audited requests that name none.
+  int64_t audit_every = kDefaultAuditEvery;
 };
 
 struct EngineLoad {

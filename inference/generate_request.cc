@@ -38,6 +38,7 @@ absl::StatusOr<PolicySpec> ToPolicySpec(const v1::PolicyOptions& options) {
   if (options.has_page_size()) spec.page_size = options.page_size();
   if (options.has_quest_dense_layers()) spec.quest_dense_layers = options.quest_dense_layers();
   spec.audit = options.audit();
+  spec.audit_every = options.audit_every();  // 0 when unset: the engine fills in the server's period
   return spec;
 }
 

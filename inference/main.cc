@@ -35,6 +35,8 @@ constexpr char kUsage[] = R"(usage: lychee-inference --state-dir DIR [flags]
                               device's free memory once the model is loaded, in place of
                               --kv-cache-mib
   --cuda-graphs true|false    capture decode steps as CUDA graphs and replay them (default true)
+  --audit-every N             audit every Nth decode step of audited requests that name no period
+                              (default 16)
   --max-batch N               sequences decoded together (default 16)
   --max-queued N              requests that may wait for KV memory (default 64)
   --max-new-tokens N          the most tokens one request may ask for (default 4096)
@@ -59,7 +61,7 @@ absl::Status Serve(const std::vector<std::string>& argv) {
       lychee::cli::Args args,
       lychee::cli::Args::Parse(argv,
                                {"model", "state-dir", "listen", "trainer", "metrics-listen", "http-listen", "device",
-                                "threads", "kv-cache-mib", "kv-cache-fraction", "cuda-graphs", "max-batch",
+                                "threads", "kv-cache-mib", "kv-cache-fraction", "cuda-graphs", "audit-every", "max-batch",
                                 "max-queued", "max-new-tokens", "max-context", "prefill-chunk", "default-attention",
                                 "tls-cert", "tls-key", "tls-client-ca", "admin-token-file", "client-token-file",
                                 "trainer-tls-ca", "trainer-tls-cert", "trainer-tls-key"},
@@ -100,6 +102,7 @@ absl::Status Serve(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(engine.max_new_tokens_limit, in_range("max-new-tokens", 4096, 1, 1 << 20));
   LYCHEE_ASSIGN_OR_RETURN(engine.max_context_tokens, in_range("max-context", 0, 0, int64_t{1} << 24));
   LYCHEE_ASSIGN_OR_RETURN(engine.prefill_chunk_tokens, in_range("prefill-chunk", 512, 1, 1 << 20));
+  LYCHEE_ASSIGN_OR_RETURN(engine.audit_every, in_range("audit-every", lychee::kDefaultAuditEvery, 1, 1 << 20));
   if (args.Has("kv-cache-fraction")) {
     if (args.Has("kv-cache-mib")) {
       return absl::InvalidArgumentError("give --kv-cache-mib or --kv-cache-fraction, not both");

@@ -2,6 +2,8 @@
 
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+
 #include "absl/strings/str_cat.h"
 #include "common/kv_pool.h"
 #include "common/status_macros.h"
@@ -15,7 +17,35 @@ namespace {
 
 struct CudaDecodeWorkspace : DecodeWorkspace {
   explicit CudaDecodeWorkspace(cuda::PagedHybridDecode decode_in) : decode(std::move(decode_in)) {}
+  int graph_variant() const override { return decode.audits_step() ? 1 : 0; }
   cuda::PagedHybridDecode decode;
+};
+
+// A sequence's account, and with the audit its dropped mass (sum, max) accumulated on the device
+// and copied only when the telemetry is read.
+class CudaAuditedState : public AccountedState {
+ public:
+  using AccountedState::AccountedState;
+
+  const AttentionTelemetry* telemetry() const override {
+    read_ = *AccountedState::telemetry();
+    if (dropped_.defined()) {
+      const at::Tensor host = dropped_.cpu();
+      read_.sum_dropped_mass += host[0].item<double>();
+      read_.max_dropped_mass = std::max(read_.max_dropped_mass, host[1].item<double>());
+    }
+    return &read_;
+  }
+
+  // Where the device adds this sequence's dropped mass: double [2] (sum, max) on `device`.
+  double* DroppedMassTarget(at::Device device) {
+    if (!dropped_.defined()) dropped_ = at::zeros({2}, at::TensorOptions().dtype(at::kDouble).device(device));
+    return dropped_.data_ptr<double>();
+  }
+
+ private:
+  at::Tensor dropped_;
+  mutable AttentionTelemetry read_;
 };
 
 // Dense and hybrid decode on the paged kernels, one batched launch per layer planned once per
@@ -26,13 +56,13 @@ class CudaPagedAttention : public AttentionBackend {
   // `layer_modes` [layers][kv heads]; empty: every head of every layer dense. `group`: query heads
   // per KV head.
   CudaPagedAttention(std::vector<std::vector<cuda::KvHeadMode>> layer_modes, const cuda::BlockSelectionConfig& selection,
-                     int64_t group)
-      : layer_modes_(std::move(layer_modes)), group_(group) {
+                     int64_t group, int64_t audit_every)
+      : layer_modes_(std::move(layer_modes)), group_(group), audit_every_(audit_every) {
     options_.selection = selection;
   }
 
   std::unique_ptr<SequenceAttentionState> NewSequenceState() const override {
-    return std::make_unique<AccountedState>(/*audit=*/false);
+    return std::make_unique<CudaAuditedState>(audit_every_);
   }
 
   at::Tensor Attend(const AttentionInput& input) const override {
@@ -47,19 +77,19 @@ class CudaPagedAttention : public AttentionBackend {
     }
     return std::make_unique<CudaDecodeWorkspace>(cuda::PagedHybridDecode(
         keys.size(0) * group_, keys.size(3), std::move(modes), options_, capacity.max_batch, capacity.max_pages,
-        pool.page_size(), capacity.for_graph, keys.device()));
+        pool.page_size(), capacity.for_graph, keys.device(), /*audit=*/audit_every_ > 0));
   }
 
   absl::Status PlanDecodeStep(const DecodeStep& step, DecodeWorkspace& workspace) const override {
     if (step.sliding_window) {
       return absl::FailedPreconditionError("the CUDA decode kernels do not take a sliding window");
     }
+    const std::vector<double*> audit_targets = Account(step);
     try {
-      static_cast<CudaDecodeWorkspace&>(workspace).decode.Plan(step.lengths);
+      static_cast<CudaDecodeWorkspace&>(workspace).decode.Plan(step.lengths, audit_targets);
     } catch (const c10::Error& error) {
       return absl::InternalError(error.what_without_backtrace());
     }
-    Account(step);
     return absl::OkStatus();
   }
 
@@ -74,15 +104,26 @@ class CudaPagedAttention : public AttentionBackend {
  private:
   // Each row's reads in its sequence's telemetry, as the CPU references count them. What every head
   // attends to follows from the row's length, so the count needs no device work and no
-  // synchronization, and it holds for replayed graphs alike.
-  void Account(const DecodeStep& step) const {
+  // synchronization, and it holds for replayed graphs alike. So does the number of heads an audited
+  // step audits (every query head of every layer; dense and retrieval heads drop nothing), while
+  // what they dropped accumulates on the device. Returns the audit targets of the step's rows
+  // (empty when the backend does not audit).
+  std::vector<double*> Account(const DecodeStep& step) const {
     const at::Tensor& keys = step.pool->keys(0);
     const int64_t num_kv_heads = keys.size(0);
     const int64_t bytes_per_position = KvBytesPerPosition(keys);
+    std::vector<double*> audit_targets;
+    if (audit_every_ > 0) audit_targets.assign(step.batch(), nullptr);
     for (int64_t row = 0; row < step.batch(); ++row) {
-      auto* state = static_cast<AccountedState*>(step.states[row]);
+      auto* state = static_cast<CudaAuditedState*>(step.states[row]);
       if (state == nullptr) continue;
       CountDecodeStep(state, /*layer=*/0);
+      if (audit_every_ > 0 && state->audit()) {
+        audit_targets[row] = state->DroppedMassTarget(keys.device());
+        AttentionTelemetry& account = state->account();
+        account.audited = true;
+        account.audited_heads += step.pool->num_layers() * num_kv_heads * group_;
+      }
       std::vector<bool> has_selection(num_kv_heads, false);
       for (int layer = 0; layer < step.pool->num_layers(); ++layer) {
         for (int64_t head = 0; head < num_kv_heads; ++head) {
@@ -96,27 +137,30 @@ class CudaPagedAttention : public AttentionBackend {
         }
       }
     }
+    return audit_targets;
   }
 
   std::vector<std::vector<cuda::KvHeadMode>> layer_modes_;
   cuda::HybridDecodeOptions options_;
   int64_t group_;
+  int64_t audit_every_;
 };
 
 std::shared_ptr<const AttentionBackend> MakePaged(std::vector<std::vector<cuda::KvHeadMode>> modes,
-                                                  const cuda::BlockSelectionConfig& selection, const ModelConfig& config) {
+                                                  const cuda::BlockSelectionConfig& selection, const ModelConfig& config,
+                                                  int64_t audit_every) {
   return std::make_shared<CudaPagedAttention>(std::move(modes), selection,
-                                              config.num_attention_heads / config.num_kv_heads);
+                                              config.num_attention_heads / config.num_kv_heads, audit_every);
 }
 
 }  // namespace
 
-std::shared_ptr<const AttentionBackend> MakeCudaDenseAttention(const ModelConfig& config) {
-  return MakePaged({}, cuda::BlockSelectionConfig(), config);
+std::shared_ptr<const AttentionBackend> MakeCudaDenseAttention(const ModelConfig& config, int64_t audit_every) {
+  return MakePaged({}, cuda::BlockSelectionConfig(), config, audit_every);
 }
 
 absl::StatusOr<std::shared_ptr<const AttentionBackend>> MakeCudaHybridAttention(
-    std::shared_ptr<const HeadPartition> partition, const ModelConfig& config) {
+    std::shared_ptr<const HeadPartition> partition, const ModelConfig& config, int64_t audit_every) {
   LYCHEE_RETURN_IF_ERROR(CheckHybridFits(*partition, config));
   const SelectionParams& s = partition->selection();
   if (s.block_size < 16 || s.block_size > 1024) {
@@ -132,7 +176,7 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> MakeCudaHybridAttention(
   }
   const cuda::BlockSelectionConfig selection{static_cast<int>(s.block_size), static_cast<int>(s.token_budget),
                                              static_cast<int>(s.sink_tokens), static_cast<int>(s.recent_tokens)};
-  return MakePaged(std::move(modes), selection, config);
+  return MakePaged(std::move(modes), selection, config, audit_every);
 }
 
 }  // namespace lychee

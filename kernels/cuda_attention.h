@@ -15,17 +15,22 @@
 
 namespace lychee {
 
-// Dense split-KV flash-decode of every head.
-std::shared_ptr<const AttentionBackend> MakeCudaDenseAttention(const ModelConfig& config);
+// Dense split-KV flash-decode of every head. audit_every: as AccountedState's (a dense step drops
+// nothing, so its audit only counts).
+std::shared_ptr<const AttentionBackend> MakeCudaDenseAttention(const ModelConfig& config, int64_t audit_every = 0);
 
-// Hybrid-head decoding with `partition`: the same function as HybridAttentionBackend.
+// Hybrid-head decoding with `partition`: the same function as HybridAttentionBackend. With
+// audit_every N > 0, each sequence's decode steps 1, N + 1, ... are audited on the device: every
+// layer with sparse heads runs a dense twin of the audited rows, and the mass each sparse head's
+// selection drops accumulates in the sequence's state on the device, copied when its telemetry is
+// read (PagedHybridDecode).
 absl::StatusOr<std::shared_ptr<const AttentionBackend>> MakeCudaHybridAttention(
-    std::shared_ptr<const HeadPartition> partition, const ModelConfig& config);
+    std::shared_ptr<const HeadPartition> partition, const ModelConfig& config, int64_t audit_every = 0);
 
 // Quest, PrHS and Double-P (kernels/cuda_policies.cc): the same functions as their references in
 // kernels/policies/policies.h, for validated specs. Quest needs a power-of-two page size
 // (MakePolicyBackend checks). Every CUDA backend keeps its sequences' telemetry as the references
-// count it (audits run on the references).
+// count it; these three do not audit (audited requests of theirs run on the references).
 std::shared_ptr<const AttentionBackend> MakeCudaQuestAttention(const PolicySpec& spec);
 std::shared_ptr<const AttentionBackend> MakeCudaPrhsAttention(const PolicySpec& spec);
 std::shared_ptr<const AttentionBackend> MakeCudaDoublePAttention(const PolicySpec& spec);

@@ -47,7 +47,7 @@ at::Tensor DenseAttention(const at::Tensor& queries, const at::Tensor& keys, con
 }
 
 std::unique_ptr<SequenceAttentionState> DenseAttentionBackend::NewSequenceState() const {
-  return std::make_unique<AccountedState>(audit_);
+  return std::make_unique<AccountedState>(audit_every_);
 }
 
 at::Tensor DenseAttentionBackend::Attend(const AttentionInput& input) const {

@@ -18,12 +18,13 @@ at::Tensor DenseAttention(const at::Tensor& queries, const at::Tensor& keys, con
 // zero for every query (nothing is dropped), so that audited runs of every policy compare.
 class DenseAttentionBackend : public AttentionBackend {
  public:
-  explicit DenseAttentionBackend(bool audit = false) : audit_(audit) {}
+  // audit_every: as AccountedState's.
+  explicit DenseAttentionBackend(int64_t audit_every = 0) : audit_every_(audit_every) {}
   std::unique_ptr<SequenceAttentionState> NewSequenceState() const override;
   at::Tensor Attend(const AttentionInput& input) const override;
 
  private:
-  bool audit_;
+  int64_t audit_every_;
 };
 
 }  // namespace lychee

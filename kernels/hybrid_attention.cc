@@ -65,13 +65,13 @@ absl::Status CheckHybridFits(const HeadPartition& partition, const ModelConfig& 
 }
 
 absl::StatusOr<std::shared_ptr<const HybridAttentionBackend>> HybridAttentionBackend::Create(
-    std::shared_ptr<const HeadPartition> partition, const ModelConfig& config, bool audit) {
+    std::shared_ptr<const HeadPartition> partition, const ModelConfig& config, int64_t audit_every) {
   LYCHEE_RETURN_IF_ERROR(CheckHybridFits(*partition, config));
-  return std::shared_ptr<const HybridAttentionBackend>(new HybridAttentionBackend(std::move(partition), audit));
+  return std::shared_ptr<const HybridAttentionBackend>(new HybridAttentionBackend(std::move(partition), audit_every));
 }
 
 std::unique_ptr<SequenceAttentionState> HybridAttentionBackend::NewSequenceState() const {
-  auto state = std::make_unique<HybridSequenceState>(audit_);
+  auto state = std::make_unique<HybridSequenceState>(audit_every_);
   state->selected_blocks.resize(partition_->num_kv_heads());
   return state;
 }

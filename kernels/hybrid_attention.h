@@ -38,21 +38,21 @@ struct HybridSequenceState : AccountedState {
 class HybridAttentionBackend : public AttentionBackend {
  public:
   // FAILED_PRECONDITION or INVALID_ARGUMENT when the partition does not fit the model. With
-  // `audit`, every decode step also computes the dense scores of the sparse heads and records the
-  // attention mass their selection drops.
+  // `audit_every` N > 0, every Nth decode step of a sequence also computes the dense scores of the
+  // sparse heads and records the attention mass their selection drops.
   static absl::StatusOr<std::shared_ptr<const HybridAttentionBackend>> Create(
-      std::shared_ptr<const HeadPartition> partition, const ModelConfig& config, bool audit = false);
+      std::shared_ptr<const HeadPartition> partition, const ModelConfig& config, int64_t audit_every = 0);
 
   const HeadPartition& partition() const { return *partition_; }
   std::unique_ptr<SequenceAttentionState> NewSequenceState() const override;
   at::Tensor Attend(const AttentionInput& input) const override;
 
  private:
-  HybridAttentionBackend(std::shared_ptr<const HeadPartition> partition, bool audit)
-      : partition_(std::move(partition)), audit_(audit) {}
+  HybridAttentionBackend(std::shared_ptr<const HeadPartition> partition, int64_t audit_every)
+      : partition_(std::move(partition)), audit_every_(audit_every) {}
 
   std::shared_ptr<const HeadPartition> partition_;
-  bool audit_;
+  int64_t audit_every_;
 };
 
 }  // namespace lychee

@@ -143,6 +143,11 @@ PolicySpec PolicySpec::Defaults(PolicyKind kind) {
   return spec;
 }
 
+int64_t PolicySpec::AuditPeriod() const {
+  if (!audit) return 0;
+  return audit_every > 0 ? audit_every : kDefaultAuditEvery;
+}
+
 absl::Status PolicySpec::Validate(const ModelConfig& config) const {
   const std::string name = PolicyName(kind);
   if (kind == PolicyKind::kDense) return absl::OkStatus();
@@ -151,6 +156,7 @@ absl::Status PolicySpec::Validate(const ModelConfig& config) const {
         absl::StrCat("policy ", name, ": sparse policies do not support models with a sliding window"));
   }
   if (absl::Status status = CheckNonNegative(name, "sink_tokens", sink_tokens); !status.ok()) return status;
+  if (absl::Status status = CheckNonNegative(name, "audit_every", audit_every); !status.ok()) return status;
   if (absl::Status status = CheckNonNegative(name, "recent_tokens", recent_tokens); !status.ok()) return status;
   switch (kind) {
     case PolicyKind::kDense:
@@ -257,7 +263,7 @@ std::string PolicySpec::Describe() const {
                       " sink=", sink_tokens, " recent=", recent_tokens, " tail=", tail_tokens);
       break;
   }
-  if (audit) absl::StrAppend(&text, " audit");
+  if (audit) absl::StrAppend(&text, " audit", AuditPeriod() > 1 ? absl::StrCat(" every=", AuditPeriod()) : "");
   return text;
 }
 

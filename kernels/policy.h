@@ -32,6 +32,9 @@
 
 namespace lychee {
 
+// The audit period of a request that names none, unless the server sets another.
+constexpr int64_t kDefaultAuditEvery = 16;
+
 enum class PolicyKind { kDense, kLychee, kDoubleP, kPrhs, kStreaming, kTidal, kQuest };
 
 // "dense", "lychee" (or "hybrid"), "double-p", "prhs", "streaming", "tidal", "quest";
@@ -89,8 +92,13 @@ struct PolicySpec {
   int64_t page_size = 16;
   int64_t quest_dense_layers = 2;
 
-  // Per step, compute dense scores too and record the dropped attention mass (slow).
+  // Compute dense scores too and record the dropped attention mass, on every audit_every-th decode
+  // step of each sequence (its first, N + 1-th, ...). 0: the server's default period, where a
+  // server fills it in (kDefaultAuditEvery elsewhere).
   bool audit = false;
+  int64_t audit_every = 1;
+  // The period the backends audit at: 0 without audit.
+  int64_t AuditPeriod() const;
 
   // The authors' defaults for `kind`: DuoAttention's streaming heads keep 64 sink and 256 recent
   // tokens (a budget of 320); Double-P keeps 4 sink and 64 recent tokens exact; TidalDecode and

@@ -23,16 +23,18 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> MakePolicyBackend(
     LYCHEE_RETURN_IF_ERROR(partition->ValidateFor(config));
   }
 #ifdef LYCHEE_CUDA_ATTENTION
-  const bool on_cuda_kernels = device.is_cuda() && !spec.audit;
+  const bool on_cuda_kernels = device.is_cuda();
 #else
   const bool on_cuda_kernels = false;
 #endif
+  // The Quest, PrHS and Double-P kernels compute no audit: audited requests run their references.
+  [[maybe_unused]] const bool on_unaudited_cuda_kernels = on_cuda_kernels && !spec.audit;
   switch (spec.kind) {
     case PolicyKind::kDense:
 #ifdef LYCHEE_CUDA_ATTENTION
-      if (on_cuda_kernels) return MakeCudaDenseAttention(config);
+      if (on_cuda_kernels) return MakeCudaDenseAttention(config, spec.AuditPeriod());
 #endif
-      return std::shared_ptr<const AttentionBackend>(std::make_shared<DenseAttentionBackend>(spec.audit));
+      return std::shared_ptr<const AttentionBackend>(std::make_shared<DenseAttentionBackend>(spec.AuditPeriod()));
     case PolicyKind::kLychee: {
       auto selecting = std::make_shared<HeadPartition>(*partition);
       SelectionParams& selection = selecting->mutable_selection();
@@ -41,19 +43,19 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> MakePolicyBackend(
       selection.sink_tokens = spec.sink_tokens;
       selection.recent_tokens = spec.recent_tokens;
 #ifdef LYCHEE_CUDA_ATTENTION
-      if (on_cuda_kernels) return MakeCudaHybridAttention(std::move(selecting), config);
+      if (on_cuda_kernels) return MakeCudaHybridAttention(std::move(selecting), config, spec.AuditPeriod());
 #endif
-      LYCHEE_ASSIGN_OR_RETURN(auto hybrid, HybridAttentionBackend::Create(std::move(selecting), config, spec.audit));
+      LYCHEE_ASSIGN_OR_RETURN(auto hybrid, HybridAttentionBackend::Create(std::move(selecting), config, spec.AuditPeriod()));
       return std::shared_ptr<const AttentionBackend>(std::move(hybrid));
     }
     case PolicyKind::kDoubleP:
 #ifdef LYCHEE_CUDA_ATTENTION
-      if (on_cuda_kernels) return MakeCudaDoublePAttention(spec);
+      if (on_unaudited_cuda_kernels) return MakeCudaDoublePAttention(spec);
 #endif
       return MakeDoublePBackend(spec);
     case PolicyKind::kPrhs:
 #ifdef LYCHEE_CUDA_ATTENTION
-      if (on_cuda_kernels) return MakeCudaPrhsAttention(spec);
+      if (on_unaudited_cuda_kernels) return MakeCudaPrhsAttention(spec);
 #endif
       return MakePrhsBackend(spec);
     case PolicyKind::kStreaming:
@@ -62,7 +64,7 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> MakePolicyBackend(
       return MakeTidalBackend(spec, config.num_layers);
     case PolicyKind::kQuest:
 #ifdef LYCHEE_CUDA_ATTENTION
-      if (on_cuda_kernels && IsPowerOfTwo(spec.page_size)) return MakeCudaQuestAttention(spec);
+      if (on_unaudited_cuda_kernels && IsPowerOfTwo(spec.page_size)) return MakeCudaQuestAttention(spec);
 #endif
       return MakeQuestBackend(spec);
   }

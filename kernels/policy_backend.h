@@ -17,8 +17,9 @@ namespace lychee {
 // lychee and streaming need `partition` (its roles; lychee takes its selection from the spec:
 // token_budget, block_size, sink_tokens, recent_tokens). On a CUDA device, dense, lychee,
 // double-p, prhs and quest (with a power-of-two page size) decode on the CUDA kernels where this
-// build has them, unless the spec asks for an audit (the kernels keep no telemetry); streaming
-// and tidal run their CPU reference through ATen on the device.
+// build has them; dense and lychee audit there too (sampled, on the device), while audited
+// double-p, prhs and quest requests run their references; streaming and tidal run their CPU
+// reference through ATen on the device.
 absl::StatusOr<std::shared_ptr<const AttentionBackend>> MakePolicyBackend(
     const PolicySpec& spec, const ModelConfig& config, std::shared_ptr<const HeadPartition> partition,
     c10::Device device = c10::Device(c10::kCPU));

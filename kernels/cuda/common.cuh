@@ -82,6 +82,10 @@ __device__ __forceinline__ float FastExp2(float x) {
   return y;
 }
 
+// log2 of a softmax denominator kept as its max m and the sum l of exp2(score - m) (log2 units):
+// m + log2(l); -inf when nothing was attended.
+__device__ __forceinline__ float LogSumExp2(float m, float l) { return l > 0.f ? m + __log2f(l) : -INFINITY; }
+
 __device__ __forceinline__ float WarpMax(float x) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));

@@ -54,6 +54,8 @@ struct DecodeParams {
   float* partial_o;   // [num_partials, G, D]
   float2* partial_ml; // [num_partials, G]: (max in log2 units, sum of exp2)
   float* scores;      // block scores of retrieval heads
+  float* lse;         // or null: [B, H_q] at lse_batch_stride, each head's log2 softmax denominator
+  int64_t lse_batch_stride;
   const int* counts;  // the plan's header on the device: num_work, num_merge, num_select
   const int4* work;   // two int4 per item
   const int4* merges;
@@ -176,6 +178,7 @@ __device__ __forceinline__ void StoreItemResult(const DecodeParams& p, const flo
       for (int e = 0; e < 8; ++e) acc[e] *= inv;
       *reinterpret_cast<uint4*>(p.out + b * p.out_batch_stride + (h * G + g) * p.out_head_stride + d0) =
           FloatToBf16x8(acc);
+      if (p.lse != nullptr && d0 == 0) p.lse[b * p.lse_batch_stride + h * G + g] = LogSumExp2(mx, sum);
     } else {
       float4* dst = reinterpret_cast<float4*>(p.partial_o + (static_cast<int64_t>(out_index) * G + g) * D + d0);
       dst[0] = make_float4(acc[0], acc[1], acc[2], acc[3]);
@@ -678,21 +681,24 @@ __global__ void __launch_bounds__(kPostThreads) HybridPostKernel(const DecodePar
     s_l[warp] = sum;
   }
   __syncthreads();
+  float m_all = -INFINITY;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, s_m[w]);
+  const float base = m_all == -INFINITY ? 0.f : m_all;
+  float factor[kWarps], total = 0.f;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) {
+    factor[w] = FastExp2(s_m[w] - base);
+    total = fmaf(s_l[w], factor[w], total);
+  }
   for (int d = threadIdx.x; d < D; d += kPostThreads) {
-    float m_all = -INFINITY;
+    float value = 0.f;
 #pragma unroll
-    for (int w = 0; w < kWarps; ++w) m_all = fmaxf(m_all, s_m[w]);
-    const float base = m_all == -INFINITY ? 0.f : m_all;
-    float total = 0.f, value = 0.f;
-#pragma unroll
-    for (int w = 0; w < kWarps; ++w) {
-      const float f = FastExp2(s_m[w] - base);
-      total = fmaf(s_l[w], f, total);
-      value = fmaf(s_o[w][d], f, value);
-    }
+    for (int w = 0; w < kWarps; ++w) value = fmaf(s_o[w][d], factor[w], value);
     p.out[mi.x * p.out_batch_stride + (mi.y * group + g) * p.out_head_stride + d] =
         __float2bfloat16_rn(total > 0.f ? value / total : 0.f);
   }
+  if (p.lse != nullptr && threadIdx.x == 0) p.lse[mi.x * p.lse_batch_stride + mi.y * group + g] = LogSumExp2(m_all, total);
 }
 
 }  // namespace device

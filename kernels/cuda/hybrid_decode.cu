@@ -73,6 +73,8 @@ cudaError_t LaunchHybridDecode(const HybridDecodeArgs& a, const HybridPlan& plan
   p.sel_batch_stride = a.sel_batch_stride;
   p.sel_head_stride = a.sel_head_stride;
   p.sel_count_batch_stride = a.sel_count_batch_stride;
+  p.lse = a.lse;
+  p.lse_batch_stride = a.lse_batch_stride;
 
   const size_t partials = static_cast<size_t>(room.partials);
   auto align = [](uintptr_t x) { return (x + 255) & ~uintptr_t{255}; };

@@ -164,6 +164,11 @@ struct HybridDecodeArgs {
   int64_t sel_batch_stride = 0, sel_head_stride = 0;  // of sel_indices
   int64_t sel_count_batch_stride = 0;                 // of sel_counts (head stride 1)
 
+  // Optional float32 [B, H_q] (head stride 1): each query head's log2 softmax denominator over the
+  // positions it attended, in units of scale * log2(e) scores, for the sampled audit.
+  float* lse = nullptr;
+  int64_t lse_batch_stride = 0;
+
   void* workspace = nullptr;  // HybridWorkspaceBytes(plan, shape), 256-byte aligned
   const int32_t* plan = nullptr;  // device copy of HybridPlan::words
   // Launch the capacities' CTAs (extra ones exit at once) rather than the plan's counts.
@@ -182,6 +187,16 @@ size_t HybridWorkspaceBytes(const HybridPlan& plan, const HybridDecodeShape& sha
 // Enqueues the decode on `stream`. Returns the first CUDA error (launch configuration included).
 cudaError_t LaunchHybridDecode(const HybridDecodeArgs& args, const HybridPlan& plan, const HybridDecodeShape& shape,
                                const BlockSelectionConfig& config, cudaStream_t stream);
+
+// The sampled audit of one layer: the mass that each sparse head's attended positions leave out of
+// its dense softmax, from two launches' lse of the same queries (LaunchHybridDecode's with the
+// layer's modes, and its dense twin's): delta = 1 - 2^(lse - dense_lse), clamped to [0, 1], for
+// the query heads of the KV heads whose bit is set in `sparse_kv_heads`. For each of `rows` rows
+// with a target (device array of double*, null to skip a row), adds the row's sum of deltas to
+// target[0] and raises target[1] to their max.
+cudaError_t LaunchAuditDroppedMass(const float* lse, const float* dense_lse, int64_t lse_batch_stride, int rows,
+                                   int num_q_heads, int group, uint64_t sparse_kv_heads, double* const* targets,
+                                   cudaStream_t stream);
 
 // CTAs of the main kernel that fit on one multiprocessor for this shape (occupancy), or 0.
 int HybridDecodeMaxCtasPerSm(int head_dim, int group);

@@ -251,8 +251,8 @@ bool SameModes(const std::vector<KvHeadMode>& a, const bool* a_has, const std::v
 PagedHybridDecode::PagedHybridDecode(int64_t num_q_heads, int64_t head_dim,
                                      std::vector<std::vector<KvHeadMode>> layer_modes,
                                      const HybridDecodeOptions& options, int64_t max_batch, int64_t max_pages,
-                                     int64_t page_size, bool launch_capacity, at::Device device)
-    : options_(options), page_size_(page_size), launch_capacity_(launch_capacity) {
+                                     int64_t page_size, bool launch_capacity, at::Device device, bool audit)
+    : options_(options), page_size_(page_size), launch_capacity_(launch_capacity), audit_(audit) {
   TORCH_CHECK(!layer_modes.empty() && !layer_modes[0].empty(), "paged decode: no layers");
   TORCH_CHECK(device.is_cuda(), "paged decode: the device must be CUDA, got ", device);
   TORCH_CHECK(page_size >= 16 && (page_size & (page_size - 1)) == 0, "paged decode: the page size must be a power of ",
@@ -286,18 +286,37 @@ PagedHybridDecode::PagedHybridDecode(int64_t num_q_heads, int64_t head_dim,
   }
   HybridPlan layout;
   layout.capacity = capacity_;
-  slot_words_ = layout.select_offset() + 4 * capacity_.select;
+  slot_words_ = layout.select_offset() + 4 * capacity_.select;  // a multiple of 4: slots stay 16-byte aligned
   const auto on_device = at::TensorOptions().device(device);
-  plans_ = at::zeros({static_cast<int64_t>(patterns_.size()) * slot_words_}, on_device.dtype(at::kInt));
+  int64_t plan_words = static_cast<int64_t>(patterns_.size()) * slot_words_;
+  if (audit_) {
+    TORCH_CHECK(num_kv_heads <= 64, "paged decode: the audit takes at most 64 KV heads, got ", num_kv_heads);
+    for (const std::vector<KvHeadMode>& modes : layer_modes) {
+      uint64_t mask = 0;
+      for (int64_t h = 0; h < num_kv_heads; ++h) {
+        if (modes[h] == KvHeadMode::kSparse) mask |= uint64_t{1} << h;
+      }
+      layer_sparse_mask_.push_back(mask);
+    }
+    targets_offset_ = plan_words + slot_words_;
+    plan_words = targets_offset_ + 2 * max_batch;
+    const auto floats = on_device.dtype(at::kFloat);
+    lse_ = at::zeros({max_batch, num_q_heads}, floats);
+    dense_lse_ = at::zeros({max_batch, num_q_heads}, floats);
+    dense_out_ = at::zeros({max_batch, num_q_heads, head_dim}, on_device.dtype(at::kBFloat16));
+  }
+  plans_ = at::zeros({plan_words}, on_device.dtype(at::kInt));
   workspace_ = at::empty({static_cast<int64_t>(HybridWorkspaceBytes(layout, shape_))}, on_device.dtype(at::kByte));
   sel_indices_ = at::zeros({max_batch, num_kv_heads, options.selection.budget_blocks()}, on_device.dtype(at::kInt));
   sel_counts_ = at::zeros({max_batch, num_kv_heads}, on_device.dtype(at::kInt));
   out_ = at::zeros({max_batch, num_q_heads, head_dim}, on_device.dtype(at::kBFloat16));
 }
 
-void PagedHybridDecode::Plan(const std::vector<int64_t>& lengths) {
+void PagedHybridDecode::Plan(const std::vector<int64_t>& lengths, const std::vector<double*>& audit_targets) {
   TORCH_CHECK(!lengths.empty() && static_cast<int64_t>(lengths.size()) <= shape_.batch, "paged decode: a step of ",
               lengths.size(), " sequences on a workspace for ", shape_.batch);
+  TORCH_CHECK(audit_targets.empty() || (audit_ && audit_targets.size() == lengths.size()),
+              "paged decode: audit targets need a workspace made for the audit and one target per row");
   batch_ = static_cast<int64_t>(lengths.size());
   HybridDecodeShape shape = shape_;
   shape.batch = static_cast<int>(batch_);
@@ -312,7 +331,44 @@ void PagedHybridDecode::Plan(const std::vector<int64_t>& lengths) {
     TORCH_CHECK(error.empty(), "paged decode: ", error);
     std::memcpy(host + i * slot_words_, pattern.plan.words.data(), pattern.plan.plan_bytes());
   }
+  audits_step_ = false;
+  if (audit_) PlanAudit(lengths, audit_targets, host);
   plans_.copy_(staging, /*non_blocking=*/true);
+}
+
+void PagedHybridDecode::PlanAudit(const std::vector<int64_t>& lengths, const std::vector<double*>& targets,
+                                  int32_t* host) {
+  auto* host_targets = reinterpret_cast<int64_t*>(host + targets_offset_);
+  std::vector<int64_t> audited_lengths;
+  std::vector<int32_t> audited_rows;
+  for (int64_t row = 0; row < shape_.batch; ++row) {
+    double* target = row < static_cast<int64_t>(targets.size()) ? targets[row] : nullptr;
+    host_targets[row] = reinterpret_cast<int64_t>(target);
+    if (target == nullptr) continue;
+    audited_rows.push_back(static_cast<int32_t>(row));
+    audited_lengths.push_back(lengths[row]);
+  }
+  const bool any_sparse = std::any_of(layer_sparse_mask_.begin(), layer_sparse_mask_.end(),
+                                      [](uint64_t mask) { return mask != 0; });
+  if (audited_rows.empty() || !any_sparse) return;  // nothing can be dropped: no twin to run
+  HybridDecodeShape shape = shape_;
+  shape.batch = static_cast<int>(audited_rows.size());
+  const std::vector<KvHeadMode> dense(shape_.num_kv_heads, KvHeadMode::kDense);
+  const std::string error = PlanHybridDecode(shape, options_.selection, audited_lengths.data(), dense.data(), nullptr,
+                                             plan_options_, &dense_plan_, &capacity_);
+  TORCH_CHECK(error.empty(), "paged decode, audit: ", error);
+  // Planned as a batch of the audited rows alone; its items name those rows' places in the step.
+  int32_t* words = dense_plan_.words.data();
+  for (int i = 0; i < dense_plan_.num_work; ++i) {
+    int32_t& batch = words[kPlanHeaderWords + 8 * i];
+    batch = audited_rows[batch];
+  }
+  for (int i = 0; i < dense_plan_.num_merge; ++i) {
+    int32_t& batch = words[dense_plan_.merge_offset() + 4 * i];
+    batch = audited_rows[batch];
+  }
+  std::memcpy(host + patterns_.size() * slot_words_, words, dense_plan_.plan_bytes());
+  audits_step_ = true;
 }
 
 at::Tensor PagedHybridDecode::Attend(int layer, const at::Tensor& queries, const at::Tensor& key_pages,
@@ -359,10 +415,28 @@ at::Tensor PagedHybridDecode::Attend(int layer, const at::Tensor& queries, const
   args.launch_capacity = launch_capacity_;
   args.scale = static_cast<float>(options_.scale);
   args.use_pdl = options_.use_pdl;
+  const bool audited_layer = audits_step_ && layer_sparse_mask_[layer] != 0;
+  if (audited_layer) {
+    args.lse = lse_.data_ptr<float>();
+    args.lse_batch_stride = lse_.stride(0);
+  }
   const c10::cuda::CUDAGuard guard(out_.device());
-  const cudaError_t err = LaunchHybridDecode(args, pattern.plan, shape_, options_.selection,
-                                             c10::cuda::getCurrentCUDAStream(out_.device().index()));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(out_.device().index());
+  cudaError_t err = LaunchHybridDecode(args, pattern.plan, shape_, options_.selection, stream);
   TORCH_CHECK(err == cudaSuccess, "paged hybrid decode launch failed: ", cudaGetErrorString(err));
+  if (audited_layer) {
+    HybridDecodeArgs twin = args;
+    twin.out = dense_out_.data_ptr();
+    twin.lse = dense_lse_.data_ptr<float>();
+    twin.plan = plans_.data_ptr<int32_t>() + patterns_.size() * slot_words_;
+    err = LaunchHybridDecode(twin, dense_plan_, shape_, options_.selection, stream);
+    TORCH_CHECK(err == cudaSuccess, "paged decode, the audit's dense twin: launch failed: ", cudaGetErrorString(err));
+    err = LaunchAuditDroppedMass(lse_.data_ptr<float>(), dense_lse_.data_ptr<float>(), lse_.stride(0), shape_.batch,
+                                 shape_.num_q_heads, shape_.num_q_heads / shape_.num_kv_heads,
+                                 layer_sparse_mask_[layer],
+                                 reinterpret_cast<double* const*>(plans_.data_ptr<int32_t>() + targets_offset_), stream);
+    TORCH_CHECK(err == cudaSuccess, "paged decode, the audit's reduction: launch failed: ", cudaGetErrorString(err));
+  }
   return out_.narrow(0, 0, queries.size(0));
 }
 

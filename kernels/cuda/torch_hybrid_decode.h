@@ -82,15 +82,24 @@ at::Tensor DenseDecodeAttention(const at::Tensor& queries, const std::vector<at:
 // partials and block scores, the selection, and the output. Plan() does the host work of a step
 // and one copy to the device; Attend() only enqueues the kernels on buffers of this object, so a
 // step can be captured in a CUDA graph and replayed after later Plan() calls.
+//
+// With `audit`, a step whose Plan() names audit targets is an audited step: after each layer with
+// sparse heads, the layer runs again with every head dense (its twin, over the audited rows only),
+// and LaunchAuditDroppedMass adds what the sparse heads dropped to the rows' targets. An audited
+// step enqueues more work than a plain one, so it is captured in a graph of its own.
 class PagedHybridDecode {
  public:
   // layer_modes: [layers][num_kv_heads]. launch_capacity: launches cover the capacity (for graphs).
   PagedHybridDecode(int64_t num_q_heads, int64_t head_dim, std::vector<std::vector<KvHeadMode>> layer_modes,
                     const HybridDecodeOptions& options, int64_t max_batch, int64_t max_pages, int64_t page_size,
-                    bool launch_capacity, at::Device device);
+                    bool launch_capacity, at::Device device, bool audit = false);
 
   // Plans every layer pattern for sequences of `lengths` positions (this step's token included).
-  void Plan(const std::vector<int64_t>& lengths);
+  // audit_targets (with `audit`; empty or one per row): the device double[2] (sum, max) that the
+  // row's dropped mass goes to, or null where the row is not audited in this step.
+  void Plan(const std::vector<int64_t>& lengths, const std::vector<double*>& audit_targets = {});
+  // Whether the planned step is audited.
+  bool audits_step() const { return audits_step_; }
   // Layer `layer` of the planned step. queries [rows, num_q_heads, head_dim] bf16 (rows past the
   // planned batch are padding); key_pages and value_pages: the layer's pool [num_kv_heads, pages,
   // page_size, head_dim]; page_table int32 [rows, >= pages of the longest sequence]. Returns the
@@ -99,6 +108,10 @@ class PagedHybridDecode {
                     const at::Tensor& page_table);
 
  private:
+  // The dense twin's plan over the rows with a target, and the targets, into `host` (the staging
+  // of plans_).
+  void PlanAudit(const std::vector<int64_t>& lengths, const std::vector<double*>& targets, int32_t* host);
+
   struct Pattern {
     std::vector<KvHeadMode> modes;
     std::unique_ptr<bool[]> has_selection;
@@ -115,8 +128,17 @@ class PagedHybridDecode {
   std::vector<Pattern> patterns_;
   std::vector<int> layer_pattern_;
   int64_t slot_words_ = 0;  // one pattern's plan
-  at::Tensor plans_;        // int32 [patterns * slot_words] on the device
+  // int32 on the device: [patterns * slot_words], then with `audit` the dense twin's plan
+  // [slot_words] and the audit targets (int64 [max_batch]) at targets_offset_.
+  at::Tensor plans_;
   at::Tensor workspace_, sel_indices_, sel_counts_, out_;
+
+  bool audit_ = false;
+  bool audits_step_ = false;
+  HybridPlan dense_plan_;                   // the audited rows, every head dense
+  std::vector<uint64_t> layer_sparse_mask_;  // bit h: KV head h of the layer is sparse
+  int64_t targets_offset_ = 0;
+  at::Tensor lse_, dense_lse_, dense_out_;
 };
 
 }  // namespace cuda

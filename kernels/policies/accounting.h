@@ -16,13 +16,17 @@ namespace lychee {
 // from it.
 class AccountedState : public SequenceAttentionState {
  public:
-  explicit AccountedState(bool audit) : audit_(audit) {}
+  // audit_every: 0, no audit; N, the sequence's decode steps 1, N + 1, 2N + 1, ... are audited.
+  explicit AccountedState(int64_t audit_every) : audit_every_(audit_every) {}
   const AttentionTelemetry* telemetry() const override { return &telemetry_; }
   AttentionTelemetry& account() { return telemetry_; }
-  bool audit() const { return audit_; }
+  // Whether the decode step that CountDecodeStep counted last is audited.
+  bool audit() const {
+    return audit_every_ > 0 && telemetry_.decode_steps > 0 && (telemetry_.decode_steps - 1) % audit_every_ == 0;
+  }
 
  private:
-  bool audit_;
+  int64_t audit_every_;
   AttentionTelemetry telemetry_;
 };
 

@@ -55,7 +55,7 @@ class DoublePBackend : public AttentionBackend {
   explicit DoublePBackend(const PolicySpec& spec) : spec_(spec) {}
 
   std::unique_ptr<SequenceAttentionState> NewSequenceState() const override {
-    return std::make_unique<DoublePState>(spec_.audit);
+    return std::make_unique<DoublePState>(spec_.AuditPeriod());
   }
 
   at::Tensor Attend(const AttentionInput& input) const override {

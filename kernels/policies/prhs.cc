@@ -46,7 +46,7 @@ class PrhsBackend : public AttentionBackend {
   explicit PrhsBackend(const PolicySpec& spec) : spec_(spec) {}
 
   std::unique_ptr<SequenceAttentionState> NewSequenceState() const override {
-    return std::make_unique<PrhsState>(spec_.audit);
+    return std::make_unique<PrhsState>(spec_.AuditPeriod());
   }
 
   at::Tensor Attend(const AttentionInput& input) const override {

@@ -17,7 +17,7 @@ class QuestBackend : public AttentionBackend {
   explicit QuestBackend(const PolicySpec& spec) : spec_(spec) {}
 
   std::unique_ptr<SequenceAttentionState> NewSequenceState() const override {
-    return std::make_unique<AccountedState>(spec_.audit);
+    return std::make_unique<AccountedState>(spec_.AuditPeriod());
   }
 
   at::Tensor Attend(const AttentionInput& input) const override {

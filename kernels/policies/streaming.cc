@@ -13,7 +13,7 @@ class StreamingBackend : public AttentionBackend {
       : spec_(spec), partition_(std::move(partition)) {}
 
   std::unique_ptr<SequenceAttentionState> NewSequenceState() const override {
-    return std::make_unique<AccountedState>(spec_.audit);
+    return std::make_unique<AccountedState>(spec_.AuditPeriod());
   }
 
   at::Tensor Attend(const AttentionInput& input) const override {

@@ -21,7 +21,7 @@ class TidalBackend : public AttentionBackend {
       : spec_(spec), selection_layers_(TidalSelectionLayers(spec, num_layers)) {}
 
   std::unique_ptr<SequenceAttentionState> NewSequenceState() const override {
-    return std::make_unique<TidalState>(spec_.audit);
+    return std::make_unique<TidalState>(spec_.AuditPeriod());
   }
 
   at::Tensor Attend(const AttentionInput& input) const override {

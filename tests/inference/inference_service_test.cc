@@ -226,6 +226,8 @@ TEST_CASE("a request picks a selection policy and gets its telemetry back") {
   REQUIRE(last.has_done());
   const v1::GenerateDone& done = last.done();
   CHECK(done.policy().rfind("quest budget=16 page=8", 0) == 0);
+  // No period asked for: the server's (16 by default) audits decode steps 1, 17, ...
+  CHECK(done.policy().find("audit every=16") != std::string::npos);
   CHECK(done.token_budget() == 16);
   REQUIRE(done.has_telemetry());
   const v1::AttentionTelemetry& telemetry = done.telemetry();
@@ -238,6 +240,13 @@ TEST_CASE("a request picks a selection policy and gets its telemetry back") {
   CHECK(telemetry.max_dropped_mass() >= telemetry.mean_dropped_mass());
   // Layer 2 selects pages within the budget; layer 0 is dense and reads the whole prefix.
   CHECK(telemetry.tokens_attended(2 * 2) < telemetry.tokens_attended(0));
+
+  v1::GenerateRequest every_other = quest;
+  every_other.mutable_attention()->mutable_policy()->set_audit_every(2);
+  auto [every_other_status, every_other_last] = fixture.Generate(every_other);
+  REQUIRE(every_other_status.ok());
+  CHECK(every_other_last.done().policy().find("audit every=2") != std::string::npos);
+  CHECK(every_other_last.done().telemetry().audited());
 
   struct BadPolicy {
     std::function<void(v1::PolicyOptions*)> set;

@@ -132,10 +132,11 @@ TEST_CASE("CUDA backends decode as the reference backends do", "[cuda]") {
 }
 
 // Greedy decoding of `prompts` as one batch in `pool` for `steps` steps; returns each step's tokens
-// and logits.
+// and logits, and each sequence's telemetry.
 struct Greedy {
   std::vector<std::vector<int32_t>> tokens;
   std::vector<at::Tensor> logits;
+  std::vector<AttentionTelemetry> reads;
 };
 Greedy DecodeGreedy(const Model& model, std::shared_ptr<KvPool> pool, std::shared_ptr<const AttentionBackend> attention,
                     const std::vector<std::vector<int32_t>>& prompts, int steps, DecodeContext& context) {
@@ -154,6 +155,7 @@ Greedy DecodeGreedy(const Model& model, std::shared_ptr<KvPool> pool, std::share
     for (size_t i = 0; i < next.size(); ++i) next[i] = static_cast<int32_t>(logits[i].argmax().item<int64_t>());
     greedy.tokens.push_back(next);
   }
+  for (const auto& sequence : sequences) greedy.reads.push_back(*sequence->attention_state()->telemetry());
   return greedy;
 }
 
@@ -231,6 +233,70 @@ TEST_CASE("graphs prepared ahead are replayed from the first step and decode as 
   CHECK(prepared.stats().graph_replays == 12);
   CHECK(prepared.stats().eager_steps == 0);
   CHECK(graphed.tokens == eager.tokens);
+}
+
+TEST_CASE("the sampled audit on the GPU measures the dropped mass the reference audit measures", "[cuda]") {
+  if (!at::hasCUDA()) {
+    WARN("SKIPPED: no CUDA device: the CUDA audit runs on the GPU host only");
+    return;
+  }
+  auto model = Model::Load("models/tiny-llama-retrieval", ModelOptionsForDevice("cuda").value());
+  REQUIRE(model.ok());
+  const ModelConfig& config = (*model)->config();
+  const int64_t heads_per_step = config.num_layers * config.num_attention_heads;
+  auto partition = OneSparseHeadPerLayer(config, [](int64_t layer) { return layer % 2; }, 256);
+  // 70 positions fit the budget: that sequence drops nothing.
+  const std::vector<std::vector<int32_t>> prompts = {Prompt(3000, 21), Prompt(1234, 22), Prompt(70, 23)};
+
+  SECTION("every step, against the reference") {
+    std::vector<AttentionTelemetry> fast, reference;
+    DecodeBatch(**model, MakeCudaHybridAttention(partition, config, /*audit_every=*/1).value(), prompts, 6, &fast);
+    DecodeBatch(**model, HybridAttentionBackend::Create(partition, config, /*audit_every=*/1).value(), prompts, 6,
+                &reference);
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      INFO("sequence " << i);
+      WARN("sequence " << i << ": dropped mass mean/max CUDA " << fast[i].mean_dropped_mass() << "/"
+                       << fast[i].max_dropped_mass << ", reference " << reference[i].mean_dropped_mass() << "/"
+                       << reference[i].max_dropped_mass);
+      CHECK(fast[i].audited);
+      CHECK(fast[i].audited_heads == 6 * heads_per_step);
+      CHECK(fast[i].audited_heads == reference[i].audited_heads);
+      CHECK(std::abs(fast[i].mean_dropped_mass() - reference[i].mean_dropped_mass()) <=
+            0.002 + 0.05 * reference[i].mean_dropped_mass());
+      CHECK(std::abs(fast[i].max_dropped_mass - reference[i].max_dropped_mass) <=
+            0.01 + 0.05 * reference[i].max_dropped_mass);
+    }
+    CHECK(fast[0].mean_dropped_mass() > 0.001);  // the long sequence does drop mass
+    CHECK(fast[2].max_dropped_mass < 1e-3);
+  }
+
+  SECTION("every fourth step, replayed from its own graph") {
+    auto audited = MakeCudaHybridAttention(partition, config, /*audit_every=*/4).value();
+    auto pool = (*model)->NewKvPool(200).value();
+    DecodeContext eager_context(DecodeOptions{/*cuda_graphs=*/false});
+    DecodeContext graph_context;
+    const Greedy eager = DecodeGreedy(**model, pool, audited, prompts, 13, eager_context);
+    const Greedy graphed = DecodeGreedy(**model, pool, audited, prompts, 13, graph_context);
+    INFO("capture error: " << graph_context.stats().last_capture_error);
+    // Steps 1, 5, 9 and 13 audited; steps 1 and 2 eager, the plain graph captured at step 3 and the
+    // audited one at step 5.
+    CHECK(graph_context.stats().graph_captures == 2);
+    CHECK(graph_context.stats().eager_steps == 2);
+    CHECK(graphed.tokens == eager.tokens);
+    for (size_t i = 0; i < prompts.size(); ++i) {
+      INFO("sequence " << i);
+      CHECK(graphed.reads[i].audited_heads == 4 * heads_per_step);
+      CHECK(eager.reads[i].audited_heads == 4 * heads_per_step);
+      CHECK(std::abs(graphed.reads[i].sum_dropped_mass - eager.reads[i].sum_dropped_mass) <=
+            1e-4 * (1 + eager.reads[i].sum_dropped_mass));
+    }
+    // The audit adds no reads to the sequence's account.
+    DecodeContext plain_context(DecodeOptions{/*cuda_graphs=*/false});
+    const Greedy plain =
+        DecodeGreedy(**model, pool, MakeCudaHybridAttention(partition, config).value(), prompts, 13, plain_context);
+    CHECK(plain.tokens == eager.tokens);
+    for (size_t i = 0; i < prompts.size(); ++i) CHECK(plain.reads[i].kv_bytes_read == eager.reads[i].kv_bytes_read);
+  }
 }
 
 TEST_CASE("the fused decode step gives the LibTorch step's logits", "[cuda]") {

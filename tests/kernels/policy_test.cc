@@ -681,6 +681,39 @@ TEST_CASE("telemetry counts steps, positions and bytes; audit reports the droppe
   }
 }
 
+TEST_CASE("an audit with a period audits the sequence's steps 1, N + 1, 2N + 1, ...") {
+  at::manual_seed(19);
+  auto partition = std::make_shared<HeadPartition>(HeadPartition::AllRetrieval(kLayers, kKvHeads, SelectionParams{}));
+  partition->set_role(1, 1, HeadRole::kSparse);
+  PolicySpec lychee = PolicySpec::Defaults(PolicyKind::kLychee);
+  lychee.token_budget = 256;
+  lychee.audit = true;
+  for (const int64_t every : {1, 3, 8}) {
+    PolicySpec spec = lychee;
+    spec.audit_every = every;
+    auto backend = Backend(spec, partition);
+    auto state = backend->NewSequenceState();
+    for (int step = 0; step < 7; ++step) {
+      for (int layer = 0; layer < 2; ++layer) backend->Attend(RandomInput(layer, 500 + step, state.get()));
+    }
+    const AttentionTelemetry* telemetry = state->telemetry();
+    INFO("every " << every);
+    CHECK(telemetry->decode_steps == 7);
+    CHECK(telemetry->audited_heads == (6 / every + 1) * 2 * kKvHeads * kGroup);
+    CHECK(telemetry->max_dropped_mass > 0);
+  }
+  // Unset (0) is the server's period; where no server sets one, kDefaultAuditEvery.
+  lychee.audit_every = 0;
+  CHECK(lychee.AuditPeriod() == kDefaultAuditEvery);
+  CHECK(lychee.Describe().find("audit every=16") != std::string::npos);
+  lychee.audit = false;
+  CHECK(lychee.AuditPeriod() == 0);
+  lychee.audit_every = -1;
+  const absl::Status negative = lychee.Validate(SmallConfig());
+  CHECK(negative.code() == absl::StatusCode::kInvalidArgument);
+  CHECK(negative.message().find("audit_every") != std::string::npos);
+}
+
 using testing::DecodeLogits;
 using testing::kModelDir;
 

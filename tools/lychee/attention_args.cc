@@ -72,7 +72,7 @@ const std::set<std::string>& PolicyValuedFlags() {
       "policy",   "attention", "partition",         "random-partition", "partition-seed",   "budget",
       "block-size", "sink",    "recent",            "p1",               "p2",               "clusters",
       "kmeans-iterations",     "tail-tokens",       "prhs-selectors",   "prhs-enlargement", "prhs-window",
-      "tidal-layers",          "page-size",         "quest-dense-layers"};
+      "tidal-layers",          "page-size",         "quest-dense-layers", "audit-every"};
   return flags;
 }
 
@@ -142,6 +142,8 @@ absl::StatusOr<std::vector<PolicySpec>> PolicySpecsFromArgs(const Args& args, co
     LYCHEE_ASSIGN_OR_RETURN(spec.page_size, args.GetInt("page-size", spec.page_size));
     LYCHEE_ASSIGN_OR_RETURN(spec.quest_dense_layers, args.GetInt("quest-dense-layers", spec.quest_dense_layers));
     spec.audit = args.Has("audit");
+    if (args.Has("audit-every") && !spec.audit) return absl::InvalidArgumentError("--audit-every goes with --audit");
+    LYCHEE_ASSIGN_OR_RETURN(spec.audit_every, args.GetInt("audit-every", spec.audit_every));
     LYCHEE_RETURN_IF_ERROR(spec.Validate(config));
     specs.push_back(std::move(spec));
   }

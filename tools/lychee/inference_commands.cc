@@ -84,7 +84,7 @@ absl::Status RunRemoteGenerate(const std::vector<std::string>& argv) {
       Args args, Args::Parse(argv,
                              WithConnectionFlags({"server", "prompt", "prompt-file", "max-new-tokens", "temperature",
                                                   "top-p", "seed", "stop", "attention", "policy", "budget",
-                                                  "partition-version", "timeout"}),
+                                                  "partition-version", "timeout", "audit-every"}),
                              {"print-ids", "audit"}));
   v1::GenerateRequest request;
   LYCHEE_RETURN_IF_ERROR(ReadPrompt(args, request));
@@ -113,6 +113,12 @@ absl::Status RunRemoteGenerate(const std::vector<std::string>& argv) {
   if (args.Has("audit")) {
     if (!args.Has("policy")) return absl::InvalidArgumentError("--audit goes with --policy");
     attention->mutable_policy()->set_audit(true);
+  }
+  if (args.Has("audit-every")) {
+    if (!args.Has("audit")) return absl::InvalidArgumentError("--audit-every goes with --audit");
+    LYCHEE_ASSIGN_OR_RETURN(const int64_t every, args.GetInt("audit-every", 0));
+    if (every < 1 || every > UINT32_MAX) return absl::InvalidArgumentError("--audit-every must be a positive step count");
+    attention->mutable_policy()->set_audit_every(static_cast<uint32_t>(every));
   }
   if (args.Has("budget")) {
     LYCHEE_ASSIGN_OR_RETURN(const int64_t budget, args.GetInt("budget", 0));

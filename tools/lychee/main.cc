@@ -30,7 +30,7 @@ commands:
        [--block-size N] [--sink N] [--recent N] [--p1 P] [--p2 P] [--clusters N]
        [--kmeans-iterations N] [--tail-tokens N] [--prhs-selectors temporal,recency,cross-layer]
        [--prhs-enlargement BLOCKS] [--prhs-window N] [--tidal-layers L1,L2] [--page-size N]
-       [--quest-dense-layers N] [--audit] [--json FILE] [--plot FILE.svg]
+       [--quest-dense-layers N] [--audit [--audit-every N]] [--json FILE] [--plot FILE.svg]
       retrieval accuracy (greedy exact match of the answer) on held-out text, per policy, task
       and context, with the tokens attended per head and the KV bytes read per token
 
@@ -56,7 +56,8 @@ commands that talk to a lychee-trainer (all take [--trainer HOST:PORT], default 
 commands that talk to a lychee-inference (all take [--server HOST:PORT], default 127.0.0.1:50062):
   generate --server HOST:PORT (--prompt TEXT | --prompt-file FILE) [--max-new-tokens N]
            [--temperature T] [--top-p P] [--seed S] [--stop TEXT] [--attention dense|hybrid |
-           --policy dense|lychee|double-p|prhs|streaming|tidal|quest [--audit]] [--budget TOKENS]
+           --policy dense|lychee|double-p|prhs|streaming|tidal|quest [--audit [--audit-every N]]]
+           [--budget TOKENS]
            [--partition-version V] [--timeout SECONDS] [--print-ids]
       streams the generation; a summary (tokens, latency, partition version, the policy's
       telemetry) goes to stderr
