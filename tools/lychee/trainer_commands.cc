@@ -97,11 +97,13 @@ std::string UtcTime(int64_t unix_seconds) {
 std::string ProgressLine(const v1::Job& job) {
   const v1::JobProgress& p = job.progress();
   if (job.state() != v1::JOB_STATE_RUNNING) return absl::StrCat(job.name(), " ", StateName(job.state()));
-  // A sweep says which target it is at; the bar and the steps are that target's.
+  // A sweep says which target it is at; the bar, the steps and the target density are that target's.
+  const bool at_sweep_target = p.target_index() >= 1 && p.target_index() <= job.request().target_densities_size();
+  const double target_density = at_sweep_target ? job.request().target_densities(p.target_index() - 1)
+                                                : job.request().config().target_density();
   const std::string target =
-      p.target_index() >= 1 && p.target_index() <= job.request().target_densities_size()
-          ? absl::StrCat(" target ", p.target_index(), "/", p.target_count(), " (",
-                         job.request().target_densities(p.target_index() - 1), ") ", p.phase())
+      at_sweep_target
+          ? absl::StrCat(" target ", p.target_index(), "/", p.target_count(), " (", target_density, ") ", p.phase())
           : "";
   if (p.phase() == "validating") return absl::StrCat(job.name(), target, " against dense");
   if (p.step() == 0) return absl::StrCat(job.name(), " RUNNING", target, ": loading, step 0/", p.total_steps());
@@ -111,7 +113,7 @@ std::string ProgressLine(const v1::Job& job) {
   std::snprintf(numbers, sizeof numbers,
                 "step %lld/%lld  loss %.4g  density %.3f (target %.3f)  lambda %.3g  %.0f tok/s  ETA %s",
                 static_cast<long long>(p.step()), static_cast<long long>(p.total_steps()), p.loss(),
-                p.expected_density(), job.request().config().target_density(), p.lambda(), p.tokens_per_second(),
+                p.expected_density(), target_density, p.lambda(), p.tokens_per_second(),
                 Duration(p.eta_seconds()).c_str());
   return absl::StrCat(job.name(), target, " [", std::string(filled, '#'), std::string(kWidth - filled, '.'), "] ",
                       numbers);
