@@ -14,7 +14,7 @@
 namespace lychee {
 namespace {
 
-constexpr int64_t kContext = 1024;
+constexpr int64_t kContext = 512;
 // Far below the context, so that a sparse head attends to a small share of it.
 constexpr int64_t kBudget = 128;
 
@@ -56,7 +56,7 @@ double AccuracyOf(const ValidationResult& result, const std::string& task) {
 
 TEST_CASE("a partition that attends like dense scores like dense; one without retrieval heads scores lower") {
   Fixture f;
-  const ValidationSet set = f.Generated(8);
+  const ValidationSet set = f.Generated(6);
   REQUIRE(set.tasks().size() == 2);
   CHECK(set.tasks()[0].name == "passkey");
   CHECK(set.tasks()[1].name == "multikey");
