@@ -9,6 +9,7 @@
 #include "absl/strings/str_join.h"
 #include "common/model_config.h"
 #include "common/model_fingerprint.h"
+#include "common/retrieval_tasks.h"
 #include "common/status_macros.h"
 #include "trainer/calibration_config_proto.h"
 #include "trainer/paths.h"
@@ -286,6 +287,11 @@ absl::StatusOr<SweepInputs> JobManager::ResolveSweep(const v1::SubmitCalibration
     }
     LYCHEE_ASSIGN_OR_RETURN(sweep.prompts_path, ResolveCorpusPath(options_.data_root, given.validation_prompts(),
                                                                  "sweep.validation_prompts"));
+    // A malformed file is refused here rather than after the first target's training.
+    LYCHEE_ASSIGN_OR_RETURN(const std::string prompts, ReadTextCorpus(sweep.prompts_path));
+    if (absl::Status parsed = ParseValidationPrompts(prompts, given.validation_prompts()).status(); !parsed.ok()) {
+      return SweepFieldError("sweep.validation_prompts", std::string(parsed.message()));
+    }
     return sweep;
   }
   if (given.validation_corpus().empty()) {

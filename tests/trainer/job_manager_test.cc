@@ -428,11 +428,15 @@ TEST_CASE("a sweep's bad targets and quality bound are INVALID_ARGUMENT naming t
        "sweep.validation_token_budget"},
       {"prompts outside the root", [](auto& r) { r.mutable_sweep()->set_validation_prompts("../x.jsonl"); },
        "sweep.validation_prompts: '../x.jsonl' has '..'"},
+      {"malformed prompts file", [](auto& r) { r.mutable_sweep()->set_validation_prompts("prompts.jsonl"); },
+       "sweep.validation_prompts: prompts.jsonl:2: \"answer\" must be a string"},
       {"prompts and corpus", [](auto& r) {
          r.mutable_sweep()->set_validation_prompts("p.jsonl");
          r.mutable_sweep()->set_validation_corpus("c.txt");
        }, "not both"},
   };
+  std::ofstream(setup.data.path / "prompts.jsonl") << "{\"task\": \"t\", \"prompt\": \"p\", \"answer\": \" a\"}\n"
+                                                   << "{\"task\": \"t\", \"prompt\": \"p\"}\n";
   for (const Case& c : cases) {
     INFO(c.what);
     v1::SubmitCalibrationJobRequest request = SweepRequest({0.1, 0.2, 0.3});
