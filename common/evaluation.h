@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/accuracy_plot.h"
 #include "common/attention.h"
 #include "common/model.h"
 #include "common/retrieval_tasks.h"
@@ -28,6 +29,10 @@ struct EvalPolicy {
   bool shares_dense_prefill = true;
 };
 
+// Called with each failure: policy, task, sample index, expected and produced answer ids.
+using EvalFailureCallback = std::function<void(const std::string& policy, const std::string& task, int64_t sample,
+                                               const RetrievalSample&, const std::vector<int32_t>& produced)>;
+
 struct EvalOptions {
   std::vector<RetrievalTask> tasks;
   std::vector<int64_t> contexts;
@@ -35,10 +40,7 @@ struct EvalOptions {
   uint64_t seed = 1;
   // The dense backend of the shared prefill.
   std::shared_ptr<const AttentionBackend> prefill_attention;
-  // Called with each failure: policy, task, sample index, expected and produced answer ids.
-  std::function<void(const std::string& policy, RetrievalTask task, int64_t sample, const RetrievalSample&,
-                     const std::vector<int32_t>& produced)>
-      on_failure;
+  EvalFailureCallback on_failure;
 };
 
 struct EvalCell {
@@ -71,6 +73,24 @@ absl::StatusOr<std::vector<EvalCell>> RunEvaluation(const Model& model, const Ha
                                                     const EvalOptions& options,
                                                     const std::function<void(const EvalCell&)>& on_cell = {});
 
+// Samples evaluated together, one cell per policy: generated ones of a task at a context, or
+// prompts an operator gave (then `context` is the longest of them).
+struct EvalGroup {
+  std::string task;
+  int64_t context = 0;
+  int64_t samples = 0;
+  // The sample of each index in [0, samples), made when it is evaluated; an error ends the
+  // evaluation with it (a caller can end it early this way, e.g. with CANCELLED).
+  std::function<absl::StatusOr<RetrievalSample>(int64_t index)> sample;
+};
+
+// What RunEvaluation does for its (task, context) pairs, on any groups of samples.
+absl::StatusOr<std::vector<EvalCell>> EvaluateGroups(const Model& model, const std::vector<EvalPolicy>& policies,
+                                                     const std::vector<EvalGroup>& groups,
+                                                     std::shared_ptr<const AttentionBackend> prefill_attention,
+                                                     const EvalFailureCallback& on_failure = {},
+                                                     const std::function<void(const EvalCell&)>& on_cell = {});
+
 std::string EvalTableHeader();
 std::string EvalTableRow(const EvalCell& cell);
 // The cells and what produced them (`command`), as a JSON document.
@@ -78,5 +98,6 @@ std::string EvalJson(const std::vector<EvalCell>& cells, const std::string& comm
 // One panel per task: accuracy against KV bytes read per decoded token (log scale), one series per
 // policy through its contexts.
 std::string EvalPlotSvg(const std::vector<EvalCell>& cells);
+
 
 }  // namespace lychee

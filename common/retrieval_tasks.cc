@@ -462,16 +462,21 @@ absl::StatusOr<RetrievalSample> HaystackBuilder::Build(RetrievalTask task, int64
     needle_tokens_before += range.end - range.begin;
   }
 
-  LYCHEE_ASSIGN_OR_RETURN(std::vector<int32_t> with_answer,
-                          tokenizer_->Encode(sample.prompt_text + sample.answer_text, false));
-  if (with_answer.size() <= sample.prompt_ids.size() ||
-      !std::equal(sample.prompt_ids.begin(), sample.prompt_ids.end(), with_answer.begin())) {
-    return absl::InternalError(
+  LYCHEE_ASSIGN_OR_RETURN(sample.answer_ids,
+                          ContinuationIds(*tokenizer_, sample.prompt_text, sample.prompt_ids, sample.answer_text));
+  return sample;
+}
+
+absl::StatusOr<std::vector<int32_t>> ContinuationIds(const Tokenizer& tokenizer, const std::string& prompt_text,
+                                                     const std::vector<int32_t>& prompt_ids,
+                                                     const std::string& answer_text) {
+  LYCHEE_ASSIGN_OR_RETURN(std::vector<int32_t> with_answer, tokenizer.Encode(prompt_text + answer_text, false));
+  if (with_answer.size() <= prompt_ids.size() || !std::equal(prompt_ids.begin(), prompt_ids.end(), with_answer.begin())) {
+    return absl::InvalidArgumentError(
         "the tokenizer merges the answer into the end of the prompt, so the answer has no tokens "
         "of its own");
   }
-  sample.answer_ids.assign(with_answer.begin() + sample.prompt_ids.size(), with_answer.end());
-  return sample;
+  return std::vector<int32_t>(with_answer.begin() + static_cast<std::ptrdiff_t>(prompt_ids.size()), with_answer.end());
 }
 
 }  // namespace lychee

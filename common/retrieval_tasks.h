@@ -79,6 +79,13 @@ struct RetrievalSample {
   int asked_needle = 0;
 };
 
+// The ids `answer_text` takes right after a prompt that tokenizes as `prompt_ids` (no special
+// tokens): the tail of tokenizing prompt + answer. INVALID_ARGUMENT when the tokenizer merges the
+// answer into the prompt's last tokens, so that it has no tokens of its own.
+absl::StatusOr<std::vector<int32_t>> ContinuationIds(const Tokenizer& tokenizer, const std::string& prompt_text,
+                                                     const std::vector<int32_t>& prompt_ids,
+                                                     const std::string& answer_text);
+
 class HaystackBuilder {
  public:
   // Prompts never exceed the requested context and fall short of it by at most this many

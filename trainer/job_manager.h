@@ -15,30 +15,59 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/head_partition.h"
+#include "common/model_config.h"
 #include "common/partition_store.h"
+#include "common/partition_validation.h"
 #include "lychee/v1/trainer.pb.h"
 #include "trainer/calibration.h"
 #include "trainer/job_journal.h"
 
 namespace lychee {
 
+// How a sweep validates its partitions, resolved inside the trainer's roots.
+struct SweepInputs {
+  std::vector<double> target_densities;
+  double max_accuracy_drop = 0.05;
+  // Prompts from a prompts file when `prompts_path` is set, else generated from `heldout_corpus_path`.
+  std::string prompts_path;
+  std::string heldout_corpus_path;
+  GeneratedValidationSpec generated;
+  ValidationOptions validation;
+};
+
 // What a job runs on, resolved inside the trainer's roots.
 struct CalibrationJobInputs {
   std::string model_dir;
   std::string corpus_path;
   CalibrationConfig config;
+  std::optional<SweepInputs> sweep;
 };
 
 using ProgressCallback = std::function<void(const CalibrationProgress&)>;
-// Runs one calibration; returns CANCELLED within one step of `cancelled` becoming true.
-using CalibrationRunner = std::function<absl::StatusOr<HeadPartition>(
-    const CalibrationJobInputs& inputs, const ProgressCallback& on_progress, const std::atomic<bool>& cancelled)>;
+
+// One job's model, loaded once for every target of a sweep.
+class CalibrationSession {
+ public:
+  virtual ~CalibrationSession() = default;
+  // Runs one calibration; returns CANCELLED within one step of `cancelled` becoming true.
+  virtual absl::StatusOr<HeadPartition> Calibrate(const CalibrationConfig& config, const ProgressCallback& on_progress,
+                                                  const std::atomic<bool>& cancelled) = 0;
+  // Validates a partition against dense on the job's validation prompts (sweeps only); returns
+  // CANCELLED within one prompt of `cancelled` becoming true.
+  virtual absl::StatusOr<PartitionValidation> Validate(const HeadPartition& partition,
+                                                       const std::atomic<bool>& cancelled) = 0;
+};
+
+// Opens a job's session: loads its model, tokenizer and corpus.
+using CalibrationRunner =
+    std::function<absl::StatusOr<std::unique_ptr<CalibrationSession>>(const CalibrationJobInputs& inputs)>;
 
 struct JobManagerOptions {
   // Models are directories under it, named by clients.
@@ -47,6 +76,8 @@ struct JobManagerOptions {
   std::string data_root;
   // The corpus of a job that names none; chosen by the operator, so not confined to data_root.
   std::string default_corpus;
+  // The held-out text of a sweep's validation prompts when the job names none (likewise).
+  std::string default_heldout_corpus;
   std::string journal_dir;
   int max_concurrent_jobs = 1;
   // Submissions beyond this many waiting jobs are RESOURCE_EXHAUSTED.
@@ -66,8 +97,9 @@ class JobManager {
   JobManager(const JobManager&) = delete;
   JobManager& operator=(const JobManager&) = delete;
 
-  // Checks the request (model, corpus, config: INVALID_ARGUMENT or FAILED_PRECONDITION naming the
-  // field; a full queue is RESOURCE_EXHAUSTED) and queues a job; returns it as queued.
+  // Checks the request (model, corpus, config, and a sweep's targets and validation:
+  // INVALID_ARGUMENT or FAILED_PRECONDITION naming the field; a full queue is RESOURCE_EXHAUSTED)
+  // and queues a job; returns it as queued.
   absl::StatusOr<v1::Job> Submit(const v1::SubmitCalibrationJobRequest& request);
   absl::StatusOr<v1::Job> Get(const std::string& name) const;
   // Every job, oldest first.
@@ -102,10 +134,18 @@ class JobManager {
 
   void Recover();
   absl::StatusOr<CalibrationJobInputs> ResolveInputs(const v1::SubmitCalibrationJobRequest& request) const;
+  absl::StatusOr<SweepInputs> ResolveSweep(const v1::SubmitCalibrationJobRequest& request,
+                                           const CalibrationConfig& config, const ModelConfig& model_config) const;
   absl::StatusOr<Entry*> Find(const std::string& name) const;
   void WorkerLoop();
   // Runs a job taken off the queue (mutex_ not held) and records how it ended.
   void RunJob(Entry& entry);
+  // A sweep's targets one after the other in `session`, each row added to the job as it is done;
+  // publishes the sparsest partition within the bound.
+  absl::StatusOr<v1::JobResult> RunSweep(Entry& entry, const CalibrationJobInputs& inputs, CalibrationSession& session,
+                                         const std::string& fingerprint, const ProgressCallback& on_progress);
+  // Stores `partition` as the next version of its model, made by job `name`.
+  absl::StatusOr<uint64_t> Publish(HeadPartition partition, const std::string& fingerprint, const std::string& name);
   // Marks a change of `entry` (mutex_ held): bumps the revision, wakes watchers and, when
   // `persist` (state changes, and progress now and then), rewrites the journal.
   void Changed(Entry& entry, bool persist);

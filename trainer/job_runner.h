@@ -1,5 +1,7 @@
-// The real CalibrationRunner: loads the job's model and tokenizer, reads its corpus and runs
-// RunCalibration. Only job_runner.cc sees LibTorch; this header does not.
+// The real CalibrationRunner: a job's session loads its model, tokenizer and corpus once, runs
+// RunCalibration for each target and, for a sweep, validates each partition against dense on
+// prompts built once (common/partition_validation.h). Only job_runner.cc sees LibTorch; this
+// header does not.
 #pragma once
 
 #include <string>

@@ -31,7 +31,8 @@ constexpr char kUsage[] = R"(usage: lychee-trainer --registry-dir DIR [flags]
                               TOKEN'); without it they are open, which only a loopback --listen
                               accepts
   --insecure-admin            allow open admin RPCs on a --listen beyond the loopback
-A job that names no corpus uses )" LYCHEE_SOURCE_DIR "/data/corpus/calibration.txt.gz\n";
+A job that names no corpus uses )" LYCHEE_SOURCE_DIR R"(/data/corpus/calibration.txt.gz; a sweep
+that names no validation corpus builds its prompts from )" LYCHEE_SOURCE_DIR "/data/corpus/persuasion.txt.gz\n";
 
 absl::Status Serve(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(
@@ -53,6 +54,7 @@ absl::Status Serve(const std::vector<std::string>& argv) {
   options.jobs.model_root = args.GetOr("model-root", LYCHEE_SOURCE_DIR "/models");
   options.jobs.data_root = args.GetOr("data-root", LYCHEE_SOURCE_DIR "/data");
   options.jobs.default_corpus = LYCHEE_SOURCE_DIR "/data/corpus/calibration.txt.gz";
+  options.jobs.default_heldout_corpus = LYCHEE_SOURCE_DIR "/data/corpus/persuasion.txt.gz";
   LYCHEE_ASSIGN_OR_RETURN(const int64_t concurrent, args.GetInt("max-concurrent-jobs", 1));
   LYCHEE_ASSIGN_OR_RETURN(const int64_t queued, args.GetInt("max-queued-jobs", 64));
   if (concurrent < 1 || concurrent > 64) {

@@ -32,32 +32,33 @@ absl::StatusOr<std::string> ResolveModelDir(const std::string& model_root, const
   return dir.string();
 }
 
-absl::StatusOr<std::string> ResolveCorpusPath(const std::string& data_root, const std::string& relative) {
+absl::StatusOr<std::string> ResolveCorpusPath(const std::string& data_root, const std::string& relative,
+                                              const std::string& field) {
   const fs::path path(relative);
-  if (relative.empty()) return absl::InvalidArgumentError("corpus: empty path");
+  if (relative.empty()) return absl::InvalidArgumentError(absl::StrCat(field, ": empty path"));
   if (path.is_absolute()) {
     return absl::InvalidArgumentError(
-        absl::StrCat("corpus: '", relative, "' is absolute; give a path relative to the data root"));
+        absl::StrCat(field, ": '", relative, "' is absolute; give a path relative to the data root"));
   }
   for (const fs::path& part : path) {
     if (part == "..") {
-      return absl::InvalidArgumentError(absl::StrCat("corpus: '", relative, "' has '..'; it must stay under the data root"));
+      return absl::InvalidArgumentError(absl::StrCat(field, ": '", relative, "' has '..'; it must stay under the data root"));
     }
   }
   if (data_root.empty()) {
-    return absl::FailedPreconditionError("corpus: the trainer was started without --data-root; leave corpus empty");
+    return absl::FailedPreconditionError(absl::StrCat(field, ": the trainer was started without --data-root; leave it empty"));
   }
   std::error_code error;
   const fs::path root = fs::canonical(data_root, error);
   if (error) {
-    return absl::FailedPreconditionError(absl::StrCat("corpus: the data root ", data_root, " is unusable: ", error.message()));
+    return absl::FailedPreconditionError(absl::StrCat(field, ": the data root ", data_root, " is unusable: ", error.message()));
   }
   const fs::path resolved = fs::weakly_canonical(root / path, error);
   if (error || !IsWithin(resolved, root)) {
-    return absl::InvalidArgumentError(absl::StrCat("corpus: '", relative, "' leads outside the data root"));
+    return absl::InvalidArgumentError(absl::StrCat(field, ": '", relative, "' leads outside the data root"));
   }
   if (!fs::is_regular_file(resolved, error)) {
-    return absl::InvalidArgumentError(absl::StrCat("corpus: no file '", relative, "' under the data root ", data_root));
+    return absl::InvalidArgumentError(absl::StrCat(field, ": no file '", relative, "' under the data root ", data_root));
   }
   return resolved.string();
 }

@@ -14,8 +14,9 @@ namespace lychee {
 absl::StatusOr<std::string> ResolveModelDir(const std::string& model_root, const std::string& name);
 
 // The regular file `relative` names under `data_root`, symlinks resolved. INVALID_ARGUMENT naming
-// the field "corpus" when the path is absolute, has "..", leads outside the data root through a
-// symlink, or names no regular file; FAILED_PRECONDITION when the trainer has no data root.
-absl::StatusOr<std::string> ResolveCorpusPath(const std::string& data_root, const std::string& relative);
+// `field` when the path is absolute, has "..", leads outside the data root through a symlink, or
+// names no regular file; FAILED_PRECONDITION when the trainer has no data root.
+absl::StatusOr<std::string> ResolveCorpusPath(const std::string& data_root, const std::string& relative,
+                                              const std::string& field = "corpus");
 
 }  // namespace lychee

@@ -74,8 +74,7 @@ std::unique_ptr<grpc::ClientContext> Context(const std::string& token = "", std:
 }
 
 CalibrationRunner RunnerThatRunsNothing() {
-  return [](const CalibrationJobInputs&, const ProgressCallback&,
-            const std::atomic<bool>&) -> absl::StatusOr<HeadPartition> {
+  return [](const CalibrationJobInputs&) -> absl::StatusOr<std::unique_ptr<CalibrationSession>> {
     return absl::UnimplementedError("this test runs no calibration");
   };
 }

@@ -59,7 +59,7 @@ int UnusedPort() {
 }
 
 CalibrationRunner RunnerThatRunsNothing() {
-  return [](const CalibrationJobInputs&, const ProgressCallback&, const std::atomic<bool>&) -> absl::StatusOr<HeadPartition> {
+  return [](const CalibrationJobInputs&) -> absl::StatusOr<std::unique_ptr<CalibrationSession>> {
     return absl::UnimplementedError("this test runs no calibration");
   };
 }

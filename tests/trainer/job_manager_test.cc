@@ -26,42 +26,84 @@ constexpr char kModel[] = "tiny-llama-retrieval";
 
 using testing::TempDir;
 
-// Stands in for RunCalibration: reports `steps` steps, each after `release` allows it, and stops
-// with CANCELLED within one step of the flag. Records how many jobs ran at once.
+// Stands in for the model: Calibrate reports `steps` steps, each after `release` allows it, and
+// stops with CANCELLED within one step of the flag; it records how many jobs ran at once. Validate
+// scores a partition by its density: dense gets every task right, a partition of density d gets
+// `accuracy_of_density(d)`.
 struct ScriptedRunner {
   std::atomic<bool> release{true};
   std::atomic<int> running{0};
   std::atomic<int> most_running{0};
   std::atomic<int> calls{0};
+  std::atomic<int> calibrations{0};
+  std::atomic<int> validations{0};
+  // Calibrations after this many wait for `release` even when it was set before.
+  std::atomic<int> hold_after{1 << 30};
   absl::Status fail_with = absl::OkStatus();
+  std::function<double(double)> accuracy_of_density = [](double density) { return density >= 0.2 ? 1.0 : 0.5; };
 
-  CalibrationRunner AsRunner() {
-    return [this](const CalibrationJobInputs& inputs, const ProgressCallback& on_progress,
-                  const std::atomic<bool>& cancelled) -> absl::StatusOr<HeadPartition> {
-      ++calls;
-      const int now = ++running;
-      int most = most_running;
-      while (now > most && !most_running.compare_exchange_weak(most, now)) {
+  class Session final : public CalibrationSession {
+   public:
+    explicit Session(ScriptedRunner& runner) : runner_(runner) {
+      const int now = ++runner_.running;
+      int most = runner_.most_running;
+      while (now > most && !runner_.most_running.compare_exchange_weak(most, now)) {
       }
-      struct Leave {
-        std::atomic<int>& running;
-        ~Leave() { --running; }
-      } leave{running};
-      if (!fail_with.ok()) return fail_with;
-      for (int64_t step = 0; step < inputs.config.steps; ++step) {
-        while (!release && !cancelled) std::this_thread::sleep_for(milliseconds(1));
+    }
+    ~Session() override { --runner_.running; }
+
+    absl::StatusOr<HeadPartition> Calibrate(const CalibrationConfig& config, const ProgressCallback& on_progress,
+                                            const std::atomic<bool>& cancelled) override {
+      if (!runner_.fail_with.ok()) return runner_.fail_with;
+      const bool held = ++runner_.calibrations > runner_.hold_after;
+      for (int64_t step = 0; step < config.steps; ++step) {
+        while ((!runner_.release || held) && !cancelled) std::this_thread::sleep_for(milliseconds(1));
         if (cancelled) return absl::CancelledError("stopped");
         CalibrationProgress progress;
         progress.step = step + 1;
-        progress.total_steps = inputs.config.steps;
+        progress.total_steps = config.steps;
         progress.loss = 1.0 / (step + 1);
-        progress.expected_density = 0.5;
+        progress.expected_density = config.target_density;
         on_progress(progress);
       }
-      HeadPartition partition = HeadPartition::AllRetrieval(6, 2, inputs.config.selection);
-      partition.set_role(3, 1, HeadRole::kSparse);
-      partition.training.steps = inputs.config.steps;
+      // Layer 0 and the round-down of target x 10 of the other heads are retrieval heads.
+      HeadPartition partition = HeadPartition::AllRetrieval(6, 2, config.selection);
+      const int retrieval = static_cast<int>(config.target_density * 10 + 1e-9);
+      for (int head = retrieval; head < 10; ++head) partition.set_role(1 + head / 2, head % 2, HeadRole::kSparse);
+      partition.training.steps = config.steps;
+      partition.training.target_density = config.target_density;
+      partition.training.expected_density = config.target_density;
       return partition;
+    }
+
+    absl::StatusOr<PartitionValidation> Validate(const HeadPartition& partition,
+                                                 const std::atomic<bool>& cancelled) override {
+      ++runner_.validations;
+      if (cancelled) return absl::CancelledError("stopped");
+      const auto result = [](double accuracy, double bytes) {
+        ValidationResult r;
+        r.tasks = {{"passkey", 20, static_cast<int64_t>(accuracy * 20), accuracy},
+                   {"multikey", 20, static_cast<int64_t>(accuracy * 20), accuracy}};
+        r.kv_bytes_per_token = bytes;
+        r.kv_bytes_measured = true;
+        return r;
+      };
+      PartitionValidation validation;
+      validation.token_budget = partition.selection().token_budget;
+      validation.dense = result(1.0, 1000);
+      const double density = partition.RetrievalDensity();
+      validation.partition = result(runner_.accuracy_of_density(density), 200 + 800 * density);
+      return validation;
+    }
+
+   private:
+    ScriptedRunner& runner_;
+  };
+
+  CalibrationRunner AsRunner() {
+    return [this](const CalibrationJobInputs&) -> absl::StatusOr<std::unique_ptr<CalibrationSession>> {
+      ++calls;
+      return std::make_unique<Session>(*this);
     };
   }
 };
@@ -77,6 +119,7 @@ struct Setup {
     options.model_root = "models";
     options.data_root = data.path.string();
     options.default_corpus = "data/corpus/calibration.txt.gz";
+    options.default_heldout_corpus = "data/corpus/persuasion.txt.gz";
     options.journal_dir = (registry.path / "jobs").string();
     options.max_concurrent_jobs = concurrent;
     return options;
@@ -343,6 +386,173 @@ TEST_CASE("shutting down interrupts the running job and keeps the queued ones fo
   CHECK_THAT(interrupted.error().message(), Catch::Contains("shut down"));
   CHECK(WaitForState(*manager, "jobs/2", v1::JOB_STATE_SUCCEEDED).state() == v1::JOB_STATE_SUCCEEDED);
   CHECK(manager->recovery_problems().empty());
+}
+
+v1::SubmitCalibrationJobRequest SweepRequest(const std::vector<double>& targets, int64_t steps = 2) {
+  v1::SubmitCalibrationJobRequest request = Request(steps);
+  for (double target : targets) request.add_target_densities(target);
+  request.mutable_sweep()->set_validation_context_tokens(512);
+  return request;
+}
+
+std::vector<uint64_t> PublishedVersions(const PartitionStore& store) {
+  std::vector<uint64_t> versions;
+  for (const auto& partition : store.List(ModelFingerprint("models/tiny-llama-retrieval").value())) {
+    versions.push_back(partition->version);
+  }
+  return versions;
+}
+
+TEST_CASE("a sweep's bad targets and quality bound are INVALID_ARGUMENT naming the field, and change nothing") {
+  Setup setup;
+  auto manager = setup.Manager();
+  struct Case {
+    std::string what;
+    std::function<void(v1::SubmitCalibrationJobRequest&)> change;
+    std::string message;
+  };
+  const std::vector<Case> cases = {
+      {"empty list", [](auto& r) { r.clear_target_densities(); }, "target_densities: empty"},
+      {"target 0", [](auto& r) { r.set_target_densities(1, 0); }, "target_densities[1]: must be in (0, 1], got 0"},
+      {"target above 1", [](auto& r) { r.set_target_densities(0, 1.5); }, "target_densities[0]: must be in (0, 1], got 1.5"},
+      {"negative target", [](auto& r) { r.set_target_densities(2, -0.1); }, "target_densities[2]"},
+      {"17 targets", [](auto& r) { for (int i = 0; i < 14; ++i) r.add_target_densities(0.5); },
+       "target_densities: at most 16 targets, got 17"},
+      {"bound below 0", [](auto& r) { r.mutable_sweep()->set_max_accuracy_drop(-0.01); },
+       "sweep.max_accuracy_drop: must be in [0, 1], got -0.01"},
+      {"bound above 1", [](auto& r) { r.mutable_sweep()->set_max_accuracy_drop(1.5); }, "sweep.max_accuracy_drop"},
+      {"no samples", [](auto& r) { r.mutable_sweep()->set_validation_samples(0); }, "sweep.validation_samples"},
+      {"short context", [](auto& r) { r.mutable_sweep()->set_validation_context_tokens(50); },
+       "sweep.validation_context_tokens"},
+      {"negative budget", [](auto& r) { r.mutable_sweep()->set_validation_token_budget(-1); },
+       "sweep.validation_token_budget"},
+      {"prompts outside the root", [](auto& r) { r.mutable_sweep()->set_validation_prompts("../x.jsonl"); },
+       "sweep.validation_prompts: '../x.jsonl' has '..'"},
+      {"malformed prompts file", [](auto& r) { r.mutable_sweep()->set_validation_prompts("prompts.jsonl"); },
+       "sweep.validation_prompts: prompts.jsonl:2: \"answer\" must be a string"},
+      {"prompts and corpus", [](auto& r) {
+         r.mutable_sweep()->set_validation_prompts("p.jsonl");
+         r.mutable_sweep()->set_validation_corpus("c.txt");
+       }, "not both"},
+  };
+  std::ofstream(setup.data.path / "prompts.jsonl") << "{\"task\": \"t\", \"prompt\": \"p\", \"answer\": \" a\"}\n"
+                                                   << "{\"task\": \"t\", \"prompt\": \"p\"}\n";
+  for (const Case& c : cases) {
+    INFO(c.what);
+    v1::SubmitCalibrationJobRequest request = SweepRequest({0.1, 0.2, 0.3});
+    c.change(request);
+    const absl::Status status = manager->Submit(request).status();
+    CHECK(status.code() == absl::StatusCode::kInvalidArgument);
+    CHECK_THAT(std::string(status.message()), Catch::Contains(c.message));
+  }
+  CHECK(manager->List().empty());
+  CHECK(setup.runner.calls == 0);
+  // Targets without the sweep message still make a sweep; the sweep message without targets is refused above.
+  v1::SubmitCalibrationJobRequest bare = SweepRequest({0.3});
+  bare.clear_sweep();
+  const v1::Job queued = manager->Submit(bare).value();
+  CHECK(queued.name() == "jobs/1");
+  // The job records the sweep config it runs with, defaults included.
+  CHECK(queued.request().sweep().max_accuracy_drop() == 0.05);
+  CHECK(queued.request().sweep().validation_context_tokens() == 2048);
+  CHECK(queued.request().sweep().validation_samples() == 20);
+}
+
+TEST_CASE("a sweep trains and validates every target, publishes the sparsest within the bound, and keeps its table") {
+  Setup setup;
+  {
+    auto manager = setup.Manager();
+    // Dense scores 1.0 on both tasks; densities below 0.2 score 0.5, more than 0.05 below.
+    const v1::Job job =
+        WaitForState(*manager, manager->Submit(SweepRequest({0.3, 0.05, 0.2, 0.1})).value().name(), v1::JOB_STATE_SUCCEEDED);
+    REQUIRE(job.state() == v1::JOB_STATE_SUCCEEDED);
+    CHECK(setup.runner.calls == 1);  // one session for the whole sweep
+    CHECK(setup.runner.calibrations == 4);
+    CHECK(setup.runner.validations == 4);
+    const v1::SweepResult& sweep = job.sweep();
+    REQUIRE(sweep.rows_size() == 4);
+    CHECK(sweep.dense().tasks_size() == 2);
+    CHECK(sweep.dense().kv_bytes_per_token() == 1000);
+    CHECK(sweep.validation_context_tokens() == 512);
+    CHECK(sweep.validation_token_budget() == 512);
+    const std::vector<double> deployed = {0.3, 0.0, 0.2, 0.1};
+    const std::vector<bool> within = {true, false, true, false};
+    for (int i = 0; i < 4; ++i) {
+      INFO(i);
+      CHECK(sweep.rows(i).deployed_density() == Approx(deployed[i]));
+      CHECK(sweep.rows(i).within_bound() == within[i]);
+      CHECK(sweep.rows(i).partition().layers_size() == 6);
+      CHECK(sweep.rows(i).training_seconds() >= 0);
+    }
+    CHECK_THAT(sweep.rows(1).verdict(), Catch::Contains("passkey: accuracy 0.500 against dense 1.000"));
+    REQUIRE(sweep.has_chosen());
+    CHECK(sweep.chosen() == 2);  // 0.2: the sparsest of those within the bound
+    CHECK(sweep.rows(2).partition_version() == 1);
+    CHECK(sweep.rows(0).partition_version() == 0);
+    CHECK(job.result().partition_version() == 1);
+    CHECK_THAT(sweep.summary(), Catch::Contains("target 0.2") && Catch::Contains("version 1"));
+    CHECK(PublishedVersions(*setup.store) == std::vector<uint64_t>{1});
+    const auto published = setup.store->Get(ModelFingerprint("models/tiny-llama-retrieval").value(), 1).value();
+    CHECK(published->RetrievalDensity() == Approx(0.2));
+    CHECK(published->training.job_name == "jobs/1");
+  }
+  // The table is journaled with the job: a restarted trainer shows it.
+  auto restarted = setup.Manager();
+  const v1::Job again = restarted->Get("jobs/1").value();
+  CHECK(again.sweep().rows_size() == 4);
+  CHECK(again.sweep().chosen() == 2);
+}
+
+TEST_CASE("a sweep cancelled halfway keeps its finished partitions unpublished and says so") {
+  Setup setup;
+  setup.runner.hold_after = 2;  // the third target waits
+  auto manager = setup.Manager();
+  const std::string name = manager->Submit(SweepRequest({0.3, 0.2, 0.1, 0.05})).value().name();
+  WaitFor(*manager, name, [](const v1::Job& job) { return job.progress().target_index() == 3; });
+  manager->Cancel(name).value();
+  const v1::Job job = WaitForState(*manager, name, v1::JOB_STATE_CANCELLED);
+  REQUIRE(job.state() == v1::JOB_STATE_CANCELLED);
+  CHECK(job.sweep().rows_size() == 2);
+  CHECK_FALSE(job.sweep().has_chosen());
+  CHECK_THAT(job.error().message(), Catch::Contains("target 3 of 4") &&
+                                        Catch::Contains("the partitions of targets 0.3, 0.2 are kept with the job") &&
+                                        Catch::Contains("unpublished"));
+  CHECK_THAT(job.sweep().summary(), Catch::Contains("kept with the job"));
+  CHECK(PublishedVersions(*setup.store).empty());
+}
+
+TEST_CASE("a sweep with no target within the bound publishes nothing and fails, keeping its table") {
+  Setup setup;
+  setup.runner.accuracy_of_density = [](double) { return 0.9; };
+  auto manager = setup.Manager();
+  v1::SubmitCalibrationJobRequest request = SweepRequest({0.1, 0.2});
+  request.mutable_sweep()->set_max_accuracy_drop(0.05);
+  const v1::Job job = WaitForState(*manager, manager->Submit(request).value().name(), v1::JOB_STATE_FAILED);
+  REQUIRE(job.state() == v1::JOB_STATE_FAILED);
+  CHECK(job.error().code() == static_cast<int>(absl::StatusCode::kFailedPrecondition));
+  CHECK_THAT(job.error().message(), Catch::Contains("no target kept every task's accuracy within 0.05"));
+  CHECK(job.sweep().rows_size() == 2);
+  CHECK(PublishedVersions(*setup.store).empty());
+  // With a looser bound the same accuracies pass.
+  request.mutable_sweep()->set_max_accuracy_drop(0.1);
+  const v1::Job loose = WaitForState(*manager, manager->Submit(request).value().name(), v1::JOB_STATE_SUCCEEDED);
+  CHECK(loose.sweep().chosen() == 0);
+}
+
+TEST_CASE("a sweep the trainer stops halfway is INTERRUPTED with its finished rows, after a restart too") {
+  Setup setup;
+  setup.runner.hold_after = 1;
+  {
+    auto manager = setup.Manager();
+    const std::string name = manager->Submit(SweepRequest({0.3, 0.2})).value().name();
+    WaitFor(*manager, name, [](const v1::Job& job) { return job.progress().target_index() == 2; });
+  }
+  auto manager = setup.Manager();
+  const v1::Job job = manager->Get("jobs/1").value();
+  CHECK(job.state() == v1::JOB_STATE_INTERRUPTED);
+  CHECK(job.sweep().rows_size() == 1);
+  CHECK_THAT(job.error().message(), Catch::Contains("the partitions of targets 0.3 are kept with the job"));
+  CHECK(PublishedVersions(*setup.store).empty());
 }
 
 }  // namespace

@@ -41,6 +41,8 @@ using testing::TempDir;
 // The head of the calibration corpus, enough for the short contexts of these jobs: tokenizing the
 // whole corpus would take most of the test's time on 2 cores.
 constexpr char kSmallCorpus[] = "small.txt";
+// The same for a sweep's held-out validation text.
+constexpr char kSmallHeldout[] = "small-heldout.txt";
 constexpr size_t kSmallCorpusBytes = 60000;
 
 struct Trainer {
@@ -58,6 +60,8 @@ struct Trainer {
     options.jobs.data_root = data.path.string();
     const std::string corpus = ReadTextCorpus("data/corpus/calibration.txt.gz").value();
     std::ofstream(data.path / kSmallCorpus, std::ios::binary) << corpus.substr(0, corpus.rfind('\n', kSmallCorpusBytes));
+    const std::string heldout = ReadTextCorpus("data/corpus/kjv-heldout.txt.gz").value();
+    std::ofstream(data.path / kSmallHeldout, std::ios::binary) << heldout.substr(0, heldout.rfind('\n', kSmallCorpusBytes));
     options.jobs.default_corpus = "data/corpus/calibration.txt.gz";
     server = TrainerServer::Start(options, MakeCalibrationRunner("cpu").value()).value();
     channel = grpc::CreateChannel(address(), grpc::InsecureChannelCredentials());
@@ -346,6 +350,63 @@ TEST_CASE("bad requests get the matching gRPC code and a message naming the fiel
   v1::ListJobsResponse jobs;
   REQUIRE(trainer.stub->ListJobs(Context().get(), {}, &jobs).ok());
   CHECK(jobs.jobs_size() == 0);
+}
+
+TEST_CASE("a sweep through the CLI: one job trains and validates each target, and watch and jobs show its table") {
+  Trainer trainer;
+  const std::string sweep_flags = std::string("--steps 2 --min-context 256 --max-context 384 --passkeys 2 --budget 128 ") +
+                                  "--block-size 16 --sink 16 --recent 32 --seed 5 --corpus " + kSmallCorpus +
+                                  " --validation-corpus " + kSmallHeldout +
+                                  " --validation-context 512 --validation-samples 2 --max-accuracy-drop 1";
+  const CliResult submitted = Cli(trainer, "submit --target-densities 0.1,0.3 " + sweep_flags);
+  INFO(submitted.output);
+  REQUIRE(submitted.exit_code == 0);
+  CHECK(submitted.output == "jobs/1\n");
+
+  testing::TempDir out;
+  const std::string plot = (out.path / "sweep.svg").string();
+  const CliResult watch = Cli(trainer, "watch jobs/1 --plot " + plot);
+  INFO(watch.output);
+  REQUIRE(watch.exit_code == 0);
+  // Both targets pass a bound of 1; the sparser is published.
+  CHECK_THAT(watch.output, Catch::Contains("jobs/1 SUCCEEDED: partition version 1") &&
+                               Catch::Contains("sweep over 2 target(s): validation 512-token prompts, budget 128") &&
+                               Catch::Contains("passkey") && Catch::Contains("multikey") &&
+                               Catch::Contains("* 0.1 ") && Catch::Contains("published as version 1") &&
+                               Catch::Contains("published the partition of target 0.1"));
+  std::ifstream svg_file(plot);
+  const std::string svg((std::istreambuf_iterator<char>(svg_file)), std::istreambuf_iterator<char>());
+  CHECK(svg.rfind("<svg", 0) == 0);
+  CHECK_THAT(svg, Catch::Contains("dense") && Catch::Contains("0.3"));
+
+  v1::GetJobRequest get;
+  get.set_name("jobs/1");
+  v1::Job job;
+  REQUIRE(trainer.stub->GetJob(Context().get(), get, &job).ok());
+  REQUIRE(job.sweep().rows_size() == 2);
+  CHECK(job.sweep().rows(0).deployed_density() == Approx(0.1));
+  CHECK(job.sweep().rows(1).deployed_density() == Approx(0.3));
+  CHECK(job.sweep().dense().kv_bytes_measured());
+  CHECK(job.sweep().rows(0).validation().kv_bytes_per_token() < job.sweep().rows(1).validation().kv_bytes_per_token());
+  CHECK(job.sweep().rows(1).validation().kv_bytes_per_token() < job.sweep().dense().kv_bytes_per_token());
+  CHECK(job.sweep().rows(0).validation().tasks(0).samples() == 2);
+
+  const CliResult jobs = Cli(trainer, "jobs");
+  CHECK_THAT(jobs.output, Catch::Contains("sweep(2)") && Catch::Contains("published as version 1"));
+
+  // Bad input is refused by the trainer, naming the field; nothing is queued.
+  const CliResult outside = Cli(trainer, "submit --target-densities 0.1,1.5 " + sweep_flags);
+  CHECK(outside.exit_code == 1);
+  CHECK_THAT(outside.output, Catch::Contains("INVALID_ARGUMENT") && Catch::Contains("target_densities[1]"));
+  const CliResult empty = Cli(trainer, "submit --target-densities '' " + sweep_flags);
+  CHECK_THAT(empty.output, Catch::Contains("INVALID_ARGUMENT") && Catch::Contains("target_densities: empty"));
+  const CliResult many = Cli(trainer, "submit --target-densities 0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1 " + sweep_flags);
+  CHECK_THAT(many.output, Catch::Contains("INVALID_ARGUMENT") && Catch::Contains("at most 16 targets, got 17"));
+  const CliResult bound = Cli(trainer, "submit --sweep --steps 2 --max-accuracy-drop 1.5");
+  CHECK_THAT(bound.output, Catch::Contains("INVALID_ARGUMENT") && Catch::Contains("sweep.max_accuracy_drop"));
+  v1::ListJobsResponse listed;
+  REQUIRE(trainer.stub->ListJobs(Context().get(), {}, &listed).ok());
+  CHECK(listed.jobs_size() == 1);
 }
 
 TEST_CASE("absl and gRPC status codes map one to one, messages unchanged") {

@@ -71,11 +71,11 @@ absl::Status RunEval(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(options.prefill_attention,
                           MakePolicyBackend(PolicySpec::Defaults(PolicyKind::kDense), config, nullptr, device));
   if (args.Has("print-failures")) {
-    options.on_failure = [&](const std::string& policy, RetrievalTask task, int64_t index,
+    options.on_failure = [&](const std::string& policy, const std::string& task, int64_t index,
                              const RetrievalSample& sample, const std::vector<int32_t>& produced) {
       const std::string said = tokenizer->Decode(produced).value_or("<undecodable>");
-      std::fprintf(stderr, "%s %s sample %lld: expected '%s', got '%s'\n", policy.c_str(),
-                   RetrievalTaskName(task).c_str(), static_cast<long long>(index), sample.answer_text.c_str(),
+      std::fprintf(stderr, "%s %s sample %lld: expected '%s', got '%s'\n", policy.c_str(), task.c_str(),
+                   static_cast<long long>(index), sample.answer_text.c_str(),
                    said.c_str());
     };
   }

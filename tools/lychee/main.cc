@@ -9,6 +9,7 @@
 #include "tools/lychee/health_command.h"
 #include "tools/lychee/inference_commands.h"
 #include "tools/lychee/local_commands.h"
+#include "tools/lychee/sweep_view.h"
 #include "tools/lychee/trainer_commands.h"
 
 namespace {
@@ -41,8 +42,18 @@ commands that talk to a lychee-trainer (all take [--trainer HOST:PORT], default 
          [--sink TOKENS] [--recent TOKENS] [--seed S]
       queues a calibration job and prints its name; NAME is a model directory on the trainer,
       PATH a corpus under its data root (default: the built-in calibration corpus)
-  watch JOB          a progress bar on stderr until the job ends; prints how it ended
-  jobs               lists the jobs
+  submit (--target-densities D1,D2,... | --sweep) --steps N [the flags above but --target-density]
+         [--max-accuracy-drop D] [--validation-context TOKENS] [--validation-samples N]
+         [--validation-seed S] [--validation-corpus PATH | --validation-prompts PATH]
+         [--validation-budget TOKENS] [--audit]
+      one sweep job: a partition per target (1 to 16, each in (0, 1]; --sweep: )" LYCHEE_DEFAULT_SWEEP_TARGETS R"(),
+      each validated against dense on pass-key and multi-key prompts of held-out text (default
+      2048 tokens, 20 per task, budget --budget) or on a JSON-lines prompts file; publishes the
+      sparsest partition whose accuracy stays within D (default 0.05) of dense on every task
+  watch JOB [--plot FILE.svg]
+      a progress bar on stderr until the job ends; prints how it ended, and a sweep's table;
+      --plot writes the sweep's accuracy against KV bytes read per token as SVG
+  jobs               lists the jobs, with each sweep's table
   cancel JOB         cancels a queued or running job
   partitions [--model NAME | --fingerprint FP | --server HOST:PORT]
       lists the published head partitions of a model (with --server: those an inference

@@ -19,6 +19,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "common/durable_file.h"
 #include "common/grpc_status.h"
 #include "common/head_partition.h"
@@ -28,6 +29,7 @@
 #include "tools/lychee/args.h"
 #include "tools/lychee/grpc_client.h"
 #include "tools/lychee/partition_view.h"
+#include "tools/lychee/sweep_view.h"
 
 namespace lychee::cli {
 namespace {
@@ -95,16 +97,26 @@ std::string UtcTime(int64_t unix_seconds) {
 std::string ProgressLine(const v1::Job& job) {
   const v1::JobProgress& p = job.progress();
   if (job.state() != v1::JOB_STATE_RUNNING) return absl::StrCat(job.name(), " ", StateName(job.state()));
-  if (p.step() == 0) return absl::StrCat(job.name(), " RUNNING: loading the model, step 0/", p.total_steps());
+  // A sweep says which target it is at; the bar, the steps and the target density are that target's.
+  const bool at_sweep_target = p.target_index() >= 1 && p.target_index() <= job.request().target_densities_size();
+  const double target_density = at_sweep_target ? job.request().target_densities(p.target_index() - 1)
+                                                : job.request().config().target_density();
+  const std::string target =
+      at_sweep_target
+          ? absl::StrCat(" target ", p.target_index(), "/", p.target_count(), " (", target_density, ") ", p.phase())
+          : "";
+  if (p.phase() == "validating") return absl::StrCat(job.name(), target, " against dense");
+  if (p.step() == 0) return absl::StrCat(job.name(), " RUNNING", target, ": loading, step 0/", p.total_steps());
   constexpr int kWidth = 24;
   const int filled = p.total_steps() > 0 ? static_cast<int>(kWidth * p.step() / p.total_steps()) : 0;
   char numbers[224];
   std::snprintf(numbers, sizeof numbers,
                 "step %lld/%lld  loss %.4g  density %.3f (target %.3f)  lambda %.3g  %.0f tok/s  ETA %s",
                 static_cast<long long>(p.step()), static_cast<long long>(p.total_steps()), p.loss(),
-                p.expected_density(), job.request().config().target_density(), p.lambda(), p.tokens_per_second(),
+                p.expected_density(), target_density, p.lambda(), p.tokens_per_second(),
                 Duration(p.eta_seconds()).c_str());
-  return absl::StrCat(job.name(), " [", std::string(filled, '#'), std::string(kWidth - filled, '.'), "] ", numbers);
+  return absl::StrCat(job.name(), target, " [", std::string(filled, '#'), std::string(kWidth - filled, '.'), "] ",
+                      numbers);
 }
 
 absl::Status SetInt(const Args& args, const std::string& flag, const std::function<void(int64_t)>& set) {
@@ -173,16 +185,17 @@ absl::StatusOr<HeadPartition> PublishedPartition(TrainerClient& client, const v1
 }  // namespace
 
 absl::Status RunSubmit(const std::vector<std::string>& argv) {
-  LYCHEE_ASSIGN_OR_RETURN(
-      Args args, Args::Parse(argv,
-                             WithConnectionFlags({"trainer", "model", "corpus", "target-density", "steps",
-                                                  "min-context", "max-context", "passkeys", "learning-rate",
-                                                  "sparse-keep-ratio", "sparse-sink", "sparse-recent", "block-size",
-                                                  "budget", "sink", "recent", "seed"}),
-                             {}));
-  if (!args.Has("target-density")) return absl::InvalidArgumentError("--target-density is required");
-  if (!args.Has("steps")) return absl::InvalidArgumentError("--steps is required");
+  std::set<std::string> valued = {"trainer", "model", "corpus", "target-density", "steps", "min-context",
+                                  "max-context", "passkeys", "learning-rate", "sparse-keep-ratio", "sparse-sink",
+                                  "sparse-recent", "block-size", "budget", "sink", "recent", "seed"};
+  valued.insert(SweepValuedFlags().begin(), SweepValuedFlags().end());
+  LYCHEE_ASSIGN_OR_RETURN(Args args, Args::Parse(argv, WithConnectionFlags(valued), SweepSwitches()));
   v1::SubmitCalibrationJobRequest request;
+  LYCHEE_RETURN_IF_ERROR(AddSweepFromArgs(args, request));
+  if (!args.Has("target-density") && !request.has_sweep()) {
+    return absl::InvalidArgumentError("--target-density (or --target-densities, or --sweep) is required");
+  }
+  if (!args.Has("steps")) return absl::InvalidArgumentError("--steps is required");
   request.set_model(args.GetOr("model", DefaultModelName()));
   request.set_corpus(args.GetOr("corpus", ""));
   v1::CalibrationConfig* config = request.mutable_config();
@@ -210,7 +223,7 @@ absl::Status RunSubmit(const std::vector<std::string>& argv) {
 
 absl::Status RunWatch(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(auto parsed,
-                          ParseWithOperand(argv, "JOB (e.g. jobs/1)", WithConnectionFlags({"trainer"}), {}));
+                          ParseWithOperand(argv, "JOB (e.g. jobs/1)", WithConnectionFlags({"trainer", "plot"}), {}));
   const auto& [name, args] = parsed;
   LYCHEE_ASSIGN_OR_RETURN(TrainerClient client, ConnectTrainer(args));
   const std::unique_ptr<grpc::ClientContext> context = client.StreamContext();
@@ -231,6 +244,15 @@ absl::Status RunWatch(const std::vector<std::string>& argv) {
     return absl::UnavailableError(absl::StrCat("the watch of ", name, " ended before the job did"));
   }
   std::cout << last->name() << " " << StateName(last->state()) << ": " << Outcome(*last) << "\n";
+  if (IsSweep(*last)) {
+    std::cout << RenderSweepTable(*last);
+    if (args.Has("plot")) {
+      LYCHEE_RETURN_IF_ERROR(ReplaceFile(*args.Get("plot"), RenderSweepSvg(*last)));
+      std::cerr << "wrote " << *args.Get("plot") << "\n";
+    }
+  } else if (args.Has("plot")) {
+    return absl::InvalidArgumentError(absl::StrCat("--plot: job ", name, " is no sweep; it has no table to plot"));
+  }
   if (last->state() != v1::JOB_STATE_SUCCEEDED) {
     return absl::AbortedError(absl::StrCat("job ", name, " ended ", StateName(last->state())));
   }
@@ -254,9 +276,11 @@ absl::Status RunJobs(const std::vector<std::string>& argv) {
   std::printf("%-10s %-12s %-24s %-13s %-7s %s\n", "NAME", "STATE", "MODEL", "STEP", "TARGET", "OUTCOME");
   for (const v1::Job& job : response.jobs()) {
     const std::string step = absl::StrCat(job.progress().step(), "/", job.progress().total_steps());
-    std::printf("%-10s %-12s %-24s %-13s %-7.4g %s\n", job.name().c_str(), StateName(job.state()).c_str(),
-                job.request().model().c_str(), step.c_str(), job.request().config().target_density(),
-                Outcome(job).c_str());
+    const std::string target = IsSweep(job) ? absl::StrCat("sweep(", job.request().target_densities_size(), ")")
+                                            : absl::StrFormat("%.4g", job.request().config().target_density());
+    std::printf("%-10s %-12s %-24s %-13s %-7s %s\n", job.name().c_str(), StateName(job.state()).c_str(),
+                job.request().model().c_str(), step.c_str(), target.c_str(), Outcome(job).c_str());
+    if (IsSweep(job)) std::cout << RenderSweepTable(job);
   }
   return absl::OkStatus();
 }
