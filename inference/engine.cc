@@ -369,6 +369,10 @@ class InferenceEngine::Impl {
     metrics.AddCounterFunction("lychee_decode_eager_steps_total", "Decode steps launched op by op",
                                [this] { return static_cast<double>(runner_->decode_counts().eager_steps); });
     metrics.AddCounterFunction(
+        "lychee_failed_steps_total",
+        "Model steps (a prefill chunk, a decode call) that threw or failed; only their requests failed",
+        [this] { return static_cast<double>(runner_->failed_steps()); });
+    metrics.AddCounterFunction(
         "lychee_decode_graph_capture_failures_total", "Decode steps whose CUDA graph capture failed",
         [this] { return static_cast<double>(runner_->decode_counts().graph_capture_failures); });
   }

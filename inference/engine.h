@@ -15,6 +15,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -112,6 +113,19 @@ class GenerationStream {
   bool cancelled_ = false;
 };
 
+// Faults a test injects into the engine, to see that a failing model step fails only the requests
+// it holds and frees their KV pages while the others, and later requests, are served. Compiled into
+// every build; inert unless a test hands one to the engine (EngineOptions::faults).
+struct StepFaults {
+  // Called on the engine's thread before each model step (one prefill chunk, or one decode call
+  // of the requests that share a backend) with that step's requests; what it throws, the step
+  // throws, as a failing kernel check or allocation would.
+  std::function<void(const std::vector<const GenerationRequest*>& requests)> before_step;
+  // Asked by every allocation of KV pages from the engine's pool; an error it returns is the
+  // allocation's.
+  std::function<absl::Status(int64_t pages)> page_allocation;
+};
+
 struct EngineOptions {
   std::string model_dir;
   std::string device = "cpu";
@@ -134,6 +148,8 @@ struct EngineOptions {
   bool hybrid_by_default = true;
   // Capture decode steps as CUDA graphs and replay them (CUDA only).
   bool cuda_graphs = true;
+  // Tests only; the servers leave it null.
+  std::shared_ptr<const StepFaults> faults;
 };
 
 struct EngineLoad {

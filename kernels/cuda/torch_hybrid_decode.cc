@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 
+#include "common/cuda/cuda_check.h"
 #include "kernels/cuda/torch_checks.h"
 
 namespace lychee {
@@ -193,9 +194,9 @@ class HybridDecodeRunner {
     args.workspace = workspace.data_ptr();
     args.scale = static_cast<float>(options.scale);
     args.use_pdl = options.use_pdl;
-    const cudaError_t err =
-        LaunchHybridDecode(args, plan, shape, options.selection, c10::cuda::getCurrentCUDAStream(device.index()));
-    TORCH_CHECK(err == cudaSuccess, "hybrid decode launch failed: ", cudaGetErrorString(err));
+    LYCHEE_CUDA_CHECK(
+        LaunchHybridDecode(args, plan, shape, options.selection, c10::cuda::getCurrentCUDAStream(device.index())),
+        "hybrid decode launch");
     if (state != nullptr) {
       for (int64_t h = 0; h < num_kv_heads; ++h) {
         if (modes[h] == KvHeadMode::kRetrieval) state->has_selection_[h] = 1;
@@ -360,9 +361,9 @@ at::Tensor PagedHybridDecode::Attend(int layer, const at::Tensor& queries, const
   args.scale = static_cast<float>(options_.scale);
   args.use_pdl = options_.use_pdl;
   const c10::cuda::CUDAGuard guard(out_.device());
-  const cudaError_t err = LaunchHybridDecode(args, pattern.plan, shape_, options_.selection,
-                                             c10::cuda::getCurrentCUDAStream(out_.device().index()));
-  TORCH_CHECK(err == cudaSuccess, "paged hybrid decode launch failed: ", cudaGetErrorString(err));
+  LYCHEE_CUDA_CHECK(LaunchHybridDecode(args, pattern.plan, shape_, options_.selection,
+                                       c10::cuda::getCurrentCUDAStream(out_.device().index())),
+                    "paged hybrid decode launch");
   return out_.narrow(0, 0, queries.size(0));
 }
 

@@ -4,6 +4,8 @@
 
 #include "inference/engine.h"
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <thread>
 
@@ -575,6 +577,99 @@ TEST_CASE("stop sequences end the text before them") {
   REQUIRE(outcome.summary.has_value());
   CHECK(outcome.summary->finish_reason == FinishReason::kStopSequence);
   CHECK(outcome.text == expected);
+}
+
+// The request the faults aim at is the one with this seed.
+constexpr uint64_t kFaultySeed = 13;
+
+bool HoldsFaulty(const std::vector<const GenerationRequest*>& requests) {
+  return std::any_of(requests.begin(), requests.end(),
+                     [](const GenerationRequest* request) { return request->seed == kFaultySeed; });
+}
+
+TEST_CASE("a failing step fails only its requests, frees their pages, and the engine serves on") {
+  enum class Fault { kKernelCheck, kOutOfMemory, kPageAllocation };
+  Fault fault = Fault::kKernelCheck;
+  SECTION("a kernel check throws in a decode step") { fault = Fault::kKernelCheck; }
+  SECTION("the step runs out of device memory") { fault = Fault::kOutOfMemory; }
+  SECTION("a KV page allocation fails") { fault = Fault::kPageAllocation; }
+  // Armed once the healthy request streams; fires once, in a step of the faulty request.
+  auto armed = std::make_shared<std::atomic<bool>>(false);
+  // Set by the faulty request's prefill step, for the page allocation that step makes.
+  auto allocation_due = std::make_shared<std::atomic<bool>>(false);
+  auto faulty_steps = std::make_shared<std::atomic<int>>(0);
+  auto faults = std::make_shared<StepFaults>();
+  faults->before_step = [=](const std::vector<const GenerationRequest*>& requests) {
+    if (!*armed || !HoldsFaulty(requests)) return;
+    if (fault == Fault::kPageAllocation) {
+      allocation_due->store(true);
+      armed->store(false);
+      return;
+    }
+    // Its first step is its prefill (the prompt is one chunk), the second its first decode step.
+    if (++*faulty_steps < 2) return;
+    armed->store(false);
+    TORCH_CHECK_WITH(OutOfMemoryError, fault != Fault::kOutOfMemory, "injected: CUDA out of memory");
+    TORCH_CHECK(false, "injected: hybrid decode launch failed: invalid argument");
+  };
+  faults->page_allocation = [=](int64_t pages) {
+    if (!allocation_due->exchange(false)) return absl::OkStatus();
+    return absl::ResourceExhaustedError(absl::StrCat("injected: no device memory for ", pages, " KV pages"));
+  };
+  EngineOptions options;
+  options.faults = faults;
+  Fixture fixture(options);
+
+  auto healthy = fixture.engine->Submit(fixture.Request(kPrompt, 24));
+  REQUIRE(healthy.ok());
+  GenerationEvent first_chunk;
+  while (first_chunk.kind != GenerationEvent::Kind::kChunk) first_chunk = (*healthy)->Next(milliseconds(1000));
+  armed->store(true);
+  GenerationRequest faulty_request = fixture.Request("A different prompt, so that it prefills apart", 24);
+  faulty_request.seed = kFaultySeed;
+  // Its own backend (a policy's), so that it decodes in a step of its own.
+  faulty_request.policy = PolicySpec::Defaults(PolicyKind::kDense);
+  auto faulty = fixture.engine->Submit(faulty_request);
+  REQUIRE(faulty.ok());
+
+  const Outcome failed = Drain(**faulty);
+  Outcome served = Drain(**healthy);
+  served.ids.insert(served.ids.begin(), first_chunk.token_ids.begin(), first_chunk.token_ids.end());
+  INFO(failed.error);
+  const std::string message(failed.error.message());
+  switch (fault) {
+    case Fault::kKernelCheck:
+      CHECK(failed.error.code() == absl::StatusCode::kInternal);
+      CHECK(message.find("decode step failed: injected: hybrid decode launch failed") != std::string::npos);
+      break;
+    case Fault::kOutOfMemory:
+      CHECK(failed.error.code() == absl::StatusCode::kResourceExhausted);
+      CHECK(message.find("decode step ran out of memory: injected") != std::string::npos);
+      break;
+    case Fault::kPageAllocation:
+      CHECK(failed.error.code() == absl::StatusCode::kResourceExhausted);
+      CHECK(message.find("injected: no device memory for 1 KV pages") != std::string::npos);
+      break;
+  }
+  CHECK_FALSE(*armed);
+  CHECK_FALSE(*allocation_due);
+  REQUIRE(served.summary.has_value());
+  CHECK(served.summary->completion_tokens == 24);
+  CHECK(fixture.WaitForIdle());
+  CHECK(fixture.Metric("lychee_failed_steps_total") == 1);
+  CHECK(fixture.Metric("lychee_requests_total{outcome=\"error\"}") == 1);
+
+  // Later requests are served, the same one again among them, and the healthy one generated what it
+  // would have alone.
+  auto again = fixture.engine->Submit(faulty_request);
+  auto alone = fixture.engine->Submit(fixture.Request(kPrompt, 24));
+  REQUIRE(again.ok());
+  REQUIRE(alone.ok());
+  const Outcome retried = Drain(**again);
+  CHECK(retried.error.ok());
+  CHECK(retried.ids.size() == 24);
+  CHECK(Drain(**alone).ids == served.ids);
+  CHECK(fixture.WaitForIdle());
 }
 
 }  // namespace
