@@ -107,6 +107,11 @@ Sequence::Sequence(std::shared_ptr<KvPool> pool, std::shared_ptr<const Attention
 
 Sequence::~Sequence() { pool_->Free(pages_); }
 
+void Sequence::SwitchAttention(std::shared_ptr<const AttentionBackend> attention) {
+  attention_ = std::move(attention);
+  attention_state_ = attention_->NewSequenceState();
+}
+
 absl::Status Sequence::Reserve(int64_t tokens) {
   const int64_t missing = pool_->PagesFor(tokens) - static_cast<int64_t>(pages_.size());
   if (missing <= 0) return absl::OkStatus();

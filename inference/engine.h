@@ -47,6 +47,9 @@ struct GenerationRequest {
   std::optional<uint64_t> partition_version;
   // A selection policy instead of `attention` (its token budget already set from the request).
   std::optional<PolicySpec> policy;
+  // In [0, 1]: audits every decode step and, once one drops more attention mass than this for a
+  // query head, decodes the rest of the generation densely.
+  std::optional<double> max_dropped_mass;
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
 };
 
@@ -62,6 +65,15 @@ struct GenerationTelemetry {
   bool audited = false;
   double max_dropped_mass = 0;
   double mean_dropped_mass = 0;
+};
+
+// Where and why GenerationRequest::max_dropped_mass switched a sequence to dense attention.
+struct DenseFallback {
+  // The completion token (0-based) whose decode step dropped too much; the later ones are dense.
+  int64_t token_index = 0;
+  double dropped_mass = 0;
+  double max_dropped_mass = 0;
+  std::string Reason() const;
 };
 
 struct GenerationSummary {
@@ -80,6 +92,7 @@ struct GenerationSummary {
   std::optional<GenerationTelemetry> telemetry;
   // Times the sequence was dropped for an older one when the KV pool ran out, and recomputed.
   int64_t preemptions = 0;
+  std::optional<DenseFallback> dense_fallback;
 };
 
 // What a client reads from a generation, in order: chunks, then one summary or one error.

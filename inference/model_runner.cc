@@ -194,8 +194,26 @@ absl::Status ModelRunner::DecodeGroup(absl::Span<EngineRequest* const> requests,
     RequestState& state = StateOf(request);
     request.computed_tokens = state.sequence->length();
     tokens[rows[i]] = all_greedy ? greedy[i] : state.sampler.Next(host_logits[static_cast<int64_t>(i)]);
+    BoundDroppedMass(request);
   }
   return absl::OkStatus();
+}
+
+void ModelRunner::BoundDroppedMass(EngineRequest& request) {
+  const std::optional<double>& bound = request.request.max_dropped_mass;
+  if (!bound || request.summary.dense_fallback) return;
+  RequestState& state = StateOf(request);
+  const SequenceAttentionState* attention_state = state.sequence->attention_state();
+  const AttentionTelemetry* telemetry = attention_state == nullptr ? nullptr : attention_state->telemetry();
+  // The largest mass so far: every earlier step stayed within the bound, so more is this step's.
+  if (telemetry == nullptr || telemetry->max_dropped_mass <= *bound) return;
+  // This step's token is the next one delivered.
+  request.summary.dense_fallback =
+      DenseFallback{static_cast<int64_t>(request.output_ids.size()), telemetry->max_dropped_mass, *bound};
+  ++dense_fallbacks_;
+  KeepTelemetry(state);
+  state.backend = dense_;
+  state.sequence->SwitchAttention(dense_);
 }
 
 void ModelRunner::Preempt(EngineRequest& request) {
@@ -256,24 +274,25 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::HybridBacke
   summary.hybrid = true;
   summary.partition_version = partition->version;
   summary.token_budget = budget;
-  return HybridBackend(partition, budget);
+  return HybridBackend(partition, budget, plan.audit);
 }
 
 absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::HybridBackend(
-    const PartitionManager::Snapshot& partition, int64_t budget) {
-  // Shared by every request with the same partition and budget, so that they decode in one call.
-  const std::pair<uint64_t, int64_t> key(partition->version, budget);
+    const PartitionManager::Snapshot& partition, int64_t budget, bool audit) {
+  // Shared by every request with the same partition, budget and audit, so that they decode in one call.
+  const std::tuple<uint64_t, int64_t, bool> key(partition->version, budget, audit);
   if (auto it = hybrid_backends_.find(key); it != hybrid_backends_.end()) return it->second;
   auto adjusted = std::make_shared<HeadPartition>(*partition);
   adjusted->mutable_selection().token_budget = budget;
   std::shared_ptr<const AttentionBackend> backend;
 #ifdef LYCHEE_CUDA_ATTENTION
-  if (model_->options().device.is_cuda()) {
+  // The kernels keep no audit; the reference backend audits on any device, as for the policies.
+  if (model_->options().device.is_cuda() && !audit) {
     LYCHEE_ASSIGN_OR_RETURN(backend, MakeCudaHybridAttention(adjusted, model_->config()));
   }
 #endif
   if (backend == nullptr) {
-    LYCHEE_ASSIGN_OR_RETURN(auto hybrid, HybridAttentionBackend::Create(adjusted, model_->config()));
+    LYCHEE_ASSIGN_OR_RETURN(auto hybrid, HybridAttentionBackend::Create(adjusted, model_->config(), audit));
     backend = std::move(hybrid);
   }
   ForgetUnusedBackends(hybrid_backends_);

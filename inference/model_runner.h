@@ -12,6 +12,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -75,6 +76,8 @@ class ModelRunner {
   DecodeCounts decode_counts() const;
   // Steps (Start, a prefill chunk, a decode group) that failed, since the start.
   int64_t failed_steps() const { return failed_steps_.load(); }
+  // Sequences that GenerationRequest::max_dropped_mass switched to dense attention.
+  int64_t dense_fallbacks() const { return dense_fallbacks_.load(); }
 
  private:
   struct RequestState;
@@ -83,7 +86,7 @@ class ModelRunner {
   absl::StatusOr<std::shared_ptr<const AttentionBackend>> HybridBackendFor(EngineRequest& request);
   absl::StatusOr<std::shared_ptr<const AttentionBackend>> PolicyBackendFor(EngineRequest& request);
   absl::StatusOr<std::shared_ptr<const AttentionBackend>> HybridBackend(const PartitionManager::Snapshot& partition,
-                                                                        int64_t budget);
+                                                                        int64_t budget, bool audit = false);
   RequestState& StateOf(const EngineRequest& request);
   absl::Status RunStart(EngineRequest& request);
   absl::StatusOr<std::optional<int32_t>> RunPrefill(EngineRequest& request, int64_t tokens);
@@ -92,6 +95,9 @@ class ModelRunner {
                            std::vector<absl::StatusOr<int32_t>>& tokens);
   // Calls the test's fault hook, if any, with the requests of the step about to run.
   void InjectFaults(absl::Span<EngineRequest* const> requests) const;
+  // Once an audited step of a request with GenerationRequest::max_dropped_mass dropped more than
+  // that, switches it to dense attention and notes where and why in its summary.
+  void BoundDroppedMass(EngineRequest& request);
   // Adds the sequence's telemetry to what the request's earlier sequences read.
   static void KeepTelemetry(RequestState& state);
   void CountDecodeSteps();
@@ -102,7 +108,8 @@ class ModelRunner {
   std::unique_ptr<DecodeContext> decode_context_;
   std::shared_ptr<KvPool> pool_;
   std::shared_ptr<const AttentionBackend> dense_;
-  std::map<std::pair<uint64_t, int64_t>, std::shared_ptr<const AttentionBackend>> hybrid_backends_;
+  // By partition version, token budget and audit.
+  std::map<std::tuple<uint64_t, int64_t, bool>, std::shared_ptr<const AttentionBackend>> hybrid_backends_;
   std::map<std::pair<std::string, uint64_t>, std::shared_ptr<const AttentionBackend>> policy_backends_;
   std::map<uint64_t, std::unique_ptr<RequestState>> states_;
   std::shared_ptr<const AttentionBackend> prepared_;
@@ -111,6 +118,7 @@ class ModelRunner {
   std::atomic<int64_t> eager_steps_{0};
   std::atomic<int64_t> graph_capture_failures_{0};
   std::atomic<int64_t> failed_steps_{0};
+  std::atomic<int64_t> dense_fallbacks_{0};
 };
 
 }  // namespace lychee

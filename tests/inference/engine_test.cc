@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -669,6 +670,105 @@ TEST_CASE("a failing step fails only its requests, frees their pages, and the en
   CHECK(retried.error.ok());
   CHECK(retried.ids.size() == 24);
   CHECK(Drain(**alone).ids == served.ids);
+  CHECK(fixture.WaitForIdle());
+}
+
+std::string LongPrompt(int repeats = 24) {
+  std::string text;
+  for (int i = 0; i < repeats; ++i) absl::StrAppend(&text, kPrompt, " ");
+  return text;
+}
+
+// Positions one KV head reads over the dense decode steps of a sequence, from the step of
+// completion token `from` to the last: the step of token k attends to prompt + k positions.
+int64_t DensePositions(int64_t prompt_tokens, int64_t from, int64_t completion_tokens) {
+  int64_t positions = 0;
+  for (int64_t k = from; k < completion_tokens; ++k) positions += prompt_tokens + k;
+  return positions;
+}
+
+TEST_CASE("max_dropped_mass switches a sequence to dense attention once an audited step drops more") {
+  Fixture fixture;
+  GenerationRequest request = fixture.Request(LongPrompt(), 12);
+  // Sparse in every layer, two pages of 16 tokens per head.
+  PolicySpec quest = PolicySpec::Defaults(PolicyKind::kQuest);
+  quest.token_budget = 32;
+  quest.quest_dense_layers = 0;
+  request.policy = quest;
+  const int64_t prompt_tokens = static_cast<int64_t>(request.prompt_ids.size());
+  REQUIRE(prompt_tokens > 4 * quest.token_budget);
+  // The summary of a generation that must succeed.
+  const auto summary_of = [&](const GenerationRequest& generation) {
+    auto stream = fixture.engine->Submit(generation);
+    INFO(stream.status());
+    REQUIRE(stream.ok());
+    const Outcome outcome = Drain(**stream);
+    INFO(outcome.error);
+    REQUIRE(outcome.summary.has_value());
+    return *outcome.summary;
+  };
+
+  SECTION("a bound the first decode step exceeds: dense from its token on") {
+    request.max_dropped_mass = 0.0;
+    const GenerationSummary summary = summary_of(request);
+    REQUIRE(summary.dense_fallback.has_value());
+    // Token 0 comes from the (dense) prefill, token 1 from the first decode step.
+    CHECK(summary.dense_fallback->token_index == 1);
+    CHECK(summary.dense_fallback->dropped_mass > 0);
+    CHECK(summary.dense_fallback->max_dropped_mass == 0);
+    CHECK(summary.dense_fallback->Reason().find("completion token 1 dropped") != std::string::npos);
+    REQUIRE(summary.telemetry.has_value());
+    CHECK(summary.telemetry->audited);
+    CHECK(summary.telemetry->max_dropped_mass == summary.dense_fallback->dropped_mass);
+    // Every head read its whole cache from token 2 on, and at most that plus the first step's.
+    const int64_t completion_tokens = summary.completion_tokens;
+    REQUIRE(completion_tokens > 2);
+    for (int64_t positions : summary.telemetry->tokens_attended) {
+      CHECK(positions >= DensePositions(prompt_tokens, 2, completion_tokens));
+      CHECK(positions <= DensePositions(prompt_tokens, 1, completion_tokens));
+    }
+    CHECK(fixture.Metric("lychee_dense_fallbacks_total") == 1);
+  }
+  SECTION("a bound no step exceeds: sparse throughout, and audited") {
+    request.max_dropped_mass = 1.0;
+    const GenerationSummary summary = summary_of(request);
+    CHECK_FALSE(summary.dense_fallback.has_value());
+    REQUIRE(summary.telemetry.has_value());
+    CHECK(summary.telemetry->audited);
+    CHECK(summary.telemetry->max_dropped_mass > 0);
+    for (int64_t positions : summary.telemetry->tokens_attended) {
+      CHECK(positions <= quest.token_budget * (summary.completion_tokens - 1));
+    }
+    CHECK(fixture.Metric("lychee_dense_fallbacks_total") == 0);
+  }
+  SECTION("hybrid attention of the active partition is audited and bounded too") {
+    // Four blocks of 64 tokens: the sink's, the recent two and one selected, of the prompt's eight.
+    fixture.OfferPartition(1, /*budget=*/256);
+    GenerationRequest hybrid = fixture.Request(LongPrompt(48), 8);
+    REQUIRE(hybrid.prompt_ids.size() > 7 * 64);
+    hybrid.max_dropped_mass = 0.0;
+    const GenerationSummary summary = summary_of(hybrid);
+    CHECK(summary.hybrid);
+    REQUIRE(summary.dense_fallback.has_value());
+    CHECK(summary.dense_fallback->token_index == 1);
+  }
+  CHECK(fixture.WaitForIdle());
+}
+
+TEST_CASE("max_dropped_mass outside [0, 1] is INVALID_ARGUMENT naming the field") {
+  Fixture fixture;
+  for (const double bound : {-0.1, 1.5, std::nan("")}) {
+    GenerationRequest request = fixture.Request(kPrompt, 4);
+    request.policy = PolicySpec::Defaults(PolicyKind::kQuest);
+    request.max_dropped_mass = bound;
+    auto stream = fixture.engine->Submit(request);
+    INFO(bound);
+    REQUIRE_FALSE(stream.ok());
+    CHECK(stream.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK(std::string(stream.status().message()).find("attention.max_dropped_mass must be in [0, 1]") !=
+          std::string::npos);
+  }
+  CHECK(fixture.Metric("lychee_dense_fallbacks_total") == 0);
   CHECK(fixture.WaitForIdle());
 }
 
