@@ -29,7 +29,8 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(const std::funct
   // Capture must not run on the default stream; the work queued before it must be done, since the
   // capture stream does not wait for other streams.
   if (const cudaError_t synced = cudaDeviceSynchronize(); synced != cudaSuccess) {
-    return absl::InternalError(absl::StrCat("before capturing a CUDA graph: ", cudaGetErrorString(synced)));
+    return absl::InternalError(absl::StrCat("cudaDeviceSynchronize() before capturing a CUDA graph: ",
+                                            cudaGetErrorName(synced), " (", cudaGetErrorString(synced), ")"));
   }
   c10::cuda::CUDAStream capture_stream = c10::cuda::getStreamFromPool();
   c10::cuda::CUDAStreamGuard guard(capture_stream);
@@ -62,7 +63,8 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(const std::funct
 absl::StatusOr<int64_t> FreeCudaMemoryBytes() {
   size_t free_bytes = 0, total_bytes = 0;
   if (const cudaError_t error = cudaMemGetInfo(&free_bytes, &total_bytes); error != cudaSuccess) {
-    return absl::InternalError(absl::StrCat("cudaMemGetInfo: ", cudaGetErrorString(error)));
+    return absl::InternalError(
+        absl::StrCat("cudaMemGetInfo: ", cudaGetErrorName(error), " (", cudaGetErrorString(error), ")"));
   }
   return static_cast<int64_t>(free_bytes);
 }

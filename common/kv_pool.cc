@@ -5,6 +5,7 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
+#include "common/status_macros.h"
 
 namespace lychee {
 namespace {
@@ -81,6 +82,7 @@ int64_t KvPool::generation() const {
 
 absl::StatusOr<std::vector<int32_t>> KvPool::Allocate(int64_t count) {
   absl::MutexLock lock(&mutex_);
+  if (allocation_fault_) LYCHEE_RETURN_IF_ERROR(allocation_fault_(count));
   if (count > static_cast<int64_t>(free_.size())) {
     if (!growable_) {
       return absl::ResourceExhaustedError(absl::StrCat("the KV pool has ", free_.size(), " free pages of ", num_pages_,
@@ -92,6 +94,11 @@ absl::StatusOr<std::vector<int32_t>> KvPool::Allocate(int64_t count) {
   std::reverse(pages.begin(), pages.end());
   free_.resize(free_.size() - count);
   return pages;
+}
+
+void KvPool::SetAllocationFault(std::function<absl::Status(int64_t count)> fault) {
+  absl::MutexLock lock(&mutex_);
+  allocation_fault_ = std::move(fault);
 }
 
 void KvPool::Free(absl::Span<const int32_t> pages) {

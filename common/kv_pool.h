@@ -8,6 +8,7 @@
 #include <ATen/ATen.h>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <utility>
 #include <vector>
@@ -59,6 +60,9 @@ class KvPool {
   // fewer free.
   absl::StatusOr<std::vector<int32_t>> Allocate(int64_t count);
   void Free(absl::Span<const int32_t> pages);
+  // Fault injection for tests, inert unless set: every Allocate asks `fault` first, and an error it
+  // returns is Allocate's (taking no page), as a failed device allocation would be. Null clears it.
+  void SetAllocationFault(std::function<absl::Status(int64_t count)> fault);
 
   // Writes keys and values [num_kv_heads, T, head_dim] of `layer` at positions [start, start + T)
   // of the sequence whose page table is `pages`.
@@ -91,6 +95,7 @@ class KvPool {
   std::vector<int32_t> free_ ABSL_GUARDED_BY(mutex_);  // a stack: the last freed page is reused first
   int64_t num_pages_ ABSL_GUARDED_BY(mutex_) = 0;
   int64_t generation_ ABSL_GUARDED_BY(mutex_) = 0;
+  std::function<absl::Status(int64_t)> allocation_fault_ ABSL_GUARDED_BY(mutex_);
 };
 
 }  // namespace lychee

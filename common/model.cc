@@ -13,6 +13,7 @@
 #endif
 #include "common/safetensors.h"
 #include "common/status_macros.h"
+#include "common/torch_errors.h"
 
 namespace lychee {
 namespace {
@@ -105,6 +106,11 @@ Sequence::Sequence(std::shared_ptr<KvPool> pool, std::shared_ptr<const Attention
     : pool_(std::move(pool)), attention_(std::move(attention)), attention_state_(attention_->NewSequenceState()) {}
 
 Sequence::~Sequence() { pool_->Free(pages_); }
+
+void Sequence::SwitchAttention(std::shared_ptr<const AttentionBackend> attention) {
+  attention_ = std::move(attention);
+  attention_state_ = attention_->NewSequenceState();
+}
 
 absl::Status Sequence::Reserve(int64_t tokens) {
   const int64_t missing = pool_->PagesFor(tokens) - static_cast<int64_t>(pages_.size());
@@ -308,8 +314,8 @@ absl::StatusOr<at::Tensor> Model::Prefill(Sequence& sequence, absl::Span<const i
   LYCHEE_RETURN_IF_ERROR(sequence.Reserve(sequence.length() + static_cast<int64_t>(ids.size())));
   try {
     return RunPrefill(sequence, ids);
-  } catch (const c10::Error& error) {
-    return absl::InternalError(absl::StrCat("prefill: ", error.what_without_backtrace()));
+  } catch (const std::exception& error) {
+    return StatusFromException(error, "prefill");
   }
 }
 
@@ -590,9 +596,9 @@ absl::StatusOr<at::Tensor> Model::Decode(absl::Span<Sequence* const> sequences, 
   DecodeContext own_context(DecodeOptions{/*cuda_graphs=*/false});
   try {
     return RunDecode(sequences, ids, width, context != nullptr ? *context : own_context);
-  } catch (const c10::Error& error) {
-    // A kernel's argument check: the step is not taken, and the caller's other work goes on.
-    return absl::InternalError(absl::StrCat("decode step: ", error.what_without_backtrace()));
+  } catch (const std::exception& error) {
+    // A kernel's check or an allocation: the step is not taken, and the caller's other work goes on.
+    return StatusFromException(error, "decode step");
   }
 }
 

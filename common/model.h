@@ -43,6 +43,9 @@ class Sequence {
   // The backend's state for this sequence (null for backends that keep none), which carries
   // the telemetry of what decoding has read.
   const SequenceAttentionState* attention_state() const { return attention_state_.get(); }
+  // Decodes on with `attention` from the next step, its state fresh. The cache carries over: every
+  // backend prefills densely and keeps every head's whole cache.
+  void SwitchAttention(std::shared_ptr<const AttentionBackend> attention);
 
  private:
   friend class Model;

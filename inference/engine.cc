@@ -9,6 +9,7 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "common/sampling.h"
 #include "common/status_macros.h"
@@ -29,6 +30,13 @@ constexpr std::chrono::milliseconds kIdlePoll(50);
 
 absl::Status CheckPartitionServable(const HeadPartition& partition, const ModelConfig& config) {
   return CheckHybridFits(partition, config);
+}
+
+std::string DenseFallback::Reason() const {
+  return absl::StrFormat(
+      "the audited decode step of completion token %d dropped %.4f of a query head's attention mass, over "
+      "max_dropped_mass %.4f; the tokens after it were decoded with dense attention",
+      token_index, dropped_mass, max_dropped_mass);
 }
 
 GenerationEvent GenerationStream::Next(std::chrono::milliseconds timeout) {
@@ -175,6 +183,11 @@ class InferenceEngine::Impl {
     for (size_t i = 0; i < request.stop_sequences.size(); ++i) {
       if (request.stop_sequences[i].empty()) return absl::InvalidArgumentError(absl::StrCat("stop[", i, "]: empty"));
     }
+    // Written so that NaN fails too.
+    if (request.max_dropped_mass && !(*request.max_dropped_mass >= 0 && *request.max_dropped_mass <= 1)) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("attention.max_dropped_mass must be in [0, 1], got ", *request.max_dropped_mass));
+    }
     return absl::OkStatus();
   }
 
@@ -184,6 +197,11 @@ class InferenceEngine::Impl {
     if (request.policy) {
       LYCHEE_RETURN_IF_ERROR(request.policy->Validate(config));
       plan.policy = request.policy;
+      // The bound is checked against the policy's audit: every step's, unless the request names a period.
+      if (request.max_dropped_mass) {
+        plan.policy->audit = true;
+        if (plan.policy->audit_every == 0) plan.policy->audit_every = 1;
+      }
       if (plan.policy->audit_every == 0) plan.policy->audit_every = options_.audit_every;
       if (PolicyNeedsPartition(request.policy->kind)) {
         if (request.partition_version) {
@@ -226,6 +244,7 @@ class InferenceEngine::Impl {
       }
       plan.token_budget = request.token_budget;
     }
+    plan.audit = request.max_dropped_mass.has_value();
     return plan;
   }
 
@@ -369,6 +388,14 @@ class InferenceEngine::Impl {
                                [this] { return static_cast<double>(runner_->decode_counts().graph_replays); });
     metrics.AddCounterFunction("lychee_decode_eager_steps_total", "Decode steps launched op by op",
                                [this] { return static_cast<double>(runner_->decode_counts().eager_steps); });
+    metrics.AddCounterFunction(
+        "lychee_failed_steps_total",
+        "Model steps (a prefill chunk, a decode call) that threw or failed; only their requests failed",
+        [this] { return static_cast<double>(runner_->failed_steps()); });
+    metrics.AddCounterFunction(
+        "lychee_dense_fallbacks_total",
+        "Sequences switched to dense attention after an audited step dropped more than their max_dropped_mass",
+        [this] { return static_cast<double>(runner_->dense_fallbacks()); });
     metrics.AddCounterFunction(
         "lychee_decode_graph_capture_failures_total", "Decode steps whose CUDA graph capture failed",
         [this] { return static_cast<double>(runner_->decode_counts().graph_capture_failures); });

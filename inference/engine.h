@@ -15,6 +15,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -46,6 +47,9 @@ struct GenerationRequest {
   std::optional<uint64_t> partition_version;
   // A selection policy instead of `attention` (its token budget already set from the request).
   std::optional<PolicySpec> policy;
+  // In [0, 1]: audits every decode step and, once one drops more attention mass than this for a
+  // query head, decodes the rest of the generation densely.
+  std::optional<double> max_dropped_mass;
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
 };
 
@@ -61,6 +65,15 @@ struct GenerationTelemetry {
   bool audited = false;
   double max_dropped_mass = 0;
   double mean_dropped_mass = 0;
+};
+
+// Where and why GenerationRequest::max_dropped_mass switched a sequence to dense attention.
+struct DenseFallback {
+  // The completion token (0-based) whose decode step dropped too much; the later ones are dense.
+  int64_t token_index = 0;
+  double dropped_mass = 0;
+  double max_dropped_mass = 0;
+  std::string Reason() const;
 };
 
 struct GenerationSummary {
@@ -79,6 +92,7 @@ struct GenerationSummary {
   std::optional<GenerationTelemetry> telemetry;
   // Times the sequence was dropped for an older one when the KV pool ran out, and recomputed.
   int64_t preemptions = 0;
+  std::optional<DenseFallback> dense_fallback;
 };
 
 // What a client reads from a generation, in order: chunks, then one summary or one error.
@@ -112,6 +126,19 @@ class GenerationStream {
   bool cancelled_ = false;
 };
 
+// Faults a test injects into the engine, to see that a failing model step fails only the requests
+// it holds and frees their KV pages while the others, and later requests, are served. Compiled into
+// every build; inert unless a test hands one to the engine (EngineOptions::faults).
+struct StepFaults {
+  // Called on the engine's thread before each model step (one prefill chunk, or one decode call
+  // of the requests that share a backend) with that step's requests; what it throws, the step
+  // throws, as a failing kernel check or allocation would.
+  std::function<void(const std::vector<const GenerationRequest*>& requests)> before_step;
+  // Asked by every allocation of KV pages from the engine's pool; an error it returns is the
+  // allocation's.
+  std::function<absl::Status(int64_t pages)> page_allocation;
+};
+
 struct EngineOptions {
   std::string model_dir;
   std::string device = "cpu";
@@ -136,6 +163,8 @@ struct EngineOptions {
   bool cuda_graphs = true;
   // The audit period of audited requests that name none.
   int64_t audit_every = kDefaultAuditEvery;
+  // Tests only; the servers leave it null.
+  std::shared_ptr<const StepFaults> faults;
 };
 
 struct EngineLoad {

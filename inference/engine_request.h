@@ -27,6 +27,8 @@ struct AttentionPlan {
   // Set for a pinned version; else the active partition at admission.
   PartitionManager::Snapshot pinned;
   std::optional<int64_t> token_budget;
+  // Hybrid attention audited against dense scores (for GenerationRequest::max_dropped_mass).
+  bool audit = false;
 };
 
 enum class RequestStatus {

@@ -81,6 +81,7 @@ absl::StatusOr<GenerationRequest> ToGenerationRequest(const v1::GenerateRequest&
   }
   if (attention.has_token_budget()) generation.token_budget = attention.token_budget();
   if (attention.has_partition_version()) generation.partition_version = attention.partition_version();
+  if (attention.has_max_dropped_mass()) generation.max_dropped_mass = attention.max_dropped_mass();
   if (!attention.policy().name().empty()) {
     if (attention.mode() != v1::ATTENTION_MODE_UNSPECIFIED) {
       return absl::InvalidArgumentError("attention: give a mode or a policy, not both");

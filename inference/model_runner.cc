@@ -10,6 +10,7 @@
 #include "common/model.h"
 #include "common/sampling.h"
 #include "common/status_macros.h"
+#include "common/torch_errors.h"
 #include "kernels/dense_attention.h"
 #include "kernels/hybrid_attention.h"
 #include "kernels/policy_backend.h"
@@ -27,6 +28,20 @@ void ForgetUnusedBackends(Cache& cache) {
   for (auto it = cache.begin(); it != cache.end();) {
     it = it->second.use_count() == 1 ? cache.erase(it) : std::next(it);
   }
+}
+
+// Runs one step and turns what it throws into its status, as what it returns; counts its failure.
+template <typename Step>
+auto Guarded(absl::string_view name, std::atomic<int64_t>& failures, const Step& step) -> decltype(step()) {
+  decltype(step()) result = [&]() -> decltype(step()) {
+    try {
+      return step();
+    } catch (const std::exception& error) {
+      return StatusFromException(error, name);
+    }
+  }();
+  if (!result.ok()) ++failures;
+  return result;
 }
 
 GenerationTelemetry ToGenerationTelemetry(const AttentionTelemetry& telemetry) {
@@ -56,7 +71,8 @@ struct ModelRunner::RequestState {
   std::optional<AttentionTelemetry> telemetry;
 };
 
-ModelRunner::ModelRunner(const EngineOptions& options, PartitionManager* partitions) : partitions_(partitions) {
+ModelRunner::ModelRunner(const EngineOptions& options, PartitionManager* partitions)
+    : partitions_(partitions), faults_(options.faults) {
   DecodeOptions decode_options;
   decode_options.cuda_graphs = options.cuda_graphs;
   // A graph for every batch-size bucket the scheduler can run: 1, 2, 4, ... up to max_batch.
@@ -83,7 +99,23 @@ const ModelConfig& ModelRunner::config() const { return model_->config(); }
 
 ModelRunner::RequestState& ModelRunner::StateOf(const EngineRequest& request) { return *states_.at(request.id); }
 
+void ModelRunner::UseKvPool(std::shared_ptr<KvPool> pool) {
+  pool_ = std::move(pool);
+  if (faults_ != nullptr && faults_->page_allocation) pool_->SetAllocationFault(faults_->page_allocation);
+}
+
+void ModelRunner::InjectFaults(absl::Span<EngineRequest* const> requests) const {
+  if (faults_ == nullptr || !faults_->before_step) return;
+  std::vector<const GenerationRequest*> step;
+  for (const EngineRequest* request : requests) step.push_back(&request->request);
+  faults_->before_step(step);
+}
+
 absl::Status ModelRunner::Start(EngineRequest& request) {
+  return Guarded("starting the sequence", failed_steps_, [&] { return RunStart(request); });
+}
+
+absl::Status ModelRunner::RunStart(EngineRequest& request) {
   auto it = states_.find(request.id);
   if (it == states_.end()) {
     LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const AttentionBackend> backend, BackendFor(request));
@@ -96,6 +128,14 @@ absl::Status ModelRunner::Start(EngineRequest& request) {
 }
 
 absl::StatusOr<std::optional<int32_t>> ModelRunner::Prefill(EngineRequest& request, int64_t tokens) {
+  EngineRequest* const step[] = {&request};
+  return Guarded("prefill", failed_steps_, [&] {
+    InjectFaults(step);
+    return RunPrefill(request, tokens);
+  });
+}
+
+absl::StatusOr<std::optional<int32_t>> ModelRunner::RunPrefill(EngineRequest& request, int64_t tokens) {
   RequestState& state = StateOf(request);
   std::vector<int32_t> ids;
   ids.reserve(static_cast<size_t>(tokens));
@@ -118,34 +158,62 @@ std::vector<absl::StatusOr<int32_t>> ModelRunner::Decode(absl::Span<EngineReques
     if (group == groups.end()) group = groups.insert(groups.end(), {backend, {}});
     group->second.push_back(row);
   }
-  for (const auto& [backend, rows] : groups) {
-    std::vector<Sequence*> sequences;
-    std::vector<int32_t> ids;
-    for (size_t row : rows) {
-      sequences.push_back(StateOf(*requests[row]).sequence.get());
-      ids.push_back(requests[row]->output_ids.back());
-    }
-    absl::StatusOr<at::Tensor> logits = model_->Decode(sequences, ids, decode_context_.get());
-    if (!logits.ok()) {
-      for (size_t row : rows) tokens[row] = logits.status();
-      continue;
-    }
-    const bool all_greedy =
-        std::all_of(rows.begin(), rows.end(), [&](size_t row) { return requests[row]->request.temperature == 0; });
-    // Greedy rows need only the argmax the step computed on the device; otherwise one
-    // device-to-host copy of the group's logits, not one per request inside the sampler. Both are
-    // read before the next group's step reuses the context's buffers.
-    const std::vector<int32_t> greedy = all_greedy ? decode_context_->GreedyTokens() : std::vector<int32_t>();
-    const at::Tensor host_logits = all_greedy ? at::Tensor() : logits->to(at::kCPU);
-    for (size_t i = 0; i < rows.size(); ++i) {
-      EngineRequest& request = *requests[rows[i]];
-      RequestState& state = StateOf(request);
-      request.computed_tokens = state.sequence->length();
-      tokens[rows[i]] = all_greedy ? greedy[i] : state.sampler.Next(host_logits[static_cast<int64_t>(i)]);
+  for (const auto& group : groups) {
+    const std::vector<size_t>& rows = group.second;
+    const absl::Status decoded =
+        Guarded("decode step", failed_steps_, [&] { return DecodeGroup(requests, rows, tokens); });
+    if (!decoded.ok()) {
+      for (size_t row : rows) tokens[row] = decoded;
     }
   }
   CountDecodeSteps();
   return tokens;
+}
+
+absl::Status ModelRunner::DecodeGroup(absl::Span<EngineRequest* const> requests, const std::vector<size_t>& rows,
+                                      std::vector<absl::StatusOr<int32_t>>& tokens) {
+  std::vector<Sequence*> sequences;
+  std::vector<int32_t> ids;
+  std::vector<EngineRequest*> step;
+  for (size_t row : rows) {
+    step.push_back(requests[row]);
+    sequences.push_back(StateOf(*requests[row]).sequence.get());
+    ids.push_back(requests[row]->output_ids.back());
+  }
+  InjectFaults(step);
+  LYCHEE_ASSIGN_OR_RETURN(const at::Tensor logits, model_->Decode(sequences, ids, decode_context_.get()));
+  const bool all_greedy =
+      std::all_of(rows.begin(), rows.end(), [&](size_t row) { return requests[row]->request.temperature == 0; });
+  // Greedy rows need only the argmax the step computed on the device; otherwise one
+  // device-to-host copy of the group's logits, not one per request inside the sampler. Both are
+  // read before the next group's step reuses the context's buffers.
+  const std::vector<int32_t> greedy = all_greedy ? decode_context_->GreedyTokens() : std::vector<int32_t>();
+  const at::Tensor host_logits = all_greedy ? at::Tensor() : logits.to(at::kCPU);
+  for (size_t i = 0; i < rows.size(); ++i) {
+    EngineRequest& request = *requests[rows[i]];
+    RequestState& state = StateOf(request);
+    request.computed_tokens = state.sequence->length();
+    tokens[rows[i]] = all_greedy ? greedy[i] : state.sampler.Next(host_logits[static_cast<int64_t>(i)]);
+    BoundDroppedMass(request);
+  }
+  return absl::OkStatus();
+}
+
+void ModelRunner::BoundDroppedMass(EngineRequest& request) {
+  const std::optional<double>& bound = request.request.max_dropped_mass;
+  if (!bound || request.summary.dense_fallback) return;
+  RequestState& state = StateOf(request);
+  const SequenceAttentionState* attention_state = state.sequence->attention_state();
+  const AttentionTelemetry* telemetry = attention_state == nullptr ? nullptr : attention_state->telemetry();
+  // The largest mass so far: every earlier step stayed within the bound, so more is this step's.
+  if (telemetry == nullptr || telemetry->max_dropped_mass <= *bound) return;
+  // This step's token is the next one delivered.
+  request.summary.dense_fallback =
+      DenseFallback{static_cast<int64_t>(request.output_ids.size()), telemetry->max_dropped_mass, *bound};
+  ++dense_fallbacks_;
+  KeepTelemetry(state);
+  state.backend = dense_;
+  state.sequence->SwitchAttention(dense_);
 }
 
 void ModelRunner::Preempt(EngineRequest& request) {
@@ -206,24 +274,26 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::HybridBacke
   summary.hybrid = true;
   summary.partition_version = partition->version;
   summary.token_budget = budget;
-  return HybridBackend(partition, budget);
+  return HybridBackend(partition, budget, plan.audit);
 }
 
 absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::HybridBackend(
-    const PartitionManager::Snapshot& partition, int64_t budget) {
-  // Shared by every request with the same partition and budget, so that they decode in one call.
-  const std::pair<uint64_t, int64_t> key(partition->version, budget);
+    const PartitionManager::Snapshot& partition, int64_t budget, bool audit) {
+  // Shared by every request with the same partition, budget and audit, so that they decode in one call.
+  const std::tuple<uint64_t, int64_t, bool> key(partition->version, budget, audit);
   if (auto it = hybrid_backends_.find(key); it != hybrid_backends_.end()) return it->second;
   auto adjusted = std::make_shared<HeadPartition>(*partition);
   adjusted->mutable_selection().token_budget = budget;
   std::shared_ptr<const AttentionBackend> backend;
+  // An audited request (one with a max_dropped_mass bound) audits every decode step.
+  const int64_t audit_every = audit ? 1 : 0;
 #ifdef LYCHEE_CUDA_ATTENTION
   if (model_->options().device.is_cuda()) {
-    LYCHEE_ASSIGN_OR_RETURN(backend, MakeCudaHybridAttention(adjusted, model_->config()));
+    LYCHEE_ASSIGN_OR_RETURN(backend, MakeCudaHybridAttention(adjusted, model_->config(), audit_every));
   }
 #endif
   if (backend == nullptr) {
-    LYCHEE_ASSIGN_OR_RETURN(auto hybrid, HybridAttentionBackend::Create(adjusted, model_->config()));
+    LYCHEE_ASSIGN_OR_RETURN(auto hybrid, HybridAttentionBackend::Create(adjusted, model_->config(), audit_every));
     backend = std::move(hybrid);
   }
   ForgetUnusedBackends(hybrid_backends_);

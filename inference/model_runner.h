@@ -12,6 +12,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -46,7 +47,7 @@ class ModelRunner {
   const Model& model() const { return *model_; }
   const ModelConfig& config() const;
   // The pool every sequence is made in; before the first Start.
-  void UseKvPool(std::shared_ptr<KvPool> pool) { pool_ = std::move(pool); }
+  void UseKvPool(std::shared_ptr<KvPool> pool);
 
   // Makes the request's sequence, empty. On its first admission this resolves its attention (and
   // fills the summary's attention fields); FAILED_PRECONDITION when the partition it needs is gone.
@@ -57,6 +58,8 @@ class ModelRunner {
   absl::StatusOr<std::optional<int32_t>> Prefill(EngineRequest& request, int64_t tokens);
   // One token for each request, from one decode call per group of requests that share a backend,
   // so that each group can replay a captured graph. A group's error is each of its requests'.
+  // Errors of a step (Start, Prefill, a decode group), thrown or returned, are its requests' alone:
+  // RESOURCE_EXHAUSTED when it ran out of memory, else INTERNAL, naming the step and the cause.
   std::vector<absl::StatusOr<int32_t>> Decode(absl::Span<EngineRequest* const> requests);
   // Drops the request's sequence (its pages go back to the pool) and keeps the rest.
   void Preempt(EngineRequest& request);
@@ -71,6 +74,10 @@ class ModelRunner {
 
   // Any thread.
   DecodeCounts decode_counts() const;
+  // Steps (Start, a prefill chunk, a decode group) that failed, since the start.
+  int64_t failed_steps() const { return failed_steps_.load(); }
+  // Sequences that GenerationRequest::max_dropped_mass switched to dense attention.
+  int64_t dense_fallbacks() const { return dense_fallbacks_.load(); }
 
  private:
   struct RequestState;
@@ -79,18 +86,30 @@ class ModelRunner {
   absl::StatusOr<std::shared_ptr<const AttentionBackend>> HybridBackendFor(EngineRequest& request);
   absl::StatusOr<std::shared_ptr<const AttentionBackend>> PolicyBackendFor(EngineRequest& request);
   absl::StatusOr<std::shared_ptr<const AttentionBackend>> HybridBackend(const PartitionManager::Snapshot& partition,
-                                                                        int64_t budget);
+                                                                        int64_t budget, bool audit = false);
   RequestState& StateOf(const EngineRequest& request);
+  absl::Status RunStart(EngineRequest& request);
+  absl::StatusOr<std::optional<int32_t>> RunPrefill(EngineRequest& request, int64_t tokens);
+  // One decode call for `rows` of `requests`, which share a backend; their tokens go into `tokens`.
+  absl::Status DecodeGroup(absl::Span<EngineRequest* const> requests, const std::vector<size_t>& rows,
+                           std::vector<absl::StatusOr<int32_t>>& tokens);
+  // Calls the test's fault hook, if any, with the requests of the step about to run.
+  void InjectFaults(absl::Span<EngineRequest* const> requests) const;
+  // Once an audited step of a request with GenerationRequest::max_dropped_mass dropped more than
+  // that, switches it to dense attention and notes where and why in its summary.
+  void BoundDroppedMass(EngineRequest& request);
   // Adds the sequence's telemetry to what the request's earlier sequences read.
   static void KeepTelemetry(RequestState& state);
   void CountDecodeSteps();
 
   PartitionManager* const partitions_;
+  const std::shared_ptr<const StepFaults> faults_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<DecodeContext> decode_context_;
   std::shared_ptr<KvPool> pool_;
   std::shared_ptr<const AttentionBackend> dense_;
-  std::map<std::pair<uint64_t, int64_t>, std::shared_ptr<const AttentionBackend>> hybrid_backends_;
+  // By partition version, token budget and audit.
+  std::map<std::tuple<uint64_t, int64_t, bool>, std::shared_ptr<const AttentionBackend>> hybrid_backends_;
   std::map<std::pair<std::string, uint64_t>, std::shared_ptr<const AttentionBackend>> policy_backends_;
   std::map<uint64_t, std::unique_ptr<RequestState>> states_;
   std::shared_ptr<const AttentionBackend> prepared_;
@@ -98,6 +117,8 @@ class ModelRunner {
   std::atomic<int64_t> graph_replays_{0};
   std::atomic<int64_t> eager_steps_{0};
   std::atomic<int64_t> graph_capture_failures_{0};
+  std::atomic<int64_t> failed_steps_{0};
+  std::atomic<int64_t> dense_fallbacks_{0};
 };
 
 }  // namespace lychee

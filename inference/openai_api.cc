@@ -183,18 +183,20 @@ absl::Status SetPolicy(const Member& policy, v1::AttentionOptions* attention) {
 
 // Lychee's `attention` object onto GenerateRequest.attention: {"mode": "dense"|"hybrid",
 // "policy": NAME or {"name": NAME, PolicyOptions fields...}, "budget": TOKENS,
-// "partition_version": V, "audit": BOOL}. ToGenerationRequest checks how they combine.
+// "partition_version": V, "audit": BOOL, "max_dropped_mass": M}. ToGenerationRequest checks how
+// they combine.
 absl::Status SetAttention(const Json& body, v1::GenerateRequest* request) {
   const Member attention(body, "", "attention");
   if (attention.absent()) return absl::OkStatus();
   if (!attention.value().is_object()) return attention.Bad("must be an object");
   const std::string prefix = "attention.";
-  static const std::vector<std::string> kKnown = {"mode", "policy", "budget", "partition_version", "audit"};
+  static const std::vector<std::string> kKnown = {"mode",  "policy", "budget", "partition_version",
+                                                  "audit", "max_dropped_mass"};
   for (const auto& [key, value] : attention.value().items()) {
     if (std::find(kKnown.begin(), kKnown.end(), key) == kKnown.end()) {
       return BadParameter(prefix + key,
                           "unknown; the attention object takes mode, policy, budget, "
-                          "partition_version and audit");
+                          "partition_version, audit and max_dropped_mass");
     }
   }
   v1::AttentionOptions* options = request->mutable_attention();
@@ -221,6 +223,9 @@ absl::Status SetAttention(const Json& body, v1::GenerateRequest* request) {
     if (policy.absent()) return BadParameter(audit.param(), "goes with attention.policy (the policy audited)");
     options->mutable_policy()->set_audit(true);
   }
+  LYCHEE_ASSIGN_OR_RETURN(const std::optional<double> max_dropped_mass,
+                          Member(attention.value(), prefix, "max_dropped_mass").Number(0, 1, /*low_excluded=*/false));
+  if (max_dropped_mass) options->set_max_dropped_mass(*max_dropped_mass);
   return absl::OkStatus();
 }
 
@@ -481,6 +486,13 @@ Json LycheeSummary(const GenerationSummary& summary) {
     json["audited"] = telemetry.audited;
     json["max_dropped_mass"] = telemetry.max_dropped_mass;
     json["mean_dropped_mass"] = telemetry.mean_dropped_mass;
+  }
+  if (summary.dense_fallback) {
+    const DenseFallback& fallback = *summary.dense_fallback;
+    lychee["dense_fallback"] = {{"token_index", fallback.token_index},
+                                {"dropped_mass", fallback.dropped_mass},
+                                {"max_dropped_mass", fallback.max_dropped_mass},
+                                {"reason", fallback.Reason()}};
   }
   return lychee;
 }

@@ -8,7 +8,7 @@
 // Supported: POST /v1/completions and /v1/chat/completions with model, prompt or messages (and
 // tools, tool_choice auto or none, chat_template_kwargs), max_tokens (max_completion_tokens),
 // temperature, top_p, seed, stop, n = 1, stream and stream_options.include_usage; Lychee's own
-// `attention` object {mode, policy, budget, partition_version, audit}. Fields that change the
+// `attention` object {mode, policy, budget, partition_version, audit, max_dropped_mass}. Fields that change the
 // output in ways Lychee does not implement (penalties, logit_bias, logprobs, echo, best_of,
 // suffix, response_format other than text) are refused unless they hold their default; other
 // unknown fields are ignored, as OpenAI's own clients send extra ones (user, metadata).

@@ -75,6 +75,14 @@ v1::GenerateDone ToProto(const GenerationSummary& summary) {
     proto->set_mean_dropped_mass(telemetry.mean_dropped_mass);
   }
   done.set_preemptions(static_cast<uint32_t>(summary.preemptions));
+  if (summary.dense_fallback) {
+    const DenseFallback& fallback = *summary.dense_fallback;
+    v1::DenseFallback* proto = done.mutable_dense_fallback();
+    proto->set_token_index(static_cast<uint32_t>(fallback.token_index));
+    proto->set_dropped_mass(fallback.dropped_mass);
+    proto->set_max_dropped_mass(fallback.max_dropped_mass);
+    proto->set_reason(fallback.Reason());
+  }
   return done;
 }
 

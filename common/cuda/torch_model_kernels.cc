@@ -9,13 +9,13 @@
 #include <cstdint>
 #include <vector>
 
+#include "common/cuda/cuda_check.h"
+
 namespace lychee {
 namespace cuda {
 namespace {
 
 cudaStream_t Stream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()); }
-
-void Check(cudaError_t err, const char* what) { TORCH_CHECK(err == cudaSuccess, what, ": ", cudaGetErrorString(err)); }
 
 void CheckTensor(const at::Tensor& t, const char* name, at::ScalarType dtype, const at::Tensor& like) {
   TORCH_CHECK(t.defined() && t.is_cuda(), name, " must be a CUDA tensor");
@@ -101,10 +101,11 @@ void AddRmsNorm(const at::Tensor& x_or_undefined, at::Tensor& residual, const at
   TORCH_CHECK(os.rows == res.rows && os.width == res.width, "out ", out.sizes(), " must match residual ",
               residual.sizes());
   TORCH_CHECK(out.data_ptr() != residual.data_ptr(), "out must not be residual");
-  Check(LaunchAddRmsNorm(x_or_undefined.defined() ? x_or_undefined.data_ptr() : nullptr, xs.stride, residual.data_ptr(),
-                         res.stride, weight.data_ptr(), static_cast<float>(eps), static_cast<int>(res.rows),
-                         static_cast<int>(res.width), out.data_ptr(), os.stride, Stream(residual)),
-        "AddRmsNorm");
+  LYCHEE_CUDA_CHECK(
+      LaunchAddRmsNorm(x_or_undefined.defined() ? x_or_undefined.data_ptr() : nullptr, xs.stride, residual.data_ptr(),
+                       res.stride, weight.data_ptr(), static_cast<float>(eps), static_cast<int>(res.rows),
+                       static_cast<int>(res.width), out.data_ptr(), os.stride, Stream(residual)),
+      "AddRmsNorm");
 }
 
 at::Tensor AddRmsNorm(const at::Tensor& x_or_undefined, at::Tensor& residual, const at::Tensor& weight, double eps) {
@@ -166,7 +167,7 @@ void RopeAppendOut(const at::Tensor& qkv, const at::Tensor& positions, const at:
   a.num_q_heads = static_cast<int>(num_q_heads);
   a.num_kv_heads = static_cast<int>(num_kv_heads);
   a.head_dim = static_cast<int>(head_dim);
-  Check(LaunchRopeAppend(a, Stream(qkv)), "RopeAppend");
+  LYCHEE_CUDA_CHECK(LaunchRopeAppend(a, Stream(qkv)), "RopeAppend");
 }
 
 at::Tensor RopeAppend(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& inv_freq,
@@ -189,9 +190,9 @@ void SiluMulOut(const at::Tensor& gate_up, at::Tensor& out) {
   const Rows os = VectorRowsOf(out, "out");
   TORCH_CHECK(os.rows == in.rows && os.width == in.width / 2, "out ", out.sizes(), " must be gate_up ",
               gate_up.sizes(), " with half the width");
-  Check(LaunchSiluMul(gate_up.data_ptr(), in.stride, static_cast<int>(in.rows), static_cast<int>(in.width / 2),
-                      out.data_ptr(), os.stride, Stream(gate_up)),
-        "SiluMul");
+  LYCHEE_CUDA_CHECK(LaunchSiluMul(gate_up.data_ptr(), in.stride, static_cast<int>(in.rows),
+                                  static_cast<int>(in.width / 2), out.data_ptr(), os.stride, Stream(gate_up)),
+                    "SiluMul");
 }
 
 at::Tensor SiluMul(const at::Tensor& gate_up) {
@@ -210,9 +211,9 @@ void ArgmaxRowsOut(const at::Tensor& logits, at::Tensor& out) {
   TORCH_CHECK((in.rows <= 1 || in.stride % 4 == 0) && Aligned16(logits),
               "logits: rows must be 16-byte aligned (row stride a multiple of 4)");
   CheckVector(out, "out", at::kInt, in.rows, logits);
-  Check(LaunchArgmaxRows(logits.data_ptr<float>(), in.rows <= 1 ? 0 : in.stride, static_cast<int>(in.rows),
-                         static_cast<int>(in.width), out.data_ptr<int32_t>(), Stream(logits)),
-        "ArgmaxRows");
+  LYCHEE_CUDA_CHECK(LaunchArgmaxRows(logits.data_ptr<float>(), in.rows <= 1 ? 0 : in.stride, static_cast<int>(in.rows),
+                                     static_cast<int>(in.width), out.data_ptr<int32_t>(), Stream(logits)),
+                    "ArgmaxRows");
 }
 
 at::Tensor ArgmaxRows(const at::Tensor& logits) {
@@ -245,11 +246,11 @@ void GemvOut(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& re
   const Rows os = RowsOf(out, "out");
   TORCH_CHECK(os.rows == xs.rows && os.width == n, "out ", out.sizes(), " must be [", xs.rows, ", ", n, "]");
   TORCH_CHECK(out.data_ptr() != x.data_ptr() && out.data_ptr() != weight.data_ptr(), "out must not be x or weight");
-  Check(LaunchGemv(x.data_ptr(), xs.stride, weight.data_ptr(), w_stride,
-                   residual_or_undefined.defined() ? residual_or_undefined.data_ptr() : nullptr, rs.stride,
-                   static_cast<int>(xs.rows), static_cast<int>(n), static_cast<int>(xs.width), out.data_ptr(),
-                   os.stride, Stream(x)),
-        "Gemv");
+  LYCHEE_CUDA_CHECK(LaunchGemv(x.data_ptr(), xs.stride, weight.data_ptr(), w_stride,
+                               residual_or_undefined.defined() ? residual_or_undefined.data_ptr() : nullptr, rs.stride,
+                               static_cast<int>(xs.rows), static_cast<int>(n), static_cast<int>(xs.width),
+                               out.data_ptr(), os.stride, Stream(x)),
+                    "Gemv");
 }
 
 at::Tensor Gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& residual_or_undefined) {

@@ -9,6 +9,7 @@
 #include <memory>
 #include <string>
 
+#include "common/cuda/cuda_check.h"
 #include "kernels/cuda/torch_checks.h"
 
 namespace lychee {
@@ -193,9 +194,9 @@ class HybridDecodeRunner {
     args.workspace = workspace.data_ptr();
     args.scale = static_cast<float>(options.scale);
     args.use_pdl = options.use_pdl;
-    const cudaError_t err =
-        LaunchHybridDecode(args, plan, shape, options.selection, c10::cuda::getCurrentCUDAStream(device.index()));
-    TORCH_CHECK(err == cudaSuccess, "hybrid decode launch failed: ", cudaGetErrorString(err));
+    LYCHEE_CUDA_CHECK(
+        LaunchHybridDecode(args, plan, shape, options.selection, c10::cuda::getCurrentCUDAStream(device.index())),
+        "hybrid decode launch");
     if (state != nullptr) {
       for (int64_t h = 0; h < num_kv_heads; ++h) {
         if (modes[h] == KvHeadMode::kRetrieval) state->has_selection_[h] = 1;
@@ -422,20 +423,20 @@ at::Tensor PagedHybridDecode::Attend(int layer, const at::Tensor& queries, const
   }
   const c10::cuda::CUDAGuard guard(out_.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(out_.device().index());
-  cudaError_t err = LaunchHybridDecode(args, pattern.plan, shape_, options_.selection, stream);
-  TORCH_CHECK(err == cudaSuccess, "paged hybrid decode launch failed: ", cudaGetErrorString(err));
+  LYCHEE_CUDA_CHECK(LaunchHybridDecode(args, pattern.plan, shape_, options_.selection, stream),
+                    "paged hybrid decode launch");
   if (audited_layer) {
     HybridDecodeArgs twin = args;
     twin.out = dense_out_.data_ptr();
     twin.lse = dense_lse_.data_ptr<float>();
     twin.plan = plans_.data_ptr<int32_t>() + patterns_.size() * slot_words_;
-    err = LaunchHybridDecode(twin, dense_plan_, shape_, options_.selection, stream);
-    TORCH_CHECK(err == cudaSuccess, "paged decode, the audit's dense twin: launch failed: ", cudaGetErrorString(err));
-    err = LaunchAuditDroppedMass(lse_.data_ptr<float>(), dense_lse_.data_ptr<float>(), lse_.stride(0), shape_.batch,
-                                 shape_.num_q_heads, shape_.num_q_heads / shape_.num_kv_heads,
-                                 layer_sparse_mask_[layer],
-                                 reinterpret_cast<double* const*>(plans_.data_ptr<int32_t>() + targets_offset_), stream);
-    TORCH_CHECK(err == cudaSuccess, "paged decode, the audit's reduction: launch failed: ", cudaGetErrorString(err));
+    LYCHEE_CUDA_CHECK(LaunchHybridDecode(twin, dense_plan_, shape_, options_.selection, stream),
+                      "paged decode, the audit's dense twin");
+    LYCHEE_CUDA_CHECK(
+        LaunchAuditDroppedMass(lse_.data_ptr<float>(), dense_lse_.data_ptr<float>(), lse_.stride(0), shape_.batch,
+                               shape_.num_q_heads, shape_.num_q_heads / shape_.num_kv_heads, layer_sparse_mask_[layer],
+                               reinterpret_cast<double* const*>(plans_.data_ptr<int32_t>() + targets_offset_), stream),
+        "paged decode, the audit's reduction");
   }
   return out_.narrow(0, 0, queries.size(0));
 }

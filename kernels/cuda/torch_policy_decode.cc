@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "common/cuda/cuda_check.h"
 #include "kernels/cuda/torch_checks.h"
 
 namespace lychee {
@@ -16,10 +17,6 @@ namespace {
 cudaStream_t Stream(const at::Tensor& t) { return c10::cuda::getCurrentCUDAStream(t.device().index()); }
 
 int NumSms() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
-
-void Check(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, ": ", cudaGetErrorString(err));
-}
 
 void CheckRows(const at::Tensor& t, const char* name, at::ScalarType dtype) {
   TORCH_CHECK(t.defined() && t.is_cuda(), name, " must be a CUDA tensor");
@@ -154,9 +151,10 @@ void QuestPageBounds(const KvCache& cache, int64_t quest_page_size, int64_t firs
   PolicyDecodeShape shape;
   shape.num_q_heads = shape.num_kv_heads = static_cast<int>(cache.num_kv_heads());
   shape.head_dim = static_cast<int>(cache.head_dim());
-  Check(LaunchQuestPageBounds(kv, shape, static_cast<int>(quest_page_size), static_cast<int>(first_page),
-                              static_cast<int>(num_pages), bounds.data_ptr(), bounds.stride(0), Stream(cache.keys)),
-        "Quest page bounds");
+  LYCHEE_CUDA_CHECK(
+      LaunchQuestPageBounds(kv, shape, static_cast<int>(quest_page_size), static_cast<int>(first_page),
+                            static_cast<int>(num_pages), bounds.data_ptr(), bounds.stride(0), Stream(cache.keys)),
+      "Quest page bounds");
 }
 
 void QuestPageBounds(const at::Tensor& keys, int64_t length, int64_t quest_page_size, int64_t first_page,
@@ -169,10 +167,10 @@ at::Tensor QuestPageScores(const at::Tensor& queries, const at::Tensor& bounds, 
   TORCH_CHECK(bounds.dim() == 4 && bounds.is_contiguous() && bounds.size(1) >= num_pages, "bounds too small");
   const PolicyDecodeShape shape = ShapeOf(queries, bounds.select(2, 0));
   at::Tensor scores = at::empty({shape.num_kv_heads, num_pages}, FloatOptions(queries));
-  Check(LaunchQuestPageScores(QueriesOf(queries), shape, bounds.data_ptr(), bounds.stride(0),
-                              static_cast<int>(num_pages), scores.data_ptr<float>(), scores.stride(0),
-                              Stream(queries)),
-        "Quest page scores");
+  LYCHEE_CUDA_CHECK(
+      LaunchQuestPageScores(QueriesOf(queries), shape, bounds.data_ptr(), bounds.stride(0), static_cast<int>(num_pages),
+                            scores.data_ptr<float>(), scores.stride(0), Stream(queries)),
+      "Quest page scores");
   return scores;
 }
 
@@ -184,10 +182,11 @@ HeadLists SelectBlocks(const at::Tensor& scores, int64_t length, const BlockSele
   TORCH_CHECK(scores.size(1) >= num_blocks, "scores has ", scores.size(1), " blocks, the cache ", num_blocks);
   HeadLists selection{at::empty({scores.size(0), std::max(1, config.budget_blocks())}, IntOptions(scores)),
                       at::empty({scores.size(0)}, IntOptions(scores))};
-  Check(LaunchHeadBlockSelect(scores.data_ptr<float>(), scores.stride(0), static_cast<int>(length), config,
-                              static_cast<int>(scores.size(0)), selection.entries.data_ptr<int32_t>(),
-                              selection.entries.stride(0), selection.counts.data_ptr<int32_t>(), Stream(scores)),
-        "block selection");
+  LYCHEE_CUDA_CHECK(
+      LaunchHeadBlockSelect(scores.data_ptr<float>(), scores.stride(0), static_cast<int>(length), config,
+                            static_cast<int>(scores.size(0)), selection.entries.data_ptr<int32_t>(),
+                            selection.entries.stride(0), selection.counts.data_ptr<int32_t>(), Stream(scores)),
+      "block selection");
   return selection;
 }
 
@@ -195,12 +194,13 @@ at::Tensor PrhsPriority(const at::Tensor& previous_step, const at::Tensor& previ
                         int64_t enlargement, int64_t num_kv_heads, at::Device device) {
   const c10::cuda::CUDAGuard guard(device);
   at::Tensor priority = at::empty({num_kv_heads, num_blocks}, at::TensorOptions().dtype(at::kFloat).device(device));
-  Check(LaunchPrhsPriority(SourceOf(previous_step, num_kv_heads, "previous step's mass"),
-                           SourceOf(previous_layer, num_kv_heads, "previous layer's mass"),
-                           static_cast<int>(num_blocks), static_cast<int>(std::min<int64_t>(enlargement, num_blocks)),
-                           static_cast<int>(num_kv_heads), priority.data_ptr<float>(), priority.stride(0),
-                           c10::cuda::getCurrentCUDAStream(device.index())),
-        "PrHS priority");
+  LYCHEE_CUDA_CHECK(
+      LaunchPrhsPriority(SourceOf(previous_step, num_kv_heads, "previous step's mass"),
+                         SourceOf(previous_layer, num_kv_heads, "previous layer's mass"), static_cast<int>(num_blocks),
+                         static_cast<int>(std::min<int64_t>(enlargement, num_blocks)), static_cast<int>(num_kv_heads),
+                         priority.data_ptr<float>(), priority.stride(0),
+                         c10::cuda::getCurrentCUDAStream(device.index())),
+      "PrHS priority");
   return priority;
 }
 
@@ -208,10 +208,11 @@ void DropUnproposedBlocks(HeadLists& blocks, const at::Tensor& priority, int64_t
                           const BlockSelectionConfig& config) {
   const c10::cuda::CUDAGuard guard(priority.device());
   CheckLists(blocks, priority.size(0), "blocks");
-  Check(LaunchDropUnproposedBlocks(priority.data_ptr<float>(), priority.stride(0), static_cast<int>(length), config,
-                                   static_cast<int>(priority.size(0)), blocks.entries.data_ptr<int32_t>(),
-                                   blocks.entries.stride(0), blocks.counts.data_ptr<int32_t>(), Stream(priority)),
-        "PrHS block filter");
+  LYCHEE_CUDA_CHECK(
+      LaunchDropUnproposedBlocks(priority.data_ptr<float>(), priority.stride(0), static_cast<int>(length), config,
+                                 static_cast<int>(priority.size(0)), blocks.entries.data_ptr<int32_t>(),
+                                 blocks.entries.stride(0), blocks.counts.data_ptr<int32_t>(), Stream(priority)),
+      "PrHS block filter");
 }
 
 ClusterClasses DoublePClassify(const at::Tensor& queries, const ClusterTensors& clusters, double scale, double p1,
@@ -223,10 +224,11 @@ ClusterClasses DoublePClassify(const at::Tensor& queries, const ClusterTensors& 
   classes.exact = at::empty({shape.num_kv_heads, table.capacity}, queries.options().dtype(at::kByte));
   classes.approximated = {at::empty({shape.num_kv_heads, table.capacity}, IntOptions(queries)),
                           at::empty({shape.num_kv_heads}, IntOptions(queries))};
-  Check(LaunchDoublePClassify(QueriesOf(queries), shape, table, static_cast<float>(scale), p1, p2,
-                              classes.exact.data_ptr<uint8_t>(), classes.approximated.entries.data_ptr<int32_t>(),
-                              classes.approximated.counts.data_ptr<int32_t>(), Stream(queries)),
-        "Double-P cluster classification");
+  LYCHEE_CUDA_CHECK(
+      LaunchDoublePClassify(QueriesOf(queries), shape, table, static_cast<float>(scale), p1, p2,
+                            classes.exact.data_ptr<uint8_t>(), classes.approximated.entries.data_ptr<int32_t>(),
+                            classes.approximated.counts.data_ptr<int32_t>(), Stream(queries)),
+      "Double-P cluster classification");
   return classes;
 }
 
@@ -242,13 +244,13 @@ HeadLists DoublePExactPositions(const at::Tensor& assignment, const at::Tensor& 
                 "assignment: int32 [", num_kv_heads, ", ", end - first, "] expected");
   }
   HeadLists positions{at::empty({num_kv_heads, length}, IntOptions(exact)), at::empty({num_kv_heads}, IntOptions(exact))};
-  Check(LaunchDoublePExactPositions(end > first ? assignment.data_ptr<int32_t>() : nullptr,
-                                    end > first ? assignment.stride(0) : 0, exact.data_ptr<uint8_t>(),
-                                    static_cast<int>(exact.size(1)), static_cast<int>(first), static_cast<int>(end),
-                                    static_cast<int>(length), static_cast<int>(num_kv_heads),
-                                    positions.entries.data_ptr<int32_t>(), positions.entries.stride(0),
-                                    positions.counts.data_ptr<int32_t>(), Stream(exact)),
-        "Double-P exact positions");
+  LYCHEE_CUDA_CHECK(
+      LaunchDoublePExactPositions(
+          end > first ? assignment.data_ptr<int32_t>() : nullptr, end > first ? assignment.stride(0) : 0,
+          exact.data_ptr<uint8_t>(), static_cast<int>(exact.size(1)), static_cast<int>(first), static_cast<int>(end),
+          static_cast<int>(length), static_cast<int>(num_kv_heads), positions.entries.data_ptr<int32_t>(),
+          positions.entries.stride(0), positions.counts.data_ptr<int32_t>(), Stream(exact)),
+      "Double-P exact positions");
   return positions;
 }
 
@@ -310,10 +312,10 @@ GatherOutput GatherDecode(const at::Tensor& queries, const KvCache& cache, const
   const int num_sms = NumSms();
   at::Tensor workspace = at::empty({static_cast<int64_t>(GatherWorkspaceBytes(shape, entries, num_sms))},
                                    queries.options().dtype(at::kByte));
-  Check(LaunchGatherDecode(QueriesOf(queries), kv, shape, entries, static_cast<float>(scale),
-                           output.out.data_ptr(), output.out.stride(0), extras, workspace.data_ptr(), num_sms,
-                           Stream(queries)),
-        "gather decode");
+  LYCHEE_CUDA_CHECK(
+      LaunchGatherDecode(QueriesOf(queries), kv, shape, entries, static_cast<float>(scale), output.out.data_ptr(),
+                         output.out.stride(0), extras, workspace.data_ptr(), num_sms, Stream(queries)),
+      "gather decode");
   return output;
 }
 
@@ -333,9 +335,10 @@ at::Tensor BlockMass(const GatherInput& input, const GatherOutput& gathered, int
   const GatherExtras extras{gathered.lse.data_ptr<float>(), gathered.logits.data_ptr<float>(),
                             gathered.logits.stride(0)};
   at::Tensor mass = at::empty({num_kv_heads, num_blocks}, FloatOptions(gathered.logits));
-  Check(LaunchBlockMass(entries, extras, static_cast<int>(num_kv_heads), static_cast<int>(group), static_cast<int>(length), static_cast<int>(num_blocks),
-                        mass.data_ptr<float>(), mass.stride(0), Stream(mass)),
-        "block mass");
+  LYCHEE_CUDA_CHECK(LaunchBlockMass(entries, extras, static_cast<int>(num_kv_heads), static_cast<int>(group),
+                                    static_cast<int>(length), static_cast<int>(num_blocks), mass.data_ptr<float>(),
+                                    mass.stride(0), Stream(mass)),
+                    "block mass");
   return mass;
 }
 

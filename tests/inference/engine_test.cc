@@ -4,7 +4,10 @@
 
 #include "inference/engine.h"
 
+#include <algorithm>
+#include <atomic>
 #include <chrono>
+#include <cmath>
 #include <thread>
 
 #include "absl/strings/str_cat.h"
@@ -575,6 +578,198 @@ TEST_CASE("stop sequences end the text before them") {
   REQUIRE(outcome.summary.has_value());
   CHECK(outcome.summary->finish_reason == FinishReason::kStopSequence);
   CHECK(outcome.text == expected);
+}
+
+// The request the faults aim at is the one with this seed.
+constexpr uint64_t kFaultySeed = 13;
+
+bool HoldsFaulty(const std::vector<const GenerationRequest*>& requests) {
+  return std::any_of(requests.begin(), requests.end(),
+                     [](const GenerationRequest* request) { return request->seed == kFaultySeed; });
+}
+
+TEST_CASE("a failing step fails only its requests, frees their pages, and the engine serves on") {
+  enum class Fault { kKernelCheck, kOutOfMemory, kPageAllocation };
+  Fault fault = Fault::kKernelCheck;
+  SECTION("a kernel check throws in a decode step") { fault = Fault::kKernelCheck; }
+  SECTION("the step runs out of device memory") { fault = Fault::kOutOfMemory; }
+  SECTION("a KV page allocation fails") { fault = Fault::kPageAllocation; }
+  // Armed once the healthy request streams; fires once, in a step of the faulty request.
+  auto armed = std::make_shared<std::atomic<bool>>(false);
+  // Set by the faulty request's prefill step, for the page allocation that step makes.
+  auto allocation_due = std::make_shared<std::atomic<bool>>(false);
+  auto faulty_steps = std::make_shared<std::atomic<int>>(0);
+  auto faults = std::make_shared<StepFaults>();
+  faults->before_step = [=](const std::vector<const GenerationRequest*>& requests) {
+    if (!*armed || !HoldsFaulty(requests)) return;
+    if (fault == Fault::kPageAllocation) {
+      allocation_due->store(true);
+      armed->store(false);
+      return;
+    }
+    // Its first step is its prefill (the prompt is one chunk), the second its first decode step.
+    if (++*faulty_steps < 2) return;
+    armed->store(false);
+    TORCH_CHECK_WITH(OutOfMemoryError, fault != Fault::kOutOfMemory, "injected: CUDA out of memory");
+    TORCH_CHECK(false, "injected: hybrid decode launch failed: invalid argument");
+  };
+  faults->page_allocation = [=](int64_t pages) {
+    if (!allocation_due->exchange(false)) return absl::OkStatus();
+    return absl::ResourceExhaustedError(absl::StrCat("injected: no device memory for ", pages, " KV pages"));
+  };
+  EngineOptions options;
+  options.faults = faults;
+  Fixture fixture(options);
+
+  auto healthy = fixture.engine->Submit(fixture.Request(kPrompt, 24));
+  REQUIRE(healthy.ok());
+  GenerationEvent first_chunk;
+  while (first_chunk.kind != GenerationEvent::Kind::kChunk) first_chunk = (*healthy)->Next(milliseconds(1000));
+  armed->store(true);
+  GenerationRequest faulty_request = fixture.Request("A different prompt, so that it prefills apart", 24);
+  faulty_request.seed = kFaultySeed;
+  // Its own backend (a policy's), so that it decodes in a step of its own.
+  faulty_request.policy = PolicySpec::Defaults(PolicyKind::kDense);
+  auto faulty = fixture.engine->Submit(faulty_request);
+  REQUIRE(faulty.ok());
+
+  const Outcome failed = Drain(**faulty);
+  Outcome served = Drain(**healthy);
+  served.ids.insert(served.ids.begin(), first_chunk.token_ids.begin(), first_chunk.token_ids.end());
+  INFO(failed.error);
+  const std::string message(failed.error.message());
+  switch (fault) {
+    case Fault::kKernelCheck:
+      CHECK(failed.error.code() == absl::StatusCode::kInternal);
+      CHECK(message.find("decode step failed: injected: hybrid decode launch failed") != std::string::npos);
+      break;
+    case Fault::kOutOfMemory:
+      CHECK(failed.error.code() == absl::StatusCode::kResourceExhausted);
+      CHECK(message.find("decode step ran out of memory: injected") != std::string::npos);
+      break;
+    case Fault::kPageAllocation:
+      CHECK(failed.error.code() == absl::StatusCode::kResourceExhausted);
+      CHECK(message.find("injected: no device memory for 1 KV pages") != std::string::npos);
+      break;
+  }
+  CHECK_FALSE(*armed);
+  CHECK_FALSE(*allocation_due);
+  REQUIRE(served.summary.has_value());
+  CHECK(served.summary->completion_tokens == 24);
+  CHECK(fixture.WaitForIdle());
+  CHECK(fixture.Metric("lychee_failed_steps_total") == 1);
+  CHECK(fixture.Metric("lychee_requests_total{outcome=\"error\"}") == 1);
+
+  // Later requests are served, the same one again among them, and the healthy one generated what it
+  // would have alone.
+  auto again = fixture.engine->Submit(faulty_request);
+  auto alone = fixture.engine->Submit(fixture.Request(kPrompt, 24));
+  REQUIRE(again.ok());
+  REQUIRE(alone.ok());
+  const Outcome retried = Drain(**again);
+  CHECK(retried.error.ok());
+  CHECK(retried.ids.size() == 24);
+  CHECK(Drain(**alone).ids == served.ids);
+  CHECK(fixture.WaitForIdle());
+}
+
+std::string LongPrompt(int repeats = 24) {
+  std::string text;
+  for (int i = 0; i < repeats; ++i) absl::StrAppend(&text, kPrompt, " ");
+  return text;
+}
+
+// Positions one KV head reads over the dense decode steps of a sequence, from the step of
+// completion token `from` to the last: the step of token k attends to prompt + k positions.
+int64_t DensePositions(int64_t prompt_tokens, int64_t from, int64_t completion_tokens) {
+  int64_t positions = 0;
+  for (int64_t k = from; k < completion_tokens; ++k) positions += prompt_tokens + k;
+  return positions;
+}
+
+TEST_CASE("max_dropped_mass switches a sequence to dense attention once an audited step drops more") {
+  Fixture fixture;
+  GenerationRequest request = fixture.Request(LongPrompt(), 12);
+  // Sparse in every layer, two pages of 16 tokens per head.
+  PolicySpec quest = PolicySpec::Defaults(PolicyKind::kQuest);
+  quest.token_budget = 32;
+  quest.quest_dense_layers = 0;
+  request.policy = quest;
+  const int64_t prompt_tokens = static_cast<int64_t>(request.prompt_ids.size());
+  REQUIRE(prompt_tokens > 4 * quest.token_budget);
+  // The summary of a generation that must succeed.
+  const auto summary_of = [&](const GenerationRequest& generation) {
+    auto stream = fixture.engine->Submit(generation);
+    INFO(stream.status());
+    REQUIRE(stream.ok());
+    const Outcome outcome = Drain(**stream);
+    INFO(outcome.error);
+    REQUIRE(outcome.summary.has_value());
+    return *outcome.summary;
+  };
+
+  SECTION("a bound the first decode step exceeds: dense from its token on") {
+    request.max_dropped_mass = 0.0;
+    const GenerationSummary summary = summary_of(request);
+    REQUIRE(summary.dense_fallback.has_value());
+    // Token 0 comes from the (dense) prefill, token 1 from the first decode step.
+    CHECK(summary.dense_fallback->token_index == 1);
+    CHECK(summary.dense_fallback->dropped_mass > 0);
+    CHECK(summary.dense_fallback->max_dropped_mass == 0);
+    CHECK(summary.dense_fallback->Reason().find("completion token 1 dropped") != std::string::npos);
+    REQUIRE(summary.telemetry.has_value());
+    CHECK(summary.telemetry->audited);
+    CHECK(summary.telemetry->max_dropped_mass == summary.dense_fallback->dropped_mass);
+    // Every head read its whole cache from token 2 on, and at most that plus the first step's.
+    const int64_t completion_tokens = summary.completion_tokens;
+    REQUIRE(completion_tokens > 2);
+    for (int64_t positions : summary.telemetry->tokens_attended) {
+      CHECK(positions >= DensePositions(prompt_tokens, 2, completion_tokens));
+      CHECK(positions <= DensePositions(prompt_tokens, 1, completion_tokens));
+    }
+    CHECK(fixture.Metric("lychee_dense_fallbacks_total") == 1);
+  }
+  SECTION("a bound no step exceeds: sparse throughout, and audited") {
+    request.max_dropped_mass = 1.0;
+    const GenerationSummary summary = summary_of(request);
+    CHECK_FALSE(summary.dense_fallback.has_value());
+    REQUIRE(summary.telemetry.has_value());
+    CHECK(summary.telemetry->audited);
+    CHECK(summary.telemetry->max_dropped_mass > 0);
+    for (int64_t positions : summary.telemetry->tokens_attended) {
+      CHECK(positions <= quest.token_budget * (summary.completion_tokens - 1));
+    }
+    CHECK(fixture.Metric("lychee_dense_fallbacks_total") == 0);
+  }
+  SECTION("hybrid attention of the active partition is audited and bounded too") {
+    // Four blocks of 64 tokens: the sink's, the recent two and one selected, of the prompt's eight.
+    fixture.OfferPartition(1, /*budget=*/256);
+    GenerationRequest hybrid = fixture.Request(LongPrompt(48), 8);
+    REQUIRE(hybrid.prompt_ids.size() > 7 * 64);
+    hybrid.max_dropped_mass = 0.0;
+    const GenerationSummary summary = summary_of(hybrid);
+    CHECK(summary.hybrid);
+    REQUIRE(summary.dense_fallback.has_value());
+    CHECK(summary.dense_fallback->token_index == 1);
+  }
+  CHECK(fixture.WaitForIdle());
+}
+
+TEST_CASE("max_dropped_mass outside [0, 1] is INVALID_ARGUMENT naming the field") {
+  Fixture fixture;
+  for (const double bound : {-0.1, 1.5, std::nan("")}) {
+    GenerationRequest request = fixture.Request(kPrompt, 4);
+    request.policy = PolicySpec::Defaults(PolicyKind::kQuest);
+    request.max_dropped_mass = bound;
+    auto stream = fixture.engine->Submit(request);
+    INFO(bound);
+    REQUIRE_FALSE(stream.ok());
+    CHECK(stream.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK(std::string(stream.status().message()).find("attention.max_dropped_mass must be in [0, 1]") !=
+          std::string::npos);
+  }
+  CHECK(fixture.Metric("lychee_dense_fallbacks_total") == 0);
+  CHECK(fixture.WaitForIdle());
 }
 
 }  // namespace

@@ -240,6 +240,28 @@ TEST_CASE("a request picks a selection policy and gets its telemetry back") {
   CHECK(telemetry.max_dropped_mass() >= telemetry.mean_dropped_mass());
   // Layer 2 selects pages within the budget; layer 0 is dense and reads the whole prefix.
   CHECK(telemetry.tokens_attended(2 * 2) < telemetry.tokens_attended(0));
+  CHECK_FALSE(done.has_dense_fallback());
+
+  // A bound that the first audited step exceeds: the final message says where and why.
+  v1::GenerateRequest bounded = quest;
+  bounded.mutable_attention()->mutable_policy()->clear_audit();
+  bounded.mutable_attention()->set_max_dropped_mass(0);
+  auto [bounded_status, bounded_last] = fixture.Generate(bounded);
+  REQUIRE(bounded_status.ok());
+  const v1::GenerateDone& fell_back = bounded_last.done();
+  REQUIRE(fell_back.has_dense_fallback());
+  // The first step whose cache outgrows the budget drops some mass.
+  CHECK(fell_back.dense_fallback().token_index() >= 1);
+  CHECK(fell_back.dense_fallback().token_index() < fell_back.usage().completion_tokens());
+  CHECK(fell_back.dense_fallback().dropped_mass() > 0);
+  CHECK(fell_back.dense_fallback().reason().find("over max_dropped_mass 0.0000") != std::string::npos);
+  CHECK(fell_back.telemetry().audited());
+  for (const double bound : {-1.0, 2.0}) {
+    bounded.mutable_attention()->set_max_dropped_mass(bound);
+    const grpc::Status status = fixture.Generate(bounded).first;
+    CHECK(status.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+    CHECK(status.error_message().find("attention.max_dropped_mass") != std::string::npos);
+  }
 
   v1::GenerateRequest every_other = quest;
   every_other.mutable_attention()->mutable_policy()->set_audit_every(2);

@@ -87,7 +87,7 @@ TEST_CASE("a completion request becomes the GenerateRequest the gRPC service tak
     "model": "tiny-chat", "prompt": "The harbour was quiet", "max_tokens": 5, "temperature": 0.5,
     "top_p": 0.9, "seed": 7, "stop": ["\n", "END"], "stream": true, "stream_options": {"include_usage": true},
     "n": 1, "presence_penalty": 0, "user": "someone",
-    "attention": {"policy": "quest", "budget": 32, "audit": true}})");
+    "attention": {"policy": "quest", "budget": 32, "audit": true, "max_dropped_mass": 0.25}})");
   REQUIRE(request.ok());
   CHECK(request->stream);
   CHECK(request->include_usage);
@@ -103,6 +103,7 @@ TEST_CASE("a completion request becomes the GenerateRequest the gRPC service tak
   CHECK(generate.attention().policy().name() == "quest");
   CHECK(generate.attention().policy().audit());
   CHECK(generate.attention().token_budget() == 32);
+  CHECK(generate.attention().max_dropped_mass() == 0.25);
 
   const absl::StatusOr<GenerationRequest> generation =
       ToGenerationRequest(generate, TinyTokenizer(), std::chrono::system_clock::time_point::max());
@@ -110,6 +111,7 @@ TEST_CASE("a completion request becomes the GenerateRequest the gRPC service tak
   REQUIRE(generation->policy.has_value());
   CHECK(generation->policy->token_budget == 32);
   CHECK(generation->policy->audit);
+  CHECK(generation->max_dropped_mass == 0.25);
   CHECK(generation->prompt_ids == Ids(generate));
 }
 
@@ -252,6 +254,8 @@ TEST_CASE("a bad request is refused with the field it got wrong") {
        "attention.colour", "unknown"},
       {Endpoint::kCompletions, R"({"prompt": "Hi", "attention": {"audit": true}})", absl::StatusCode::kInvalidArgument,
        "attention.audit", "attention.policy"},
+      {Endpoint::kCompletions, R"({"prompt": "Hi", "attention": {"max_dropped_mass": 1.5}})",
+       absl::StatusCode::kInvalidArgument, "attention.max_dropped_mass", "number in [0, 1]"},
       {Endpoint::kCompletions, R"({"prompt": "Hi", "attention": {"policy": {"name": "quest", "page_size": "big"}}})",
        absl::StatusCode::kInvalidArgument, "attention.policy", "page_size"},
       {Endpoint::kCompletions, R"({"prompt": "Hi", "attention": {"policy": {"page_size": 8}}})",

@@ -84,7 +84,7 @@ absl::Status RunRemoteGenerate(const std::vector<std::string>& argv) {
       Args args, Args::Parse(argv,
                              WithConnectionFlags({"server", "prompt", "prompt-file", "max-new-tokens", "temperature",
                                                   "top-p", "seed", "stop", "attention", "policy", "budget",
-                                                  "partition-version", "timeout", "audit-every"}),
+                                                  "partition-version", "max-dropped-mass", "timeout", "audit-every"}),
                              {"print-ids", "audit"}));
   v1::GenerateRequest request;
   LYCHEE_RETURN_IF_ERROR(ReadPrompt(args, request));
@@ -129,6 +129,11 @@ absl::Status RunRemoteGenerate(const std::vector<std::string>& argv) {
     LYCHEE_ASSIGN_OR_RETURN(const int64_t version, args.GetInt("partition-version", 0));
     if (version < 1) return absl::InvalidArgumentError("--partition-version must be >= 1");
     attention->set_partition_version(static_cast<uint64_t>(version));
+  }
+  if (args.Has("max-dropped-mass")) {
+    // The server checks the range.
+    LYCHEE_ASSIGN_OR_RETURN(const double bound, args.GetDouble("max-dropped-mass", 0));
+    attention->set_max_dropped_mass(bound);
   }
   LYCHEE_ASSIGN_OR_RETURN(const double timeout, args.GetDouble("timeout", 0));
 
@@ -178,6 +183,7 @@ absl::Status RunRemoteGenerate(const std::vector<std::string>& argv) {
                                         : std::string())
                 << "]\n";
     }
+    if (done->has_dense_fallback()) std::cerr << "[dense from here: " << done->dense_fallback().reason() << "]\n";
   }
   return absl::OkStatus();
 }

@@ -68,10 +68,11 @@ commands that talk to a lychee-inference (all take [--server HOST:PORT], default
   generate --server HOST:PORT (--prompt TEXT | --prompt-file FILE) [--max-new-tokens N]
            [--temperature T] [--top-p P] [--seed S] [--stop TEXT] [--attention dense|hybrid |
            --policy dense|lychee|double-p|prhs|streaming|tidal|quest [--audit [--audit-every N]]]
-           [--budget TOKENS]
-           [--partition-version V] [--timeout SECONDS] [--print-ids]
+           [--budget TOKENS] [--partition-version V] [--max-dropped-mass M] [--timeout SECONDS]
+           [--print-ids]
       streams the generation; a summary (tokens, latency, partition version, the policy's
-      telemetry) goes to stderr
+      telemetry) goes to stderr. --max-dropped-mass audits each decode step and switches to
+      dense attention once one drops more than M of a head's attention mass
   server-info        model, active partition, trainer connection, rejected partitions, load
   activate VERSION   serves VERSION to new sequences
   rollback           back to the partition active before the current one

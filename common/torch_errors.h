@@ -1,0 +1,16 @@
+// What a failed LibTorch or CUDA step becomes at a boundary: out of memory (LibTorch's allocator,
+// a CUDA allocation, the host's) is RESOURCE_EXHAUSTED, anything else (a kernel's check, a failed
+// CUDA call) INTERNAL; the message names the step and the cause without LibTorch's backtrace.
+// The header is free of LibTorch.
+#pragma once
+
+#include <exception>
+
+#include "absl/status/status.h"
+#include "absl/strings/string_view.h"
+
+namespace lychee {
+
+absl::Status StatusFromException(const std::exception& error, absl::string_view step);
+
+}  // namespace lychee
