@@ -9,6 +9,8 @@
 #include <sys/time.h>
 #include <unistd.h>
 
+#include <catch2/catch.hpp>
+
 #include <string>
 #include <vector>
 
@@ -94,5 +96,41 @@ inline HttpResponse HttpRequest(int port, const std::string& method, const std::
   close(fd);
   return ParseHttpResponse(response);
 }
+
+// A request whose response is read as it arrives, and that can be abandoned midway. Fails the
+// test when nothing listens on `port`.
+class OpenRequest {
+ public:
+  OpenRequest(int port, const std::string& path, const std::string& body) : fd_(ConnectLoopback(port)) {
+    REQUIRE(fd_ >= 0);
+    REQUIRE(SendAll(fd_, HttpRequestText("POST", path, body)));
+  }
+  ~OpenRequest() { Close(); }
+  OpenRequest(const OpenRequest&) = delete;
+  OpenRequest& operator=(const OpenRequest&) = delete;
+
+  // Reads until what arrived holds `needle`; false at the end of the response.
+  bool ReadUntil(const std::string& needle) {
+    char buffer[4096];
+    while (received_.find(needle) == std::string::npos) {
+      const ssize_t n = read(fd_, buffer, sizeof buffer);
+      if (n <= 0) return false;
+      received_.append(buffer, static_cast<size_t>(n));
+    }
+    return true;
+  }
+
+  // What arrived so far, headers included.
+  const std::string& received() const { return received_; }
+
+  void Close() {
+    if (fd_ >= 0) close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_;
+  std::string received_;
+};
 
 }  // namespace lychee::testing
