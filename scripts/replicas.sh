@@ -97,11 +97,13 @@ stats_csv() {
   cat <&3
   exec 3<&-
 }
-for attempt in $(seq 300); do
+# Two minutes: replicas that have printed their ports may still be loading the model.
+deadline=$((SECONDS + 120))
+while :; do
   kill -0 $haproxy_pid 2>/dev/null || { echo "replicas.sh: haproxy stopped; its log:" >&2; cat "$dir/haproxy.log" >&2; exit 1; }
   up=$(stats_csv 2>/dev/null | awk -F, '$1 ~ /_replicas$/ && $2 ~ /^replica-/ && $18 == "UP"' | wc -l) || up=0
   [ "$up" -eq $((2 * replicas)) ] && break
-  [ "$attempt" -lt 300 ] || { echo "replicas.sh: HAProxy never counted every replica up; see $dir" >&2; exit 1; }
+  [ $SECONDS -lt $deadline ] || { echo "replicas.sh: HAProxy did not count every replica up within two minutes; see $dir" >&2; exit 1; }
   sleep 0.1
 done
 echo "replicas: ready: $replicas replicas of trainer 127.0.0.1:$trainer_port; gRPC on 127.0.0.1:$grpc_port," \

@@ -1,6 +1,6 @@
-// HTTP/1.0 requests on 127.0.0.1, for tests of the metrics endpoint and the HTTP API: one request
-// per connection, which the server closes after its response, so that the body is whatever
-// follows the headers (no chunked encoding to undo).
+// Loopback helpers for tests of servers: free ports, and HTTP/1.0 requests on 127.0.0.1 for the
+// metrics endpoint and the HTTP API, one request per connection, which the server closes after its
+// response, so that the body is whatever follows the headers (no chunked encoding to undo).
 #pragma once
 
 #include <arpa/inet.h>
@@ -32,6 +32,27 @@ inline int ConnectLoopback(int port) {
     return -1;
   }
   return fd;
+}
+
+// Loopback ports that nothing listens on: bound together, so that they differ, then let go.
+inline std::vector<int> FreePorts(int count) {
+  std::vector<int> sockets;
+  std::vector<int> ports;
+  for (int i = 0; i < count; ++i) {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    REQUIRE(fd >= 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = 0;
+    inet_pton(AF_INET, "127.0.0.1", &address.sin_addr);
+    REQUIRE(bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0);
+    socklen_t length = sizeof address;
+    REQUIRE(getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) == 0);
+    sockets.push_back(fd);
+    ports.push_back(ntohs(address.sin_port));
+  }
+  for (int fd : sockets) close(fd);
+  return ports;
 }
 
 // Writes all of `data`; false when the peer closed (no SIGPIPE).
