@@ -2,12 +2,14 @@
 # Prints an haproxy.cfg that balances lychee-inference replicas: gRPC (HTTP/2 cleartext, h2c) on
 # one port, the OpenAI-compatible HTTP API on another, and HAProxy's statistics (/stats, /stats;csv,
 # Prometheus /metrics) on a third. scripts/replicas.sh (the loopback) and the compose profile
-# `replicas` (docker-compose.yml) both run it.
-#   scripts/haproxy-config.sh --grpc-bind ADDR:PORT --http-bind ADDR:PORT --stats-bind ADDR:PORT
-#                             [--resolvers NAMESERVER:PORT] REPLICA...
+# `replicas` (docker-compose.yml, through the image's `balancer` stage) and deploy/k8s run it.
+#   scripts/haproxy-config.sh [--exec] --grpc-bind ADDR:PORT --http-bind ADDR:PORT
+#                             --stats-bind ADDR:PORT REPLICA...
 # A REPLICA is NAME=HOST:GRPC_PORT:HTTP_PORT, one server; or NAME*COUNT=DNS_NAME:GRPC_PORT:HTTP_PORT,
-# up to COUNT servers filled from the A records of DNS_NAME, asked of --resolvers every second (a
-# scaled compose service, a headless Kubernetes Service).
+# up to COUNT servers filled from the A records of DNS_NAME (a scaled compose service, a headless
+# Kubernetes Service; a fully qualified name there, as HAProxy applies no search domains), asked
+# every second of the name servers of /etc/resolv.conf. --exec writes the configuration to
+# $TMPDIR/haproxy.cfg and runs HAProxy on it in the foreground (a container's entrypoint).
 #
 # Health: each replica is checked with GET /health on its HTTP port, for the gRPC backend too:
 # HAProxy 2.6 has no gRPC health checker (a gRPC check would need a protobuf request body and the
@@ -25,15 +27,17 @@
 # initial metadata, an HTTP header).
 set -euo pipefail
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
-grpc_bind="" http_bind="" stats_bind="" resolver=""
+usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+grpc_bind="" http_bind="" stats_bind="" run=""
 replicas=()
 while [ $# -gt 0 ]; do
+  # --flag=value as --flag value
+  if [[ $1 == --*=* ]]; then set -- "${1%%=*}" "${1#*=}" "${@:2}"; fi
   case $1 in
     --grpc-bind) grpc_bind=$2; shift 2 ;;
     --http-bind) http_bind=$2; shift 2 ;;
     --stats-bind) stats_bind=$2; shift 2 ;;
-    --resolvers) resolver=$2; shift 2 ;;
+    --exec) run=1; shift ;;
     -h|--help) usage ;;
     -*) echo "haproxy-config.sh: unknown flag $1" >&2; usage ;;
     *) replicas+=("$1"); shift ;;
@@ -41,16 +45,19 @@ while [ $# -gt 0 ]; do
 done
 [ -n "$grpc_bind" ] && [ -n "$http_bind" ] && [ -n "$stats_bind" ] && [ ${#replicas[@]} -gt 0 ] || usage
 
+if [ -n "$run" ]; then
+  config=${TMPDIR:-/tmp}/haproxy.cfg
+  "$0" --grpc-bind "$grpc_bind" --http-bind "$http_bind" --stats-bind "$stats_bind" "${replicas[@]}" >"$config"
+  exec haproxy -W -db -f "$config"
+fi
+
 replica_pattern='^([A-Za-z0-9_-]+)(\*([0-9]+))?=([^:]+):([0-9]+):([0-9]+)$'
 for replica in "${replicas[@]}"; do
   if ! [[ $replica =~ $replica_pattern ]]; then
     echo "haproxy-config.sh: '$replica' is not NAME=HOST:GRPC_PORT:HTTP_PORT or NAME*COUNT=DNS_NAME:GRPC_PORT:HTTP_PORT" >&2
     exit 2
   fi
-  if [ -n "${BASH_REMATCH[3]}" ] && [ -z "$resolver" ]; then
-    echo "haproxy-config.sh: '$replica' needs --resolvers" >&2
-    exit 2
-  fi
+  [ -z "${BASH_REMATCH[3]}" ] || dns=1
 done
 
 # A backend of every replica: $1 grpc (HTTP/2 to their gRPC ports) or http (to their HTTP ports).
@@ -72,7 +79,7 @@ EOF
     # Checked over HTTP/1.1 on the HTTP port, whatever the protocol of the traffic.
     local check="check port ${BASH_REMATCH[6]} check-proto h1"
     if [ -n "$count" ]; then
-      echo "  server-template $name $count $host:$port $check resolvers dns init-addr none"
+      echo "  server-template $name $count $host:$port $check resolvers dns resolve-prefer ipv4 init-addr none"
     else
       echo "  server $name $host:$port $check"
     fi
@@ -98,11 +105,11 @@ defaults
   timeout check 2s
   default-server inter 500ms fall 2 rise 2
 EOF
-if [ -n "$resolver" ]; then
+if [ -n "${dns:-}" ]; then
   cat <<EOF
 
 resolvers dns
-  nameserver dns $resolver
+  parse-resolv-conf
   hold valid 1s
   hold obsolete 1s
 EOF
