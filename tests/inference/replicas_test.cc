@@ -182,7 +182,7 @@ void StreamGrpc(v1::InferenceService::Stub& balancer, const std::string& prompt,
   }
   const grpc::Status status = reader->Finish();
   stream.ok = status.ok() && done;
-  stream.error = status.error_message();
+  stream.error = "gRPC status " + std::to_string(status.error_code()) + ": " + status.error_message();
   stream.finished = true;
 }
 
@@ -195,7 +195,9 @@ void StreamHttp(int port, const std::string& prompt, int max_tokens, Stream& str
     stream.started = true;
     stream.ok = request.ReadUntil("data: [DONE]");
   }
-  if (!stream.ok) stream.error = request.received();
+  if (!stream.ok) {
+    stream.error = "the response ended after " + std::to_string(request.received().size()) + " bytes, without [DONE]";
+  }
   stream.finished = true;
 }
 
@@ -300,7 +302,7 @@ TEST_CASE("replicas behind HAProxy: rollouts reach all; a killed replica fails o
     std::cout << "stream " << i << " on " << stream.replica << ": "
               << (i < kStreamsPerProtocol ? "gRPC, " + std::to_string(stream.tokens) + " tokens" : std::string("HTTP"))
               << ", " << (stream.ok ? "complete" : "broken off") << (running_at_kill[i] ? "" : " before the kill")
-              << "\n";
+              << (stream.ok ? "" : " (" + stream.error + ")") << "\n";
     ++per_replica[stream.replica];
     if (stream.replica == killed) {
       // Its stream breaks off, unless it had ended before the kill.
