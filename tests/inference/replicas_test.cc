@@ -75,13 +75,12 @@ class ReplicaSet {
           "scripts/replicas.sh",
           std::vector<std::string>{"--build", LYCHEE_BUILD_DIR, "--dir", dir_.string(), "--replicas",
                                    std::to_string(kReplicas), "--trainer-port", "0", "--grpc-port",
-                                   std::to_string(grpc_port), "--http-port", std::to_string(http_port),
-                                   "--stats-port", std::to_string(stats_port)},
+                                   std::to_string(grpc_port), "--http-port", std::to_string(http_port), "--stats-port",
+                                   std::to_string(stats_port)},
           log_);
       INFO("scripts/replicas.sh's output: " << log_ << "; its logs: " << dir_.string());
       const auto until = Clock::now() + kStartBound;
-      while (ReadAll(log_).find("replicas: ready") == std::string::npos && script_->running() &&
-             Clock::now() < until) {
+      while (ReadAll(log_).find("replicas: ready") == std::string::npos && script_->running() && Clock::now() < until) {
         std::this_thread::sleep_for(100ms);
       }
       const std::string output = ReadAll(log_);
@@ -187,9 +186,9 @@ void StreamGrpc(v1::InferenceService::Stub& balancer, const std::string& prompt,
 }
 
 void StreamHttp(int port, const std::string& prompt, int max_tokens, Stream& stream) {
-  testing::OpenRequest request(port, "/v1/completions",
-                               R"({"prompt": ")" + prompt + R"(", "stream": true, "max_tokens": )" +
-                                   std::to_string(max_tokens) + "}");
+  testing::OpenRequest request(
+      port, "/v1/completions",
+      R"({"prompt": ")" + prompt + R"(", "stream": true, "max_tokens": )" + std::to_string(max_tokens) + "}");
   if (request.ReadUntil("\"text\"")) {
     stream.replica = HeaderValue(request.received().substr(0, request.received().find("\r\n\r\n")), "x-lychee-replica");
     stream.started = true;
@@ -204,12 +203,13 @@ void StreamHttp(int port, const std::string& prompt, int max_tokens, Stream& str
 TEST_CASE("replicas behind HAProxy: rollouts reach all; a killed replica fails only its own streams") {
   testing::TempDir dir;
   ReplicaSet replicas(dir);
-  auto trainer = v1::TrainerService::NewStub(
-      grpc::CreateChannel(replicas.Address(replicas.processes["trainer"].grpc_port), grpc::InsecureChannelCredentials()));
+  auto trainer = v1::TrainerService::NewStub(grpc::CreateChannel(
+      replicas.Address(replicas.processes["trainer"].grpc_port), grpc::InsecureChannelCredentials()));
   std::vector<std::unique_ptr<v1::InferenceService::Stub>> direct;
   for (int i = 1; i <= kReplicas; ++i) {
-    direct.push_back(v1::InferenceService::NewStub(grpc::CreateChannel(
-        replicas.Address(replicas.processes[ReplicaSet::ReplicaName(i)].grpc_port), grpc::InsecureChannelCredentials())));
+    direct.push_back(v1::InferenceService::NewStub(
+        grpc::CreateChannel(replicas.Address(replicas.processes[ReplicaSet::ReplicaName(i)].grpc_port),
+                            grpc::InsecureChannelCredentials())));
   }
   auto balancer = v1::InferenceService::NewStub(
       grpc::CreateChannel(replicas.Address(replicas.grpc_port), grpc::InsecureChannelCredentials()));
@@ -231,8 +231,8 @@ TEST_CASE("replicas behind HAProxy: rollouts reach all; a killed replica fails o
       std::this_thread::sleep_for(2ms);
     }
     for (int i = 0; i < kReplicas; ++i) {
-      INFO(ReplicaSet::ReplicaName(i + 1) << " never activated version " << published.version() << " within "
-                                          << kRolloutBound.count() << " s");
+      INFO(ReplicaSet::ReplicaName(i + 1)
+           << " never activated version " << published.version() << " within " << kRolloutBound.count() << " s");
       CHECK(seconds[i] >= 0);
       std::cout << "rollout of version " << published.version() << " to " << ReplicaSet::ReplicaName(i + 1) << ": "
                 << seconds[i] * 1000 << " ms after the publication\n";
@@ -278,16 +278,16 @@ TEST_CASE("replicas behind HAProxy: rollouts reach all; a killed replica fails o
     return replicas.ServerStatus("grpc_replicas", killed) == "DOWN" &&
            replicas.ServerStatus("http_replicas", killed) == "DOWN";
   });
-  std::cout << "HAProxy marked the killed replica down " << std::chrono::duration<double>(Clock::now() - killed_at).count()
-            << " s after the kill\n";
+  std::cout << "HAProxy marked the killed replica down "
+            << std::chrono::duration<double>(Clock::now() - killed_at).count() << " s after the kill\n";
   // New requests, gRPC and HTTP, succeed on the other replica while the streams still run.
   for (int request = 0; request < 2 * kReplicas; ++request) {
     Stream grpc;
     StreamGrpc(*balancer, "What did the old sailor find?", 4, grpc);
     CHECK(grpc.ok);
     CHECK(grpc.replica == ReplicaSet::ReplicaName(2));
-    const testing::HttpResponse http =
-        testing::HttpRequest(replicas.http_port, "POST", "/v1/completions", R"({"prompt": "The harbour", "max_tokens": 4})");
+    const testing::HttpResponse http = testing::HttpRequest(replicas.http_port, "POST", "/v1/completions",
+                                                            R"({"prompt": "The harbour", "max_tokens": 4})");
     CHECK(http.status == 200);
     CHECK(HeaderValue(http.headers, "x-lychee-replica") == ReplicaSet::ReplicaName(2));
   }
