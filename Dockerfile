@@ -60,3 +60,16 @@ HEALTHCHECK --interval=10s --timeout=6s --start-period=30s --retries=3 \
 ENTRYPOINT ["lychee-inference"]
 CMD ["--listen", "0.0.0.0:50062", "--state-dir", "/var/lib/lychee/inference", "--metrics-listen", "0.0.0.0:9464", \
      "--insecure-admin"]
+
+# HAProxy from Debian in front of inference replicas, its configuration written at start by
+# scripts/haproxy-config.sh from the arguments (docker-compose.yml's profile `replicas`,
+# deploy/k8s/balancer.yaml). Built on its own, without the project's build stage:
+#   docker build --target balancer -t lychee-balancer .
+FROM debian:bookworm AS balancer
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy \
+    && rm -rf /var/lib/apt/lists/*
+COPY scripts/haproxy-config.sh /usr/local/bin/
+USER haproxy
+EXPOSE 50060 8000 8404
+ENTRYPOINT ["haproxy-config.sh", "--exec"]

@@ -1,6 +1,6 @@
-// HTTP/1.0 requests on 127.0.0.1, for tests of the metrics endpoint and the HTTP API: one request
-// per connection, which the server closes after its response, so that the body is whatever
-// follows the headers (no chunked encoding to undo).
+// Loopback helpers for tests of servers: free ports, and HTTP/1.0 requests on 127.0.0.1 for the
+// metrics endpoint and the HTTP API, one request per connection, which the server closes after its
+// response, so that the body is whatever follows the headers (no chunked encoding to undo).
 #pragma once
 
 #include <arpa/inet.h>
@@ -8,6 +8,8 @@
 #include <sys/socket.h>
 #include <sys/time.h>
 #include <unistd.h>
+
+#include <catch2/catch.hpp>
 
 #include <string>
 #include <vector>
@@ -30,6 +32,27 @@ inline int ConnectLoopback(int port) {
     return -1;
   }
   return fd;
+}
+
+// Loopback ports that nothing listens on: bound together, so that they differ, then let go.
+inline std::vector<int> FreePorts(int count) {
+  std::vector<int> sockets;
+  std::vector<int> ports;
+  for (int i = 0; i < count; ++i) {
+    const int fd = socket(AF_INET, SOCK_STREAM, 0);
+    REQUIRE(fd >= 0);
+    sockaddr_in address{};
+    address.sin_family = AF_INET;
+    address.sin_port = 0;
+    inet_pton(AF_INET, "127.0.0.1", &address.sin_addr);
+    REQUIRE(bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0);
+    socklen_t length = sizeof address;
+    REQUIRE(getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) == 0);
+    sockets.push_back(fd);
+    ports.push_back(ntohs(address.sin_port));
+  }
+  for (int fd : sockets) close(fd);
+  return ports;
 }
 
 // Writes all of `data`; false when the peer closed (no SIGPIPE).
@@ -94,5 +117,41 @@ inline HttpResponse HttpRequest(int port, const std::string& method, const std::
   close(fd);
   return ParseHttpResponse(response);
 }
+
+// A request whose response is read as it arrives, and that can be abandoned midway. Fails the
+// test when nothing listens on `port`.
+class OpenRequest {
+ public:
+  OpenRequest(int port, const std::string& path, const std::string& body) : fd_(ConnectLoopback(port)) {
+    REQUIRE(fd_ >= 0);
+    REQUIRE(SendAll(fd_, HttpRequestText("POST", path, body)));
+  }
+  ~OpenRequest() { Close(); }
+  OpenRequest(const OpenRequest&) = delete;
+  OpenRequest& operator=(const OpenRequest&) = delete;
+
+  // Reads until what arrived holds `needle`; false at the end of the response.
+  bool ReadUntil(const std::string& needle) {
+    char buffer[4096];
+    while (received_.find(needle) == std::string::npos) {
+      const ssize_t n = read(fd_, buffer, sizeof buffer);
+      if (n <= 0) return false;
+      received_.append(buffer, static_cast<size_t>(n));
+    }
+    return true;
+  }
+
+  // What arrived so far, headers included.
+  const std::string& received() const { return received_; }
+
+  void Close() {
+    if (fd_ >= 0) close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_;
+  std::string received_;
+};
 
 }  // namespace lychee::testing

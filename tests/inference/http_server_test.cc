@@ -34,6 +34,7 @@ using namespace std::chrono_literals;
 using nlohmann::json;
 using testing::HttpRequest;
 using testing::HttpResponse;
+using testing::OpenRequest;
 
 const std::filesystem::path kBundledModel = "models/tiny-llama-retrieval";
 constexpr char kClientToken[] = "client-token-0123456789abcdef";
@@ -189,36 +190,6 @@ Streamed Collect(const HttpResponse& response, bool chat) {
   }
   return streamed;
 }
-
-// A request whose response is read as it arrives, and that can be abandoned midway.
-class OpenRequest {
- public:
-  OpenRequest(int port, const std::string& path, const std::string& body) : fd_(testing::ConnectLoopback(port)) {
-    REQUIRE(fd_ >= 0);
-    REQUIRE(testing::SendAll(fd_, testing::HttpRequestText("POST", path, body)));
-  }
-  ~OpenRequest() { Close(); }
-
-  // Reads until what arrived holds `needle`; false at the end of the response.
-  bool ReadUntil(const std::string& needle) {
-    char buffer[4096];
-    while (received_.find(needle) == std::string::npos) {
-      const ssize_t n = read(fd_, buffer, sizeof buffer);
-      if (n <= 0) return false;
-      received_.append(buffer, static_cast<size_t>(n));
-    }
-    return true;
-  }
-
-  void Close() {
-    if (fd_ >= 0) close(fd_);
-    fd_ = -1;
-  }
-
- private:
-  int fd_;
-  std::string received_;
-};
 
 constexpr char kPrompt[] = "The harbour was quiet that morning and";
 

@@ -8,10 +8,8 @@
 #include <grpcpp/security/server_credentials.h>
 #include <grpcpp/server.h>
 #include <grpcpp/server_builder.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
-#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -25,6 +23,7 @@
 
 #include "common/head_partition.h"
 #include "common/partition_store.h"
+#include "tests/http_get.h"
 #include "tests/run_command.h"
 #include "tests/temp_dir.h"
 #include "tests/tools/xml_check.h"
@@ -43,19 +42,6 @@ constexpr auto kTimeout = std::chrono::seconds(5);
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-// A port on the loopback that nothing listens on: bound, then let go.
-int UnusedPort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in address{};
-  address.sin_family = AF_INET;
-  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t length = sizeof address;
-  REQUIRE(bind(fd, reinterpret_cast<sockaddr*>(&address), sizeof address) == 0);
-  REQUIRE(getsockname(fd, reinterpret_cast<sockaddr*>(&address), &length) == 0);
-  close(fd);
-  return ntohs(address.sin_port);
 }
 
 CalibrationRunner RunnerThatRunsNothing() {
@@ -152,7 +138,7 @@ TEST_CASE("a server that reports NOT_SERVING fails the health command; nothing l
   CHECK_THAT(std::string(status.message()), Catch::Contains(target + " is NOT_SERVING"));
   server->Shutdown();
 
-  const std::string nobody = "127.0.0.1:" + std::to_string(UnusedPort());
+  const std::string nobody = "127.0.0.1:" + std::to_string(testing::FreePorts(1)[0]);
   const absl::StatusOr<std::string> closed = cli::CheckHealth(nobody, "", kTimeout);
   CHECK(closed.status().code() == absl::StatusCode::kUnavailable);
   CHECK_THAT(std::string(closed.status().message()), Catch::Contains("health check of " + nobody));
