@@ -75,7 +75,6 @@ absl::Status CudaStatus(cudaError_t error, const char* what) {
   return absl::InternalError(absl::StrCat(what, ": ", cudaGetErrorString(error)));
 }
 
-
 enum class Attention { kNone, kDense, kHybrid, kAudited };
 
 const char* Name(Attention attention) {
@@ -86,8 +85,7 @@ const char* Name(Attention attention) {
       return "dense";
     case Attention::kHybrid:
       return "hybrid";
-    case Attention::kAudited:
-      return "hybrid+audit";
+    case Attention::kAudited: return "hybrid+audit";
   }
   return "?";
 }
@@ -358,9 +356,9 @@ absl::Status Run(const Flags& flags) {
   const int64_t max_batch = *std::max_element(flags.batches.begin(), flags.batches.end());
   // Decode steps add positions: every row of the largest context.
   const int64_t audit_steps = flags.audit_every > 0 ? 2 * (flags.audit_warmup() + flags.audit_steps()) : 0;
-  const int64_t capacity = flags.contexts.back() + static_cast<int64_t>(flags.batches.size()) *
-                                                       (static_cast<int64_t>(kinds.size()) * (flags.warmup + flags.steps) +
-                                                        audit_steps);
+  const int64_t capacity =
+      flags.contexts.back() + static_cast<int64_t>(flags.batches.size()) *
+                                  (static_cast<int64_t>(kinds.size()) * (flags.warmup + flags.steps) + audit_steps);
   LYCHEE_RETURN_IF_ERROR(CheckFits(max_batch, capacity, bytes));
   const int64_t pages_per_sequence = (capacity + lychee::kDefaultPageSize - 1) / lychee::kDefaultPageSize;
   LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<lychee::KvPool> pool, model->NewKvPool(max_batch * pages_per_sequence));
@@ -413,14 +411,15 @@ absl::Status Run(const Flags& flags) {
                                 bench.Measure(Attention::kHybrid, batch, flags.audit_warmup(), flags.audit_steps()));
         LYCHEE_ASSIGN_OR_RETURN(const Measurement with_audit,
                                 bench.Measure(Attention::kAudited, batch, flags.audit_warmup(), flags.audit_steps()));
-        std::printf("%5lld %6lldK | audit every %lld steps: hybrid mean %.3f ms, with the audit %.3f ms (%+.1f%%) over %d "
-                    "steps; graphs captured %lld, replays %lld, eager steps %lld\n",
-                    static_cast<long long>(batch), static_cast<long long>(context / 1024),
-                    static_cast<long long>(flags.audit_every), plain.mean_ms, with_audit.mean_ms,
-                    100 * (with_audit.mean_ms / plain.mean_ms - 1), flags.audit_steps(),
-                    static_cast<long long>(with_audit.stats.graph_captures),
-                    static_cast<long long>(with_audit.stats.graph_replays),
-                    static_cast<long long>(with_audit.stats.eager_steps));
+        std::printf(
+            "%5lld %6lldK | audit every %lld steps: hybrid mean %.3f ms, with the audit %.3f ms (%+.1f%%) over %d "
+            "steps; graphs captured %lld, replays %lld, eager steps %lld\n",
+            static_cast<long long>(batch), static_cast<long long>(context / 1024),
+            static_cast<long long>(flags.audit_every), plain.mean_ms, with_audit.mean_ms,
+            100 * (with_audit.mean_ms / plain.mean_ms - 1), flags.audit_steps(),
+            static_cast<long long>(with_audit.stats.graph_captures),
+            static_cast<long long>(with_audit.stats.graph_replays),
+            static_cast<long long>(with_audit.stats.eager_steps));
         if (json != nullptr) {
           std::fprintf(json,
                        "{\"attention\": \"hybrid+audit\", \"audit_every\": %lld, \"batch\": %lld, \"context\": %lld, "

@@ -12,17 +12,10 @@ std::string XmlEscape(const std::string& text) {
   std::string escaped;
   for (char c : text) {
     switch (c) {
-      case '&':
-        escaped += "&amp;";
-        break;
-      case '<':
-        escaped += "&lt;";
-        break;
-      case '>':
-        escaped += "&gt;";
-        break;
-      default:
-        escaped += c;
+      case '&': escaped += "&amp;"; break;
+      case '<': escaped += "&lt;"; break;
+      case '>': escaped += "&gt;"; break;
+      default: escaped += c;
     }
   }
   return escaped;
@@ -62,17 +55,14 @@ std::string AccuracyPlotSvg(const std::vector<AccuracyPlotSeries>& series) {
       "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"%d\" height=\"%d\" font-family=\"sans-serif\" "
       "font-size=\"11\">\n<rect width=\"100%%\" height=\"100%%\" fill=\"white\"/>\n",
       width, height);
-  auto x_of = [&](double bytes) {
-    return (std::log10(bytes) - decade_low) / (decade_high - decade_low) * plot_width;
-  };
+  auto x_of = [&](double bytes) { return (std::log10(bytes) - decade_low) / (decade_high - decade_low) * plot_width; };
   for (size_t t = 0; t < tasks.size(); ++t) {
     const int x0 = static_cast<int>(t) * panel_width + left;
     const int y0 = top;
     absl::StrAppendFormat(&svg, "<text x=\"%d\" y=\"%d\" font-size=\"13\" font-weight=\"bold\">%s</text>\n", x0,
                           y0 - 14, XmlEscape(tasks[t]));
-    absl::StrAppendFormat(&svg,
-                          "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"#444\"/>\n", x0,
-                          y0, plot_width, plot_height);
+    absl::StrAppendFormat(&svg, "<rect x=\"%d\" y=\"%d\" width=\"%d\" height=\"%d\" fill=\"none\" stroke=\"#444\"/>\n",
+                          x0, y0, plot_width, plot_height);
     for (int tick = 0; tick <= 4; ++tick) {
       const double y = y0 + plot_height - tick * plot_height / 4.0;
       absl::StrAppendFormat(&svg,
@@ -90,9 +80,9 @@ std::string AccuracyPlotSvg(const std::vector<AccuracyPlotSeries>& series) {
     }
     absl::StrAppendFormat(&svg, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\">KV bytes read per token</text>\n",
                           x0 + plot_width / 2, y0 + plot_height + 30);
-    absl::StrAppendFormat(&svg,
-                          "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\" transform=\"rotate(-90 %d %d)\">accuracy</text>\n",
-                          x0 - 38, y0 + plot_height / 2, x0 - 38, y0 + plot_height / 2);
+    absl::StrAppendFormat(
+        &svg, "<text x=\"%d\" y=\"%d\" text-anchor=\"middle\" transform=\"rotate(-90 %d %d)\">accuracy</text>\n",
+        x0 - 38, y0 + plot_height / 2, x0 - 38, y0 + plot_height / 2);
     for (size_t s = 0; s < series.size(); ++s) {
       const char* color = kColors[s % (sizeof(kColors) / sizeof(kColors[0]))];
       std::string points;

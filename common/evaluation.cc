@@ -92,10 +92,9 @@ absl::StatusOr<std::vector<EvalCell>> EvaluateGroups(const Model& model, const s
   // One pool for every sample's sequences (the shared prefill and a fork at a time), so that the
   // decode context's buckets, and on CUDA their graphs, serve every sample.
   KvPool::Options pool_options;
-  const int64_t longest =
-      std::max_element(groups.begin(), groups.end(), [](const EvalGroup& a, const EvalGroup& b) {
-        return a.context < b.context;
-      })->context;
+  const int64_t longest = std::max_element(groups.begin(), groups.end(), [](const EvalGroup& a, const EvalGroup& b) {
+                            return a.context < b.context;
+                          })->context;
   pool_options.num_pages = 2 * ((longest + 256) / pool_options.page_size + 1);
   pool_options.growable = true;
   LYCHEE_ASSIGN_OR_RETURN(
@@ -162,19 +161,20 @@ absl::StatusOr<std::vector<EvalCell>> EvaluateGroups(const Model& model, const s
 }
 
 absl::StatusOr<std::vector<EvalCell>> RunEvaluation(const Model& model, const HaystackBuilder& builder,
-                                                    const std::vector<EvalPolicy>& policies,
-                                                    const EvalOptions& options,
+                                                    const std::vector<EvalPolicy>& policies, const EvalOptions& options,
                                                     const std::function<void(const EvalCell&)>& on_cell) {
-  if (options.samples <= 0) return absl::InvalidArgumentError(absl::StrCat("samples must be > 0, got ", options.samples));
+  if (options.samples <= 0)
+    return absl::InvalidArgumentError(absl::StrCat("samples must be > 0, got ", options.samples));
   if (options.tasks.empty() || options.contexts.empty()) {
     return absl::InvalidArgumentError("an evaluation needs at least one policy, task and context");
   }
   std::vector<EvalGroup> groups;
   for (RetrievalTask task : options.tasks) {
     for (int64_t context : options.contexts) {
-      groups.push_back({RetrievalTaskName(task), context, options.samples, [&builder, &options, task, context](int64_t i) {
-                          return builder.Build(task, context, options.seed * 1000003 + static_cast<uint64_t>(i));
-                        }});
+      groups.push_back(
+          {RetrievalTaskName(task), context, options.samples, [&builder, &options, task, context](int64_t i) {
+             return builder.Build(task, context, options.seed * 1000003 + static_cast<uint64_t>(i));
+           }});
     }
   }
   return EvaluateGroups(model, policies, groups, options.prefill_attention, options.on_failure, on_cell);
@@ -218,7 +218,8 @@ std::string EvalJson(const std::vector<EvalCell>& cells, const std::string& comm
 std::string EvalPlotSvg(const std::vector<EvalCell>& cells) {
   std::vector<AccuracyPlotSeries> series;
   for (const EvalCell& cell : cells) {
-    if (std::none_of(series.begin(), series.end(), [&](const AccuracyPlotSeries& s) { return s.name == cell.policy; })) {
+    if (std::none_of(series.begin(), series.end(),
+                     [&](const AccuracyPlotSeries& s) { return s.name == cell.policy; })) {
       series.push_back({cell.policy, {}});
     }
   }
@@ -229,7 +230,8 @@ std::string EvalPlotSvg(const std::vector<EvalCell>& cells) {
                    [](const EvalCell* a, const EvalCell* b) { return a->context < b->context; });
   for (const EvalCell* cell : by_context) {
     if (!cell->has_telemetry) continue;
-    auto it = std::find_if(series.begin(), series.end(), [&](const AccuracyPlotSeries& s) { return s.name == cell->policy; });
+    auto it =
+        std::find_if(series.begin(), series.end(), [&](const AccuracyPlotSeries& s) { return s.name == cell->policy; });
     it->points.push_back({cell->task, cell->kv_bytes_per_token, cell->accuracy, ContextLabel(cell->context),
                           absl::StrFormat("%s %s %s: %.3f, %s", cell->policy, cell->task, ContextLabel(cell->context),
                                           cell->accuracy, FormatByteCount(cell->kv_bytes_per_token))});

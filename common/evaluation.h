@@ -99,5 +99,4 @@ std::string EvalJson(const std::vector<EvalCell>& cells, const std::string& comm
 // policy through its contexts.
 std::string EvalPlotSvg(const std::vector<EvalCell>& cells);
 
-
 }  // namespace lychee

@@ -30,7 +30,8 @@ absl::StatusOr<std::string> StringField(const nlohmann::json& object, const char
 }
 
 ValidationSet::Task& TaskNamed(std::vector<ValidationSet::Task>& tasks, const std::string& name) {
-  const auto it = std::find_if(tasks.begin(), tasks.end(), [&](const ValidationSet::Task& t) { return t.name == name; });
+  const auto it =
+      std::find_if(tasks.begin(), tasks.end(), [&](const ValidationSet::Task& t) { return t.name == name; });
   if (it != tasks.end()) return *it;
   tasks.push_back({name, 0, {}});
   return tasks.back();
@@ -47,7 +48,8 @@ double ComputedKvBytesPerToken(const Model& model, const HeadPartition* partitio
       positions += sparse ? std::min(length, budget) : length;
     }
   }
-  const int64_t bytes_per_position = 2 * config.head_dim * static_cast<int64_t>(c10::elementSize(model.options().dtype));
+  const int64_t bytes_per_position =
+      2 * config.head_dim * static_cast<int64_t>(c10::elementSize(model.options().dtype));
   return static_cast<double>(positions * bytes_per_position);
 }
 
@@ -202,7 +204,8 @@ absl::StatusOr<PartitionValidation> ValidatePartition(const Model& model, const 
     groups.push_back({task.name, task.longest_prompt_tokens, static_cast<int64_t>(task.samples.size()),
                       [&task, cancelled](int64_t i) -> absl::StatusOr<RetrievalSample> {
                         if (cancelled != nullptr && cancelled->load()) {
-                          return absl::CancelledError(absl::StrCat("validation cancelled at ", task.name, " prompt ", i));
+                          return absl::CancelledError(
+                              absl::StrCat("validation cancelled at ", task.name, " prompt ", i));
                         }
                         return task.samples[i];
                       }});
@@ -217,8 +220,8 @@ absl::StatusOr<PartitionValidation> ValidatePartition(const Model& model, const 
   return validation;
 }
 
-bool WithinQualityBound(const ValidationResult& reference, const ValidationResult& candidate,
-                        double max_accuracy_drop, std::string* why) {
+bool WithinQualityBound(const ValidationResult& reference, const ValidationResult& candidate, double max_accuracy_drop,
+                        std::string* why) {
   for (const TaskAccuracy& expected : reference.tasks) {
     const auto found = std::find_if(candidate.tasks.begin(), candidate.tasks.end(),
                                     [&](const TaskAccuracy& t) { return t.task == expected.task; });

@@ -116,7 +116,7 @@ absl::StatusOr<PartitionValidation> ValidatePartition(const Model& model, const 
 // Whether `candidate` keeps the accuracy of every task of `reference` within `max_accuracy_drop`
 // (candidate >= reference - max_accuracy_drop); when not, `why` names the first task that fell
 // further, with both accuracies.
-bool WithinQualityBound(const ValidationResult& reference, const ValidationResult& candidate,
-                        double max_accuracy_drop, std::string* why = nullptr);
+bool WithinQualityBound(const ValidationResult& reference, const ValidationResult& candidate, double max_accuracy_drop,
+                        std::string* why = nullptr);
 
 }  // namespace lychee

@@ -471,7 +471,8 @@ absl::StatusOr<std::vector<int32_t>> ContinuationIds(const Tokenizer& tokenizer,
                                                      const std::vector<int32_t>& prompt_ids,
                                                      const std::string& answer_text) {
   LYCHEE_ASSIGN_OR_RETURN(std::vector<int32_t> with_answer, tokenizer.Encode(prompt_text + answer_text, false));
-  if (with_answer.size() <= prompt_ids.size() || !std::equal(prompt_ids.begin(), prompt_ids.end(), with_answer.begin())) {
+  if (with_answer.size() <= prompt_ids.size() ||
+      !std::equal(prompt_ids.begin(), prompt_ids.end(), with_answer.begin())) {
     return absl::InvalidArgumentError(
         "the tokenizer merges the answer into the end of the prompt, so the answer has no tokens "
         "of its own");

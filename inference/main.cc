@@ -57,15 +57,34 @@ constexpr char kUsage[] = R"(usage: lychee-inference --state-dir DIR [flags]
 )";
 
 absl::Status Serve(const std::vector<std::string>& argv) {
-  LYCHEE_ASSIGN_OR_RETURN(
-      lychee::cli::Args args,
-      lychee::cli::Args::Parse(argv,
-                               {"model", "state-dir", "listen", "trainer", "metrics-listen", "http-listen", "device",
-                                "threads", "kv-cache-mib", "kv-cache-fraction", "cuda-graphs", "audit-every", "max-batch",
-                                "max-queued", "max-new-tokens", "max-context", "prefill-chunk", "default-attention",
-                                "tls-cert", "tls-key", "tls-client-ca", "admin-token-file", "client-token-file",
-                                "trainer-tls-ca", "trainer-tls-cert", "trainer-tls-key"},
-                               {"insecure-admin"}));
+  LYCHEE_ASSIGN_OR_RETURN(lychee::cli::Args args, lychee::cli::Args::Parse(argv,
+                                                                           {"model",
+                                                                            "state-dir",
+                                                                            "listen",
+                                                                            "trainer",
+                                                                            "metrics-listen",
+                                                                            "http-listen",
+                                                                            "device",
+                                                                            "threads",
+                                                                            "kv-cache-mib",
+                                                                            "kv-cache-fraction",
+                                                                            "cuda-graphs",
+                                                                            "audit-every",
+                                                                            "max-batch",
+                                                                            "max-queued",
+                                                                            "max-new-tokens",
+                                                                            "max-context",
+                                                                            "prefill-chunk",
+                                                                            "default-attention",
+                                                                            "tls-cert",
+                                                                            "tls-key",
+                                                                            "tls-client-ca",
+                                                                            "admin-token-file",
+                                                                            "client-token-file",
+                                                                            "trainer-tls-ca",
+                                                                            "trainer-tls-cert",
+                                                                            "trainer-tls-key"},
+                                                                           {"insecure-admin"}));
   lychee::InferenceServerOptions options;
   options.state_dir = args.GetOr("state-dir", "");
   if (options.state_dir.empty()) return absl::InvalidArgumentError("--state-dir is required");

@@ -190,7 +190,7 @@ absl::Status SetAttention(const Json& body, v1::GenerateRequest* request) {
   if (attention.absent()) return absl::OkStatus();
   if (!attention.value().is_object()) return attention.Bad("must be an object");
   const std::string prefix = "attention.";
-  static const std::vector<std::string> kKnown = {"mode",  "policy", "budget", "partition_version",
+  static const std::vector<std::string> kKnown = {"mode",  "policy",          "budget", "partition_version",
                                                   "audit", "max_dropped_mass"};
   for (const auto& [key, value] : attention.value().items()) {
     if (std::find(kKnown.begin(), kKnown.end(), key) == kKnown.end()) {

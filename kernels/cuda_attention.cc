@@ -55,8 +55,8 @@ class CudaPagedAttention : public AttentionBackend {
  public:
   // `layer_modes` [layers][kv heads]; empty: every head of every layer dense. `group`: query heads
   // per KV head.
-  CudaPagedAttention(std::vector<std::vector<cuda::KvHeadMode>> layer_modes, const cuda::BlockSelectionConfig& selection,
-                     int64_t group, int64_t audit_every)
+  CudaPagedAttention(std::vector<std::vector<cuda::KvHeadMode>> layer_modes,
+                     const cuda::BlockSelectionConfig& selection, int64_t group, int64_t audit_every)
       : layer_modes_(std::move(layer_modes)), group_(group), audit_every_(audit_every) {
     options_.selection = selection;
   }
@@ -147,8 +147,8 @@ class CudaPagedAttention : public AttentionBackend {
 };
 
 std::shared_ptr<const AttentionBackend> MakePaged(std::vector<std::vector<cuda::KvHeadMode>> modes,
-                                                  const cuda::BlockSelectionConfig& selection, const ModelConfig& config,
-                                                  int64_t audit_every) {
+                                                  const cuda::BlockSelectionConfig& selection,
+                                                  const ModelConfig& config, int64_t audit_every) {
   return std::make_shared<CudaPagedAttention>(std::move(modes), selection,
                                               config.num_attention_heads / config.num_kv_heads, audit_every);
 }

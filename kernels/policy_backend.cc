@@ -45,7 +45,8 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> MakePolicyBackend(
 #ifdef LYCHEE_CUDA_ATTENTION
       if (on_cuda_kernels) return MakeCudaHybridAttention(std::move(selecting), config, spec.AuditPeriod());
 #endif
-      LYCHEE_ASSIGN_OR_RETURN(auto hybrid, HybridAttentionBackend::Create(std::move(selecting), config, spec.AuditPeriod()));
+      LYCHEE_ASSIGN_OR_RETURN(auto hybrid,
+                              HybridAttentionBackend::Create(std::move(selecting), config, spec.AuditPeriod()));
       return std::shared_ptr<const AttentionBackend>(std::move(hybrid));
     }
     case PolicyKind::kDoubleP:

@@ -232,8 +232,8 @@ absl::StatusOr<CalibrationJobInputs> JobManager::ResolveInputs(const v1::SubmitC
 }
 
 absl::StatusOr<SweepInputs> JobManager::ResolveSweep(const v1::SubmitCalibrationJobRequest& request,
-                                                      const CalibrationConfig& config,
-                                                      const ModelConfig& model_config) const {
+                                                     const CalibrationConfig& config,
+                                                     const ModelConfig& model_config) const {
   SweepInputs sweep;
   if (request.target_densities_size() == 0) {
     return SweepFieldError("target_densities", "empty; a sweep needs 1 to 16 target densities");
@@ -245,13 +245,15 @@ absl::StatusOr<SweepInputs> JobManager::ResolveSweep(const v1::SubmitCalibration
   for (int i = 0; i < request.target_densities_size(); ++i) {
     const double target = request.target_densities(i);
     if (!(target > 0 && target <= 1)) {
-      return SweepFieldError(absl::StrCat("target_densities[", i, "]"), absl::StrCat("must be in (0, 1], got ", target));
+      return SweepFieldError(absl::StrCat("target_densities[", i, "]"),
+                             absl::StrCat("must be in (0, 1], got ", target));
     }
     sweep.target_densities.push_back(target);
   }
   const v1::SweepConfig given = CompleteSweepConfig(request.sweep());
   if (!(given.max_accuracy_drop() >= 0 && given.max_accuracy_drop() <= 1)) {
-    return SweepFieldError("sweep.max_accuracy_drop", absl::StrCat("must be in [0, 1], got ", given.max_accuracy_drop()));
+    return SweepFieldError("sweep.max_accuracy_drop",
+                           absl::StrCat("must be in [0, 1], got ", given.max_accuracy_drop()));
   }
   sweep.max_accuracy_drop = given.max_accuracy_drop();
   if (given.validation_samples() < 1 || given.validation_samples() > kMaxValidationSamples) {
@@ -261,16 +263,15 @@ absl::StatusOr<SweepInputs> JobManager::ResolveSweep(const v1::SubmitCalibration
   sweep.generated.samples_per_task = given.validation_samples();
   sweep.generated.seed = given.validation_seed();
   const int64_t context = given.validation_context_tokens();
-  if (context < 128 ||
-      (model_config.max_position_embeddings > 0 && context > model_config.max_position_embeddings)) {
+  if (context < 128 || (model_config.max_position_embeddings > 0 && context > model_config.max_position_embeddings)) {
     return SweepFieldError("sweep.validation_context_tokens",
                            absl::StrCat("must be in [128, ", model_config.max_position_embeddings,
                                         "] (the model's max_position_embeddings), got ", context));
   }
   sweep.generated.context_tokens = context;
   if (given.validation_token_budget() < 0) {
-    return SweepFieldError("sweep.validation_token_budget",
-                           absl::StrCat("must be >= 0 (0: config.token_budget), got ", given.validation_token_budget()));
+    return SweepFieldError("sweep.validation_token_budget", absl::StrCat("must be >= 0 (0: config.token_budget), got ",
+                                                                         given.validation_token_budget()));
   }
   if (given.validation_token_budget() > 0) {
     SelectionParams selection = config.selection;
@@ -286,7 +287,7 @@ absl::StatusOr<SweepInputs> JobManager::ResolveSweep(const v1::SubmitCalibration
       return SweepFieldError("sweep.validation_prompts", "give validation_prompts or validation_corpus, not both");
     }
     LYCHEE_ASSIGN_OR_RETURN(sweep.prompts_path, ResolveCorpusPath(options_.data_root, given.validation_prompts(),
-                                                                 "sweep.validation_prompts"));
+                                                                  "sweep.validation_prompts"));
     // A malformed file is refused here rather than after the first target's training.
     LYCHEE_ASSIGN_OR_RETURN(const std::string prompts, ReadTextCorpus(sweep.prompts_path));
     if (absl::Status parsed = ParseValidationPrompts(prompts, given.validation_prompts()).status(); !parsed.ok()) {
@@ -298,13 +299,13 @@ absl::StatusOr<SweepInputs> JobManager::ResolveSweep(const v1::SubmitCalibration
     sweep.heldout_corpus_path = options_.default_heldout_corpus;
   } else {
     LYCHEE_ASSIGN_OR_RETURN(sweep.heldout_corpus_path, ResolveCorpusPath(options_.data_root, given.validation_corpus(),
-                                                                        "sweep.validation_corpus"));
+                                                                         "sweep.validation_corpus"));
   }
   LYCHEE_ASSIGN_OR_RETURN(const int64_t heldout_bytes, CountTextBytesUpTo(sweep.heldout_corpus_path, context));
   if (heldout_bytes < context) {
-    return absl::FailedPreconditionError(absl::StrCat("sweep.validation_corpus: '", sweep.heldout_corpus_path, "' holds ",
-                                                      heldout_bytes, " bytes of text, too short for validation_context_tokens ",
-                                                      context));
+    return absl::FailedPreconditionError(
+        absl::StrCat("sweep.validation_corpus: '", sweep.heldout_corpus_path, "' holds ", heldout_bytes,
+                     " bytes of text, too short for validation_context_tokens ", context));
   }
   return sweep;
 }
@@ -506,9 +507,9 @@ absl::StatusOr<v1::JobResult> JobManager::RunSweep(Entry& entry, const Calibrati
   const auto stopped = [&](int index, const char* phase, const absl::Status& status) {
     std::lock_guard<std::mutex> lock(mutex_);
     v1::SweepResult* result = entry.job.mutable_sweep();
-    const std::string what = absl::StrCat("stopped ", phase, " target ", index + 1, " of ", count, " (",
-                                          sweep.target_densities[index], "): ", status.message(), "; ",
-                                          KeptPartitions(*result));
+    const std::string what =
+        absl::StrCat("stopped ", phase, " target ", index + 1, " of ", count, " (", sweep.target_densities[index],
+                     "): ", status.message(), "; ", KeptPartitions(*result));
     result->set_summary(what);
     Changed(entry, /*persist=*/true);
     return absl::Status(status.code(), absl::StrCat("sweep ", what));

@@ -79,7 +79,8 @@ absl::StatusOr<CalibrationRunner> MakeCalibrationRunner(const std::string& devic
   }
   LYCHEE_ASSIGN_OR_RETURN(ModelOptions options, ModelOptionsForDevice(device));
   return CalibrationRunner(
-      [options, intra_op_threads](const CalibrationJobInputs& inputs) -> absl::StatusOr<std::unique_ptr<CalibrationSession>> {
+      [options,
+       intra_op_threads](const CalibrationJobInputs& inputs) -> absl::StatusOr<std::unique_ptr<CalibrationSession>> {
         // With OpenMP the thread count belongs to the calling thread: it is set on the worker
         // that runs the job, which is the one that opens its session and runs it.
         if (intra_op_threads > 0) at::set_num_threads(intra_op_threads);

@@ -42,23 +42,27 @@ absl::StatusOr<std::string> ResolveCorpusPath(const std::string& data_root, cons
   }
   for (const fs::path& part : path) {
     if (part == "..") {
-      return absl::InvalidArgumentError(absl::StrCat(field, ": '", relative, "' has '..'; it must stay under the data root"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(field, ": '", relative, "' has '..'; it must stay under the data root"));
     }
   }
   if (data_root.empty()) {
-    return absl::FailedPreconditionError(absl::StrCat(field, ": the trainer was started without --data-root; leave it empty"));
+    return absl::FailedPreconditionError(
+        absl::StrCat(field, ": the trainer was started without --data-root; leave it empty"));
   }
   std::error_code error;
   const fs::path root = fs::canonical(data_root, error);
   if (error) {
-    return absl::FailedPreconditionError(absl::StrCat(field, ": the data root ", data_root, " is unusable: ", error.message()));
+    return absl::FailedPreconditionError(
+        absl::StrCat(field, ": the data root ", data_root, " is unusable: ", error.message()));
   }
   const fs::path resolved = fs::weakly_canonical(root / path, error);
   if (error || !IsWithin(resolved, root)) {
     return absl::InvalidArgumentError(absl::StrCat(field, ": '", relative, "' leads outside the data root"));
   }
   if (!fs::is_regular_file(resolved, error)) {
-    return absl::InvalidArgumentError(absl::StrCat(field, ": no file '", relative, "' under the data root ", data_root));
+    return absl::InvalidArgumentError(
+        absl::StrCat(field, ": no file '", relative, "' under the data root ", data_root));
   }
   return resolved.string();
 }

@@ -20,13 +20,13 @@ inline std::string CudaFailure(cudaError_t error, const char* what, const char* 
 
 }  // namespace lychee::cuda
 
-#define LYCHEE_CUDA_CHECK(call, what)                                                                            \
-  do {                                                                                                           \
-    const cudaError_t lychee_cuda_error = (call);                                                                \
-    if (lychee_cuda_error != cudaSuccess) {                                                                      \
-      const std::string lychee_cuda_failure =                                                                    \
-          ::lychee::cuda::CudaFailure(lychee_cuda_error, what, #call, __FILE__, __LINE__);                       \
+#define LYCHEE_CUDA_CHECK(call, what)                                                                          \
+  do {                                                                                                         \
+    const cudaError_t lychee_cuda_error = (call);                                                              \
+    if (lychee_cuda_error != cudaSuccess) {                                                                    \
+      const std::string lychee_cuda_failure =                                                                  \
+          ::lychee::cuda::CudaFailure(lychee_cuda_error, what, #call, __FILE__, __LINE__);                     \
       TORCH_CHECK_WITH(OutOfMemoryError, lychee_cuda_error != cudaErrorMemoryAllocation, lychee_cuda_failure); \
-      TORCH_CHECK(false, lychee_cuda_failure);                                                                   \
-    }                                                                                                            \
+      TORCH_CHECK(false, lychee_cuda_failure);                                                                 \
+    }                                                                                                          \
   } while (0)

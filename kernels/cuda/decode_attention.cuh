@@ -698,7 +698,8 @@ __global__ void __launch_bounds__(kPostThreads) HybridPostKernel(const DecodePar
     p.out[mi.x * p.out_batch_stride + (mi.y * group + g) * p.out_head_stride + d] =
         __float2bfloat16_rn(total > 0.f ? value / total : 0.f);
   }
-  if (p.lse != nullptr && threadIdx.x == 0) p.lse[mi.x * p.lse_batch_stride + mi.y * group + g] = LogSumExp2(m_all, total);
+  if (p.lse != nullptr && threadIdx.x == 0)
+    p.lse[mi.x * p.lse_batch_stride + mi.y * group + g] = LogSumExp2(m_all, total);
 }
 
 }  // namespace device

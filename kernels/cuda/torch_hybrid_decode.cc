@@ -349,8 +349,8 @@ void PagedHybridDecode::PlanAudit(const std::vector<int64_t>& lengths, const std
     audited_rows.push_back(static_cast<int32_t>(row));
     audited_lengths.push_back(lengths[row]);
   }
-  const bool any_sparse = std::any_of(layer_sparse_mask_.begin(), layer_sparse_mask_.end(),
-                                      [](uint64_t mask) { return mask != 0; });
+  const bool any_sparse =
+      std::any_of(layer_sparse_mask_.begin(), layer_sparse_mask_.end(), [](uint64_t mask) { return mask != 0; });
   if (audited_rows.empty() || !any_sparse) return;  // nothing can be dropped: no twin to run
   HybridDecodeShape shape = shape_;
   shape.batch = static_cast<int>(audited_rows.size());

@@ -135,7 +135,7 @@ class PagedHybridDecode {
 
   bool audit_ = false;
   bool audits_step_ = false;
-  HybridPlan dense_plan_;                   // the audited rows, every head dense
+  HybridPlan dense_plan_;                    // the audited rows, every head dense
   std::vector<uint64_t> layer_sparse_mask_;  // bit h: KV head h of the layer is sparse
   int64_t targets_offset_ = 0;
   at::Tensor lse_, dense_lse_, dense_out_;

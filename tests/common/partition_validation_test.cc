@@ -119,7 +119,8 @@ TEST_CASE("an operator's prompts file validates like the prompts it was written 
     std::ofstream out(path);
     for (const ValidationSet::Task& task : generated.tasks()) {
       for (const RetrievalSample& sample : task.samples) {
-        out << nlohmann::json{{"task", task.name}, {"prompt", sample.prompt_text}, {"answer", sample.answer_text}}.dump()
+        out << nlohmann::json{{"task", task.name}, {"prompt", sample.prompt_text}, {"answer", sample.answer_text}}
+                   .dump()
             << "\n\n";
       }
     }
@@ -161,7 +162,8 @@ TEST_CASE("a prompts file with a bad line is INVALID_ARGUMENT naming the line") 
     CHECK(status.code() == absl::StatusCode::kInvalidArgument);
     CHECK_THAT(std::string(status.message()), Catch::Contains(c.message));
   }
-  const auto prompts = ParseValidationPrompts("{\"task\": \"t\", \"prompt\": \"p\", \"answer\": \" a\"}\r\n", "f").value();
+  const auto prompts =
+      ParseValidationPrompts("{\"task\": \"t\", \"prompt\": \"p\", \"answer\": \" a\"}\r\n", "f").value();
   REQUIRE(prompts.size() == 1);
   CHECK(prompts[0].answer == " a");
 }

@@ -244,7 +244,8 @@ TEST_CASE("the sampled audit on the GPU measures the dropped mass the reference 
   REQUIRE(model.ok());
   const ModelConfig& config = (*model)->config();
   const int64_t heads_per_step = config.num_layers * config.num_attention_heads;
-  auto partition = OneSparseHeadPerLayer(config, [](int64_t layer) { return layer % 2; }, 256);
+  auto partition = OneSparseHeadPerLayer(
+      config, [](int64_t layer) { return layer % 2; }, 256);
   // 70 positions fit the budget: that sequence drops nothing.
   const std::vector<std::vector<int32_t>> prompts = {Prompt(3000, 21), Prompt(1234, 22), Prompt(70, 23)};
 

@@ -2,7 +2,6 @@
 // (proto/grpc/health/v1) linked beside grpc++'s own health service in one binary with an
 // in-process TrainerServer, a plain gRPC server set NOT_SERVING, and a lychee-trainer process
 // driven through the CLI as a container's health check would.
-#include <catch2/catch.hpp>
 #include <fcntl.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <grpcpp/security/server_credentials.h>
@@ -12,6 +11,7 @@
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
+#include <catch2/catch.hpp>
 
 #include <chrono>
 #include <fstream>

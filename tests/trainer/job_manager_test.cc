@@ -414,9 +414,13 @@ TEST_CASE("a sweep's bad targets and quality bound are INVALID_ARGUMENT naming t
   const std::vector<Case> cases = {
       {"empty list", [](auto& r) { r.clear_target_densities(); }, "target_densities: empty"},
       {"target 0", [](auto& r) { r.set_target_densities(1, 0); }, "target_densities[1]: must be in (0, 1], got 0"},
-      {"target above 1", [](auto& r) { r.set_target_densities(0, 1.5); }, "target_densities[0]: must be in (0, 1], got 1.5"},
+      {"target above 1", [](auto& r) { r.set_target_densities(0, 1.5); },
+       "target_densities[0]: must be in (0, 1], got 1.5"},
       {"negative target", [](auto& r) { r.set_target_densities(2, -0.1); }, "target_densities[2]"},
-      {"17 targets", [](auto& r) { for (int i = 0; i < 14; ++i) r.add_target_densities(0.5); },
+      {"17 targets",
+       [](auto& r) {
+         for (int i = 0; i < 14; ++i) r.add_target_densities(0.5);
+       },
        "target_densities: at most 16 targets, got 17"},
       {"bound below 0", [](auto& r) { r.mutable_sweep()->set_max_accuracy_drop(-0.01); },
        "sweep.max_accuracy_drop: must be in [0, 1], got -0.01"},
@@ -430,10 +434,12 @@ TEST_CASE("a sweep's bad targets and quality bound are INVALID_ARGUMENT naming t
        "sweep.validation_prompts: '../x.jsonl' has '..'"},
       {"malformed prompts file", [](auto& r) { r.mutable_sweep()->set_validation_prompts("prompts.jsonl"); },
        "sweep.validation_prompts: prompts.jsonl:2: \"answer\" must be a string"},
-      {"prompts and corpus", [](auto& r) {
+      {"prompts and corpus",
+       [](auto& r) {
          r.mutable_sweep()->set_validation_prompts("p.jsonl");
          r.mutable_sweep()->set_validation_corpus("c.txt");
-       }, "not both"},
+       },
+       "not both"},
   };
   std::ofstream(setup.data.path / "prompts.jsonl") << "{\"task\": \"t\", \"prompt\": \"p\", \"answer\": \" a\"}\n"
                                                    << "{\"task\": \"t\", \"prompt\": \"p\"}\n";
@@ -463,8 +469,8 @@ TEST_CASE("a sweep trains and validates every target, publishes the sparsest wit
   {
     auto manager = setup.Manager();
     // Dense scores 1.0 on both tasks; densities below 0.2 score 0.5, more than 0.05 below.
-    const v1::Job job =
-        WaitForState(*manager, manager->Submit(SweepRequest({0.3, 0.05, 0.2, 0.1})).value().name(), v1::JOB_STATE_SUCCEEDED);
+    const v1::Job job = WaitForState(*manager, manager->Submit(SweepRequest({0.3, 0.05, 0.2, 0.1})).value().name(),
+                                     v1::JOB_STATE_SUCCEEDED);
     REQUIRE(job.state() == v1::JOB_STATE_SUCCEEDED);
     CHECK(setup.runner.calls == 1);  // one session for the whole sweep
     CHECK(setup.runner.calibrations == 4);

@@ -61,7 +61,8 @@ struct Trainer {
     const std::string corpus = ReadTextCorpus("data/corpus/calibration.txt.gz").value();
     std::ofstream(data.path / kSmallCorpus, std::ios::binary) << corpus.substr(0, corpus.rfind('\n', kSmallCorpusBytes));
     const std::string heldout = ReadTextCorpus("data/corpus/kjv-heldout.txt.gz").value();
-    std::ofstream(data.path / kSmallHeldout, std::ios::binary) << heldout.substr(0, heldout.rfind('\n', kSmallCorpusBytes));
+    std::ofstream(data.path / kSmallHeldout, std::ios::binary)
+        << heldout.substr(0, heldout.rfind('\n', kSmallCorpusBytes));
     options.jobs.default_corpus = "data/corpus/calibration.txt.gz";
     server = TrainerServer::Start(options, MakeCalibrationRunner("cpu").value()).value();
     channel = grpc::CreateChannel(address(), grpc::InsecureChannelCredentials());
@@ -354,10 +355,10 @@ TEST_CASE("bad requests get the matching gRPC code and a message naming the fiel
 
 TEST_CASE("a sweep through the CLI: one job trains and validates each target, and watch and jobs show its table") {
   Trainer trainer;
-  const std::string sweep_flags = std::string("--steps 2 --min-context 256 --max-context 384 --passkeys 2 --budget 128 ") +
-                                  "--block-size 16 --sink 16 --recent 32 --seed 5 --corpus " + kSmallCorpus +
-                                  " --validation-corpus " + kSmallHeldout +
-                                  " --validation-context 512 --validation-samples 2 --max-accuracy-drop 1";
+  const std::string sweep_flags =
+      std::string("--steps 2 --min-context 256 --max-context 384 --passkeys 2 --budget 128 ") +
+      "--block-size 16 --sink 16 --recent 32 --seed 5 --corpus " + kSmallCorpus + " --validation-corpus " +
+      kSmallHeldout + " --validation-context 512 --validation-samples 2 --max-accuracy-drop 1";
   const CliResult submitted = Cli(trainer, "submit --target-densities 0.1,0.3 " + sweep_flags);
   INFO(submitted.output);
   REQUIRE(submitted.exit_code == 0);
@@ -371,8 +372,8 @@ TEST_CASE("a sweep through the CLI: one job trains and validates each target, an
   // Both targets pass a bound of 1; the sparser is published.
   CHECK_THAT(watch.output, Catch::Contains("jobs/1 SUCCEEDED: partition version 1") &&
                                Catch::Contains("sweep over 2 target(s): validation 512-token prompts, budget 128") &&
-                               Catch::Contains("passkey") && Catch::Contains("multikey") &&
-                               Catch::Contains("* 0.1 ") && Catch::Contains("published as version 1") &&
+                               Catch::Contains("passkey") && Catch::Contains("multikey") && Catch::Contains("* 0.1 ") &&
+                               Catch::Contains("published as version 1") &&
                                Catch::Contains("published the partition of target 0.1"));
   std::ifstream svg_file(plot);
   const std::string svg((std::istreambuf_iterator<char>(svg_file)), std::istreambuf_iterator<char>());
@@ -400,7 +401,9 @@ TEST_CASE("a sweep through the CLI: one job trains and validates each target, an
   CHECK_THAT(outside.output, Catch::Contains("INVALID_ARGUMENT") && Catch::Contains("target_densities[1]"));
   const CliResult empty = Cli(trainer, "submit --target-densities '' " + sweep_flags);
   CHECK_THAT(empty.output, Catch::Contains("INVALID_ARGUMENT") && Catch::Contains("target_densities: empty"));
-  const CliResult many = Cli(trainer, "submit --target-densities 0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1 " + sweep_flags);
+  const CliResult many =
+      Cli(trainer, "submit --target-densities 0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1,0.1 " +
+                       sweep_flags);
   CHECK_THAT(many.output, Catch::Contains("INVALID_ARGUMENT") && Catch::Contains("at most 16 targets, got 17"));
   const CliResult bound = Cli(trainer, "submit --sweep --steps 2 --max-accuracy-drop 1.5");
   CHECK_THAT(bound.output, Catch::Contains("INVALID_ARGUMENT") && Catch::Contains("sweep.max_accuracy_drop"));

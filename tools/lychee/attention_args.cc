@@ -68,11 +68,27 @@ absl::StatusOr<std::vector<PolicyKind>> PolicyKinds(const Args& args) {
 }  // namespace
 
 const std::set<std::string>& PolicyValuedFlags() {
-  static const std::set<std::string> flags = {
-      "policy",   "attention", "partition",         "random-partition", "partition-seed",   "budget",
-      "block-size", "sink",    "recent",            "p1",               "p2",               "clusters",
-      "kmeans-iterations",     "tail-tokens",       "prhs-selectors",   "prhs-enlargement", "prhs-window",
-      "tidal-layers",          "page-size",         "quest-dense-layers", "audit-every"};
+  static const std::set<std::string> flags = {"policy",
+                                              "attention",
+                                              "partition",
+                                              "random-partition",
+                                              "partition-seed",
+                                              "budget",
+                                              "block-size",
+                                              "sink",
+                                              "recent",
+                                              "p1",
+                                              "p2",
+                                              "clusters",
+                                              "kmeans-iterations",
+                                              "tail-tokens",
+                                              "prhs-selectors",
+                                              "prhs-enlargement",
+                                              "prhs-window",
+                                              "tidal-layers",
+                                              "page-size",
+                                              "quest-dense-layers",
+                                              "audit-every"};
   return flags;
 }
 

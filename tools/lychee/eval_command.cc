@@ -75,8 +75,7 @@ absl::Status RunEval(const std::vector<std::string>& argv) {
                              const RetrievalSample& sample, const std::vector<int32_t>& produced) {
       const std::string said = tokenizer->Decode(produced).value_or("<undecodable>");
       std::fprintf(stderr, "%s %s sample %lld: expected '%s', got '%s'\n", policy.c_str(), task.c_str(),
-                   static_cast<long long>(index), sample.answer_text.c_str(),
-                   said.c_str());
+                   static_cast<long long>(index), sample.answer_text.c_str(), said.c_str());
     };
   }
   LYCHEE_ASSIGN_OR_RETURN(std::string corpus,

@@ -117,7 +117,8 @@ absl::Status RunRemoteGenerate(const std::vector<std::string>& argv) {
   if (args.Has("audit-every")) {
     if (!args.Has("audit")) return absl::InvalidArgumentError("--audit-every goes with --audit");
     LYCHEE_ASSIGN_OR_RETURN(const int64_t every, args.GetInt("audit-every", 0));
-    if (every < 1 || every > UINT32_MAX) return absl::InvalidArgumentError("--audit-every must be a positive step count");
+    if (every < 1 || every > UINT32_MAX)
+      return absl::InvalidArgumentError("--audit-every must be a positive step count");
     attention->mutable_policy()->set_audit_every(static_cast<uint32_t>(every));
   }
   if (args.Has("budget")) {

@@ -31,15 +31,16 @@ std::string KvBytes(const v1::ValidationSummary& summary) {
 }
 
 std::string Dropped(const v1::ValidationSummary& summary) {
-  return summary.audited() ? absl::StrFormat("%.3f/%.3f", summary.max_dropped_mass(), summary.mean_dropped_mass()) : "-";
+  return summary.audited() ? absl::StrFormat("%.3f/%.3f", summary.max_dropped_mass(), summary.mean_dropped_mass())
+                           : "-";
 }
 
 }  // namespace
 
 const std::set<std::string>& SweepValuedFlags() {
-  static const std::set<std::string> flags = {"target-densities",    "max-accuracy-drop", "validation-context",
-                                              "validation-samples",  "validation-seed",   "validation-corpus",
-                                              "validation-prompts",  "validation-budget"};
+  static const std::set<std::string> flags = {"target-densities",   "max-accuracy-drop", "validation-context",
+                                              "validation-samples", "validation-seed",   "validation-corpus",
+                                              "validation-prompts", "validation-budget"};
   return flags;
 }
 
@@ -67,13 +68,15 @@ absl::Status AddSweepFromArgs(const Args& args, v1::SubmitCalibrationJobRequest&
   if (listed && args.Has("sweep")) return absl::InvalidArgumentError("give --target-densities or --sweep, not both");
   if (!listed && !args.Has("sweep")) {
     for (const std::string& flag : SweepValuedFlags()) {
-      if (args.Has(flag)) return absl::InvalidArgumentError(absl::StrCat("--", flag, " goes with --target-densities or --sweep"));
+      if (args.Has(flag))
+        return absl::InvalidArgumentError(absl::StrCat("--", flag, " goes with --target-densities or --sweep"));
     }
     if (args.Has("audit")) return absl::InvalidArgumentError("--audit goes with --target-densities or --sweep");
     return absl::OkStatus();
   }
   if (args.Has("target-density")) {
-    return absl::InvalidArgumentError("--target-density trains one partition; a sweep takes --target-densities or --sweep");
+    return absl::InvalidArgumentError(
+        "--target-density trains one partition; a sweep takes --target-densities or --sweep");
   }
   LYCHEE_ASSIGN_OR_RETURN(const std::vector<double> targets,
                           ParseTargetDensities(listed ? *args.Get("target-densities") : kDefaultSweepTargets));

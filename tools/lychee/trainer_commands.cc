@@ -99,22 +99,20 @@ std::string ProgressLine(const v1::Job& job) {
   if (job.state() != v1::JOB_STATE_RUNNING) return absl::StrCat(job.name(), " ", StateName(job.state()));
   // A sweep says which target it is at; the bar, the steps and the target density are that target's.
   const bool at_sweep_target = p.target_index() >= 1 && p.target_index() <= job.request().target_densities_size();
-  const double target_density = at_sweep_target ? job.request().target_densities(p.target_index() - 1)
-                                                : job.request().config().target_density();
-  const std::string target =
-      at_sweep_target
-          ? absl::StrCat(" target ", p.target_index(), "/", p.target_count(), " (", target_density, ") ", p.phase())
-          : "";
+  const double target_density =
+      at_sweep_target ? job.request().target_densities(p.target_index() - 1) : job.request().config().target_density();
+  const std::string target = at_sweep_target ? absl::StrCat(" target ", p.target_index(), "/", p.target_count(), " (",
+                                                            target_density, ") ", p.phase())
+                                             : "";
   if (p.phase() == "validating") return absl::StrCat(job.name(), target, " against dense");
   if (p.step() == 0) return absl::StrCat(job.name(), " RUNNING", target, ": loading, step 0/", p.total_steps());
   constexpr int kWidth = 24;
   const int filled = p.total_steps() > 0 ? static_cast<int>(kWidth * p.step() / p.total_steps()) : 0;
   char numbers[224];
-  std::snprintf(numbers, sizeof numbers,
-                "step %lld/%lld  loss %.4g  density %.3f (target %.3f)  lambda %.3g  %.0f tok/s  ETA %s",
-                static_cast<long long>(p.step()), static_cast<long long>(p.total_steps()), p.loss(),
-                p.expected_density(), target_density, p.lambda(), p.tokens_per_second(),
-                Duration(p.eta_seconds()).c_str());
+  std::snprintf(
+      numbers, sizeof numbers, "step %lld/%lld  loss %.4g  density %.3f (target %.3f)  lambda %.3g  %.0f tok/s  ETA %s",
+      static_cast<long long>(p.step()), static_cast<long long>(p.total_steps()), p.loss(), p.expected_density(),
+      target_density, p.lambda(), p.tokens_per_second(), Duration(p.eta_seconds()).c_str());
   return absl::StrCat(job.name(), target, " [", std::string(filled, '#'), std::string(kWidth - filled, '.'), "] ",
                       numbers);
 }
@@ -185,9 +183,10 @@ absl::StatusOr<HeadPartition> PublishedPartition(TrainerClient& client, const v1
 }  // namespace
 
 absl::Status RunSubmit(const std::vector<std::string>& argv) {
-  std::set<std::string> valued = {"trainer", "model", "corpus", "target-density", "steps", "min-context",
-                                  "max-context", "passkeys", "learning-rate", "sparse-keep-ratio", "sparse-sink",
-                                  "sparse-recent", "block-size", "budget", "sink", "recent", "seed"};
+  std::set<std::string> valued = {"trainer",     "model",         "corpus",     "target-density", "steps",
+                                  "min-context", "max-context",   "passkeys",   "learning-rate",  "sparse-keep-ratio",
+                                  "sparse-sink", "sparse-recent", "block-size", "budget",         "sink",
+                                  "recent",      "seed"};
   valued.insert(SweepValuedFlags().begin(), SweepValuedFlags().end());
   LYCHEE_ASSIGN_OR_RETURN(Args args, Args::Parse(argv, WithConnectionFlags(valued), SweepSwitches()));
   v1::SubmitCalibrationJobRequest request;
