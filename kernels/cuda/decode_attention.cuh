@@ -464,6 +464,7 @@ __global__ void __launch_bounds__(kDecodeThreads) HybridDecodeMmaKernel(const De
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int lbs = p.select.log2_block_size;
   const bool scoring = (flags & kWorkScore) != 0;
+  const bool values = (flags & kWorkLseOnly) == 0;
   LoadBlockTable(p, b, h, L, c_begin, n_chunks, flags, s_blocks, s_bmax);
 
   const int grp = lane >> 2, qd = lane & 3;  // fragment row (query) and column pair
@@ -504,7 +505,7 @@ __global__ void __launch_bounds__(kDecodeThreads) HybridDecodeMmaKernel(const De
         rows.Offsets(ok ? pos : 0, &k_offset, &v_offset);
         uint4* dst = slot + r * CPR + (c ^ (r & 7));
         CpAsync16(dst, rows.k + k_offset + c * 8, ok ? 16 : 0);
-        CpAsync16(dst + SC, rows.v + v_offset + c * 8, ok ? 16 : 0);
+        if (values) CpAsync16(dst + SC, rows.v + v_offset + c * 8, ok ? 16 : 0);
       }
     }
     CpAsyncCommit();
@@ -580,14 +581,16 @@ __global__ void __launch_bounds__(kDecodeThreads) HybridDecodeMmaKernel(const De
       o[nd][0] *= corr;
       o[nd][1] *= corr;
     }
-    const uint32_t pa0 = PackBf16x2(x[0], x[1]), pa2 = PackBf16x2(x[2], x[3]);
+    if (values) {
+      const uint32_t pa0 = PackBf16x2(x[0], x[1]), pa2 = PackBf16x2(x[2], x[3]);
 #pragma unroll
-    for (int nd2 = 0; nd2 < NT / 2; ++nd2) {
-      uint32_t bv[4];
-      const int tok = (mi & 1) * 8 + ri, ch = 2 * nd2 + (mi >> 1);
-      LdMatrixX4Trans(bv, vs_ + tok * CPR + (ch ^ (tok & 7)));
-      MmaBf16(o[2 * nd2], pa0, 0u, pa2, 0u, bv[0], bv[1]);
-      MmaBf16(o[2 * nd2 + 1], pa0, 0u, pa2, 0u, bv[2], bv[3]);
+      for (int nd2 = 0; nd2 < NT / 2; ++nd2) {
+        uint32_t bv[4];
+        const int tok = (mi & 1) * 8 + ri, ch = 2 * nd2 + (mi >> 1);
+        LdMatrixX4Trans(bv, vs_ + tok * CPR + (ch ^ (tok & 7)));
+        MmaBf16(o[2 * nd2], pa0, 0u, pa2, 0u, bv[0], bv[1]);
+        MmaBf16(o[2 * nd2 + 1], pa0, 0u, pa2, 0u, bv[2], bv[3]);
+      }
     }
     __syncwarp();
     issue(j + PIPE - 1);

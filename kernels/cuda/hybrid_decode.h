@@ -74,6 +74,8 @@ enum WorkFlags : int32_t {
   kWorkSparse = 2,    // chunks are entries of the selection buffer
   kWorkFallback = 4,  // sparse with no selection yet: chunks are the mandatory blocks
   kWorkFinal = 8,     // the only split of its head: write the output directly
+  kWorkLseOnly = 16,  // only the head's lse is wanted (the audit's dense twin): the tensor-core
+                      // kernel reads no values, and the output is undefined
 };
 
 struct HybridDecodeShape {

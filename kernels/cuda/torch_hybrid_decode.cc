@@ -358,11 +358,13 @@ void PagedHybridDecode::PlanAudit(const std::vector<int64_t>& lengths, const std
   const std::string error = PlanHybridDecode(shape, options_.selection, audited_lengths.data(), dense.data(), nullptr,
                                              plan_options_, &dense_plan_, &capacity_);
   TORCH_CHECK(error.empty(), "paged decode, audit: ", error);
-  // Planned as a batch of the audited rows alone; its items name those rows' places in the step.
+  // Planned as a batch of the audited rows alone; its items name those rows' places in the step,
+  // and want only the lse (the tensor-core kernel then reads keys alone: half the twin's bytes).
   int32_t* words = dense_plan_.words.data();
   for (int i = 0; i < dense_plan_.num_work; ++i) {
-    int32_t& batch = words[kPlanHeaderWords + 8 * i];
-    batch = audited_rows[batch];
+    int32_t* item = words + kPlanHeaderWords + 8 * i;
+    item[0] = audited_rows[item[0]];
+    item[5] |= kWorkLseOnly;
   }
   for (int i = 0; i < dense_plan_.num_merge; ++i) {
     int32_t& batch = words[dense_plan_.merge_offset() + 4 * i];
