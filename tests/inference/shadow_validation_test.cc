@@ -3,16 +3,14 @@
 // live requests are served while a validation runs.
 #include "tests/torch_catch.h"
 
-#include <algorithm>
 #include <chrono>
 #include <fstream>
 #include <future>
-#include <numeric>
-#include <random>
 #include <thread>
 
 #include "common/model_config.h"
 #include "common/model_fingerprint.h"
+#include "common/random_partition.h"
 #include "inference/engine.h"
 #include "inference/shadow_validator.h"
 #include "tests/temp_dir.h"
@@ -55,16 +53,8 @@ struct Fixture {
     partitions->SetOfferGate([this](const HeadPartition& partition) { return shadow->Check(partition); });
   }
 
-  // Layer 0 dense; round(density * heads) of the other heads retrieval, chosen by `seed`.
   HeadPartition Random(double density, uint64_t seed, uint64_t version) const {
-    HeadPartition partition = HeadPartition::AllRetrieval(config.num_layers, config.num_kv_heads, SelectionParams{});
-    std::vector<int64_t> heads((config.num_layers - 1) * config.num_kv_heads);
-    std::iota(heads.begin(), heads.end(), 0);
-    std::shuffle(heads.begin(), heads.end(), std::mt19937_64(seed));
-    const auto retrieval = static_cast<size_t>(std::lround(density * static_cast<double>(heads.size())));
-    for (size_t i = retrieval; i < heads.size(); ++i) {
-      partition.set_role(1 + heads[i] / config.num_kv_heads, heads[i] % config.num_kv_heads, HeadRole::kSparse);
-    }
+    HeadPartition partition = RandomHeadPartition(config, density, seed).value();
     partition.version = version;
     partition.model_fingerprint = fingerprint;
     return partition;
