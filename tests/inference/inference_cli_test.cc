@@ -31,7 +31,7 @@ TEST_CASE("lychee publishes, generates against the server, and rolls partitions 
   const std::string trainer_address = "127.0.0.1:" + std::to_string(PortFromLog(trainer_log, "TrainerService"));
   testing::ChildProcess inference(LYCHEE_INFERENCE,
                                   {"--listen", "127.0.0.1:0", "--state-dir", (dir.path / "state").string(),
-                                   "--trainer", trainer_address},
+                                   "--trainer", trainer_address, "--shadow-validation", "false"},
                                   inference_log);
   const std::string server = "127.0.0.1:" + std::to_string(PortFromLog(inference_log, "InferenceService"));
   const std::string cli = std::string(LYCHEE_CLI) + " ";
