@@ -4,7 +4,6 @@
 
 #include <cstdio>
 #include <fstream>
-#include <future>
 #include <iostream>
 #include <sstream>
 #include <thread>
@@ -116,9 +115,45 @@ absl::StatusOr<std::unique_ptr<ShadowValidator>> ShadowValidator::Create(const S
   return std::unique_ptr<ShadowValidator>(new ShadowValidator(options, model, *std::move(set)));
 }
 
+ShadowValidator::ShadowValidator(ShadowValidationOptions options, const Model& model, ValidationSet set)
+    : options_(std::move(options)), model_(model), set_(std::move(set)), worker_([this] { Work(); }) {}
+
 ShadowValidator::~ShadowValidator() {
   Cancel();
-  std::lock_guard<std::mutex> wait_for_check(check_mutex_);
+  // A validation in progress ends at its next prompt; later ones return at once.
+  std::lock_guard<std::mutex> no_validation(check_mutex_);
+  {
+    std::lock_guard<std::mutex> lock(worker_mutex_);
+    stopping_ = true;
+  }
+  worker_wake_.notify_all();
+  worker_.join();
+}
+
+void ShadowValidator::Work() {
+  // With OpenMP the intra-op thread count belongs to the calling thread: the validation's few
+  // threads leave the engine's own count alone.
+  at::set_num_threads(options_.threads);
+  std::unique_lock<std::mutex> lock(worker_mutex_);
+  while (true) {
+    worker_wake_.wait(lock, [this] { return stopping_ || job_; });
+    if (stopping_) return;
+    std::function<void()> job = std::move(job_);
+    job_ = nullptr;
+    lock.unlock();
+    job();
+    lock.lock();
+    job_done_ = true;
+    worker_wake_.notify_all();
+  }
+}
+
+void ShadowValidator::RunOnWorker(std::function<void()> job) {
+  std::unique_lock<std::mutex> lock(worker_mutex_);
+  job_ = std::move(job);
+  job_done_ = false;
+  worker_wake_.notify_all();
+  worker_wake_.wait(lock, [this] { return job_done_; });
 }
 
 void ShadowValidator::Cancel() { cancelled_ = true; }
@@ -135,17 +170,10 @@ absl::Status ShadowValidator::Check(const HeadPartition& partition) {
   ValidationOptions validation_options;
   validation_options.audit = true;  // the dropped mass is one of the bounds
   validation_options.token_budget = ShadowTokenBudget(options_, partition);
-  // A thread of its own: with OpenMP the intra-op thread count belongs to the calling thread, so
-  // the validation's few threads leave the engine's own count alone. On CUDA the validation's
-  // kernels go to the current stream of this thread, not the engine's; it is not given a
-  // low-priority stream (not tested here).
-  std::packaged_task<absl::StatusOr<PartitionValidation>()> task([&] {
-    at::set_num_threads(options_.threads);
-    return ValidatePartition(model_, set_, partition, validation_options, &cancelled_);
-  });
-  std::future<absl::StatusOr<PartitionValidation>> result = task.get_future();
-  std::thread(std::move(task)).join();
-  absl::StatusOr<PartitionValidation> validation = result.get();
+  // On CUDA the validation's kernels go to the current stream of the validation thread, not a
+  // low-priority one (not tested here).
+  absl::StatusOr<PartitionValidation> validation = absl::UnknownError("the validation did not run");
+  RunOnWorker([&] { validation = ValidatePartition(model_, set_, partition, validation_options, &cancelled_); });
   running_ = false;
   if (!validation.ok()) return validation.status();
 
