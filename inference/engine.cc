@@ -153,6 +153,7 @@ class InferenceEngine::Impl {
   }
 
   const Tokenizer& tokenizer() const { return *tokenizer_; }
+  const Model& model() const { return runner_->model(); }
   const ModelConfig& config() const { return runner_->config(); }
   int64_t max_context() const { return max_context_; }
   int64_t kv_bytes_per_token() const { return kv_->bytes_per_page() / kv_->page_size(); }
@@ -448,6 +449,7 @@ absl::StatusOr<std::shared_ptr<GenerationStream>> InferenceEngine::Submit(Genera
 }
 const Tokenizer& InferenceEngine::tokenizer() const { return impl_->tokenizer(); }
 const ModelConfig& InferenceEngine::config() const { return impl_->config(); }
+const Model& InferenceEngine::model() const { return impl_->model(); }
 int64_t InferenceEngine::max_context_tokens() const { return impl_->max_context(); }
 int64_t InferenceEngine::max_new_tokens_limit() const { return impl_->options().max_new_tokens_limit; }
 std::string InferenceEngine::device() const { return impl_->options().device; }

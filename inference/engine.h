@@ -182,6 +182,8 @@ struct EngineLoad {
 // model of `config`'s shape (beyond HeadPartition::ValidateFor).
 absl::Status CheckPartitionServable(const HeadPartition& partition, const ModelConfig& config);
 
+class Model;
+
 class InferenceEngine {
  public:
   // Loads the model and tokenizer and starts the scheduler. `partitions` and `metrics` must
@@ -197,6 +199,9 @@ class InferenceEngine {
 
   const Tokenizer& tokenizer() const;
   const ModelConfig& config() const;
+  // The served model, for work beside serving on other threads (shadow validation): its weights
+  // are read-only, and each user keeps its own sequences.
+  const Model& model() const;
   int64_t max_context_tokens() const;
   int64_t max_new_tokens_limit() const;
   std::string device() const;

@@ -54,37 +54,36 @@ constexpr char kUsage[] = R"(usage: lychee-inference --state-dir DIR [flags]
   --client-token-file FILE    the other RPCs need this token (or the admin one); it never passes
                               an admin check (needs --admin-token-file)
   --insecure-admin            allow open admin RPCs on a --listen beyond the loopback
+  --shadow-validation true|false
+                              validate each partition from the trainer against dense before it
+                              becomes active, and reject it outside the bounds below (default true)
+  --shadow-heldout-corpus FILE
+                              text (.gz too) the pass-key and multi-key prompts are built from
+                              (default )" LYCHEE_SOURCE_DIR R"(/data/corpus/kjv-heldout.txt.gz)
+  --shadow-prompts-file FILE  an operator's JSON-lines prompts in place of the generated ones
+                              ({"task": ..., "prompt": ..., "answer": ...} per line)
+  --shadow-context N          tokens of each generated prompt (default 1024)
+  --shadow-prompts N          generated prompts per task (default 4)
+  --shadow-budget N           the token budget of sparse heads in validation (default 0: the
+                              partition's, scaled by the validation context over the served one)
+  --shadow-threads N          intra-op threads of the validation thread (default 1)
+  --shadow-max-accuracy-drop F
+                              promote only when every task's accuracy >= dense's - F (default 0.05)
+  --shadow-max-dropped-mass F promote only when the audited mean dropped mass <= F (default 0.2)
 )";
 
 absl::Status Serve(const std::vector<std::string>& argv) {
-  LYCHEE_ASSIGN_OR_RETURN(lychee::cli::Args args, lychee::cli::Args::Parse(argv,
-                                                                           {"model",
-                                                                            "state-dir",
-                                                                            "listen",
-                                                                            "trainer",
-                                                                            "metrics-listen",
-                                                                            "http-listen",
-                                                                            "device",
-                                                                            "threads",
-                                                                            "kv-cache-mib",
-                                                                            "kv-cache-fraction",
-                                                                            "cuda-graphs",
-                                                                            "audit-every",
-                                                                            "max-batch",
-                                                                            "max-queued",
-                                                                            "max-new-tokens",
-                                                                            "max-context",
-                                                                            "prefill-chunk",
-                                                                            "default-attention",
-                                                                            "tls-cert",
-                                                                            "tls-key",
-                                                                            "tls-client-ca",
-                                                                            "admin-token-file",
-                                                                            "client-token-file",
-                                                                            "trainer-tls-ca",
-                                                                            "trainer-tls-cert",
-                                                                            "trainer-tls-key"},
-                                                                           {"insecure-admin"}));
+  LYCHEE_ASSIGN_OR_RETURN(
+      lychee::cli::Args args,
+      lychee::cli::Args::Parse(argv,
+                               {"model", "state-dir", "listen", "trainer", "metrics-listen", "http-listen", "device",
+                                "threads", "kv-cache-mib", "kv-cache-fraction", "cuda-graphs", "audit-every", "max-batch",
+                                "max-queued", "max-new-tokens", "max-context", "prefill-chunk", "default-attention",
+                                "tls-cert", "tls-key", "tls-client-ca", "admin-token-file", "client-token-file",
+                                "trainer-tls-ca", "trainer-tls-cert", "trainer-tls-key", "shadow-validation",
+                                "shadow-heldout-corpus", "shadow-prompts-file", "shadow-context", "shadow-prompts",
+                                "shadow-threads", "shadow-budget", "shadow-max-accuracy-drop", "shadow-max-dropped-mass"},
+                               {"insecure-admin"}));
   lychee::InferenceServerOptions options;
   options.state_dir = args.GetOr("state-dir", "");
   if (options.state_dir.empty()) return absl::InvalidArgumentError("--state-dir is required");
@@ -147,6 +146,23 @@ absl::Status Serve(const std::vector<std::string>& argv) {
         absl::StrCat("--default-attention must be hybrid or dense, got '", default_attention, "'"));
   }
   engine.hybrid_by_default = default_attention == "hybrid";
+
+  lychee::ShadowValidationOptions& shadow = options.shadow;
+  const std::string shadow_validation = args.GetOr("shadow-validation", "true");
+  if (shadow_validation != "true" && shadow_validation != "false") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--shadow-validation must be true or false, got '", shadow_validation, "'"));
+  }
+  shadow.enabled = shadow_validation == "true";
+  shadow.heldout_corpus = args.GetOr("shadow-heldout-corpus", LYCHEE_SOURCE_DIR "/data/corpus/kjv-heldout.txt.gz");
+  shadow.prompts_file = args.GetOr("shadow-prompts-file", "");
+  LYCHEE_ASSIGN_OR_RETURN(shadow.context_tokens, in_range("shadow-context", shadow.context_tokens, 64, int64_t{1} << 24));
+  LYCHEE_ASSIGN_OR_RETURN(shadow.prompts_per_task, in_range("shadow-prompts", shadow.prompts_per_task, 1, 100000));
+  LYCHEE_ASSIGN_OR_RETURN(shadow.token_budget, in_range("shadow-budget", shadow.token_budget, 0, int64_t{1} << 24));
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t shadow_threads, in_range("shadow-threads", shadow.threads, 1, 1024));
+  shadow.threads = static_cast<int>(shadow_threads);
+  LYCHEE_ASSIGN_OR_RETURN(shadow.max_accuracy_drop, args.GetDouble("shadow-max-accuracy-drop", shadow.max_accuracy_drop));
+  LYCHEE_ASSIGN_OR_RETURN(shadow.max_dropped_mass, args.GetDouble("shadow-max-dropped-mass", shadow.max_dropped_mass));
 
   const sigset_t signals = lychee::BlockShutdownSignals();
 

@@ -149,16 +149,44 @@ uint64_t PartitionManager::highest_version() const {
 }
 
 absl::Status PartitionManager::Offer(const HeadPartition& partition) {
+  std::function<absl::Status(const HeadPartition&)> gate;
+  absl::Status valid;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (partitions_.count(partition.version) != 0) return absl::OkStatus();
+    if (auto rejected = gate_rejections_.find(partition.version); rejected != gate_rejections_.end()) {
+      return rejected->second;
+    }
+    valid = Validate(partition);
+    if (!valid.ok()) RecordRejectionLocked(partition.version, valid);
+    gate = gate_;
+  }
+  if (!valid.ok()) {
+    Notify();
+    return valid;
+  }
+  // Outside the lock: admissions read partitions while the gate decodes.
+  if (gate) {
+    if (absl::Status passed = gate(partition); !passed.ok()) {
+      // Cut short (the server is shutting down): nothing was decided about the partition.
+      if (absl::IsCancelled(passed)) return passed;
+      {
+        std::lock_guard<std::mutex> lock(mutex_);
+        gate_rejections_[partition.version] = passed;
+        ++rejected_by_gate_;
+        RecordRejectionLocked(partition.version, passed);
+      }
+      Notify();
+      return passed;
+    }
+  }
   absl::Status status;
   bool activate = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (partitions_.count(partition.version) != 0) return absl::OkStatus();
-    status = Validate(partition);
-    if (status.ok()) {
-      v1::HeadPartition proto = HeadPartitionToProto(partition);
-      status = WriteDurableFile(PartitionPath(partition.version), proto.SerializeAsString());
-    }
+    v1::HeadPartition proto = HeadPartitionToProto(partition);
+    status = WriteDurableFile(PartitionPath(partition.version), proto.SerializeAsString());
     if (status.ok()) {
       partitions_[partition.version] = std::make_shared<const HeadPartition>(partition);
       decided_through_ = std::max(decided_through_, partition.version);
@@ -176,6 +204,11 @@ absl::Status PartitionManager::Offer(const HeadPartition& partition) {
 bool PartitionManager::ShouldActivateOfferLocked(uint64_t version) const {
   const Snapshot current = std::atomic_load(&active_)->partition;
   return !held_ && (current == nullptr || current->version < version);
+}
+
+void PartitionManager::SetOfferGate(std::function<absl::Status(const HeadPartition&)> gate) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  gate_ = std::move(gate);
 }
 
 void PartitionManager::SetActivationPreparer(std::function<absl::Status(const Snapshot&)> preparer) {

@@ -70,6 +70,12 @@ class PartitionManager {
   // the switch: the engine captures its decode graphs there, so that no serving step waits for them.
   // An error is logged and the partition activated all the same. Rollback does not wait for it.
   void SetActivationPreparer(std::function<absl::Status(const Snapshot&)> preparer);
+  // Called by Offer with a partition that passed the checks above, outside the lock, before it is
+  // stored (shadow validation: it decodes prompts with the partition, which takes seconds). An
+  // error rejects the partition: it is not stored, remembered in rejections() with the gate's
+  // message and counted in rejected_by_gate(); offering the same version again returns the same
+  // error without calling the gate again. None by default.
+  void SetOfferGate(std::function<absl::Status(const HeadPartition&)> gate);
 
   // A partition that arrived but could not even be read; remembered like a rejection.
   void RejectUnreadable(uint64_t version, const absl::Status& why);
@@ -83,7 +89,9 @@ class PartitionManager {
   std::vector<RejectedPartition> rejections() const;
   const std::vector<std::string>& problems() const { return problems_; }
   uint64_t rollouts() const { return rollouts_.load(); }
+  // Every rejection, those of the offer gate included.
   uint64_t rejected_count() const { return rejected_count_.load(); }
+  uint64_t rejected_by_gate() const { return rejected_by_gate_.load(); }
 
  private:
   explicit PartitionManager(Options options) : options_(std::move(options)) {}
@@ -113,10 +121,14 @@ class PartitionManager {
   uint64_t decided_through_ = 0;
   std::deque<RejectedPartition> rejections_;
   std::function<absl::Status(const Snapshot&)> preparer_;
+  std::function<absl::Status(const HeadPartition&)> gate_;
+  // Versions the gate rejected, with why.
+  std::map<uint64_t, absl::Status> gate_rejections_;
   // Read without the lock by every admission; replaced whole under the lock.
   std::shared_ptr<const ActivePartition> active_;
   std::atomic<uint64_t> rollouts_{0};
   std::atomic<uint64_t> rejected_count_{0};
+  std::atomic<uint64_t> rejected_by_gate_{0};
 };
 
 }  // namespace lychee

@@ -4,6 +4,7 @@
 
 #include <chrono>
 #include <ctime>
+#include <algorithm>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
@@ -246,6 +247,7 @@ class InferenceServer::Service final : public v1::InferenceService::Service {
 
 absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(InferenceServerOptions options) {
   if (options.state_dir.empty()) return absl::InvalidArgumentError("the state directory is required");
+  LYCHEE_RETURN_IF_ERROR(ShadowValidator::CheckOptions(options.shadow));
   const std::string model_dir = options.engine.model_dir;
   LYCHEE_ASSIGN_OR_RETURN(const ModelConfig config, ModelConfig::FromFile(model_dir + "/config.json"));
   LYCHEE_ASSIGN_OR_RETURN(const std::string fingerprint, ModelFingerprint(model_dir));
@@ -274,14 +276,49 @@ absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(Inferenc
   });
   metrics.AddCounterFunction("lychee_partition_rollouts_total", "Changes of the active partition",
                              [&partitions] { return static_cast<double>(partitions.rollouts()); });
+  metrics.AddCounterFunction(
+      "lychee_partition_rejections_total", "Partitions that failed validation",
+      [&partitions] { return static_cast<double>(partitions.rejected_count() - partitions.rejected_by_gate()); },
+      {{"reason", "invalid"}});
   metrics.AddCounterFunction("lychee_partition_rejections_total", "Partitions that failed validation",
-                             [&partitions] { return static_cast<double>(partitions.rejected_count()); });
+                             [&partitions] { return static_cast<double>(partitions.rejected_by_gate()); },
+                             {{"reason", "shadow_validation"}});
   metrics.AddGauge("lychee_rollout_held", "1 while automatic rollouts are held",
                    [&partitions] { return partitions.held() ? 1.0 : 0.0; });
 
   LYCHEE_ASSIGN_OR_RETURN(server->engine_, InferenceEngine::Create(options.engine, &partitions, &metrics));
   partitions.SetActivationPreparer(
       [engine = server->engine_.get()](const PartitionManager::Snapshot& partition) { return engine->PrepareGraphs(partition); });
+  if (options.shadow.enabled) {
+    options.shadow.served_context_tokens = server->engine_->max_context_tokens();
+    LYCHEE_ASSIGN_OR_RETURN(server->shadow_, ShadowValidator::Create(options.shadow, server->engine_->model(),
+                                                                      server->engine_->tokenizer()));
+    ShadowValidator* shadow = server->shadow_.get();
+    partitions.SetOfferGate([shadow](const HeadPartition& partition) { return shadow->Check(partition); });
+    metrics.AddGauge("lychee_shadow_validation_running", "1 while a partition is validated against dense",
+                     [shadow] { return shadow->running() ? 1.0 : 0.0; });
+    metrics.AddCounterFunction("lychee_shadow_validations_total", "Shadow validations by outcome",
+                               [shadow] { return static_cast<double>(shadow->promoted_count()); },
+                               {{"outcome", "promoted"}});
+    metrics.AddCounterFunction("lychee_shadow_validations_total", "Shadow validations by outcome",
+                               [shadow] { return static_cast<double>(shadow->rejected_count()); },
+                               {{"outcome", "rejected"}});
+    metrics.AddGauge("lychee_shadow_last_dropped_mass", "Mean dropped mass of the last shadow validation", [shadow] {
+      const std::optional<ShadowValidationRecord> last = shadow->last();
+      return last ? last->validation.partition.mean_dropped_mass : 0.0;
+    });
+    metrics.AddGauge("lychee_shadow_last_min_accuracy_margin",
+                     "Lowest partition-minus-dense task accuracy of the last shadow validation", [shadow] {
+                       const std::optional<ShadowValidationRecord> last = shadow->last();
+                       double margin = 0;
+                       if (!last) return margin;
+                       const auto& tasks = last->validation.partition.tasks;
+                       for (size_t i = 0; i < tasks.size() && i < last->validation.dense.tasks.size(); ++i) {
+                         margin = std::min(margin, tasks[i].accuracy - last->validation.dense.tasks[i].accuracy);
+                       }
+                       return margin;
+                     });
+  }
   if (!options.trainer_address.empty()) {
     server->watcher_ = std::make_unique<TrainerWatcher>(
         TrainerWatcherOptions{options.trainer_address, fingerprint, std::move(trainer_credentials)}, partitions);
@@ -320,6 +357,7 @@ absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(Inferenc
 InferenceServer::~InferenceServer() { Shutdown(); }
 
 void InferenceServer::Shutdown() {
+  if (shadow_ != nullptr) shadow_->Cancel();
   if (partitions_ != nullptr) partitions_->SetActivationPreparer(nullptr);
   if (engine_ != nullptr) engine_->Shutdown();
   if (server_ != nullptr) server_->Shutdown(std::chrono::system_clock::now() + kShutdownGrace);

@@ -18,6 +18,7 @@
 #include "inference/http_server.h"
 #include "inference/metrics.h"
 #include "inference/partition_manager.h"
+#include "inference/shadow_validator.h"
 #include "inference/trainer_watcher.h"
 
 namespace lychee {
@@ -42,6 +43,9 @@ struct InferenceServerOptions {
   // takes the client token as the gRPC service does, and serves HTTPS when `tls` has a certificate.
   std::string http_address;
   EngineOptions engine;
+  // Partitions from the trainer are validated against dense before they become active (the
+  // admin RPCs activate what is stored without it).
+  ShadowValidationOptions shadow;
 };
 
 class InferenceServer {
@@ -66,6 +70,7 @@ class InferenceServer {
   MetricsRegistry metrics_;
   std::unique_ptr<PartitionManager> partitions_;
   std::unique_ptr<InferenceEngine> engine_;
+  std::unique_ptr<ShadowValidator> shadow_;
   std::unique_ptr<TrainerWatcher> watcher_;
   std::unique_ptr<Service> service_;
   std::unique_ptr<grpc::Server> server_;

@@ -31,7 +31,7 @@ TEST_CASE("lychee publishes, generates against the server, and rolls partitions 
   const std::string trainer_address = "127.0.0.1:" + std::to_string(PortFromLog(trainer_log, "TrainerService"));
   testing::ChildProcess inference(LYCHEE_INFERENCE,
                                   {"--listen", "127.0.0.1:0", "--state-dir", (dir.path / "state").string(),
-                                   "--trainer", trainer_address},
+                                   "--trainer", trainer_address, "--shadow-validation", "false"},
                                   inference_log);
   const std::string server = "127.0.0.1:" + std::to_string(PortFromLog(inference_log, "InferenceService"));
   const std::string cli = std::string(LYCHEE_CLI) + " ";
@@ -108,6 +108,28 @@ TEST_CASE("lychee-inference refuses KV cache and graph flags it cannot honour, n
   result = testing::RunCommand(inference + "--cuda-graphs maybe");
   CHECK(result.exit_code == 1);
   CHECK(result.output.find("--cuda-graphs must be true or false") != std::string::npos);
+}
+
+TEST_CASE("lychee-inference refuses bad shadow-validation flags before it starts, naming the flag") {
+  testing::TempDir dir;
+  const std::filesystem::path state = dir.path / "state";
+  const std::string inference = std::string(LYCHEE_INFERENCE) + " --listen 127.0.0.1:0 --state-dir " + state.string() + " ";
+  const std::string malformed = (dir.path / "prompts.jsonl").string();
+  std::ofstream(malformed) << "not json\n";
+  for (const auto& [flags, named] : std::vector<std::pair<std::string, std::string>>{
+           {"--shadow-max-accuracy-drop 1.5", "--shadow-max-accuracy-drop must be in [0, 1]"},
+           {"--shadow-max-dropped-mass -0.1", "--shadow-max-dropped-mass must be in [0, 1]"},
+           {"--shadow-heldout-corpus /no/such/corpus.txt", "--shadow-heldout-corpus"},
+           {"--shadow-prompts-file /no/such/prompts.jsonl", "--shadow-prompts-file"},
+           {"--shadow-prompts-file " + malformed, "--shadow-prompts-file"},
+           {"--shadow-validation maybe", "--shadow-validation must be true or false"}}) {
+    const testing::CommandResult result = testing::RunCommand(inference + flags);
+    INFO(flags << ": " << result.output);
+    CHECK(result.exit_code == 1);
+    CHECK(result.output.find("usage: lychee-inference") != std::string::npos);  // printed for INVALID_ARGUMENT
+    CHECK(result.output.find(named) != std::string::npos);
+    CHECK(!std::filesystem::exists(state));  // nothing started, nothing written
+  }
 }
 
 }  // namespace

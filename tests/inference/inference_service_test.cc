@@ -153,7 +153,7 @@ TEST_CASE("the service streams generations, takes partitions from the trainer an
 
   const std::string metrics = HttpGet(fixture.server->metrics_port(), "/metrics");
   CHECK(metrics.find("lychee_active_partition_version 1\n") != std::string::npos);
-  CHECK(metrics.find("lychee_partition_rejections_total 1\n") != std::string::npos);
+  CHECK(metrics.find("lychee_partition_rejections_total{reason=\"invalid\"} 1\n") != std::string::npos);
   CHECK(metrics.find("lychee_requests_total{outcome=\"ok\"} 2\n") != std::string::npos);
   CHECK(metrics.find("lychee_time_to_first_token_seconds_count 2\n") != std::string::npos);
   CHECK(metrics.find("lychee_trainer_connected 1\n") != std::string::npos);

@@ -241,5 +241,40 @@ TEST_CASE("a version stored just before a crash is activated on restart, unless 
   CHECK(manager->Get(4).ok());
 }
 
+TEST_CASE("the offer gate rejects a partition before it is stored, once") {
+  testing::TempDir dir;
+  int changes = 0;
+  std::unique_ptr<PartitionManager> manager = Open(dir, &changes);
+  int gate_calls = 0;
+  manager->SetOfferGate([&gate_calls](const HeadPartition& partition) {
+    ++gate_calls;
+    if (partition.version == 3) return absl::CancelledError("shutting down");
+    return partition.version == 1 ? absl::FailedPreconditionError("accuracy 0.25 against dense 1.00")
+                                  : absl::OkStatus();
+  });
+  const absl::Status rejected = manager->Offer(Version(1));
+  CHECK(absl::IsFailedPrecondition(rejected));
+  CHECK(ActiveVersion(*manager) == 0);
+  CHECK(!manager->Get(1).ok());
+  CHECK(!std::filesystem::exists(dir.path / "partitions" / "1.pb"));
+  REQUIRE(manager->rejections().size() == 1);
+  CHECK(manager->rejections()[0].reason == "accuracy 0.25 against dense 1.00");
+  CHECK(manager->rejected_by_gate() == 1);
+  CHECK(manager->rejected_count() == 1);
+  CHECK(changes == 1);
+  // Offered again: the same answer, the gate not asked again.
+  CHECK(manager->Offer(Version(1)) == rejected);
+  CHECK(gate_calls == 1);
+
+  REQUIRE(manager->Offer(Version(2)).ok());
+  CHECK(ActiveVersion(*manager) == 2);
+  // A gate cut short decides nothing: not a rejection, and asked again next time.
+  CHECK(absl::IsCancelled(manager->Offer(Version(3))));
+  CHECK(manager->rejected_count() == 1);
+  CHECK(ActiveVersion(*manager) == 2);
+  CHECK(absl::IsCancelled(manager->Offer(Version(3))));
+  CHECK(gate_calls == 4);
+}
+
 }  // namespace
 }  // namespace lychee

@@ -2,33 +2,15 @@
 
 #include <algorithm>
 #include <cstdlib>
-#include <numeric>
-#include <random>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/random_partition.h"
 #include "common/status_macros.h"
 #include "kernels/policy_backend.h"
 
 namespace lychee::cli {
 namespace {
-
-// Layer 0 dense; round(density * heads) of the other heads retrieval, chosen by `seed`.
-absl::StatusOr<HeadPartition> RandomPartition(const ModelConfig& config, double density, uint64_t seed) {
-  if (!(density >= 0 && density <= 1)) {
-    return absl::InvalidArgumentError(absl::StrCat("--random-partition must be a density in [0, 1], got ", density));
-  }
-  HeadPartition partition = HeadPartition::AllRetrieval(config.num_layers, config.num_kv_heads, SelectionParams{});
-  std::vector<int64_t> heads((config.num_layers - 1) * config.num_kv_heads);
-  std::iota(heads.begin(), heads.end(), 0);
-  std::shuffle(heads.begin(), heads.end(), std::mt19937_64(seed));
-  const auto retrieval = static_cast<size_t>(std::lround(density * static_cast<double>(heads.size())));
-  for (size_t i = retrieval; i < heads.size(); ++i) {
-    partition.set_role(1 + heads[i] / config.num_kv_heads, heads[i] % config.num_kv_heads, HeadRole::kSparse);
-  }
-  partition.source = absl::StrCat("random, density ", density, ", seed ", seed);
-  return partition;
-}
 
 absl::StatusOr<std::vector<int64_t>> IntList(const std::string& flag, const std::string& text) {
   std::vector<int64_t> values;
@@ -108,7 +90,7 @@ absl::StatusOr<std::shared_ptr<const HeadPartition>> PartitionFromArgs(const Arg
   if (args.Has("random-partition")) {
     LYCHEE_ASSIGN_OR_RETURN(double density, args.GetDouble("random-partition", 0));
     LYCHEE_ASSIGN_OR_RETURN(int64_t seed, args.GetInt("partition-seed", 1));
-    LYCHEE_ASSIGN_OR_RETURN(HeadPartition partition, RandomPartition(config, density, static_cast<uint64_t>(seed)));
+    LYCHEE_ASSIGN_OR_RETURN(HeadPartition partition, RandomHeadPartition(config, density, static_cast<uint64_t>(seed)));
     return std::make_shared<const HeadPartition>(std::move(partition));
   }
   return std::shared_ptr<const HeadPartition>();

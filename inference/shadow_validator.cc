@@ -1,0 +1,203 @@
+#include "inference/shadow_validator.h"
+
+#include <ATen/Parallel.h>
+
+#include <cstdio>
+#include <fstream>
+#include <iostream>
+#include <sstream>
+#include <thread>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "common/head_partition.h"
+#include "common/retrieval_tasks.h"
+#include "common/status_macros.h"
+
+namespace lychee {
+namespace {
+
+absl::Status CheckFraction(const char* flag, double value) {
+  if (!(value >= 0 && value <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("--", flag, " must be in [0, 1], got ", value));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status NamingFlag(const char* flag, const absl::Status& status) {
+  return absl::InvalidArgumentError(absl::StrCat("--", flag, ": ", status.message()));
+}
+
+// Pass-key windows are drawn from the head of the text: tokenizing a whole book at startup would
+// cost seconds, and this many bytes hold far more windows than the prompts need.
+constexpr int64_t kHeldoutBytesPerContextToken = 64;
+
+}  // namespace
+
+std::string DescribeValidation(const PartitionValidation& validation) {
+  std::string text;
+  for (size_t i = 0; i < validation.partition.tasks.size(); ++i) {
+    const TaskAccuracy& task = validation.partition.tasks[i];
+    const double dense = i < validation.dense.tasks.size() ? validation.dense.tasks[i].accuracy : 0;
+    absl::StrAppend(&text, i == 0 ? "" : ", ", absl::StrFormat("%s %.3f (dense %.3f, %d prompts)", task.task,
+                                                               task.accuracy, dense, task.samples));
+  }
+  absl::StrAppend(&text, absl::StrFormat(", mean dropped mass %.4f (max %.4f), token budget %d, %.1f s",
+                                         validation.partition.mean_dropped_mass, validation.partition.max_dropped_mass,
+                                         validation.token_budget, validation.partition.seconds + validation.dense.seconds));
+  return text;
+}
+
+int64_t ShadowTokenBudget(const ShadowValidationOptions& options, const HeadPartition& partition) {
+  if (options.token_budget > 0) return options.token_budget;
+  const SelectionParams& selection = partition.selection();
+  if (options.served_context_tokens <= options.context_tokens) return selection.token_budget;
+  const int64_t scaled = selection.token_budget * options.context_tokens / options.served_context_tokens;
+  // The selection always keeps the sink, the recent window and the current partial block; a budget
+  // must leave room for one selected block beyond them.
+  const int64_t smallest = selection.sink_tokens + selection.recent_tokens + 2 * selection.block_size;
+  return std::max(smallest, scaled / selection.block_size * selection.block_size);
+}
+
+absl::Status ShadowValidator::CheckOptions(const ShadowValidationOptions& options) {
+  if (!options.enabled) return absl::OkStatus();
+  LYCHEE_RETURN_IF_ERROR(CheckFraction("shadow-max-accuracy-drop", options.max_accuracy_drop));
+  LYCHEE_RETURN_IF_ERROR(CheckFraction("shadow-max-dropped-mass", options.max_dropped_mass));
+  if (options.context_tokens < 64) {
+    return absl::InvalidArgumentError(absl::StrCat("--shadow-context must be >= 64, got ", options.context_tokens));
+  }
+  if (options.prompts_per_task < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("--shadow-prompts must be >= 1, got ", options.prompts_per_task));
+  }
+  if (options.token_budget < 0) {
+    return absl::InvalidArgumentError(absl::StrCat("--shadow-budget must be >= 0, got ", options.token_budget));
+  }
+  if (options.threads < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("--shadow-threads must be >= 1, got ", options.threads));
+  }
+  if (!options.prompts_file.empty()) {
+    std::ifstream file(options.prompts_file, std::ios::binary);
+    if (!file) return absl::InvalidArgumentError(absl::StrCat("--shadow-prompts-file: cannot read '", options.prompts_file, "'"));
+    std::stringstream text;
+    text << file.rdbuf();
+    absl::StatusOr<std::vector<ValidationPrompt>> prompts = ParseValidationPrompts(text.str(), options.prompts_file);
+    if (!prompts.ok()) return NamingFlag("shadow-prompts-file", prompts.status());
+    if (prompts->empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("--shadow-prompts-file: '", options.prompts_file, "' holds no prompts"));
+    }
+  } else {
+    absl::StatusOr<std::string> text = ReadTextCorpus(options.heldout_corpus);
+    if (!text.ok()) return NamingFlag("shadow-heldout-corpus", text.status());
+  }
+  return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<ShadowValidator>> ShadowValidator::Create(const ShadowValidationOptions& options,
+                                                                         const Model& model, const Tokenizer& tokenizer) {
+  LYCHEE_RETURN_IF_ERROR(CheckOptions(options));
+  absl::StatusOr<ValidationSet> set = [&]() -> absl::StatusOr<ValidationSet> {
+    if (!options.prompts_file.empty()) {
+      absl::StatusOr<ValidationSet> loaded = ValidationSet::LoadPromptsFile(tokenizer, options.prompts_file);
+      if (!loaded.ok()) return NamingFlag("shadow-prompts-file", loaded.status());
+      return loaded;
+    }
+    LYCHEE_ASSIGN_OR_RETURN(std::string heldout, ReadTextCorpus(options.heldout_corpus));
+    heldout.resize(std::min<size_t>(heldout.size(), options.context_tokens * kHeldoutBytesPerContextToken));
+    GeneratedValidationSpec spec;
+    spec.context_tokens = options.context_tokens;
+    spec.samples_per_task = options.prompts_per_task;
+    spec.seed = options.seed;
+    absl::StatusOr<ValidationSet> generated = ValidationSet::Generate(tokenizer, std::move(heldout), spec);
+    if (!generated.ok()) return NamingFlag("shadow-heldout-corpus", generated.status());
+    return generated;
+  }();
+  if (!set.ok()) return set.status();
+  return std::unique_ptr<ShadowValidator>(new ShadowValidator(options, model, *std::move(set)));
+}
+
+ShadowValidator::ShadowValidator(ShadowValidationOptions options, const Model& model, ValidationSet set)
+    : options_(std::move(options)), model_(model), set_(std::move(set)), worker_([this] { Work(); }) {}
+
+ShadowValidator::~ShadowValidator() {
+  Cancel();
+  // A validation in progress ends at its next prompt; later ones return at once.
+  std::lock_guard<std::mutex> no_validation(check_mutex_);
+  {
+    std::lock_guard<std::mutex> lock(worker_mutex_);
+    stopping_ = true;
+  }
+  worker_wake_.notify_all();
+  worker_.join();
+}
+
+void ShadowValidator::Work() {
+  // With OpenMP the intra-op thread count belongs to the calling thread: the validation's few
+  // threads leave the engine's own count alone.
+  at::set_num_threads(options_.threads);
+  std::unique_lock<std::mutex> lock(worker_mutex_);
+  while (true) {
+    worker_wake_.wait(lock, [this] { return stopping_ || job_; });
+    if (stopping_) return;
+    std::function<void()> job = std::move(job_);
+    job_ = nullptr;
+    lock.unlock();
+    job();
+    lock.lock();
+    job_done_ = true;
+    worker_wake_.notify_all();
+  }
+}
+
+void ShadowValidator::RunOnWorker(std::function<void()> job) {
+  std::unique_lock<std::mutex> lock(worker_mutex_);
+  job_ = std::move(job);
+  job_done_ = false;
+  worker_wake_.notify_all();
+  worker_wake_.wait(lock, [this] { return job_done_; });
+}
+
+void ShadowValidator::Cancel() { cancelled_ = true; }
+
+std::optional<ShadowValidationRecord> ShadowValidator::last() const {
+  std::lock_guard<std::mutex> lock(last_mutex_);
+  return last_;
+}
+
+absl::Status ShadowValidator::Check(const HeadPartition& partition) {
+  std::lock_guard<std::mutex> one_at_a_time(check_mutex_);
+  if (cancelled_) return absl::CancelledError("shadow validation is shut down");
+  running_ = true;
+  ValidationOptions validation_options;
+  validation_options.audit = true;  // the dropped mass is one of the bounds
+  validation_options.token_budget = ShadowTokenBudget(options_, partition);
+  // On CUDA the validation's kernels go to the current stream of the validation thread, not a
+  // low-priority one (not tested here).
+  absl::StatusOr<PartitionValidation> validation = absl::UnknownError("the validation did not run");
+  RunOnWorker([&] { validation = ValidatePartition(model_, set_, partition, validation_options, &cancelled_); });
+  running_ = false;
+  if (!validation.ok()) return validation.status();
+
+  std::string why;
+  bool promoted = WithinQualityBound(validation->dense, validation->partition, options_.max_accuracy_drop, &why);
+  if (promoted && validation->partition.mean_dropped_mass > options_.max_dropped_mass) {
+    promoted = false;
+    why = absl::StrFormat("mean dropped mass %.4f > %.4f", validation->partition.mean_dropped_mass,
+                          options_.max_dropped_mass);
+  }
+  ShadowValidationRecord record{partition.version, promoted, *validation, DescribeValidation(*validation)};
+  std::cerr << "shadow validation of partition " << partition.version << ": " << record.summary << " -> "
+            << (promoted ? "promoted" : "rejected: " + why) << "\n";
+  {
+    std::lock_guard<std::mutex> lock(last_mutex_);
+    last_ = record;
+  }
+  if (!promoted) {
+    ++rejected_;
+    return absl::FailedPreconditionError(
+        absl::StrCat("shadow validation: ", why, "; saw ", record.summary));
+  }
+  ++promoted_;
+  return absl::OkStatus();
+}
+
+}  // namespace lychee
