@@ -34,7 +34,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
-constexpr char kUsage[] = R"(usage: load_bench [flags]
+constexpr char kUsage[] =
+    R"(usage: load_bench [flags]
 
   --clients N             concurrent streaming clients (default 8)
   --rounds N              rounds (default 4)
@@ -51,7 +52,8 @@ constexpr char kUsage[] = R"(usage: load_bench [flags]
                           whether the inference service it starts validates each partition
                           against dense first (default false: retrieval-head-0 would be rejected,
                           and the bench measures rollouts)
-Partitions published: )" LYCHEE_SOURCE_DIR R"(/models/tiny-llama-retrieval/partitions/{learned-target-0.25,retrieval-head-0}.json, alternating.
+Partitions published: )" LYCHEE_SOURCE_DIR
+    R"(/models/tiny-llama-retrieval/partitions/{learned-target-0.25,retrieval-head-0}.json, alternating.
 )";
 
 constexpr char kModelName[] = "tiny-llama-retrieval";
@@ -166,7 +168,8 @@ absl::Status Run(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(const int64_t clients, args.GetInt("clients", 8));
   const std::string shadow_validation = args.GetOr("shadow-validation", "false");
   if (shadow_validation != "true" && shadow_validation != "false") {
-    return absl::InvalidArgumentError(absl::StrCat("--shadow-validation must be true or false, got '", shadow_validation, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--shadow-validation must be true or false, got '", shadow_validation, "'"));
   }
   LYCHEE_ASSIGN_OR_RETURN(const int64_t rounds, args.GetInt("rounds", 4));
   LYCHEE_ASSIGN_OR_RETURN(const double seconds, args.GetDouble("seconds", 15));
@@ -222,7 +225,8 @@ absl::Status Run(const std::vector<std::string>& argv) {
         LYCHEE_INFERENCE,
         std::vector<std::string>{"--listen", "127.0.0.1:0", "--state-dir", (dir.path / "state").string(), "--trainer",
                                  trainer_address, "--threads", std::to_string(threads), "--max-batch",
-                                 std::to_string(std::max<int64_t>(16, clients)), "--shadow-validation", shadow_validation},
+                                 std::to_string(std::max<int64_t>(16, clients)), "--shadow-validation",
+                                 shadow_validation},
         log);
     LYCHEE_ASSIGN_OR_RETURN(const int port, PortFromLog(log, "InferenceService", *inference_process));
     inference_address = absl::StrCat("127.0.0.1:", port);

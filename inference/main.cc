@@ -1,5 +1,6 @@
 // lychee-inference: the generation server (lychee.v1.InferenceService).
 #include <iostream>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -73,17 +74,42 @@ constexpr char kUsage[] = R"(usage: lychee-inference --state-dir DIR [flags]
 )";
 
 absl::Status Serve(const std::vector<std::string>& argv) {
-  LYCHEE_ASSIGN_OR_RETURN(
-      lychee::cli::Args args,
-      lychee::cli::Args::Parse(argv,
-                               {"model", "state-dir", "listen", "trainer", "metrics-listen", "http-listen", "device",
-                                "threads", "kv-cache-mib", "kv-cache-fraction", "cuda-graphs", "audit-every", "max-batch",
-                                "max-queued", "max-new-tokens", "max-context", "prefill-chunk", "default-attention",
-                                "tls-cert", "tls-key", "tls-client-ca", "admin-token-file", "client-token-file",
-                                "trainer-tls-ca", "trainer-tls-cert", "trainer-tls-key", "shadow-validation",
-                                "shadow-heldout-corpus", "shadow-prompts-file", "shadow-context", "shadow-prompts",
-                                "shadow-threads", "shadow-budget", "shadow-max-accuracy-drop", "shadow-max-dropped-mass"},
-                               {"insecure-admin"}));
+  const std::set<std::string> valued_flags = {"model",
+                                              "state-dir",
+                                              "listen",
+                                              "trainer",
+                                              "metrics-listen",
+                                              "http-listen",
+                                              "device",
+                                              "threads",
+                                              "kv-cache-mib",
+                                              "kv-cache-fraction",
+                                              "cuda-graphs",
+                                              "audit-every",
+                                              "max-batch",
+                                              "max-queued",
+                                              "max-new-tokens",
+                                              "max-context",
+                                              "prefill-chunk",
+                                              "default-attention",
+                                              "tls-cert",
+                                              "tls-key",
+                                              "tls-client-ca",
+                                              "admin-token-file",
+                                              "client-token-file",
+                                              "trainer-tls-ca",
+                                              "trainer-tls-cert",
+                                              "trainer-tls-key",
+                                              "shadow-validation",
+                                              "shadow-heldout-corpus",
+                                              "shadow-prompts-file",
+                                              "shadow-context",
+                                              "shadow-prompts",
+                                              "shadow-threads",
+                                              "shadow-budget",
+                                              "shadow-max-accuracy-drop",
+                                              "shadow-max-dropped-mass"};
+  LYCHEE_ASSIGN_OR_RETURN(lychee::cli::Args args, lychee::cli::Args::Parse(argv, valued_flags, {"insecure-admin"}));
   lychee::InferenceServerOptions options;
   options.state_dir = args.GetOr("state-dir", "");
   if (options.state_dir.empty()) return absl::InvalidArgumentError("--state-dir is required");
@@ -156,12 +182,14 @@ absl::Status Serve(const std::vector<std::string>& argv) {
   shadow.enabled = shadow_validation == "true";
   shadow.heldout_corpus = args.GetOr("shadow-heldout-corpus", LYCHEE_SOURCE_DIR "/data/corpus/kjv-heldout.txt.gz");
   shadow.prompts_file = args.GetOr("shadow-prompts-file", "");
-  LYCHEE_ASSIGN_OR_RETURN(shadow.context_tokens, in_range("shadow-context", shadow.context_tokens, 64, int64_t{1} << 24));
+  LYCHEE_ASSIGN_OR_RETURN(shadow.context_tokens,
+                          in_range("shadow-context", shadow.context_tokens, 64, int64_t{1} << 24));
   LYCHEE_ASSIGN_OR_RETURN(shadow.prompts_per_task, in_range("shadow-prompts", shadow.prompts_per_task, 1, 100000));
   LYCHEE_ASSIGN_OR_RETURN(shadow.token_budget, in_range("shadow-budget", shadow.token_budget, 0, int64_t{1} << 24));
   LYCHEE_ASSIGN_OR_RETURN(const int64_t shadow_threads, in_range("shadow-threads", shadow.threads, 1, 1024));
   shadow.threads = static_cast<int>(shadow_threads);
-  LYCHEE_ASSIGN_OR_RETURN(shadow.max_accuracy_drop, args.GetDouble("shadow-max-accuracy-drop", shadow.max_accuracy_drop));
+  LYCHEE_ASSIGN_OR_RETURN(shadow.max_accuracy_drop,
+                          args.GetDouble("shadow-max-accuracy-drop", shadow.max_accuracy_drop));
   LYCHEE_ASSIGN_OR_RETURN(shadow.max_dropped_mass, args.GetDouble("shadow-max-dropped-mass", shadow.max_dropped_mass));
 
   const sigset_t signals = lychee::BlockShutdownSignals();

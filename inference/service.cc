@@ -2,9 +2,9 @@
 
 #include <grpcpp/security/server_credentials.h>
 
+#include <algorithm>
 #include <chrono>
 #include <ctime>
-#include <algorithm>
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
@@ -292,7 +292,7 @@ absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(Inferenc
   if (options.shadow.enabled) {
     options.shadow.served_context_tokens = server->engine_->max_context_tokens();
     LYCHEE_ASSIGN_OR_RETURN(server->shadow_, ShadowValidator::Create(options.shadow, server->engine_->model(),
-                                                                      server->engine_->tokenizer()));
+                                                                     server->engine_->tokenizer()));
     ShadowValidator* shadow = server->shadow_.get();
     partitions.SetOfferGate([shadow](const HeadPartition& partition) { return shadow->Check(partition); });
     metrics.AddGauge("lychee_shadow_validation_running", "1 while a partition is validated against dense",

@@ -39,12 +39,13 @@ std::string DescribeValidation(const PartitionValidation& validation) {
   for (size_t i = 0; i < validation.partition.tasks.size(); ++i) {
     const TaskAccuracy& task = validation.partition.tasks[i];
     const double dense = i < validation.dense.tasks.size() ? validation.dense.tasks[i].accuracy : 0;
-    absl::StrAppend(&text, i == 0 ? "" : ", ", absl::StrFormat("%s %.3f (dense %.3f, %d prompts)", task.task,
-                                                               task.accuracy, dense, task.samples));
+    absl::StrAppend(&text, i == 0 ? "" : ", ",
+                    absl::StrFormat("%s %.3f (dense %.3f, %d prompts)", task.task, task.accuracy, dense, task.samples));
   }
-  absl::StrAppend(&text, absl::StrFormat(", mean dropped mass %.4f (max %.4f), token budget %d, %.1f s",
-                                         validation.partition.mean_dropped_mass, validation.partition.max_dropped_mass,
-                                         validation.token_budget, validation.partition.seconds + validation.dense.seconds));
+  absl::StrAppend(&text,
+                  absl::StrFormat(", mean dropped mass %.4f (max %.4f), token budget %d, %.1f s",
+                                  validation.partition.mean_dropped_mass, validation.partition.max_dropped_mass,
+                                  validation.token_budget, validation.partition.seconds + validation.dense.seconds));
   return text;
 }
 
@@ -77,13 +78,16 @@ absl::Status ShadowValidator::CheckOptions(const ShadowValidationOptions& option
   }
   if (!options.prompts_file.empty()) {
     std::ifstream file(options.prompts_file, std::ios::binary);
-    if (!file) return absl::InvalidArgumentError(absl::StrCat("--shadow-prompts-file: cannot read '", options.prompts_file, "'"));
+    if (!file)
+      return absl::InvalidArgumentError(
+          absl::StrCat("--shadow-prompts-file: cannot read '", options.prompts_file, "'"));
     std::stringstream text;
     text << file.rdbuf();
     absl::StatusOr<std::vector<ValidationPrompt>> prompts = ParseValidationPrompts(text.str(), options.prompts_file);
     if (!prompts.ok()) return NamingFlag("shadow-prompts-file", prompts.status());
     if (prompts->empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("--shadow-prompts-file: '", options.prompts_file, "' holds no prompts"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--shadow-prompts-file: '", options.prompts_file, "' holds no prompts"));
     }
   } else {
     absl::StatusOr<std::string> text = ReadTextCorpus(options.heldout_corpus);
@@ -93,7 +97,8 @@ absl::Status ShadowValidator::CheckOptions(const ShadowValidationOptions& option
 }
 
 absl::StatusOr<std::unique_ptr<ShadowValidator>> ShadowValidator::Create(const ShadowValidationOptions& options,
-                                                                         const Model& model, const Tokenizer& tokenizer) {
+                                                                         const Model& model,
+                                                                         const Tokenizer& tokenizer) {
   LYCHEE_RETURN_IF_ERROR(CheckOptions(options));
   absl::StatusOr<ValidationSet> set = [&]() -> absl::StatusOr<ValidationSet> {
     if (!options.prompts_file.empty()) {
@@ -193,8 +198,7 @@ absl::Status ShadowValidator::Check(const HeadPartition& partition) {
   }
   if (!promoted) {
     ++rejected_;
-    return absl::FailedPreconditionError(
-        absl::StrCat("shadow validation: ", why, "; saw ", record.summary));
+    return absl::FailedPreconditionError(absl::StrCat("shadow validation: ", why, "; saw ", record.summary));
   }
   ++promoted_;
   return absl::OkStatus();

@@ -37,8 +37,8 @@ struct ShadowValidationOptions {
   int64_t prompts_per_task = 4;
   uint64_t seed = 1;
   // The token budget sparse heads decode the prompts with; 0: the partition's own budget scaled
-  // by context_tokens / served_context_tokens (at least the sink, the recent window and two blocks), so that a sparse head keeps
-  // the share of a short validation prompt it keeps of a full served context.
+  // by context_tokens / served_context_tokens (at least the sink, the recent window and two blocks), so that a sparse
+  // head keeps the share of a short validation prompt it keeps of a full served context.
   int64_t token_budget = 0;
   // The service's context limit (set by the service).
   int64_t served_context_tokens = 0;

@@ -123,8 +123,8 @@ inline std::unique_ptr<Server> MakeInference(const std::string& state, const std
                                              std::vector<std::string> extra_args = {}) {
   // Shadow validation off: these tests roll out partitions they pick for their own reasons
   // (shadow_validation_test covers the validation).
-  std::vector<std::string> args = {"--listen", "127.0.0.1:0", "--state-dir", state, "--threads", "1",
-                                   "--shadow-validation", "false"};
+  std::vector<std::string> args = {"--listen",  "127.0.0.1:0", "--state-dir",         state,
+                                   "--threads", "1",           "--shadow-validation", "false"};
   args.insert(args.end(), extra_args.begin(), extra_args.end());
   return std::make_unique<Server>(LYCHEE_INFERENCE, "InferenceService", std::move(args), log);
 }

@@ -30,8 +30,8 @@ TEST_CASE("lychee publishes, generates against the server, and rolls partitions 
                                 trainer_log);
   const std::string trainer_address = "127.0.0.1:" + std::to_string(PortFromLog(trainer_log, "TrainerService"));
   testing::ChildProcess inference(LYCHEE_INFERENCE,
-                                  {"--listen", "127.0.0.1:0", "--state-dir", (dir.path / "state").string(),
-                                   "--trainer", trainer_address, "--shadow-validation", "false"},
+                                  {"--listen", "127.0.0.1:0", "--state-dir", (dir.path / "state").string(), "--trainer",
+                                   trainer_address, "--shadow-validation", "false"},
                                   inference_log);
   const std::string server = "127.0.0.1:" + std::to_string(PortFromLog(inference_log, "InferenceService"));
   const std::string cli = std::string(LYCHEE_CLI) + " ";
@@ -113,7 +113,8 @@ TEST_CASE("lychee-inference refuses KV cache and graph flags it cannot honour, n
 TEST_CASE("lychee-inference refuses bad shadow-validation flags before it starts, naming the flag") {
   testing::TempDir dir;
   const std::filesystem::path state = dir.path / "state";
-  const std::string inference = std::string(LYCHEE_INFERENCE) + " --listen 127.0.0.1:0 --state-dir " + state.string() + " ";
+  const std::string inference =
+      std::string(LYCHEE_INFERENCE) + " --listen 127.0.0.1:0 --state-dir " + state.string() + " ";
   const std::string malformed = (dir.path / "prompts.jsonl").string();
   std::ofstream(malformed) << "not json\n";
   for (const auto& [flags, named] : std::vector<std::pair<std::string, std::string>>{

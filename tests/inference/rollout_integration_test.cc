@@ -83,11 +83,11 @@ TEST_CASE("partitions roll out from a trainer to an inference service under load
 
   // Shadow validation off: this test rolls out a 20-step calibration result and retrieval-head-0,
   // which it would rightly reject (shadow_validation_test covers it).
-  testing::ChildProcess inference(LYCHEE_INFERENCE,
-                                  {"--listen", "127.0.0.1:0", "--state-dir", state, "--trainer",
-                                   "127.0.0.1:" + std::to_string(trainer.port), "--metrics-listen", "127.0.0.1:0",
-                                   "--max-batch", "16", "--shadow-validation", "false"},
-                                  inference_log);
+  testing::ChildProcess inference(
+      LYCHEE_INFERENCE,
+      {"--listen", "127.0.0.1:0", "--state-dir", state, "--trainer", "127.0.0.1:" + std::to_string(trainer.port),
+       "--metrics-listen", "127.0.0.1:0", "--max-batch", "16", "--shadow-validation", "false"},
+      inference_log);
   const int inference_port = PortFromLog(inference_log, "InferenceService");
   auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(inference_port), grpc::InsecureChannelCredentials());
   auto inference_stub = v1::InferenceService::NewStub(channel);

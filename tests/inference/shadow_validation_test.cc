@@ -73,7 +73,7 @@ TEST_CASE("shadow validation rejects a random partition of density 0.1 and promo
   INFO(random.message());
   CHECK(absl::IsFailedPrecondition(random));
   CHECK(fixture.partitions->Active().partition == nullptr);
-  CHECK(!fixture.partitions->Get(1).ok());  // not stored
+  CHECK(!fixture.partitions->Get(1).ok());                                           // not stored
   const std::vector<RejectedPartition> rejected = fixture.partitions->rejections();  // GetServerInfo's list
   REQUIRE(rejected.size() == 1);
   CHECK(rejected[0].version == 1);
