@@ -54,6 +54,8 @@ CMD ["--listen", "0.0.0.0:50061", "--registry-dir", "/var/lib/lychee/registry", 
 # admin RPCs.
 FROM runtime AS inference
 COPY --from=build /opt/lychee/build/inference/lychee-inference /usr/local/bin/
+# The held-out text that shadow validation draws its prompts from (--shadow-heldout-corpus).
+COPY --from=build /opt/lychee/data/corpus/kjv-heldout.txt.gz /opt/lychee/data/corpus/
 EXPOSE 50062 9464
 HEALTHCHECK --interval=10s --timeout=6s --start-period=30s --retries=3 \
   CMD ["lychee", "health", "--target", "127.0.0.1:50062", "--timeout", "5"]

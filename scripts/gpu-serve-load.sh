@@ -11,6 +11,7 @@
 #   PROMPT_TOKENS (32768), NEW_TOKENS (128), BUDGET (4096), RESERVED_NEW_TOKENS (4096: what clients
 #   typically ask for), INFERENCE_FLAGS (extra flags of lychee-inference; on CUDA by default
 #   --kv-cache-fraction 0.85), ATTENTIONS (which halves run, in order; default "dense hybrid").
+# Shadow validation is off: the partition is made up for a model of random weights.
 # Logs to $OUT (or a temporary directory); both servers stop on exit.
 set -euo pipefail
 bin=${BIN:-build-gpu}
@@ -58,7 +59,7 @@ EOF
   --model-root "$(dirname "$model")" >"$log" 2>&1 &
 "$bin/inference/lychee-inference" --model "$model" --device "$device" --state-dir "$state/inference" \
   --trainer 127.0.0.1:50061 --listen 127.0.0.1:50062 --max-batch "$clients" --max-new-tokens "$reserved_new_tokens" \
-  ${INFERENCE_FLAGS:-$([ "$device" = cuda ] && echo --kv-cache-fraction 0.85)} >>"$log" 2>&1 &
+  --shadow-validation false ${INFERENCE_FLAGS:-$([ "$device" = cuda ] && echo --kv-cache-fraction 0.85)} >>"$log" 2>&1 &
 await() {  # text that `lychee server-info` must print
   for _ in $(seq 600); do
     timeout 10 "$lychee" server-info 2>/dev/null | grep -q "$1" && return 0

@@ -15,8 +15,10 @@ trap 'kill $(jobs -p) 2>/dev/null; wait; rm -rf "$state"' EXIT
 
 "$bin/trainer/lychee-trainer" --listen 127.0.0.1:50061 --registry-dir "$state/registry" >"$log" 2>&1 &
 trainer=$!
+# Shadow validation off: the demo's 2-step job shows the rollout path, not a trained partition, and
+# validation would rightly reject it (the README's shadow-validation run shows that side).
 "$bin/inference/lychee-inference" --device "$device" --state-dir "$state/inference" \
-  --trainer 127.0.0.1:50061 --listen 127.0.0.1:50062 >>"$log" 2>&1 &
+  --trainer 127.0.0.1:50061 --listen 127.0.0.1:50062 --shadow-validation false >>"$log" 2>&1 &
 inference=$!
 await() {  # text that `lychee server-info` must print
   for _ in $(seq 150); do

@@ -76,7 +76,10 @@ class ReplicaSet {
           std::vector<std::string>{"--build", LYCHEE_BUILD_DIR, "--dir", dir_.string(), "--replicas",
                                    std::to_string(kReplicas), "--trainer-port", "0", "--grpc-port",
                                    std::to_string(grpc_port), "--http-port", std::to_string(http_port), "--stats-port",
-                                   std::to_string(stats_port)},
+                                   std::to_string(stats_port),
+                                   // The rollouts measured include retrieval-head-0, which shadow
+                                   // validation rightly rejects: this test is about propagation.
+                                   "--", "--shadow-validation", "false"},
           log_);
       INFO("scripts/replicas.sh's output: " << log_ << "; its logs: " << dir_.string());
       const auto until = Clock::now() + kStartBound;
