@@ -14,6 +14,11 @@
 #include <functional>
 #include <vector>
 
+#include "absl/flags/flag.h"
+#include "absl/status/statusor.h"
+#include "common/command_line.h"
+#include "common/status_macros.h"
+
 // Exits with the location and the error when a CUDA call fails (benchmarks have nothing to recover).
 #define LYCHEE_BENCH_CUDA_OK(expr)                                                                  \
   do {                                                                                              \
@@ -30,6 +35,16 @@ struct Repeats {
   int reps = 50;
   int warmup = 8;
 };
+
+// The repeats a benchmark's --reps and --warmup flags ask for: at least one timed repeat.
+inline absl::StatusOr<Repeats> RepeatsFromFlags(const absl::Flag<int64_t>& reps, const absl::Flag<int64_t>& warmup) {
+  Repeats repeats;
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t timed, FlagInRange(reps, 1, 100000));
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t untimed, FlagInRange(warmup, 0, 100000));
+  repeats.reps = static_cast<int>(timed);
+  repeats.warmup = static_cast<int>(untimed);
+  return repeats;
+}
 
 inline cudaStream_t CurrentStream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 

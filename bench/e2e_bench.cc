@@ -5,9 +5,6 @@
 // bandwidth limit, bytes that must be read per step (weights plus the KV actually attended) over the
 // device-to-device copy bandwidth measured in the same run.
 //
-//   e2e_bench --model DIR [--contexts 32768,65536,131072] [--batches 1,4] [--steps 10] [--warmup 3]
-//             [--budget 4096] [--graphs true|false] [--audit-every N] [--json FILE]
-//
 // The KV pool is filled by a prefill of random token ids whose attention is skipped (the backend
 // hands back its queries while the cache fills): keys and values are the model's own projections of
 // those tokens, written where decode reads them, and the fill costs the projections' matmuls only
@@ -44,6 +41,8 @@
 #include <string>
 #include <vector>
 
+#include "absl/flags/flag.h"
+#include "absl/flags/usage.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/numbers.h"
@@ -52,10 +51,21 @@
 #include "absl/strings/str_split.h"
 #include "bench/cuda_timing.h"
 #include "bench/median.h"
+#include "common/command_line.h"
 #include "common/head_partition.h"
 #include "common/model.h"
 #include "common/status_macros.h"
 #include "kernels/cuda_attention.h"
+
+ABSL_FLAG(std::string, model, "", "the model directory (required)");
+ABSL_FLAG(std::string, contexts, "32768,65536,131072", "contexts in tokens, comma-separated");
+ABSL_FLAG(std::string, batches, "1,4", "batch sizes, comma-separated");
+ABSL_FLAG(int64_t, steps, 10, "measured decode steps of each row");
+ABSL_FLAG(int64_t, warmup, 3, "decode steps before them");
+ABSL_FLAG(int64_t, budget, 4096, "the token budget of the hybrid rows' sparse heads");
+ABSL_FLAG(bool, graphs, true, "capture each row's step as a CUDA graph and replay it (true or false)");
+ABSL_FLAG(int64_t, audit_every, 0, "also decode hybrid with the sampled audit every Nth step (0: no audit rows)");
+ABSL_FLAG(std::string, json, "", "also write the rows to this file as JSON lines");
 
 namespace {
 
@@ -260,13 +270,14 @@ absl::StatusOr<std::vector<int64_t>> ParseList(const std::string& flag, const st
   return list;
 }
 
+// The command line's values, checked.
 struct Flags {
   std::string model_dir;
-  std::vector<int64_t> contexts = {32768, 65536, 131072};
-  std::vector<int64_t> batches = {1, 4};
-  int64_t steps = 10;
-  int64_t warmup = 3;
-  int64_t budget = 4096;
+  std::vector<int64_t> contexts;
+  std::vector<int64_t> batches;
+  int64_t steps = 0;
+  int64_t warmup = 0;
+  int64_t budget = 0;
   bool graphs = true;
   int64_t audit_every = 0;  // 0: no audit rows
   std::string json_path;
@@ -279,37 +290,18 @@ struct Flags {
   }
 };
 
-absl::StatusOr<Flags> ParseFlags(int argc, char** argv) {
+absl::StatusOr<Flags> FlagsFromCommandLine() {
   Flags flags;
-  for (int i = 1; i < argc; i += 2) {
-    const std::string flag = argv[i];
-    if (i + 1 >= argc) return absl::InvalidArgumentError(absl::StrCat(flag, " needs a value"));
-    const std::string value = argv[i + 1];
-    int64_t* number = flag == "--steps"         ? &flags.steps
-                      : flag == "--warmup"      ? &flags.warmup
-                      : flag == "--budget"      ? &flags.budget
-                      : flag == "--audit-every" ? &flags.audit_every
-                                                : nullptr;
-    if (flag == "--model") {
-      flags.model_dir = value;
-    } else if (flag == "--graphs") {
-      if (value != "true" && value != "false") return absl::InvalidArgumentError("--graphs takes true or false");
-      flags.graphs = value == "true";
-    } else if (flag == "--json") {
-      flags.json_path = value;
-    } else if (flag == "--contexts") {
-      LYCHEE_ASSIGN_OR_RETURN(flags.contexts, ParseList(flag, value));
-    } else if (flag == "--batches") {
-      LYCHEE_ASSIGN_OR_RETURN(flags.batches, ParseList(flag, value));
-    } else if (number != nullptr) {
-      if (!absl::SimpleAtoi(value, number) || *number < (flag == "--warmup" ? 0 : 1)) {
-        return absl::InvalidArgumentError(absl::StrCat("bad ", flag, " ", value));
-      }
-    } else {
-      return absl::InvalidArgumentError(absl::StrCat("unknown flag ", flag));
-    }
-  }
+  flags.model_dir = absl::GetFlag(FLAGS_model);
   if (flags.model_dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
+  LYCHEE_ASSIGN_OR_RETURN(flags.contexts, ParseList("--contexts", absl::GetFlag(FLAGS_contexts)));
+  LYCHEE_ASSIGN_OR_RETURN(flags.batches, ParseList("--batches", absl::GetFlag(FLAGS_batches)));
+  LYCHEE_ASSIGN_OR_RETURN(flags.steps, lychee::FlagInRange(FLAGS_steps, 1, 1 << 20));
+  LYCHEE_ASSIGN_OR_RETURN(flags.warmup, lychee::FlagInRange(FLAGS_warmup, 0, 1 << 20));
+  LYCHEE_ASSIGN_OR_RETURN(flags.budget, lychee::FlagInRange(FLAGS_budget, 1, int64_t{1} << 30));
+  LYCHEE_ASSIGN_OR_RETURN(flags.audit_every, lychee::FlagInRange(FLAGS_audit_every, 0, 1 << 20));
+  flags.graphs = absl::GetFlag(FLAGS_graphs);
+  flags.json_path = absl::GetFlag(FLAGS_json);
   std::sort(flags.contexts.begin(), flags.contexts.end());
   return flags;
 }
@@ -449,8 +441,10 @@ absl::Status Run(const Flags& flags) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  absl::StatusOr<Flags> flags = ParseFlags(argc, argv);
-  absl::Status status = flags.status();
+  absl::SetProgramUsageMessage("usage: e2e_bench --model DIR [flags]");
+  absl::Status status = lychee::ParseFlags(argc, argv, __FILE__);
+  absl::StatusOr<Flags> flags = status.ok() ? FlagsFromCommandLine() : status;
+  status = flags.status();
   if (status.ok()) {
     try {
       status = Run(*flags);

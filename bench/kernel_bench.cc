@@ -7,8 +7,6 @@
 // Timing: CUDA events around each repeat, after warm-up, median of many; the repeats are queued
 // behind a spin kernel so that host launch overhead does not reach the GPU timeline; KV buffers
 // rotate so that no repeat finds its data in L2.
-//
-//   kernel_bench [--reps N] [--warmup N] [--quick] [--sweep]
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/Sleep.h>
@@ -27,8 +25,18 @@
 #include <string>
 #include <vector>
 
-#include "kernels/cuda/hybrid_decode.h"
+#include "absl/flags/flag.h"
+#include "absl/flags/usage.h"
+#include "absl/status/status.h"
 #include "bench/cuda_timing.h"
+#include "common/command_line.h"
+#include "kernels/cuda/hybrid_decode.h"
+
+ABSL_FLAG(int64_t, reps, lychee::bench::Repeats{}.reps, "timed repeats of each launch (the median is shown)");
+ABSL_FLAG(int64_t, warmup, lychee::bench::Repeats{}.warmup, "untimed repeats before them");
+ABSL_FLAG(bool, quick, false, "only context 128K at batch 1");
+ABSL_FLAG(bool, sweep, false, "also time the split-KV variants and CTAs per SM of each launch at context 128K");
+ABSL_FLAG(bool, profile, false, "one launch of each kind at 128K, batch 1, Llama shape, for a profiler; nothing timed");
 
 namespace {
 
@@ -231,14 +239,17 @@ Row Bench(const Shape& shape, int batch, int64_t ctx, double copy_gbs, bool swee
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false, sweep = false, profile = false;
-  for (int i = 1; i < argc; ++i) {
-    if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) g_repeats.reps = std::atoi(argv[++i]);
-    if (!std::strcmp(argv[i], "--warmup") && i + 1 < argc) g_repeats.warmup = std::atoi(argv[++i]);
-    if (!std::strcmp(argv[i], "--quick")) quick = true;
-    if (!std::strcmp(argv[i], "--sweep")) sweep = true;
-    if (!std::strcmp(argv[i], "--profile")) profile = true;
+  absl::SetProgramUsageMessage("usage: kernel_bench [flags]");
+  const absl::Status parsed = lychee::ParseFlags(argc, argv, __FILE__);
+  const absl::StatusOr<lychee::bench::Repeats> repeats =
+      parsed.ok() ? lychee::bench::RepeatsFromFlags(FLAGS_reps, FLAGS_warmup) : parsed;
+  if (!repeats.ok()) {
+    std::fprintf(stderr, "kernel_bench: %s\n", std::string(repeats.status().message()).c_str());
+    return 1;
   }
+  g_repeats = *repeats;
+  const bool quick = absl::GetFlag(FLAGS_quick), sweep = absl::GetFlag(FLAGS_sweep),
+             profile = absl::GetFlag(FLAGS_profile);
   int devices = 0;
   if (cudaGetDeviceCount(&devices) != cudaSuccess || devices == 0) {
     std::printf("SKIPPED: no CUDA device\n");

@@ -20,41 +20,41 @@
 #include <thread>
 #include <vector>
 
+#include "absl/flags/flag.h"
+#include "absl/flags/usage.h"
 #include "absl/strings/str_cat.h"
+#include "common/command_line.h"
 #include "common/head_partition.h"
 #include "common/status_macros.h"
 #include "lychee/v1/inference.grpc.pb.h"
 #include "lychee/v1/trainer.grpc.pb.h"
 #include "tests/process.h"
 #include "tests/temp_dir.h"
-#include "tools/lychee/args.h"
+
+ABSL_FLAG(int64_t, clients, 8, "concurrent streaming clients");
+ABSL_FLAG(int64_t, rounds, 4, "rounds");
+ABSL_FLAG(double, seconds, 15, "length of a round in seconds");
+ABSL_FLAG(double, rollout_every, 3, "publish a new partition version this often (seconds)");
+ABSL_FLAG(int64_t, max_new_tokens, 32, "tokens per request");
+ABSL_FLAG(int64_t, threads, 1, "LibTorch threads of each server");
+ABSL_FLAG(double, rss_tolerance_mib, 8, "growth of the inference RSS over round 1 that fails the run (MiB)");
+ABSL_FLAG(std::string, trainer, "", "HOST:PORT of a trainer to use instead of starting one");
+ABSL_FLAG(std::string, inference, "",
+          "HOST:PORT of an inference service to use instead of starting one (give --inference-pid for its memory "
+          "figure)");
+ABSL_FLAG(int64_t, inference_pid, 0, "the process id of --inference");
+ABSL_FLAG(bool, shadow_validation, false,
+          "whether the inference service it starts validates each partition against dense first (false: "
+          "retrieval-head-0 would be rejected, and the bench measures rollouts)");
 
 namespace {
 
 using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
-constexpr char kUsage[] =
-    R"(usage: load_bench [flags]
-
-  --clients N             concurrent streaming clients (default 8)
-  --rounds N              rounds (default 4)
-  --seconds S             length of a round (default 15)
-  --rollout-every S       publish a new partition version this often (default 3)
-  --max-new-tokens N      tokens per request (default 32)
-  --threads N             LibTorch threads of each server (default 1)
-  --rss-tolerance-mib N   growth of the inference RSS over round 1 that fails the run (default 8)
-  --trainer HOST:PORT     use this trainer instead of starting one
-  --inference HOST:PORT   use this inference service instead of starting one (give --inference-pid
-                          for its memory figure)
-  --inference-pid PID
-  --shadow-validation true|false
-                          whether the inference service it starts validates each partition
-                          against dense first (default false: retrieval-head-0 would be rejected,
-                          and the bench measures rollouts)
-Partitions published: )" LYCHEE_SOURCE_DIR
-    R"(/models/tiny-llama-retrieval/partitions/{learned-target-0.25,retrieval-head-0}.json, alternating.
-)";
+constexpr char kUsage[] = "usage: load_bench [flags]\n\nPartitions published: " LYCHEE_SOURCE_DIR
+                          "/models/tiny-llama-retrieval/partitions/{learned-target-0.25,retrieval-head-0}.json, "
+                          "alternating.\n";
 
 constexpr char kModelName[] = "tiny-llama-retrieval";
 
@@ -158,26 +158,16 @@ void RunOne(lychee::v1::InferenceService::Stub& stub, const std::string& prompt,
   stats.token_latencies.insert(stats.token_latencies.end(), gaps.begin(), gaps.end());
 }
 
-absl::Status Run(const std::vector<std::string>& argv) {
-  LYCHEE_ASSIGN_OR_RETURN(
-      lychee::cli::Args args,
-      lychee::cli::Args::Parse(argv,
-                               {"clients", "rounds", "seconds", "rollout-every", "max-new-tokens", "threads",
-                                "rss-tolerance-mib", "trainer", "inference", "inference-pid", "shadow-validation"},
-                               {}));
-  LYCHEE_ASSIGN_OR_RETURN(const int64_t clients, args.GetInt("clients", 8));
-  const std::string shadow_validation = args.GetOr("shadow-validation", "false");
-  if (shadow_validation != "true" && shadow_validation != "false") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--shadow-validation must be true or false, got '", shadow_validation, "'"));
-  }
-  LYCHEE_ASSIGN_OR_RETURN(const int64_t rounds, args.GetInt("rounds", 4));
-  LYCHEE_ASSIGN_OR_RETURN(const double seconds, args.GetDouble("seconds", 15));
-  LYCHEE_ASSIGN_OR_RETURN(const double rollout_every, args.GetDouble("rollout-every", 3));
-  LYCHEE_ASSIGN_OR_RETURN(const int64_t max_new_tokens, args.GetInt("max-new-tokens", 32));
-  LYCHEE_ASSIGN_OR_RETURN(const int64_t threads, args.GetInt("threads", 1));
-  LYCHEE_ASSIGN_OR_RETURN(const double rss_tolerance, args.GetDouble("rss-tolerance-mib", 8));
-  LYCHEE_ASSIGN_OR_RETURN(const int64_t given_pid, args.GetInt("inference-pid", 0));
+absl::Status Run() {
+  const int64_t clients = absl::GetFlag(FLAGS_clients);
+  const bool shadow_validation = absl::GetFlag(FLAGS_shadow_validation);
+  const int64_t rounds = absl::GetFlag(FLAGS_rounds);
+  const double seconds = absl::GetFlag(FLAGS_seconds);
+  const double rollout_every = absl::GetFlag(FLAGS_rollout_every);
+  const int64_t max_new_tokens = absl::GetFlag(FLAGS_max_new_tokens);
+  const int64_t threads = absl::GetFlag(FLAGS_threads);
+  const double rss_tolerance = absl::GetFlag(FLAGS_rss_tolerance_mib);
+  const int64_t given_pid = absl::GetFlag(FLAGS_inference_pid);
   if (clients < 1 || rounds < 1 || seconds <= 0 || rollout_every <= 0 || max_new_tokens < 1 || threads < 1) {
     return absl::InvalidArgumentError("--clients, --rounds, --seconds, --rollout-every, --max-new-tokens and --threads must be positive");
   }
@@ -186,7 +176,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
   lychee::testing::TempDir dir;
   std::unique_ptr<lychee::testing::ChildProcess> trainer_process;
   std::unique_ptr<lychee::testing::ChildProcess> inference_process;
-  std::string trainer_address = args.GetOr("trainer", "");
+  std::string trainer_address = absl::GetFlag(FLAGS_trainer);
   if (trainer_address.empty()) {
     const std::string log = (dir.path / "trainer.log").string();
     trainer_process = std::make_unique<lychee::testing::ChildProcess>(
@@ -217,7 +207,7 @@ absl::Status Run(const std::vector<std::string>& argv) {
   };
   LYCHEE_ASSIGN_OR_RETURN(uint64_t latest_version, publish());
 
-  std::string inference_address = args.GetOr("inference", "");
+  std::string inference_address = absl::GetFlag(FLAGS_inference);
   pid_t inference_pid = static_cast<pid_t>(given_pid);
   if (inference_address.empty()) {
     const std::string log = (dir.path / "inference.log").string();
@@ -225,8 +215,8 @@ absl::Status Run(const std::vector<std::string>& argv) {
         LYCHEE_INFERENCE,
         std::vector<std::string>{"--listen", "127.0.0.1:0", "--state-dir", (dir.path / "state").string(), "--trainer",
                                  trainer_address, "--threads", std::to_string(threads), "--max-batch",
-                                 std::to_string(std::max<int64_t>(16, clients)), "--shadow-validation",
-                                 shadow_validation},
+                                 std::to_string(std::max<int64_t>(16, clients)),
+                                 absl::StrCat("--shadow-validation=", shadow_validation ? "true" : "false")},
         log);
     LYCHEE_ASSIGN_OR_RETURN(const int port, PortFromLog(log, "InferenceService", *inference_process));
     inference_address = absl::StrCat("127.0.0.1:", port);
@@ -317,12 +307,9 @@ absl::Status Run(const std::vector<std::string>& argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
-  const std::vector<std::string> args(argv + 1, argv + argc);
-  if (!args.empty() && (args[0] == "--help" || args[0] == "help")) {
-    std::cout << kUsage;
-    return 0;
-  }
-  const absl::Status status = Run(args);
+  absl::SetProgramUsageMessage(kUsage);
+  absl::Status status = lychee::ParseFlags(argc, argv, __FILE__);
+  if (status.ok()) status = Run();
   if (!status.ok()) {
     std::cerr << "load_bench: " << status.message() << "\n";
     return 1;

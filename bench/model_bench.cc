@@ -1,6 +1,4 @@
 // Prefill and decode throughput of the whole model at given context lengths (dense attention).
-// usage: model_bench [--model DIR] [--device cpu|cuda] [--contexts 2048,8192] [--decode-tokens 32]
-//                    [--threads N]  (LibTorch intra-op threads; BLAS threads are its own)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
@@ -10,13 +8,26 @@
 #include <string>
 #include <vector>
 
+#include "absl/flags/flag.h"
+#include "absl/flags/usage.h"
+#include "absl/status/status.h"
 #include "absl/strings/numbers.h"
-#include "absl/strings/str_split.h"
+#include "absl/strings/str_cat.h"
+#include "common/command_line.h"
 #include "common/heap_tuning.h"
 #include "common/model.h"
 #include "kernels/dense_attention.h"
 
+ABSL_FLAG(std::string, model, LYCHEE_DEFAULT_MODEL_DIR, "the model directory");
+ABSL_FLAG(std::string, device, "cpu", "cpu or cuda");
+ABSL_FLAG(std::vector<std::string>, contexts, std::vector<std::string>({"2048", "8192"}),
+          "prompt lengths in tokens, comma-separated");
+ABSL_FLAG(int64_t, decode_tokens, 32, "tokens decoded after each prompt");
+ABSL_FLAG(int64_t, threads, 0, "LibTorch intra-op threads (0: LibTorch's own default; BLAS threads are its own)");
+
 namespace {
+
+constexpr char kUsage[] = "usage: model_bench [flags]";
 
 double Seconds(std::chrono::steady_clock::time_point since) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - since).count();
@@ -31,32 +42,22 @@ int Fail(const std::string& message) {
 
 int main(int argc, char** argv) {
   lychee::KeepFreedMemoryInHeap();
-  std::string model_dir = LYCHEE_DEFAULT_MODEL_DIR;
-  std::string device = "cpu";
-  std::vector<int64_t> contexts = {2048, 8192};
-  int64_t decode_tokens = 32;
-  for (int i = 1; i + 1 < argc; i += 2) {
-    const std::string flag = argv[i], value = argv[i + 1];
-    if (flag == "--model") {
-      model_dir = value;
-    } else if (flag == "--device") {
-      device = value;
-    } else if (flag == "--contexts") {
-      contexts.clear();
-      for (absl::string_view part : absl::StrSplit(value, ',')) {
-        int64_t context;
-        if (!absl::SimpleAtoi(part, &context) || context <= 0) return Fail("bad --contexts " + value);
-        contexts.push_back(context);
-      }
-    } else if (flag == "--threads") {
-      int threads;
-      if (!absl::SimpleAtoi(value, &threads) || threads <= 0) return Fail("bad --threads " + value);
-      at::set_num_threads(threads);
-    } else if (flag == "--decode-tokens") {
-      if (!absl::SimpleAtoi(value, &decode_tokens) || decode_tokens <= 0) return Fail("bad --decode-tokens " + value);
-    } else {
-      return Fail("unknown flag " + flag);
-    }
+  absl::SetProgramUsageMessage(kUsage);
+  if (const absl::Status parsed = lychee::ParseFlags(argc, argv, __FILE__); !parsed.ok()) {
+    return Fail(std::string(parsed.message()));
+  }
+  const std::string model_dir = absl::GetFlag(FLAGS_model);
+  const std::string device = absl::GetFlag(FLAGS_device);
+  const int64_t decode_tokens = absl::GetFlag(FLAGS_decode_tokens);
+  const int64_t threads = absl::GetFlag(FLAGS_threads);
+  if (decode_tokens <= 0) return Fail(absl::StrCat("--decode-tokens must be positive, got ", decode_tokens));
+  if (threads < 0) return Fail(absl::StrCat("--threads must not be negative, got ", threads));
+  if (threads > 0) at::set_num_threads(static_cast<int>(threads));
+  std::vector<int64_t> contexts;
+  for (const std::string& text : absl::GetFlag(FLAGS_contexts)) {
+    int64_t context;
+    if (!absl::SimpleAtoi(text, &context) || context <= 0) return Fail("bad --contexts element '" + text + "'");
+    contexts.push_back(context);
   }
   lychee::ModelOptions options;
   if (device == "cuda") options = {at::Device(at::kCUDA, 0), at::kBFloat16};

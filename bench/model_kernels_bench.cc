@@ -7,12 +7,10 @@
 //   2. the elementwise kernels (AddRmsNorm, RopeAppend, SiluMul, ArgmaxRows) against the LibTorch
 //      ops of common/model.cc they replace, at rows 1 and 8.
 //
-// Timing: CUDA events around each repeat, median of --reps (50) after --warmup (8); the repeats are
+// Timing: CUDA events around each repeat, median of --reps after --warmup; the repeats are
 // queued behind a spin kernel so that host launch overhead does not reach the GPU timeline; the
 // weights rotate among enough copies to exceed the L2 several times, so that every repeat reads
 // its weight from HBM.
-//
-//   model_kernels_bench [--reps N] [--warmup N] [--quick]
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/Sleep.h>
@@ -23,12 +21,19 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
-#include <cstring>
 #include <functional>
 #include <vector>
 
-#include "common/cuda/torch_model_kernels.h"
+#include "absl/flags/flag.h"
+#include "absl/flags/usage.h"
+#include "absl/status/status.h"
 #include "bench/cuda_timing.h"
+#include "common/command_line.h"
+#include "common/cuda/torch_model_kernels.h"
+
+ABSL_FLAG(int64_t, reps, lychee::bench::Repeats{}.reps, "timed repeats of each kernel (the median is shown)");
+ABSL_FLAG(int64_t, warmup, lychee::bench::Repeats{}.warmup, "untimed repeats before them");
+ABSL_FLAG(bool, quick, false, "fewer Gemv shapes");
 
 namespace {
 
@@ -155,12 +160,16 @@ void BenchElementwise() {
 }  // namespace
 
 int main(int argc, char** argv) {
-  bool quick = false;
-  for (int i = 1; i < argc; ++i) {
-    if (!std::strcmp(argv[i], "--reps") && i + 1 < argc) g_repeats.reps = std::max(1, std::atoi(argv[++i]));
-    if (!std::strcmp(argv[i], "--warmup") && i + 1 < argc) g_repeats.warmup = std::max(0, std::atoi(argv[++i]));
-    if (!std::strcmp(argv[i], "--quick")) quick = true;
+  absl::SetProgramUsageMessage("usage: model_kernels_bench [flags]");
+  const absl::Status parsed = lychee::ParseFlags(argc, argv, __FILE__);
+  const absl::StatusOr<lychee::bench::Repeats> repeats =
+      parsed.ok() ? lychee::bench::RepeatsFromFlags(FLAGS_reps, FLAGS_warmup) : parsed;
+  if (!repeats.ok()) {
+    std::fprintf(stderr, "model_kernels_bench: %s\n", std::string(repeats.status().message()).c_str());
+    return 1;
   }
+  g_repeats = *repeats;
+  const bool quick = absl::GetFlag(FLAGS_quick);
   if (!at::hasCUDA()) {
     std::printf("SKIPPED: no CUDA device\n");
     return 0;

@@ -1,31 +1,28 @@
-// What both services' main() share: the heap setting, --help, and the exit code and message of
-// a failed start.
+// What both services' main() share: the heap setting, the flags (common/command_line.h), and the
+// exit code and message of a failed start.
 #pragma once
 
 #include <iostream>
-#include <string>
 #include <string_view>
-#include <vector>
 
+#include "absl/flags/usage.h"
 #include "absl/status/status.h"
+#include "common/command_line.h"
 #include "common/heap_tuning.h"
 
 namespace lychee {
 
-// Runs `serve` with the command-line arguments; on an error prints "PROGRAM: message", and the
-// usage where the arguments were invalid, and returns 1.
-inline int ServiceMain(int argc, char** argv, std::string_view program, std::string_view usage,
-                       absl::Status (*serve)(const std::vector<std::string>& args)) {
+// Parses the flags that `flags_file` (the main file's __FILE__) defines, then runs `serve`; on an
+// error prints "PROGRAM: message", and the flag list where the arguments were invalid, and returns 1.
+inline int ServiceMain(int argc, char** argv, std::string_view program, const char* usage, absl::string_view flags_file,
+                       absl::Status (*serve)()) {
   KeepFreedMemoryInHeap();
-  const std::vector<std::string> args(argv + 1, argv + argc);
-  if (!args.empty() && (args[0] == "--help" || args[0] == "help")) {
-    std::cout << usage;
-    return 0;
-  }
-  const absl::Status status = serve(args);
+  absl::SetProgramUsageMessage(usage);
+  absl::Status status = ParseFlags(argc, argv, flags_file);
+  if (status.ok()) status = serve();
   if (!status.ok()) {
     std::cerr << program << ": " << status.message() << "\n"
-              << (status.code() == absl::StatusCode::kInvalidArgument ? usage : "");
+              << (status.code() == absl::StatusCode::kInvalidArgument ? FlagsHelp(flags_file) : "");
     return 1;
   }
   return 0;

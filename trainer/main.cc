@@ -1,76 +1,61 @@
 // lychee-trainer: the calibration job server (lychee.v1.TrainerService).
+#include <cstdint>
 #include <iostream>
 #include <string>
-#include <vector>
 
-#include "absl/strings/str_cat.h"
+#include "absl/flags/flag.h"
 #include "common/service_main.h"
 #include "common/shutdown_signals.h"
 #include "common/status_macros.h"
-#include "tools/lychee/args.h"
 #include "trainer/job_runner.h"
 #include "trainer/service.h"
 
+ABSL_FLAG(std::string, listen, lychee::TrainerServerOptions{}.listen_address, "HOST:PORT where to serve");
+ABSL_FLAG(std::string, model_root, LYCHEE_SOURCE_DIR "/models", "models are the directories under it");
+ABSL_FLAG(std::string, data_root, LYCHEE_SOURCE_DIR "/data", "corpora that jobs name are paths under it");
+ABSL_FLAG(std::string, registry_dir, "",
+          "published partitions (DIR/partitions) and the job journal (DIR/jobs); required");
+ABSL_FLAG(int64_t, max_concurrent_jobs, 1, "jobs that run at once");
+ABSL_FLAG(int64_t, max_queued_jobs, 64, "jobs that may wait");
+ABSL_FLAG(std::string, device, "cpu", "cpu or cuda: where jobs run");
+ABSL_FLAG(int64_t, threads, 0, "LibTorch intra-op threads per job (0: LibTorch's own default, OMP_NUM_THREADS or 1)");
+ABSL_FLAG(std::string, tls_cert, "",
+          "with --tls-key: serve TLS with the PEM certificate chain of this file (default plaintext)");
+ABSL_FLAG(std::string, tls_key, "", "the PEM key of --tls-cert");
+ABSL_FLAG(std::string, tls_client_ca, "", "mutual TLS: clients must present a certificate the CA of this file signed");
+ABSL_FLAG(std::string, admin_token_file, "",
+          "submit, cancel and publish need the token of this file ('authorization: Bearer TOKEN'); without it they "
+          "are open, which only a loopback --listen accepts");
+ABSL_FLAG(bool, insecure_admin, false, "allow open admin RPCs on a --listen beyond the loopback");
+
 namespace {
 
-constexpr char kUsage[] = R"(usage: lychee-trainer --registry-dir DIR [flags]
+constexpr char kUsage[] =
+    "usage: lychee-trainer --registry-dir DIR [flags]\n\nA job that names no corpus uses " LYCHEE_SOURCE_DIR
+    "/data/corpus/calibration.txt.gz;\na sweep that names no validation corpus builds its "
+    "prompts from " LYCHEE_SOURCE_DIR "/data/corpus/persuasion.txt.gz";
 
-  --listen HOST:PORT          where to serve (default 127.0.0.1:50061)
-  --model-root DIR            models are the directories under it (default )" LYCHEE_SOURCE_DIR R"(/models)
-  --data-root DIR             corpora that jobs name are paths under it (default )" LYCHEE_SOURCE_DIR R"(/data)
-  --registry-dir DIR          published partitions (DIR/partitions) and the job journal (DIR/jobs)
-  --max-concurrent-jobs N     jobs that run at once (default 1)
-  --max-queued-jobs N         jobs that may wait (default 64)
-  --device cpu|cuda           where jobs run (default cpu)
-  --threads N                 LibTorch intra-op threads per job (default 0: LibTorch's own
-                              default, OMP_NUM_THREADS or 1)
-  --tls-cert FILE --tls-key FILE
-                              serve TLS with this PEM certificate chain and key (default plaintext)
-  --tls-client-ca FILE        mutual TLS: clients must present a certificate this CA signed
-  --admin-token-file FILE     submit, cancel and publish need this token ('authorization: Bearer
-                              TOKEN'); without it they are open, which only a loopback --listen
-                              accepts
-  --insecure-admin            allow open admin RPCs on a --listen beyond the loopback
-A job that names no corpus uses )" LYCHEE_SOURCE_DIR R"(/data/corpus/calibration.txt.gz; a sweep
-that names no validation corpus builds its prompts from )" LYCHEE_SOURCE_DIR "/data/corpus/persuasion.txt.gz\n";
-
-absl::Status Serve(const std::vector<std::string>& argv) {
-  LYCHEE_ASSIGN_OR_RETURN(
-      lychee::cli::Args args,
-      lychee::cli::Args::Parse(argv,
-                               {"listen", "model-root", "data-root", "registry-dir", "max-concurrent-jobs",
-                                "max-queued-jobs", "device", "threads", "tls-cert", "tls-key", "tls-client-ca",
-                                "admin-token-file"},
-                               {"insecure-admin"}));
+absl::Status Serve() {
   lychee::TrainerServerOptions options;
-  options.listen_address = args.GetOr("listen", options.listen_address);
-  options.registry_dir = args.GetOr("registry-dir", "");
+  options.listen_address = absl::GetFlag(FLAGS_listen);
+  options.registry_dir = absl::GetFlag(FLAGS_registry_dir);
   if (options.registry_dir.empty()) return absl::InvalidArgumentError("--registry-dir is required");
-  options.tls.cert_file = args.GetOr("tls-cert", "");
-  options.tls.key_file = args.GetOr("tls-key", "");
-  options.tls.client_ca_file = args.GetOr("tls-client-ca", "");
-  options.access.admin_token_file = args.GetOr("admin-token-file", "");
-  options.access.insecure_admin = args.Has("insecure-admin");
-  options.jobs.model_root = args.GetOr("model-root", LYCHEE_SOURCE_DIR "/models");
-  options.jobs.data_root = args.GetOr("data-root", LYCHEE_SOURCE_DIR "/data");
+  options.tls.cert_file = absl::GetFlag(FLAGS_tls_cert);
+  options.tls.key_file = absl::GetFlag(FLAGS_tls_key);
+  options.tls.client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
+  options.access.admin_token_file = absl::GetFlag(FLAGS_admin_token_file);
+  options.access.insecure_admin = absl::GetFlag(FLAGS_insecure_admin);
+  options.jobs.model_root = absl::GetFlag(FLAGS_model_root);
+  options.jobs.data_root = absl::GetFlag(FLAGS_data_root);
   options.jobs.default_corpus = LYCHEE_SOURCE_DIR "/data/corpus/calibration.txt.gz";
   options.jobs.default_heldout_corpus = LYCHEE_SOURCE_DIR "/data/corpus/persuasion.txt.gz";
-  LYCHEE_ASSIGN_OR_RETURN(const int64_t concurrent, args.GetInt("max-concurrent-jobs", 1));
-  LYCHEE_ASSIGN_OR_RETURN(const int64_t queued, args.GetInt("max-queued-jobs", 64));
-  if (concurrent < 1 || concurrent > 64) {
-    return absl::InvalidArgumentError(absl::StrCat("--max-concurrent-jobs must be in [1, 64], got ", concurrent));
-  }
-  if (queued < 1 || queued > 100000) {
-    return absl::InvalidArgumentError(absl::StrCat("--max-queued-jobs must be in [1, 100000], got ", queued));
-  }
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t concurrent, lychee::FlagInRange(FLAGS_max_concurrent_jobs, 1, 64));
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t queued, lychee::FlagInRange(FLAGS_max_queued_jobs, 1, 100000));
   options.jobs.max_concurrent_jobs = static_cast<int>(concurrent);
   options.jobs.max_queued_jobs = static_cast<int>(queued);
-  LYCHEE_ASSIGN_OR_RETURN(const int64_t threads, args.GetInt("threads", 0));
-  if (threads < 0 || threads > 1024) {
-    return absl::InvalidArgumentError(absl::StrCat("--threads must be in [0, 1024], got ", threads));
-  }
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t threads, lychee::FlagInRange(FLAGS_threads, 0, 1024));
   LYCHEE_ASSIGN_OR_RETURN(lychee::CalibrationRunner runner,
-                          lychee::MakeCalibrationRunner(args.GetOr("device", "cpu"), static_cast<int>(threads)));
+                          lychee::MakeCalibrationRunner(absl::GetFlag(FLAGS_device), static_cast<int>(threads)));
 
   const sigset_t signals = lychee::BlockShutdownSignals();
 
@@ -89,4 +74,4 @@ absl::Status Serve(const std::vector<std::string>& argv) {
 
 }  // namespace
 
-int main(int argc, char** argv) { return lychee::ServiceMain(argc, argv, "lychee-trainer", kUsage, Serve); }
+int main(int argc, char** argv) { return lychee::ServiceMain(argc, argv, "lychee-trainer", kUsage, __FILE__, Serve); }
