@@ -55,6 +55,16 @@ constexpr char kUsage[] = R"(usage: lychee-inference --state-dir DIR [flags]
   --client-token-file FILE    the other RPCs need this token (or the admin one); it never passes
                               an admin check (needs --admin-token-file)
   --insecure-admin            allow open admin RPCs on a --listen beyond the loopback
+  --canary-fraction F         in [0, 1]: a partition from the trainer that passed shadow validation
+                              starts as a canary for this fraction of new sequences while another
+                              is active (default 0: it becomes active for all at once)
+  --canary-sequences N        canary sequences after which a canary is decided (default 32)
+  --canary-max-dropped-mass F promote a canary only when its mean audited dropped mass <= F
+                              (default 0.2)
+  --canary-max-error-rate F   ... and its fraction of sequences ending in an error <= F (default 0.05)
+  --canary-max-latency-ratio F
+                              ... and its mean per-token latency <= F times the stable version's
+                              (default 1.5); otherwise it is rolled back
   --shadow-validation true|false
                               validate each partition from the trainer against dense before it
                               becomes active, and reject it outside the bounds below (default true)
@@ -108,7 +118,12 @@ absl::Status Serve(const std::vector<std::string>& argv) {
                                               "shadow-threads",
                                               "shadow-budget",
                                               "shadow-max-accuracy-drop",
-                                              "shadow-max-dropped-mass"};
+                                              "shadow-max-dropped-mass",
+                                              "canary-fraction",
+                                              "canary-sequences",
+                                              "canary-max-dropped-mass",
+                                              "canary-max-error-rate",
+                                              "canary-max-latency-ratio"};
   LYCHEE_ASSIGN_OR_RETURN(lychee::cli::Args args, lychee::cli::Args::Parse(argv, valued_flags, {"insecure-admin"}));
   lychee::InferenceServerOptions options;
   options.state_dir = args.GetOr("state-dir", "");
@@ -191,6 +206,15 @@ absl::Status Serve(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(shadow.max_accuracy_drop,
                           args.GetDouble("shadow-max-accuracy-drop", shadow.max_accuracy_drop));
   LYCHEE_ASSIGN_OR_RETURN(shadow.max_dropped_mass, args.GetDouble("shadow-max-dropped-mass", shadow.max_dropped_mass));
+
+  lychee::CanaryBounds& canary = options.canary_bounds;
+  LYCHEE_ASSIGN_OR_RETURN(canary.sequences, in_range("canary-sequences", canary.sequences, 1, 1 << 20));
+  LYCHEE_ASSIGN_OR_RETURN(canary.max_dropped_mass, args.GetDouble("canary-max-dropped-mass", canary.max_dropped_mass));
+  LYCHEE_ASSIGN_OR_RETURN(canary.max_error_rate, args.GetDouble("canary-max-error-rate", canary.max_error_rate));
+  LYCHEE_ASSIGN_OR_RETURN(canary.max_latency_ratio,
+                          args.GetDouble("canary-max-latency-ratio", canary.max_latency_ratio));
+  LYCHEE_RETURN_IF_ERROR(canary.Validate("--canary- flags: "));
+  LYCHEE_ASSIGN_OR_RETURN(options.offer_canary_fraction, args.GetDouble("canary-fraction", 0));
 
   const sigset_t signals = lychee::BlockShutdownSignals();
 
