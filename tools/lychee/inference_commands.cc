@@ -33,7 +33,7 @@ std::string FinishReasonName(v1::FinishReason reason) {
 
 void PrintCanaryArm(const char* side, const v1::CanaryArm& arm) {
   std::printf(
-      "  %s version %llu: %llu sequences, %llu errors, mean dropped mass %.4f over %llu audited, per-token "
+      "  %s version %llu: %llu sequences, %llu errors, mean dropped mass %.4f over %llu measured, per-token "
       "latency mean %.2f ms, p99 of sequences %.2f ms\n",
       side, static_cast<unsigned long long>(arm.version()), static_cast<unsigned long long>(arm.sequences()),
       static_cast<unsigned long long>(arm.errors()), arm.mean_dropped_mass(),
@@ -46,7 +46,7 @@ void PrintCanary(const v1::CanaryStatus& canary) {
               static_cast<unsigned long long>(canary.canary().version()), canary.fraction(), canary.state().c_str(),
               canary.reason().empty() ? "" : absl::StrCat(" (", canary.reason(), ")").c_str());
   std::printf(
-      "  decided after %u canary sequences: mean dropped mass <= %.3f, error rate <= %.3f, per-token latency "
+      "  decided after %u measured canary sequences: mean dropped mass <= %.3f, error rate <= %.3f, per-token latency "
       "<= %.2f x stable\n",
       canary.decide_after_sequences(), canary.max_dropped_mass(), canary.max_error_rate(), canary.max_latency_ratio());
   PrintCanaryArm("canary", canary.canary());
