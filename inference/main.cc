@@ -1,4 +1,5 @@
 // lychee-inference: the generation server (lychee.v1.InferenceService).
+#include <cmath>
 #include <iostream>
 #include <set>
 #include <string>
@@ -207,14 +208,26 @@ absl::Status Serve(const std::vector<std::string>& argv) {
                           args.GetDouble("shadow-max-accuracy-drop", shadow.max_accuracy_drop));
   LYCHEE_ASSIGN_OR_RETURN(shadow.max_dropped_mass, args.GetDouble("shadow-max-dropped-mass", shadow.max_dropped_mass));
 
+  // Written so that NaN fails too.
+  const auto in_unit_interval = [&](const std::string& flag, double fallback) -> absl::StatusOr<double> {
+    LYCHEE_ASSIGN_OR_RETURN(const double value, args.GetDouble(flag, fallback));
+    if (!(value >= 0 && value <= 1)) {
+      return absl::InvalidArgumentError(absl::StrCat("--", flag, " must be in [0, 1], got ", value));
+    }
+    return value;
+  };
   lychee::CanaryBounds& canary = options.canary_bounds;
   LYCHEE_ASSIGN_OR_RETURN(canary.sequences, in_range("canary-sequences", canary.sequences, 1, 1 << 20));
-  LYCHEE_ASSIGN_OR_RETURN(canary.max_dropped_mass, args.GetDouble("canary-max-dropped-mass", canary.max_dropped_mass));
-  LYCHEE_ASSIGN_OR_RETURN(canary.max_error_rate, args.GetDouble("canary-max-error-rate", canary.max_error_rate));
+  LYCHEE_ASSIGN_OR_RETURN(canary.max_dropped_mass,
+                          in_unit_interval("canary-max-dropped-mass", canary.max_dropped_mass));
+  LYCHEE_ASSIGN_OR_RETURN(canary.max_error_rate, in_unit_interval("canary-max-error-rate", canary.max_error_rate));
   LYCHEE_ASSIGN_OR_RETURN(canary.max_latency_ratio,
                           args.GetDouble("canary-max-latency-ratio", canary.max_latency_ratio));
-  LYCHEE_RETURN_IF_ERROR(canary.Validate("--canary- flags: "));
-  LYCHEE_ASSIGN_OR_RETURN(options.offer_canary_fraction, args.GetDouble("canary-fraction", 0));
+  if (!(canary.max_latency_ratio >= 1 && std::isfinite(canary.max_latency_ratio))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--canary-max-latency-ratio must be a finite number of at least 1, got ", canary.max_latency_ratio));
+  }
+  LYCHEE_ASSIGN_OR_RETURN(options.offer_canary_fraction, in_unit_interval("canary-fraction", 0));
 
   const sigset_t signals = lychee::BlockShutdownSignals();
 
