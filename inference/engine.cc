@@ -364,6 +364,9 @@ class InferenceEngine::Impl {
     const std::vector<double> token_bounds = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5};
     output.token_latency =
         &metrics.AddHistogram("lychee_token_latency_seconds", "Between consecutive tokens of a sequence", token_bounds);
+    output.on_finished = [this](const EngineRequest& request, const absl::Status& outcome) {
+      RecordCanarySequence(request, outcome);
+    };
     output_ = std::make_unique<OutputProcessor>(StopIds(), max_context_, output);
     preemptions_ = &metrics.AddCounter("lychee_preemptions_total",
                                        "Sequences dropped for older ones when the KV pool ran out, to be recomputed");
@@ -400,6 +403,23 @@ class InferenceEngine::Impl {
     metrics.AddCounterFunction(
         "lychee_decode_graph_capture_failures_total", "Decode steps whose CUDA graph capture failed",
         [this] { return static_cast<double>(runner_->decode_counts().graph_capture_failures); });
+  }
+
+  // Counts a sequence that a canary's routing placed towards the canary's decision. A client that
+  // went away and a server shutting down say nothing about the partition; other errors count.
+  void RecordCanarySequence(const EngineRequest& request, const absl::Status& outcome) {
+    if (request.plan.canary_arm == PartitionRoute::Arm::kNoCanary) return;
+    if (absl::IsCancelled(outcome) || absl::IsUnavailable(outcome)) return;
+    const GenerationSummary& summary = request.summary;
+    CanarySequence sequence;
+    sequence.error = !outcome.ok();
+    const bool selective = summary.prompt_tokens + summary.completion_tokens > summary.token_budget;
+    if (outcome.ok() && selective && summary.telemetry && summary.telemetry->audited) {
+      sequence.mean_dropped_mass = summary.telemetry->mean_dropped_mass;
+    }
+    sequence.timed_tokens = std::max<int64_t>(summary.completion_tokens - 1, 0);
+    sequence.token_latency_sum = request.latency_sum;
+    partitions_->RecordCanarySequence(request.plan.canary_arm, summary.partition_version, sequence);
   }
 
   std::vector<int32_t> StopIds() const {

@@ -29,6 +29,9 @@ struct AttentionPlan {
   std::optional<int64_t> token_budget;
   // Hybrid attention audited against dense scores (for GenerationRequest::max_dropped_mass).
   bool audit = false;
+  // Which side of a canary the active partition's routing put the sequence on, on its first
+  // admission; its outcome then counts towards the canary's decision.
+  PartitionRoute::Arm canary_arm = PartitionRoute::Arm::kNoCanary;
 };
 
 enum class RequestStatus {

@@ -1,4 +1,5 @@
 // lychee-inference: the generation server (lychee.v1.InferenceService).
+#include <cmath>
 #include <cstdint>
 #include <iostream>
 #include <optional>
@@ -75,6 +76,17 @@ ABSL_FLAG(double, shadow_max_accuracy_drop, lychee::ShadowValidationOptions{}.ma
           "promote only when every task's accuracy >= dense's - F");
 ABSL_FLAG(double, shadow_max_dropped_mass, lychee::ShadowValidationOptions{}.max_dropped_mass,
           "promote only when the audited mean dropped mass <= F");
+ABSL_FLAG(double, canary_fraction, 0,
+          "in [0, 1]: a partition from the trainer that passed shadow validation starts as a canary for "
+          "this fraction of new sequences while another is active (0: it becomes active for all at once)");
+ABSL_FLAG(int64_t, canary_sequences, lychee::CanaryBounds{}.sequences,
+          "measured canary sequences after which a canary is decided");
+ABSL_FLAG(double, canary_max_dropped_mass, lychee::CanaryBounds{}.max_dropped_mass,
+          "promote a canary only when its mean audited dropped mass <= F");
+ABSL_FLAG(double, canary_max_error_rate, lychee::CanaryBounds{}.max_error_rate,
+          "... and its fraction of sequences ending in an error <= F");
+ABSL_FLAG(double, canary_max_latency_ratio, lychee::CanaryBounds{}.max_latency_ratio,
+          "... and its mean per-token latency <= F times the stable version's; otherwise it is rolled back");
 
 namespace {
 
@@ -145,6 +157,26 @@ absl::Status Serve() {
   shadow.threads = static_cast<int>(shadow_threads);
   shadow.max_accuracy_drop = absl::GetFlag(FLAGS_shadow_max_accuracy_drop);
   shadow.max_dropped_mass = absl::GetFlag(FLAGS_shadow_max_dropped_mass);
+
+  // Written so that NaN fails too.
+  const auto in_unit_interval = [](const absl::Flag<double>& flag, absl::string_view name) -> absl::StatusOr<double> {
+    const double value = absl::GetFlag(flag);
+    if (!(value >= 0 && value <= 1)) {
+      return absl::InvalidArgumentError(absl::StrCat("--", name, " must be in [0, 1], got ", value));
+    }
+    return value;
+  };
+  lychee::CanaryBounds& canary = options.canary_bounds;
+  LYCHEE_ASSIGN_OR_RETURN(canary.sequences, lychee::FlagInRange(FLAGS_canary_sequences, 1, 1 << 20));
+  LYCHEE_ASSIGN_OR_RETURN(canary.max_dropped_mass,
+                          in_unit_interval(FLAGS_canary_max_dropped_mass, "canary-max-dropped-mass"));
+  LYCHEE_ASSIGN_OR_RETURN(canary.max_error_rate, in_unit_interval(FLAGS_canary_max_error_rate, "canary-max-error-rate"));
+  canary.max_latency_ratio = absl::GetFlag(FLAGS_canary_max_latency_ratio);
+  if (!(canary.max_latency_ratio >= 1 && std::isfinite(canary.max_latency_ratio))) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "--canary-max-latency-ratio must be a finite number of at least 1, got ", canary.max_latency_ratio));
+  }
+  LYCHEE_ASSIGN_OR_RETURN(options.offer_canary_fraction, in_unit_interval(FLAGS_canary_fraction, "canary-fraction"));
 
   const sigset_t signals = lychee::BlockShutdownSignals();
 

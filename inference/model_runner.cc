@@ -72,7 +72,7 @@ struct ModelRunner::RequestState {
 };
 
 ModelRunner::ModelRunner(const EngineOptions& options, PartitionManager* partitions)
-    : partitions_(partitions), faults_(options.faults) {
+    : partitions_(partitions), faults_(options.faults), audit_every_(options.audit_every) {
   DecodeOptions decode_options;
   decode_options.cuda_graphs = options.cuda_graphs;
   // A graph for every batch-size bucket the scheduler can run: 1, 2, 4, ... up to max_batch.
@@ -266,27 +266,32 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::BackendFor(
 }
 
 absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::HybridBackendFor(EngineRequest& request) {
-  const AttentionPlan& plan = request.plan;
-  PartitionManager::Snapshot partition = plan.pinned != nullptr ? plan.pinned : partitions_->Active().partition;
+  AttentionPlan& plan = request.plan;
+  PartitionManager::Snapshot partition = plan.pinned;
+  if (partition == nullptr) {
+    PartitionRoute route = partitions_->Route(request.id);
+    partition = std::move(route.partition);
+    plan.canary_arm = route.arm;
+  }
   if (partition == nullptr) return absl::FailedPreconditionError("hybrid attention: no head partition is active");
   const int64_t budget = plan.token_budget.value_or(partition->selection().token_budget);
   GenerationSummary& summary = request.summary;
   summary.hybrid = true;
   summary.partition_version = partition->version;
   summary.token_budget = budget;
-  return HybridBackend(partition, budget, plan.audit);
+  // A bound audits every step; both sides of a canary the server's period, so that its mass is measured.
+  const int64_t audit_every = plan.audit ? 1 : (plan.canary_arm != PartitionRoute::Arm::kNoCanary ? audit_every_ : 0);
+  return HybridBackend(partition, budget, audit_every);
 }
 
 absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::HybridBackend(
-    const PartitionManager::Snapshot& partition, int64_t budget, bool audit) {
-  // Shared by every request with the same partition, budget and audit, so that they decode in one call.
-  const std::tuple<uint64_t, int64_t, bool> key(partition->version, budget, audit);
+    const PartitionManager::Snapshot& partition, int64_t budget, int64_t audit_every) {
+  // Shared by every request with the same partition, budget and audit period, so that they decode in one call.
+  const std::tuple<uint64_t, int64_t, int64_t> key(partition->version, budget, audit_every);
   if (auto it = hybrid_backends_.find(key); it != hybrid_backends_.end()) return it->second;
   auto adjusted = std::make_shared<HeadPartition>(*partition);
   adjusted->mutable_selection().token_budget = budget;
   std::shared_ptr<const AttentionBackend> backend;
-  // An audited request (one with a max_dropped_mass bound) audits every decode step.
-  const int64_t audit_every = audit ? 1 : 0;
 #ifdef LYCHEE_CUDA_ATTENTION
   if (model_->options().device.is_cuda()) {
     LYCHEE_ASSIGN_OR_RETURN(backend, MakeCudaHybridAttention(adjusted, model_->config(), audit_every));

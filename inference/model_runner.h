@@ -86,7 +86,7 @@ class ModelRunner {
   absl::StatusOr<std::shared_ptr<const AttentionBackend>> HybridBackendFor(EngineRequest& request);
   absl::StatusOr<std::shared_ptr<const AttentionBackend>> PolicyBackendFor(EngineRequest& request);
   absl::StatusOr<std::shared_ptr<const AttentionBackend>> HybridBackend(const PartitionManager::Snapshot& partition,
-                                                                        int64_t budget, bool audit = false);
+                                                                        int64_t budget, int64_t audit_every = 0);
   RequestState& StateOf(const EngineRequest& request);
   absl::Status RunStart(EngineRequest& request);
   absl::StatusOr<std::optional<int32_t>> RunPrefill(EngineRequest& request, int64_t tokens);
@@ -104,12 +104,14 @@ class ModelRunner {
 
   PartitionManager* const partitions_;
   const std::shared_ptr<const StepFaults> faults_;
+  // The audit period of both sides of a canary.
+  const int64_t audit_every_;
   std::unique_ptr<Model> model_;
   std::unique_ptr<DecodeContext> decode_context_;
   std::shared_ptr<KvPool> pool_;
   std::shared_ptr<const AttentionBackend> dense_;
-  // By partition version, token budget and audit.
-  std::map<std::tuple<uint64_t, int64_t, bool>, std::shared_ptr<const AttentionBackend>> hybrid_backends_;
+  // By partition version, token budget and audit period.
+  std::map<std::tuple<uint64_t, int64_t, int64_t>, std::shared_ptr<const AttentionBackend>> hybrid_backends_;
   std::map<std::pair<std::string, uint64_t>, std::shared_ptr<const AttentionBackend>> policy_backends_;
   std::map<uint64_t, std::unique_ptr<RequestState>> states_;
   std::shared_ptr<const AttentionBackend> prepared_;

@@ -90,6 +90,7 @@ void OutputProcessor::Complete(EngineRequest& request, std::optional<GenerationT
   // Counted before the client can see the end, so that the metrics it reads then include it.
   metrics_.prompt_tokens->Increment(static_cast<double>(summary.prompt_tokens));
   metrics_.succeeded->Increment();
+  if (metrics_.on_finished) metrics_.on_finished(request, absl::OkStatus());
   GenerationEvent done;
   done.kind = GenerationEvent::Kind::kDone;
   done.summary = summary;
@@ -100,6 +101,7 @@ void OutputProcessor::Fail(EngineRequest& request, const absl::Status& error) {
   if (request.status == RequestStatus::kFinished) return;
   request.status = RequestStatus::kFinished;
   (absl::IsCancelled(error) ? metrics_.cancelled : metrics_.failed)->Increment();
+  if (metrics_.on_finished) metrics_.on_finished(request, error);
   GenerationEvent event;
   event.kind = GenerationEvent::Kind::kError;
   event.error = error;

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <vector>
 
@@ -23,6 +24,8 @@ struct OutputMetrics {
   Counter* prompt_tokens = nullptr;
   Histogram* time_to_first_token = nullptr;
   Histogram* token_latency = nullptr;
+  // Called with each request that ends, and how (OK for a summary), before its client can see it.
+  std::function<void(const EngineRequest& request, const absl::Status& outcome)> on_finished;
 };
 
 class OutputProcessor {

@@ -19,6 +19,12 @@ namespace {
 
 constexpr size_t kRejectionsKept = 16;
 constexpr char kPartitionSuffix[] = ".pb";
+constexpr char kCanaryFile[] = "canary";
+
+absl::Status CanaryRunning(const CanaryRecord& canary) {
+  return absl::FailedPreconditionError(
+      absl::StrCat("a canary of partition ", canary.version, " runs; promote or abort it first"));
+}
 
 }  // namespace
 
@@ -79,12 +85,14 @@ absl::StatusOr<std::unique_ptr<PartitionManager>> PartitionManager::Open(Options
   }
   manager->active_ = std::make_shared<const ActivePartition>(ActivePartition{
       active_version == 0 ? nullptr : manager->partitions_[active_version], active_version == 0 ? "" : "restored"});
+  manager->RestoreCanary(active_version);
   for (const std::string& problem : manager->problems_) std::cerr << "partition state: " << problem << "\n";
   // A version stored just before a crash, before its activation was recorded, is decided now as
   // Offer would have decided it.
   const uint64_t highest = manager->partitions_.empty() ? 0 : manager->partitions_.rbegin()->first;
   manager->decided_through_ = decided_through.value_or(highest);
-  if (highest > manager->decided_through_ && !manager->held_ && highest > active_version) {
+  if (highest > manager->decided_through_ && !manager->held_ && highest > active_version &&
+      manager->canary_routing_ == nullptr) {
     std::lock_guard<std::mutex> lock(manager->mutex_);
     manager->decided_through_ = highest;
     LYCHEE_RETURN_IF_ERROR(manager->ActivateLocked(highest, "trainer", /*push_history=*/true));
@@ -182,6 +190,7 @@ absl::Status PartitionManager::Offer(const HeadPartition& partition) {
   }
   absl::Status status;
   bool activate = false;
+  bool as_canary = false;
   {
     std::lock_guard<std::mutex> lock(mutex_);
     if (partitions_.count(partition.version) != 0) return absl::OkStatus();
@@ -191,19 +200,26 @@ absl::Status PartitionManager::Offer(const HeadPartition& partition) {
       partitions_[partition.version] = std::make_shared<const HeadPartition>(partition);
       decided_through_ = std::max(decided_through_, partition.version);
       activate = ShouldActivateOfferLocked(partition.version);
-      if (!activate) status = PersistStateLocked();
+      // A canary does not change the active version: the decision is recorded here.
+      as_canary = activate && options_.offer_canary_fraction > 0 && std::atomic_load(&active_)->partition != nullptr;
+      if (!activate || as_canary) status = PersistStateLocked();
     } else {
       RecordRejectionLocked(partition.version, status);
     }
   }
-  if (activate) status = PrepareAndActivate(partition.version, "trainer", /*as_offer=*/true);
+  if (as_canary && status.ok()) {
+    status = StartCanary(partition.version, options_.offer_canary_fraction, std::nullopt);
+  } else if (activate) {
+    status = PrepareAndActivate(partition.version, "trainer", /*as_offer=*/true);
+  }
   Notify();
   return status;
 }
 
 bool PartitionManager::ShouldActivateOfferLocked(uint64_t version) const {
   const Snapshot current = std::atomic_load(&active_)->partition;
-  return !held_ && (current == nullptr || current->version < version);
+  const bool canary_running = canary_ && canary_->state == CanaryState::kRunning;
+  return !held_ && !canary_running && (current == nullptr || current->version < version);
 }
 
 void PartitionManager::SetOfferGate(std::function<absl::Status(const HeadPartition&)> gate) {
@@ -258,6 +274,7 @@ absl::Status PartitionManager::Activate(uint64_t version) {
     if (partitions_.count(version) == 0) {
       return absl::NotFoundError(absl::StrCat("partition version ", version, " is not held by this service"));
     }
+    if (canary_ && canary_->state == CanaryState::kRunning) return CanaryRunning(*canary_);
   }
   LYCHEE_RETURN_IF_ERROR(PrepareAndActivate(version, "activate", /*as_offer=*/false));
   Notify();
@@ -267,6 +284,7 @@ absl::Status PartitionManager::Activate(uint64_t version) {
 absl::Status PartitionManager::Rollback() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
+    if (canary_ && canary_->state == CanaryState::kRunning) return CanaryRunning(*canary_);
     if (history_.empty()) return absl::FailedPreconditionError("no earlier partition to roll back to");
     const uint64_t previous = history_.back();
     history_.pop_back();
@@ -329,6 +347,194 @@ absl::Status PartitionManager::PersistStateLocked() const {
 
 std::string PartitionManager::PartitionPath(uint64_t version) const {
   return (std::filesystem::path(options_.state_dir) / "partitions" / absl::StrCat(version, kPartitionSuffix)).string();
+}
+
+absl::Status PartitionManager::StartCanary(uint64_t version, double fraction,
+                                           const std::optional<CanaryBounds>& bounds) {
+  // Written so that NaN fails too.
+  if (!(fraction > 0 && fraction <= 1)) {
+    return absl::InvalidArgumentError(absl::StrCat("canary_fraction must be in (0, 1], got ", fraction));
+  }
+  if (bounds) LYCHEE_RETURN_IF_ERROR(bounds->Validate("canary_"));
+  std::function<absl::Status(const Snapshot&)> preparer;
+  Snapshot snapshot;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    auto it = partitions_.find(version);
+    if (it == partitions_.end()) {
+      return absl::NotFoundError(absl::StrCat("version: partition ", version, " is not held by this service"));
+    }
+    if (canary_ && canary_->state == CanaryState::kRunning) return CanaryRunning(*canary_);
+    const Snapshot active = std::atomic_load(&active_)->partition;
+    if (active == nullptr) {
+      return absl::FailedPreconditionError("a canary needs an active partition to compare with; activate one first");
+    }
+    if (active->version == version) {
+      return absl::FailedPreconditionError(absl::StrCat("version: partition ", version, " is already active"));
+    }
+    preparer = preparer_;
+    snapshot = it->second;
+  }
+  // Outside the lock, as for an activation: the canary's first sequences then replay captured graphs.
+  if (preparer) {
+    if (absl::Status prepared = preparer(snapshot); !prepared.ok()) {
+      std::cerr << "canary partition " << version << " starts unprepared: " << prepared.message() << "\n";
+    }
+  }
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (canary_ && canary_->state == CanaryState::kRunning) return CanaryRunning(*canary_);
+    const Snapshot active = std::atomic_load(&active_)->partition;
+    if (active == nullptr || active->version == version) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("the active partition changed while canary ", version, " was prepared; start it again"));
+    }
+    const std::optional<CanaryRecord> previous = canary_;
+    CanaryRecord record;
+    record.version = version;
+    record.stable_version = active->version;
+    record.fraction = fraction;
+    record.bounds = bounds.value_or(options_.canary_bounds);
+    record.started_unix_seconds = absl::ToUnixSeconds(absl::Now());
+    canary_ = std::move(record);
+    if (absl::Status persisted = PersistCanaryLocked(); !persisted.ok()) {
+      canary_ = previous;
+      return persisted;
+    }
+    std::atomic_store(&canary_routing_, std::make_shared<const CanaryRouting>(CanaryRouting{snapshot, fraction}));
+    std::cerr << "partition " << version << " canary started for a fraction " << fraction << " of new sequences\n";
+  }
+  Notify();
+  return absl::OkStatus();
+}
+
+absl::Status PartitionManager::PromoteCanary() {
+  return DecideCanaryNow(CanaryState::kPromoted, "promoted by the operator");
+}
+
+absl::Status PartitionManager::AbortCanary() {
+  return DecideCanaryNow(CanaryState::kAborted, "aborted by the operator");
+}
+
+absl::Status PartitionManager::DecideCanaryNow(CanaryState state, const std::string& reason) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!canary_ || canary_->state != CanaryState::kRunning) return absl::FailedPreconditionError("no canary runs");
+    LYCHEE_RETURN_IF_ERROR(FinishCanaryLocked(state, reason));
+  }
+  Notify();
+  return absl::OkStatus();
+}
+
+PartitionRoute PartitionManager::Route(uint64_t sequence_id) const {
+  const std::shared_ptr<const CanaryRouting> canary = std::atomic_load(&canary_routing_);
+  const Snapshot active = std::atomic_load(&active_)->partition;
+  if (canary == nullptr) return {active, PartitionRoute::Arm::kNoCanary};
+  if (RoutesToCanary(sequence_id, canary->partition->version, canary->fraction)) {
+    return {canary->partition, PartitionRoute::Arm::kCanary};
+  }
+  return {active, PartitionRoute::Arm::kStable};
+}
+
+void PartitionManager::RecordCanarySequence(PartitionRoute::Arm arm, uint64_t version, const CanarySequence& sequence) {
+  if (arm == PartitionRoute::Arm::kNoCanary) return;
+  bool decided = false;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    // A sequence of a canary decided since its admission, or of an earlier one.
+    if (!canary_ || canary_->state != CanaryState::kRunning) return;
+    const bool canary_arm = arm == PartitionRoute::Arm::kCanary;
+    if (version != (canary_arm ? canary_->version : canary_->stable_version)) return;
+    AddSequence(sequence, canary_arm ? canary_->canary : canary_->stable);
+    // Stored with each canary sequence, not each stable one: the decision depends on the former.
+    if (!canary_arm) return;
+    const CanaryVerdict verdict = DecideCanary(*canary_);
+    if (verdict.state == CanaryState::kRunning) {
+      if (absl::Status persisted = PersistCanaryLocked(); !persisted.ok()) {
+        std::cerr << "canary of partition " << version << ": its counts were not stored: " << persisted.message()
+                  << "\n";
+      }
+      return;
+    }
+    if (absl::Status finished = FinishCanaryLocked(verdict.state, verdict.reason); !finished.ok()) {
+      std::cerr << "canary of partition " << version << " could not be " << CanaryStateName(verdict.state) << ": "
+                << finished.message() << "\n";
+      return;
+    }
+    decided = true;
+  }
+  if (decided) Notify();
+}
+
+std::optional<CanaryRecord> PartitionManager::Canary() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return canary_;
+}
+
+absl::Status PartitionManager::FinishCanaryLocked(CanaryState state, const std::string& reason) {
+  const CanaryRecord running = *canary_;
+  canary_->state = state;
+  canary_->reason = reason;
+  canary_->decided_unix_seconds = absl::ToUnixSeconds(absl::Now());
+  if (absl::Status persisted = PersistCanaryLocked(); !persisted.ok()) {
+    canary_ = running;
+    return persisted;
+  }
+  std::atomic_store(&canary_routing_, std::shared_ptr<const CanaryRouting>());
+  if (state == CanaryState::kPromoted) {
+    // Recorded as promoted first, so that a crash between the two cannot resume a promoted canary;
+    // a failed activation leaves the stable version active and says so in the record.
+    if (absl::Status activated = ActivateLocked(running.version, "canary", /*push_history=*/true); !activated.ok()) {
+      canary_->state = CanaryState::kAborted;
+      canary_->reason = absl::StrCat(reason, "; its activation failed: ", activated.message());
+      if (absl::Status persisted = PersistCanaryLocked(); !persisted.ok()) {
+        std::cerr << "canary of partition " << running.version << ": " << persisted.message() << "\n";
+      }
+      return activated;
+    }
+  }
+  if (state == CanaryState::kRolledBack) {
+    ++rejected_by_canary_;
+    // Logged as a rejection.
+    RecordRejectionLocked(running.version, absl::FailedPreconditionError(absl::StrCat("canary rolled back: ", reason)));
+  } else {
+    std::cerr << "canary of partition " << running.version << " " << CanaryStateName(state) << ": " << reason << "\n";
+  }
+  return absl::OkStatus();
+}
+
+absl::Status PartitionManager::PersistCanaryLocked() const {
+  return WriteDurableFile((std::filesystem::path(options_.state_dir) / kCanaryFile).string(),
+                          CanaryRecordToJson(*canary_).dump());
+}
+
+void PartitionManager::RestoreCanary(uint64_t active_version) {
+  const std::string path = (std::filesystem::path(options_.state_dir) / kCanaryFile).string();
+  absl::StatusOr<std::string> text = ReadDurableFile(path);
+  if (!text.ok()) {
+    if (!absl::IsNotFound(text.status())) problems_.push_back(std::string(text.status().message()));
+    return;
+  }
+  CanaryRecord record;
+  const nlohmann::json json = nlohmann::json::parse(*text, nullptr, /*allow_exceptions=*/false);
+  if (absl::Status read = CanaryRecordFromJson(json, record); !read.ok()) {
+    problems_.push_back(absl::StrCat(path, ": ", read.message(), "; no canary restored"));
+    return;
+  }
+  if (record.state == CanaryState::kRunning) {
+    auto it = partitions_.find(record.version);
+    if (it == partitions_.end() || record.stable_version != active_version) {
+      problems_.push_back(absl::StrCat("the canary of partition ", record.version, " against ", record.stable_version,
+                                       " cannot resume (its version is not readable or another is active); "
+                                       "it is aborted"));
+      record.state = CanaryState::kAborted;
+      record.reason = "could not resume after a restart";
+      record.decided_unix_seconds = absl::ToUnixSeconds(absl::Now());
+    } else {
+      canary_routing_ = std::make_shared<const CanaryRouting>(CanaryRouting{it->second, record.fraction});
+    }
+  }
+  canary_ = std::move(record);
 }
 
 void PartitionManager::Notify() const {

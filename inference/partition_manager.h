@@ -13,19 +13,28 @@
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "common/head_partition.h"
 #include "common/model_config.h"
+#include "inference/canary.h"
 
 namespace lychee {
 
 struct ActivePartition {
   std::shared_ptr<const HeadPartition> partition;
-  // "trainer", "activate", "rollback" or "restored".
+  // "trainer", "activate", "rollback", "canary" (a promoted canary) or "restored".
   std::string activated_by;
+};
+
+// Which partition a new sequence gets while a canary may run, and for which side of it.
+struct PartitionRoute {
+  enum class Arm { kNoCanary, kStable, kCanary };
+  std::shared_ptr<const HeadPartition> partition;
+  Arm arm = Arm::kNoCanary;
 };
 
 struct RejectedPartition {
@@ -47,6 +56,11 @@ class PartitionManager {
     std::function<absl::Status(const HeadPartition&)> check_servable;
     // Called after every change of the active partition and every rejection, outside the lock.
     std::function<void()> on_change;
+    // The bounds of a canary that names none.
+    CanaryBounds canary_bounds;
+    // In [0, 1]: when above 0, a partition that Offer would activate while another is active
+    // starts as a canary of this fraction instead.
+    double offer_canary_fraction = 0;
   };
 
   // Reads what an earlier run stored. A stored file that is damaged or no longer validates is
@@ -86,6 +100,26 @@ class PartitionManager {
   absl::Status SetHold(bool hold);
   bool held() const;
 
+  // Starts a canary: new sequences get `version` with probability `fraction` (in (0, 1]), the
+  // others the active version, until DecideCanary decides it or the operator does. `bounds`
+  // defaults to Options::canary_bounds. INVALID_ARGUMENT for a fraction or bounds out of range,
+  // NOT_FOUND for a version not held, FAILED_PRECONDITION while a canary runs, with no active
+  // version, or for the active one. While a canary runs, Activate and Rollback fail with
+  // FAILED_PRECONDITION and offers are stored but not activated. Survives a restart.
+  absl::Status StartCanary(uint64_t version, double fraction, const std::optional<CanaryBounds>& bounds);
+  // The operator's decision: FAILED_PRECONDITION when no canary runs. A promoted canary becomes
+  // the active version (activated_by "canary"); an aborted one is served to no new sequence.
+  // Sequences already admitted finish with the version they have.
+  absl::Status PromoteCanary();
+  absl::Status AbortCanary();
+  // Lock-free, for each new sequence: the canary or the active partition while a canary runs.
+  PartitionRoute Route(uint64_t sequence_id) const;
+  // A sequence that Route sent to `arm` has finished; decides the canary when it can.
+  void RecordCanarySequence(PartitionRoute::Arm arm, uint64_t version, const CanarySequence& sequence);
+  // The running canary, else the last one decided; none before the first.
+  std::optional<CanaryRecord> Canary() const;
+  uint64_t rejected_by_canary() const { return rejected_by_canary_.load(); }
+
   std::vector<RejectedPartition> rejections() const;
   const std::vector<std::string>& problems() const { return problems_; }
   uint64_t rollouts() const { return rollouts_.load(); }
@@ -108,6 +142,13 @@ class PartitionManager {
   void RecordRejectionLocked(uint64_t version, const absl::Status& why);
   std::string PartitionPath(uint64_t version) const;
   void Notify() const;
+  // Reads the canary an earlier run stored; a running one is resumed only if it still can be.
+  void RestoreCanary(uint64_t active_version);
+  absl::Status PersistCanaryLocked() const;
+  // The operator's decision; FAILED_PRECONDITION when no canary runs.
+  absl::Status DecideCanaryNow(CanaryState state, const std::string& reason);
+  // Ends the running canary as `state` says (promoting it activates its version).
+  absl::Status FinishCanaryLocked(CanaryState state, const std::string& reason);
 
   const Options options_;
   std::vector<std::string> problems_;
@@ -129,6 +170,15 @@ class PartitionManager {
   std::atomic<uint64_t> rollouts_{0};
   std::atomic<uint64_t> rejected_count_{0};
   std::atomic<uint64_t> rejected_by_gate_{0};
+  std::atomic<uint64_t> rejected_by_canary_{0};
+  // The running canary, else the last one decided.
+  std::optional<CanaryRecord> canary_;
+  struct CanaryRouting {
+    Snapshot partition;
+    double fraction = 0;
+  };
+  // Read without the lock by every admission; null when no canary runs.
+  std::shared_ptr<const CanaryRouting> canary_routing_;
 };
 
 }  // namespace lychee

@@ -87,19 +87,49 @@ v1::GenerateDone ToProto(const GenerationSummary& summary) {
   return done;
 }
 
+v1::CanaryArm ToProto(uint64_t version, const CanaryArmStats& stats) {
+  v1::CanaryArm arm;
+  arm.set_version(version);
+  arm.set_sequences(static_cast<uint64_t>(stats.sequences));
+  arm.set_errors(static_cast<uint64_t>(stats.errors));
+  arm.set_audited_sequences(static_cast<uint64_t>(stats.audited_sequences));
+  arm.set_mean_dropped_mass(stats.mean_dropped_mass());
+  arm.set_mean_token_latency_seconds(stats.mean_token_latency());
+  arm.set_p99_sequence_token_latency_seconds(stats.p99_sequence_latency());
+  return arm;
+}
+
+v1::CanaryStatus ToProto(const CanaryRecord& record) {
+  v1::CanaryStatus status;
+  status.set_state(CanaryStateName(record.state));
+  status.set_fraction(record.fraction);
+  *status.mutable_canary() = ToProto(record.version, record.canary);
+  *status.mutable_stable() = ToProto(record.stable_version, record.stable);
+  status.set_decide_after_sequences(static_cast<uint32_t>(record.bounds.sequences));
+  status.set_max_dropped_mass(record.bounds.max_dropped_mass);
+  status.set_max_error_rate(record.bounds.max_error_rate);
+  status.set_max_latency_ratio(record.bounds.max_latency_ratio);
+  status.set_reason(record.reason);
+  status.set_started_unix_seconds(record.started_unix_seconds);
+  status.set_decided_unix_seconds(record.decided_unix_seconds);
+  return status;
+}
+
 }  // namespace
 
 class InferenceServer::Service final : public v1::InferenceService::Service {
  public:
   Service(std::string model_name, std::string fingerprint, std::string trainer_address, const AccessControl& access,
-          InferenceEngine& engine, PartitionManager& partitions, const TrainerWatcher* watcher)
+          InferenceEngine& engine, PartitionManager& partitions, const TrainerWatcher* watcher,
+          const CanaryBounds& canary_bounds)
       : model_name_(std::move(model_name)),
         fingerprint_(std::move(fingerprint)),
         trainer_address_(std::move(trainer_address)),
         access_(access),
         engine_(engine),
         partitions_(partitions),
-        watcher_(watcher) {}
+        watcher_(watcher),
+        canary_bounds_(canary_bounds) {}
 
   grpc::Status Generate(grpc::ServerContext* context, const v1::GenerateRequest* request,
                         grpc::ServerWriter<v1::GenerateResponse>* writer) override {
@@ -178,7 +208,28 @@ class InferenceServer::Service final : public v1::InferenceService::Service {
                                  v1::ServerInfo* response) override {
     if (grpc::Status denied = access_.AuthorizeAdmin(*context); !denied.ok()) return denied;
     if (request->version() == 0) return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "version: required");
-    return ReplyWithInfo(partitions_.Activate(request->version()), response);
+    if (!request->has_canary_fraction()) {
+      if (request->has_canary_max_dropped_mass() || request->has_canary_max_error_rate()) {
+        return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                            "canary_max_dropped_mass and canary_max_error_rate need canary_fraction");
+      }
+      return ReplyWithInfo(partitions_.Activate(request->version()), response);
+    }
+    CanaryBounds bounds = canary_bounds_;
+    if (request->has_canary_max_dropped_mass()) bounds.max_dropped_mass = request->canary_max_dropped_mass();
+    if (request->has_canary_max_error_rate()) bounds.max_error_rate = request->canary_max_error_rate();
+    return ReplyWithInfo(partitions_.StartCanary(request->version(), request->canary_fraction(), bounds), response);
+  }
+
+  grpc::Status DecideCanary(grpc::ServerContext* context, const v1::DecideCanaryRequest* request,
+                            v1::ServerInfo* response) override {
+    if (grpc::Status denied = access_.AuthorizeAdmin(*context); !denied.ok()) return denied;
+    switch (request->action()) {
+      case v1::CANARY_ACTION_PROMOTE: return ReplyWithInfo(partitions_.PromoteCanary(), response);
+      case v1::CANARY_ACTION_ABORT: return ReplyWithInfo(partitions_.AbortCanary(), response);
+      default:
+        return grpc::Status(grpc::StatusCode::INVALID_ARGUMENT, "action: CANARY_ACTION_PROMOTE or CANARY_ACTION_ABORT");
+    }
   }
 
   grpc::Status Rollback(grpc::ServerContext* context, const v1::RollbackRequest*, v1::ServerInfo* response) override {
@@ -233,6 +284,7 @@ class InferenceServer::Service final : public v1::InferenceService::Service {
     info.set_kv_cache_pages_used(static_cast<uint64_t>(load.kv_pages_used));
     info.set_kv_cache_pages_total(static_cast<uint64_t>(load.kv_pages_total));
     info.set_max_new_tokens_limit(static_cast<uint32_t>(engine_.max_new_tokens_limit()));
+    if (const std::optional<CanaryRecord> canary = partitions_.Canary()) *info.mutable_canary() = ToProto(*canary);
     return info;
   }
 
@@ -243,11 +295,61 @@ class InferenceServer::Service final : public v1::InferenceService::Service {
   InferenceEngine& engine_;
   PartitionManager& partitions_;
   const TrainerWatcher* const watcher_;
+  const CanaryBounds canary_bounds_;
 };
+
+namespace {
+
+// Per side of the canary, labelled by side and version; the last canary's numbers stay until the next starts.
+void RegisterCanaryMetrics(const PartitionManager& partitions, MetricsRegistry& metrics) {
+  metrics.AddGauge("lychee_canary_running", "1 while a canary partition is served to a fraction of new sequences",
+                   [&partitions] {
+                     const std::optional<CanaryRecord> canary = partitions.Canary();
+                     return canary && canary->state == CanaryState::kRunning ? 1.0 : 0.0;
+                   });
+  metrics.AddGauge("lychee_canary_fraction", "The fraction of new sequences the last canary got", [&partitions] {
+    const std::optional<CanaryRecord> canary = partitions.Canary();
+    return canary ? canary->fraction : 0.0;
+  });
+  for (const bool canary_side : {true, false}) {
+    const MetricLabels labels = {{"arm", canary_side ? "canary" : "stable"}};
+    const auto read = [&partitions, canary_side](double (*value)(uint64_t, const CanaryArmStats&)) {
+      return [&partitions, canary_side, value] {
+        const std::optional<CanaryRecord> record = partitions.Canary();
+        if (!record) return 0.0;
+        return value(canary_side ? record->version : record->stable_version,
+                     canary_side ? record->canary : record->stable);
+      };
+    };
+    metrics.AddGauge("lychee_canary_version", "The partition version of each side of the last canary",
+                     read([](uint64_t version, const CanaryArmStats&) { return static_cast<double>(version); }),
+                     labels);
+    metrics.AddGauge("lychee_canary_sequences", "Sequences of each side of the last canary that finished",
+                     read([](uint64_t, const CanaryArmStats& stats) { return static_cast<double>(stats.sequences); }),
+                     labels);
+    metrics.AddGauge("lychee_canary_errors", "Sequences of each side of the last canary that ended in an error",
+                     read([](uint64_t, const CanaryArmStats& stats) { return static_cast<double>(stats.errors); }),
+                     labels);
+    metrics.AddGauge("lychee_canary_mean_dropped_mass", "Mean audited dropped mass of each side of the last canary",
+                     read([](uint64_t, const CanaryArmStats& stats) { return stats.mean_dropped_mass(); }), labels);
+    metrics.AddGauge("lychee_canary_token_latency_seconds", "Mean per-token latency of each side of the last canary",
+                     read([](uint64_t, const CanaryArmStats& stats) { return stats.mean_token_latency(); }), labels);
+    metrics.AddGauge("lychee_canary_p99_sequence_token_latency_seconds",
+                     "p99 of the sequences' mean per-token latency, each side of the last canary",
+                     read([](uint64_t, const CanaryArmStats& stats) { return stats.p99_sequence_latency(); }), labels);
+  }
+}
+
+}  // namespace
 
 absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(InferenceServerOptions options) {
   if (options.state_dir.empty()) return absl::InvalidArgumentError("the state directory is required");
   LYCHEE_RETURN_IF_ERROR(ShadowValidator::CheckOptions(options.shadow));
+  LYCHEE_RETURN_IF_ERROR(options.canary_bounds.Validate("canary bounds: "));
+  if (!(options.offer_canary_fraction >= 0 && options.offer_canary_fraction <= 1)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("the offered partitions' canary fraction must be in [0, 1], got ", options.offer_canary_fraction));
+  }
   const std::string model_dir = options.engine.model_dir;
   LYCHEE_ASSIGN_OR_RETURN(const ModelConfig config, ModelConfig::FromFile(model_dir + "/config.json"));
   LYCHEE_ASSIGN_OR_RETURN(const std::string fingerprint, ModelFingerprint(model_dir));
@@ -268,6 +370,8 @@ absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(Inferenc
   partition_options.check_servable = [config](const HeadPartition& partition) {
     return CheckPartitionServable(partition, config);
   };
+  partition_options.canary_bounds = options.canary_bounds;
+  partition_options.offer_canary_fraction = options.offer_canary_fraction;
   LYCHEE_ASSIGN_OR_RETURN(server->partitions_, PartitionManager::Open(std::move(partition_options)));
   PartitionManager& partitions = *server->partitions_;
   metrics.AddGauge("lychee_active_partition_version", "The head partition new sequences get; 0 for none", [&partitions] {
@@ -276,10 +380,16 @@ absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(Inferenc
   });
   metrics.AddCounterFunction("lychee_partition_rollouts_total", "Changes of the active partition",
                              [&partitions] { return static_cast<double>(partitions.rollouts()); });
-  metrics.AddCounterFunction(
-      "lychee_partition_rejections_total", "Partitions that failed validation",
-      [&partitions] { return static_cast<double>(partitions.rejected_count() - partitions.rejected_by_gate()); },
-      {{"reason", "invalid"}});
+  metrics.AddCounterFunction("lychee_partition_rejections_total", "Partitions that failed validation",
+                             [&partitions] {
+                               return static_cast<double>(partitions.rejected_count() - partitions.rejected_by_gate() -
+                                                          partitions.rejected_by_canary());
+                             },
+                             {{"reason", "invalid"}});
+  metrics.AddCounterFunction("lychee_partition_rejections_total", "Partitions that failed validation",
+                             [&partitions] { return static_cast<double>(partitions.rejected_by_canary()); },
+                             {{"reason", "canary"}});
+  RegisterCanaryMetrics(partitions, metrics);
   metrics.AddCounterFunction("lychee_partition_rejections_total", "Partitions that failed validation",
                              [&partitions] { return static_cast<double>(partitions.rejected_by_gate()); },
                              {{"reason", "shadow_validation"}});
@@ -326,9 +436,9 @@ absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(Inferenc
     metrics.AddGauge("lychee_trainer_connected", "1 while the partition watch of the trainer is up",
                      [watcher] { return watcher->connected() ? 1.0 : 0.0; });
   }
-  server->service_ = std::make_unique<Service>(ServedModelName(model_dir), fingerprint,
-                                               options.trainer_address, *server->access_, *server->engine_,
-                                               partitions, server->watcher_.get());
+  server->service_ =
+      std::make_unique<Service>(ServedModelName(model_dir), fingerprint, options.trainer_address, *server->access_,
+                                *server->engine_, partitions, server->watcher_.get(), options.canary_bounds);
 
   LYCHEE_ASSIGN_OR_RETURN(server->server_, StartGrpcServer(options.listen_address, credentials, server->service_.get(),
                                                            kMaxRequestBytes, &server->port_));

@@ -46,6 +46,11 @@ struct InferenceServerOptions {
   // Partitions from the trainer are validated against dense before they become active (the
   // admin RPCs activate what is stored without it).
   ShadowValidationOptions shadow;
+  // How canaries that name no bounds are decided.
+  CanaryBounds canary_bounds;
+  // In [0, 1]: when above 0, a shadow-validated partition from the trainer starts as a canary of
+  // this fraction of new sequences (when another is active) instead of becoming active at once.
+  double offer_canary_fraction = 0;
 };
 
 class InferenceServer {

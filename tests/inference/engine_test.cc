@@ -755,6 +755,57 @@ TEST_CASE("max_dropped_mass switches a sequence to dense attention once an audit
   CHECK(fixture.WaitForIdle());
 }
 
+TEST_CASE("a canary's sequences are audited at the server's period and decide it: rolled back, or promoted") {
+  EngineOptions options;
+  options.audit_every = 4;
+  Fixture fixture(options);
+  REQUIRE(fixture.partitions->SetHold(true).ok());
+  fixture.OfferPartition(1, /*budget=*/256);
+  fixture.OfferPartition(2, /*budget=*/256);
+  REQUIRE(fixture.partitions->SetHold(false).ok());
+  REQUIRE(fixture.partitions->Activate(1).ok());
+  // Longer than the budget, so that the sparse heads drop some mass.
+  const GenerationRequest request = fixture.Request(LongPrompt(48), 6);
+  REQUIRE(request.prompt_ids.size() > 7 * 64);
+  CanaryBounds bounds;
+  bounds.sequences = 2;
+  bounds.max_latency_ratio = 1000;
+  const auto run_canary = [&] {
+    for (int i = 0; i < bounds.sequences; ++i) {
+      auto stream = fixture.engine->Submit(request);
+      REQUIRE(stream.ok());
+      const Outcome outcome = Drain(**stream);
+      INFO(outcome.error);
+      REQUIRE(outcome.summary.has_value());
+      CHECK(outcome.summary->partition_version == 2);
+      REQUIRE(outcome.summary->telemetry.has_value());
+      CHECK(outcome.summary->telemetry->audited);
+    }
+    return *fixture.partitions->Canary();
+  };
+
+  SECTION("a bound every sparse step exceeds: rolled back, version 1 stays") {
+    bounds.max_dropped_mass = 0;
+    REQUIRE(fixture.partitions->StartCanary(2, 1.0, bounds).ok());
+    const CanaryRecord canary = run_canary();
+    CHECK(canary.state == CanaryState::kRolledBack);
+    CHECK(canary.canary.audited_sequences == 2);
+    CHECK(canary.canary.mean_dropped_mass() > 0);
+    CHECK(fixture.partitions->Active().partition->version == 1);
+  }
+  SECTION("a bound no step exceeds: promoted, version 2 active") {
+    bounds.max_dropped_mass = 1;
+    REQUIRE(fixture.partitions->StartCanary(2, 1.0, bounds).ok());
+    const CanaryRecord canary = run_canary();
+    CHECK(canary.state == CanaryState::kPromoted);
+    CHECK(canary.canary.errors == 0);
+    CHECK(canary.canary.tokens > 0);
+    CHECK(fixture.partitions->Active().partition->version == 2);
+    CHECK(fixture.partitions->Active().activated_by == "canary");
+  }
+  CHECK(fixture.WaitForIdle());
+}
+
 TEST_CASE("max_dropped_mass outside [0, 1] is INVALID_ARGUMENT naming the field") {
   Fixture fixture;
   for (const double bound : {-0.1, 1.5, std::nan("")}) {

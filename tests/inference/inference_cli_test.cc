@@ -133,5 +133,33 @@ TEST_CASE("lychee-inference refuses bad shadow-validation flags before it starts
   }
 }
 
+TEST_CASE("lychee-inference refuses bad canary flags, and lychee canary bad arguments, before anything starts") {
+  testing::TempDir dir;
+  const std::filesystem::path state = dir.path / "state";
+  const std::string inference =
+      std::string(LYCHEE_INFERENCE) + " --listen 127.0.0.1:0 --state-dir " + state.string() + " ";
+  // lychee canary is refused before it asks a server: none listens on port 1.
+  const std::string canary = std::string(LYCHEE_CLI) + " canary ";
+  const std::string server = " --server 127.0.0.1:1";
+  const std::string choose = "give VERSION --fraction F, --promote or --abort";
+  for (const auto& [command, named] : std::vector<std::pair<std::string, std::string>>{
+           {inference + "--canary-fraction 1.5", "--canary-fraction must be in [0, 1]"},
+           {inference + "--canary-max-dropped-mass -0.1", "--canary-max-dropped-mass must be in [0, 1]"},
+           {inference + "--canary-max-error-rate 2", "--canary-max-error-rate must be in [0, 1]"},
+           {inference + "--canary-max-latency-ratio 0.5", "--canary-max-latency-ratio must be a finite number"},
+           {inference + "--canary-sequences 0", "--canary-sequences must be in [1, "},
+           {canary + "--fraction 0.5" + server, choose},
+           {canary + "2" + server, "--fraction goes with VERSION"},
+           {canary + "2 --fraction 0.5 --promote" + server, choose},
+           {canary + "--promote --abort" + server, choose},
+           {canary + "0 --fraction 0.5" + server, "VERSION must be a number >= 1"}}) {
+    const testing::CommandResult result = testing::RunCommand(command);
+    INFO(command << ": " << result.output);
+    CHECK(result.exit_code == 1);
+    CHECK(result.output.find(named) != std::string::npos);
+    CHECK(!std::filesystem::exists(state));
+  }
+}
+
 }  // namespace
 }  // namespace lychee

@@ -332,5 +332,119 @@ TEST_CASE("a client that goes away or runs out of time frees its KV memory at on
   CHECK(info.active_sequences() == 0);
 }
 
+TEST_CASE("a canary through the admin RPCs: bad input, status in GetServerInfo and /metrics, the operator's abort") {
+  testing::TempDir state;
+  absl::StatusOr<std::string> fingerprint = ModelFingerprint(kModelDir);
+  REQUIRE(fingerprint.ok());
+  {
+    // Versions 1 (active) and 2 (stored), as the trainer would have left them.
+    PartitionManager::Options partition_options;
+    partition_options.state_dir = state.str();
+    partition_options.model_fingerprint = *fingerprint;
+    absl::StatusOr<ModelConfig> config = ModelConfig::FromFile(kModelDir + "/config.json");
+    REQUIRE(config.ok());
+    partition_options.model_config = *config;
+    auto manager = PartitionManager::Open(partition_options);
+    REQUIRE(manager.ok());
+    for (uint64_t version : {1, 2}) {
+      absl::StatusOr<HeadPartition> partition = HeadPartitionFromProto(PartitionProto(version, 6, *fingerprint));
+      REQUIRE(partition.ok());
+      REQUIRE((*manager)->Offer(*partition).ok());
+    }
+    REQUIRE((*manager)->Rollback().ok());
+  }
+  InferenceServerOptions options;
+  options.listen_address = "127.0.0.1:0";
+  options.state_dir = state.str();
+  options.metrics_address = "127.0.0.1:0";
+  options.engine.model_dir = kModelDir;
+  options.canary_bounds.sequences = 1000;
+  options.shadow.enabled = false;
+  absl::StatusOr<std::unique_ptr<InferenceServer>> server = InferenceServer::Start(options);
+  REQUIRE(server.ok());
+  auto stub = v1::InferenceService::NewStub(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string((*server)->port()), grpc::InsecureChannelCredentials()));
+  const auto activate = [&](const v1::ActivatePartitionRequest& request, v1::ServerInfo* info = nullptr) {
+    grpc::ClientContext context;
+    v1::ServerInfo reply;
+    grpc::Status status = stub->ActivatePartition(&context, request, &reply);
+    if (info != nullptr) *info = reply;
+    return status;
+  };
+  const auto decide = [&](v1::CanaryAction action, v1::ServerInfo* info = nullptr) {
+    grpc::ClientContext context;
+    v1::DecideCanaryRequest request;
+    request.set_action(action);
+    v1::ServerInfo reply;
+    grpc::Status status = stub->DecideCanary(&context, request, &reply);
+    if (info != nullptr) *info = reply;
+    return status;
+  };
+  v1::ActivatePartitionRequest request;
+  request.set_version(2);
+  for (const double fraction : {0.0, 1.5}) {
+    request.set_canary_fraction(fraction);
+    const grpc::Status status = activate(request);
+    CHECK(status.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+    CHECK(status.error_message().find("canary_fraction") == 0);
+  }
+  request.set_canary_fraction(1.0);
+  request.set_canary_max_dropped_mass(1.2);
+  grpc::Status status = activate(request);
+  CHECK(status.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+  CHECK(status.error_message().find("canary_max_dropped_mass") == 0);
+  request.clear_canary_max_dropped_mass();
+  request.set_canary_max_error_rate(-1);
+  CHECK(activate(request).error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+  request.clear_canary_max_error_rate();
+  request.set_version(7);
+  status = activate(request);
+  CHECK(status.error_code() == grpc::StatusCode::NOT_FOUND);
+  CHECK(status.error_message().find("version") == 0);
+  v1::ActivatePartitionRequest bounds_alone;
+  bounds_alone.set_version(2);
+  bounds_alone.set_canary_max_dropped_mass(0.1);
+  CHECK(activate(bounds_alone).error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+  CHECK(decide(v1::CANARY_ACTION_PROMOTE).error_code() == grpc::StatusCode::FAILED_PRECONDITION);
+  grpc::ClientContext info_context;
+  v1::ServerInfo info;
+  REQUIRE(stub->GetServerInfo(&info_context, {}, &info).ok());
+  CHECK_FALSE(info.has_canary());
+  CHECK(info.active_partition_version() == 1);
+
+  request.set_version(2);
+  request.set_canary_max_dropped_mass(0.5);
+  REQUIRE(activate(request, &info).ok());
+  CHECK(info.canary().state() == "running");
+  CHECK(info.canary().canary().version() == 2);
+  CHECK(info.canary().stable().version() == 1);
+  CHECK(info.canary().max_dropped_mass() == 0.5);
+  CHECK(info.canary().decide_after_sequences() == 1000);
+  CHECK(activate(request).error_code() == grpc::StatusCode::FAILED_PRECONDITION);
+  for (int i = 0; i < 2; ++i) {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + 60s);
+    auto reader = stub->Generate(&context, TextRequest("The harbour was quiet that morning and", 4));
+    v1::GenerateResponse response, last;
+    while (reader->Read(&response)) last = response;
+    REQUIRE(reader->Finish().ok());
+    CHECK(last.done().partition_version() == 2);
+    CHECK(last.done().telemetry().audited());
+  }
+  const std::string metrics = HttpGet((*server)->metrics_port(), "/metrics");
+  CHECK(metrics.find("lychee_canary_running 1\n") != std::string::npos);
+  CHECK(metrics.find("lychee_canary_version{arm=\"canary\"} 2\n") != std::string::npos);
+  CHECK(metrics.find("lychee_canary_sequences{arm=\"canary\"} 2\n") != std::string::npos);
+  CHECK(metrics.find("lychee_canary_mean_dropped_mass{arm=\"canary\"} ") != std::string::npos);
+
+  CHECK(decide(v1::CANARY_ACTION_UNSPECIFIED).error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+  REQUIRE(decide(v1::CANARY_ACTION_ABORT, &info).ok());
+  CHECK(info.canary().state() == "aborted");
+  CHECK(info.canary().canary().sequences() == 2);
+  CHECK(info.active_partition_version() == 1);
+  CHECK(decide(v1::CANARY_ACTION_ABORT).error_code() == grpc::StatusCode::FAILED_PRECONDITION);
+  (*server)->Shutdown();
+}
+
 }  // namespace
 }  // namespace lychee

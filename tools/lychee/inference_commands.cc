@@ -31,6 +31,28 @@ std::string FinishReasonName(v1::FinishReason reason) {
   return name.size() > kPrefix ? name.substr(kPrefix) : name;
 }
 
+void PrintCanaryArm(const char* side, const v1::CanaryArm& arm) {
+  std::printf(
+      "  %s version %llu: %llu sequences, %llu errors, mean dropped mass %.4f over %llu measured, per-token "
+      "latency mean %.2f ms, p99 of sequences %.2f ms\n",
+      side, static_cast<unsigned long long>(arm.version()), static_cast<unsigned long long>(arm.sequences()),
+      static_cast<unsigned long long>(arm.errors()), arm.mean_dropped_mass(),
+      static_cast<unsigned long long>(arm.audited_sequences()), 1e3 * arm.mean_token_latency_seconds(),
+      1e3 * arm.p99_sequence_token_latency_seconds());
+}
+
+void PrintCanary(const v1::CanaryStatus& canary) {
+  std::printf("canary of partition %llu (fraction %.3f): %s%s\n",
+              static_cast<unsigned long long>(canary.canary().version()), canary.fraction(), canary.state().c_str(),
+              canary.reason().empty() ? "" : absl::StrCat(" (", canary.reason(), ")").c_str());
+  std::printf(
+      "  decided after %u measured canary sequences: mean dropped mass <= %.3f, error rate <= %.3f, per-token latency "
+      "<= %.2f x stable\n",
+      canary.decide_after_sequences(), canary.max_dropped_mass(), canary.max_error_rate(), canary.max_latency_ratio());
+  PrintCanaryArm("canary", canary.canary());
+  PrintCanaryArm("stable", canary.stable());
+}
+
 void PrintInfo(const v1::ServerInfo& info) {
   std::printf("model %s (%s), %u layers x %u KV heads, context %u tokens, device %s\n", info.model().c_str(),
               info.model_fingerprint().c_str(), info.num_layers(), info.num_kv_heads(), info.max_context_tokens(),
@@ -61,6 +83,7 @@ void PrintInfo(const v1::ServerInfo& info) {
     std::printf("rejected partition %llu: %s\n", static_cast<unsigned long long>(rejected.version()),
                 rejected.reason().c_str());
   }
+  if (info.has_canary()) PrintCanary(info.canary());
 }
 
 absl::Status ReadPrompt(const Args& args, v1::GenerateRequest& request) {
@@ -211,6 +234,47 @@ absl::Status RunActivate(const std::vector<std::string>& argv) {
   request.set_version(version);
   v1::ServerInfo info;
   LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().ActivatePartition(client.UnaryContext().get(), request, &info)));
+  PrintInfo(info);
+  return absl::OkStatus();
+}
+
+absl::Status RunCanary(const std::vector<std::string>& argv) {
+  const bool starts = !argv.empty() && argv[0].rfind("--", 0) != 0;
+  uint64_t version = 0;
+  if (starts && (!absl::SimpleAtoi(argv[0], &version) || version == 0)) {
+    return absl::InvalidArgumentError(absl::StrCat("VERSION must be a number >= 1, got '", argv[0], "'"));
+  }
+  LYCHEE_ASSIGN_OR_RETURN(Args args,
+                          Args::Parse({argv.begin() + (starts ? 1 : 0), argv.end()},
+                                      WithConnectionFlags({"server", "fraction", "max-dropped-mass", "max-error-rate"}),
+                                      {"promote", "abort"}));
+  const bool decides = args.Has("promote") || args.Has("abort");
+  if (starts == decides || (args.Has("promote") && args.Has("abort"))) {
+    return absl::InvalidArgumentError("give VERSION --fraction F, --promote or --abort");
+  }
+  if (starts != args.Has("fraction"))
+    return absl::InvalidArgumentError("--fraction goes with VERSION, and VERSION with it");
+  LYCHEE_ASSIGN_OR_RETURN(InferenceClient client, ClientFor(args));
+  v1::ServerInfo info;
+  if (decides) {
+    v1::DecideCanaryRequest request;
+    request.set_action(args.Has("promote") ? v1::CANARY_ACTION_PROMOTE : v1::CANARY_ACTION_ABORT);
+    LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().DecideCanary(client.UnaryContext().get(), request, &info)));
+  } else {
+    v1::ActivatePartitionRequest request;
+    request.set_version(version);
+    LYCHEE_ASSIGN_OR_RETURN(const double fraction, args.GetDouble("fraction", 0));
+    request.set_canary_fraction(fraction);
+    if (args.Has("max-dropped-mass")) {
+      LYCHEE_ASSIGN_OR_RETURN(const double bound, args.GetDouble("max-dropped-mass", 0));
+      request.set_canary_max_dropped_mass(bound);
+    }
+    if (args.Has("max-error-rate")) {
+      LYCHEE_ASSIGN_OR_RETURN(const double bound, args.GetDouble("max-error-rate", 0));
+      request.set_canary_max_error_rate(bound);
+    }
+    LYCHEE_RETURN_IF_ERROR(client.Check(client.stub().ActivatePartition(client.UnaryContext().get(), request, &info)));
+  }
   PrintInfo(info);
   return absl::OkStatus();
 }

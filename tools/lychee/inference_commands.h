@@ -12,6 +12,7 @@ namespace lychee::cli {
 absl::Status RunRemoteGenerate(const std::vector<std::string>& argv);
 absl::Status RunServerInfo(const std::vector<std::string>& argv);
 absl::Status RunActivate(const std::vector<std::string>& argv);
+absl::Status RunCanary(const std::vector<std::string>& argv);
 absl::Status RunRollback(const std::vector<std::string>& argv);
 absl::Status RunHold(const std::vector<std::string>& argv);
 

@@ -76,6 +76,12 @@ commands that talk to a lychee-inference (all take [--server HOST:PORT], default
   server-info        model, active partition, trainer connection, rejected partitions, load
   activate VERSION   serves VERSION to new sequences
   rollback           back to the partition active before the current one
+  canary VERSION --fraction F [--max-dropped-mass M] [--max-error-rate E]
+      serves VERSION to a fraction F (in (0, 1]) of new sequences, the active version to the
+      others, and promotes or rolls it back by itself after the server's --canary-sequences
+      (status in server-info)
+  canary --promote | --abort
+      decides the running canary now
   hold on|off        while on, partitions from the trainer are stored but not activated
 
   health [--target HOST:PORT] [--service NAME] [--timeout SECONDS]
@@ -109,6 +115,8 @@ int main(int argc, char** argv) {
     status = lychee::cli::RunServerInfo(args);
   } else if (command == "activate") {
     status = lychee::cli::RunActivate(args);
+  } else if (command == "canary") {
+    status = lychee::cli::RunCanary(args);
   } else if (command == "rollback") {
     status = lychee::cli::RunRollback(args);
   } else if (command == "hold") {
