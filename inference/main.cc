@@ -1,5 +1,6 @@
 // lychee-inference: the generation server (lychee.v1.InferenceService).
-#include <iostream>
+#include <glog/logging.h>
+
 #include <set>
 #include <string>
 #include <vector>
@@ -55,6 +56,7 @@ constexpr char kUsage[] = R"(usage: lychee-inference --state-dir DIR [flags]
   --client-token-file FILE    the other RPCs need this token (or the admin one); it never passes
                               an admin check (needs --admin-token-file)
   --insecure-admin            allow open admin RPCs on a --listen beyond the loopback
+  --log-requests              log one line per gRPC call (method, peer, status, time) at INFO
   --shadow-validation true|false
                               validate each partition from the trainer against dense before it
                               becomes active, and reject it outside the bounds below (default true)
@@ -109,7 +111,8 @@ absl::Status Serve(const std::vector<std::string>& argv) {
                                               "shadow-budget",
                                               "shadow-max-accuracy-drop",
                                               "shadow-max-dropped-mass"};
-  LYCHEE_ASSIGN_OR_RETURN(lychee::cli::Args args, lychee::cli::Args::Parse(argv, valued_flags, {"insecure-admin"}));
+  LYCHEE_ASSIGN_OR_RETURN(lychee::cli::Args args,
+                          lychee::cli::Args::Parse(argv, valued_flags, {"insecure-admin", "log-requests"}));
   lychee::InferenceServerOptions options;
   options.state_dir = args.GetOr("state-dir", "");
   if (options.state_dir.empty()) return absl::InvalidArgumentError("--state-dir is required");
@@ -129,6 +132,7 @@ absl::Status Serve(const std::vector<std::string>& argv) {
   options.access.admin_token_file = args.GetOr("admin-token-file", "");
   options.access.client_token_file = args.GetOr("client-token-file", "");
   options.access.insecure_admin = args.Has("insecure-admin");
+  options.log_requests = args.Has("log-requests");
   lychee::EngineOptions& engine = options.engine;
   engine.model_dir = args.GetOr("model", LYCHEE_DEFAULT_MODEL_DIR);
   engine.device = args.GetOr("device", "cpu");
@@ -195,27 +199,28 @@ absl::Status Serve(const std::vector<std::string>& argv) {
   const sigset_t signals = lychee::BlockShutdownSignals();
 
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<lychee::InferenceServer> server, lychee::InferenceServer::Start(options));
-  std::cerr << "lychee-inference: serving lychee.v1.InferenceService on port " << server->port() << " ("
-            << options.listen_address << "), "
-            << (options.tls.client_ca_file.empty() ? (options.tls.enabled() ? "TLS" : "plaintext") : "mutual TLS")
-            << ", admin RPCs " << (options.access.admin_token_file.empty() ? "open" : "need the admin token")
-            << ", client RPCs " << (options.access.client_token_file.empty() ? "open" : "need the client token")
-            << ", model " << engine.model_dir << " on " << engine.device;
-  if (server->metrics_port() != 0) std::cerr << ", metrics on port " << server->metrics_port();
+  std::string serving = absl::StrCat(
+      "lychee-inference: serving lychee.v1.InferenceService on port ", server->port(), " (", options.listen_address,
+      "), ", options.tls.client_ca_file.empty() ? (options.tls.enabled() ? "TLS" : "plaintext") : "mutual TLS",
+      ", admin RPCs ", options.access.admin_token_file.empty() ? "open" : "need the admin token", ", client RPCs ",
+      options.access.client_token_file.empty() ? "open" : "need the client token", ", model ", engine.model_dir, " on ",
+      engine.device);
+  if (server->metrics_port() != 0) absl::StrAppend(&serving, ", metrics on port ", server->metrics_port());
   if (server->http_port() != 0) {
-    std::cerr << ", OpenAI-compatible HTTP API on port " << server->http_port() << " ("
-              << (options.tls.enabled() ? "HTTPS" : "HTTP") << ")";
+    absl::StrAppend(&serving, ", OpenAI-compatible HTTP API on port ", server->http_port(), " (",
+                    options.tls.enabled() ? "HTTPS" : "HTTP", ")");
   }
   if (!options.trainer_address.empty()) {
-    std::cerr << ", following trainer " << options.trainer_address << (options.trainer_tls.enabled() ? " over TLS" : "");
+    absl::StrAppend(&serving, ", following trainer ", options.trainer_address,
+                    options.trainer_tls.enabled() ? " over TLS" : "");
   }
-  std::cerr << std::endl;
+  LOG(INFO) << serving;
   if (server->http_port() != 0 && !server->chat_template_status().ok()) {
-    std::cerr << "lychee-inference: /v1/chat/completions answers 400 for this model: "
-              << server->chat_template_status().message() << std::endl;
+    LOG(WARNING) << "lychee-inference: /v1/chat/completions answers 400 for this model: "
+                 << server->chat_template_status().message();
   }
   const int signal_number = lychee::WaitForShutdownSignal(signals);
-  std::cerr << "lychee-inference: signal " << signal_number << ", shutting down\n";
+  LOG(INFO) << "lychee-inference: signal " << signal_number << ", shutting down";
   server->Shutdown();
   return absl::OkStatus();
 }

@@ -1,5 +1,6 @@
 // lychee-trainer: the calibration job server (lychee.v1.TrainerService).
-#include <iostream>
+#include <glog/logging.h>
+
 #include <string>
 #include <vector>
 
@@ -31,17 +32,19 @@ constexpr char kUsage[] = R"(usage: lychee-trainer --registry-dir DIR [flags]
                               TOKEN'); without it they are open, which only a loopback --listen
                               accepts
   --insecure-admin            allow open admin RPCs on a --listen beyond the loopback
+  --metrics-listen IP:PORT    serve Prometheus metrics at /metrics (default: off)
+  --log-requests              log one line per gRPC call (method, peer, status, time) at INFO
 A job that names no corpus uses )" LYCHEE_SOURCE_DIR R"(/data/corpus/calibration.txt.gz; a sweep
 that names no validation corpus builds its prompts from )" LYCHEE_SOURCE_DIR "/data/corpus/persuasion.txt.gz\n";
 
 absl::Status Serve(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(
       lychee::cli::Args args,
-      lychee::cli::Args::Parse(argv,
-                               {"listen", "model-root", "data-root", "registry-dir", "max-concurrent-jobs",
-                                "max-queued-jobs", "device", "threads", "tls-cert", "tls-key", "tls-client-ca",
-                                "admin-token-file"},
-                               {"insecure-admin"}));
+      lychee::cli::Args::Parse(
+          argv,
+          {"listen", "model-root", "data-root", "registry-dir", "max-concurrent-jobs", "max-queued-jobs", "device",
+           "threads", "tls-cert", "tls-key", "tls-client-ca", "admin-token-file", "metrics-listen"},
+          {"insecure-admin", "log-requests"}));
   lychee::TrainerServerOptions options;
   options.listen_address = args.GetOr("listen", options.listen_address);
   options.registry_dir = args.GetOr("registry-dir", "");
@@ -51,6 +54,8 @@ absl::Status Serve(const std::vector<std::string>& argv) {
   options.tls.client_ca_file = args.GetOr("tls-client-ca", "");
   options.access.admin_token_file = args.GetOr("admin-token-file", "");
   options.access.insecure_admin = args.Has("insecure-admin");
+  options.metrics_address = args.GetOr("metrics-listen", "");
+  options.log_requests = args.Has("log-requests");
   options.jobs.model_root = args.GetOr("model-root", LYCHEE_SOURCE_DIR "/models");
   options.jobs.data_root = args.GetOr("data-root", LYCHEE_SOURCE_DIR "/data");
   options.jobs.default_corpus = LYCHEE_SOURCE_DIR "/data/corpus/calibration.txt.gz";
@@ -76,13 +81,14 @@ absl::Status Serve(const std::vector<std::string>& argv) {
 
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<lychee::TrainerServer> server,
                           lychee::TrainerServer::Start(options, std::move(runner)));
-  std::cerr << "lychee-trainer: serving lychee.v1.TrainerService on port " << server->port() << " ("
+  LOG(INFO) << "lychee-trainer: serving lychee.v1.TrainerService on port " << server->port() << " ("
             << options.listen_address << "), "
             << (options.tls.client_ca_file.empty() ? (options.tls.enabled() ? "TLS" : "plaintext") : "mutual TLS")
             << ", admin RPCs " << (options.access.admin_token_file.empty() ? "open" : "need the admin token")
-            << ", registry " << options.registry_dir << "\n";
+            << ", registry " << options.registry_dir
+            << (server->metrics_port() != 0 ? absl::StrCat(", metrics on port ", server->metrics_port()) : "");
   const int signal_number = lychee::WaitForShutdownSignal(signals);
-  std::cerr << "lychee-trainer: signal " << signal_number << ", shutting down\n";
+  LOG(INFO) << "lychee-trainer: signal " << signal_number << ", shutting down";
   server->Shutdown();
   return absl::OkStatus();
 }
