@@ -1,7 +1,8 @@
 #include "common/partition_store.h"
 
+#include <glog/logging.h>
+
 #include <filesystem>
-#include <iostream>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
@@ -68,6 +69,7 @@ absl::StatusOr<std::unique_ptr<PartitionStore>> PartitionStore::Open(const std::
     const std::string name = entry.path().filename().string();
     std::error_code type_error;
     if (entry.is_directory(type_error) && IsValidFingerprint(name)) {
+      absl::MutexLock lock(&store->mutex_);
       store->ScanModel(name);
     } else if (!IsDurableTemporaryName(name)) {
       store->problems_.push_back(absl::StrCat(entry.path().string(), ": not a model fingerprint directory, ignored"));
@@ -76,7 +78,7 @@ absl::StatusOr<std::unique_ptr<PartitionStore>> PartitionStore::Open(const std::
   if (error) {
     return absl::UnavailableError(absl::StrCat("cannot list the registry ", partitions_dir, ": ", error.message()));
   }
-  for (const std::string& problem : store->problems_) std::cerr << "partition registry: " << problem << "\n";
+  for (const std::string& problem : store->problems_) LOG(WARNING) << "partition registry: " << problem;
   return store;
 }
 
@@ -120,7 +122,7 @@ absl::StatusOr<uint64_t> PartitionStore::Publish(HeadPartition partition) {
   const std::string dir = (fs::path(partitions_dir_) / partition.model_fingerprint).string();
   // Held across the write so that versions become visible in order: a watcher that has seen
   // version n has seen every readable version below it.
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   LYCHEE_RETURN_IF_ERROR(CreateDurableDirectory(dir));
   ModelVersions& versions = models_[partition.model_fingerprint];
   partition.version = ++versions.last_version;
@@ -128,17 +130,16 @@ absl::StatusOr<uint64_t> PartitionStore::Publish(HeadPartition partition) {
   LYCHEE_RETURN_IF_ERROR(WriteDurableFile(path, HeadPartitionToProto(partition).SerializeAsString()));
   const uint64_t version = partition.version;
   versions.readable[version] = std::make_shared<const HeadPartition>(std::move(partition));
-  published_.notify_all();
   return version;
 }
 
 std::vector<PartitionStore::Snapshot> PartitionStore::List(const std::string& fingerprint) const {
-  std::lock_guard<std::mutex> lock(mutex_);
-  return NewerThanLocked(fingerprint, 0);
+  absl::MutexLock lock(&mutex_);
+  return NewerThan(fingerprint, 0);
 }
 
 absl::StatusOr<PartitionStore::Snapshot> PartitionStore::Get(const std::string& fingerprint, uint64_t version) const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   const auto model = models_.find(fingerprint);
   if (model != models_.end()) {
     if (const auto it = model->second.readable.find(version); it != model->second.readable.end()) return it->second;
@@ -151,7 +152,7 @@ absl::StatusOr<PartitionStore::Snapshot> PartitionStore::Get(const std::string& 
 }
 
 absl::StatusOr<PartitionStore::Snapshot> PartitionStore::Latest(const std::string& fingerprint) const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   const auto model = models_.find(fingerprint);
   if (model == models_.end() || model->second.readable.empty()) {
     return absl::NotFoundError(absl::StrCat("no partition stored for model ", fingerprint));
@@ -162,16 +163,17 @@ absl::StatusOr<PartitionStore::Snapshot> PartitionStore::Latest(const std::strin
 std::vector<PartitionStore::Snapshot> PartitionStore::WaitForNewerThan(const std::string& fingerprint,
                                                                        uint64_t after_version,
                                                                        std::chrono::milliseconds timeout) const {
-  std::unique_lock<std::mutex> lock(mutex_);
-  published_.wait_for(lock, timeout, [&] {
+  absl::MutexLock lock(&mutex_);
+  const auto published = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
     const auto model = models_.find(fingerprint);
     return model != models_.end() && model->second.readable.upper_bound(after_version) != model->second.readable.end();
-  });
-  return NewerThanLocked(fingerprint, after_version);
+  };
+  mutex_.AwaitWithTimeout(absl::Condition(&published), absl::FromChrono(timeout));
+  return NewerThan(fingerprint, after_version);
 }
 
-std::vector<PartitionStore::Snapshot> PartitionStore::NewerThanLocked(const std::string& fingerprint,
-                                                                      uint64_t after_version) const {
+std::vector<PartitionStore::Snapshot> PartitionStore::NewerThan(const std::string& fingerprint,
+                                                                uint64_t after_version) const {
   std::vector<Snapshot> newer;
   const auto model = models_.find(fingerprint);
   if (model == models_.end()) return newer;

@@ -6,16 +6,16 @@
 #pragma once
 
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <string_view>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "common/head_partition.h"
 
 namespace lychee {
@@ -56,14 +56,14 @@ class PartitionStore {
   };
 
   explicit PartitionStore(std::string partitions_dir) : partitions_dir_(std::move(partitions_dir)) {}
-  void ScanModel(const std::string& fingerprint);
-  std::vector<Snapshot> NewerThanLocked(const std::string& fingerprint, uint64_t after_version) const;
+  void ScanModel(const std::string& fingerprint) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
+  std::vector<Snapshot> NewerThan(const std::string& fingerprint, uint64_t after_version) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
 
   const std::string partitions_dir_;
-  std::vector<std::string> problems_;
-  mutable std::mutex mutex_;
-  mutable std::condition_variable published_;
-  std::map<std::string, ModelVersions> models_;
+  std::vector<std::string> problems_;  // written by Open only, before the store is shared
+  mutable absl::Mutex mutex_;
+  std::map<std::string, ModelVersions> models_ ABSL_GUARDED_BY(mutex_);
 };
 
 // Whether `fingerprint` can name a registry directory: 1 to 128 of [0-9A-Za-z_-].

@@ -16,7 +16,6 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
-#include <mutex>
 #include <queue>
 #include <sstream>
 #include <unordered_map>
@@ -26,10 +25,11 @@
 #include "absl/status/status.h"
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
 #include "common/json_parse.h"
 #include "common/status_macros.h"
-#include "common/utf8.h"
 #include "common/tokenizer_unicode_tables.h"
+#include "common/utf8.h"
 #include "nlohmann/json.hpp"
 
 namespace lychee {
@@ -777,7 +777,7 @@ class BpeModel {
       }
     }
     {
-      std::lock_guard<std::mutex> lock(cache_mutex_);
+      absl::MutexLock lock(&cache_mutex_);
       if (auto it = cache_.find(word); it != cache_.end()) {
         ids->insert(ids->end(), it->second.begin(), it->second.end());
         return;
@@ -786,7 +786,7 @@ class BpeModel {
     std::vector<int32_t> word_ids = MergeWord(word);
     ids->insert(ids->end(), word_ids.begin(), word_ids.end());
     if (word.size() <= kMaxCachedWordLength) {
-      std::lock_guard<std::mutex> lock(cache_mutex_);
+      absl::MutexLock lock(&cache_mutex_);
       if (cache_.size() < kMaxCachedWords) cache_.emplace(word, std::move(word_ids));
     }
   }
@@ -898,8 +898,8 @@ class BpeModel {
   }
 
   std::array<int32_t, 0x180> single_character_ids_;
-  mutable std::mutex cache_mutex_;
-  mutable std::unordered_map<std::string, std::vector<int32_t>> cache_;
+  mutable absl::Mutex cache_mutex_;
+  mutable std::unordered_map<std::string, std::vector<int32_t>> cache_ ABSL_GUARDED_BY(cache_mutex_);
 };
 
 // ---------------------------------------------------------------------------------------------

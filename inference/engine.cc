@@ -5,8 +5,9 @@
 #include <deque>
 #include <functional>
 #include <future>
-#include <iostream>
 #include <thread>
+
+#include <glog/logging.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -40,8 +41,9 @@ std::string DenseFallback::Reason() const {
 }
 
 GenerationEvent GenerationStream::Next(std::chrono::milliseconds timeout) {
-  std::unique_lock<std::mutex> lock(mutex_);
-  if (!ready_.wait_for(lock, timeout, [&] { return !events_.empty(); })) return {};
+  absl::MutexLock lock(&mutex_);
+  const auto has_event = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) { return !events_.empty(); };
+  if (!mutex_.AwaitWithTimeout(absl::Condition(&has_event), absl::FromChrono(timeout))) return {};
   GenerationEvent event = std::move(events_.front());
   events_.pop_front();
   while (event.kind == GenerationEvent::Kind::kChunk && !events_.empty() &&
@@ -55,21 +57,18 @@ GenerationEvent GenerationStream::Next(std::chrono::milliseconds timeout) {
 }
 
 void GenerationStream::Cancel() {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   cancelled_ = true;
 }
 
 bool GenerationStream::cancelled() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   return cancelled_;
 }
 
 void GenerationStream::Push(GenerationEvent event) {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    events_.push_back(std::move(event));
-  }
-  ready_.notify_all();
+  absl::MutexLock lock(&mutex_);
+  events_.push_back(std::move(event));
 }
 
 class InferenceEngine::Impl {
@@ -251,9 +250,10 @@ class InferenceEngine::Impl {
 
   void PrepareGraphsNow(const PartitionManager::Snapshot& partition) {
     if (absl::Status prepared = runner_->PrepareGraphs(partition); !prepared.ok()) {
-      std::cerr << "decode graphs of " << (partition == nullptr ? std::string("dense attention")
-                                                                 : absl::StrCat("partition ", partition->version))
-                << " not captured ahead (its first steps capture them): " << prepared.message() << "\n";
+      LOG(WARNING) << "decode graphs of "
+                   << (partition == nullptr ? std::string("dense attention")
+                                            : absl::StrCat("partition ", partition->version))
+                   << " not captured ahead (its first steps capture them): " << prepared.message();
     }
   }
 

@@ -12,21 +12,21 @@
 #pragma once
 
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "common/head_partition.h"
+#include "common/metrics.h"
 #include "common/model_config.h"
 #include "common/tokenizer.h"
-#include "inference/metrics.h"
 #include "inference/partition_manager.h"
 #include "kernels/policy.h"
 
@@ -120,10 +120,9 @@ class GenerationStream {
   friend class OutputProcessor;
   void Push(GenerationEvent event);
 
-  mutable std::mutex mutex_;
-  std::condition_variable ready_;
-  std::deque<GenerationEvent> events_;
-  bool cancelled_ = false;
+  mutable absl::Mutex mutex_;
+  std::deque<GenerationEvent> events_ ABSL_GUARDED_BY(mutex_);
+  bool cancelled_ ABSL_GUARDED_BY(mutex_) = false;
 };
 
 // Faults a test injects into the engine, to see that a failing model step fails only the requests

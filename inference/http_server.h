@@ -16,9 +16,9 @@
 #include <string>
 
 #include "absl/status/statusor.h"
+#include "common/metrics.h"
 #include "common/security.h"
 #include "inference/engine.h"
-#include "inference/metrics.h"
 #include "inference/openai_api.h"
 
 struct MHD_Daemon;

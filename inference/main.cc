@@ -1,7 +1,8 @@
 // lychee-inference: the generation server (lychee.v1.InferenceService).
+#include <glog/logging.h>
+
 #include <cmath>
 #include <cstdint>
-#include <iostream>
 #include <optional>
 #include <string>
 
@@ -57,6 +58,7 @@ ABSL_FLAG(std::string, client_token_file, "",
           "the other RPCs need the token of this file (or the admin one); it never passes an admin check (needs "
           "--admin-token-file)");
 ABSL_FLAG(bool, insecure_admin, false, "allow open admin RPCs on a --listen beyond the loopback");
+ABSL_FLAG(bool, log_requests, false, "log one line per gRPC call (method, peer, status, time) at INFO");
 ABSL_FLAG(bool, shadow_validation, true,
           "validate each partition from the trainer against dense before it becomes active, and reject it outside "
           "the bounds of the --shadow-max-* flags (true or false)");
@@ -112,6 +114,7 @@ absl::Status Serve() {
   options.access.admin_token_file = absl::GetFlag(FLAGS_admin_token_file);
   options.access.client_token_file = absl::GetFlag(FLAGS_client_token_file);
   options.access.insecure_admin = absl::GetFlag(FLAGS_insecure_admin);
+  options.log_requests = absl::GetFlag(FLAGS_log_requests);
   lychee::EngineOptions& engine = options.engine;
   engine.model_dir = absl::GetFlag(FLAGS_model);
   engine.device = absl::GetFlag(FLAGS_device);
@@ -181,27 +184,28 @@ absl::Status Serve() {
   const sigset_t signals = lychee::BlockShutdownSignals();
 
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<lychee::InferenceServer> server, lychee::InferenceServer::Start(options));
-  std::cerr << "lychee-inference: serving lychee.v1.InferenceService on port " << server->port() << " ("
-            << options.listen_address << "), "
-            << (options.tls.client_ca_file.empty() ? (options.tls.enabled() ? "TLS" : "plaintext") : "mutual TLS")
-            << ", admin RPCs " << (options.access.admin_token_file.empty() ? "open" : "need the admin token")
-            << ", client RPCs " << (options.access.client_token_file.empty() ? "open" : "need the client token")
-            << ", model " << engine.model_dir << " on " << engine.device;
-  if (server->metrics_port() != 0) std::cerr << ", metrics on port " << server->metrics_port();
+  std::string serving = absl::StrCat(
+      "lychee-inference: serving lychee.v1.InferenceService on port ", server->port(), " (", options.listen_address,
+      "), ", options.tls.client_ca_file.empty() ? (options.tls.enabled() ? "TLS" : "plaintext") : "mutual TLS",
+      ", admin RPCs ", options.access.admin_token_file.empty() ? "open" : "need the admin token", ", client RPCs ",
+      options.access.client_token_file.empty() ? "open" : "need the client token", ", model ", engine.model_dir, " on ",
+      engine.device);
+  if (server->metrics_port() != 0) absl::StrAppend(&serving, ", metrics on port ", server->metrics_port());
   if (server->http_port() != 0) {
-    std::cerr << ", OpenAI-compatible HTTP API on port " << server->http_port() << " ("
-              << (options.tls.enabled() ? "HTTPS" : "HTTP") << ")";
+    absl::StrAppend(&serving, ", OpenAI-compatible HTTP API on port ", server->http_port(), " (",
+                    options.tls.enabled() ? "HTTPS" : "HTTP", ")");
   }
   if (!options.trainer_address.empty()) {
-    std::cerr << ", following trainer " << options.trainer_address << (options.trainer_tls.enabled() ? " over TLS" : "");
+    absl::StrAppend(&serving, ", following trainer ", options.trainer_address,
+                    options.trainer_tls.enabled() ? " over TLS" : "");
   }
-  std::cerr << std::endl;
+  LOG(INFO) << serving;
   if (server->http_port() != 0 && !server->chat_template_status().ok()) {
-    std::cerr << "lychee-inference: /v1/chat/completions answers 400 for this model: "
-              << server->chat_template_status().message() << std::endl;
+    LOG(WARNING) << "lychee-inference: /v1/chat/completions answers 400 for this model: "
+                 << server->chat_template_status().message();
   }
   const int signal_number = lychee::WaitForShutdownSignal(signals);
-  std::cerr << "lychee-inference: signal " << signal_number << ", shutting down\n";
+  LOG(INFO) << "lychee-inference: signal " << signal_number << ", shutting down";
   server->Shutdown();
   return absl::OkStatus();
 }

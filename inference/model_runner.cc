@@ -4,7 +4,8 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <iostream>
+
+#include <glog/logging.h>
 
 #include "absl/strings/str_cat.h"
 #include "common/model.h"
@@ -251,8 +252,8 @@ DecodeCounts ModelRunner::decode_counts() const {
 void ModelRunner::CountDecodeSteps() {
   const DecodeStats stats = decode_context_->stats();
   if (stats.capture_failures > graph_capture_failures_.load()) {
-    std::cerr << "decode step not captured as a CUDA graph, so launched op by op from now on: "
-              << stats.last_capture_error << "\n";
+    LOG(WARNING) << "decode step not captured as a CUDA graph, so launched op by op from now on: "
+                 << stats.last_capture_error;
   }
   graph_replays_ = stats.graph_replays;
   eager_steps_ = stats.eager_steps;

@@ -10,9 +10,9 @@
 #include <vector>
 
 #include "absl/status/status.h"
+#include "common/metrics.h"
 #include "inference/engine.h"
 #include "inference/engine_request.h"
-#include "inference/metrics.h"
 
 namespace lychee {
 

@@ -3,8 +3,8 @@
 #include <algorithm>
 #include <filesystem>
 #include <optional>
-#include <iostream>
 
+#include <glog/logging.h>
 #include <nlohmann/json.hpp>
 
 #include "absl/strings/numbers.h"
@@ -26,11 +26,15 @@ absl::Status CanaryRunning(const CanaryRecord& canary) {
       absl::StrCat("a canary of partition ", canary.version, " runs; promote or abort it first"));
 }
 
+// Why an offered partition was kept without being activated (PartitionManager::ShouldActivateOffer).
+
 }  // namespace
 
 absl::StatusOr<std::unique_ptr<PartitionManager>> PartitionManager::Open(Options options) {
   if (options.state_dir.empty()) return absl::InvalidArgumentError("the state directory is required");
   std::unique_ptr<PartitionManager> manager(new PartitionManager(std::move(options)));
+  // Not shared yet: held so that the guarded members are only ever touched under the lock.
+  absl::ReleasableMutexLock lock(&manager->mutex_);
   const std::filesystem::path partitions_dir = std::filesystem::path(manager->options_.state_dir) / "partitions";
   LYCHEE_RETURN_IF_ERROR(CreateDurableDirectory(partitions_dir.string()));
 
@@ -86,17 +90,17 @@ absl::StatusOr<std::unique_ptr<PartitionManager>> PartitionManager::Open(Options
   manager->active_ = std::make_shared<const ActivePartition>(ActivePartition{
       active_version == 0 ? nullptr : manager->partitions_[active_version], active_version == 0 ? "" : "restored"});
   manager->RestoreCanary(active_version);
-  for (const std::string& problem : manager->problems_) std::cerr << "partition state: " << problem << "\n";
+  for (const std::string& problem : manager->problems_) LOG(WARNING) << "partition state: " << problem;
   // A version stored just before a crash, before its activation was recorded, is decided now as
   // Offer would have decided it.
   const uint64_t highest = manager->partitions_.empty() ? 0 : manager->partitions_.rbegin()->first;
   manager->decided_through_ = decided_through.value_or(highest);
   if (highest > manager->decided_through_ && !manager->held_ && highest > active_version &&
       manager->canary_routing_ == nullptr) {
-    std::lock_guard<std::mutex> lock(manager->mutex_);
     manager->decided_through_ = highest;
-    LYCHEE_RETURN_IF_ERROR(manager->ActivateLocked(highest, "trainer", /*push_history=*/true));
+    LYCHEE_RETURN_IF_ERROR(manager->MakeActive(highest, "trainer", /*push_history=*/true));
   }
+  lock.Release();
   return manager;
 }
 
@@ -136,7 +140,7 @@ absl::Status PartitionManager::Validate(const HeadPartition& partition) const {
 ActivePartition PartitionManager::Active() const { return *std::atomic_load(&active_); }
 
 absl::StatusOr<PartitionManager::Snapshot> PartitionManager::Get(uint64_t version) const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   auto it = partitions_.find(version);
   if (it == partitions_.end()) {
     return absl::NotFoundError(absl::StrCat("partition version ", version, " is not held by this service"));
@@ -145,14 +149,14 @@ absl::StatusOr<PartitionManager::Snapshot> PartitionManager::Get(uint64_t versio
 }
 
 std::vector<PartitionManager::Snapshot> PartitionManager::List() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   std::vector<Snapshot> list;
   for (const auto& [version, partition] : partitions_) list.push_back(partition);
   return list;
 }
 
 uint64_t PartitionManager::highest_version() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   return partitions_.empty() ? 0 : partitions_.rbegin()->first;
 }
 
@@ -160,13 +164,13 @@ absl::Status PartitionManager::Offer(const HeadPartition& partition) {
   std::function<absl::Status(const HeadPartition&)> gate;
   absl::Status valid;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     if (partitions_.count(partition.version) != 0) return absl::OkStatus();
     if (auto rejected = gate_rejections_.find(partition.version); rejected != gate_rejections_.end()) {
       return rejected->second;
     }
     valid = Validate(partition);
-    if (!valid.ok()) RecordRejectionLocked(partition.version, valid);
+    if (!valid.ok()) RecordRejection(partition.version, valid);
     gate = gate_;
   }
   if (!valid.ok()) {
@@ -179,10 +183,10 @@ absl::Status PartitionManager::Offer(const HeadPartition& partition) {
       // Cut short (the server is shutting down): nothing was decided about the partition.
       if (absl::IsCancelled(passed)) return passed;
       {
-        std::lock_guard<std::mutex> lock(mutex_);
+        absl::MutexLock lock(&mutex_);
         gate_rejections_[partition.version] = passed;
         ++rejected_by_gate_;
-        RecordRejectionLocked(partition.version, passed);
+        RecordRejection(partition.version, passed);
       }
       Notify();
       return passed;
@@ -192,19 +196,22 @@ absl::Status PartitionManager::Offer(const HeadPartition& partition) {
   bool activate = false;
   bool as_canary = false;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     if (partitions_.count(partition.version) != 0) return absl::OkStatus();
     v1::HeadPartition proto = HeadPartitionToProto(partition);
     status = WriteDurableFile(PartitionPath(partition.version), proto.SerializeAsString());
     if (status.ok()) {
       partitions_[partition.version] = std::make_shared<const HeadPartition>(partition);
       decided_through_ = std::max(decided_through_, partition.version);
-      activate = ShouldActivateOfferLocked(partition.version);
+      activate = ShouldActivateOffer(partition.version);
       // A canary does not change the active version: the decision is recorded here.
       as_canary = activate && options_.offer_canary_fraction > 0 && std::atomic_load(&active_)->partition != nullptr;
-      if (!activate || as_canary) status = PersistStateLocked();
+      if (!activate) {
+        LOG(INFO) << "partition " << partition.version << " stored, not activated: " << KeptInactiveReason();
+      }
+      if (!activate || as_canary) status = PersistState();
     } else {
-      RecordRejectionLocked(partition.version, status);
+      RecordRejection(partition.version, status);
     }
   }
   if (as_canary && status.ok()) {
@@ -216,19 +223,24 @@ absl::Status PartitionManager::Offer(const HeadPartition& partition) {
   return status;
 }
 
-bool PartitionManager::ShouldActivateOfferLocked(uint64_t version) const {
+bool PartitionManager::ShouldActivateOffer(uint64_t version) const {
   const Snapshot current = std::atomic_load(&active_)->partition;
   const bool canary_running = canary_ && canary_->state == CanaryState::kRunning;
   return !held_ && !canary_running && (current == nullptr || current->version < version);
 }
 
+const char* PartitionManager::KeptInactiveReason() const {
+  if (held_) return "rollouts are on hold";
+  return canary_ && canary_->state == CanaryState::kRunning ? "a canary runs" : "a newer version is active";
+}
+
 void PartitionManager::SetOfferGate(std::function<absl::Status(const HeadPartition&)> gate) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   gate_ = std::move(gate);
 }
 
 void PartitionManager::SetActivationPreparer(std::function<absl::Status(const Snapshot&)> preparer) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   preparer_ = std::move(preparer);
 }
 
@@ -236,41 +248,44 @@ absl::Status PartitionManager::PrepareAndActivate(uint64_t version, const std::s
   std::function<absl::Status(const Snapshot&)> preparer;
   Snapshot snapshot;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     preparer = preparer_;
     snapshot = partitions_.at(version);
   }
   // Outside the lock: preparing takes a while, and admissions read partitions meanwhile.
   if (preparer) {
     if (absl::Status prepared = preparer(snapshot); !prepared.ok()) {
-      std::cerr << "partition " << version << " is activated unprepared (its first decode steps capture their CUDA "
-                << "graphs): " << prepared.message() << "\n";
+      LOG(WARNING) << "partition " << version << " is activated unprepared (its first decode steps capture their "
+                   << "CUDA graphs): " << prepared.message();
     }
   }
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   // An offer is decided again: a newer version may have become active, or rollouts been held, meanwhile.
-  if (as_offer && !ShouldActivateOfferLocked(version)) return PersistStateLocked();
-  return ActivateLocked(version, activated_by, /*push_history=*/true);
+  if (as_offer && !ShouldActivateOffer(version)) {
+    LOG(INFO) << "partition " << version << " stored, not activated: " << KeptInactiveReason();
+    return PersistState();
+  }
+  return MakeActive(version, activated_by, /*push_history=*/true);
 }
 
 void PartitionManager::RejectUnreadable(uint64_t version, const absl::Status& why) {
   {
-    std::lock_guard<std::mutex> lock(mutex_);
-    RecordRejectionLocked(version, why);
+    absl::MutexLock lock(&mutex_);
+    RecordRejection(version, why);
   }
   Notify();
 }
 
-void PartitionManager::RecordRejectionLocked(uint64_t version, const absl::Status& why) {
+void PartitionManager::RecordRejection(uint64_t version, const absl::Status& why) {
   rejections_.push_back({version, std::string(why.message()), absl::ToUnixSeconds(absl::Now())});
   if (rejections_.size() > kRejectionsKept) rejections_.pop_front();
   ++rejected_count_;
-  std::cerr << "partition " << version << " rejected: " << why.message() << "\n";
+  LOG(INFO) << "partition " << version << " rejected: " << why.message();
 }
 
 absl::Status PartitionManager::Activate(uint64_t version) {
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     if (partitions_.count(version) == 0) {
       return absl::NotFoundError(absl::StrCat("partition version ", version, " is not held by this service"));
     }
@@ -283,12 +298,12 @@ absl::Status PartitionManager::Activate(uint64_t version) {
 
 absl::Status PartitionManager::Rollback() {
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     if (canary_ && canary_->state == CanaryState::kRunning) return CanaryRunning(*canary_);
     if (history_.empty()) return absl::FailedPreconditionError("no earlier partition to roll back to");
     const uint64_t previous = history_.back();
     history_.pop_back();
-    LYCHEE_RETURN_IF_ERROR(ActivateLocked(previous, "rollback", /*push_history=*/false));
+    LYCHEE_RETURN_IF_ERROR(MakeActive(previous, "rollback", /*push_history=*/false));
   }
   Notify();
   return absl::OkStatus();
@@ -296,29 +311,30 @@ absl::Status PartitionManager::Rollback() {
 
 absl::Status PartitionManager::SetHold(bool hold) {
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     const bool was = held_;
     held_ = hold;
-    if (absl::Status persisted = PersistStateLocked(); !persisted.ok()) {
+    if (absl::Status persisted = PersistState(); !persisted.ok()) {
       held_ = was;
       return persisted;
     }
+    LOG(INFO) << "partition rollouts " << (hold ? "held" : "resumed");
   }
   Notify();
   return absl::OkStatus();
 }
 
 bool PartitionManager::held() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   return held_;
 }
 
 std::vector<RejectedPartition> PartitionManager::rejections() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   return {rejections_.begin(), rejections_.end()};
 }
 
-absl::Status PartitionManager::ActivateLocked(uint64_t version, const std::string& activated_by, bool push_history) {
+absl::Status PartitionManager::MakeActive(uint64_t version, const std::string& activated_by, bool push_history) {
   const std::shared_ptr<const ActivePartition> previous = std::atomic_load(&active_);
   const std::vector<uint64_t> previous_history = history_;
   if (push_history && previous->partition != nullptr && previous->partition->version != version) {
@@ -326,17 +342,17 @@ absl::Status PartitionManager::ActivateLocked(uint64_t version, const std::strin
   }
   std::atomic_store(&active_, std::make_shared<const ActivePartition>(ActivePartition{partitions_[version], activated_by}));
   // The switch is only acknowledged once it would survive a restart.
-  if (absl::Status persisted = PersistStateLocked(); !persisted.ok()) {
+  if (absl::Status persisted = PersistState(); !persisted.ok()) {
     std::atomic_store(&active_, previous);
     history_ = previous_history;
     return persisted;
   }
   ++rollouts_;
-  std::cerr << "partition " << version << " active (" << activated_by << ")\n";
+  LOG(INFO) << "partition " << version << " active (" << activated_by << ")";
   return absl::OkStatus();
 }
 
-absl::Status PartitionManager::PersistStateLocked() const {
+absl::Status PartitionManager::PersistState() const {
   const Snapshot active = std::atomic_load(&active_)->partition;
   const nlohmann::json state = {{"active_version", active == nullptr ? 0 : active->version},
                                 {"history", history_},
@@ -359,7 +375,7 @@ absl::Status PartitionManager::StartCanary(uint64_t version, double fraction,
   std::function<absl::Status(const Snapshot&)> preparer;
   Snapshot snapshot;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     auto it = partitions_.find(version);
     if (it == partitions_.end()) {
       return absl::NotFoundError(absl::StrCat("version: partition ", version, " is not held by this service"));
@@ -378,11 +394,11 @@ absl::Status PartitionManager::StartCanary(uint64_t version, double fraction,
   // Outside the lock, as for an activation: the canary's first sequences then replay captured graphs.
   if (preparer) {
     if (absl::Status prepared = preparer(snapshot); !prepared.ok()) {
-      std::cerr << "canary partition " << version << " starts unprepared: " << prepared.message() << "\n";
+      LOG(WARNING) << "canary partition " << version << " starts unprepared: " << prepared.message();
     }
   }
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     if (canary_ && canary_->state == CanaryState::kRunning) return CanaryRunning(*canary_);
     const Snapshot active = std::atomic_load(&active_)->partition;
     if (active == nullptr || active->version == version) {
@@ -397,12 +413,12 @@ absl::Status PartitionManager::StartCanary(uint64_t version, double fraction,
     record.bounds = bounds.value_or(options_.canary_bounds);
     record.started_unix_seconds = absl::ToUnixSeconds(absl::Now());
     canary_ = std::move(record);
-    if (absl::Status persisted = PersistCanaryLocked(); !persisted.ok()) {
+    if (absl::Status persisted = PersistCanary(); !persisted.ok()) {
       canary_ = previous;
       return persisted;
     }
     std::atomic_store(&canary_routing_, std::make_shared<const CanaryRouting>(CanaryRouting{snapshot, fraction}));
-    std::cerr << "partition " << version << " canary started for a fraction " << fraction << " of new sequences\n";
+    LOG(INFO) << "partition " << version << " canary started for a fraction " << fraction << " of new sequences";
   }
   Notify();
   return absl::OkStatus();
@@ -418,9 +434,9 @@ absl::Status PartitionManager::AbortCanary() {
 
 absl::Status PartitionManager::DecideCanaryNow(CanaryState state, const std::string& reason) {
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     if (!canary_ || canary_->state != CanaryState::kRunning) return absl::FailedPreconditionError("no canary runs");
-    LYCHEE_RETURN_IF_ERROR(FinishCanaryLocked(state, reason));
+    LYCHEE_RETURN_IF_ERROR(FinishCanary(state, reason));
   }
   Notify();
   return absl::OkStatus();
@@ -440,7 +456,7 @@ void PartitionManager::RecordCanarySequence(PartitionRoute::Arm arm, uint64_t ve
   if (arm == PartitionRoute::Arm::kNoCanary) return;
   bool decided = false;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     // A sequence of a canary decided since its admission, or of an earlier one.
     if (!canary_ || canary_->state != CanaryState::kRunning) return;
     const bool canary_arm = arm == PartitionRoute::Arm::kCanary;
@@ -450,15 +466,14 @@ void PartitionManager::RecordCanarySequence(PartitionRoute::Arm arm, uint64_t ve
     if (!canary_arm) return;
     const CanaryVerdict verdict = DecideCanary(*canary_);
     if (verdict.state == CanaryState::kRunning) {
-      if (absl::Status persisted = PersistCanaryLocked(); !persisted.ok()) {
-        std::cerr << "canary of partition " << version << ": its counts were not stored: " << persisted.message()
-                  << "\n";
+      if (absl::Status persisted = PersistCanary(); !persisted.ok()) {
+        LOG(ERROR) << "canary of partition " << version << ": its counts were not stored: " << persisted.message();
       }
       return;
     }
-    if (absl::Status finished = FinishCanaryLocked(verdict.state, verdict.reason); !finished.ok()) {
-      std::cerr << "canary of partition " << version << " could not be " << CanaryStateName(verdict.state) << ": "
-                << finished.message() << "\n";
+    if (absl::Status finished = FinishCanary(verdict.state, verdict.reason); !finished.ok()) {
+      LOG(ERROR) << "canary of partition " << version << " could not be " << CanaryStateName(verdict.state) << ": "
+                 << finished.message();
       return;
     }
     decided = true;
@@ -467,16 +482,16 @@ void PartitionManager::RecordCanarySequence(PartitionRoute::Arm arm, uint64_t ve
 }
 
 std::optional<CanaryRecord> PartitionManager::Canary() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   return canary_;
 }
 
-absl::Status PartitionManager::FinishCanaryLocked(CanaryState state, const std::string& reason) {
+absl::Status PartitionManager::FinishCanary(CanaryState state, const std::string& reason) {
   const CanaryRecord running = *canary_;
   canary_->state = state;
   canary_->reason = reason;
   canary_->decided_unix_seconds = absl::ToUnixSeconds(absl::Now());
-  if (absl::Status persisted = PersistCanaryLocked(); !persisted.ok()) {
+  if (absl::Status persisted = PersistCanary(); !persisted.ok()) {
     canary_ = running;
     return persisted;
   }
@@ -484,11 +499,11 @@ absl::Status PartitionManager::FinishCanaryLocked(CanaryState state, const std::
   if (state == CanaryState::kPromoted) {
     // Recorded as promoted first, so that a crash between the two cannot resume a promoted canary;
     // a failed activation leaves the stable version active and says so in the record.
-    if (absl::Status activated = ActivateLocked(running.version, "canary", /*push_history=*/true); !activated.ok()) {
+    if (absl::Status activated = MakeActive(running.version, "canary", /*push_history=*/true); !activated.ok()) {
       canary_->state = CanaryState::kAborted;
       canary_->reason = absl::StrCat(reason, "; its activation failed: ", activated.message());
-      if (absl::Status persisted = PersistCanaryLocked(); !persisted.ok()) {
-        std::cerr << "canary of partition " << running.version << ": " << persisted.message() << "\n";
+      if (absl::Status persisted = PersistCanary(); !persisted.ok()) {
+        LOG(ERROR) << "canary of partition " << running.version << ": " << persisted.message();
       }
       return activated;
     }
@@ -496,14 +511,14 @@ absl::Status PartitionManager::FinishCanaryLocked(CanaryState state, const std::
   if (state == CanaryState::kRolledBack) {
     ++rejected_by_canary_;
     // Logged as a rejection.
-    RecordRejectionLocked(running.version, absl::FailedPreconditionError(absl::StrCat("canary rolled back: ", reason)));
+    RecordRejection(running.version, absl::FailedPreconditionError(absl::StrCat("canary rolled back: ", reason)));
   } else {
-    std::cerr << "canary of partition " << running.version << " " << CanaryStateName(state) << ": " << reason << "\n";
+    LOG(INFO) << "canary of partition " << running.version << " " << CanaryStateName(state) << ": " << reason;
   }
   return absl::OkStatus();
 }
 
-absl::Status PartitionManager::PersistCanaryLocked() const {
+absl::Status PartitionManager::PersistCanary() const {
   return WriteDurableFile((std::filesystem::path(options_.state_dir) / kCanaryFile).string(),
                           CanaryRecordToJson(*canary_).dump());
 }

@@ -12,12 +12,13 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "common/head_partition.h"
 #include "common/model_config.h"
 #include "inference/canary.h"
@@ -132,39 +133,42 @@ class PartitionManager {
   absl::Status Validate(const HeadPartition& partition) const;
   absl::StatusOr<HeadPartition> ReadStored(const std::string& path, uint64_t version) const;
   // Whether an offered `version` becomes active: rollouts are not held and no newer one is active.
-  bool ShouldActivateOfferLocked(uint64_t version) const;
+  bool ShouldActivateOffer(uint64_t version) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
+  // Why an offer that ShouldActivateOffer declined stays inactive, for the log.
+  const char* KeptInactiveReason() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
   // Runs the preparer on a held `version`, then activates it; `as_offer`: only if an offer still
   // should be.
   absl::Status PrepareAndActivate(uint64_t version, const std::string& activated_by, bool as_offer);
-  // Makes `version` active and persists the state; the lock is held.
-  absl::Status ActivateLocked(uint64_t version, const std::string& activated_by, bool push_history);
-  absl::Status PersistStateLocked() const;
-  void RecordRejectionLocked(uint64_t version, const absl::Status& why);
+  // Makes `version` active and persists the state.
+  absl::Status MakeActive(uint64_t version, const std::string& activated_by, bool push_history)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
+  absl::Status PersistState() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
+  void RecordRejection(uint64_t version, const absl::Status& why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
   std::string PartitionPath(uint64_t version) const;
   void Notify() const;
   // Reads the canary an earlier run stored; a running one is resumed only if it still can be.
-  void RestoreCanary(uint64_t active_version);
-  absl::Status PersistCanaryLocked() const;
+  void RestoreCanary(uint64_t active_version) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
+  absl::Status PersistCanary() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
   // The operator's decision; FAILED_PRECONDITION when no canary runs.
   absl::Status DecideCanaryNow(CanaryState state, const std::string& reason);
   // Ends the running canary as `state` says (promoting it activates its version).
-  absl::Status FinishCanaryLocked(CanaryState state, const std::string& reason);
+  absl::Status FinishCanary(CanaryState state, const std::string& reason) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
 
   const Options options_;
-  std::vector<std::string> problems_;
-  mutable std::mutex mutex_;
-  std::map<uint64_t, Snapshot> partitions_;
+  std::vector<std::string> problems_;  // written by Open only, before the manager is shared
+  mutable absl::Mutex mutex_;
+  std::map<uint64_t, Snapshot> partitions_ ABSL_GUARDED_BY(mutex_);
   // Versions active before the current one, most recent last.
-  std::vector<uint64_t> history_;
-  bool held_ = false;
+  std::vector<uint64_t> history_ ABSL_GUARDED_BY(mutex_);
+  bool held_ ABSL_GUARDED_BY(mutex_) = false;
   // The highest version Offer has decided on (activated, or kept because of the hold or a newer
   // active one); a stored version above it was cut off by a crash before its decision was recorded.
-  uint64_t decided_through_ = 0;
-  std::deque<RejectedPartition> rejections_;
-  std::function<absl::Status(const Snapshot&)> preparer_;
-  std::function<absl::Status(const HeadPartition&)> gate_;
+  uint64_t decided_through_ ABSL_GUARDED_BY(mutex_) = 0;
+  std::deque<RejectedPartition> rejections_ ABSL_GUARDED_BY(mutex_);
+  std::function<absl::Status(const Snapshot&)> preparer_ ABSL_GUARDED_BY(mutex_);
+  std::function<absl::Status(const HeadPartition&)> gate_ ABSL_GUARDED_BY(mutex_);
   // Versions the gate rejected, with why.
-  std::map<uint64_t, absl::Status> gate_rejections_;
+  std::map<uint64_t, absl::Status> gate_rejections_ ABSL_GUARDED_BY(mutex_);
   // Read without the lock by every admission; replaced whole under the lock.
   std::shared_ptr<const ActivePartition> active_;
   std::atomic<uint64_t> rollouts_{0};
@@ -172,7 +176,7 @@ class PartitionManager {
   std::atomic<uint64_t> rejected_by_gate_{0};
   std::atomic<uint64_t> rejected_by_canary_{0};
   // The running canary, else the last one decided.
-  std::optional<CanaryRecord> canary_;
+  std::optional<CanaryRecord> canary_ ABSL_GUARDED_BY(mutex_);
   struct CanaryRouting {
     Snapshot partition;
     double fraction = 0;

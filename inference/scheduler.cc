@@ -7,42 +7,37 @@
 namespace lychee {
 
 absl::Status Scheduler::Add(std::unique_ptr<EngineRequest> request) {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (stopped_) return absl::UnavailableError("the server is shutting down");
-    waiting_.push_back(std::move(request));
-    if (BlockedLocked() > options_.max_queued) {
-      waiting_.pop_back();
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "the server is full: ", num_running_, " sequences run, ", kv_.used_pages(), " of ", kv_.num_pages(),
-          " KV pages are in use and ", waiting_.size(), " requests wait already; retry later"));
-    }
+  absl::MutexLock lock(&mutex_);
+  if (stopped_) return absl::UnavailableError("the server is shutting down");
+  waiting_.push_back(std::move(request));
+  if (Blocked() > options_.max_queued) {
+    waiting_.pop_back();
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "the server is full: ", num_running_, " sequences run, ", kv_.used_pages(), " of ", kv_.num_pages(),
+        " KV pages are in use and ", waiting_.size(), " requests wait already; retry later"));
   }
-  wake_.notify_all();
   return absl::OkStatus();
 }
 
 int64_t Scheduler::num_waiting() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   return static_cast<int64_t>(waiting_.size());
 }
 
 int64_t Scheduler::num_running() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   return num_running_;
 }
 
 void Scheduler::Stop() {
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    stopped_ = true;
-  }
-  wake_.notify_all();
+  absl::MutexLock lock(&mutex_);
+  stopped_ = true;
 }
 
 bool Scheduler::WaitForWork(std::chrono::milliseconds poll) {
-  std::unique_lock<std::mutex> lock(mutex_);
-  if (running_.empty()) wake_.wait_for(lock, poll, [&] { return stopped_ || !waiting_.empty(); });
+  absl::MutexLock lock(&mutex_);
+  const auto has_work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) { return stopped_ || !waiting_.empty(); };
+  if (running_.empty()) mutex_.AwaitWithTimeout(absl::Condition(&has_work), absl::FromChrono(poll));
   return !stopped_;
 }
 
@@ -54,7 +49,7 @@ std::vector<EngineRequest*> Scheduler::Abandoned() const {
     if (request->stream->cancelled() || now > request->request.deadline) abandoned.push_back(request.get());
   };
   std::for_each(running_.begin(), running_.end(), check);
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   std::for_each(waiting_.begin(), waiting_.end(), check);
   return abandoned;
 }
@@ -82,7 +77,7 @@ SchedulerOutput Scheduler::Schedule() {
       output.decodes.push_back(&request);
     }
   }
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   // A request preempted now would only be admitted again into the room it just gave up.
   if (output.preempted.empty()) {
     while (!waiting_.empty() && static_cast<int64_t>(running_.size()) < options_.max_batch) {
@@ -112,7 +107,7 @@ void Scheduler::PreemptYoungest(SchedulerOutput& output, int64_t& free_pages) {
   victim->status = RequestStatus::kPreempted;
   ++victim->summary.preemptions;
   output.preempted.push_back(victim.get());
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   // Ahead of every request that never ran; victims of one iteration go youngest first, so each
   // older one lands in front of it.
   waiting_.push_front(std::move(victim));
@@ -132,7 +127,7 @@ std::vector<std::unique_ptr<EngineRequest>> Scheduler::TakeFinished() {
     }
   };
   take(running_);
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   take(waiting_);
   num_running_ = static_cast<int64_t>(running_.size());
   return finished;
@@ -141,14 +136,14 @@ std::vector<std::unique_ptr<EngineRequest>> Scheduler::TakeFinished() {
 std::vector<std::unique_ptr<EngineRequest>> Scheduler::TakeAll() {
   std::vector<std::unique_ptr<EngineRequest>> all = std::move(running_);
   running_.clear();
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   for (std::unique_ptr<EngineRequest>& request : waiting_) all.push_back(std::move(request));
   waiting_.clear();
   num_running_ = 0;
   return all;
 }
 
-int64_t Scheduler::BlockedLocked() const {
+int64_t Scheduler::Blocked() const {
   int64_t sequences = num_running_;
   int64_t free_pages = kv_.free_pages();
   int64_t admissible = 0;

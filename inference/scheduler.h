@@ -10,14 +10,14 @@
 #pragma once
 
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <memory>
-#include <mutex>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
+#include "absl/synchronization/mutex.h"
 #include "inference/engine_request.h"
 #include "inference/kv_cache_manager.h"
 
@@ -75,18 +75,17 @@ class Scheduler {
   // queues it first.
   void PreemptYoungest(SchedulerOutput& output, int64_t& free_pages);
   // Waiting requests the next iteration would not admit.
-  int64_t BlockedLocked() const;
+  int64_t Blocked() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
 
   const SchedulerOptions options_;
   const KvCacheManager& kv_;
 
-  mutable std::mutex mutex_;
-  std::condition_variable wake_;
-  std::deque<std::unique_ptr<EngineRequest>> waiting_;
-  int64_t num_running_ = 0;
-  bool stopped_ = false;
+  mutable absl::Mutex mutex_;
+  std::deque<std::unique_ptr<EngineRequest>> waiting_ ABSL_GUARDED_BY(mutex_);
+  int64_t num_running_ ABSL_GUARDED_BY(mutex_) = 0;
+  bool stopped_ ABSL_GUARDED_BY(mutex_) = false;
 
-  // Oldest first.
+  // Oldest first. The engine's thread only, so unguarded.
   std::vector<std::unique_ptr<EngineRequest>> running_;
 };
 

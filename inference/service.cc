@@ -441,7 +441,7 @@ absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(Inferenc
                                 *server->engine_, partitions, server->watcher_.get(), options.canary_bounds);
 
   LYCHEE_ASSIGN_OR_RETURN(server->server_, StartGrpcServer(options.listen_address, credentials, server->service_.get(),
-                                                           kMaxRequestBytes, &server->port_));
+                                                           kMaxRequestBytes, options.log_requests, &server->port_));
   if (!options.metrics_address.empty()) {
     LYCHEE_ASSIGN_OR_RETURN(server->metrics_server_, MetricsHttpServer::Start(options.metrics_address, metrics));
   }

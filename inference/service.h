@@ -13,10 +13,10 @@
 #include <grpcpp/server.h>
 
 #include "absl/status/statusor.h"
+#include "common/metrics.h"
 #include "common/security.h"
 #include "inference/engine.h"
 #include "inference/http_server.h"
-#include "inference/metrics.h"
 #include "inference/partition_manager.h"
 #include "inference/shadow_validator.h"
 #include "inference/trainer_watcher.h"
@@ -39,6 +39,8 @@ struct InferenceServerOptions {
   AccessOptions access;
   // IPV4:PORT for /metrics; empty: none.
   std::string metrics_address;
+  // One INFO log line per gRPC call (method, peer, status, time).
+  bool log_requests = false;
   // [HOST:]PORT for the OpenAI-compatible HTTP API (a bare port: the loopback); empty: none. It
   // takes the client token as the gRPC service does, and serves HTTPS when `tls` has a certificate.
   std::string http_address;

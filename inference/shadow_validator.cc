@@ -4,9 +4,10 @@
 
 #include <cstdio>
 #include <fstream>
-#include <iostream>
 #include <sstream>
 #include <thread>
+
+#include <glog/logging.h>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -126,12 +127,11 @@ ShadowValidator::ShadowValidator(ShadowValidationOptions options, const Model& m
 ShadowValidator::~ShadowValidator() {
   Cancel();
   // A validation in progress ends at its next prompt; later ones return at once.
-  std::lock_guard<std::mutex> no_validation(check_mutex_);
+  absl::MutexLock no_validation(&check_mutex_);
   {
-    std::lock_guard<std::mutex> lock(worker_mutex_);
+    absl::MutexLock lock(&worker_mutex_);
     stopping_ = true;
   }
-  worker_wake_.notify_all();
   worker_.join();
 }
 
@@ -139,37 +139,37 @@ void ShadowValidator::Work() {
   // With OpenMP the intra-op thread count belongs to the calling thread: the validation's few
   // threads leave the engine's own count alone.
   at::set_num_threads(options_.threads);
-  std::unique_lock<std::mutex> lock(worker_mutex_);
+  const auto has_job = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(worker_mutex_) { return stopping_ || job_ != nullptr; };
+  worker_mutex_.Lock();
   while (true) {
-    worker_wake_.wait(lock, [this] { return stopping_ || job_; });
-    if (stopping_) return;
+    worker_mutex_.Await(absl::Condition(&has_job));
+    if (stopping_) break;
     std::function<void()> job = std::move(job_);
     job_ = nullptr;
-    lock.unlock();
+    worker_mutex_.Unlock();
     job();
-    lock.lock();
+    worker_mutex_.Lock();
     job_done_ = true;
-    worker_wake_.notify_all();
   }
+  worker_mutex_.Unlock();
 }
 
 void ShadowValidator::RunOnWorker(std::function<void()> job) {
-  std::unique_lock<std::mutex> lock(worker_mutex_);
+  absl::MutexLock lock(&worker_mutex_);
   job_ = std::move(job);
   job_done_ = false;
-  worker_wake_.notify_all();
-  worker_wake_.wait(lock, [this] { return job_done_; });
+  worker_mutex_.Await(absl::Condition(&job_done_));
 }
 
 void ShadowValidator::Cancel() { cancelled_ = true; }
 
 std::optional<ShadowValidationRecord> ShadowValidator::last() const {
-  std::lock_guard<std::mutex> lock(last_mutex_);
+  absl::MutexLock lock(&last_mutex_);
   return last_;
 }
 
 absl::Status ShadowValidator::Check(const HeadPartition& partition) {
-  std::lock_guard<std::mutex> one_at_a_time(check_mutex_);
+  absl::MutexLock one_at_a_time(&check_mutex_);
   if (cancelled_) return absl::CancelledError("shadow validation is shut down");
   running_ = true;
   ValidationOptions validation_options;
@@ -190,10 +190,10 @@ absl::Status ShadowValidator::Check(const HeadPartition& partition) {
                           options_.max_dropped_mass);
   }
   ShadowValidationRecord record{partition.version, promoted, *validation, DescribeValidation(*validation)};
-  std::cerr << "shadow validation of partition " << partition.version << ": " << record.summary << " -> "
-            << (promoted ? "promoted" : "rejected: " + why) << "\n";
+  LOG(INFO) << "shadow validation of partition " << partition.version << ": " << record.summary << " -> "
+            << (promoted ? "promoted" : "rejected: " + why);
   {
-    std::lock_guard<std::mutex> lock(last_mutex_);
+    absl::MutexLock lock(&last_mutex_);
     last_ = record;
   }
   if (!promoted) {

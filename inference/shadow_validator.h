@@ -6,17 +6,17 @@
 #pragma once
 
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "common/partition_validation.h"
 
 namespace lychee {
@@ -92,18 +92,17 @@ class ShadowValidator {
   const ShadowValidationOptions options_;
   const Model& model_;
   const ValidationSet set_;
-  std::mutex check_mutex_;  // one validation at a time
+  absl::Mutex check_mutex_;  // one validation at a time
   std::atomic<bool> cancelled_{false};
   std::atomic<bool> running_{false};
   std::atomic<uint64_t> promoted_{0};
   std::atomic<uint64_t> rejected_{0};
-  mutable std::mutex last_mutex_;
-  std::optional<ShadowValidationRecord> last_;
-  std::mutex worker_mutex_;
-  std::condition_variable worker_wake_;
-  std::function<void()> job_;  // guarded by worker_mutex_
-  bool job_done_ = false;      // guarded by worker_mutex_
-  bool stopping_ = false;      // guarded by worker_mutex_
+  mutable absl::Mutex last_mutex_;
+  std::optional<ShadowValidationRecord> last_ ABSL_GUARDED_BY(last_mutex_);
+  absl::Mutex worker_mutex_;
+  std::function<void()> job_ ABSL_GUARDED_BY(worker_mutex_);
+  bool job_done_ ABSL_GUARDED_BY(worker_mutex_) = false;
+  bool stopping_ ABSL_GUARDED_BY(worker_mutex_) = false;
   std::thread worker_;
 };
 

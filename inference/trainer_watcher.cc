@@ -18,26 +18,25 @@ TrainerWatcher::TrainerWatcher(TrainerWatcherOptions options, PartitionManager& 
 
 TrainerWatcher::~TrainerWatcher() {
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     stopping_ = true;
     if (call_ != nullptr) call_->TryCancel();
   }
-  stop_signal_.notify_all();
   thread_.join();
 }
 
 bool TrainerWatcher::connected() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   return connected_;
 }
 
 std::string TrainerWatcher::last_error() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   return last_error_;
 }
 
 void TrainerWatcher::SetState(bool connected, const std::string& error) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   connected_ = connected;
   if (!error.empty()) last_error_ = error;
 }
@@ -47,11 +46,11 @@ void TrainerWatcher::Run() {
   while (true) {
     const auto started = std::chrono::steady_clock::now();
     Follow();
-    std::unique_lock<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     if (stopping_) return;
     // A stream that lived a while was a working connection: start the backoff over.
     if (std::chrono::steady_clock::now() - started > options_.max_backoff) backoff = options_.initial_backoff;
-    stop_signal_.wait_for(lock, backoff, [&] { return stopping_; });
+    mutex_.AwaitWithTimeout(absl::Condition(&stopping_), absl::FromChrono(backoff));
     if (stopping_) return;
     backoff = std::min(backoff * 2, options_.max_backoff);
   }
@@ -64,7 +63,7 @@ void TrainerWatcher::Follow() {
   auto stub = v1::TrainerService::NewStub(channel);
   auto context = std::make_shared<grpc::ClientContext>();
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     if (stopping_) return;
     call_ = context;
   }
@@ -90,7 +89,7 @@ void TrainerWatcher::Follow() {
   }
   const grpc::Status status = reader->Finish();
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     call_ = nullptr;
     connected_ = false;
     if (!stopping_) {

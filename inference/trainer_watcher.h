@@ -5,12 +5,12 @@
 #pragma once
 
 #include <chrono>
-#include <condition_variable>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <thread>
 
+#include "absl/base/thread_annotations.h"
+#include "absl/synchronization/mutex.h"
 #include "inference/partition_manager.h"
 
 namespace grpc {
@@ -48,12 +48,11 @@ class TrainerWatcher {
 
   const TrainerWatcherOptions options_;
   PartitionManager& partitions_;
-  mutable std::mutex mutex_;
-  std::condition_variable stop_signal_;
-  bool stopping_ = false;
-  bool connected_ = false;
-  std::string last_error_;
-  std::shared_ptr<grpc::ClientContext> call_;
+  mutable absl::Mutex mutex_;
+  bool stopping_ ABSL_GUARDED_BY(mutex_) = false;
+  bool connected_ ABSL_GUARDED_BY(mutex_) = false;
+  std::string last_error_ ABSL_GUARDED_BY(mutex_);
+  std::shared_ptr<grpc::ClientContext> call_ ABSL_GUARDED_BY(mutex_);
   std::thread thread_;
 };
 

@@ -324,6 +324,7 @@ absl::StatusOr<HeadPartition> RunCalibration(const Model& model, const Tokenizer
     progress.lambda = lambda;
     progress.tokens_per_second = static_cast<double>(ids.size()) / step_seconds;
     progress.eta_seconds = elapsed / progress.step * static_cast<double>(config.steps - progress.step);
+    progress.step_seconds = step_seconds;
     on_progress(progress);
   }
 

@@ -57,6 +57,7 @@ struct CalibrationProgress {
   double lambda = 0;
   double tokens_per_second = 0;
   double eta_seconds = 0;
+  double step_seconds = 0;  // wall time of this step
 };
 
 // Runs a calibration to the end, calling `on_progress` after every step; returns CANCELLED

@@ -1,10 +1,11 @@
 #include "trainer/job_manager.h"
 
+#include <glog/logging.h>
 #include <zlib.h>
 
 #include <algorithm>
-#include <iostream>
 
+#include "absl/strings/ascii.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/model_config.h"
@@ -140,6 +141,7 @@ absl::StatusOr<std::unique_ptr<JobManager>> JobManager::Create(JobManagerOptions
   LYCHEE_ASSIGN_OR_RETURN(JobJournal journal, JobJournal::Open(options.journal_dir));
   std::unique_ptr<JobManager> manager(new JobManager(std::move(options), store, std::move(runner), std::move(journal)));
   manager->Recover();
+  if (manager->options_.metrics != nullptr) manager->ExportMetrics(*manager->options_.metrics);
   for (int i = 0; i < manager->options_.max_concurrent_jobs; ++i) {
     manager->workers_.emplace_back([m = manager.get()] { m->WorkerLoop(); });
   }
@@ -148,18 +150,16 @@ absl::StatusOr<std::unique_ptr<JobManager>> JobManager::Create(JobManagerOptions
 
 JobManager::~JobManager() {
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     stopping_ = true;
     for (auto& [number, entry] : jobs_) entry->stop = true;
   }
-  work_available_.notify_all();
-  job_changed_.notify_all();
   for (std::thread& worker : workers_) worker.join();
 }
 
 void JobManager::Recover() {
   JobJournal::Contents contents = journal_.Load();
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   last_number_ = contents.last_number;
   for (v1::Job& job : contents.jobs) {
     auto entry = std::make_unique<Entry>();
@@ -197,7 +197,31 @@ void JobManager::Recover() {
   for (const std::string& stray : contents.stray_entries) {
     recovery_problems_.push_back(absl::StrCat(stray, ": not a job journal, ignored"));
   }
-  for (const std::string& problem : recovery_problems_) std::cerr << "trainer: job journal: " << problem << "\n";
+  for (const std::string& problem : recovery_problems_) LOG(WARNING) << "trainer: job journal: " << problem;
+}
+
+void JobManager::ExportMetrics(MetricsRegistry& registry) {
+  for (int state = v1::JobState_MIN + 1; state <= v1::JobState_MAX; ++state) {
+    const auto job_state = static_cast<v1::JobState>(state);
+    registry.AddGauge("lychee_trainer_jobs",
+                      "Jobs the trainer holds (those recovered from the journal included), by state",
+                      [this, job_state] {
+                        absl::MutexLock lock(&mutex_);
+                        return static_cast<double>(std::count_if(jobs_.begin(), jobs_.end(), [&](const auto& numbered) {
+                          return numbered.second->job.state() == job_state;
+                        }));
+                      },
+                      {{"state", absl::AsciiStrToLower(StateName(job_state))}});
+  }
+  step_seconds_ = &registry.AddHistogram("lychee_trainer_step_seconds", "Wall time of one calibration step",
+                                         {0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300});
+  registry.AddGauge("lychee_trainer_last_loss",
+                    "Loss (distillation plus density penalty) of the latest calibration step of any job; NaN "
+                    "before the first",
+                    [this] {
+                      absl::MutexLock lock(&mutex_);
+                      return last_loss_;
+                    });
 }
 
 absl::StatusOr<CalibrationJobInputs> JobManager::ResolveInputs(const v1::SubmitCalibrationJobRequest& request) const {
@@ -320,7 +344,7 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitCalibrationJobRequest
   job.mutable_progress()->set_total_steps(inputs.config.steps);
   job.set_create_unix_seconds(UnixSeconds());
 
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   if (stopping_) return absl::UnavailableError("the trainer is shutting down");
   if (static_cast<int64_t>(queue_.size()) >= options_.max_queued_jobs) {
     return absl::ResourceExhaustedError(absl::StrCat("the queue already holds ", queue_.size(),
@@ -334,7 +358,6 @@ absl::StatusOr<v1::Job> JobManager::Submit(const v1::SubmitCalibrationJobRequest
   entry->job = job;
   jobs_[number] = std::move(entry);
   queue_.push_back(number);
-  work_available_.notify_one();
   return job;
 }
 
@@ -346,20 +369,20 @@ absl::StatusOr<JobManager::Entry*> JobManager::Find(const std::string& name) con
 }
 
 absl::StatusOr<v1::Job> JobManager::Get(const std::string& name) const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   LYCHEE_ASSIGN_OR_RETURN(const Entry* entry, Find(name));
   return entry->job;
 }
 
 std::vector<v1::Job> JobManager::List() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   std::vector<v1::Job> jobs;
   for (const auto& [number, entry] : jobs_) jobs.push_back(entry->job);
   return jobs;
 }
 
 absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& name) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   LYCHEE_ASSIGN_OR_RETURN(Entry* entry, Find(name));
   v1::Job& job = entry->job;
   if (IsFinal(job.state())) {
@@ -381,50 +404,54 @@ absl::StatusOr<v1::Job> JobManager::Cancel(const std::string& name) {
 
 absl::StatusOr<JobManager::Update> JobManager::WaitForUpdate(const std::string& name, uint64_t after_revision,
                                                              std::chrono::milliseconds timeout) const {
-  std::unique_lock<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   LYCHEE_ASSIGN_OR_RETURN(const Entry* entry, Find(name));
-  job_changed_.wait_for(lock, timeout, [&] { return entry->revision > after_revision || stopping_; });
+  const auto changed = [&]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) {
+    return entry->revision > after_revision || stopping_;
+  };
+  mutex_.AwaitWithTimeout(absl::Condition(&changed), absl::FromChrono(timeout));
   return Update{entry->job, entry->revision};
 }
 
 void JobManager::Changed(Entry& entry, bool persist) {
   ++entry.revision;
-  job_changed_.notify_all();
   if (!persist) return;
   entry.journaled_at = std::chrono::steady_clock::now();
   // No client waits on this write; the in-memory state stays authoritative, and the operator
   // learns that the journal lags behind.
   if (const absl::Status written = journal_.Write(entry.job); !written.ok()) {
-    std::cerr << "trainer: journal of " << entry.job.name() << " not written: " << written.message() << "\n";
+    LOG(ERROR) << "trainer: journal of " << entry.job.name() << " not written: " << written.message();
   }
 }
 
 void JobManager::WorkerLoop() {
-  std::unique_lock<std::mutex> lock(mutex_);
+  const auto has_work = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_) { return stopping_ || !queue_.empty(); };
+  mutex_.Lock();
   while (true) {
-    work_available_.wait(lock, [&] { return stopping_ || !queue_.empty(); });
-    if (stopping_) return;
+    mutex_.Await(absl::Condition(&has_work));
+    if (stopping_) break;
     Entry& entry = *jobs_.at(queue_.front());
     queue_.pop_front();
     entry.job.set_state(v1::JOB_STATE_RUNNING);
     entry.job.set_start_unix_seconds(UnixSeconds());
     Changed(entry, /*persist=*/true);
-    lock.unlock();
+    mutex_.Unlock();
     RunJob(entry);
-    lock.lock();
+    mutex_.Lock();
   }
+  mutex_.Unlock();
 }
 
 void JobManager::RunJob(Entry& entry) {
   v1::SubmitCalibrationJobRequest request;
   std::string name;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     request = entry.job.request();
     name = entry.job.name();
   }
   const ProgressCallback on_progress = [&](const CalibrationProgress& progress) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     v1::JobProgress* out = entry.job.mutable_progress();
     out->set_step(progress.step);
     out->set_total_steps(progress.total_steps);
@@ -435,6 +462,8 @@ void JobManager::RunJob(Entry& entry) {
     out->set_lambda(progress.lambda);
     out->set_tokens_per_second(progress.tokens_per_second);
     out->set_eta_seconds(progress.eta_seconds);
+    last_loss_ = progress.loss;
+    if (step_seconds_ != nullptr) step_seconds_->Observe(progress.step_seconds);
     Changed(entry, /*persist=*/std::chrono::steady_clock::now() - entry.journaled_at >= kProgressJournalInterval);
   };
   // The inputs are resolved again: the model or corpus may have changed since submission.
@@ -452,7 +481,7 @@ void JobManager::RunJob(Entry& entry) {
   };
   const absl::StatusOr<v1::JobResult> result = run_and_publish();
 
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   v1::Job& job = entry.job;
   job.set_end_unix_seconds(UnixSeconds());
   if (result.ok()) {
@@ -491,7 +520,7 @@ absl::StatusOr<v1::JobResult> JobManager::RunSweep(Entry& entry, const Calibrati
   std::vector<HeadPartition> partitions;
   // Marks where the sweep is, for watchers.
   const auto enter = [&](int index, const char* phase) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     v1::JobProgress* progress = entry.job.mutable_progress();
     progress->set_target_index(index + 1);
     progress->set_target_count(count);
@@ -505,7 +534,7 @@ absl::StatusOr<v1::JobResult> JobManager::RunSweep(Entry& entry, const Calibrati
   };
   // A sweep that stops early keeps its finished rows and says so, in its summary and its error.
   const auto stopped = [&](int index, const char* phase, const absl::Status& status) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     v1::SweepResult* result = entry.job.mutable_sweep();
     const std::string what =
         absl::StrCat("stopped ", phase, " target ", index + 1, " of ", count, " (", sweep.target_densities[index],
@@ -543,7 +572,7 @@ absl::StatusOr<v1::JobResult> JobManager::RunSweep(Entry& entry, const Calibrati
     row.set_validation_seconds(SecondsSince(validation_start));
     *row.mutable_partition() = HeadPartitionToProto(*partition);
     partitions.push_back(*std::move(partition));
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     v1::SweepResult* result = entry.job.mutable_sweep();
     // Dense is the same on every validation; the first one is kept.
     if (i == 0) {
@@ -559,7 +588,7 @@ absl::StatusOr<v1::JobResult> JobManager::RunSweep(Entry& entry, const Calibrati
   std::optional<int> chosen;
   v1::SweepResult table;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     table = entry.job.sweep();
   }
   for (int i = 0; i < table.rows_size(); ++i) {
@@ -577,7 +606,7 @@ absl::StatusOr<v1::JobResult> JobManager::RunSweep(Entry& entry, const Calibrati
     }
   }
   if (!chosen) {
-    std::lock_guard<std::mutex> lock(mutex_);
+    absl::MutexLock lock(&mutex_);
     const std::string what = absl::StrCat("no target kept every task's accuracy within ", sweep.max_accuracy_drop,
                                           " of dense, so nothing was published; the partitions of targets ",
                                           TargetsOf(table.rows()), " are kept with the job (sweep.rows)");
@@ -585,7 +614,7 @@ absl::StatusOr<v1::JobResult> JobManager::RunSweep(Entry& entry, const Calibrati
     return absl::FailedPreconditionError(what);
   }
   LYCHEE_ASSIGN_OR_RETURN(const uint64_t version, Publish(partitions[*chosen], fingerprint, entry.job.name()));
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   v1::SweepResult* result = entry.job.mutable_sweep();
   v1::SweepRow* row = result->mutable_rows(*chosen);
   row->set_partition_version(version);

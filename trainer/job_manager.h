@@ -8,20 +8,22 @@
 
 #include <atomic>
 #include <chrono>
-#include <condition_variable>
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <limits>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "common/head_partition.h"
+#include "common/metrics.h"
 #include "common/model_config.h"
 #include "common/partition_store.h"
 #include "common/partition_validation.h"
@@ -82,6 +84,9 @@ struct JobManagerOptions {
   int max_concurrent_jobs = 1;
   // Submissions beyond this many waiting jobs are RESOURCE_EXHAUSTED.
   int max_queued_jobs = 64;
+  // Where the manager exports its metrics (jobs by state, step time, last loss); none when null.
+  // The registry must outlive the manager, and be rendered no more once the manager is gone.
+  MetricsRegistry* metrics = nullptr;
 };
 
 bool IsFinal(v1::JobState state);
@@ -121,6 +126,8 @@ class JobManager {
   const std::vector<std::string>& recovery_problems() const { return recovery_problems_; }
 
  private:
+  // Its fields but `stop` are read and written under mutex_ (the name of the job only changes
+  // before it is shared).
   struct Entry {
     v1::Job job;
     uint64_t revision = 1;
@@ -132,11 +139,12 @@ class JobManager {
   JobManager(JobManagerOptions options, PartitionStore& store, CalibrationRunner runner, JobJournal journal)
       : options_(std::move(options)), store_(store), runner_(std::move(runner)), journal_(std::move(journal)) {}
 
-  void Recover();
+  void Recover() ABSL_LOCKS_EXCLUDED(mutex_);
+  void ExportMetrics(MetricsRegistry& registry);
   absl::StatusOr<CalibrationJobInputs> ResolveInputs(const v1::SubmitCalibrationJobRequest& request) const;
   absl::StatusOr<SweepInputs> ResolveSweep(const v1::SubmitCalibrationJobRequest& request,
                                            const CalibrationConfig& config, const ModelConfig& model_config) const;
-  absl::StatusOr<Entry*> Find(const std::string& name) const;
+  absl::StatusOr<Entry*> Find(const std::string& name) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
   void WorkerLoop();
   // Runs a job taken off the queue (mutex_ not held) and records how it ended.
   void RunJob(Entry& entry);
@@ -146,23 +154,24 @@ class JobManager {
                                          const std::string& fingerprint, const ProgressCallback& on_progress);
   // Stores `partition` as the next version of its model, made by job `name`.
   absl::StatusOr<uint64_t> Publish(HeadPartition partition, const std::string& fingerprint, const std::string& name);
-  // Marks a change of `entry` (mutex_ held): bumps the revision, wakes watchers and, when
-  // `persist` (state changes, and progress now and then), rewrites the journal.
-  void Changed(Entry& entry, bool persist);
+  // Marks a change of `entry`: bumps the revision (which wakes watchers) and, when `persist`
+  // (state changes, and progress now and then), rewrites the journal.
+  void Changed(Entry& entry, bool persist) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
 
   const JobManagerOptions options_;
   PartitionStore& store_;
   const CalibrationRunner runner_;
   const JobJournal journal_;
-  std::vector<std::string> recovery_problems_;
+  std::vector<std::string> recovery_problems_;  // written by Recover only, before the workers start
 
-  mutable std::mutex mutex_;
-  mutable std::condition_variable job_changed_;
-  std::condition_variable work_available_;
-  std::map<uint64_t, std::unique_ptr<Entry>> jobs_;  // by job number; never erased
-  std::deque<uint64_t> queue_;
-  uint64_t last_number_ = 0;
-  bool stopping_ = false;
+  mutable absl::Mutex mutex_;
+  std::map<uint64_t, std::unique_ptr<Entry>> jobs_ ABSL_GUARDED_BY(mutex_);  // by job number; never erased
+  std::deque<uint64_t> queue_ ABSL_GUARDED_BY(mutex_);
+  uint64_t last_number_ ABSL_GUARDED_BY(mutex_) = 0;
+  bool stopping_ ABSL_GUARDED_BY(mutex_) = false;
+  // The loss of the latest calibration step of any job; NaN before the first.
+  double last_loss_ ABSL_GUARDED_BY(mutex_) = std::numeric_limits<double>::quiet_NaN();
+  Histogram* step_seconds_ = nullptr;  // set before the workers start; null without metrics
   std::vector<std::thread> workers_;
 };
 

@@ -1,6 +1,7 @@
 // lychee-trainer: the calibration job server (lychee.v1.TrainerService).
+#include <glog/logging.h>
+
 #include <cstdint>
-#include <iostream>
 #include <string>
 
 #include "absl/flags/flag.h"
@@ -27,6 +28,8 @@ ABSL_FLAG(std::string, admin_token_file, "",
           "submit, cancel and publish need the token of this file ('authorization: Bearer TOKEN'); without it they "
           "are open, which only a loopback --listen accepts");
 ABSL_FLAG(bool, insecure_admin, false, "allow open admin RPCs on a --listen beyond the loopback");
+ABSL_FLAG(std::string, metrics_listen, "", "IP:PORT where to serve Prometheus metrics at /metrics (default: off)");
+ABSL_FLAG(bool, log_requests, false, "log one line per gRPC call (method, peer, status, time) at INFO");
 
 namespace {
 
@@ -47,6 +50,8 @@ absl::Status Serve() {
   options.access.insecure_admin = absl::GetFlag(FLAGS_insecure_admin);
   options.jobs.model_root = absl::GetFlag(FLAGS_model_root);
   options.jobs.data_root = absl::GetFlag(FLAGS_data_root);
+  options.metrics_address = absl::GetFlag(FLAGS_metrics_listen);
+  options.log_requests = absl::GetFlag(FLAGS_log_requests);
   options.jobs.default_corpus = LYCHEE_SOURCE_DIR "/data/corpus/calibration.txt.gz";
   options.jobs.default_heldout_corpus = LYCHEE_SOURCE_DIR "/data/corpus/persuasion.txt.gz";
   LYCHEE_ASSIGN_OR_RETURN(const int64_t concurrent, lychee::FlagInRange(FLAGS_max_concurrent_jobs, 1, 64));
@@ -61,13 +66,14 @@ absl::Status Serve() {
 
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<lychee::TrainerServer> server,
                           lychee::TrainerServer::Start(options, std::move(runner)));
-  std::cerr << "lychee-trainer: serving lychee.v1.TrainerService on port " << server->port() << " ("
+  LOG(INFO) << "lychee-trainer: serving lychee.v1.TrainerService on port " << server->port() << " ("
             << options.listen_address << "), "
             << (options.tls.client_ca_file.empty() ? (options.tls.enabled() ? "TLS" : "plaintext") : "mutual TLS")
             << ", admin RPCs " << (options.access.admin_token_file.empty() ? "open" : "need the admin token")
-            << ", registry " << options.registry_dir << "\n";
+            << ", registry " << options.registry_dir
+            << (server->metrics_port() != 0 ? absl::StrCat(", metrics on port ", server->metrics_port()) : "");
   const int signal_number = lychee::WaitForShutdownSignal(signals);
-  std::cerr << "lychee-trainer: signal " << signal_number << ", shutting down\n";
+  LOG(INFO) << "lychee-trainer: signal " << signal_number << ", shutting down";
   server->Shutdown();
   return absl::OkStatus();
 }

@@ -181,11 +181,16 @@ absl::StatusOr<std::unique_ptr<TrainerServer>> TrainerServer::Start(TrainerServe
   LYCHEE_ASSIGN_OR_RETURN(server->store_, PartitionStore::Open(options.registry_dir));
   options.jobs.journal_dir = (std::filesystem::path(options.registry_dir) / "jobs").string();
   const std::string model_root = options.jobs.model_root;
+  options.jobs.metrics = &server->metrics_;
   LYCHEE_ASSIGN_OR_RETURN(server->jobs_, JobManager::Create(std::move(options.jobs), *server->store_, std::move(runner)));
   server->service_ = std::make_unique<Service>(model_root, *server->access_, *server->jobs_, *server->store_);
 
   LYCHEE_ASSIGN_OR_RETURN(server->server_, StartGrpcServer(options.listen_address, credentials, server->service_.get(),
-                                                           kMaxRequestBytes, &server->port_));
+                                                           kMaxRequestBytes, options.log_requests, &server->port_));
+  if (!options.metrics_address.empty()) {
+    LYCHEE_ASSIGN_OR_RETURN(server->metrics_server_,
+                            MetricsHttpServer::Start(options.metrics_address, server->metrics_));
+  }
   return server;
 }
 
@@ -195,6 +200,8 @@ void TrainerServer::Wait() { server_->Wait(); }
 
 void TrainerServer::Shutdown() {
   if (server_ != nullptr) server_->Shutdown(std::chrono::system_clock::now() + kShutdownGrace);
+  // The job metrics read the manager: no scrape may come once it is gone.
+  metrics_server_.reset();
   jobs_.reset();
 }
 

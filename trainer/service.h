@@ -10,6 +10,7 @@
 #include <grpcpp/server.h>
 
 #include "absl/status/statusor.h"
+#include "common/metrics.h"
 #include "common/partition_store.h"
 #include "common/security.h"
 #include "trainer/job_manager.h"
@@ -28,6 +29,10 @@ struct TrainerServerOptions {
   // SubmitCalibrationJob, CancelJob and PublishHeadPartition are the admin RPCs; the others
   // (reading jobs and partitions, the inference services' watch) are open. No client token here.
   AccessOptions access;
+  // IPV4:PORT for /metrics (jobs by state, step time, last loss); empty: none.
+  std::string metrics_address;
+  // One INFO log line per gRPC call (method, peer, status, time).
+  bool log_requests = false;
 };
 
 class TrainerServer {
@@ -36,6 +41,7 @@ class TrainerServer {
   ~TrainerServer();
 
   int port() const { return port_; }
+  int metrics_port() const { return metrics_server_ == nullptr ? 0 : metrics_server_->port(); }
   // Blocks until Shutdown.
   void Wait();
   // Stops taking calls and gives the ones in flight (watch streams included) a second to end;
@@ -47,10 +53,12 @@ class TrainerServer {
   TrainerServer() = default;
 
   std::unique_ptr<AccessControl> access_;
+  MetricsRegistry metrics_;
   std::unique_ptr<PartitionStore> store_;
   std::unique_ptr<JobManager> jobs_;
   std::unique_ptr<Service> service_;
   std::unique_ptr<grpc::Server> server_;
+  std::unique_ptr<MetricsHttpServer> metrics_server_;
   int port_ = 0;
 };
 

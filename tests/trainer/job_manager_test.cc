@@ -10,12 +10,13 @@
 #include <functional>
 #include <thread>
 
+#include "common/metrics.h"
 #include "common/model_fingerprint.h"
 #include "common/partition_store.h"
+#include "tests/temp_dir.h"
 #include "trainer/job_journal.h"
 #include "trainer/job_manager.h"
 #include "trainer/paths.h"
-#include "tests/temp_dir.h"
 
 namespace lychee {
 namespace {
@@ -249,6 +250,32 @@ TEST_CASE("jobs run one at a time by default, in order, and publish to the regis
   CHECK(published->role(3, 1) == HeadRole::kSparse);
   CHECK(published->selection().token_budget == 512);
   CHECK(manager->List().size() == 2);
+}
+
+TEST_CASE("the job metrics count jobs by state and time every step, and keep the last loss") {
+  Setup setup;
+  MetricsRegistry registry;
+  JobManagerOptions options = setup.Options();
+  options.metrics = &registry;
+  auto manager = JobManager::Create(options, *setup.store, setup.runner.AsRunner()).value();
+  CHECK(registry.Render().find("lychee_trainer_last_loss NaN\n") != std::string::npos);
+  setup.runner.hold_after = 1;  // the second job waits before its first step
+  manager->Submit(Request(4)).value();
+  manager->Submit(Request(2)).value();
+  manager->Submit(Request(2)).value();
+  REQUIRE(WaitForState(*manager, "jobs/1", v1::JOB_STATE_SUCCEEDED).state() == v1::JOB_STATE_SUCCEEDED);
+  REQUIRE(WaitForState(*manager, "jobs/2", v1::JOB_STATE_RUNNING).state() == v1::JOB_STATE_RUNNING);
+
+  const std::string text = registry.Render();
+  CHECK(text.find("# TYPE lychee_trainer_jobs gauge\n") != std::string::npos);
+  CHECK(text.find("lychee_trainer_jobs{state=\"succeeded\"} 1\n") != std::string::npos);
+  CHECK(text.find("lychee_trainer_jobs{state=\"running\"} 1\n") != std::string::npos);
+  CHECK(text.find("lychee_trainer_jobs{state=\"queued\"} 1\n") != std::string::npos);
+  CHECK(text.find("lychee_trainer_jobs{state=\"failed\"} 0\n") != std::string::npos);
+  // The first job's four steps; the second is held before its first.
+  CHECK(text.find("# TYPE lychee_trainer_step_seconds histogram\n") != std::string::npos);
+  CHECK(text.find("lychee_trainer_step_seconds_count 4\n") != std::string::npos);
+  CHECK(text.find("lychee_trainer_last_loss 0.25\n") != std::string::npos);
 }
 
 TEST_CASE("--max-concurrent-jobs lets that many jobs run at once") {

@@ -1,4 +1,4 @@
-#include "inference/metrics.h"
+#include "common/metrics.h"
 
 #include <catch2/catch.hpp>
 

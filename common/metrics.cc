@@ -1,4 +1,4 @@
-#include "inference/metrics.h"
+#include "common/metrics.h"
 
 #include <arpa/inet.h>
 #include <microhttpd.h>
@@ -33,18 +33,20 @@ std::string EscapeLabelValue(const std::string& value) {
   return escaped;
 }
 
-std::string LabelText(const MetricLabels& labels, const std::string& extra_name = "", const std::string& extra_value = "") {
+std::string LabelText(const MetricLabels& labels, const std::string& extra_name = "",
+                      const std::string& extra_value = "") {
   std::vector<std::string> parts;
   for (const auto& [name, value] : labels) parts.push_back(absl::StrCat(name, "=\"", EscapeLabelValue(value), "\""));
   if (!extra_name.empty()) parts.push_back(absl::StrCat(extra_name, "=\"", extra_value, "\""));
   return parts.empty() ? "" : absl::StrCat("{", absl::StrJoin(parts, ","), "}");
 }
 
-MHD_Result AnswerRequest(void* registry, MHD_Connection* connection, const char* url, const char* method,
-                         const char*, const char*, size_t*, void**) {
+MHD_Result AnswerRequest(void* registry, MHD_Connection* connection, const char* url, const char* method, const char*,
+                         const char*, size_t*, void**) {
   if (std::strcmp(method, "GET") != 0 && std::strcmp(method, "HEAD") != 0) return MHD_NO;
   const bool found = std::strcmp(url, "/metrics") == 0;
-  const std::string body = found ? static_cast<const MetricsRegistry*>(registry)->Render() : "not found; try /metrics\n";
+  const std::string body =
+      found ? static_cast<const MetricsRegistry*>(registry)->Render() : "not found; try /metrics\n";
   MHD_Response* response =
       MHD_create_response_from_buffer(body.size(), const_cast<char*>(body.data()), MHD_RESPMEM_MUST_COPY);
   MHD_add_response_header(response, "Content-Type", found ? "text/plain; version=0.0.4" : "text/plain");
@@ -56,12 +58,12 @@ MHD_Result AnswerRequest(void* registry, MHD_Connection* connection, const char*
 }  // namespace
 
 void Counter::Increment(double amount) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   value_ += amount;
 }
 
 double Counter::value() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   return value_;
 }
 
@@ -70,7 +72,7 @@ Histogram::Histogram(std::vector<double> bounds) : bounds_(std::move(bounds)), c
 void Histogram::Observe(double value) {
   size_t bucket = 0;
   while (bucket < bounds_.size() && value > bounds_[bucket]) ++bucket;
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   ++counts_[bucket];
   sum_ += value;
   ++count_;
@@ -86,7 +88,7 @@ MetricsRegistry::Family& MetricsRegistry::FamilyFor(const std::string& name, con
 }
 
 Counter& MetricsRegistry::AddCounter(const std::string& name, const std::string& help, MetricLabels labels) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   Family& family = FamilyFor(name, help, Kind::kCounter);
   family.series.push_back({std::move(labels), std::make_unique<Counter>(), nullptr, nullptr});
   return *family.series.back().counter;
@@ -94,7 +96,7 @@ Counter& MetricsRegistry::AddCounter(const std::string& name, const std::string&
 
 Histogram& MetricsRegistry::AddHistogram(const std::string& name, const std::string& help, std::vector<double> bounds,
                                          MetricLabels labels) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   Family& family = FamilyFor(name, help, Kind::kHistogram);
   family.series.push_back({std::move(labels), nullptr, std::make_unique<Histogram>(std::move(bounds)), nullptr});
   return *family.series.back().histogram;
@@ -102,20 +104,20 @@ Histogram& MetricsRegistry::AddHistogram(const std::string& name, const std::str
 
 void MetricsRegistry::AddGauge(const std::string& name, const std::string& help, std::function<double()> read,
                                MetricLabels labels) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   Family& family = FamilyFor(name, help, Kind::kGauge);
   family.series.push_back({std::move(labels), nullptr, nullptr, std::move(read)});
 }
 
-void MetricsRegistry::AddCounterFunction(const std::string& name, const std::string& help,
-                                         std::function<double()> read, MetricLabels labels) {
-  std::lock_guard<std::mutex> lock(mutex_);
+void MetricsRegistry::AddCounterFunction(const std::string& name, const std::string& help, std::function<double()> read,
+                                         MetricLabels labels) {
+  absl::MutexLock lock(&mutex_);
   Family& family = FamilyFor(name, help, Kind::kCounter);
   family.series.push_back({std::move(labels), nullptr, nullptr, std::move(read)});
 }
 
 std::string MetricsRegistry::Render() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  absl::MutexLock lock(&mutex_);
   std::string text;
   for (const auto& [name, family] : families_) {
     const char* kind = family.kind == Kind::kCounter ? "counter" : family.kind == Kind::kGauge ? "gauge" : "histogram";
@@ -127,7 +129,7 @@ std::string MetricsRegistry::Render() const {
         absl::StrAppend(&text, name, LabelText(series.labels), " ", FormatValue(series.read()), "\n");
       } else {
         const Histogram& histogram = *series.histogram;
-        std::lock_guard<std::mutex> histogram_lock(histogram.mutex_);
+        absl::MutexLock histogram_lock(&histogram.mutex_);
         uint64_t cumulative = 0;
         for (size_t i = 0; i <= histogram.bounds_.size(); ++i) {
           cumulative += histogram.counts_[i];

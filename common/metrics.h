@@ -1,6 +1,6 @@
 // Metrics in the Prometheus text exposition format (version 0.0.4), served over HTTP at /metrics
 // by libmicrohttpd. Debian bookworm does not package prometheus-cpp, so the few metric kinds a
-// server needs are here: counters, gauges read at scrape time, and histograms. Thread-safe;
+// servers need are here: counters, gauges read at scrape time, and histograms. Thread-safe;
 // free of LibTorch.
 #pragma once
 
@@ -9,11 +9,12 @@
 #include <functional>
 #include <map>
 #include <memory>
-#include <mutex>
 #include <string>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 
 struct MHD_Daemon;
 
@@ -27,8 +28,8 @@ class Counter {
   double value() const;
 
  private:
-  mutable std::mutex mutex_;
-  double value_ = 0;
+  mutable absl::Mutex mutex_;
+  double value_ ABSL_GUARDED_BY(mutex_) = 0;
 };
 
 class Histogram {
@@ -40,10 +41,10 @@ class Histogram {
  private:
   friend class MetricsRegistry;
   const std::vector<double> bounds_;
-  mutable std::mutex mutex_;
-  std::vector<uint64_t> counts_;  // per bucket, not cumulative; the last is +Inf
-  double sum_ = 0;
-  uint64_t count_ = 0;
+  mutable absl::Mutex mutex_;
+  std::vector<uint64_t> counts_ ABSL_GUARDED_BY(mutex_);  // per bucket, not cumulative; the last is +Inf
+  double sum_ ABSL_GUARDED_BY(mutex_) = 0;
+  uint64_t count_ ABSL_GUARDED_BY(mutex_) = 0;
 };
 
 class MetricsRegistry {
@@ -76,10 +77,10 @@ class MetricsRegistry {
     std::string help;
     std::vector<Series> series;
   };
-  Family& FamilyFor(const std::string& name, const std::string& help, Kind kind);
+  Family& FamilyFor(const std::string& name, const std::string& help, Kind kind) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
 
-  mutable std::mutex mutex_;
-  std::map<std::string, Family> families_;
+  mutable absl::Mutex mutex_;
+  std::map<std::string, Family> families_ ABSL_GUARDED_BY(mutex_);
 };
 
 // Serves GET /metrics from a registry on its own threads.
@@ -87,7 +88,7 @@ class MetricsHttpServer {
  public:
   // `listen_address` is HOST:PORT with a numeric IPv4 host; port 0 picks a free one.
   static absl::StatusOr<std::unique_ptr<MetricsHttpServer>> Start(const std::string& listen_address,
-                                                                   const MetricsRegistry& registry);
+                                                                  const MetricsRegistry& registry);
   ~MetricsHttpServer();
   int port() const { return port_; }
 
