@@ -26,10 +26,10 @@
 #include "common/command_line.h"
 #include "common/head_partition.h"
 #include "common/status_macros.h"
+#include "harness/child_process.h"
+#include "harness/temp_dir.h"
 #include "lychee/v1/inference.grpc.pb.h"
 #include "lychee/v1/trainer.grpc.pb.h"
-#include "tests/process.h"
-#include "tests/temp_dir.h"
 
 ABSL_FLAG(int64_t, clients, 8, "concurrent streaming clients");
 ABSL_FLAG(int64_t, rounds, 4, "rounds");

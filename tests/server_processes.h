@@ -19,9 +19,9 @@
 #include <vector>
 
 #include "common/head_partition.h"
+#include "harness/child_process.h"
 #include "lychee/v1/inference.grpc.pb.h"
 #include "lychee/v1/trainer.grpc.pb.h"
-#include "tests/process.h"
 
 namespace lychee::testing {
 

@@ -10,8 +10,8 @@
 #include "common/model.h"
 #include "common/sampling.h"
 #include "common/tokenizer.h"
+#include "harness/temp_dir.h"
 #include "kernels/dense_attention.h"
-#include "tests/temp_dir.h"
 
 namespace lychee {
 namespace {

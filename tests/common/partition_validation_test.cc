@@ -9,7 +9,7 @@
 #include "common/model.h"
 #include "common/partition_validation.h"
 #include "common/tokenizer.h"
-#include "tests/temp_dir.h"
+#include "harness/temp_dir.h"
 
 namespace lychee {
 namespace {

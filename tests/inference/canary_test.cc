@@ -9,8 +9,8 @@
 #include <filesystem>
 
 #include "common/durable_file.h"
+#include "harness/temp_dir.h"
 #include "inference/partition_manager.h"
-#include "tests/temp_dir.h"
 
 namespace lychee {
 namespace {

@@ -16,9 +16,9 @@
 #include "common/model_fingerprint.h"
 #include "common/sampling.h"
 #include "common/tokenizer.h"
+#include "harness/temp_dir.h"
 #include "inference/output_processor.h"
 #include "kernels/dense_attention.h"
-#include "tests/temp_dir.h"
 
 namespace lychee {
 namespace {

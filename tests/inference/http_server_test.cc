@@ -19,13 +19,13 @@
 #include <thread>
 #include <vector>
 
+#include "harness/temp_dir.h"
 #include "inference/service.h"
 #include "lychee/v1/inference.grpc.pb.h"
 #include "nlohmann/json.hpp"
 #include "tests/http_get.h"
 #include "tests/run_command.h"
 #include "tests/security/test_pki.h"
-#include "tests/temp_dir.h"
 
 namespace lychee {
 namespace {

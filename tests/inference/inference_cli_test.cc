@@ -9,10 +9,10 @@
 #include <regex>
 #include <thread>
 
-#include "tests/process.h"
+#include "harness/child_process.h"
+#include "harness/temp_dir.h"
 #include "tests/run_command.h"
 #include "tests/server_processes.h"
-#include "tests/temp_dir.h"
 
 namespace lychee {
 namespace {

@@ -14,11 +14,11 @@
 #include <vector>
 
 #include "common/model_fingerprint.h"
+#include "harness/temp_dir.h"
 #include "inference/service.h"
 #include "lychee/v1/inference.grpc.pb.h"
 #include "lychee/v1/trainer.grpc.pb.h"
 #include "tests/http_get.h"
-#include "tests/temp_dir.h"
 
 namespace lychee {
 namespace {

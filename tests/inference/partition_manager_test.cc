@@ -6,7 +6,7 @@
 #include <fstream>
 
 #include "common/durable_file.h"
-#include "tests/temp_dir.h"
+#include "harness/temp_dir.h"
 
 namespace lychee {
 namespace {

@@ -24,12 +24,12 @@
 #include <thread>
 #include <vector>
 
+#include "harness/child_process.h"
+#include "harness/temp_dir.h"
 #include "lychee/v1/inference.grpc.pb.h"
 #include "lychee/v1/trainer.grpc.pb.h"
 #include "tests/http_get.h"
-#include "tests/process.h"
 #include "tests/server_processes.h"
-#include "tests/temp_dir.h"
 
 namespace lychee {
 namespace {

@@ -18,11 +18,11 @@
 #include <thread>
 
 #include "common/head_partition.h"
+#include "harness/child_process.h"
+#include "harness/temp_dir.h"
 #include "lychee/v1/inference.grpc.pb.h"
 #include "lychee/v1/trainer.grpc.pb.h"
-#include "tests/process.h"
 #include "tests/server_processes.h"
-#include "tests/temp_dir.h"
 
 namespace lychee {
 namespace {

@@ -11,9 +11,9 @@
 #include "common/model_config.h"
 #include "common/model_fingerprint.h"
 #include "common/random_partition.h"
+#include "harness/temp_dir.h"
 #include "inference/engine.h"
 #include "inference/shadow_validator.h"
-#include "tests/temp_dir.h"
 
 namespace lychee {
 namespace {

@@ -17,8 +17,8 @@
 
 #include "common/durable_file.h"
 #include "common/partition_store.h"
+#include "harness/temp_dir.h"
 #include "tests/server_processes.h"
-#include "tests/temp_dir.h"
 
 namespace lychee::testing {
 namespace {

@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "common/security.h"
+#include "harness/temp_dir.h"
 #include "tests/security/test_pki.h"
-#include "tests/temp_dir.h"
 
 namespace lychee {
 namespace {

@@ -8,8 +8,8 @@
 #include <fstream>
 #include <string>
 
+#include "harness/temp_dir.h"
 #include "tests/run_command.h"
-#include "tests/temp_dir.h"
 
 namespace lychee::testing {
 

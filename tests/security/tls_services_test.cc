@@ -15,13 +15,13 @@
 
 #include "common/head_partition.h"
 #include "common/security.h"
+#include "harness/child_process.h"
+#include "harness/temp_dir.h"
 #include "inference/service.h"
 #include "lychee/v1/inference.grpc.pb.h"
 #include "lychee/v1/trainer.grpc.pb.h"
-#include "tests/process.h"
 #include "tests/run_command.h"
 #include "tests/security/test_pki.h"
-#include "tests/temp_dir.h"
 #include "trainer/service.h"
 
 namespace lychee {

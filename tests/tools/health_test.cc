@@ -23,9 +23,9 @@
 
 #include "common/head_partition.h"
 #include "common/partition_store.h"
+#include "harness/temp_dir.h"
 #include "tests/http_get.h"
 #include "tests/run_command.h"
-#include "tests/temp_dir.h"
 #include "tests/tools/xml_check.h"
 #include "tools/lychee/health_command.h"
 #include "trainer/service.h"

@@ -17,7 +17,7 @@
 
 #include "common/durable_file.h"
 #include "common/head_partition.h"
-#include "tests/temp_dir.h"
+#include "harness/temp_dir.h"
 #include "tests/tools/xml_check.h"
 #include "tools/lychee/partition_view.h"
 

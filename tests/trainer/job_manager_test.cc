@@ -13,7 +13,7 @@
 #include "common/metrics.h"
 #include "common/model_fingerprint.h"
 #include "common/partition_store.h"
-#include "tests/temp_dir.h"
+#include "harness/temp_dir.h"
 #include "trainer/job_journal.h"
 #include "trainer/job_manager.h"
 #include "trainer/paths.h"

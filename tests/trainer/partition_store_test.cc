@@ -14,7 +14,7 @@
 #include "common/durable_file.h"
 #include "common/model_fingerprint.h"
 #include "common/partition_store.h"
-#include "tests/temp_dir.h"
+#include "harness/temp_dir.h"
 
 namespace lychee {
 namespace {

@@ -23,11 +23,11 @@
 #include "common/grpc_status.h"
 #include "common/model_fingerprint.h"
 #include "common/retrieval_tasks.h"
+#include "harness/temp_dir.h"
 #include "lychee/v1/trainer.grpc.pb.h"
-#include "trainer/job_runner.h"
 #include "tests/run_command.h"
+#include "trainer/job_runner.h"
 #include "trainer/service.h"
-#include "tests/temp_dir.h"
 
 namespace lychee {
 namespace {

@@ -1,5 +1,5 @@
-// A program started by a test as a real process (a server, usually), with its output going to
-// a log file; killed with SIGKILL when the test is done with it.
+// A program started by a test or a benchmark as a real process (a server, usually), with its
+// output going to a log file; killed with SIGKILL when the caller is done with it.
 #pragma once
 
 #include <fcntl.h>

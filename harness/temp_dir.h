@@ -1,5 +1,5 @@
 // A fresh directory under the system's temporary directory, removed with all it holds when the
-// test is done.
+// test (or benchmark) is done.
 #pragma once
 
 #include <ftw.h>
