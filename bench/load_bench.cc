@@ -25,6 +25,7 @@
 #include "absl/strings/str_cat.h"
 #include "common/command_line.h"
 #include "common/head_partition.h"
+#include "common/resource_paths.h"
 #include "common/status_macros.h"
 #include "harness/child_process.h"
 #include "harness/temp_dir.h"
@@ -52,11 +53,9 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
-constexpr char kUsage[] = "usage: load_bench [flags]\n\nPartitions published: " LYCHEE_SOURCE_DIR
-                          "/models/tiny-llama-retrieval/partitions/{learned-target-0.25,retrieval-head-0}.json, "
-                          "alternating.\n";
-
-constexpr char kModelName[] = "tiny-llama-retrieval";
+constexpr char kUsage[] =
+    "usage: load_bench [flags]\n\nPartitions published: the bundled model's "
+    "partitions/{learned-target-0.25,retrieval-head-0}.json, alternating.\n";
 
 std::string ReadAll(const std::string& path) {
   std::ifstream in(path);
@@ -191,14 +190,15 @@ absl::Status Run() {
 
   std::vector<lychee::v1::HeadPartition> shipped;
   for (const char* name : {"learned-target-0.25", "retrieval-head-0"}) {
-    LYCHEE_ASSIGN_OR_RETURN(const lychee::HeadPartition partition,
-                            lychee::LoadHeadPartitionJson(absl::StrCat(LYCHEE_SOURCE_DIR "/models/tiny-llama-retrieval/partitions/", name, ".json")));
+    LYCHEE_ASSIGN_OR_RETURN(const std::string path, lychee::ResourcePath(absl::StrCat(lychee::kBundledModelPath,
+                                                                                      "/partitions/", name, ".json")));
+    LYCHEE_ASSIGN_OR_RETURN(const lychee::HeadPartition partition, lychee::LoadHeadPartitionJson(path));
     shipped.push_back(lychee::HeadPartitionToProto(partition));
   }
   size_t published_count = 0;
   const auto publish = [&]() -> absl::StatusOr<uint64_t> {
     lychee::v1::PublishHeadPartitionRequest request;
-    request.mutable_model()->set_name(kModelName);
+    request.mutable_model()->set_name(lychee::kBundledModelName);
     *request.mutable_partition() = shipped[published_count++ % shipped.size()];
     lychee::v1::HeadPartition published;
     const grpc::Status status = trainer->PublishHeadPartition(Context(30s).get(), request, &published);

@@ -16,9 +16,11 @@
 #include "common/command_line.h"
 #include "common/heap_tuning.h"
 #include "common/model.h"
+#include "common/resource_paths.h"
 #include "kernels/dense_attention.h"
 
-ABSL_FLAG(std::string, model, LYCHEE_DEFAULT_MODEL_DIR, "the model directory");
+ABSL_FLAG(std::string, model, lychee::ResourcePathOrEmpty(lychee::kBundledModelPath),
+          "the model directory (default the bundled one)");
 ABSL_FLAG(std::string, device, "cpu", "cpu or cuda");
 ABSL_FLAG(std::vector<std::string>, contexts, std::vector<std::string>({"2048", "8192"}),
           "prompt lengths in tokens, comma-separated");
@@ -46,7 +48,8 @@ int main(int argc, char** argv) {
   if (const absl::Status parsed = lychee::ParseFlags(argc, argv, __FILE__); !parsed.ok()) {
     return Fail(std::string(parsed.message()));
   }
-  const std::string model_dir = absl::GetFlag(FLAGS_model);
+  const absl::StatusOr<std::string> model_dir = lychee::RequireFlagPath(absl::GetFlag(FLAGS_model), "--model");
+  if (!model_dir.ok()) return Fail(std::string(model_dir.status().message()));
   const std::string device = absl::GetFlag(FLAGS_device);
   const int64_t decode_tokens = absl::GetFlag(FLAGS_decode_tokens);
   const int64_t threads = absl::GetFlag(FLAGS_threads);
@@ -61,13 +64,13 @@ int main(int argc, char** argv) {
   }
   lychee::ModelOptions options;
   if (device == "cuda") options = {at::Device(at::kCUDA, 0), at::kBFloat16};
-  auto model = lychee::Model::Load(model_dir, options);
+  auto model = lychee::Model::Load(*model_dir, options);
   if (!model.ok()) return Fail(std::string(model.status().message()));
   auto attention = std::make_shared<lychee::DenseAttentionBackend>();
   std::mt19937 rng(1);
   std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>((*model)->config().vocab_size) - 1);
 
-  std::printf("model %s, device %s, %d threads\n", model_dir.c_str(), device.c_str(), at::get_num_threads());
+  std::printf("model %s, device %s, %d threads\n", model_dir->c_str(), device.c_str(), at::get_num_threads());
   std::printf("%8s  %14s  %14s  %12s\n", "context", "prefill tok/s", "decode tok/s", "ms/token");
   for (int64_t context : contexts) {
     std::vector<int32_t> prompt(context);

@@ -8,12 +8,14 @@
 
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
+#include "common/resource_paths.h"
 #include "common/service_main.h"
 #include "common/shutdown_signals.h"
 #include "common/status_macros.h"
 #include "inference/service.h"
 
-ABSL_FLAG(std::string, model, LYCHEE_DEFAULT_MODEL_DIR, "the model to serve (a directory)");
+ABSL_FLAG(std::string, model, lychee::ResourcePathOrEmpty(lychee::kBundledModelPath),
+          "the model to serve (a directory; default the bundled one)");
 ABSL_FLAG(std::string, state_dir, "", "partitions received and which one is active (kept across restarts); required");
 ABSL_FLAG(std::string, listen, lychee::InferenceServerOptions{}.listen_address, "HOST:PORT where to serve");
 ABSL_FLAG(std::string, trainer, "",
@@ -62,7 +64,8 @@ ABSL_FLAG(bool, log_requests, false, "log one line per gRPC call (method, peer, 
 ABSL_FLAG(bool, shadow_validation, true,
           "validate each partition from the trainer against dense before it becomes active, and reject it outside "
           "the bounds of the --shadow-max-* flags (true or false)");
-ABSL_FLAG(std::string, shadow_heldout_corpus, LYCHEE_SOURCE_DIR "/data/corpus/kjv-heldout.txt.gz",
+ABSL_FLAG(std::string, shadow_heldout_corpus,
+          lychee::ResourcePathOrEmpty(absl::StrCat(lychee::kCorpusDir, "/kjv-heldout.txt.gz")),
           "text (.gz too) the pass-key and multi-key prompts are built from");
 ABSL_FLAG(std::string, shadow_prompts_file, "",
           "an operator's JSON-lines prompts in place of the generated ones ({\"task\": ..., \"prompt\": ..., "
@@ -116,7 +119,7 @@ absl::Status Serve() {
   options.access.insecure_admin = absl::GetFlag(FLAGS_insecure_admin);
   options.log_requests = absl::GetFlag(FLAGS_log_requests);
   lychee::EngineOptions& engine = options.engine;
-  engine.model_dir = absl::GetFlag(FLAGS_model);
+  LYCHEE_ASSIGN_OR_RETURN(engine.model_dir, lychee::RequireFlagPath(absl::GetFlag(FLAGS_model), "--model"));
   engine.device = absl::GetFlag(FLAGS_device);
   LYCHEE_ASSIGN_OR_RETURN(const int64_t threads, lychee::FlagInRange(FLAGS_threads, 0, 1024));
   LYCHEE_ASSIGN_OR_RETURN(const int64_t max_batch, lychee::FlagInRange(FLAGS_max_batch, 1, 1024));
@@ -151,8 +154,12 @@ absl::Status Serve() {
 
   lychee::ShadowValidationOptions& shadow = options.shadow;
   shadow.enabled = absl::GetFlag(FLAGS_shadow_validation);
-  shadow.heldout_corpus = absl::GetFlag(FLAGS_shadow_heldout_corpus);
   shadow.prompts_file = absl::GetFlag(FLAGS_shadow_prompts_file);
+  shadow.heldout_corpus = absl::GetFlag(FLAGS_shadow_heldout_corpus);
+  if (shadow.enabled && shadow.prompts_file.empty()) {
+    LYCHEE_ASSIGN_OR_RETURN(shadow.heldout_corpus,
+                            lychee::RequireFlagPath(shadow.heldout_corpus, "--shadow-heldout-corpus"));
+  }
   LYCHEE_ASSIGN_OR_RETURN(shadow.context_tokens, lychee::FlagInRange(FLAGS_shadow_context, 64, int64_t{1} << 24));
   LYCHEE_ASSIGN_OR_RETURN(shadow.prompts_per_task, lychee::FlagInRange(FLAGS_shadow_prompts, 1, 100000));
   LYCHEE_ASSIGN_OR_RETURN(shadow.token_budget, lychee::FlagInRange(FLAGS_shadow_budget, 0, int64_t{1} << 24));

@@ -5,6 +5,8 @@
 #include <string>
 
 #include "absl/flags/flag.h"
+#include "absl/strings/str_cat.h"
+#include "common/resource_paths.h"
 #include "common/service_main.h"
 #include "common/shutdown_signals.h"
 #include "common/status_macros.h"
@@ -12,8 +14,8 @@
 #include "trainer/service.h"
 
 ABSL_FLAG(std::string, listen, lychee::TrainerServerOptions{}.listen_address, "HOST:PORT where to serve");
-ABSL_FLAG(std::string, model_root, LYCHEE_SOURCE_DIR "/models", "models are the directories under it");
-ABSL_FLAG(std::string, data_root, LYCHEE_SOURCE_DIR "/data", "corpora that jobs name are paths under it");
+ABSL_FLAG(std::string, model_root, lychee::ResourcePathOrEmpty("models"), "models are the directories under it");
+ABSL_FLAG(std::string, data_root, lychee::ResourcePathOrEmpty("data"), "corpora that jobs name are paths under it");
 ABSL_FLAG(std::string, registry_dir, "",
           "published partitions (DIR/partitions) and the job journal (DIR/jobs); required");
 ABSL_FLAG(int64_t, max_concurrent_jobs, 1, "jobs that run at once");
@@ -34,9 +36,10 @@ ABSL_FLAG(bool, log_requests, false, "log one line per gRPC call (method, peer, 
 namespace {
 
 constexpr char kUsage[] =
-    "usage: lychee-trainer --registry-dir DIR [flags]\n\nA job that names no corpus uses " LYCHEE_SOURCE_DIR
-    "/data/corpus/calibration.txt.gz;\na sweep that names no validation corpus builds its "
-    "prompts from " LYCHEE_SOURCE_DIR "/data/corpus/persuasion.txt.gz";
+    "usage: lychee-trainer --registry-dir DIR [flags]\n\nA job that names no corpus uses the bundled "
+    "data/corpus/calibration.txt.gz;\na sweep that names no validation corpus builds its prompts from the bundled "
+    "data/corpus/persuasion.txt.gz\n(bundled: under $LYCHEE_SHARE_DIR, <prefix>/share/lychee beside <prefix>/bin, or "
+    "the source tree)";
 
 absl::Status Serve() {
   lychee::TrainerServerOptions options;
@@ -48,12 +51,16 @@ absl::Status Serve() {
   options.tls.client_ca_file = absl::GetFlag(FLAGS_tls_client_ca);
   options.access.admin_token_file = absl::GetFlag(FLAGS_admin_token_file);
   options.access.insecure_admin = absl::GetFlag(FLAGS_insecure_admin);
-  options.jobs.model_root = absl::GetFlag(FLAGS_model_root);
-  options.jobs.data_root = absl::GetFlag(FLAGS_data_root);
+  LYCHEE_ASSIGN_OR_RETURN(options.jobs.model_root,
+                          lychee::RequireFlagPath(absl::GetFlag(FLAGS_model_root), "--model-root"));
+  LYCHEE_ASSIGN_OR_RETURN(options.jobs.data_root,
+                          lychee::RequireFlagPath(absl::GetFlag(FLAGS_data_root), "--data-root"));
   options.metrics_address = absl::GetFlag(FLAGS_metrics_listen);
   options.log_requests = absl::GetFlag(FLAGS_log_requests);
-  options.jobs.default_corpus = LYCHEE_SOURCE_DIR "/data/corpus/calibration.txt.gz";
-  options.jobs.default_heldout_corpus = LYCHEE_SOURCE_DIR "/data/corpus/persuasion.txt.gz";
+  LYCHEE_ASSIGN_OR_RETURN(options.jobs.default_corpus,
+                          lychee::ResourcePath(absl::StrCat(lychee::kCorpusDir, "/calibration.txt.gz")));
+  LYCHEE_ASSIGN_OR_RETURN(options.jobs.default_heldout_corpus,
+                          lychee::ResourcePath(absl::StrCat(lychee::kCorpusDir, "/persuasion.txt.gz")));
   LYCHEE_ASSIGN_OR_RETURN(const int64_t concurrent, lychee::FlagInRange(FLAGS_max_concurrent_jobs, 1, 64));
   LYCHEE_ASSIGN_OR_RETURN(const int64_t queued, lychee::FlagInRange(FLAGS_max_queued_jobs, 1, 100000));
   options.jobs.max_concurrent_jobs = static_cast<int>(concurrent);

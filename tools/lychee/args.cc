@@ -2,6 +2,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "common/resource_paths.h"
 
 namespace lychee::cli {
 
@@ -41,6 +42,15 @@ std::optional<std::string> Args::Get(const std::string& name) const {
 
 std::string Args::GetOr(const std::string& name, const std::string& fallback) const {
   return Get(name).value_or(fallback);
+}
+
+absl::StatusOr<std::string> Args::GetOrResource(const std::string& name, absl::string_view resource) const {
+  if (std::optional<std::string> value = Get(name)) return *value;
+  absl::StatusOr<std::string> path = ResourcePath(resource);
+  if (!path.ok()) {
+    return absl::NotFoundError(absl::StrCat("--", name, " has no default (", path.status().message(), ")"));
+  }
+  return path;
 }
 
 absl::StatusOr<int64_t> Args::GetInt(const std::string& name, int64_t fallback) const {

@@ -9,6 +9,7 @@
 #include "absl/strings/str_split.h"
 #include "common/evaluation.h"
 #include "common/model.h"
+#include "common/resource_paths.h"
 #include "common/retrieval_tasks.h"
 #include "common/status_macros.h"
 #include "common/tokenizer.h"
@@ -35,7 +36,7 @@ absl::Status RunEval(const std::vector<std::string>& argv) {
   std::set<std::string> switches = {"print-failures"};
   switches.insert(PolicySwitches().begin(), PolicySwitches().end());
   LYCHEE_ASSIGN_OR_RETURN(Args args, Args::Parse(argv, valued, switches));
-  const std::string model_dir = args.GetOr("model", LYCHEE_DEFAULT_MODEL_DIR);
+  LYCHEE_ASSIGN_OR_RETURN(const std::string model_dir, args.GetOrResource("model", kBundledModelPath));
   LYCHEE_ASSIGN_OR_RETURN(int64_t samples, args.GetInt("samples", 40));
   LYCHEE_ASSIGN_OR_RETURN(int64_t seed, args.GetInt("seed", 1));
   if (samples <= 0) return absl::InvalidArgumentError(absl::StrCat("--samples must be > 0, got ", samples));
@@ -78,8 +79,9 @@ absl::Status RunEval(const std::vector<std::string>& argv) {
                    static_cast<long long>(index), sample.answer_text.c_str(), said.c_str());
     };
   }
-  LYCHEE_ASSIGN_OR_RETURN(std::string corpus,
-                          ReadTextCorpus(args.GetOr("corpus", std::string(LYCHEE_SOURCE_DIR) + "/data/corpus/persuasion.txt.gz")));
+  LYCHEE_ASSIGN_OR_RETURN(const std::string corpus_path,
+                          args.GetOrResource("corpus", absl::StrCat(kCorpusDir, "/persuasion.txt.gz")));
+  LYCHEE_ASSIGN_OR_RETURN(std::string corpus, ReadTextCorpus(corpus_path));
   LYCHEE_ASSIGN_OR_RETURN(HaystackBuilder builder, HaystackBuilder::Create(*tokenizer, std::move(corpus)));
 
   for (const EvalPolicy& policy : policies) std::printf("# %s\n", policy.description.c_str());

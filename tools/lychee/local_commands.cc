@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/model.h"
+#include "common/resource_paths.h"
 #include "common/sampling.h"
 #include "common/status_macros.h"
 #include "common/tokenizer.h"
@@ -30,7 +31,8 @@ absl::StatusOr<std::string> ReadFile(const std::string& path) {
 
 absl::Status RunTokenize(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(Args args, Args::Parse(argv, {"tokenizer"}, {"no-special-tokens"}));
-  const std::string path = args.GetOr("tokenizer", std::string(LYCHEE_DEFAULT_MODEL_DIR) + "/tokenizer.json");
+  LYCHEE_ASSIGN_OR_RETURN(const std::string path,
+                          args.GetOrResource("tokenizer", absl::StrCat(kBundledModelPath, "/tokenizer.json")));
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::FromFile(path));
   const std::string text(std::istreambuf_iterator<char>(std::cin), {});
   LYCHEE_ASSIGN_OR_RETURN(std::vector<int32_t> ids, tokenizer->Encode(text, !args.Has("no-special-tokens")));
@@ -43,7 +45,7 @@ absl::Status RunGenerate(const std::vector<std::string>& argv) {
       Args args, Args::Parse(argv, {"model", "prompt", "prompt-file", "max-new-tokens", "temperature", "top-p", "seed", "device",
                                    "attention", "partition", "random-partition", "partition-seed", "budget"},
                              {"print-ids"}));
-  const std::string model_dir = args.GetOr("model", LYCHEE_DEFAULT_MODEL_DIR);
+  LYCHEE_ASSIGN_OR_RETURN(const std::string model_dir, args.GetOrResource("model", kBundledModelPath));
   if (args.Has("prompt") == args.Has("prompt-file")) {
     return absl::InvalidArgumentError("give exactly one of --prompt TEXT and --prompt-file FILE");
   }

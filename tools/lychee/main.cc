@@ -4,7 +4,9 @@
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "common/heap_tuning.h"
+#include "common/resource_paths.h"
 #include "tools/lychee/eval_command.h"
 #include "tools/lychee/health_command.h"
 #include "tools/lychee/inference_commands.h"
@@ -91,14 +93,20 @@ commands that talk to a lychee-inference (all take [--server HOST:PORT], default
 every command that talks to a server also takes [--tls-ca FILE] [--tls-cert FILE --tls-key FILE]
 [--token-file FILE]: TLS verified with the CA certificates of FILE (a client certificate for mutual
 TLS), and the admin or client token of FILE sent as 'authorization: Bearer TOKEN'
-The default model is the bundled one: )" LYCHEE_DEFAULT_MODEL_DIR "\n";
+The default model is the bundled one: )";
+
+// The usage, ending with where the bundled model is, or why none was found.
+std::string Usage() {
+  const absl::StatusOr<std::string> model = lychee::ResourcePath(lychee::kBundledModelPath);
+  return absl::StrCat(kUsage, model.ok() ? *model : model.status().message(), "\n");
+}
 
 }  // namespace
 
 int main(int argc, char** argv) {
   lychee::KeepFreedMemoryInHeap();
   if (argc < 2 || std::string(argv[1]) == "--help" || std::string(argv[1]) == "help") {
-    std::cout << kUsage;
+    std::cout << Usage();
     return argc < 2 ? 2 : 0;
   }
   const std::string command = argv[1];
@@ -140,7 +148,7 @@ int main(int argc, char** argv) {
   } else if (command == "health") {
     status = lychee::cli::RunHealth(args);
   } else {
-    std::cerr << "lychee: unknown command '" << command << "'\n" << kUsage;
+    std::cerr << "lychee: unknown command '" << command << "'\n" << Usage();
     return 2;
   }
   if (!status.ok()) {

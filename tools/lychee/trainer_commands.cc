@@ -9,7 +9,6 @@
 #include <chrono>
 #include <cstdio>
 #include <ctime>
-#include <filesystem>
 #include <functional>
 #include <iostream>
 #include <memory>
@@ -23,6 +22,7 @@
 #include "common/durable_file.h"
 #include "common/grpc_status.h"
 #include "common/head_partition.h"
+#include "common/resource_paths.h"
 #include "common/status_macros.h"
 #include "lychee/v1/inference.grpc.pb.h"
 #include "lychee/v1/trainer.grpc.pb.h"
@@ -36,8 +36,6 @@ namespace {
 
 constexpr char kDefaultTrainer[] = "127.0.0.1:50061";
 constexpr char kDefaultServer[] = "127.0.0.1:50062";
-
-std::string DefaultModelName() { return std::filesystem::path(LYCHEE_DEFAULT_MODEL_DIR).filename().string(); }
 
 // The commands that take one positional argument (a job name, a version) before their flags.
 absl::StatusOr<std::pair<std::string, Args>> ParseWithOperand(const std::vector<std::string>& argv,
@@ -137,7 +135,7 @@ absl::StatusOr<v1::ModelSelector> ModelFromArgs(const Args& args) {
     if (args.Has("model")) return absl::InvalidArgumentError("give --model or --fingerprint, not both");
     selector.set_fingerprint(*args.Get("fingerprint"));
   } else {
-    selector.set_name(args.GetOr("model", DefaultModelName()));
+    selector.set_name(args.GetOr("model", kBundledModelName));
   }
   return selector;
 }
@@ -195,7 +193,7 @@ absl::Status RunSubmit(const std::vector<std::string>& argv) {
     return absl::InvalidArgumentError("--target-density (or --target-densities, or --sweep) is required");
   }
   if (!args.Has("steps")) return absl::InvalidArgumentError("--steps is required");
-  request.set_model(args.GetOr("model", DefaultModelName()));
+  request.set_model(args.GetOr("model", kBundledModelName));
   request.set_corpus(args.GetOr("corpus", ""));
   v1::CalibrationConfig* config = request.mutable_config();
   LYCHEE_RETURN_IF_ERROR(SetDouble(args, "target-density", [&](double v) { config->set_target_density(v); }));
@@ -390,7 +388,7 @@ absl::Status RunPublish(const std::vector<std::string>& argv) {
   const auto& [path, args] = parsed;
   LYCHEE_ASSIGN_OR_RETURN(const HeadPartition partition, LoadHeadPartitionJson(path));
   v1::PublishHeadPartitionRequest request;
-  request.mutable_model()->set_name(args.GetOr("model", DefaultModelName()));
+  request.mutable_model()->set_name(args.GetOr("model", kBundledModelName));
   *request.mutable_partition() = HeadPartitionToProto(partition);
   LYCHEE_ASSIGN_OR_RETURN(TrainerClient client, ConnectTrainer(args));
   v1::HeadPartition published;
