@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -55,5 +56,11 @@ absl::StatusOr<HeadPartition> ShardHeadPartition(const HeadPartition& partition,
 // UNIMPLEMENTED in a build whose LibTorch has no Gloo.
 absl::StatusOr<std::shared_ptr<TensorParallelGroup>> JoinGlooGroup(const std::string& rendezvous_file, int rank,
                                                                    int world_size);
+
+// Runs `rank_work` for each of `world_size` ranks on threads of this process, each rank joined to a
+// Gloo group meeting in a fresh temp dir; the lowest failing rank's error. Every rank must make the
+// same collective calls, or the others wait out the collective timeout.
+absl::Status RunGlooRanksInThreads(int world_size,
+                                   const std::function<absl::Status(std::shared_ptr<TensorParallelGroup>)>& rank_work);
 
 }  // namespace lychee

@@ -6,7 +6,6 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
-#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -47,21 +46,17 @@ absl::StatusOr<Generation> Generate(const Model& model, std::shared_ptr<const At
   return generation;
 }
 
-// Runs `rank_work` on `world_size` threads, each rank with its own Gloo group; returns each rank's
-// result. No Catch2 assertion runs off the main thread.
+// Each rank's result of `rank_work`, run on threads by RunGlooRanksInThreads. No Catch2 assertion
+// runs off the main thread.
 std::vector<absl::StatusOr<Generation>> RunRanks(
     int world_size, const std::function<absl::StatusOr<Generation>(std::shared_ptr<TensorParallelGroup>)>& rank_work) {
-  testing::TempDir dir;
   std::vector<absl::StatusOr<Generation>> results(world_size, absl::UnknownError("rank did not run"));
-  std::vector<std::thread> ranks;
-  for (int rank = 0; rank < world_size; ++rank) {
-    ranks.emplace_back([&, rank] {
-      absl::StatusOr<std::shared_ptr<TensorParallelGroup>> group =
-          JoinGlooGroup((dir.path / "rendezvous").string(), rank, world_size);
-      results[rank] = group.ok() ? rank_work(*group) : absl::StatusOr<Generation>(group.status());
-    });
-  }
-  for (std::thread& rank : ranks) rank.join();
+  // Each rank's own status is checked, not the first failure this returns.
+  RunGlooRanksInThreads(world_size, [&](std::shared_ptr<TensorParallelGroup> group) {
+    const int rank = group->rank();
+    results[rank] = rank_work(std::move(group));
+    return results[rank].status();
+  }).IgnoreError();
   return results;
 }
 

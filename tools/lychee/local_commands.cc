@@ -2,17 +2,11 @@
 
 #include <ATen/ATen.h>
 
-#include <unistd.h>
-
 #include <cstdio>
-#include <cstdlib>
-#include <filesystem>
 #include <fstream>
-#include <functional>
 #include <iostream>
 #include <iterator>
 #include <sstream>
-#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -59,28 +53,6 @@ absl::Status GenerateAndPrint(const Model& model, std::shared_ptr<const Attentio
   if (out == nullptr) return absl::OkStatus();
   *out << decoder.Flush() << "\n";
   if (print_ids) *out << absl::StrJoin(generated, " ") << "\n";
-  return absl::OkStatus();
-}
-
-// Runs `rank_work` on `world_size` threads, each rank in its own Gloo group meeting through a
-// FileStore in a fresh temp dir; the first rank's error, if any.
-absl::Status RunTensorParallelRanks(
-    int world_size, const std::function<absl::Status(std::shared_ptr<TensorParallelGroup>)>& rank_work) {
-  std::string dir = (std::filesystem::temp_directory_path() / "lychee_tp_XXXXXX").string();
-  if (mkdtemp(dir.data()) == nullptr) return absl::InternalError(absl::StrCat("cannot make a temp dir like ", dir));
-  const std::string rendezvous = dir + "/rendezvous";
-  std::vector<absl::Status> statuses(world_size);
-  std::vector<std::thread> ranks;
-  for (int rank = 0; rank < world_size; ++rank) {
-    ranks.emplace_back([&, rank] {
-      absl::StatusOr<std::shared_ptr<TensorParallelGroup>> group = JoinGlooGroup(rendezvous, rank, world_size);
-      statuses[rank] = group.ok() ? rank_work(*std::move(group)) : group.status();
-    });
-  }
-  for (std::thread& rank : ranks) rank.join();
-  std::remove(rendezvous.c_str());
-  rmdir(dir.c_str());
-  for (const absl::Status& status : statuses) LYCHEE_RETURN_IF_ERROR(status);
   return absl::OkStatus();
 }
 
@@ -141,7 +113,7 @@ absl::Status RunGenerate(const std::vector<std::string>& argv) {
   // Checked before the ranks start, so that a bad count is one error rather than N.
   LYCHEE_ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::FromFile(model_dir + "/config.json"));
   LYCHEE_RETURN_IF_ERROR(ShardModelConfig(config, static_cast<int>(tensor_parallel)).status());
-  return RunTensorParallelRanks(static_cast<int>(tensor_parallel), [&](std::shared_ptr<TensorParallelGroup> group) {
+  return RunGlooRanksInThreads(static_cast<int>(tensor_parallel), [&](std::shared_ptr<TensorParallelGroup> group) {
     const int rank = group->rank(), world_size = group->world_size();
     ModelOptions rank_options = model_options;
     rank_options.tensor_parallel = std::move(group);
