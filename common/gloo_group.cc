@@ -13,9 +13,6 @@
 namespace lychee {
 namespace {
 
-// A rank that died makes the others' collectives fail after this long instead of hanging.
-constexpr std::chrono::seconds kCollectiveTimeout{60};
-
 class GlooGroup : public TensorParallelGroup {
  public:
   GlooGroup(c10::intrusive_ptr<c10d::ProcessGroupGloo> group, int rank, int world_size)
@@ -26,7 +23,14 @@ class GlooGroup : public TensorParallelGroup {
 
   void AllReduceSum(at::Tensor& tensor) const override {
     std::vector<at::Tensor> tensors{tensor};
-    group_->allreduce(tensors)->wait();
+    try {
+      group_->allreduce(tensors)->wait();
+    } catch (const std::exception& error) {
+      const auto* torch_error = dynamic_cast<const c10::Error*>(&error);
+      throw CollectiveError(
+          absl::StrCat("all-reduce on rank ", rank_, " of ", world_size_, ": ",
+                       torch_error != nullptr ? torch_error->what_without_backtrace() : error.what()));
+    }
   }
 
  private:
@@ -38,14 +42,13 @@ class GlooGroup : public TensorParallelGroup {
 }  // namespace
 
 absl::StatusOr<std::shared_ptr<TensorParallelGroup>> JoinGlooGroup(const std::string& rendezvous_file, int rank,
-                                                                   int world_size) {
+                                                                   int world_size, std::chrono::milliseconds timeout) {
   if (world_size < 1 || rank < 0 || rank >= world_size) {
     return absl::InvalidArgumentError(absl::StrCat("gloo group: rank ", rank, " is outside [0, ", world_size, ")"));
   }
   try {
     auto store = c10::make_intrusive<c10d::FileStore>(rendezvous_file, world_size);
-    auto options = c10d::ProcessGroupGloo::Options::create(
-        std::chrono::duration_cast<std::chrono::milliseconds>(kCollectiveTimeout));
+    auto options = c10d::ProcessGroupGloo::Options::create(timeout);
     options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
     auto group = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, options);
     return std::make_shared<GlooGroup>(std::move(group), rank, world_size);

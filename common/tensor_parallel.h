@@ -7,9 +7,11 @@
 // split by vocabulary (each rank looks up or scores its slice; one all-reduce joins them).
 #pragma once
 
+#include <chrono>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <stdexcept>
 #include <string>
 
 #include "absl/status/statusor.h"
@@ -22,8 +24,15 @@ class Tensor;
 
 namespace lychee {
 
-// One rank's handle on its group. The collectives throw on failure (a rank gone, a timeout), as
-// LibTorch's do, and the model turns that into the status of the step.
+// What a collective throws when it fails (a rank gone, a timeout); StatusFromException
+// (common/torch_errors.h) makes it UNAVAILABLE.
+class CollectiveError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// One rank's handle on its group. The collectives throw CollectiveError on failure, and the model
+// turns that into the status of the step.
 class TensorParallelGroup {
  public:
   virtual ~TensorParallelGroup() = default;
@@ -52,10 +61,12 @@ VocabSlice VocabSliceOf(int64_t vocab_size, int rank, int world_size);
 absl::StatusOr<HeadPartition> ShardHeadPartition(const HeadPartition& partition, int rank, int world_size);
 
 // Joins rank `rank` of `world_size` into a Gloo group on the loopback, meeting the others through a
-// c10d FileStore at `rendezvous_file` (a path every rank shares; fresh for each group).
+// c10d FileStore at `rendezvous_file` (a path every rank shares; fresh for each group). A
+// collective that a rank does not join within `timeout` (it died) fails instead of hanging.
 // UNIMPLEMENTED in a build whose LibTorch has no Gloo.
-absl::StatusOr<std::shared_ptr<TensorParallelGroup>> JoinGlooGroup(const std::string& rendezvous_file, int rank,
-                                                                   int world_size);
+absl::StatusOr<std::shared_ptr<TensorParallelGroup>> JoinGlooGroup(
+    const std::string& rendezvous_file, int rank, int world_size,
+    std::chrono::milliseconds timeout = std::chrono::seconds(60));
 
 // Runs `rank_work` for each of `world_size` ranks on threads of this process, each rank joined to a
 // Gloo group meeting in a fresh temp dir; the lowest failing rank's error. Every rank must make the

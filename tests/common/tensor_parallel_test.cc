@@ -6,6 +6,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
@@ -196,6 +197,34 @@ TEST_CASE("TP-2 and TP-4 on a random checkpoint of 8 KV heads decode as one proc
                                    }),
                           *reference);
   }
+}
+
+TEST_CASE("A rank that is gone fails the others' steps with UNAVAILABLE instead of hanging", "[tensor_parallel]") {
+  testing::TempDir dir;
+  const std::string rendezvous = (dir.path / "rendezvous").string();
+  absl::Status survivor_status;
+  std::thread survivor([&] {
+    auto group = JoinGlooGroup(rendezvous, 0, 2, std::chrono::seconds(10));
+    if (!group.ok()) {
+      survivor_status = group.status();
+      return;
+    }
+    auto model = Model::Load(kModelDir, TensorParallel(*group));
+    if (!model.ok()) {
+      survivor_status = model.status();
+      return;
+    }
+    auto sequence = (*model)->NewSequence(std::make_shared<DenseAttentionBackend>());
+    survivor_status = (*model)->Prefill(*sequence, {1, 2, 3}).status();
+  });
+  {
+    // Rank 1 joins, then goes: its group's connections close, as a killed process's would.
+    auto departed = JoinGlooGroup(rendezvous, 1, 2, std::chrono::seconds(10));
+    REQUIRE(departed.ok());
+  }
+  survivor.join();
+  CHECK(survivor_status.code() == absl::StatusCode::kUnavailable);
+  CHECK_THAT(std::string(survivor_status.message()), Catch::Contains("rank 0 of 2"));
 }
 
 // A group that is never asked for a collective: loading fails first.
