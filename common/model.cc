@@ -465,8 +465,9 @@ absl::StatusOr<DecodeContext::Bucket*> Model::BucketFor(DecodeContext& context, 
                                                         int64_t batch, int64_t width, bool whole_batch) const {
   const AttentionBackend* backend = &first.attention();
   const KvPool* pool = &first.pool();
+  // Not under tensor parallelism yet: a graph would have to capture the group's collectives.
   const bool for_graph = whole_batch && context.options().cuda_graphs && !context.graphs_failed_ &&
-                         options_.device.is_cuda() &&
+                         options_.device.is_cuda() && options_.tensor_parallel == nullptr &&
                          backend->CapturesDecode() && batch <= context.options().max_graph_batch;
   const int64_t rows = for_graph ? NextPowerOfTwo(batch) : batch;
   auto& buckets = context.buckets_;
@@ -735,7 +736,7 @@ absl::StatusOr<at::Tensor> Model::RunDecode(absl::Span<Sequence* const> sequence
 absl::Status Model::PrepareDecodeGraphs(const std::shared_ptr<const AttentionBackend>& attention,
                                         const std::shared_ptr<KvPool>& pool, DecodeContext& context) const {
   if (!context.options().cuda_graphs || context.graphs_failed_ || !options_.device.is_cuda() ||
-      !attention->CapturesDecode()) {
+      !attention->CapturesDecode() || options_.tensor_parallel != nullptr) {
     return absl::OkStatus();
   }
   const DecodeStats counted = context.stats_;

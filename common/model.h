@@ -117,7 +117,8 @@ struct ModelOptions {
   bool small_batch_gemv = true;
   // Tensor parallelism: this process is rank group->rank() of the group and holds only its shard
   // of the weights (common/tensor_parallel.h); every rank must run the same calls in the same order.
-  // Null: the whole model in this process. Steps on the LibTorch path (not the fused CUDA one).
+  // Null: the whole model in this process. Steps run eagerly on the LibTorch path (neither the
+  // fused CUDA kernels nor CUDA graphs yet).
   std::shared_ptr<const TensorParallelGroup> tensor_parallel;
 };
 
