@@ -58,6 +58,21 @@ TEST_CASE("generate streams the greedy continuation and prints its ids last") {
   CHECK(LastLine(result.output) == Join(ref["greedy32"].get<std::vector<int>>()));
 }
 
+#ifdef LYCHEE_HAVE_GLOO
+TEST_CASE("generate --tensor-parallel 2 gives the single-process greedy continuation") {
+  const auto ref = ParityRef();
+  const std::string prompt = TempFile("generate_tp.txt", ref["prompt"].get<std::string>());
+  const Result result =
+      Run("generate --prompt-file " + prompt + " --max-new-tokens 32 --print-ids --tensor-parallel 2");
+  REQUIRE(result.exit_code == 0);
+  CHECK(LastLine(result.output) == Join(ref["greedy32"].get<std::vector<int>>()));
+
+  const Result indivisible = Run("generate --prompt x --tensor-parallel 3");
+  CHECK(indivisible.exit_code != 0);
+  CHECK_THAT(indivisible.output, Catch::Contains("3 ranks") && Catch::Contains("2 KV heads"));
+}
+#endif
+
 TEST_CASE("hybrid generation with the bundled partition runs") {
   const Result result = Run(
       "generate --prompt-file scripts/demo-prompt.txt --max-new-tokens 4 --print-ids --attention hybrid "
