@@ -1,5 +1,6 @@
 // The lychee command line as a user runs it: exit codes, output, and errors that name the problem.
 #include <catch2/catch.hpp>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -21,8 +22,10 @@ Result Run(const std::string& args, const std::string& stdin_path = "/dev/null")
   return lychee::testing::RunCommand(std::string(LYCHEE_CLI) + " " + args + " < " + stdin_path);
 }
 
+// Named by the process too: checkouts of the project may run this test at the same time.
 std::string TempFile(const std::string& name, const std::string& content) {
-  const auto path = std::filesystem::temp_directory_path() / ("lychee_cli_test_" + name);
+  const auto path =
+      std::filesystem::temp_directory_path() / ("lychee_cli_test_" + std::to_string(getpid()) + "_" + name);
   std::ofstream(path, std::ios::binary) << content;
   return path.string();
 }
