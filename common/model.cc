@@ -36,13 +36,22 @@ at::ScalarType TorchDType(DType dtype) {
 
 std::string ShapeString(at::IntArrayRef shape) { return absl::StrCat("[", absl::StrJoin(shape, ", "), "]"); }
 
-// Copies a checkpoint tensor onto the model's device in its compute dtype, after checking its shape.
+// Rows or columns [start, start + length) along `dim` of a checkpoint tensor: a rank's shard.
+struct WeightSlice {
+  int64_t dim = 0;
+  int64_t start = 0;
+  int64_t length = -1;  // -1: the whole tensor
+};
+
+// Copies a checkpoint tensor, or a slice of it, onto the model's device in its compute dtype, after
+// checking its shape.
 class WeightLoader {
  public:
   WeightLoader(const Checkpoint& checkpoint, const std::string& model_dir, const ModelOptions& options)
       : checkpoint_(checkpoint), model_dir_(model_dir), options_(options) {}
 
-  absl::StatusOr<at::Tensor> Load(const std::string& name, std::vector<int64_t> expected_shape) const {
+  absl::StatusOr<at::Tensor> Load(const std::string& name, std::vector<int64_t> expected_shape,
+                                  WeightSlice slice = {}) const {
     LYCHEE_ASSIGN_OR_RETURN(TensorView view, checkpoint_.Get(name));
     if (view.shape != expected_shape) {
       return absl::InvalidArgumentError(absl::StrCat(model_dir_, ": tensor ", name, " has shape ",
@@ -52,7 +61,9 @@ class WeightLoader {
     // from_blob does not own the mapped bytes; the copy below does.
     at::Tensor mapped = at::from_blob(const_cast<std::byte*>(view.data), view.shape,
                                       at::TensorOptions().dtype(TorchDType(view.dtype)));
-    return mapped.to(options_.device, options_.dtype, /*non_blocking=*/false, /*copy=*/true);
+    // Narrowed before the copy, so that only the slice's bytes of the mapping are read.
+    if (slice.length >= 0) mapped = mapped.narrow(slice.dim, slice.start, slice.length);
+    return mapped.to(options_.device, options_.dtype, /*non_blocking=*/false, /*copy=*/true).contiguous();
   }
 
  private:
@@ -139,17 +150,33 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
   model->model_dir_ = model_dir;
   LYCHEE_ASSIGN_OR_RETURN(model->config_, ModelConfig::FromFile(model_dir + "/config.json"));
   const ModelConfig& c = model->config_;
+  const int rank = options.tensor_parallel ? options.tensor_parallel->rank() : 0;
+  const int world_size = options.tensor_parallel ? options.tensor_parallel->world_size() : 1;
+  LYCHEE_ASSIGN_OR_RETURN(model->shard_config_, ShardModelConfig(c, world_size));
+  const ModelConfig& shard = model->shard_config_;
+  model->vocab_slice_ = VocabSliceOf(c.vocab_size, rank, world_size);
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> checkpoint, Checkpoint::Open(model_dir));
   const WeightLoader weights(*checkpoint, model_dir, model->options_);
 
   const int64_t q_rows = c.num_attention_heads * c.head_dim;
   const int64_t kv_rows = c.num_kv_heads * c.head_dim;
-  LYCHEE_ASSIGN_OR_RETURN(model->embed_tokens_, weights.Load("model.embed_tokens.weight", {c.vocab_size, c.hidden_size}));
+  // This rank's slices: a column-parallel projection's output rows, a row-parallel one's input
+  // columns (the whole tensors when world_size is 1).
+  const int64_t q_shard = shard.num_attention_heads * c.head_dim;
+  const int64_t kv_shard = shard.num_kv_heads * c.head_dim;
+  const WeightSlice q_slice{0, rank * q_shard, q_shard};
+  const WeightSlice kv_slice{0, rank * kv_shard, kv_shard};
+  const WeightSlice o_slice{1, rank * q_shard, q_shard};
+  const WeightSlice mlp_rows{0, rank * shard.intermediate_size, shard.intermediate_size};
+  const WeightSlice down_slice{1, rank * shard.intermediate_size, shard.intermediate_size};
+  const WeightSlice vocab_rows{0, model->vocab_slice_.begin, model->vocab_slice_.size};
+  LYCHEE_ASSIGN_OR_RETURN(model->embed_tokens_,
+                          weights.Load("model.embed_tokens.weight", {c.vocab_size, c.hidden_size}, vocab_rows));
   LYCHEE_ASSIGN_OR_RETURN(model->final_norm_, weights.Load("model.norm.weight", {c.hidden_size}));
   if (c.tie_word_embeddings) {
     model->lm_head_ = model->embed_tokens_;
   } else {
-    LYCHEE_ASSIGN_OR_RETURN(model->lm_head_, weights.Load("lm_head.weight", {c.vocab_size, c.hidden_size}));
+    LYCHEE_ASSIGN_OR_RETURN(model->lm_head_, weights.Load("lm_head.weight", {c.vocab_size, c.hidden_size}, vocab_rows));
   }
   // Grown layer by layer, not sized from config.json up front: a layer count the checkpoint does
   // not back ends at its first missing tensor instead of in an allocation.
@@ -159,30 +186,35 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& model_dir,
     LYCHEE_ASSIGN_OR_RETURN(layer.input_norm, weights.Load(prefix + "input_layernorm.weight", {c.hidden_size}));
     LYCHEE_ASSIGN_OR_RETURN(layer.post_attention_norm,
                             weights.Load(prefix + "post_attention_layernorm.weight", {c.hidden_size}));
-    LYCHEE_ASSIGN_OR_RETURN(at::Tensor q, weights.Load(prefix + "self_attn.q_proj.weight", {q_rows, c.hidden_size}));
-    LYCHEE_ASSIGN_OR_RETURN(at::Tensor k, weights.Load(prefix + "self_attn.k_proj.weight", {kv_rows, c.hidden_size}));
-    LYCHEE_ASSIGN_OR_RETURN(at::Tensor v, weights.Load(prefix + "self_attn.v_proj.weight", {kv_rows, c.hidden_size}));
+    LYCHEE_ASSIGN_OR_RETURN(at::Tensor q,
+                            weights.Load(prefix + "self_attn.q_proj.weight", {q_rows, c.hidden_size}, q_slice));
+    LYCHEE_ASSIGN_OR_RETURN(at::Tensor k,
+                            weights.Load(prefix + "self_attn.k_proj.weight", {kv_rows, c.hidden_size}, kv_slice));
+    LYCHEE_ASSIGN_OR_RETURN(at::Tensor v,
+                            weights.Load(prefix + "self_attn.v_proj.weight", {kv_rows, c.hidden_size}, kv_slice));
     layer.qkv_weight = at::cat({q, k, v}, 0);
     if (c.attention_bias) {
-      LYCHEE_ASSIGN_OR_RETURN(at::Tensor qb, weights.Load(prefix + "self_attn.q_proj.bias", {q_rows}));
-      LYCHEE_ASSIGN_OR_RETURN(at::Tensor kb, weights.Load(prefix + "self_attn.k_proj.bias", {kv_rows}));
-      LYCHEE_ASSIGN_OR_RETURN(at::Tensor vb, weights.Load(prefix + "self_attn.v_proj.bias", {kv_rows}));
+      LYCHEE_ASSIGN_OR_RETURN(at::Tensor qb, weights.Load(prefix + "self_attn.q_proj.bias", {q_rows}, q_slice));
+      LYCHEE_ASSIGN_OR_RETURN(at::Tensor kb, weights.Load(prefix + "self_attn.k_proj.bias", {kv_rows}, kv_slice));
+      LYCHEE_ASSIGN_OR_RETURN(at::Tensor vb, weights.Load(prefix + "self_attn.v_proj.bias", {kv_rows}, kv_slice));
       layer.qkv_bias = at::cat({qb, kb, vb}, 0);
     }
     if (c.qk_norm) {
       LYCHEE_ASSIGN_OR_RETURN(layer.q_norm, weights.Load(prefix + "self_attn.q_norm.weight", {c.head_dim}));
       LYCHEE_ASSIGN_OR_RETURN(layer.k_norm, weights.Load(prefix + "self_attn.k_norm.weight", {c.head_dim}));
     }
-    LYCHEE_ASSIGN_OR_RETURN(layer.o_weight, weights.Load(prefix + "self_attn.o_proj.weight", {c.hidden_size, q_rows}));
+    LYCHEE_ASSIGN_OR_RETURN(layer.o_weight,
+                            weights.Load(prefix + "self_attn.o_proj.weight", {c.hidden_size, q_rows}, o_slice));
     if (c.attention_bias && c.architecture != Architecture::kQwen2) {
       LYCHEE_ASSIGN_OR_RETURN(layer.o_bias, weights.Load(prefix + "self_attn.o_proj.bias", {c.hidden_size}));
     }
-    LYCHEE_ASSIGN_OR_RETURN(at::Tensor gate,
-                            weights.Load(prefix + "mlp.gate_proj.weight", {c.intermediate_size, c.hidden_size}));
-    LYCHEE_ASSIGN_OR_RETURN(at::Tensor up, weights.Load(prefix + "mlp.up_proj.weight", {c.intermediate_size, c.hidden_size}));
+    LYCHEE_ASSIGN_OR_RETURN(
+        at::Tensor gate, weights.Load(prefix + "mlp.gate_proj.weight", {c.intermediate_size, c.hidden_size}, mlp_rows));
+    LYCHEE_ASSIGN_OR_RETURN(
+        at::Tensor up, weights.Load(prefix + "mlp.up_proj.weight", {c.intermediate_size, c.hidden_size}, mlp_rows));
     layer.gate_up_weight = at::cat({gate, up}, 0);
-    LYCHEE_ASSIGN_OR_RETURN(layer.down_weight,
-                            weights.Load(prefix + "mlp.down_proj.weight", {c.hidden_size, c.intermediate_size}));
+    LYCHEE_ASSIGN_OR_RETURN(layer.down_weight, weights.Load(prefix + "mlp.down_proj.weight",
+                                                            {c.hidden_size, c.intermediate_size}, down_slice));
     model->layers_.push_back(std::move(layer));
   }
   model->rope_inv_freq_ = RopeInverseFrequencies(c).to(options.device);
@@ -193,7 +225,7 @@ absl::StatusOr<std::shared_ptr<KvPool>> Model::NewKvPool(int64_t num_pages, int6
   KvPool::Options options;
   options.page_size = page_size;
   options.num_pages = num_pages;
-  return KvPool::Create(config_, at::TensorOptions().dtype(options_.dtype).device(options_.device), options);
+  return KvPool::Create(shard_config_, at::TensorOptions().dtype(options_.dtype).device(options_.device), options);
 }
 
 std::unique_ptr<Sequence> Model::NewSequence(std::shared_ptr<KvPool> pool,
@@ -206,7 +238,7 @@ std::unique_ptr<Sequence> Model::NewSequence(std::shared_ptr<const AttentionBack
   options.num_pages = 4;
   options.growable = true;
   absl::StatusOr<std::shared_ptr<KvPool>> pool =
-      KvPool::Create(config_, at::TensorOptions().dtype(options_.dtype).device(options_.device), options);
+      KvPool::Create(shard_config_, at::TensorOptions().dtype(options_.dtype).device(options_.device), options);
   // Four pages of the model's own shape: only an allocation failure could refuse them.
   TORCH_CHECK(pool.ok(), pool.status().ToString());
   return NewSequence(*std::move(pool), std::move(attention));
@@ -266,11 +298,12 @@ at::Tensor Model::Attention(const Layer& layer, int layer_index, const at::Tenso
   const int64_t d = config_.head_dim;
   at::Tensor qkv = layer.qkv_bias.defined() ? at::linear(normed, layer.qkv_weight, layer.qkv_bias)
                                             : at::linear(normed, layer.qkv_weight);
-  const int64_t q_width = config_.num_attention_heads * d;
-  const int64_t kv_width = config_.num_kv_heads * d;
-  at::Tensor q = qkv.narrow(-1, 0, q_width).view({n, t, config_.num_attention_heads, d});
-  at::Tensor k = qkv.narrow(-1, q_width, kv_width).view({n, t, config_.num_kv_heads, d});
-  at::Tensor v = qkv.narrow(-1, q_width + kv_width, kv_width).view({n, t, config_.num_kv_heads, d});
+  const int64_t heads = shard_config_.num_attention_heads, kv_heads = shard_config_.num_kv_heads;
+  const int64_t q_width = heads * d;
+  const int64_t kv_width = kv_heads * d;
+  at::Tensor q = qkv.narrow(-1, 0, q_width).view({n, t, heads, d});
+  at::Tensor k = qkv.narrow(-1, q_width, kv_width).view({n, t, kv_heads, d});
+  at::Tensor v = qkv.narrow(-1, q_width + kv_width, kv_width).view({n, t, kv_heads, d});
   if (config_.qk_norm) {
     q = RmsNorm(q, layer.q_norm);
     k = RmsNorm(k, layer.k_norm);
@@ -281,8 +314,37 @@ at::Tensor Model::Attention(const Layer& layer, int layer_index, const at::Tenso
   q = q * cos + RotateHalf(q) * sin;
   k = k * cos + RotateHalf(k) * sin;
   at::Tensor attended = attend(layer_index, q, k, v).transpose(1, 2).reshape({n, t, q_width});
-  return layer.o_bias.defined() ? at::linear(attended, layer.o_weight, layer.o_bias)
-                                : at::linear(attended, layer.o_weight);
+  return RowParallelLinear(attended, layer.o_weight, layer.o_bias);
+}
+
+at::Tensor Model::RowParallelLinear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) const {
+  if (options_.tensor_parallel == nullptr) return bias.defined() ? at::linear(x, weight, bias) : at::linear(x, weight);
+  at::Tensor partial = at::linear(x, weight);
+  options_.tensor_parallel->AllReduceSum(partial);
+  return bias.defined() ? partial + bias : partial;
+}
+
+at::Tensor Model::EmbedRows(const at::Tensor& ids) const {
+  if (options_.tensor_parallel == nullptr) return at::embedding(embed_tokens_, ids);
+  const at::Tensor local = ids - vocab_slice_.begin;
+  const at::Tensor outside = (local < 0).logical_or(local >= vocab_slice_.size);
+  at::Tensor rows = at::embedding(embed_tokens_, local.masked_fill(outside, 0));
+  rows.masked_fill_(outside.unsqueeze(-1), 0);
+  options_.tensor_parallel->AllReduceSum(rows);
+  return rows;
+}
+
+at::Tensor Model::Logits(const at::Tensor& normed) const {
+  at::Tensor local = at::linear(normed, lm_head_).to(at::kFloat);
+  if (options_.tensor_parallel == nullptr) return local;
+  // An all-reduce of zero-padded rows rather than an all-gather: exact (x + 0), and the slices may
+  // differ in size.
+  std::vector<int64_t> shape = local.sizes().vec();
+  shape.back() = config_.vocab_size;
+  at::Tensor logits = at::zeros(shape, local.options());
+  logits.narrow(-1, vocab_slice_.begin, vocab_slice_.size).copy_(local);
+  options_.tensor_parallel->AllReduceSum(logits);
+  return logits;
 }
 
 at::Tensor Model::DecoderLayer(int layer_index, at::Tensor hidden, const at::Tensor& cos, const at::Tensor& sin,
@@ -290,9 +352,10 @@ at::Tensor Model::DecoderLayer(int layer_index, at::Tensor hidden, const at::Ten
   const Layer& layer = layers_[layer_index];
   hidden = hidden + Attention(layer, layer_index, RmsNorm(hidden, layer.input_norm), cos, sin, attend);
   at::Tensor gate_up = at::linear(RmsNorm(hidden, layer.post_attention_norm), layer.gate_up_weight);
-  at::Tensor gate = gate_up.narrow(-1, 0, config_.intermediate_size);
-  at::Tensor up = gate_up.narrow(-1, config_.intermediate_size, config_.intermediate_size);
-  return hidden + at::linear(at::silu(gate) * up, layer.down_weight);
+  const int64_t intermediate = shard_config_.intermediate_size;
+  at::Tensor gate = gate_up.narrow(-1, 0, intermediate);
+  at::Tensor up = gate_up.narrow(-1, intermediate, intermediate);
+  return hidden + RowParallelLinear(at::silu(gate) * up, layer.down_weight, at::Tensor());
 }
 
 at::Tensor Model::Forward(at::Tensor hidden, const at::Tensor& positions, const AttendFn& attend) const {
@@ -305,7 +368,7 @@ at::Tensor Model::Forward(at::Tensor hidden, const at::Tensor& positions, const 
 
 at::Tensor Model::Embed(absl::Span<const int32_t> ids) const {
   at::Tensor tensor = at::tensor(std::vector<int64_t>(ids.begin(), ids.end()), at::kLong).to(options_.device);
-  return at::embedding(embed_tokens_, tensor);
+  return EmbedRows(tensor);
 }
 
 absl::StatusOr<at::Tensor> Model::Prefill(Sequence& sequence, absl::Span<const int32_t> ids) const {
@@ -341,8 +404,7 @@ at::Tensor Model::RunPrefill(Sequence& sequence, absl::Span<const int32_t> ids) 
     sequence.length_ = end;
     last_hidden = hidden.select(1, static_cast<int64_t>(chunk.size()) - 1);
   }
-  at::Tensor logits = at::linear(RmsNorm(last_hidden, final_norm_), lm_head_);
-  return logits.squeeze(0).to(at::kFloat);
+  return Logits(RmsNorm(last_hidden, final_norm_)).squeeze(0);
 }
 
 // ---- Decode ------------------------------------------------------------------------------------
@@ -403,8 +465,9 @@ absl::StatusOr<DecodeContext::Bucket*> Model::BucketFor(DecodeContext& context, 
                                                         int64_t batch, int64_t width, bool whole_batch) const {
   const AttentionBackend* backend = &first.attention();
   const KvPool* pool = &first.pool();
+  // Not under tensor parallelism yet: a graph would have to capture the group's collectives.
   const bool for_graph = whole_batch && context.options().cuda_graphs && !context.graphs_failed_ &&
-                         options_.device.is_cuda() &&
+                         options_.device.is_cuda() && options_.tensor_parallel == nullptr &&
                          backend->CapturesDecode() && batch <= context.options().max_graph_batch;
   const int64_t rows = for_graph ? NextPowerOfTwo(batch) : batch;
   auto& buckets = context.buckets_;
@@ -491,7 +554,8 @@ DecodeStepOutput Model::DecodeForward(const at::Tensor& ids, const at::Tensor& p
       const at::Tensor group_k = whole ? k : k.index_select(0, group.row_index);
       const at::Tensor group_v = whole ? v : v.index_select(0, group.row_index);
       // [rows, kv_heads, 1, D] -> [kv_heads, rows, D] into the flattened pages of the layer.
-      const int64_t kv_heads = config_.num_kv_heads, flat = group.pool->keys(layer).size(1) * group.pool->page_size();
+      const int64_t kv_heads = shard_config_.num_kv_heads,
+                    flat = group.pool->keys(layer).size(1) * group.pool->page_size();
       group.pool->keys(layer).view({kv_heads, flat, config_.head_dim}).index_copy_(1, slots[g], group_k.select(2, 0).transpose(0, 1));
       group.pool->values(layer).view({kv_heads, flat, config_.head_dim}).index_copy_(1, slots[g], group_v.select(2, 0).transpose(0, 1));
       const at::Tensor group_q = (whole ? q : q.index_select(0, group.row_index)).select(2, 0);
@@ -502,9 +566,9 @@ DecodeStepOutput Model::DecodeForward(const at::Tensor& ids, const at::Tensor& p
     }
     return out;
   };
-  at::Tensor hidden = Forward(at::embedding(embed_tokens_, ids).unsqueeze(1), positions.to(at::kLong).unsqueeze(1), attend);
+  at::Tensor hidden = Forward(EmbedRows(ids).unsqueeze(1), positions.to(at::kLong).unsqueeze(1), attend);
   DecodeStepOutput output;
-  output.logits = at::linear(RmsNorm(hidden.squeeze(1), final_norm_), lm_head_).to(at::kFloat);
+  output.logits = Logits(RmsNorm(hidden.squeeze(1), final_norm_));
   output.greedy = output.logits.argmax(-1).to(at::kInt);
   return output;
 }
@@ -512,7 +576,7 @@ DecodeStepOutput Model::DecodeForward(const at::Tensor& ids, const at::Tensor& p
 bool Model::UsesFusedDecode() const {
 #ifdef LYCHEE_FUSED_DECODE
   return options_.fused_decode && options_.device.is_cuda() && options_.dtype == at::kBFloat16 &&
-         !config_.sliding_window;
+         !config_.sliding_window && options_.tensor_parallel == nullptr;
 #else
   return false;
 #endif
@@ -672,7 +736,7 @@ absl::StatusOr<at::Tensor> Model::RunDecode(absl::Span<Sequence* const> sequence
 absl::Status Model::PrepareDecodeGraphs(const std::shared_ptr<const AttentionBackend>& attention,
                                         const std::shared_ptr<KvPool>& pool, DecodeContext& context) const {
   if (!context.options().cuda_graphs || context.graphs_failed_ || !options_.device.is_cuda() ||
-      !attention->CapturesDecode()) {
+      !attention->CapturesDecode() || options_.tensor_parallel != nullptr) {
     return absl::OkStatus();
   }
   const DecodeStats counted = context.stats_;

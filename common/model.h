@@ -17,6 +17,7 @@
 #include "common/attention.h"
 #include "common/kv_pool.h"
 #include "common/model_config.h"
+#include "common/tensor_parallel.h"
 
 namespace lychee {
 
@@ -114,6 +115,11 @@ struct ModelOptions {
   // With fused_decode, the projections of steps of up to 8 rows on our tensor-core GEMV instead of
   // cuBLAS (bf16 weights without biases).
   bool small_batch_gemv = true;
+  // Tensor parallelism: this process is rank group->rank() of the group and holds only its shard
+  // of the weights (common/tensor_parallel.h); every rank must run the same calls in the same order.
+  // Null: the whole model in this process. Steps run eagerly on the LibTorch path (neither the
+  // fused CUDA kernels nor CUDA graphs yet).
+  std::shared_ptr<const TensorParallelGroup> tensor_parallel;
 };
 
 // "cpu" (float32) or "cuda" (bf16 on device 0); FAILED_PRECONDITION where no CUDA device is
@@ -129,6 +135,10 @@ class Model {
   ~Model();
 
   const ModelConfig& config() const { return config_; }
+  // The shape of this rank's shard (heads, KV heads, intermediate size per rank); config() without
+  // tensor parallelism. KV pools and attention backends (a head partition through
+  // ShardHeadPartition) are of this shape.
+  const ModelConfig& shard_config() const { return shard_config_; }
   const ModelOptions& options() const { return options_; }
   const std::string& model_dir() const { return model_dir_; }
 
@@ -207,6 +217,15 @@ class Model {
                            SequenceAttentionState* state) const;
   at::Tensor RmsNorm(const at::Tensor& x, const at::Tensor& weight) const;
   std::pair<at::Tensor, at::Tensor> RopeCosSin(const at::Tensor& positions) const;
+  // The embedding rows of `ids` (any integer dtype); under tensor parallelism each rank looks up its
+  // vocabulary slice and one all-reduce joins them.
+  at::Tensor EmbedRows(const at::Tensor& ids) const;
+  // x weight^T (+ bias) of a row-parallel projection: the ranks' partial sums all-reduced before
+  // the bias.
+  at::Tensor RowParallelLinear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) const;
+  // float32 logits [rows, vocab] of final-normed hidden states; under tensor parallelism each rank
+  // scores its vocabulary slice into a zeroed full row and one all-reduce joins them.
+  at::Tensor Logits(const at::Tensor& normed) const;
 
   at::Tensor RunPrefill(Sequence& sequence, absl::Span<const int32_t> ids) const;
   absl::StatusOr<at::Tensor> RunDecode(absl::Span<Sequence* const> sequences, absl::Span<const int32_t> ids,
@@ -228,6 +247,8 @@ class Model {
 
   ModelConfig config_;
   ModelOptions options_;
+  ModelConfig shard_config_;
+  VocabSlice vocab_slice_;  // the rows of embed_tokens_ and lm_head_
   std::string model_dir_;
   at::Tensor embed_tokens_;
   at::Tensor lm_head_;

@@ -5,6 +5,7 @@
 #include <new>
 
 #include "absl/strings/str_cat.h"
+#include "common/tensor_parallel.h"
 
 namespace lychee {
 
@@ -14,6 +15,9 @@ absl::Status StatusFromException(const std::exception& error, absl::string_view 
   if (dynamic_cast<const c10::OutOfMemoryError*>(&error) != nullptr ||
       dynamic_cast<const std::bad_alloc*>(&error) != nullptr) {
     return absl::ResourceExhaustedError(absl::StrCat(step, " ran out of memory: ", cause));
+  }
+  if (dynamic_cast<const CollectiveError*>(&error) != nullptr) {
+    return absl::UnavailableError(absl::StrCat(step, " lost its tensor-parallel group: ", cause));
   }
   return absl::InternalError(absl::StrCat(step, " failed: ", cause));
 }

@@ -1,7 +1,7 @@
 // What a failed LibTorch or CUDA step becomes at a boundary: out of memory (LibTorch's allocator,
-// a CUDA allocation, the host's) is RESOURCE_EXHAUSTED, anything else (a kernel's check, a failed
-// CUDA call) INTERNAL; the message names the step and the cause without LibTorch's backtrace.
-// The header is free of LibTorch.
+// a CUDA allocation, the host's) is RESOURCE_EXHAUSTED, a failed tensor-parallel collective (a rank
+// gone) UNAVAILABLE, anything else (a kernel's check, a failed CUDA call) INTERNAL; the message names the step and the
+// cause without LibTorch's backtrace. The header is free of LibTorch.
 #pragma once
 
 #include <exception>

@@ -2,7 +2,13 @@
 
 #include <ATen/Parallel.h>
 
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -136,6 +142,12 @@ ShadowValidator::~ShadowValidator() {
 }
 
 void ShadowValidator::Work() {
+  // Below serving on the CPU: when the validation and the engine both want a core, the kernel's
+  // scheduler favours the engine. Linux keeps a nice value per thread, and the threads this one
+  // starts (OpenMP's) inherit it. Raising one's own nice value needs no privilege.
+  if (setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), kValidationNiceValue) != 0) {
+    LOG(WARNING) << "shadow validation runs at serving's CPU priority: setpriority: " << std::strerror(errno);
+  }
   // With OpenMP the intra-op thread count belongs to the calling thread: the validation's few
   // threads leave the engine's own count alone.
   at::set_num_threads(options_.threads);

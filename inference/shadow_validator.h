@@ -60,6 +60,9 @@ struct ShadowValidationRecord {
 
 class ShadowValidator {
  public:
+  // The nice value of the validation thread (serving's threads keep 0).
+  static constexpr int kValidationNiceValue = 10;
+
   // Checks the bounds and reads the prompts file (INVALID_ARGUMENT naming the flag) without a
   // model, so that a server can refuse bad flags before it loads anything.
   static absl::Status CheckOptions(const ShadowValidationOptions& options);

@@ -1,12 +1,17 @@
 // Shadow validation on the bundled model, in process: a random partition of density 0.1 is
-// rejected with its numbers, the shipped learned one is promoted, bad options are refused, and
-// live requests are served while a validation runs.
+// rejected with its numbers, the shipped learned one is promoted, bad options are refused, the
+// validation thread runs below serving's CPU priority, and live requests are served while a
+// validation runs.
 #include "tests/torch_catch.h"
 
+#include <algorithm>
 #include <chrono>
+#include <filesystem>
 #include <fstream>
 #include <future>
+#include <sstream>
 #include <thread>
+#include <vector>
 
 #include "common/model_config.h"
 #include "common/model_fingerprint.h"
@@ -130,6 +135,39 @@ TEST_CASE("shadow validation refuses bad options, naming the flag") {
   // Off: nothing to check.
   options.enabled = false;
   CHECK(ShadowValidator::CheckOptions(options).ok());
+}
+
+// The nice value of each thread of this process (field 19 of /proc/self/task/TID/stat).
+std::vector<int> ThreadNiceValues() {
+  std::vector<int> values;
+  for (const auto& task : std::filesystem::directory_iterator("/proc/self/task")) {
+    std::ifstream stat(task.path() / "stat");
+    std::string line;
+    std::getline(stat, line);
+    // The command name, field 2, is in parentheses and may hold spaces: count from after it.
+    std::istringstream fields(line.substr(line.rfind(')') + 2));
+    std::string field;
+    for (int index = 3; index <= 19 && fields >> field; ++index) {
+      if (index == 19) values.push_back(std::stoi(field));
+    }
+  }
+  return values;
+}
+
+TEST_CASE("the validation runs on a thread below serving's CPU priority") {
+  Fixture fixture;
+  const auto at_validation_priority = [] {
+    const std::vector<int> values = ThreadNiceValues();
+    return std::count(values.begin(), values.end(), ShadowValidator::kValidationNiceValue);
+  };
+  // The worker sets its priority as it starts.
+  const auto deadline = std::chrono::steady_clock::now() + 10s;
+  while (at_validation_priority() == 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(5ms);
+  }
+  CHECK(at_validation_priority() == 1);
+  const std::vector<int> nice_values = ThreadNiceValues();
+  CHECK(std::count(nice_values.begin(), nice_values.end(), 0) >= 1);
 }
 
 TEST_CASE("live requests are served while a validation runs") {

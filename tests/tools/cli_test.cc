@@ -1,5 +1,6 @@
 // The lychee command line as a user runs it: exit codes, output, and errors that name the problem.
 #include <catch2/catch.hpp>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstdio>
@@ -21,8 +22,10 @@ Result Run(const std::string& args, const std::string& stdin_path = "/dev/null")
   return lychee::testing::RunCommand(std::string(LYCHEE_CLI) + " " + args + " < " + stdin_path);
 }
 
+// Named by the process too: checkouts of the project may run this test at the same time.
 std::string TempFile(const std::string& name, const std::string& content) {
-  const auto path = std::filesystem::temp_directory_path() / ("lychee_cli_test_" + name);
+  const auto path =
+      std::filesystem::temp_directory_path() / ("lychee_cli_test_" + std::to_string(getpid()) + "_" + name);
   std::ofstream(path, std::ios::binary) << content;
   return path.string();
 }
@@ -57,6 +60,21 @@ TEST_CASE("generate streams the greedy continuation and prints its ids last") {
   REQUIRE(result.exit_code == 0);
   CHECK(LastLine(result.output) == Join(ref["greedy32"].get<std::vector<int>>()));
 }
+
+#ifdef LYCHEE_HAVE_GLOO
+TEST_CASE("generate --tensor-parallel 2 gives the single-process greedy continuation") {
+  const auto ref = ParityRef();
+  const std::string prompt = TempFile("generate_tp.txt", ref["prompt"].get<std::string>());
+  const Result result =
+      Run("generate --prompt-file " + prompt + " --max-new-tokens 32 --print-ids --tensor-parallel 2");
+  REQUIRE(result.exit_code == 0);
+  CHECK(LastLine(result.output) == Join(ref["greedy32"].get<std::vector<int>>()));
+
+  const Result indivisible = Run("generate --prompt x --tensor-parallel 3");
+  CHECK(indivisible.exit_code != 0);
+  CHECK_THAT(indivisible.output, Catch::Contains("3 ranks") && Catch::Contains("2 KV heads"));
+}
+#endif
 
 TEST_CASE("hybrid generation with the bundled partition runs") {
   const Result result = Run(

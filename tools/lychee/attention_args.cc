@@ -7,6 +7,7 @@
 #include "absl/strings/str_split.h"
 #include "common/random_partition.h"
 #include "common/status_macros.h"
+#include "common/tensor_parallel.h"
 #include "kernels/policy_backend.h"
 
 namespace lychee::cli {
@@ -154,6 +155,23 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> AttentionFromArgs(const 
   LYCHEE_ASSIGN_OR_RETURN(std::vector<PolicySpec> specs, PolicySpecsFromArgs(args, config, partition.get()));
   if (specs.size() != 1) return absl::InvalidArgumentError("--policy: name one policy here");
   return MakePolicyBackend(specs[0], config, std::move(partition), device);
+}
+
+absl::StatusOr<std::shared_ptr<const AttentionBackend>> RankAttentionFromArgs(const Args& args,
+                                                                              const ModelConfig& config,
+                                                                              const ModelConfig& shard_config, int rank,
+                                                                              int world_size, at::Device device) {
+  LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const HeadPartition> partition, PartitionFromArgs(args, config));
+  LYCHEE_ASSIGN_OR_RETURN(std::vector<PolicySpec> specs, PolicySpecsFromArgs(args, config, partition.get()));
+  if (specs.size() != 1) return absl::InvalidArgumentError("--policy: name one policy here");
+  if (specs[0].kind != PolicyKind::kDense && specs[0].kind != PolicyKind::kLychee) {
+    return absl::InvalidArgumentError("--tensor-parallel decodes with dense or lychee (hybrid) attention only");
+  }
+  if (partition != nullptr) {
+    LYCHEE_ASSIGN_OR_RETURN(HeadPartition shard, ShardHeadPartition(*partition, rank, world_size));
+    partition = std::make_shared<const HeadPartition>(std::move(shard));
+  }
+  return MakePolicyBackend(specs[0], shard_config, std::move(partition), device);
 }
 
 }  // namespace lychee::cli
