@@ -21,11 +21,6 @@ constexpr size_t kRejectionsKept = 16;
 constexpr char kPartitionSuffix[] = ".pb";
 constexpr char kCanaryFile[] = "canary";
 
-absl::Status CanaryRunning(const CanaryRecord& canary) {
-  return absl::FailedPreconditionError(
-      absl::StrCat("a canary of partition ", canary.version, " runs; promote or abort it first"));
-}
-
 // Why an offered partition was kept without being activated (PartitionManager::ShouldActivateOffer).
 
 }  // namespace
@@ -225,13 +220,20 @@ absl::Status PartitionManager::Offer(const HeadPartition& partition) {
 
 bool PartitionManager::ShouldActivateOffer(uint64_t version) const {
   const Snapshot current = std::atomic_load(&active_)->partition;
-  const bool canary_running = canary_ && canary_->state == CanaryState::kRunning;
-  return !held_ && !canary_running && (current == nullptr || current->version < version);
+  return !held_ && !CanaryRuns() && (current == nullptr || current->version < version);
+}
+
+bool PartitionManager::CanaryRuns() const { return canary_ && canary_->state == CanaryState::kRunning; }
+
+absl::Status PartitionManager::RefuseWhileCanaryRuns() const {
+  if (!CanaryRuns()) return absl::OkStatus();
+  return absl::FailedPreconditionError(
+      absl::StrCat("a canary of partition ", canary_->version, " runs; promote or abort it first"));
 }
 
 const char* PartitionManager::KeptInactiveReason() const {
   if (held_) return "rollouts are on hold";
-  return canary_ && canary_->state == CanaryState::kRunning ? "a canary runs" : "a newer version is active";
+  return CanaryRuns() ? "a canary runs" : "a newer version is active";
 }
 
 void PartitionManager::SetOfferGate(std::function<absl::Status(const HeadPartition&)> gate) {
@@ -289,7 +291,7 @@ absl::Status PartitionManager::Activate(uint64_t version) {
     if (partitions_.count(version) == 0) {
       return absl::NotFoundError(absl::StrCat("partition version ", version, " is not held by this service"));
     }
-    if (canary_ && canary_->state == CanaryState::kRunning) return CanaryRunning(*canary_);
+    LYCHEE_RETURN_IF_ERROR(RefuseWhileCanaryRuns());
   }
   LYCHEE_RETURN_IF_ERROR(PrepareAndActivate(version, "activate", /*as_offer=*/false));
   Notify();
@@ -299,7 +301,7 @@ absl::Status PartitionManager::Activate(uint64_t version) {
 absl::Status PartitionManager::Rollback() {
   {
     absl::MutexLock lock(&mutex_);
-    if (canary_ && canary_->state == CanaryState::kRunning) return CanaryRunning(*canary_);
+    LYCHEE_RETURN_IF_ERROR(RefuseWhileCanaryRuns());
     if (history_.empty()) return absl::FailedPreconditionError("no earlier partition to roll back to");
     const uint64_t previous = history_.back();
     history_.pop_back();
@@ -380,7 +382,7 @@ absl::Status PartitionManager::StartCanary(uint64_t version, double fraction,
     if (it == partitions_.end()) {
       return absl::NotFoundError(absl::StrCat("version: partition ", version, " is not held by this service"));
     }
-    if (canary_ && canary_->state == CanaryState::kRunning) return CanaryRunning(*canary_);
+    LYCHEE_RETURN_IF_ERROR(RefuseWhileCanaryRuns());
     const Snapshot active = std::atomic_load(&active_)->partition;
     if (active == nullptr) {
       return absl::FailedPreconditionError("a canary needs an active partition to compare with; activate one first");
@@ -399,7 +401,7 @@ absl::Status PartitionManager::StartCanary(uint64_t version, double fraction,
   }
   {
     absl::MutexLock lock(&mutex_);
-    if (canary_ && canary_->state == CanaryState::kRunning) return CanaryRunning(*canary_);
+    LYCHEE_RETURN_IF_ERROR(RefuseWhileCanaryRuns());
     const Snapshot active = std::atomic_load(&active_)->partition;
     if (active == nullptr || active->version == version) {
       return absl::FailedPreconditionError(
@@ -435,7 +437,7 @@ absl::Status PartitionManager::AbortCanary() {
 absl::Status PartitionManager::DecideCanaryNow(CanaryState state, const std::string& reason) {
   {
     absl::MutexLock lock(&mutex_);
-    if (!canary_ || canary_->state != CanaryState::kRunning) return absl::FailedPreconditionError("no canary runs");
+    if (!CanaryRuns()) return absl::FailedPreconditionError("no canary runs");
     LYCHEE_RETURN_IF_ERROR(FinishCanary(state, reason));
   }
   Notify();
@@ -458,7 +460,7 @@ void PartitionManager::RecordCanarySequence(PartitionRoute::Arm arm, uint64_t ve
   {
     absl::MutexLock lock(&mutex_);
     // A sequence of a canary decided since its admission, or of an earlier one.
-    if (!canary_ || canary_->state != CanaryState::kRunning) return;
+    if (!CanaryRuns()) return;
     const bool canary_arm = arm == PartitionRoute::Arm::kCanary;
     if (version != (canary_arm ? canary_->version : canary_->stable_version)) return;
     AddSequence(sequence, canary_arm ? canary_->canary : canary_->stable);

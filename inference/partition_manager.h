@@ -134,6 +134,9 @@ class PartitionManager {
   absl::StatusOr<HeadPartition> ReadStored(const std::string& path, uint64_t version) const;
   // Whether an offered `version` becomes active: rollouts are not held and no newer one is active.
   bool ShouldActivateOffer(uint64_t version) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
+  bool CanaryRuns() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
+  // FAILED_PRECONDITION while a canary runs: it must be promoted or aborted first.
+  absl::Status RefuseWhileCanaryRuns() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
   // Why an offer that ShouldActivateOffer declined stays inactive, for the log.
   const char* KeptInactiveReason() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
   // Runs the preparer on a held `version`, then activates it; `as_offer`: only if an offer still
