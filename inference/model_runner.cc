@@ -8,6 +8,7 @@
 #include <glog/logging.h>
 
 #include "absl/strings/str_cat.h"
+#include "common/cuda_support.h"
 #include "common/model.h"
 #include "common/sampling.h"
 #include "common/status_macros.h"
@@ -283,6 +284,12 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::HybridBacke
   // A bound audits every step; both sides of a canary the server's period, so that its mass is measured.
   const int64_t audit_every = plan.audit ? 1 : (plan.canary_arm != PartitionRoute::Arm::kNoCanary ? audit_every_ : 0);
   return HybridBackend(partition, budget, audit_every);
+}
+
+absl::StatusOr<std::unique_ptr<ThreadCudaStream>> ModelRunner::UseServingStream() const {
+  const at::Device device = model_->options().device;
+  if (!device.is_cuda()) return nullptr;
+  return UseCudaStreamOnThisThread(CudaStreamPriority::kServing, device.index() < 0 ? 0 : device.index());
 }
 
 absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::HybridBackend(
