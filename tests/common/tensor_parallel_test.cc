@@ -213,6 +213,16 @@ TEST_CASE("A rank process killed mid-generation fails rank 0's next step with UN
   CHECK_THAT(std::string(workers_status.message()), Catch::Contains("killed by signal 9"));
 }
 
+TEST_CASE("A rank that never joins fails the join within the group's timeout", "[tensor_parallel]") {
+  testing::TempDir dir;
+  const auto start = std::chrono::steady_clock::now();
+  auto group = JoinGlooGroup((dir.path / "rendezvous").string(), 0, 2, std::chrono::seconds(2));
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  REQUIRE_FALSE(group.ok());
+  CHECK(group.status().code() == absl::StatusCode::kUnavailable);
+  CHECK(seconds < 30);
+}
+
 // A group that is never asked for a collective: loading fails first.
 class UnusedGroup : public TensorParallelGroup {
  public:
