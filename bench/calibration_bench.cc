@@ -3,9 +3,12 @@
 // samples all have that many tokens; prints seconds per step (median after the first step, which
 // warms the allocator), tokens per second and, on CUDA, the peak of tensor memory allocated at once.
 // A configuration that does not fit prints the error (out of memory) and the next one runs.
+// --data-parallel N splits each step's --samples-per-step samples across N Gloo ranks (rank 0 here,
+// the others this binary re-executed as workers; cpu only), all-reducing the gate gradients.
 //
 //   calibration_bench --model DIR [--tokenizer FILE] [--corpus FILE] [--device cuda|cpu]
 //                     [--contexts 2048,8192] [--checkpointing on,off] [--steps 4]
+//                     [--samples-per-step 1] [--data-parallel N]
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -15,17 +18,19 @@
 #include <vector>
 
 #include "absl/flags/flag.h"
-#include "absl/flags/parse.h"
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "bench/median.h"
+#include "common/command_line.h"
 #include "common/cuda_support.h"
 #include "common/model.h"
+#include "common/rank_workers.h"
 #include "common/retrieval_tasks.h"
 #include "common/status_macros.h"
+#include "common/tensor_parallel.h"
 #include "common/tokenizer.h"
 #include "trainer/calibration.h"
 
@@ -37,6 +42,10 @@ ABSL_FLAG(std::vector<std::string>, contexts, std::vector<std::string>({"2048", 
 ABSL_FLAG(std::vector<std::string>, checkpointing, std::vector<std::string>({"on", "off"}),
           "activation checkpointing modes to run: on, off, auto");
 ABSL_FLAG(int64_t, steps, 4, "calibration steps per configuration (at least 2)");
+ABSL_FLAG(int64_t, samples_per_step, 1, "samples whose gradients each step averages (a multiple of the ranks)");
+ABSL_FLAG(int64_t, data_parallel, 1, "ranks (processes) that split each step's samples, over Gloo; cpu only");
+ABSL_FLAG(int64_t, tensor_parallel_rank, 0, "set by rank 0 on the workers it starts; not for users");
+ABSL_FLAG(std::string, tensor_parallel_rendezvous, "", "set by rank 0 on the workers it starts; not for users");
 
 namespace lychee {
 namespace {
@@ -52,9 +61,11 @@ absl::StatusOr<CalibrationConfig::Checkpointing> ParseCheckpointing(const std::s
 
 // One short calibration: its line of the table, or the reason it could not run.
 std::string MeasureRow(const Model& model, const Tokenizer& tokenizer, const std::string& corpus, int64_t context,
-                       const std::string& checkpointing_name, CalibrationConfig::Checkpointing checkpointing) {
+                       const std::string& checkpointing_name, CalibrationConfig::Checkpointing checkpointing,
+                       const TensorParallelGroup* data_parallel) {
   CalibrationConfig config;
   config.steps = absl::GetFlag(FLAGS_steps);
+  config.samples_per_step = absl::GetFlag(FLAGS_samples_per_step);
   config.min_context_tokens = context;
   config.max_context_tokens = context;
   config.activation_checkpointing = checkpointing;
@@ -65,13 +76,14 @@ std::string MeasureRow(const Model& model, const Tokenizer& tokenizer, const std
   std::atomic<bool> cancelled{false};
   absl::StatusOr<HeadPartition> partition;
   try {
-    partition = RunCalibration(model, tokenizer, corpus, config,
-                               [&](const CalibrationProgress&) {
-                                 const auto now = std::chrono::steady_clock::now();
-                                 step_seconds.push_back(std::chrono::duration<double>(now - last).count());
-                                 last = now;
-                               },
-                               cancelled);
+    partition = RunCalibration(
+        model, tokenizer, corpus, config,
+        [&](const CalibrationProgress&) {
+          const auto now = std::chrono::steady_clock::now();
+          step_seconds.push_back(std::chrono::duration<double>(now - last).count());
+          last = now;
+        },
+        cancelled, data_parallel);
   } catch (const std::exception& error) {
     const std::string what = error.what();
     return absl::StrCat(label, "failed: ", what.substr(0, what.find('\n')));
@@ -79,11 +91,13 @@ std::string MeasureRow(const Model& model, const Tokenizer& tokenizer, const std
   if (!partition.ok()) return absl::StrCat(label, "failed: ", partition.status().ToString());
   const double seconds = bench::Median(std::vector<double>(step_seconds.begin() + 1, step_seconds.end()));
   const absl::StatusOr<int64_t> peak = PeakCudaMemoryBytes();
-  return absl::StrCat(label, absl::StrFormat("%.2f\t%.0f\t", seconds, context / seconds),
+  const double tokens = static_cast<double>(context * config.samples_per_step);
+  return absl::StrCat(label, absl::StrFormat("%.2f\t%.0f\t", seconds, tokens / seconds),
                       peak.ok() ? absl::StrFormat("%.1f", *peak / kGiB) : "-");
 }
 
-absl::Status Run() {
+// One rank's run (`data_parallel` null: the only one); prints the table where `print`.
+absl::Status Run(const TensorParallelGroup* data_parallel, bool print) {
   const std::string model_dir = absl::GetFlag(FLAGS_model);
   if (model_dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
   if (absl::GetFlag(FLAGS_steps) < 2) return absl::InvalidArgumentError("--steps must be at least 2");
@@ -107,14 +121,20 @@ absl::Status Run() {
   LYCHEE_ASSIGN_OR_RETURN(std::string corpus, ReadTextCorpus(absl::GetFlag(FLAGS_corpus)));
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(model_dir, options));
   const ModelConfig& shape = model->config();
-  std::printf("# %s on %s: %lld layers, %lld heads, %lld KV heads, hidden %lld; %lld steps per row\n",
-              model_dir.c_str(), absl::GetFlag(FLAGS_device).c_str(), static_cast<long long>(shape.num_layers),
-              static_cast<long long>(shape.num_attention_heads), static_cast<long long>(shape.num_kv_heads),
-              static_cast<long long>(shape.hidden_size), static_cast<long long>(absl::GetFlag(FLAGS_steps)));
-  std::printf("context\tcheckpointing\ts/step\ttokens/s\tpeak GiB\n");
+  if (print) {
+    std::printf("# %s on %s: %lld layers, %lld heads, %lld KV heads, hidden %lld; %lld steps per row\n",
+                model_dir.c_str(), absl::GetFlag(FLAGS_device).c_str(), static_cast<long long>(shape.num_layers),
+                static_cast<long long>(shape.num_attention_heads), static_cast<long long>(shape.num_kv_heads),
+                static_cast<long long>(shape.hidden_size), static_cast<long long>(absl::GetFlag(FLAGS_steps)));
+    std::printf("# %lld sample(s) per step over %d rank(s)\n",
+                static_cast<long long>(absl::GetFlag(FLAGS_samples_per_step)),
+                data_parallel == nullptr ? 1 : data_parallel->world_size());
+    std::printf("context\tcheckpointing\ts/step\ttokens/s\tpeak GiB\n");
+  }
   for (int64_t context : contexts) {
     for (const auto& [name, mode] : modes) {
-      std::printf("%s\n", MeasureRow(*model, *tokenizer, corpus, context, name, mode).c_str());
+      const std::string row = MeasureRow(*model, *tokenizer, corpus, context, name, mode, data_parallel);
+      if (print) std::printf("%s\n", row.c_str());
       std::fflush(stdout);
     }
   }
@@ -126,8 +146,31 @@ absl::Status Run() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("Seconds per step and peak GPU memory of calibration at fixed contexts");
-  absl::ParseCommandLine(argc, argv);
-  const absl::Status status = lychee::Run();
+  if (const absl::Status parsed = lychee::ParseFlags(argc, argv, __FILE__); !parsed.ok()) {
+    std::fprintf(stderr, "calibration_bench: %s\n", parsed.ToString().c_str());
+    return 1;
+  }
+  const int64_t data_parallel = absl::GetFlag(FLAGS_data_parallel);
+  absl::Status status;
+  if (data_parallel < 1 || (data_parallel > 1 && absl::GetFlag(FLAGS_device) != "cpu")) {
+    status = absl::InvalidArgumentError(
+        absl::StrCat("--data-parallel must be a positive rank count, on --device cpu for now; got ", data_parallel));
+  } else if (data_parallel == 1) {
+    status = lychee::Run(nullptr, /*print=*/true);
+  } else if (absl::GetFlag(FLAGS_tensor_parallel_rank) > 0) {
+    auto group = lychee::JoinGlooGroup(absl::GetFlag(FLAGS_tensor_parallel_rendezvous),
+                                       static_cast<int>(absl::GetFlag(FLAGS_tensor_parallel_rank)),
+                                       static_cast<int>(data_parallel));
+    status = group.ok() ? lychee::Run(group->get(), /*print=*/false) : group.status();
+  } else {
+    const absl::StatusOr<std::string> self = lychee::SelfExecutable();
+    status = !self.ok() ? self.status()
+                        : lychee::RunGlooRanksInProcesses(static_cast<int>(data_parallel), *self,
+                                                          std::vector<std::string>(argv + 1, argv + argc),
+                                                          [](std::shared_ptr<lychee::TensorParallelGroup> group) {
+                                                            return lychee::Run(group.get(), /*print=*/true);
+                                                          });
+  }
   if (!status.ok()) {
     std::fprintf(stderr, "calibration_bench: %s\n", status.ToString().c_str());
     return 1;

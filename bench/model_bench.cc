@@ -1,9 +1,12 @@
-// Prefill and decode throughput of the whole model at given context lengths (dense attention).
+// Prefill and decode throughput of the whole model at given context lengths (dense attention), in
+// one process or across --tensor-parallel N Gloo ranks (rank 0 here, the others this binary
+// re-executed as workers; every rank feeds the same tokens, rank 0 prints).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
 #include <chrono>
 #include <cstdio>
+#include <memory>
 #include <random>
 #include <string>
 #include <vector>
@@ -16,7 +19,10 @@
 #include "common/command_line.h"
 #include "common/heap_tuning.h"
 #include "common/model.h"
+#include "common/rank_workers.h"
 #include "common/resource_paths.h"
+#include "common/status_macros.h"
+#include "common/tensor_parallel.h"
 #include "kernels/dense_attention.h"
 
 ABSL_FLAG(std::string, model, lychee::ResourcePathOrEmpty(lychee::kBundledModelPath),
@@ -26,6 +32,9 @@ ABSL_FLAG(std::vector<std::string>, contexts, std::vector<std::string>({"2048", 
           "prompt lengths in tokens, comma-separated");
 ABSL_FLAG(int64_t, decode_tokens, 32, "tokens decoded after each prompt");
 ABSL_FLAG(int64_t, threads, 0, "LibTorch intra-op threads (0: LibTorch's own default; BLAS threads are its own)");
+ABSL_FLAG(int64_t, tensor_parallel, 1, "ranks (processes, each its shard of the weights) over Gloo; cpu only");
+ABSL_FLAG(int64_t, tensor_parallel_rank, 0, "set by rank 0 on the workers it starts; not for users");
+ABSL_FLAG(std::string, tensor_parallel_rendezvous, "", "set by rank 0 on the workers it starts; not for users");
 
 namespace {
 
@@ -38,6 +47,48 @@ double Seconds(std::chrono::steady_clock::time_point since) {
 int Fail(const std::string& message) {
   std::fprintf(stderr, "model_bench: %s\n", message.c_str());
   return 1;
+}
+
+// Runs the benchmark on one rank (`group` null: the whole model in this process); prints the table
+// where `print`.
+absl::Status Bench(const std::string& model_dir, const std::string& device, const std::vector<int64_t>& contexts,
+                   int64_t decode_tokens, std::shared_ptr<lychee::TensorParallelGroup> group, bool print) {
+  lychee::ModelOptions options;
+  if (device == "cuda") options = {at::Device(at::kCUDA, 0), at::kBFloat16};
+  options.tensor_parallel = std::move(group);
+  LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<lychee::Model> model, lychee::Model::Load(model_dir, options));
+  auto attention = std::make_shared<lychee::DenseAttentionBackend>();
+  std::mt19937 rng(1);
+  std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>(model->config().vocab_size) - 1);
+
+  const int ranks = options.tensor_parallel == nullptr ? 1 : options.tensor_parallel->world_size();
+  if (print) {
+    std::printf("model %s, device %s, %d threads, %d rank(s)\n", model_dir.c_str(), device.c_str(),
+                at::get_num_threads(), ranks);
+    std::printf("%8s  %14s  %14s  %12s\n", "context", "prefill tok/s", "decode tok/s", "ms/token");
+  }
+  for (int64_t context : contexts) {
+    std::vector<int32_t> prompt(context);
+    for (int32_t& id : prompt) id = token(rng);
+    auto sequence = model->NewSequence(attention);
+    auto start = std::chrono::steady_clock::now();
+    LYCHEE_ASSIGN_OR_RETURN(const at::Tensor logits, model->Prefill(*sequence, prompt));
+    logits.max().item<float>();  // waits for the device
+    const double prefill_seconds = Seconds(start);
+    lychee::Sequence* const batch[] = {sequence.get()};
+    start = std::chrono::steady_clock::now();
+    for (int64_t i = 0; i < decode_tokens; ++i) {
+      const int32_t next[] = {token(rng)};
+      LYCHEE_ASSIGN_OR_RETURN(const at::Tensor step, model->Decode(batch, next));
+      step.max().item<float>();
+    }
+    const double decode_seconds = Seconds(start);
+    if (print) {
+      std::printf("%8lld  %14.0f  %14.1f  %12.2f\n", static_cast<long long>(context), context / prefill_seconds,
+                  decode_tokens / decode_seconds, 1e3 * decode_seconds / decode_tokens);
+    }
+  }
+  return absl::OkStatus();
 }
 
 }  // namespace
@@ -62,36 +113,29 @@ int main(int argc, char** argv) {
     if (!absl::SimpleAtoi(text, &context) || context <= 0) return Fail("bad --contexts element '" + text + "'");
     contexts.push_back(context);
   }
-  lychee::ModelOptions options;
-  if (device == "cuda") options = {at::Device(at::kCUDA, 0), at::kBFloat16};
-  auto model = lychee::Model::Load(*model_dir, options);
-  if (!model.ok()) return Fail(std::string(model.status().message()));
-  auto attention = std::make_shared<lychee::DenseAttentionBackend>();
-  std::mt19937 rng(1);
-  std::uniform_int_distribution<int32_t> token(3, static_cast<int32_t>((*model)->config().vocab_size) - 1);
-
-  std::printf("model %s, device %s, %d threads\n", model_dir->c_str(), device.c_str(), at::get_num_threads());
-  std::printf("%8s  %14s  %14s  %12s\n", "context", "prefill tok/s", "decode tok/s", "ms/token");
-  for (int64_t context : contexts) {
-    std::vector<int32_t> prompt(context);
-    for (int32_t& id : prompt) id = token(rng);
-    auto sequence = (*model)->NewSequence(attention);
-    auto start = std::chrono::steady_clock::now();
-    auto logits = (*model)->Prefill(*sequence, prompt);
-    if (!logits.ok()) return Fail(std::string(logits.status().message()));
-    logits->max().item<float>();  // waits for the device
-    const double prefill_seconds = Seconds(start);
-    lychee::Sequence* const batch[] = {sequence.get()};
-    start = std::chrono::steady_clock::now();
-    for (int64_t i = 0; i < decode_tokens; ++i) {
-      const int32_t next[] = {token(rng)};
-      auto step = (*model)->Decode(batch, next);
-      if (!step.ok()) return Fail(std::string(step.status().message()));
-      step->max().item<float>();
-    }
-    const double decode_seconds = Seconds(start);
-    std::printf("%8lld  %14.0f  %14.1f  %12.2f\n", static_cast<long long>(context), context / prefill_seconds,
-                decode_tokens / decode_seconds, 1e3 * decode_seconds / decode_tokens);
+  const int64_t tensor_parallel = absl::GetFlag(FLAGS_tensor_parallel);
+  if (tensor_parallel < 1 || (tensor_parallel > 1 && device != "cpu")) {
+    return Fail(absl::StrCat("--tensor-parallel must be a positive rank count, on --device cpu for now; got ",
+                             tensor_parallel));
   }
+  absl::Status status;
+  if (tensor_parallel == 1) {
+    status = Bench(*model_dir, device, contexts, decode_tokens, nullptr, /*print=*/true);
+  } else if (absl::GetFlag(FLAGS_tensor_parallel_rank) > 0) {
+    auto group = lychee::JoinGlooGroup(absl::GetFlag(FLAGS_tensor_parallel_rendezvous),
+                                       static_cast<int>(absl::GetFlag(FLAGS_tensor_parallel_rank)),
+                                       static_cast<int>(tensor_parallel));
+    status = group.ok() ? Bench(*model_dir, device, contexts, decode_tokens, *std::move(group), /*print=*/false)
+                        : group.status();
+  } else {
+    const absl::StatusOr<std::string> self = lychee::SelfExecutable();
+    if (!self.ok()) return Fail(std::string(self.status().message()));
+    status = lychee::RunGlooRanksInProcesses(
+        static_cast<int>(tensor_parallel), *self, std::vector<std::string>(argv + 1, argv + argc),
+        [&](std::shared_ptr<lychee::TensorParallelGroup> group) {
+          return Bench(*model_dir, device, contexts, decode_tokens, std::move(group), /*print=*/true);
+        });
+  }
+  if (!status.ok()) return Fail(status.ToString());
   return 0;
 }

@@ -9,7 +9,6 @@
 
 #include <chrono>
 #include <cstdint>
-#include <functional>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -67,11 +66,5 @@ absl::StatusOr<HeadPartition> ShardHeadPartition(const HeadPartition& partition,
 absl::StatusOr<std::shared_ptr<TensorParallelGroup>> JoinGlooGroup(
     const std::string& rendezvous_file, int rank, int world_size,
     std::chrono::milliseconds timeout = std::chrono::seconds(60));
-
-// Runs `rank_work` for each of `world_size` ranks on threads of this process, each rank joined to a
-// Gloo group meeting in a fresh temp dir; the lowest failing rank's error. Every rank must make the
-// same collective calls, or the others wait out the collective timeout.
-absl::Status RunGlooRanksInThreads(int world_size,
-                                   const std::function<absl::Status(std::shared_ptr<TensorParallelGroup>)>& rank_work);
 
 }  // namespace lychee

@@ -15,6 +15,8 @@
 #include "common/model.h"
 #include "common/retrieval_tasks.h"
 #include "common/status_macros.h"
+#include "common/tensor_parallel.h"
+#include "common/torch_errors.h"
 #include "kernels/dense_attention.h"
 #include "trainer/gated_attention.h"
 #include "trainer/hard_kuma.h"
@@ -198,6 +200,9 @@ absl::Status CalibrationConfig::Validate() const {
     return FieldError("target_density", absl::StrCat("must be in (0, 1], got ", target_density));
   }
   if (steps <= 0) return FieldError("steps", absl::StrCat("must be > 0, got ", steps));
+  if (samples_per_step <= 0) {
+    return FieldError("samples_per_step", absl::StrCat("must be > 0, got ", samples_per_step));
+  }
   if (min_context_tokens < 64) return FieldError("min_context_tokens", absl::StrCat("must be >= 64, got ", min_context_tokens));
   if (max_context_tokens < min_context_tokens) {
     return FieldError("max_context_tokens", absl::StrCat("must be >= min_context_tokens ", min_context_tokens, ", got ",
@@ -222,8 +227,15 @@ absl::Status CalibrationConfig::Validate() const {
 absl::StatusOr<HeadPartition> RunCalibration(const Model& model, const Tokenizer& tokenizer,
                                              const std::string& haystack, const CalibrationConfig& config,
                                              const std::function<void(const CalibrationProgress&)>& on_progress,
-                                             const std::atomic<bool>& cancelled) {
+                                             const std::atomic<bool>& cancelled,
+                                             const TensorParallelGroup* data_parallel) {
   LYCHEE_RETURN_IF_ERROR(config.Validate());
+  const int rank = data_parallel == nullptr ? 0 : data_parallel->rank();
+  const int ranks = data_parallel == nullptr ? 1 : data_parallel->world_size();
+  if (config.samples_per_step % ranks != 0) {
+    return FieldError("samples_per_step", absl::StrCat("must be a multiple of the ", ranks,
+                                                       " data-parallel ranks, got ", config.samples_per_step));
+  }
   LYCHEE_ASSIGN_OR_RETURN(HaystackBuilder builder, HaystackBuilder::Create(tokenizer, haystack));
   if (builder.corpus_tokens() < config.max_context_tokens) {
     return absl::FailedPreconditionError(absl::StrCat("calibration corpus has ", builder.corpus_tokens(),
@@ -244,39 +256,16 @@ absl::StatusOr<HeadPartition> RunCalibration(const Model& model, const Tokenizer
   std::uniform_int_distribution<int64_t> context_length(config.min_context_tokens, config.max_context_tokens);
   std::uniform_real_distribution<double> uniform(0.001, 0.999);
 
-  CalibrationProgress progress;
-  progress.total_steps = config.steps;
-  const double initial_density = ExpectedDensity(log_a, log_b).item<double>();
-  // The multiplier of the density constraint that the distillation gradient implies, smoothed: how
-  // much distillation loss one more unit of expected density would save (negative where it would
-  // cost some).
-  double lambda = 0;
-  const auto start = std::chrono::steady_clock::now();
-  for (int64_t step = 0; step < config.steps; ++step) {
-    if (cancelled.load()) return absl::CancelledError(absl::StrCat("calibration cancelled after ", step, " steps"));
-    const auto step_start = std::chrono::steady_clock::now();
-    RetrievalOptions sample_options;
-    sample_options.num_needles = static_cast<int>(config.passkeys_per_sample);
-    LYCHEE_ASSIGN_OR_RETURN(RetrievalSample sample,
-                            builder.Build(RetrievalTask::kCalibration, context_length(rng), rng(), sample_options));
-    std::vector<int32_t> ids = sample.prompt_ids;
-    ids.insert(ids.end(), sample.answer_ids.begin(), sample.answer_ids.end());
-    // The positions whose next-token prediction is an answer token.
-    const int64_t first = static_cast<int64_t>(sample.prompt_ids.size()) - 1;
-    const int64_t count = static_cast<int64_t>(sample.answer_ids.size());
-
+  // Adds one sample's distillation gradient to the gates' and returns its loss; `noise` is the
+  // sample's uniform draw for the gates.
+  const auto accumulate_sample = [&](const std::vector<int32_t>& ids, int64_t first, int64_t count,
+                                     const std::vector<float>& noise) -> absl::StatusOr<double> {
     at::Tensor teacher_hidden;
     {
       at::NoGradGuard no_grad;
       LYCHEE_ASSIGN_OR_RETURN(teacher_hidden, model.HiddenStates(ids, teacher, nullptr));
     }
-    std::vector<float> noise(log_a.numel());
-    for (float& u : noise) u = static_cast<float>(uniform(rng));
     at::Tensor u = at::tensor(noise).view(log_a.sizes()).to(log_a.device());
-    for (auto& group : optimizer.param_groups()) {
-      static_cast<torch::optim::AdamWOptions&>(group.options()).lr(LearningRate(config, step));
-    }
-    optimizer.zero_grad();
     auto state = student.NewSequenceState();
     auto& gated = static_cast<GatedSequenceState&>(*state);
     at::Tensor gates =
@@ -295,6 +284,65 @@ absl::StatusOr<HeadPartition> RunCalibration(const Model& model, const Tokenizer
       // A one-layer model has no gated layer for the loss to depend on.
       if (distillation.requires_grad()) distillation.backward();
     }
+    return distillation.item<double>();
+  };
+
+  // Sums `tensor` in place over the data-parallel ranks, if any.
+  const auto sum_over_ranks = [&](at::Tensor& tensor) -> absl::Status {
+    if (data_parallel == nullptr) return absl::OkStatus();
+    try {
+      data_parallel->AllReduceSum(tensor);
+    } catch (const std::exception& error) {
+      return StatusFromException(error, "data-parallel calibration step");
+    }
+    return absl::OkStatus();
+  };
+
+  CalibrationProgress progress;
+  progress.total_steps = config.steps;
+  const double initial_density = ExpectedDensity(log_a, log_b).item<double>();
+  // The multiplier of the density constraint that the distillation gradient implies, smoothed: how
+  // much distillation loss one more unit of expected density would save (negative where it would
+  // cost some).
+  double lambda = 0;
+  const auto start = std::chrono::steady_clock::now();
+  for (int64_t step = 0; step < config.steps; ++step) {
+    if (cancelled.load()) return absl::CancelledError(absl::StrCat("calibration cancelled after ", step, " steps"));
+    const auto step_start = std::chrono::steady_clock::now();
+    for (auto& group : optimizer.param_groups()) {
+      static_cast<torch::optim::AdamWOptions&>(group.options()).lr(LearningRate(config, step));
+    }
+    optimizer.zero_grad();
+    // This rank's loss sum and tokens; all-reduced below with the gradients.
+    at::Tensor sums = at::zeros({2}, at::kDouble);
+    for (int64_t index = 0; index < config.samples_per_step; ++index) {
+      // Every rank draws every sample's numbers, so that a sample does not depend on which rank takes it.
+      const int64_t length = context_length(rng);
+      const uint64_t sample_seed = rng();
+      std::vector<float> noise(log_a.numel());
+      for (float& u : noise) u = static_cast<float>(uniform(rng));
+      if (index % ranks != rank) continue;
+      RetrievalOptions sample_options;
+      sample_options.num_needles = static_cast<int>(config.passkeys_per_sample);
+      LYCHEE_ASSIGN_OR_RETURN(RetrievalSample sample,
+                              builder.Build(RetrievalTask::kCalibration, length, sample_seed, sample_options));
+      std::vector<int32_t> ids = sample.prompt_ids;
+      ids.insert(ids.end(), sample.answer_ids.begin(), sample.answer_ids.end());
+      // The positions whose next-token prediction is an answer token.
+      const int64_t first = static_cast<int64_t>(sample.prompt_ids.size()) - 1;
+      const int64_t count = static_cast<int64_t>(sample.answer_ids.size());
+      LYCHEE_ASSIGN_OR_RETURN(const double loss, accumulate_sample(ids, first, count, noise));
+      sums[0] += loss;
+      sums[1] += static_cast<double>(ids.size());
+    }
+    // The batch's mean gradient: summed over the ranks' samples, then divided by their count.
+    for (at::Tensor* parameter : {&log_a, &log_b}) {
+      at::Tensor gradient = parameter->mutable_grad();
+      if (!gradient.defined()) continue;
+      LYCHEE_RETURN_IF_ERROR(sum_over_ranks(gradient));
+      gradient.div_(static_cast<double>(config.samples_per_step));
+    }
+    LYCHEE_RETURN_IF_ERROR(sum_over_ranks(sums));
     // The least-squares multiplier at this point, -<grad D, grad rho> / |grad rho|^2: at a
     // constrained optimum grad D + lambda grad rho = 0.
     const at::Tensor density_before = ExpectedDensity(log_a, log_b);
@@ -317,12 +365,12 @@ absl::StatusOr<HeadPartition> RunCalibration(const Model& model, const Tokenizer
     const double step_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - step_start).count();
     const double elapsed = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
     progress.step = step + 1;
-    progress.distillation_loss = distillation.item<double>();
+    progress.distillation_loss = sums[0].item<double>() / static_cast<double>(config.samples_per_step);
     progress.density_penalty = density_penalty;
     progress.loss = progress.distillation_loss + density_penalty;
     progress.expected_density = ExpectedDensity(log_a, log_b).item<double>();
     progress.lambda = lambda;
-    progress.tokens_per_second = static_cast<double>(ids.size()) / step_seconds;
+    progress.tokens_per_second = sums[1].item<double>() / step_seconds;
     progress.eta_seconds = elapsed / progress.step * static_cast<double>(config.steps - progress.step);
     progress.step_seconds = step_seconds;
     on_progress(progress);

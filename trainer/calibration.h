@@ -15,10 +15,13 @@ namespace lychee {
 
 class Model;
 class Tokenizer;
+class TensorParallelGroup;
 
 struct CalibrationConfig {
   double target_density = 0.25;      // share of retrieval heads outside layer 0, in (0, 1]
   int64_t steps = 300;
+  // Samples whose gradients one optimizer step averages; data-parallel ranks split them.
+  int64_t samples_per_step = 1;
   int64_t min_context_tokens = 1024;
   int64_t max_context_tokens = 2048;
   int64_t passkeys_per_sample = 10;
@@ -65,9 +68,16 @@ struct CalibrationProgress {
 // The learned gates end with their expected density at the target; the partition makes the
 // round-down of target x (gated heads) heads with the highest gate means retrieval heads, so that its
 // deployed density is at most the target (with N gated heads, densities are multiples of 1/N).
+//
+// With `data_parallel`, this is one rank of a data-parallel calibration (Gloo, on the CPU): every
+// rank runs it with the same arguments (cancelled on all or none), rank r takes the step's samples
+// r, r + N, ..., and the gate gradients are all-reduced before each optimizer step, so that every
+// rank holds the same gates, those of one process over the whole batch (up to the order of the
+// sums). samples_per_step must be a multiple of the rank count; a lost rank is UNAVAILABLE.
 absl::StatusOr<HeadPartition> RunCalibration(const Model& model, const Tokenizer& tokenizer,
                                              const std::string& haystack, const CalibrationConfig& config,
                                              const std::function<void(const CalibrationProgress&)>& on_progress,
-                                             const std::atomic<bool>& cancelled);
+                                             const std::atomic<bool>& cancelled,
+                                             const TensorParallelGroup* data_parallel = nullptr);
 
 }  // namespace lychee

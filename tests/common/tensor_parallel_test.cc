@@ -1,20 +1,23 @@
-// Tensor-parallel decoding over Gloo against the single-process model: the ranks run as threads,
-// each with its own process group meeting through a FileStore in a temp dir, and must produce the
-// same greedy tokens and, within fp32 tolerance, the same logits.
+// Tensor-parallel decoding over Gloo against the single-process model: rank 0 runs in the test,
+// ranks 1..N-1 as tensor_parallel_worker processes (RankWorkers) taking the same steps; rank 0 must
+// produce the same greedy tokens and, within fp32 tolerance, the same logits, and every worker
+// must exit cleanly.
 #include "common/tensor_parallel.h"
 
-#include <cstring>
+#include <signal.h>
+
 #include <fstream>
-#include <functional>
-#include <thread>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/model.h"
+#include "common/rank_workers.h"
 #include "common/status_macros.h"
 #include "harness/temp_dir.h"
 #include "kernels/dense_attention.h"
 #include "kernels/hybrid_attention.h"
+#include "tests/common/tensor_parallel_generation.h"
 #include "tests/torch_catch.h"
 
 namespace lychee {
@@ -22,68 +25,84 @@ namespace {
 
 const std::string kModelDir = "models/tiny-llama-retrieval";
 
-struct Generation {
-  std::vector<int32_t> tokens;
-  at::Tensor logits;  // [steps, vocab]: the prefill's, then each decode step's
+using testing::Generation;
+using testing::GreedyGenerate;
+using testing::RankGenerate;
+
+const std::string kLearnedPartition = kModelDir + "/partitions/learned-target-0.25.json";
+
+// What the ranks decode: a model, a prompt, a step count, and for hybrid attention a partition file
+// with the token budget set.
+struct Decoding {
+  std::string model_dir;
+  std::vector<int32_t> prompt;
+  int steps = 0;
+  std::optional<std::string> partition_file;
+  int64_t token_budget = 0;
+
+  absl::StatusOr<std::optional<HeadPartition>> Partition() const {
+    if (!partition_file.has_value()) return std::optional<HeadPartition>();
+    LYCHEE_ASSIGN_OR_RETURN(HeadPartition partition, testing::PartitionWithBudget(*partition_file, token_budget));
+    return std::optional<HeadPartition>(std::move(partition));
+  }
+
+  // tensor_parallel_worker's flags for this decoding over `world_size` ranks.
+  std::vector<std::string> WorkerArgs(int world_size) const {
+    std::vector<std::string> args = {"--model",           model_dir,
+                                     "--prompt-ids",      absl::StrJoin(prompt, ","),
+                                     "--steps",           std::to_string(steps),
+                                     "--tensor-parallel", std::to_string(world_size)};
+    if (partition_file.has_value()) {
+      for (std::string arg :
+           {std::string("--partition"), *partition_file, std::string("--budget"), std::to_string(token_budget)}) {
+        args.push_back(std::move(arg));
+      }
+    }
+    return args;
+  }
 };
 
-// Greedy decoding of `steps` tokens after `prompt`: the prefill, then paged decode steps.
-absl::StatusOr<Generation> Generate(const Model& model, std::shared_ptr<const AttentionBackend> attention,
-                                    const std::vector<int32_t>& prompt, int steps) {
-  auto sequence = model.NewSequence(std::move(attention));
-  absl::StatusOr<at::Tensor> logits = model.Prefill(*sequence, prompt);
-  Generation generation;
-  std::vector<at::Tensor> rows;
-  DecodeContext context;
-  for (int step = 0; logits.ok(); ++step) {
-    rows.push_back(logits->reshape({-1}).clone());
-    generation.tokens.push_back(static_cast<int32_t>(rows.back().argmax().item<int64_t>()));
-    if (step == steps) break;
-    Sequence* batch[] = {sequence.get()};
-    logits = model.Decode(batch, {generation.tokens.back()}, &context);
+// The single process's decoding.
+absl::StatusOr<Generation> SingleProcess(const Decoding& decoding) {
+  LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(decoding.model_dir));
+  LYCHEE_ASSIGN_OR_RETURN(std::optional<HeadPartition> partition, decoding.Partition());
+  if (!partition.has_value()) {
+    return GreedyGenerate(*model, std::make_shared<DenseAttentionBackend>(), decoding.prompt, decoding.steps);
   }
-  if (!logits.ok()) return logits.status();
-  generation.logits = at::stack(rows);
+  LYCHEE_ASSIGN_OR_RETURN(
+      auto hybrid,
+      HybridAttentionBackend::Create(std::make_shared<const HeadPartition>(*std::move(partition)), model->config()));
+  return GreedyGenerate(*model, std::move(hybrid), decoding.prompt, decoding.steps);
+}
+
+// Rank 0's decoding in this process, with the other ranks as worker processes; the workers' ends
+// in `workers_status`.
+absl::StatusOr<Generation> RunRanks(int world_size, const Decoding& decoding, absl::Status& workers_status) {
+  LYCHEE_ASSIGN_OR_RETURN(std::optional<HeadPartition> partition, decoding.Partition());
+  LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<RankWorkers> workers,
+                          RankWorkers::Start(TENSOR_PARALLEL_WORKER, decoding.WorkerArgs(world_size), world_size));
+  LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<TensorParallelGroup> group,
+                          JoinGlooGroup(workers->rendezvous_file(), 0, world_size));
+  absl::StatusOr<Generation> generation =
+      RankGenerate(decoding.model_dir, std::move(group), partition, decoding.prompt, decoding.steps);
+  workers_status = workers->Wait();
   return generation;
 }
 
-// Each rank's result of `rank_work`, run on threads by RunGlooRanksInThreads. No Catch2 assertion
-// runs off the main thread.
-std::vector<absl::StatusOr<Generation>> RunRanks(
-    int world_size, const std::function<absl::StatusOr<Generation>(std::shared_ptr<TensorParallelGroup>)>& rank_work) {
-  std::vector<absl::StatusOr<Generation>> results(world_size, absl::UnknownError("rank did not run"));
-  // Each rank's own status is checked, not the first failure this returns.
-  RunGlooRanksInThreads(world_size, [&](std::shared_ptr<TensorParallelGroup> group) {
-    const int rank = group->rank();
-    results[rank] = rank_work(std::move(group));
-    return results[rank].status();
-  }).IgnoreError();
-  return results;
-}
-
-ModelOptions TensorParallel(std::shared_ptr<TensorParallelGroup> group) {
-  ModelOptions options;
-  options.tensor_parallel = std::move(group);
-  return options;
-}
-
-absl::StatusOr<Generation> DenseRank(const std::string& model_dir, std::shared_ptr<TensorParallelGroup> group,
-                                     const std::vector<int32_t>& prompt, int steps) {
-  absl::StatusOr<std::unique_ptr<Model>> model = Model::Load(model_dir, TensorParallel(std::move(group)));
-  if (!model.ok()) return model.status();
-  return Generate(**model, std::make_shared<DenseAttentionBackend>(), prompt, steps);
-}
-
-void RequireSameGeneration(const std::vector<absl::StatusOr<Generation>>& ranks, const Generation& reference) {
-  for (size_t rank = 0; rank < ranks.size(); ++rank) {
-    INFO("rank " << rank << " of " << ranks.size());
-    REQUIRE(ranks[rank].ok());
-    CHECK(ranks[rank]->tokens == reference.tokens);
-    REQUIRE(ranks[rank]->logits.sizes() == reference.logits.sizes());
-    const double difference = (ranks[rank]->logits - reference.logits).abs().max().item<double>();
-    INFO("largest logit difference " << difference);
-    CHECK(at::allclose(ranks[rank]->logits, reference.logits, /*rtol=*/1e-4, /*atol=*/1e-4));
-  }
+void RequireSameAsSingleProcess(int world_size, const Decoding& decoding) {
+  INFO("TP-" << world_size);
+  absl::StatusOr<Generation> reference = SingleProcess(decoding);
+  REQUIRE(reference.ok());
+  absl::Status workers_status;
+  absl::StatusOr<Generation> rank0 = RunRanks(world_size, decoding, workers_status);
+  INFO("rank 0: " << rank0.status() << "; workers: " << workers_status);
+  REQUIRE(rank0.ok());
+  CHECK(workers_status.ok());
+  CHECK(rank0->tokens == reference->tokens);
+  REQUIRE(rank0->logits.sizes() == reference->logits.sizes());
+  const double difference = (rank0->logits - reference->logits).abs().max().item<double>();
+  INFO("largest logit difference " << difference);
+  CHECK(at::allclose(rank0->logits, reference->logits, /*rtol=*/1e-4, /*atol=*/1e-4));
 }
 
 std::vector<int32_t> RandomPrompt(int64_t length, int64_t vocab_size, uint64_t seed) {
@@ -141,90 +160,67 @@ void WriteRandomCheckpoint(const std::string& dir) {
 }
 
 TEST_CASE("TP-2 on the bundled model decodes as one process does, dense", "[tensor_parallel]") {
-  const std::vector<int32_t> prompt = RandomPrompt(48, 8192, 1);
-  auto single = Model::Load(kModelDir);
-  REQUIRE(single.ok());
-  auto reference = Generate(**single, std::make_shared<DenseAttentionBackend>(), prompt, 6);
-  REQUIRE(reference.ok());
-  RequireSameGeneration(RunRanks(2,
-                                 [&](std::shared_ptr<TensorParallelGroup> group) {
-                                   return DenseRank(kModelDir, std::move(group), prompt, 6);
-                                 }),
-                        *reference);
+  RequireSameAsSingleProcess(2, {kModelDir, RandomPrompt(48, 8192, 1), 6});
 }
 
 TEST_CASE("TP-2 on the bundled model decodes as one process does, hybrid with the learned partition",
           "[tensor_parallel]") {
-  auto partition = LoadHeadPartitionJson(kModelDir + "/partitions/learned-target-0.25.json");
-  REQUIRE(partition.ok());
   // A budget well under the prompt, so that the sparse heads select blocks (kept small for speed).
-  partition->mutable_selection().token_budget = 256;
-  const std::vector<int32_t> prompt = RandomPrompt(600, 8192, 2);
-  auto single = Model::Load(kModelDir);
-  REQUIRE(single.ok());
-  auto backend = HybridAttentionBackend::Create(std::make_shared<const HeadPartition>(*partition), (*single)->config());
-  REQUIRE(backend.ok());
-  auto reference = Generate(**single, *backend, prompt, 6);
-  REQUIRE(reference.ok());
-  RequireSameGeneration(
-      RunRanks(2,
-               [&](std::shared_ptr<TensorParallelGroup> group) -> absl::StatusOr<Generation> {
-                 const int rank = group->rank(), world_size = group->world_size();
-                 LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Model> model,
-                                         Model::Load(kModelDir, TensorParallel(std::move(group))));
-                 LYCHEE_ASSIGN_OR_RETURN(HeadPartition shard, ShardHeadPartition(*partition, rank, world_size));
-                 LYCHEE_ASSIGN_OR_RETURN(auto hybrid,
-                                         HybridAttentionBackend::Create(std::make_shared<const HeadPartition>(shard),
-                                                                        model->shard_config()));
-                 return Generate(*model, hybrid, prompt, 6);
-               }),
-      *reference);
+  RequireSameAsSingleProcess(2, {kModelDir, RandomPrompt(600, 8192, 2), 6, kLearnedPartition, 256});
 }
 
 TEST_CASE("TP-2 and TP-4 on a random checkpoint of 8 KV heads decode as one process does", "[tensor_parallel]") {
   testing::TempDir dir;
   WriteRandomCheckpoint(dir.str());
-  const std::vector<int32_t> prompt = RandomPrompt(40, 250, 3);
-  auto single = Model::Load(dir.str());
-  REQUIRE(single.ok());
-  auto reference = Generate(**single, std::make_shared<DenseAttentionBackend>(), prompt, 8);
-  REQUIRE(reference.ok());
-  for (int world_size : {2, 4}) {
-    INFO("TP-" << world_size);
-    RequireSameGeneration(RunRanks(world_size,
-                                   [&](std::shared_ptr<TensorParallelGroup> group) {
-                                     return DenseRank(dir.str(), std::move(group), prompt, 8);
-                                   }),
-                          *reference);
-  }
+  for (int world_size : {2, 4}) RequireSameAsSingleProcess(world_size, {dir.str(), RandomPrompt(40, 250, 3), 8});
 }
 
-TEST_CASE("A rank that is gone fails the others' steps with UNAVAILABLE instead of hanging", "[tensor_parallel]") {
+TEST_CASE("A rank process killed mid-generation fails rank 0's next step with UNAVAILABLE", "[tensor_parallel]") {
   testing::TempDir dir;
-  const std::string rendezvous = (dir.path / "rendezvous").string();
-  absl::Status survivor_status;
-  std::thread survivor([&] {
-    auto group = JoinGlooGroup(rendezvous, 0, 2, std::chrono::seconds(10));
-    if (!group.ok()) {
-      survivor_status = group.status();
-      return;
-    }
-    auto model = Model::Load(kModelDir, TensorParallel(*group));
-    if (!model.ok()) {
-      survivor_status = model.status();
-      return;
-    }
-    auto sequence = (*model)->NewSequence(std::make_shared<DenseAttentionBackend>());
-    survivor_status = (*model)->Prefill(*sequence, {1, 2, 3}).status();
-  });
+  WriteRandomCheckpoint(dir.str());
+  constexpr int kWorldSize = 4, kKilledRank = 2;
+  // The workers would decode far longer than rank 0 does here.
+  const Decoding decoding{dir.str(), RandomPrompt(40, 250, 4), 1000};
+  auto workers = RankWorkers::Start(TENSOR_PARALLEL_WORKER, decoding.WorkerArgs(kWorldSize), kWorldSize);
+  REQUIRE(workers.ok());
+  absl::StatusOr<at::Tensor> logits = absl::UnknownError("rank 0 did not decode");
   {
-    // Rank 1 joins, then goes: its group's connections close, as a killed process's would.
-    auto departed = JoinGlooGroup(rendezvous, 1, 2, std::chrono::seconds(10));
-    REQUIRE(departed.ok());
-  }
-  survivor.join();
-  CHECK(survivor_status.code() == absl::StatusCode::kUnavailable);
-  CHECK_THAT(std::string(survivor_status.message()), Catch::Contains("rank 0 of 2"));
+    auto group = JoinGlooGroup((*workers)->rendezvous_file(), 0, kWorldSize, std::chrono::seconds(20));
+    REQUIRE(group.ok());
+    ModelOptions options;
+    options.tensor_parallel = *std::move(group);
+    auto model = Model::Load(dir.str(), options);
+    REQUIRE(model.ok());
+    auto sequence = (*model)->NewSequence(std::make_shared<DenseAttentionBackend>());
+    logits = (*model)->Prefill(*sequence, decoding.prompt);
+    REQUIRE(logits.ok());
+    DecodeContext context;
+    Sequence* batch[] = {sequence.get()};
+    for (int step = 0; step < 2; ++step) {
+      logits = (*model)->Decode(batch, {static_cast<int32_t>(logits->argmax().item<int64_t>())}, &context);
+      REQUIRE(logits.ok());
+    }
+    REQUIRE(kill((*workers)->pid(kKilledRank), SIGKILL) == 0);
+    logits = (*model)->Decode(batch, {1}, &context);
+  }  // Rank 0's group closes here, as its process ending would close it.
+  REQUIRE_FALSE(logits.ok());
+  CHECK(logits.status().code() == absl::StatusCode::kUnavailable);
+  CHECK_THAT(std::string(logits.status().message()), Catch::Contains("rank 0 of 4"));
+  // The others lost the group too and ended instead of hanging; the killed rank is the one named.
+  const absl::Status workers_status = (*workers)->Wait();
+  CHECK(workers_status.code() == absl::StatusCode::kUnavailable);
+  CHECK_THAT(std::string(workers_status.message()), Catch::Contains("rank 2 (pid"));
+  CHECK_THAT(std::string(workers_status.message()), Catch::Contains("killed by signal 9"));
+}
+
+TEST_CASE("A rank that never joins fails the join within the group's timeout", "[tensor_parallel]") {
+  testing::TempDir dir;
+  const auto start = std::chrono::steady_clock::now();
+  auto group = JoinGlooGroup((dir.path / "rendezvous").string(), 0, 2, std::chrono::seconds(2));
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  REQUIRE_FALSE(group.ok());
+  CHECK(group.status().code() == absl::StatusCode::kUnavailable);
+  CHECK(seconds < 30);
 }
 
 // A group that is never asked for a collective: loading fails first.

@@ -12,6 +12,7 @@
 #include "common/tokenizer.h"
 #include "kernels/dense_attention.h"
 #include "lychee/v1/head_partition.pb.h"
+#include "tests/trainer/tiny_calibration.h"
 #include "trainer/calibration.h"
 #include "trainer/gated_attention.h"
 
@@ -47,17 +48,6 @@ void CheckRolesFollowMeans(const HeadPartition& partition, double target_density
   }
   CHECK(partition.training.deployed_density == partition.RetrievalDensity());
   CHECK(partition.training.deployed_density <= target_density);
-}
-
-CalibrationConfig Tiny() {
-  CalibrationConfig config;
-  config.steps = 3;
-  config.min_context_tokens = 256;
-  config.max_context_tokens = 384;
-  config.passkeys_per_sample = 2;
-  config.selection.token_budget = 512;
-  config.seed = 5;
-  return config;
 }
 
 TEST_CASE("the gated student equals the dense teacher when every gate is 1, or when sparse keeps all") {
@@ -99,7 +89,7 @@ TEST_CASE("the student attends in chunks of query rows exactly as in one block")
 
 TEST_CASE("recomputing each layer in the backward trains the same gates as keeping every layer") {
   const auto run = [](CalibrationConfig::Checkpointing checkpointing) {
-    CalibrationConfig config = Tiny();
+    CalibrationConfig config = testing::TinyCalibration();
     config.activation_checkpointing = checkpointing;
     std::vector<double> losses;
     std::atomic<bool> cancelled{false};
@@ -122,15 +112,16 @@ TEST_CASE("recomputing each layer in the backward trains the same gates as keepi
 TEST_CASE("a short calibration reports every step and exports a partition that fits the model") {
   std::vector<CalibrationProgress> seen;
   std::atomic<bool> cancelled{false};
-  auto partition = RunCalibration(*Shared().model, *Shared().tokenizer, Shared().corpus, Tiny(),
-                                  [&](const CalibrationProgress& p) { seen.push_back(p); }, cancelled);
+  auto partition = RunCalibration(
+      *Shared().model, *Shared().tokenizer, Shared().corpus, testing::TinyCalibration(),
+      [&](const CalibrationProgress& p) { seen.push_back(p); }, cancelled);
   REQUIRE(partition.ok());
   CHECK(partition->ValidateFor(Shared().model->config()).ok());
   CHECK(partition->selection().token_budget == 512);
   const ModelConfig& c = Shared().model->config();
   CHECK(partition->gates.size() == static_cast<size_t>((c.num_layers - 1) * c.num_kv_heads));
   for (const HeadGateRecord& gate : partition->gates) CHECK(gate.a != 1.0);  // every gate moved
-  CheckRolesFollowMeans(*partition, Tiny().target_density);
+  CheckRolesFollowMeans(*partition, testing::TinyCalibration().target_density);
   REQUIRE(seen.size() == 3);
   for (size_t i = 0; i < seen.size(); ++i) {
     CHECK(seen[i].step == static_cast<int64_t>(i) + 1);
@@ -141,9 +132,9 @@ TEST_CASE("a short calibration reports every step and exports a partition that f
   }
   CHECK(seen.back().eta_seconds == 0);
   CHECK(partition->training.steps == 3);
-  CHECK(partition->training.target_density == Tiny().target_density);
+  CHECK(partition->training.target_density == testing::TinyCalibration().target_density);
   // Even three steps end on the target: the last half of any job holds it.
-  CHECK(partition->training.expected_density == Approx(Tiny().target_density).margin(1e-6));
+  CHECK(partition->training.expected_density == Approx(testing::TinyCalibration().target_density).margin(1e-6));
   CHECK(HeadPartitionFromProto(HeadPartitionToProto(*partition))->training.deployed_density ==
         partition->training.deployed_density);
 }
@@ -152,7 +143,7 @@ TEST_CASE("a target between reachable densities is rounded down to whole heads")
   // Ten gated heads (five layers of two KV heads): the reachable densities are the multiples of 0.1.
   for (auto [target, deployed] : {std::pair{0.25, 0.2}, std::pair{0.05, 0.0}, std::pair{1.0, 1.0}}) {
     CAPTURE(target);
-    CalibrationConfig config = Tiny();
+    CalibrationConfig config = testing::TinyCalibration();
     config.target_density = target;
     std::atomic<bool> cancelled{false};
     auto partition = RunCalibration(*Shared().model, *Shared().tokenizer, Shared().corpus, config,
@@ -168,7 +159,7 @@ TEST_CASE("the expected density comes down to the target and stays there; the de
           "[convergence]") {
   for (double target : {0.1, 0.2, 0.3}) {
     CAPTURE(target);
-    CalibrationConfig config = Tiny();
+    CalibrationConfig config = testing::TinyCalibration();
     config.target_density = target;
     // Few steps, at a learning rate high enough for them to tell the retrieval head apart.
     config.steps = 30;
@@ -199,7 +190,7 @@ TEST_CASE("the expected density comes down to the target and stays there; the de
 TEST_CASE("cancellation takes effect within one step") {
   std::atomic<bool> cancelled{false};
   int steps = 0;
-  CalibrationConfig config = Tiny();
+  CalibrationConfig config = testing::TinyCalibration();
   config.steps = 50;
   auto result = RunCalibration(*Shared().model, *Shared().tokenizer, Shared().corpus, config,
                                [&](const CalibrationProgress&) {
@@ -217,25 +208,26 @@ TEST_CASE("bad configurations name the field; a short corpus is a failed precond
                           [](const CalibrationProgress&) {}, cancelled)
         .status();
   };
-  CalibrationConfig config = Tiny();
+  CalibrationConfig config = testing::TinyCalibration();
   config.target_density = 0;
   CHECK_THAT(std::string(error(config).message()), Catch::Contains("target_density"));
-  config = Tiny();
+  config = testing::TinyCalibration();
   config.target_density = 1.5;
   CHECK(error(config).code() == absl::StatusCode::kInvalidArgument);
-  config = Tiny();
+  config = testing::TinyCalibration();
   config.steps = 0;
   CHECK_THAT(std::string(error(config).message()), Catch::Contains("steps"));
-  config = Tiny();
+  config = testing::TinyCalibration();
   config.selection.token_budget = 32;
   CHECK_THAT(std::string(error(config).message()), Catch::Contains("below one block"));
-  config = Tiny();
+  config = testing::TinyCalibration();
   config.max_context_tokens = 100;
   CHECK_THAT(std::string(error(config).message()), Catch::Contains("max_context_tokens"));
 
   std::atomic<bool> cancelled{false};
-  auto short_corpus = RunCalibration(*Shared().model, *Shared().tokenizer, "Too short a corpus.", Tiny(),
-                                     [](const CalibrationProgress&) {}, cancelled);
+  auto short_corpus = RunCalibration(
+      *Shared().model, *Shared().tokenizer, "Too short a corpus.", testing::TinyCalibration(),
+      [](const CalibrationProgress&) {}, cancelled);
   CHECK(short_corpus.status().code() == absl::StatusCode::kFailedPrecondition);
 }
 

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/model.h"
+#include "common/rank_workers.h"
 #include "common/resource_paths.h"
 #include "common/sampling.h"
 #include "common/status_macros.h"
@@ -71,11 +72,12 @@ absl::Status RunTokenize(const std::vector<std::string>& argv) {
 }
 
 absl::Status RunGenerate(const std::vector<std::string>& argv) {
-  LYCHEE_ASSIGN_OR_RETURN(Args args, Args::Parse(argv,
-                                                 {"model", "prompt", "prompt-file", "max-new-tokens", "temperature",
-                                                  "top-p", "seed", "device", "attention", "partition",
-                                                  "random-partition", "partition-seed", "budget", "tensor-parallel"},
-                                                 {"print-ids"}));
+  LYCHEE_ASSIGN_OR_RETURN(
+      Args args, Args::Parse(argv,
+                             {"model", "prompt", "prompt-file", "max-new-tokens", "temperature", "top-p", "seed",
+                              "device", "attention", "partition", "random-partition", "partition-seed", "budget",
+                              "tensor-parallel", kTensorParallelRankFlag, kTensorParallelRendezvousFlag},
+                             {"print-ids"}));
   LYCHEE_ASSIGN_OR_RETURN(const std::string model_dir, args.GetOrResource("model", kBundledModelPath));
   if (args.Has("prompt") == args.Has("prompt-file")) {
     return absl::InvalidArgumentError("give exactly one of --prompt TEXT and --prompt-file FILE");
@@ -115,7 +117,7 @@ absl::Status RunGenerate(const std::vector<std::string>& argv) {
   // Checked before the ranks start, so that a bad count is one error rather than N.
   LYCHEE_ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::FromFile(model_dir + "/config.json"));
   LYCHEE_RETURN_IF_ERROR(ShardModelConfig(config, static_cast<int>(tensor_parallel)).status());
-  return RunGlooRanksInThreads(static_cast<int>(tensor_parallel), [&](std::shared_ptr<TensorParallelGroup> group) {
+  const auto rank_work = [&](std::shared_ptr<TensorParallelGroup> group) -> absl::Status {
     const int rank = group->rank(), world_size = group->world_size();
     ModelOptions rank_options = model_options;
     rank_options.tensor_parallel = std::move(group);
@@ -125,7 +127,19 @@ absl::Status RunGenerate(const std::vector<std::string>& argv) {
     // Every rank decodes the same tokens (their logits are all-reduced); rank 0 prints them.
     return GenerateAndPrint(*model, std::move(attention), *tokenizer, prompt_ids, options,
                             rank == 0 ? &std::cout : nullptr, args.Has("print-ids"));
-  });
+  };
+  if (args.Has(kTensorParallelRankFlag)) {
+    // A worker that rank 0 started with this command's flags (RankWorkers).
+    LYCHEE_ASSIGN_OR_RETURN(int64_t rank, args.GetInt(kTensorParallelRankFlag, 0));
+    LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<TensorParallelGroup> group,
+                            JoinGlooGroup(args.GetOr(kTensorParallelRendezvousFlag, ""), static_cast<int>(rank),
+                                          static_cast<int>(tensor_parallel)));
+    return rank_work(std::move(group));
+  }
+  std::vector<std::string> worker_args = {"generate"};
+  worker_args.insert(worker_args.end(), argv.begin(), argv.end());
+  LYCHEE_ASSIGN_OR_RETURN(const std::string self, SelfExecutable());
+  return RunGlooRanksInProcesses(static_cast<int>(tensor_parallel), self, worker_args, rank_work);
 }
 
 }  // namespace lychee::cli
