@@ -272,7 +272,8 @@ std::string PolicySpec::Describe() const {
                       tidal_selection_layers.empty() ? "default" : absl::StrJoin(tidal_selection_layers, ","));
       break;
     case PolicyKind::kQuest:
-      absl::StrAppend(&text, " budget=", token_budget, " page=", page_size, " dense_layers=", quest_dense_layers);
+      absl::StrAppend(&text, " budget=", token_budget, " page=", page_size, " dense_layers=", quest_dense_layers,
+                      " sink=", sink_tokens, " recent=", recent_tokens);
       break;
     case PolicyKind::kDoubleP:
       absl::StrAppend(&text, " p1=", p1, " p2=", p2, " clusters=", clusters, " iterations=", kmeans_iterations,

@@ -130,7 +130,8 @@ struct PolicySpec {
   // `config`'s shape (parameters the kind does not use are not checked).
   absl::Status Validate(const ModelConfig& config) const;
 
-  // "quest budget=1024 page=16 dense_layers=2": the kind and the parameters it uses.
+  // "quest budget=1024 page=16 dense_layers=2 sink=0 recent=0": the kind and the parameters it uses
+  // (every one, as the engine shares a backend between requests whose descriptions are equal).
   std::string Describe() const;
 };
 

@@ -41,7 +41,7 @@ TEST_CASE("the deprecated attention fields translate into the policy's message")
       {"token_budget: 64 policy { name: 'quest' page_size: 8 quest_dense_layers: 1 sink_tokens: 4 recent_tokens: 8 "
        "p1: 0.5 }",
        "quest { token_budget: 64 page_size: 8 dense_layers: 1 sink_tokens: 4 recent_tokens: 8 }",
-       "quest budget=64 page=8 dense_layers=1"},
+       "quest budget=64 page=8 dense_layers=1 sink=4 recent=8"},
       {"token_budget: 256 policy { name: 'prhs' block_size: 32 prhs_selectors: 'temporal' prhs_selectors: 'recency' "
        "prhs_enlargement: 2 prhs_window: 128 }",
        "prhs { token_budget: 256 block_size: 32 selectors: 'temporal' selectors: 'recency' enlargement: 2 window: 128 "
@@ -57,7 +57,7 @@ TEST_CASE("the deprecated attention fields translate into the policy's message")
        "tidal { token_budget: 64 sink_tokens: 2 recent_tokens: 4 selection_layers: [1, 3] }",
        "tidal budget=64 sink=2 recent=4 selection_layers=1,3"},
       {"max_dropped_mass: 0.25 policy { name: 'quest' audit: true }", "quest {} audit: true max_dropped_mass: 0.25",
-       "quest budget=4096 page=16 dense_layers=2 audit every=16"},
+       "quest budget=4096 page=16 dense_layers=2 sink=0 recent=0 audit every=16"},
   };
   for (const Translation& translation : translations) {
     INFO(translation.legacy);

@@ -131,7 +131,7 @@ TEST_CASE("the attention object takes the nested form of AttentionOptions too") 
       ToGenerationRequest(request->generate, TinyTokenizer(), std::chrono::system_clock::time_point::max());
   REQUIRE(generation.ok());
   REQUIRE(generation->attention.has_value());
-  CHECK(generation->attention->Describe() == "quest budget=64 page=8 dense_layers=2 audit every=4");
+  CHECK(generation->attention->Describe() == "quest budget=64 page=8 dense_layers=2 sink=0 recent=0 audit every=4");
 
   for (const auto& [body, param] : std::vector<std::pair<std::string, std::string>>{
            {R"({"prompt": "Hi", "attention": {"lychee": {}, "budget": 64}})", "attention.budget"},
