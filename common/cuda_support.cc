@@ -22,15 +22,58 @@ class TorchGraph : public CapturedGraph {
   at::cuda::CUDAGraph graph_;
 };
 
+class PrioritizedStream : public ThreadCudaStream {
+ public:
+  PrioritizedStream(cudaStream_t stream, int priority, c10::cuda::CUDAStream previous)
+      : stream_(stream), priority_(priority), previous_(previous) {
+    c10::cuda::setCurrentCUDAStream(c10::cuda::getStreamFromExternal(stream_, previous_.device_index()));
+  }
+  ~PrioritizedStream() override {
+    // The caching allocator may hand this stream's freed blocks to a later stream with the same
+    // handle only once their work is done.
+    (void)cudaStreamSynchronize(stream_);
+    c10::cuda::setCurrentCUDAStream(previous_);
+    (void)cudaStreamDestroy(stream_);
+  }
+  int priority() const override { return priority_; }
+
+ private:
+  cudaStream_t stream_;
+  int priority_;
+  c10::cuda::CUDAStream previous_;
+};
+
+absl::Status CudaError(const char* call, cudaError_t error) {
+  return absl::InternalError(absl::StrCat(call, ": ", cudaGetErrorName(error), " (", cudaGetErrorString(error), ")"));
+}
+
 }  // namespace
+
+absl::StatusOr<std::unique_ptr<ThreadCudaStream>> UseCudaStreamOnThisThread(CudaStreamPriority priority,
+                                                                            int device_index) {
+  c10::cuda::CUDAGuard device(static_cast<c10::DeviceIndex>(device_index));
+  int least = 0, greatest = 0;
+  if (const cudaError_t error = cudaDeviceGetStreamPriorityRange(&least, &greatest); error != cudaSuccess) {
+    return CudaError("cudaDeviceGetStreamPriorityRange", error);
+  }
+  const bool serving = priority == CudaStreamPriority::kServing;
+  const int number = serving ? greatest : least;
+  cudaStream_t stream = nullptr;
+  if (const cudaError_t error =
+          cudaStreamCreateWithPriority(&stream, serving ? cudaStreamDefault : cudaStreamNonBlocking, number);
+      error != cudaSuccess) {
+    return CudaError("cudaStreamCreateWithPriority", error);
+  }
+  return std::make_unique<PrioritizedStream>(
+      stream, number, c10::cuda::getCurrentCUDAStream(static_cast<c10::DeviceIndex>(device_index)));
+}
 
 absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(const std::function<void()>& work) {
   auto graph = std::make_unique<TorchGraph>();
   // Capture must not run on the default stream; the work queued before it must be done, since the
   // capture stream does not wait for other streams.
   if (const cudaError_t synced = cudaDeviceSynchronize(); synced != cudaSuccess) {
-    return absl::InternalError(absl::StrCat("cudaDeviceSynchronize() before capturing a CUDA graph: ",
-                                            cudaGetErrorName(synced), " (", cudaGetErrorString(synced), ")"));
+    return CudaError("cudaDeviceSynchronize() before capturing a CUDA graph", synced);
   }
   c10::cuda::CUDAStream capture_stream = c10::cuda::getStreamFromPool();
   c10::cuda::CUDAStreamGuard guard(capture_stream);
@@ -63,8 +106,7 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(const std::funct
 absl::StatusOr<int64_t> FreeCudaMemoryBytes() {
   size_t free_bytes = 0, total_bytes = 0;
   if (const cudaError_t error = cudaMemGetInfo(&free_bytes, &total_bytes); error != cudaSuccess) {
-    return absl::InternalError(
-        absl::StrCat("cudaMemGetInfo: ", cudaGetErrorName(error), " (", cudaGetErrorString(error), ")"));
+    return CudaError("cudaMemGetInfo", error);
   }
   return static_cast<int64_t>(free_bytes);
 }

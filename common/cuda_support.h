@@ -35,4 +35,25 @@ absl::StatusOr<int64_t> FreeCudaMemoryBytes();
 absl::StatusOr<int64_t> PeakCudaMemoryBytes();
 absl::Status ResetPeakCudaMemory();
 
+// Serving's kernels and a background job's (shadow validation) share the GPU: with serving's stream
+// at the device's greatest priority and the background's at its least, the block scheduler starts
+// serving's waiting blocks first whenever both have work queued.
+enum class CudaStreamPriority { kServing, kBackground };
+
+// While alive, the calling thread's current CUDA stream (which LibTorch and our kernels launch on)
+// is a stream of its own with the priority asked for; destroyed on the same thread, it waits for that
+// stream's work and restores the thread's previous stream.
+class ThreadCudaStream {
+ public:
+  virtual ~ThreadCudaStream() = default;
+  // CUDA's number for the stream's priority: lower runs first.
+  virtual int priority() const = 0;
+};
+
+// The serving stream is a blocking one, ordered after work that other threads queued on the legacy
+// default stream (weights being loaded, a KV pool being zeroed); the background stream is
+// non-blocking, so that serving never waits behind it. UNIMPLEMENTED without a CUDA LibTorch.
+absl::StatusOr<std::unique_ptr<ThreadCudaStream>> UseCudaStreamOnThisThread(CudaStreamPriority priority,
+                                                                            int device_index);
+
 }  // namespace lychee

@@ -14,4 +14,8 @@ absl::StatusOr<int64_t> PeakCudaMemoryBytes() { return absl::UnimplementedError(
 
 absl::Status ResetPeakCudaMemory() { return absl::UnimplementedError("this LibTorch build has no CUDA"); }
 
+absl::StatusOr<std::unique_ptr<ThreadCudaStream>> UseCudaStreamOnThisThread(CudaStreamPriority, int) {
+  return absl::UnimplementedError("this LibTorch build has no CUDA");
+}
+
 }  // namespace lychee

@@ -12,6 +12,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
+#include "common/cuda_support.h"
 #include "common/sampling.h"
 #include "common/status_macros.h"
 #include "inference/engine_request.h"
@@ -270,6 +271,11 @@ class InferenceEngine::Impl {
   // preempted sequences, start the admitted ones, prefill one chunk each, decode one step each, hand
   // the tokens on; repeat.
   void Run() {
+    absl::StatusOr<std::unique_ptr<ThreadCudaStream>> serving_stream = runner_->UseServingStream();
+    if (!serving_stream.ok()) {
+      LOG(WARNING) << "the engine launches on the default CUDA stream, without priority over background work: "
+                   << serving_stream.status();
+    }
     while (scheduler_->WaitForWork(kIdlePoll)) {
       RunTasks(/*stopping=*/false);
       EndAbandoned();

@@ -75,6 +75,9 @@ ABSL_FLAG(int64_t, shadow_prompts, lychee::ShadowValidationOptions{}.prompts_per
 ABSL_FLAG(int64_t, shadow_budget, lychee::ShadowValidationOptions{}.token_budget,
           "the token budget of sparse heads in validation (0: the partition's, scaled by the validation context over "
           "the served one)");
+ABSL_FLAG(bool, shadow_low_priority_stream, true,
+          "on CUDA, run shadow validation on a stream below serving's priority (false: at serving's, to "
+          "measure what the priority buys)");
 ABSL_FLAG(int64_t, shadow_threads, lychee::ShadowValidationOptions{}.threads,
           "intra-op threads of the validation thread");
 ABSL_FLAG(double, shadow_max_accuracy_drop, lychee::ShadowValidationOptions{}.max_accuracy_drop,
@@ -155,6 +158,7 @@ absl::Status Serve() {
   lychee::ShadowValidationOptions& shadow = options.shadow;
   shadow.enabled = absl::GetFlag(FLAGS_shadow_validation);
   shadow.prompts_file = absl::GetFlag(FLAGS_shadow_prompts_file);
+  shadow.low_priority_stream = absl::GetFlag(FLAGS_shadow_low_priority_stream);
   shadow.heldout_corpus = absl::GetFlag(FLAGS_shadow_heldout_corpus);
   if (shadow.enabled && shadow.prompts_file.empty()) {
     LYCHEE_ASSIGN_OR_RETURN(shadow.heldout_corpus,

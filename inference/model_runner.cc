@@ -8,6 +8,7 @@
 #include <glog/logging.h>
 
 #include "absl/strings/str_cat.h"
+#include "common/cuda_support.h"
 #include "common/model.h"
 #include "common/sampling.h"
 #include "common/status_macros.h"
@@ -284,6 +285,12 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::BackendFor(
   summary.token_budget = spec.kind == PolicyKind::kDense ? 0 : spec.token_budget;
   summary.policy = spec.Describe();
   return Backend(spec, partition);
+}
+
+absl::StatusOr<std::unique_ptr<ThreadCudaStream>> ModelRunner::UseServingStream() const {
+  const at::Device device = model_->options().device;
+  if (!device.is_cuda()) return nullptr;
+  return UseCudaStreamOnThisThread(CudaStreamPriority::kServing, device.index() < 0 ? 0 : device.index());
 }
 
 absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::Backend(

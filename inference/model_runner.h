@@ -25,6 +25,7 @@
 namespace lychee {
 
 class AttentionBackend;
+class ThreadCudaStream;
 class DecodeContext;
 class KvPool;
 class Model;
@@ -70,6 +71,11 @@ class ModelRunner {
   // own token budget (of dense attention for a null partition), so that requests that start with it
   // replay from their first step; see Model::PrepareDecodeGraphs.
   absl::Status PrepareGraphs(const PartitionManager::Snapshot& partition);
+
+  // On CUDA, the calling thread (the engine's) launches on a stream of the device's greatest
+  // priority while the result lives, ahead of background work such as shadow validation; null on
+  // the CPU.
+  absl::StatusOr<std::unique_ptr<ThreadCudaStream>> UseServingStream() const;
 
   // Any thread.
   DecodeCounts decode_counts() const;

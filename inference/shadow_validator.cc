@@ -17,7 +17,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "common/cuda_support.h"
 #include "common/head_partition.h"
+#include "common/model.h"
 #include "common/retrieval_tasks.h"
 #include "common/status_macros.h"
 
@@ -151,6 +153,17 @@ void ShadowValidator::Work() {
   // With OpenMP the intra-op thread count belongs to the calling thread: the validation's few
   // threads leave the engine's own count alone.
   at::set_num_threads(options_.threads);
+  std::unique_ptr<ThreadCudaStream> stream;
+  if (const at::Device device = model_.options().device; device.is_cuda()) {
+    absl::StatusOr<std::unique_ptr<ThreadCudaStream>> own = UseCudaStreamOnThisThread(
+        options_.low_priority_stream ? CudaStreamPriority::kBackground : CudaStreamPriority::kServing,
+        device.index() < 0 ? 0 : device.index());
+    if (own.ok()) {
+      stream = *std::move(own);
+    } else {
+      LOG(WARNING) << "shadow validation launches on the default CUDA stream: " << own.status();
+    }
+  }
   const auto has_job = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(worker_mutex_) { return stopping_ || job_ != nullptr; };
   worker_mutex_.Lock();
   while (true) {
@@ -187,8 +200,6 @@ absl::Status ShadowValidator::Check(const HeadPartition& partition) {
   ValidationOptions validation_options;
   validation_options.audit = true;  // the dropped mass is one of the bounds
   validation_options.token_budget = ShadowTokenBudget(options_, partition);
-  // On CUDA the validation's kernels go to the current stream of the validation thread, not a
-  // low-priority one (not tested here).
   absl::StatusOr<PartitionValidation> validation = absl::UnknownError("the validation did not run");
   RunOnWorker([&] { validation = ValidatePartition(model_, set_, partition, validation_options, &cancelled_); });
   running_ = false;

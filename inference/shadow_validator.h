@@ -48,6 +48,9 @@ struct ShadowValidationOptions {
   double max_dropped_mass = 0.2;
   // Intra-op threads of the validation thread (CPU).
   int threads = 1;
+  // On CUDA the validation launches on a stream of the device's least priority, below serving's;
+  // false: at serving's priority (to measure what the priority buys).
+  bool low_priority_stream = true;
 };
 
 // What the last validation saw, for server info and metrics.

@@ -10,7 +10,7 @@
 # measured), and the operator starts a canary of version 2 at a fraction of 0.5: it must roll back
 # by itself; then one of version 3: it must be promoted. Each is decided after 16 measured canary
 # sequences (--canary-sequences; the default of 32 takes twice as long on a 2-core machine).
-#   scripts/canary-demo.sh [BUILD_DIR (default build)]
+#   scripts/canary-demo.sh [BUILD_DIR (default build)]     (DEVICE=cuda: the model on the GPU)
 # load_bench publishes to a trainer of its own (so that its publish changes nothing here) and
 # checks after each round that the version it published is active, which stops holding once
 # version 3 is promoted: the script stops it after that round and judges it by its errors column.
@@ -27,7 +27,7 @@ server=127.0.0.1:50182
 
 "$bin/trainer/lychee-trainer" --listen $trainer --registry-dir "$state/registry" --threads 1 >"$log" 2>&1 &
 "$bin/trainer/lychee-trainer" --listen $bench_trainer --registry-dir "$state/bench-registry" --threads 1 >>"$log" 2>&1 &
-"$bin/inference/lychee-inference" --state-dir "$state/inference" --trainer $trainer --listen $server \
+"$bin/inference/lychee-inference" --device "${DEVICE:-cpu}" --state-dir "$state/inference" --trainer $trainer --listen $server \
   --threads 1 --max-batch 16 --shadow-validation false --canary-sequences 16 >>"$log" 2>&1 &
 inference_pid=$!
 info() { timeout 10 "$lychee" server-info --server $server 2>/dev/null; }

@@ -6,7 +6,9 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <thread>
 
+#include "common/cuda_support.h"
 #include "common/model.h"
 #include "common/sampling.h"
 #include "common/tokenizer.h"
@@ -87,6 +89,34 @@ TEST_CASE("32 greedy tokens with the KV cache match transformers", "[parity]") {
 // bf16 weights and activations on the GPU against the float32 references. bf16 keeps 8 bits of
 // mantissa, so logits move by about a tenth (0.148 and 0.149 seen on an H100); the winner must
 // not change, and greedy decoding must follow the reference (all 32 tokens seen).
+TEST_CASE("serving's CUDA stream outranks a background one, and LibTorch computes the same on both", "[cuda]") {
+  if (!at::hasCUDA()) {
+    WARN("SKIPPED: no CUDA device (or LibTorch without CUDA): streams need the GPU host");
+    return;
+  }
+  const at::Tensor a = at::randn({256, 256}, at::TensorOptions().device(at::kCUDA));
+  const at::Tensor expected = a.matmul(a).cpu();
+  // No Catch2 assertion inside the second thread: the lambda only records.
+  const auto square_on = [&](CudaStreamPriority priority, int* stream_priority, at::Tensor* square) {
+    absl::StatusOr<std::unique_ptr<ThreadCudaStream>> stream = UseCudaStreamOnThisThread(priority, 0);
+    if (!stream.ok()) return stream.status();
+    *stream_priority = (*stream)->priority();
+    *square = a.matmul(a).cpu();
+    return absl::OkStatus();
+  };
+  int serving = 0, background = 0;
+  at::Tensor on_serving, on_background;
+  REQUIRE(square_on(CudaStreamPriority::kServing, &serving, &on_serving).ok());
+  absl::Status background_status;
+  std::thread([&] {
+    background_status = square_on(CudaStreamPriority::kBackground, &background, &on_background);
+  }).join();
+  REQUIRE(background_status.ok());
+  CHECK(at::allclose(on_serving, expected));
+  CHECK(at::allclose(on_background, expected));
+  CHECK(serving < background);  // CUDA runs lower numbers first
+}
+
 TEST_CASE("on CUDA in bf16 the logits stay within 0.25 and the greedy tokens agree", "[parity][cuda]") {
   if (!at::hasCUDA()) {
     WARN("SKIPPED: no CUDA device (or LibTorch without CUDA): bf16 parity runs on the GPU host only");
