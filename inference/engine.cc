@@ -193,59 +193,43 @@ class InferenceEngine::Impl {
   }
 
   absl::StatusOr<AttentionPlan> PlanAttention(const GenerationRequest& request) const {
-    const ModelConfig& config = runner_->config();
     AttentionPlan plan;
-    if (request.policy) {
-      LYCHEE_RETURN_IF_ERROR(request.policy->Validate(config));
-      plan.policy = request.policy;
-      // The bound is checked against the policy's audit: every step's, unless the request names a period.
-      if (request.max_dropped_mass) {
-        plan.policy->audit = true;
-        if (plan.policy->audit_every == 0) plan.policy->audit_every = 1;
-      }
-      if (plan.policy->audit_every == 0) plan.policy->audit_every = options_.audit_every;
-      if (PolicyNeedsPartition(request.policy->kind)) {
-        if (request.partition_version) {
-          LYCHEE_ASSIGN_OR_RETURN(plan.pinned, partitions_->Get(*request.partition_version));
-        } else if (partitions_->Active().partition == nullptr) {
-          return absl::FailedPreconditionError(absl::StrCat("policy ", PolicyName(request.policy->kind),
-                                                            ": no head partition is active on this server yet"));
-        }
-      } else if (request.partition_version) {
-        return absl::InvalidArgumentError(absl::StrCat("attention.partition_version: policy ",
-                                                       PolicyName(request.policy->kind), " uses no partition"));
-      }
-      return plan;
+    PolicySpec& spec = plan.policy;
+    if (request.attention) {
+      spec = *request.attention;
+    } else if (options_.hybrid_by_default && partitions_->Active().partition != nullptr) {
+      spec = PolicySpec::LycheeAsPartition();
+    } else {
+      spec = PolicySpec::Defaults(PolicyKind::kDense);
     }
-    plan.hybrid = request.attention == AttentionChoice::kHybrid ||
-                  (request.attention == AttentionChoice::kServerDefault && options_.hybrid_by_default &&
-                   (partitions_->Active().partition != nullptr || request.partition_version.has_value()));
-    if (!plan.hybrid) {
-      if (request.token_budget || request.partition_version) {
-        return absl::InvalidArgumentError("attention.token_budget and attention.partition_version need hybrid attention");
+    // The bound is checked against the policy's audit: every step's, unless the request names a period.
+    if (request.max_dropped_mass) {
+      spec.audit = true;
+      if (spec.audit_every == 0) spec.audit_every = 1;
+    }
+    if (spec.audit_every == 0) spec.audit_every = options_.audit_every;
+    const std::string name = PolicyName(spec.kind);
+    if (!PolicyNeedsPartition(spec.kind)) {
+      if (spec.partition_version) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("attention.partition_version: policy ", name, " uses no partition"));
       }
+      LYCHEE_RETURN_IF_ERROR(spec.Validate(runner_->config()));
       return plan;
     }
     PartitionManager::Snapshot partition;
-    if (request.partition_version) {
-      LYCHEE_ASSIGN_OR_RETURN(plan.pinned, partitions_->Get(*request.partition_version));
+    if (spec.partition_version) {
+      LYCHEE_ASSIGN_OR_RETURN(plan.pinned, partitions_->Get(*spec.partition_version));
       partition = plan.pinned;
     } else {
       partition = partitions_->Active().partition;
       if (partition == nullptr) {
-        return absl::FailedPreconditionError(
-            "hybrid attention: no head partition is active on this server yet (ask for dense, or activate one)");
+        return absl::FailedPreconditionError(absl::StrCat(
+            "policy ", name, ": no head partition is active on this server yet (ask for dense, or activate one)"));
       }
     }
-    if (request.token_budget) {
-      HeadPartition adjusted = *partition;
-      adjusted.mutable_selection().token_budget = *request.token_budget;
-      if (absl::Status fits = CheckHybridFits(adjusted, config); !fits.ok()) {
-        return absl::InvalidArgumentError(absl::StrCat("attention.token_budget: ", fits.message()));
-      }
-      plan.token_budget = request.token_budget;
-    }
-    plan.audit = request.max_dropped_mass.has_value();
+    // Checked with the partition it would be served with now; a canary's is checked at admission.
+    LYCHEE_RETURN_IF_ERROR(spec.WithPartitionSelection(partition->selection()).Validate(runner_->config()));
     return plan;
   }
 

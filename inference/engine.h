@@ -7,8 +7,8 @@
 // (continuous batching: new sequences join between steps); the output processor
 // (inference/output_processor.h) turns tokens into streamed text and summaries. Cancellation and
 // deadlines end a sequence at the next step boundary and free its pages there. Each sequence pins
-// the attention it was admitted with: dense, or hybrid with the partition then active. Free of
-// LibTorch.
+// the attention it was admitted with: its policy, with the partition then active where the policy
+// uses one. Free of LibTorch.
 #pragma once
 
 #include <chrono>
@@ -32,8 +32,6 @@
 
 namespace lychee {
 
-enum class AttentionChoice { kServerDefault, kDense, kHybrid };
-
 struct GenerationRequest {
   std::vector<int32_t> prompt_ids;
   int64_t max_new_tokens = 64;
@@ -42,11 +40,8 @@ struct GenerationRequest {
   uint64_t seed = 0;
   // Generation ends before the first of these strings appears in the text.
   std::vector<std::string> stop_sequences;
-  AttentionChoice attention = AttentionChoice::kServerDefault;
-  std::optional<int64_t> token_budget;
-  std::optional<uint64_t> partition_version;
-  // A selection policy instead of `attention` (its token budget already set from the request).
-  std::optional<PolicySpec> policy;
+  // Unset: the server's default (EngineOptions::hybrid_by_default).
+  std::optional<PolicySpec> attention;
   // In [0, 1]: audits every decode step and, once one drops more attention mass than this for a
   // query head, decodes the rest of the generation densely.
   std::optional<double> max_dropped_mass;
@@ -156,7 +151,8 @@ struct EngineOptions {
   // Prompt tokens a sequence prefills per scheduler iteration, so that a long prompt does not
   // stall the decode steps of the others.
   int64_t prefill_chunk_tokens = 512;
-  // What kServerDefault means: hybrid when a partition is active (else dense), or always dense.
+  // What a request without attention gets: lychee with the active partition's own selection when
+  // one is active (else dense), or always dense.
   bool hybrid_by_default = true;
   // Capture decode steps as CUDA graphs and replay them (CUDA only).
   bool cuda_graphs = true;

@@ -20,15 +20,13 @@ namespace lychee {
 
 using EngineClock = std::chrono::steady_clock;
 
-// The attention a request asked for, resolved against the partitions when it is first admitted.
+// The attention a request asked for, resolved against the server's default and checked when it
+// is submitted; its partition is resolved when it is first admitted.
 struct AttentionPlan {
-  bool hybrid = false;
-  std::optional<PolicySpec> policy;
-  // Set for a pinned version; else the active partition at admission.
+  // Audited where the request bounds the dropped mass; the audit period filled in.
+  PolicySpec policy;
+  // Set for a pinned version; else the active partition at admission, for a policy that uses one.
   PartitionManager::Snapshot pinned;
-  std::optional<int64_t> token_budget;
-  // Hybrid attention audited against dense scores (for GenerationRequest::max_dropped_mass).
-  bool audit = false;
   // Which side of a canary the active partition's routing put the sequence on, on its first
   // admission; its outcome then counts towards the canary's decision.
   PartitionRoute::Arm canary_arm = PartitionRoute::Arm::kNoCanary;

@@ -8,16 +8,27 @@
 
 #include <chrono>
 #include <cstdint>
+#include <optional>
 
 #include "absl/status/statusor.h"
 #include "common/tokenizer.h"
 #include "inference/engine.h"
+#include "kernels/policy.h"
 #include "lychee/v1/inference.pb.h"
 
 namespace lychee {
 
 // What a request that gives no max_new_tokens gets.
 inline constexpr int64_t kDefaultMaxNewTokens = 64;
+
+// The deprecated flat fields of AttentionOptions (mode, token_budget, partition_version, policy)
+// in the form of its `choice`, audit and audit_every; `options` itself when it sets none of them.
+// INVALID_ARGUMENT naming the fields when it sets both forms, or naming the bad one.
+absl::StatusOr<v1::AttentionOptions> TranslateLegacyAttention(const v1::AttentionOptions& options);
+
+// The policy of `options` (current form) as the engine takes it; unset for the server's default.
+// INVALID_ARGUMENT naming the field (attention.prhs.selectors, attention.audit).
+absl::StatusOr<std::optional<PolicySpec>> ToPolicySpec(const v1::AttentionOptions& options);
 
 // INVALID_ARGUMENT naming the field (prompt.text, attention.policy.p1, ...) when the request is
 // malformed; `deadline` (system clock, as gRPC gives it; max() for none) becomes the engine's.

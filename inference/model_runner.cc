@@ -13,12 +13,7 @@
 #include "common/sampling.h"
 #include "common/status_macros.h"
 #include "common/torch_errors.h"
-#include "kernels/dense_attention.h"
-#include "kernels/hybrid_attention.h"
 #include "kernels/policy_backend.h"
-#ifdef LYCHEE_CUDA_ATTENTION
-#include "kernels/cuda_attention.h"
-#endif
 
 namespace lychee {
 namespace {
@@ -90,10 +85,8 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(const EngineOpt
   LYCHEE_ASSIGN_OR_RETURN(ModelOptions model_options, ModelOptionsForDevice(options.device));
   std::unique_ptr<ModelRunner> runner(new ModelRunner(options, partitions));
   LYCHEE_ASSIGN_OR_RETURN(runner->model_, Model::Load(options.model_dir, model_options));
-#ifdef LYCHEE_CUDA_ATTENTION
-  if (model_options.device.is_cuda()) runner->dense_ = MakeCudaDenseAttention(runner->model_->config());
-#endif
-  if (runner->dense_ == nullptr) runner->dense_ = std::make_shared<DenseAttentionBackend>();
+  LYCHEE_ASSIGN_OR_RETURN(runner->dense_, MakePolicyBackend(PolicySpec::Defaults(PolicyKind::kDense),
+                                                            runner->model_->config(), nullptr, model_options.device));
   return runner;
 }
 
@@ -262,28 +255,36 @@ void ModelRunner::CountDecodeSteps() {
 }
 
 absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::BackendFor(EngineRequest& request) {
-  if (request.plan.policy) return PolicyBackendFor(request);
-  if (!request.plan.hybrid) return dense_;
-  return HybridBackendFor(request);
-}
-
-absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::HybridBackendFor(EngineRequest& request) {
   AttentionPlan& plan = request.plan;
-  PartitionManager::Snapshot partition = plan.pinned;
-  if (partition == nullptr) {
-    PartitionRoute route = partitions_->Route(request.id);
-    partition = std::move(route.partition);
-    plan.canary_arm = route.arm;
-  }
-  if (partition == nullptr) return absl::FailedPreconditionError("hybrid attention: no head partition is active");
-  const int64_t budget = plan.token_budget.value_or(partition->selection().token_budget);
+  PolicySpec spec = plan.policy;
   GenerationSummary& summary = request.summary;
-  summary.hybrid = true;
-  summary.partition_version = partition->version;
-  summary.token_budget = budget;
-  // A bound audits every step; both sides of a canary the server's period, so that its mass is measured.
-  const int64_t audit_every = plan.audit ? 1 : (plan.canary_arm != PartitionRoute::Arm::kNoCanary ? audit_every_ : 0);
-  return HybridBackend(partition, budget, audit_every);
+  PartitionManager::Snapshot partition;
+  if (PolicyNeedsPartition(spec.kind)) {
+    partition = plan.pinned;
+    if (partition == nullptr && spec.kind == PolicyKind::kLychee) {
+      PartitionRoute route = partitions_->Route(request.id);
+      partition = std::move(route.partition);
+      plan.canary_arm = route.arm;
+    } else if (partition == nullptr) {
+      partition = partitions_->Active().partition;
+    }
+    if (partition == nullptr) {
+      return absl::FailedPreconditionError(
+          absl::StrCat("policy ", PolicyName(spec.kind), ": no head partition is active"));
+    }
+    spec = spec.WithPartitionSelection(partition->selection());
+    // Both sides of a canary audit, at the server's period unless the request audits, so that
+    // their dropped mass is measured.
+    if (plan.canary_arm != PartitionRoute::Arm::kNoCanary && !spec.audit) {
+      spec.audit = true;
+      spec.audit_every = audit_every_;
+    }
+    summary.partition_version = partition->version;
+  }
+  summary.hybrid = spec.kind != PolicyKind::kDense;
+  summary.token_budget = spec.kind == PolicyKind::kDense ? 0 : spec.token_budget;
+  summary.policy = spec.Describe();
+  return Backend(spec, partition);
 }
 
 absl::StatusOr<std::unique_ptr<ThreadCudaStream>> ModelRunner::UseServingStream() const {
@@ -292,61 +293,30 @@ absl::StatusOr<std::unique_ptr<ThreadCudaStream>> ModelRunner::UseServingStream(
   return UseCudaStreamOnThisThread(CudaStreamPriority::kServing, device.index() < 0 ? 0 : device.index());
 }
 
-absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::HybridBackend(
-    const PartitionManager::Snapshot& partition, int64_t budget, int64_t audit_every) {
-  // Shared by every request with the same partition, budget and audit period, so that they decode in one call.
-  const std::tuple<uint64_t, int64_t, int64_t> key(partition->version, budget, audit_every);
-  if (auto it = hybrid_backends_.find(key); it != hybrid_backends_.end()) return it->second;
-  auto adjusted = std::make_shared<HeadPartition>(*partition);
-  adjusted->mutable_selection().token_budget = budget;
-  std::shared_ptr<const AttentionBackend> backend;
-#ifdef LYCHEE_CUDA_ATTENTION
-  if (model_->options().device.is_cuda()) {
-    LYCHEE_ASSIGN_OR_RETURN(backend, MakeCudaHybridAttention(adjusted, model_->config(), audit_every));
-  }
-#endif
-  if (backend == nullptr) {
-    LYCHEE_ASSIGN_OR_RETURN(auto hybrid, HybridAttentionBackend::Create(adjusted, model_->config(), audit_every));
-    backend = std::move(hybrid);
-  }
-  ForgetUnusedBackends(hybrid_backends_);
-  hybrid_backends_[key] = backend;
+absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::Backend(
+    const PolicySpec& spec, const PartitionManager::Snapshot& partition) {
+  if (spec.kind == PolicyKind::kDense && spec.AuditPeriod() == 0) return dense_;
+  // Shared by every request with the same policy parameters and partition, so that they decode in one call.
+  const std::pair<std::string, uint64_t> key(spec.Describe(), partition == nullptr ? 0 : partition->version);
+  if (auto it = backends_.find(key); it != backends_.end()) return it->second;
+  LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const AttentionBackend> backend,
+                          MakePolicyBackend(spec, model_->config(), partition, model_->options().device));
+  ForgetUnusedBackends(backends_);
+  backends_[key] = backend;
   return backend;
 }
 
 absl::Status ModelRunner::PrepareGraphs(const PartitionManager::Snapshot& partition) {
   std::shared_ptr<const AttentionBackend> backend = dense_;
   if (partition != nullptr) {
-    LYCHEE_ASSIGN_OR_RETURN(backend, HybridBackend(partition, partition->selection().token_budget));
+    LYCHEE_ASSIGN_OR_RETURN(
+        backend, Backend(PolicySpec::LycheeAsPartition().WithPartitionSelection(partition->selection()), partition));
   }
   // Kept from being forgotten as unused until the next preparation: no request holds it yet.
   prepared_ = backend;
   absl::Status prepared = model_->PrepareDecodeGraphs(backend, pool_, *decode_context_);
   CountDecodeSteps();
   return prepared;
-}
-
-// Shared, like hybrid ones, by every request with the same policy parameters and partition.
-absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::PolicyBackendFor(EngineRequest& request) {
-  const AttentionPlan& plan = request.plan;
-  const PolicySpec& spec = *plan.policy;
-  GenerationSummary& summary = request.summary;
-  PartitionManager::Snapshot partition;
-  if (PolicyNeedsPartition(spec.kind)) {
-    partition = plan.pinned != nullptr ? plan.pinned : partitions_->Active().partition;
-    if (partition == nullptr) return absl::FailedPreconditionError("no head partition is active");
-    summary.partition_version = partition->version;
-  }
-  summary.hybrid = spec.kind != PolicyKind::kDense;
-  summary.token_budget = spec.kind == PolicyKind::kDense ? 0 : spec.token_budget;
-  summary.policy = spec.Describe();
-  const std::pair<std::string, uint64_t> key(summary.policy, summary.partition_version);
-  if (auto it = policy_backends_.find(key); it != policy_backends_.end()) return it->second;
-  LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const AttentionBackend> backend,
-                          MakePolicyBackend(spec, model_->config(), partition, model_->options().device));
-  ForgetUnusedBackends(policy_backends_);
-  policy_backends_[key] = backend;
-  return backend;
 }
 
 }  // namespace lychee

@@ -12,7 +12,6 @@
 #include <memory>
 #include <optional>
 #include <string>
-#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -88,11 +87,12 @@ class ModelRunner {
  private:
   struct RequestState;
   ModelRunner(const EngineOptions& options, PartitionManager* partitions);
+  // Resolves the request's partition (routing it through a running canary where it has none pinned)
+  // and fills the summary's attention fields.
   absl::StatusOr<std::shared_ptr<const AttentionBackend>> BackendFor(EngineRequest& request);
-  absl::StatusOr<std::shared_ptr<const AttentionBackend>> HybridBackendFor(EngineRequest& request);
-  absl::StatusOr<std::shared_ptr<const AttentionBackend>> PolicyBackendFor(EngineRequest& request);
-  absl::StatusOr<std::shared_ptr<const AttentionBackend>> HybridBackend(const PartitionManager::Snapshot& partition,
-                                                                        int64_t budget, int64_t audit_every = 0);
+  // The one backend of `spec` (resolved) with `partition` (null for a policy without one).
+  absl::StatusOr<std::shared_ptr<const AttentionBackend>> Backend(const PolicySpec& spec,
+                                                                  const PartitionManager::Snapshot& partition);
   RequestState& StateOf(const EngineRequest& request);
   absl::Status RunStart(EngineRequest& request);
   absl::StatusOr<std::optional<int32_t>> RunPrefill(EngineRequest& request, int64_t tokens);
@@ -116,9 +116,8 @@ class ModelRunner {
   std::unique_ptr<DecodeContext> decode_context_;
   std::shared_ptr<KvPool> pool_;
   std::shared_ptr<const AttentionBackend> dense_;
-  // By partition version, token budget and audit period.
-  std::map<std::tuple<uint64_t, int64_t, int64_t>, std::shared_ptr<const AttentionBackend>> hybrid_backends_;
-  std::map<std::pair<std::string, uint64_t>, std::shared_ptr<const AttentionBackend>> policy_backends_;
+  // By the policy's description (every parameter it uses) and partition version.
+  std::map<std::pair<std::string, uint64_t>, std::shared_ptr<const AttentionBackend>> backends_;
   std::map<uint64_t, std::unique_ptr<RequestState>> states_;
   std::shared_ptr<const AttentionBackend> prepared_;
 

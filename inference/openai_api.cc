@@ -181,24 +181,51 @@ absl::Status SetPolicy(const Member& policy, v1::AttentionOptions* attention) {
   return absl::OkStatus();
 }
 
-// Lychee's `attention` object onto GenerateRequest.attention: {"mode": "dense"|"hybrid",
-// "policy": NAME or {"name": NAME, PolicyOptions fields...}, "budget": TOKENS,
-// "partition_version": V, "audit": BOOL, "max_dropped_mass": M}. ToGenerationRequest checks how
-// they combine.
+// The nested form of the attention object: lychee.v1.AttentionOptions' JSON, one policy object
+// ("dense", "lychee", "quest", "prhs", "double_p", "streaming" or "tidal", with its message's
+// fields), "audit", "audit_every" and "max_dropped_mass"; protobuf's JSON parser checks the names
+// and types.
+absl::Status SetNestedAttention(const Member& attention, v1::AttentionOptions* options) {
+  for (const char* flat : {"mode", "policy", "budget", "partition_version"}) {
+    if (attention.value().contains(flat)) {
+      return BadParameter(absl::StrCat("attention.", flat),
+                          "belongs to the flat form; give it or a nested policy object (dense, lychee, quest, prhs, "
+                          "double_p, streaming, tidal), not both");
+    }
+  }
+  LYCHEE_RETURN_IF_ERROR(
+      Member(attention.value(), "attention.", "max_dropped_mass").Number(0, 1, /*low_excluded=*/false).status());
+  const auto parsed = google::protobuf::util::JsonStringToMessage(attention.value().dump(), options);
+  if (!parsed.ok()) return BadParameter(attention.param(), std::string(parsed.message()));
+  return absl::OkStatus();
+}
+
+// Lychee's `attention` object onto GenerateRequest.attention, in one of two forms. The flat one:
+// {"mode": "dense"|"hybrid", "policy": NAME or {"name": NAME, PolicyOptions fields...}, "budget":
+// TOKENS, "partition_version": V, "audit": BOOL, "max_dropped_mass": M}, onto the deprecated
+// fields; the nested one (SetNestedAttention), onto `choice`. ToGenerationRequest checks how they
+// combine.
 absl::Status SetAttention(const Json& body, v1::GenerateRequest* request) {
   const Member attention(body, "", "attention");
   if (attention.absent()) return absl::OkStatus();
   if (!attention.value().is_object()) return attention.Bad("must be an object");
   const std::string prefix = "attention.";
-  static const std::vector<std::string> kKnown = {"mode",  "policy",          "budget", "partition_version",
-                                                  "audit", "max_dropped_mass"};
+  static const std::vector<std::string> kFlat = {"mode",  "policy",          "budget", "partition_version",
+                                                 "audit", "max_dropped_mass"};
+  static const std::vector<std::string> kNested = {"dense",   "lychee",    "quest", "prhs",        "double_p",
+                                                   "doubleP", "streaming", "tidal", "audit_every", "auditEvery"};
+  bool nested = false;
   for (const auto& [key, value] : attention.value().items()) {
-    if (std::find(kKnown.begin(), kKnown.end(), key) == kKnown.end()) {
+    if (std::find(kNested.begin(), kNested.end(), key) != kNested.end()) {
+      nested = true;
+    } else if (std::find(kFlat.begin(), kFlat.end(), key) == kFlat.end()) {
       return BadParameter(prefix + key,
-                          "unknown; the attention object takes mode, policy, budget, "
-                          "partition_version, audit and max_dropped_mass");
+                          "unknown; the attention object takes mode, policy, budget, partition_version, audit and "
+                          "max_dropped_mass, or a policy object (dense, lychee, quest, prhs, double_p, streaming, "
+                          "tidal) with audit, audit_every and max_dropped_mass");
     }
   }
+  if (nested) return SetNestedAttention(attention, request->mutable_attention());
   v1::AttentionOptions* options = request->mutable_attention();
   const Member mode(attention.value(), prefix, "mode");
   if (mode.value() == "dense") {

@@ -143,6 +143,22 @@ PolicySpec PolicySpec::Defaults(PolicyKind kind) {
   return spec;
 }
 
+PolicySpec PolicySpec::LycheeAsPartition() {
+  PolicySpec spec = Defaults(PolicyKind::kLychee);
+  spec.from_partition = {true, true, true, true};
+  return spec;
+}
+
+PolicySpec PolicySpec::WithPartitionSelection(const SelectionParams& selection) const {
+  PolicySpec spec = *this;
+  if (from_partition.token_budget) spec.token_budget = selection.token_budget;
+  if (from_partition.block_size) spec.block_size = selection.block_size;
+  if (from_partition.sink_tokens) spec.sink_tokens = selection.sink_tokens;
+  if (from_partition.recent_tokens) spec.recent_tokens = selection.recent_tokens;
+  spec.from_partition = {};
+  return spec;
+}
+
 int64_t PolicySpec::AuditPeriod() const {
   if (!audit) return 0;
   return audit_every > 0 ? audit_every : kDefaultAuditEvery;
@@ -256,7 +272,8 @@ std::string PolicySpec::Describe() const {
                       tidal_selection_layers.empty() ? "default" : absl::StrJoin(tidal_selection_layers, ","));
       break;
     case PolicyKind::kQuest:
-      absl::StrAppend(&text, " budget=", token_budget, " page=", page_size, " dense_layers=", quest_dense_layers);
+      absl::StrAppend(&text, " budget=", token_budget, " page=", page_size, " dense_layers=", quest_dense_layers,
+                      " sink=", sink_tokens, " recent=", recent_tokens);
       break;
     case PolicyKind::kDoubleP:
       absl::StrAppend(&text, " p1=", p1, " p2=", p2, " clusters=", clusters, " iterations=", kmeans_iterations,

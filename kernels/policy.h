@@ -22,12 +22,14 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "common/head_partition.h"
 #include "common/model_config.h"
 
 namespace lychee {
@@ -54,8 +56,22 @@ struct PrhsSelectors {
 absl::StatusOr<PrhsSelectors> ParsePrhsSelectors(std::string_view list);
 std::string PrhsSelectorsName(const PrhsSelectors& selectors);
 
+// The attention a request asks for, as every edge (gRPC, the HTTP API, the CLI) gives it: the
+// policy and its parameters. The engine takes a request without one to mean its default.
 struct PolicySpec {
   PolicyKind kind = PolicyKind::kDense;
+
+  // Lychee and streaming: serve with this stored head partition instead of the active one.
+  std::optional<uint64_t> partition_version;
+  // Lychee: the selection parameters left to the head partition it is served with (its own
+  // SelectionParams), filled in by WithPartitionSelection once that partition is known.
+  struct PartitionSelected {
+    bool token_budget = false;
+    bool block_size = false;
+    bool sink_tokens = false;
+    bool recent_tokens = false;
+  };
+  PartitionSelected from_partition;
 
   // Fixed-budget policies (lychee, prhs, streaming, tidal, quest): the most cache positions a
   // selecting head attends to per step, the sink and recent positions included.
@@ -104,12 +120,18 @@ struct PolicySpec {
   // tokens (a budget of 320); Double-P keeps 4 sink and 64 recent tokens exact; TidalDecode and
   // Quest have no sink or recent window (Quest always keeps the current page).
   static PolicySpec Defaults(PolicyKind kind);
+  // Lychee with every selection parameter the partition's: hybrid decoding as the partition was
+  // calibrated for.
+  static PolicySpec LycheeAsPartition();
+  // This spec with the parameters left to the partition taken from `selection`.
+  PolicySpec WithPartitionSelection(const SelectionParams& selection) const;
 
   // INVALID_ARGUMENT naming the parameter that is out of range for `kind` on a model of
   // `config`'s shape (parameters the kind does not use are not checked).
   absl::Status Validate(const ModelConfig& config) const;
 
-  // "quest budget=1024 page=16 dense_layers=2": the kind and the parameters it uses.
+  // "quest budget=1024 page=16 dense_layers=2 sink=0 recent=0": the kind and the parameters it uses
+  // (every one, as the engine shares a backend between requests whose descriptions are equal).
   std::string Describe() const;
 };
 

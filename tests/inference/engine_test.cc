@@ -465,13 +465,14 @@ TEST_CASE("bad requests get the right code and a message naming the problem") {
   CHECK(code_of(bad_top_p).code() == absl::StatusCode::kInvalidArgument);
 
   GenerationRequest hybrid = fixture.Request(kPrompt, 8);
-  hybrid.attention = AttentionChoice::kHybrid;
+  hybrid.attention = PolicySpec::LycheeAsPartition();
   CHECK(code_of(hybrid).code() == absl::StatusCode::kFailedPrecondition);
   fixture.OfferPartition(1);
-  hybrid.partition_version = 5;
+  hybrid.attention->partition_version = 5;
   CHECK(code_of(hybrid).code() == absl::StatusCode::kNotFound);
-  hybrid.partition_version.reset();
-  hybrid.token_budget = 10;
+  hybrid.attention->partition_version.reset();
+  hybrid.attention->token_budget = 10;
+  hybrid.attention->from_partition.token_budget = false;
   const absl::Status budget = code_of(hybrid);
   CHECK(budget.code() == absl::StatusCode::kInvalidArgument);
   CHECK(std::string(budget.message()).find("token_budget") != std::string::npos);
@@ -495,11 +496,12 @@ TEST_CASE("a sequence keeps the partition it was admitted with; new ones get the
   auto after = fixture.engine->Submit(fixture.Request(kPrompt, 8));
   REQUIRE(after.ok());
   GenerationRequest pinned_request = fixture.Request(kPrompt, 8);
-  pinned_request.partition_version = 1;
+  pinned_request.attention = PolicySpec::LycheeAsPartition();
+  pinned_request.attention->partition_version = 1;
   auto pinned = fixture.engine->Submit(pinned_request);
   REQUIRE(pinned.ok());
   GenerationRequest dense_request = fixture.Request(kPrompt, 8);
-  dense_request.attention = AttentionChoice::kDense;
+  dense_request.attention = PolicySpec::Defaults(PolicyKind::kDense);
   auto dense = fixture.engine->Submit(dense_request);
   REQUIRE(dense.ok());
 
@@ -628,8 +630,9 @@ TEST_CASE("a failing step fails only its requests, frees their pages, and the en
   armed->store(true);
   GenerationRequest faulty_request = fixture.Request("A different prompt, so that it prefills apart", 24);
   faulty_request.seed = kFaultySeed;
-  // Its own backend (a policy's), so that it decodes in a step of its own.
-  faulty_request.policy = PolicySpec::Defaults(PolicyKind::kDense);
+  // Its own backend (an audited one), so that it decodes in a step of its own.
+  faulty_request.attention = PolicySpec::Defaults(PolicyKind::kDense);
+  faulty_request.attention->audit = true;
   auto faulty = fixture.engine->Submit(faulty_request);
   REQUIRE(faulty.ok());
 
@@ -694,7 +697,7 @@ TEST_CASE("max_dropped_mass switches a sequence to dense attention once an audit
   PolicySpec quest = PolicySpec::Defaults(PolicyKind::kQuest);
   quest.token_budget = 32;
   quest.quest_dense_layers = 0;
-  request.policy = quest;
+  request.attention = quest;
   const int64_t prompt_tokens = static_cast<int64_t>(request.prompt_ids.size());
   REQUIRE(prompt_tokens > 4 * quest.token_budget);
   // The summary of a generation that must succeed.
@@ -810,7 +813,7 @@ TEST_CASE("max_dropped_mass outside [0, 1] is INVALID_ARGUMENT naming the field"
   Fixture fixture;
   for (const double bound : {-0.1, 1.5, std::nan("")}) {
     GenerationRequest request = fixture.Request(kPrompt, 4);
-    request.policy = PolicySpec::Defaults(PolicyKind::kQuest);
+    request.attention = PolicySpec::Defaults(PolicyKind::kQuest);
     request.max_dropped_mass = bound;
     auto stream = fixture.engine->Submit(request);
     INFO(bound);

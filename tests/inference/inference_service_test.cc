@@ -150,12 +150,20 @@ TEST_CASE("the service streams generations, takes partitions from the trainer an
   auto [dense_status, dense_last] = fixture.Generate(dense);
   REQUIRE(dense_status.ok());
   CHECK(dense_last.done().partition_version() == 0);
+  // The current form: lychee's unset selection parameters are the partition's.
+  v1::GenerateRequest lychee = TextRequest("The harbour was quiet that morning and", 6);
+  lychee.mutable_attention()->mutable_lychee()->set_block_size(32);
+  auto [lychee_status, lychee_last] = fixture.Generate(lychee);
+  REQUIRE(lychee_status.ok());
+  CHECK(lychee_last.done().attention_mode() == v1::ATTENTION_MODE_HYBRID);
+  CHECK(lychee_last.done().partition_version() == 1);
+  CHECK(lychee_last.done().policy() == "lychee budget=256 block=32 sink=64 recent=64");
 
   const std::string metrics = HttpGet(fixture.server->metrics_port(), "/metrics");
   CHECK(metrics.find("lychee_active_partition_version 1\n") != std::string::npos);
   CHECK(metrics.find("lychee_partition_rejections_total{reason=\"invalid\"} 1\n") != std::string::npos);
-  CHECK(metrics.find("lychee_requests_total{outcome=\"ok\"} 2\n") != std::string::npos);
-  CHECK(metrics.find("lychee_time_to_first_token_seconds_count 2\n") != std::string::npos);
+  CHECK(metrics.find("lychee_requests_total{outcome=\"ok\"} 3\n") != std::string::npos);
+  CHECK(metrics.find("lychee_time_to_first_token_seconds_count 3\n") != std::string::npos);
   CHECK(metrics.find("lychee_trainer_connected 1\n") != std::string::npos);
 }
 
@@ -280,6 +288,26 @@ TEST_CASE("a request picks a selection policy and gets its telemetry back") {
            {[](v1::PolicyOptions* p) { p->set_name("double-p"); p->set_clusters(0); }, "clusters"}}) {
     v1::GenerateRequest request = TextRequest("Hello", 4);
     bad.set(request.mutable_attention()->mutable_policy());
+    const grpc::Status status = fixture.Generate(request).first;
+    INFO(bad.named << ": " << status.error_message());
+    CHECK(status.error_code() == grpc::StatusCode::INVALID_ARGUMENT);
+    CHECK(status.error_message().find(bad.named) != std::string::npos);
+  }
+  struct BadAttention {
+    std::function<void(v1::AttentionOptions*)> set;
+    std::string named;
+  };
+  for (const BadAttention& bad : std::vector<BadAttention>{
+           {[](v1::AttentionOptions* a) { a->mutable_double_p()->set_p1(1.5); }, "p1"},
+           {[](v1::AttentionOptions* a) { a->mutable_quest()->set_page_size(0); }, "page_size"},
+           {[](v1::AttentionOptions* a) { a->mutable_prhs()->add_selectors("sideways"); }, "attention.prhs.selectors"},
+           {[](v1::AttentionOptions* a) {
+              a->set_mode(v1::ATTENTION_MODE_HYBRID);
+              a->mutable_dense();
+            },
+            "attention.mode"}}) {
+    v1::GenerateRequest request = TextRequest("Hello", 4);
+    bad.set(request.mutable_attention());
     const grpc::Status status = fixture.Generate(request).first;
     INFO(bad.named << ": " << status.error_message());
     CHECK(status.error_code() == grpc::StatusCode::INVALID_ARGUMENT);

@@ -108,11 +108,41 @@ TEST_CASE("a completion request becomes the GenerateRequest the gRPC service tak
   const absl::StatusOr<GenerationRequest> generation =
       ToGenerationRequest(generate, TinyTokenizer(), std::chrono::system_clock::time_point::max());
   REQUIRE(generation.ok());
-  REQUIRE(generation->policy.has_value());
-  CHECK(generation->policy->token_budget == 32);
-  CHECK(generation->policy->audit);
+  REQUIRE(generation->attention.has_value());
+  CHECK(generation->attention->kind == PolicyKind::kQuest);
+  CHECK(generation->attention->token_budget == 32);
+  CHECK(generation->attention->audit);
   CHECK(generation->max_dropped_mass == 0.25);
   CHECK(generation->prompt_ids == Ids(generate));
+}
+
+TEST_CASE("the attention object takes the nested form of AttentionOptions too") {
+  const absl::StatusOr<ApiRequest> request = Completion(
+      R"({"prompt": "Hi", "attention": {"quest": {"token_budget": 64, "page_size": 8}, "audit": true,
+          "audit_every": 4, "max_dropped_mass": 0.5}})");
+  REQUIRE(request.ok());
+  const v1::AttentionOptions& attention = request->generate.attention();
+  CHECK(attention.quest().token_budget() == 64);
+  CHECK(attention.quest().page_size() == 8);
+  CHECK(attention.audit());
+  CHECK(attention.audit_every() == 4);
+  CHECK(attention.max_dropped_mass() == 0.5);
+  const absl::StatusOr<GenerationRequest> generation =
+      ToGenerationRequest(request->generate, TinyTokenizer(), std::chrono::system_clock::time_point::max());
+  REQUIRE(generation.ok());
+  REQUIRE(generation->attention.has_value());
+  CHECK(generation->attention->Describe() == "quest budget=64 page=8 dense_layers=2 sink=0 recent=0 audit every=4");
+
+  for (const auto& [body, param] : std::vector<std::pair<std::string, std::string>>{
+           {R"({"prompt": "Hi", "attention": {"lychee": {}, "budget": 64}})", "attention.budget"},
+           {R"({"prompt": "Hi", "attention": {"lychee": {"colour": 1}}})", "attention"},
+           {R"({"prompt": "Hi", "attention": {"dense": {}, "max_dropped_mass": 2}})", "attention.max_dropped_mass"}}) {
+    const absl::StatusOr<ApiRequest> bad = Completion(body);
+    INFO(body << " -> " << bad.status());
+    REQUIRE_FALSE(bad.ok());
+    CHECK(bad.status().code() == absl::StatusCode::kInvalidArgument);
+    CHECK(ParamOf(bad.status()) == param);
+  }
 }
 
 TEST_CASE("an unset field gets OpenAI's default, and the server's seed") {

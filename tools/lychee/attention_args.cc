@@ -107,19 +107,13 @@ absl::StatusOr<std::vector<PolicySpec>> PolicySpecsFromArgs(const Args& args, co
   }
   std::vector<PolicySpec> specs;
   for (PolicyKind kind : kinds) {
-    PolicySpec spec = PolicySpec::Defaults(kind);
+    PolicySpec spec = kind == PolicyKind::kLychee ? PolicySpec::LycheeAsPartition() : PolicySpec::Defaults(kind);
     if (PolicyNeedsPartition(kind)) {
       if (partition == nullptr) {
         return absl::InvalidArgumentError(absl::StrCat("--policy ", PolicyName(kind),
                                                        " needs one of --partition FILE and --random-partition DENSITY"));
       }
-      if (kind == PolicyKind::kLychee) {
-        const SelectionParams& selection = partition->selection();
-        spec.token_budget = selection.token_budget;
-        spec.block_size = selection.block_size;
-        spec.sink_tokens = selection.sink_tokens;
-        spec.recent_tokens = selection.recent_tokens;
-      }
+      spec = spec.WithPartitionSelection(partition->selection());
     }
     LYCHEE_ASSIGN_OR_RETURN(spec.token_budget, args.GetInt("budget", spec.token_budget));
     LYCHEE_ASSIGN_OR_RETURN(spec.block_size, args.GetInt("block-size", spec.block_size));

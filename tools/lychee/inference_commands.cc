@@ -5,11 +5,13 @@
 #include <fstream>
 #include <iostream>
 #include <iterator>
+#include <optional>
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/status_macros.h"
+#include "kernels/policy.h"
 #include "lychee/v1/inference.grpc.pb.h"
 #include "tools/lychee/args.h"
 #include "tools/lychee/grpc_client.h"
@@ -100,6 +102,85 @@ absl::Status ReadPrompt(const Args& args, v1::GenerateRequest& request) {
   return absl::OkStatus();
 }
 
+// The policy that --attention or --policy names, with --budget and --partition-version where it
+// takes them: --attention dense|hybrid is the policy dense|lychee; --budget or --partition-version
+// alone is lychee (the server's default, hybrid) with them.
+absl::StatusOr<PolicyKind> RemotePolicyKind(const Args& args) {
+  if (args.Has("attention") && args.Has("policy")) {
+    return absl::InvalidArgumentError("give one of --attention and --policy");
+  }
+  if (args.Has("policy")) return ParsePolicyKind(*args.Get("policy"));
+  const std::string mode = args.GetOr("attention", "hybrid");
+  if (mode != "dense" && mode != "hybrid") {
+    return absl::InvalidArgumentError(absl::StrCat("--attention must be dense or hybrid, got '", mode, "'"));
+  }
+  return mode == "dense" ? PolicyKind::kDense : PolicyKind::kLychee;
+}
+
+// --attention, --policy, --budget, --partition-version, --audit and --audit-every as the request's
+// attention; none of them: the server's default.
+absl::Status SetAttention(const Args& args, v1::AttentionOptions* attention) {
+  if (args.Has("audit") && !args.Has("policy")) return absl::InvalidArgumentError("--audit goes with --policy");
+  if (args.Has("audit-every")) {
+    if (!args.Has("audit")) return absl::InvalidArgumentError("--audit-every goes with --audit");
+    LYCHEE_ASSIGN_OR_RETURN(const int64_t every, args.GetInt("audit-every", 0));
+    if (every < 1 || every > UINT32_MAX)
+      return absl::InvalidArgumentError("--audit-every must be a positive step count");
+    attention->set_audit_every(static_cast<uint32_t>(every));
+  }
+  attention->set_audit(args.Has("audit"));
+  std::optional<uint32_t> budget;
+  if (args.Has("budget")) {
+    LYCHEE_ASSIGN_OR_RETURN(const int64_t tokens, args.GetInt("budget", 0));
+    if (tokens < 1 || tokens > UINT32_MAX) return absl::InvalidArgumentError("--budget must be a positive token count");
+    budget = static_cast<uint32_t>(tokens);
+  }
+  std::optional<uint64_t> version;
+  if (args.Has("partition-version")) {
+    LYCHEE_ASSIGN_OR_RETURN(const int64_t number, args.GetInt("partition-version", 0));
+    if (number < 1) return absl::InvalidArgumentError("--partition-version must be >= 1");
+    version = static_cast<uint64_t>(number);
+  }
+  if (!args.Has("attention") && !args.Has("policy") && !budget && !version) return absl::OkStatus();
+  LYCHEE_ASSIGN_OR_RETURN(const PolicyKind kind, RemotePolicyKind(args));
+  if (version && !PolicyNeedsPartition(kind)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--partition-version: policy ", PolicyName(kind), " uses no partition"));
+  }
+  if (budget && (kind == PolicyKind::kDense || kind == PolicyKind::kDoubleP)) {
+    return absl::InvalidArgumentError(absl::StrCat("--budget: policy ", PolicyName(kind), " takes no token budget"));
+  }
+  switch (kind) {
+    case PolicyKind::kDense: attention->mutable_dense(); break;
+    case PolicyKind::kDoubleP: attention->mutable_double_p(); break;
+    case PolicyKind::kLychee: {
+      v1::LycheeAttention* lychee = attention->mutable_lychee();
+      if (budget) lychee->set_token_budget(*budget);
+      if (version) lychee->set_partition_version(*version);
+      break;
+    }
+    case PolicyKind::kStreaming: {
+      v1::StreamingAttention* streaming = attention->mutable_streaming();
+      if (budget) streaming->set_token_budget(*budget);
+      if (version) streaming->set_partition_version(*version);
+      break;
+    }
+    case PolicyKind::kPrhs:
+      if (budget) attention->mutable_prhs()->set_token_budget(*budget);
+      attention->mutable_prhs();
+      break;
+    case PolicyKind::kTidal:
+      if (budget) attention->mutable_tidal()->set_token_budget(*budget);
+      attention->mutable_tidal();
+      break;
+    case PolicyKind::kQuest:
+      if (budget) attention->mutable_quest()->set_token_budget(*budget);
+      attention->mutable_quest();
+      break;
+  }
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 absl::Status RunRemoteGenerate(const std::vector<std::string>& argv) {
@@ -123,41 +204,11 @@ absl::Status RunRemoteGenerate(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(const int64_t seed, args.GetInt("seed", 0));
   request.set_seed(static_cast<uint64_t>(seed));
   if (args.Has("stop")) request.add_stop(*args.Get("stop"));
-  const std::string mode = args.GetOr("attention", "");
-  v1::AttentionOptions* attention = request.mutable_attention();
-  if (mode == "dense") {
-    attention->set_mode(v1::ATTENTION_MODE_DENSE);
-  } else if (mode == "hybrid") {
-    attention->set_mode(v1::ATTENTION_MODE_HYBRID);
-  } else if (!mode.empty()) {
-    return absl::InvalidArgumentError(absl::StrCat("--attention must be dense or hybrid, got '", mode, "'"));
-  }
-  if (args.Has("policy")) attention->mutable_policy()->set_name(*args.Get("policy"));
-  if (args.Has("audit")) {
-    if (!args.Has("policy")) return absl::InvalidArgumentError("--audit goes with --policy");
-    attention->mutable_policy()->set_audit(true);
-  }
-  if (args.Has("audit-every")) {
-    if (!args.Has("audit")) return absl::InvalidArgumentError("--audit-every goes with --audit");
-    LYCHEE_ASSIGN_OR_RETURN(const int64_t every, args.GetInt("audit-every", 0));
-    if (every < 1 || every > UINT32_MAX)
-      return absl::InvalidArgumentError("--audit-every must be a positive step count");
-    attention->mutable_policy()->set_audit_every(static_cast<uint32_t>(every));
-  }
-  if (args.Has("budget")) {
-    LYCHEE_ASSIGN_OR_RETURN(const int64_t budget, args.GetInt("budget", 0));
-    if (budget < 1 || budget > UINT32_MAX) return absl::InvalidArgumentError("--budget must be a positive token count");
-    attention->set_token_budget(static_cast<uint32_t>(budget));
-  }
-  if (args.Has("partition-version")) {
-    LYCHEE_ASSIGN_OR_RETURN(const int64_t version, args.GetInt("partition-version", 0));
-    if (version < 1) return absl::InvalidArgumentError("--partition-version must be >= 1");
-    attention->set_partition_version(static_cast<uint64_t>(version));
-  }
+  LYCHEE_RETURN_IF_ERROR(SetAttention(args, request.mutable_attention()));
   if (args.Has("max-dropped-mass")) {
     // The server checks the range.
     LYCHEE_ASSIGN_OR_RETURN(const double bound, args.GetDouble("max-dropped-mass", 0));
-    attention->set_max_dropped_mass(bound);
+    request.mutable_attention()->set_max_dropped_mass(bound);
   }
   LYCHEE_ASSIGN_OR_RETURN(const double timeout, args.GetDouble("timeout", 0));
 

@@ -75,7 +75,8 @@ commands that talk to a lychee-inference (all take [--server HOST:PORT], default
            [--print-ids]
       streams the generation; a summary (tokens, latency, partition version, the policy's
       telemetry) goes to stderr. --max-dropped-mass audits each decode step and switches to
-      dense attention once one drops more than M of a head's attention mass
+      dense attention once one drops more than M of a head's attention mass; hybrid (lychee)
+      takes the partition's own selection, --budget over it
   server-info        model, active partition, trainer connection, rejected partitions, load
   activate VERSION   serves VERSION to new sequences
   rollback           back to the partition active before the current one
