@@ -51,7 +51,7 @@ WORKDIR /var/lib/lychee
 FROM runtime AS trainer
 COPY --from=build /opt/lychee/bin/lychee-trainer /opt/lychee/bin/
 EXPOSE 50061
-HEALTHCHECK --interval=10s --timeout=6s --start-period=20s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=30s --start-period=20s --retries=3 \
   CMD ["lychee", "health", "--target", "127.0.0.1:50061", "--timeout", "5"]
 ENTRYPOINT ["lychee-trainer"]
 CMD ["--listen", "0.0.0.0:50061", "--registry-dir", "/var/lib/lychee/registry", "--insecure-admin"]
@@ -61,7 +61,7 @@ CMD ["--listen", "0.0.0.0:50061", "--registry-dir", "/var/lib/lychee/registry", 
 FROM runtime AS inference
 COPY --from=build /opt/lychee/bin/lychee-inference /opt/lychee/bin/
 EXPOSE 50062 9464
-HEALTHCHECK --interval=10s --timeout=6s --start-period=30s --retries=3 \
+HEALTHCHECK --interval=10s --timeout=30s --start-period=30s --retries=3 \
   CMD ["lychee", "health", "--target", "127.0.0.1:50062", "--timeout", "5"]
 ENTRYPOINT ["lychee-inference"]
 CMD ["--listen", "0.0.0.0:50062", "--state-dir", "/var/lib/lychee/inference", "--metrics-listen", "0.0.0.0:9464", \
