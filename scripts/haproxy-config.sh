@@ -14,7 +14,11 @@
 # Health: each replica is checked with GET /health on its HTTP port, for the gRPC backend too:
 # HAProxy 2.6 has no gRPC health checker (a gRPC check would need a protobuf request body and the
 # grpc-status of the HTTP/2 trailers, which its http-check can neither send nor read), and /health
-# is answered by the same process and engine that serve gRPC (503 once it shuts down). Every 500 ms;
+# is answered by the same process and engine that serve gRPC (503 once it shuts down). Except for
+# servers filled from DNS: there HAProxy 2.6 fails the check of every server of the gRPC backend
+# but the first with SOCKERR when it asks another port than the traffic's (seen under docker
+# compose: the replicas up for HTTP, all but one down for gRPC), so that backend only checks that
+# their gRPC port accepts connections (a killed replica's refuses them). Every 500 ms;
 # two failures mark a replica down, two successes up again. A request whose connection to a
 # replica fails (a replica killed, before its checks caught up) is sent to another one
 # (`option redispatch`, `retries`); a stream already running on a replica that dies ends with an
@@ -62,22 +66,26 @@ done
 
 # A backend of every replica: $1 grpc (HTTP/2 to their gRPC ports) or http (to their HTTP ports).
 backend() {
-  local replica name count host port
+  local replica name count host port health=1
+  [ "$1" = http ] || [ -z "${dns:-}" ] || health=""
   cat <<EOF
 
 backend ${1}_replicas
   balance leastconn
+EOF
+  [ -z "$health" ] || cat <<EOF
   option httpchk
   http-check send meth GET uri /health ver HTTP/1.1 hdr Host lychee
   http-check expect status 200
-  http-response set-header x-lychee-replica %[srv_name]
 EOF
+  echo "  http-response set-header x-lychee-replica %[srv_name]"
   for replica in "${replicas[@]}"; do
     [[ $replica =~ $replica_pattern ]]
     name=${BASH_REMATCH[1]} count=${BASH_REMATCH[3]} host=${BASH_REMATCH[4]}
     if [ "$1" = grpc ]; then port="${BASH_REMATCH[5]} proto h2"; else port=${BASH_REMATCH[6]}; fi
     # Checked over HTTP/1.1 on the HTTP port, whatever the protocol of the traffic.
     local check="check port ${BASH_REMATCH[6]} check-proto h1"
+    [ -n "$health" ] || check=check
     if [ -n "$count" ]; then
       echo "  server-template $name $count $host:$port $check resolvers dns resolve-prefer ipv4 init-addr none"
     else
@@ -128,6 +136,8 @@ frontend stats
   bind $stats_bind
   http-request use-service prometheus-exporter if { path /metrics }
   stats enable
+  # Each server's address in the statistics (the "addr" column): which replica is which.
+  stats show-legends
   stats uri /stats
   stats refresh 5s
 EOF
