@@ -26,7 +26,10 @@ fi
 
 failed=0
 checked=0
-while IFS= read -r file; do
+# A moved file (git's rename detection, -M) is compared with its old self, so that only the lines
+# the move edited count as touched, not the whole file.
+while IFS=$'\t' read -r _ old new; do
+  file=${new:-$old}
   # The added or edited lines of the file: the new side of each hunk, "+START,COUNT" (COUNT 0: a
   # hunk that only deletes).
   lines=()
@@ -34,11 +37,11 @@ while IFS= read -r file; do
     start=${range%,*} count=1
     [[ $range == *,* ]] && count=${range#*,}
     [ "$count" -eq 0 ] || lines+=("--lines=$start:$((start + count - 1))")
-  done < <(git diff -U0 "$base" -- "$file" | sed -nE 's/^@@ -[0-9,]+ \+([0-9,]+) @@.*/\1/p')
+  done < <(git diff -M -U0 "$base" -- "$old" "$file" | sed -nE 's/^@@ -[0-9,]+ \+([0-9,]+) @@.*/\1/p')
   [ ${#lines[@]} -gt 0 ] || continue
   checked=$((checked + 1))
   clang-format --dry-run --Werror "${lines[@]}" "$file" || failed=$((failed + 1))
-done < <(git diff --name-only --diff-filter=AMR "$base" -- '*.cc' '*.h' '*.cu' '*.cuh')
+done < <(git diff -M --name-status --diff-filter=AMR "$base" -- '*.cc' '*.h' '*.cu' '*.cuh')
 
 if [ "$failed" -gt 0 ]; then
   echo "format-check: $failed of $checked changed files have lines that clang-format would lay out otherwise" \
