@@ -4,7 +4,7 @@
 #   docker build --target inference -t lychee-inference .
 # The build stage installs the project with `cmake --install` into /opt/lychee, and the runtime
 # stages copy from that tree: the binaries in /opt/lychee/bin, the bundled model and corpora in
-# /opt/lychee/share/lychee, where the installed binaries find them (common/resource_paths.h).
+# /opt/lychee/share/lychee, where the installed binaries find them (common/service/resource_paths.h).
 # Without Docker Hub, debian:bookworm can be made with debootstrap (README, "Containers").
 
 FROM debian:bookworm AS build

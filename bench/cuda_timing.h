@@ -16,8 +16,8 @@
 
 #include "absl/flags/flag.h"
 #include "absl/status/statusor.h"
-#include "common/command_line.h"
-#include "common/status_macros.h"
+#include "common/base/status_macros.h"
+#include "common/service/command_line.h"
 
 // Exits with the location and the error when a CUDA call fails (benchmarks have nothing to recover).
 #define LYCHEE_BENCH_CUDA_OK(expr)                                                                  \

@@ -51,10 +51,10 @@
 #include "absl/strings/str_split.h"
 #include "bench/cuda_timing.h"
 #include "bench/median.h"
-#include "common/command_line.h"
-#include "common/head_partition.h"
-#include "common/model.h"
-#include "common/status_macros.h"
+#include "common/base/head_partition.h"
+#include "common/base/status_macros.h"
+#include "common/model/model.h"
+#include "common/service/command_line.h"
 #include "kernels/cuda_attention.h"
 
 ABSL_FLAG(std::string, model, "", "the model directory (required)");

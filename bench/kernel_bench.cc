@@ -29,7 +29,7 @@
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
 #include "bench/cuda_timing.h"
-#include "common/command_line.h"
+#include "common/service/command_line.h"
 #include "kernels/cuda/hybrid_decode.h"
 
 ABSL_FLAG(int64_t, reps, lychee::bench::Repeats{}.reps, "timed repeats of each launch (the median is shown)");

@@ -1,11 +1,11 @@
-// Benchmark of the model's fused decode-step kernels (common/cuda/torch_model_kernels.h), CUDA
+// Benchmark of the model's fused decode-step kernels (common/model/cuda/torch_model_kernels.h), CUDA
 // LibTorch only:
 //   1. Gemv against at::linear (cuBLAS) for rows 1, 4 and 8 and the Llama-3-8B projections
 //      (N x K: 6144 x 4096 qkv, 4096 x 4096 o, 28672 x 4096 gate_up, 4096 x 14336 down,
 //      128256 x 4096 lm head): time, the bandwidth of the bytes read and written, and that
 //      bandwidth against a device-to-device copy's (read + write) measured in the same run;
 //   2. the elementwise kernels (AddRmsNorm, RopeAppend, SiluMul, ArgmaxRows) against the LibTorch
-//      ops of common/model.cc they replace, at rows 1 and 8.
+//      ops of common/model/model.cc they replace, at rows 1 and 8.
 //
 // Timing: CUDA events around each repeat, median of --reps after --warmup; the repeats are
 // queued behind a spin kernel so that host launch overhead does not reach the GPU timeline; the
@@ -28,8 +28,8 @@
 #include "absl/flags/usage.h"
 #include "absl/status/status.h"
 #include "bench/cuda_timing.h"
-#include "common/command_line.h"
-#include "common/cuda/torch_model_kernels.h"
+#include "common/model/cuda/torch_model_kernels.h"
+#include "common/service/command_line.h"
 
 ABSL_FLAG(int64_t, reps, lychee::bench::Repeats{}.reps, "timed repeats of each kernel (the median is shown)");
 ABSL_FLAG(int64_t, warmup, lychee::bench::Repeats{}.warmup, "untimed repeats before them");
@@ -90,7 +90,7 @@ void BenchGemv(double copy_gbs, int64_t l2_bytes, bool quick) {
   }
 }
 
-// The LibTorch formulas of common/model.cc that the elementwise kernels replace.
+// The LibTorch formulas of common/model/model.cc that the elementwise kernels replace.
 at::Tensor RmsNormRef(const at::Tensor& x, const at::Tensor& weight, double eps) {
   at::Tensor x32 = x.to(at::kFloat);
   at::Tensor normed = x32 * at::rsqrt(x32.pow(2).mean(-1, /*keepdim=*/true) + eps);

@@ -11,7 +11,7 @@
 #include <string>
 #include <vector>
 
-#include "common/tokenizer.h"
+#include "common/base/tokenizer.h"
 #include "inference/engine.h"
 #include "inference/partition_manager.h"
 #include "kernels/policy.h"

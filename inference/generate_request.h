@@ -11,7 +11,7 @@
 #include <optional>
 
 #include "absl/status/statusor.h"
-#include "common/tokenizer.h"
+#include "common/base/tokenizer.h"
 #include "inference/engine.h"
 #include "kernels/policy.h"
 #include "lychee/v1/inference.pb.h"

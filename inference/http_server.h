@@ -16,8 +16,8 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "common/metrics.h"
-#include "common/security.h"
+#include "common/service/metrics.h"
+#include "common/service/security.h"
 #include "inference/engine.h"
 #include "inference/openai_api.h"
 

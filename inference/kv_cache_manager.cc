@@ -1,10 +1,10 @@
 #include "inference/kv_cache_manager.h"
 
 #include "absl/strings/str_cat.h"
-#include "common/cuda_support.h"
-#include "common/kv_pool.h"
-#include "common/model.h"
-#include "common/status_macros.h"
+#include "common/base/status_macros.h"
+#include "common/model/cuda_support.h"
+#include "common/model/kv_pool.h"
+#include "common/model/model.h"
 
 namespace lychee {
 

@@ -8,11 +8,11 @@
 #include <glog/logging.h>
 
 #include "absl/strings/str_cat.h"
-#include "common/cuda_support.h"
-#include "common/model.h"
-#include "common/sampling.h"
-#include "common/status_macros.h"
-#include "common/torch_errors.h"
+#include "common/base/status_macros.h"
+#include "common/model/cuda_support.h"
+#include "common/model/model.h"
+#include "common/model/sampling.h"
+#include "common/model/torch_errors.h"
 #include "kernels/policy_backend.h"
 
 namespace lychee {

@@ -17,7 +17,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/types/span.h"
-#include "common/model_config.h"
+#include "common/base/model_config.h"
 #include "inference/engine.h"
 #include "inference/engine_request.h"
 #include "inference/partition_manager.h"

@@ -12,8 +12,8 @@
 #include "absl/strings/cord.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "common/json_parse.h"
-#include "common/status_macros.h"
+#include "common/base/json_parse.h"
+#include "common/base/status_macros.h"
 #include "nlohmann/json.hpp"
 
 namespace lychee::openai {

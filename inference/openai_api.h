@@ -20,8 +20,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "common/chat_template.h"
-#include "common/tokenizer.h"
+#include "common/base/chat_template.h"
+#include "common/base/tokenizer.h"
 #include "inference/engine.h"
 #include "lychee/v1/inference.pb.h"
 #include "nlohmann/json_fwd.hpp"

@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "absl/status/status.h"
-#include "common/metrics.h"
+#include "common/service/metrics.h"
 #include "inference/engine.h"
 #include "inference/engine_request.h"
 

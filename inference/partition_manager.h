@@ -19,8 +19,8 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
-#include "common/head_partition.h"
-#include "common/model_config.h"
+#include "common/base/head_partition.h"
+#include "common/base/model_config.h"
 #include "inference/canary.h"
 
 namespace lychee {

@@ -8,12 +8,12 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
-#include "common/chat_template.h"
-#include "common/grpc_server.h"
-#include "common/grpc_status.h"
-#include "common/model_config.h"
-#include "common/model_fingerprint.h"
-#include "common/status_macros.h"
+#include "common/base/chat_template.h"
+#include "common/base/model_config.h"
+#include "common/base/model_fingerprint.h"
+#include "common/base/status_macros.h"
+#include "common/service/grpc_server.h"
+#include "common/service/grpc_status.h"
 #include "inference/generate_request.h"
 #include "lychee/v1/inference.grpc.pb.h"
 

@@ -4,7 +4,7 @@
 // for, the OpenAI-compatible HTTP API (inference/http_server.h). A thin layer: requests are
 // translated and checked, the engine and the manager serve them, and their absl::Status errors
 // map one to one onto gRPC codes (onto HTTP statuses for the HTTP API). TLS and the tokens are
-// common/security.h's. Free of LibTorch.
+// common/service/security.h's. Free of LibTorch.
 #pragma once
 
 #include <memory>
@@ -13,8 +13,8 @@
 #include <grpcpp/server.h>
 
 #include "absl/status/statusor.h"
-#include "common/metrics.h"
-#include "common/security.h"
+#include "common/service/metrics.h"
+#include "common/service/security.h"
 #include "inference/engine.h"
 #include "inference/http_server.h"
 #include "inference/partition_manager.h"

@@ -17,11 +17,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "common/cuda_support.h"
-#include "common/head_partition.h"
-#include "common/model.h"
-#include "common/retrieval_tasks.h"
-#include "common/status_macros.h"
+#include "common/base/head_partition.h"
+#include "common/base/retrieval_tasks.h"
+#include "common/base/status_macros.h"
+#include "common/model/cuda_support.h"
+#include "common/model/model.h"
 
 namespace lychee {
 namespace {

@@ -1,5 +1,5 @@
 // Shadow validation: before a partition from the trainer becomes active, the service decodes a
-// validation set with it and with dense attention (common/partition_validation.h) and promotes it
+// validation set with it and with dense attention (common/eval/partition_validation.h) and promotes it
 // only when every task keeps its accuracy within a bound of dense and the audited mean dropped
 // mass stays under another. Runs on a thread of its own with few intra-op threads, beside the
 // engine's thread, so that serving goes on meanwhile. Free of LibTorch.
@@ -17,7 +17,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
 #include "absl/synchronization/mutex.h"
-#include "common/partition_validation.h"
+#include "common/eval/partition_validation.h"
 
 namespace lychee {
 
@@ -30,7 +30,7 @@ struct ShadowValidationOptions {
   bool enabled = false;
   // Pass-key and multi-key prompts are generated from this text unless `prompts_file` is given.
   std::string heldout_corpus;
-  // An operator's JSON-lines prompts file (common/partition_validation.h); empty: generated prompts.
+  // An operator's JSON-lines prompts file (common/eval/partition_validation.h); empty: generated prompts.
   std::string prompts_file;
   // Small enough that the bundled model validates in seconds on the CPU.
   int64_t context_tokens = 1024;

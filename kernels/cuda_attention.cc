@@ -5,8 +5,8 @@
 #include <algorithm>
 
 #include "absl/strings/str_cat.h"
-#include "common/kv_pool.h"
-#include "common/status_macros.h"
+#include "common/base/status_macros.h"
+#include "common/model/kv_pool.h"
 #include "kernels/cuda/torch_hybrid_decode.h"
 #include "kernels/dense_attention.h"
 #include "kernels/hybrid_attention.h"

@@ -8,9 +8,9 @@
 #include <memory>
 
 #include "absl/status/statusor.h"
-#include "common/attention.h"
-#include "common/head_partition.h"
-#include "common/model_config.h"
+#include "common/base/head_partition.h"
+#include "common/base/model_config.h"
+#include "common/model/attention.h"
 #include "kernels/policy.h"
 
 namespace lychee {

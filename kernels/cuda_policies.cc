@@ -19,7 +19,7 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "common/kv_pool.h"
+#include "common/model/kv_pool.h"
 #include "kernels/cuda/torch_hybrid_decode.h"
 #include "kernels/cuda/torch_policy_decode.h"
 #include "kernels/cuda_attention.h"

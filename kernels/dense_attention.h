@@ -2,7 +2,7 @@
 // on LibTorch 1.13 and 2.x alike. The reference every other backend is measured against.
 #pragma once
 
-#include "common/attention.h"
+#include "common/model/attention.h"
 
 namespace lychee {
 

@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "common/attention.h"
-#include "common/head_partition.h"
+#include "common/base/head_partition.h"
+#include "common/model/attention.h"
 #include "kernels/policies/accounting.h"
 
 namespace lychee {

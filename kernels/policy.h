@@ -29,8 +29,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "common/head_partition.h"
-#include "common/model_config.h"
+#include "common/base/head_partition.h"
+#include "common/base/model_config.h"
 
 namespace lychee {
 

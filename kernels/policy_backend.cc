@@ -1,7 +1,7 @@
 #include "kernels/policy_backend.h"
 
 #include "absl/strings/str_cat.h"
-#include "common/status_macros.h"
+#include "common/base/status_macros.h"
 #include "kernels/dense_attention.h"
 #include "kernels/hybrid_attention.h"
 #include "kernels/policies/policies.h"

@@ -18,7 +18,7 @@
 #include <thread>
 #include <vector>
 
-#include "common/head_partition.h"
+#include "common/base/head_partition.h"
 #include "harness/child_process.h"
 #include "lychee/v1/inference.grpc.pb.h"
 #include "lychee/v1/trainer.grpc.pb.h"

@@ -12,11 +12,11 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "common/model.h"
-#include "common/retrieval_tasks.h"
-#include "common/status_macros.h"
-#include "common/tensor_parallel.h"
-#include "common/torch_errors.h"
+#include "common/base/retrieval_tasks.h"
+#include "common/base/status_macros.h"
+#include "common/model/model.h"
+#include "common/model/tensor_parallel.h"
+#include "common/model/torch_errors.h"
 #include "kernels/dense_attention.h"
 #include "trainer/gated_attention.h"
 #include "trainer/hard_kuma.h"

@@ -9,7 +9,7 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "common/head_partition.h"
+#include "common/base/head_partition.h"
 
 namespace lychee {
 

@@ -4,7 +4,7 @@
 // q·k of the same head, plus the sink and recent tokens. Layer 0 stays dense.
 #pragma once
 
-#include "common/attention.h"
+#include "common/model/attention.h"
 
 namespace lychee {
 

@@ -6,10 +6,10 @@
 #include <optional>
 
 #include "absl/strings/str_cat.h"
-#include "common/model.h"
-#include "common/retrieval_tasks.h"
-#include "common/status_macros.h"
-#include "common/tokenizer.h"
+#include "common/base/retrieval_tasks.h"
+#include "common/base/status_macros.h"
+#include "common/base/tokenizer.h"
+#include "common/model/model.h"
 
 namespace lychee {
 namespace {

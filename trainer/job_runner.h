@@ -1,6 +1,6 @@
 // The real CalibrationRunner: a job's session loads its model, tokenizer and corpus once, runs
 // RunCalibration for each target and, for a sweep, validates each partition against dense on
-// prompts built once (common/partition_validation.h). Only job_runner.cc sees LibTorch; this
+// prompts built once (common/eval/partition_validation.h). Only job_runner.cc sees LibTorch; this
 // header does not.
 #pragma once
 

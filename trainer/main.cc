@@ -6,10 +6,10 @@
 
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
-#include "common/resource_paths.h"
-#include "common/service_main.h"
-#include "common/shutdown_signals.h"
-#include "common/status_macros.h"
+#include "common/base/status_macros.h"
+#include "common/service/resource_paths.h"
+#include "common/service/service_main.h"
+#include "common/service/shutdown_signals.h"
 #include "trainer/job_runner.h"
 #include "trainer/service.h"
 

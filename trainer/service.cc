@@ -7,11 +7,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/time/clock.h"
-#include "common/model_config.h"
-#include "common/grpc_server.h"
-#include "common/grpc_status.h"
-#include "common/model_fingerprint.h"
-#include "common/status_macros.h"
+#include "common/base/model_config.h"
+#include "common/base/model_fingerprint.h"
+#include "common/base/status_macros.h"
+#include "common/service/grpc_server.h"
+#include "common/service/grpc_status.h"
 #include "lychee/v1/trainer.grpc.pb.h"
 #include "trainer/paths.h"
 

@@ -1,7 +1,8 @@
 // The trainer's gRPC server: lychee.v1.TrainerService over a JobManager and the partition
 // registry, with the standard grpc.health.v1 health service and server reflection. A thin
 // layer: requests are checked and served by the job manager and the store, whose absl::Status
-// errors map one to one onto gRPC codes. TLS and the admin token are common/security.h's. Free of LibTorch (the runner comes in from outside).
+// errors map one to one onto gRPC codes. TLS and the admin token are common/service/security.h's. Free of LibTorch (the
+// runner comes in from outside).
 #pragma once
 
 #include <memory>
@@ -10,9 +11,9 @@
 #include <grpcpp/server.h>
 
 #include "absl/status/statusor.h"
-#include "common/metrics.h"
-#include "common/partition_store.h"
-#include "common/security.h"
+#include "common/base/partition_store.h"
+#include "common/service/metrics.h"
+#include "common/service/security.h"
 #include "trainer/job_manager.h"
 
 namespace lychee {

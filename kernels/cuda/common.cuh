@@ -7,7 +7,7 @@
 
 #include <cstdint>
 
-#include "common/cuda/bf16.cuh"
+#include "common/model/cuda/bf16.cuh"
 
 namespace lychee {
 namespace cuda {

@@ -38,7 +38,7 @@ struct QueryView {
 // address in one device helper, KvRowOffset in policy_decode.cuh):
 //   contiguous (page_table null): position p of KV head h at
 //       k + h * k_head_stride + p * k_token_stride;
-//   paged (a KV pool, common/kv_pool.h): k and v are the layer's pool tensors [H_kv, pool pages,
+//   paged (a KV pool, common/model/kv_pool.h): k and v are the layer's pool tensors [H_kv, pool pages,
 //       pool page size, D], page_table the sequence's pool pages on the device (at least
 //       ceil(length / pool page size) entries), and position p of KV head h at
 //       k + h * k_head_stride + page_table[p >> log2_page_size] * k_page_stride

@@ -9,7 +9,7 @@
 #include <memory>
 #include <string>
 
-#include "common/cuda/cuda_check.h"
+#include "common/model/cuda/cuda_check.h"
 #include "kernels/cuda/torch_checks.h"
 
 namespace lychee {

@@ -75,7 +75,7 @@ at::Tensor DenseDecodeAttention(const at::Tensor& queries, const std::vector<at:
                                 const std::vector<at::Tensor>& value_caches, const std::vector<int64_t>& lengths,
                                 const HybridDecodeOptions& options = {});
 
-// The CUDA side of a paged decode step (common/attention.h's DecodeWorkspace for the dense and
+// The CUDA side of a paged decode step (common/model/attention.h's DecodeWorkspace for the dense and
 // hybrid backends): every layer reads its KV pool through the step's page tables. Made for at
 // most `max_batch` sequences of at most `max_pages` pages; holds the plan of every distinct layer
 // pattern (modes, and which sparse heads have a selection to read) at a fixed layout, the split

@@ -7,7 +7,7 @@
 #include <algorithm>
 #include <limits>
 
-#include "common/cuda/cuda_check.h"
+#include "common/model/cuda/cuda_check.h"
 #include "kernels/cuda/torch_checks.h"
 
 namespace lychee {

@@ -1,5 +1,5 @@
 // What the attention backends share: the per-sequence state that carries the telemetry
-// (common/attention.h), the accounting of each decode step's reads, the audit of the dropped
+// (common/model/attention.h), the accounting of each decode step's reads, the audit of the dropped
 // attention mass against dense scores, and exact attention over a set of cache positions.
 #pragma once
 
@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "common/attention.h"
+#include "common/model/attention.h"
 
 namespace lychee {
 

@@ -16,8 +16,8 @@
 #include <utility>
 #include <vector>
 
-#include "common/attention.h"
-#include "common/head_partition.h"
+#include "common/base/head_partition.h"
+#include "common/model/attention.h"
 #include "kernels/policy.h"
 
 namespace lychee {

@@ -1,4 +1,4 @@
-#include "common/chat_template.h"
+#include "common/base/chat_template.h"
 
 #include <unistd.h>
 

@@ -1,5 +1,5 @@
 // The flags of the servers and the benchmarks under dashed names, with booleans' separate values.
-#include "common/command_line.h"
+#include "common/service/command_line.h"
 
 #include <catch2/catch.hpp>
 

@@ -5,7 +5,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "common/evaluation.h"
+#include "common/eval/evaluation.h"
 #include "kernels/policy_backend.h"
 
 namespace lychee {

@@ -1,7 +1,7 @@
 // HeadPartition: validation, the proto conversion both ways, and the hand-written JSON form.
 #include <catch2/catch.hpp>
 
-#include "common/head_partition.h"
+#include "common/base/head_partition.h"
 #include "lychee/v1/head_partition.pb.h"
 
 namespace lychee {

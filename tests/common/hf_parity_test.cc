@@ -8,8 +8,8 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "common/model.h"
-#include "common/sampling.h"
+#include "common/model/model.h"
+#include "common/model/sampling.h"
 #include "kernels/dense_attention.h"
 
 namespace lychee {

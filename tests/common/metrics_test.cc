@@ -1,4 +1,4 @@
-#include "common/metrics.h"
+#include "common/service/metrics.h"
 
 #include <catch2/catch.hpp>
 

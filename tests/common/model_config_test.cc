@@ -1,4 +1,4 @@
-#include "common/model_config.h"
+#include "common/base/model_config.h"
 
 #include <stdlib.h>
 

@@ -1,5 +1,5 @@
-// The fused decode-step kernels (common/cuda/torch_model_kernels.h) against the LibTorch formulas
-// of common/model.cc on the GPU, on random inputs of real shapes (Llama-3-8B: H 4096, 32 query and
+// The fused decode-step kernels (common/model/cuda/torch_model_kernels.h) against the LibTorch formulas
+// of common/model/model.cc on the GPU, on random inputs of real shapes (Llama-3-8B: H 4096, 32 query and
 // 8 KV heads of 128, I 14336, V 128256; the bundled model: H 384, 6 and 2 heads of 64, I 1024,
 // V 8192), rows 1, 3 and 8. Each case prints its largest difference in bf16 ulps (the number of
 // bf16 values between). What is checked: purely elementwise results (residual add, RoPE without a
@@ -22,8 +22,8 @@
 #include <string>
 #include <vector>
 
-#include "common/cuda/torch_model_kernels.h"
-#include "common/cuda_support.h"
+#include "common/model/cuda/torch_model_kernels.h"
+#include "common/model/cuda_support.h"
 
 namespace lychee {
 namespace cuda {
@@ -40,7 +40,7 @@ at::TensorOptions Bf16() { return at::TensorOptions().dtype(at::kBFloat16).devic
 at::TensorOptions Int32() { return at::TensorOptions().dtype(at::kInt).device(at::kCUDA); }
 at::TensorOptions Float32() { return at::TensorOptions().dtype(at::kFloat).device(at::kCUDA); }
 
-// ---- the reference formulas of common/model.cc ----
+// ---- the reference formulas of common/model/model.cc ----
 
 // Model::RmsNorm.
 at::Tensor RmsNormRef(const at::Tensor& x, const at::Tensor& weight, double eps) {

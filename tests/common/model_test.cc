@@ -8,10 +8,10 @@
 #include <nlohmann/json.hpp>
 #include <thread>
 
-#include "common/cuda_support.h"
-#include "common/model.h"
-#include "common/sampling.h"
-#include "common/tokenizer.h"
+#include "common/base/tokenizer.h"
+#include "common/model/cuda_support.h"
+#include "common/model/model.h"
+#include "common/model/sampling.h"
 #include "harness/temp_dir.h"
 #include "kernels/dense_attention.h"
 

@@ -5,10 +5,10 @@
 #include <fstream>
 #include <nlohmann/json.hpp>
 
-#include "common/head_partition.h"
-#include "common/model.h"
-#include "common/partition_validation.h"
-#include "common/tokenizer.h"
+#include "common/base/head_partition.h"
+#include "common/base/tokenizer.h"
+#include "common/eval/partition_validation.h"
+#include "common/model/model.h"
 #include "harness/temp_dir.h"
 
 namespace lychee {

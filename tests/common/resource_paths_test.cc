@@ -1,4 +1,4 @@
-#include "common/resource_paths.h"
+#include "common/service/resource_paths.h"
 
 #include <stdlib.h>
 

@@ -1,6 +1,6 @@
 // HaystackBuilder with the bundled tokenizer and held-out novel: prompt lengths, needle and
 // query placement, answer tokens, determinism, and the error cases.
-#include "common/retrieval_tasks.h"
+#include "common/base/retrieval_tasks.h"
 
 #include <catch2/catch.hpp>
 #include <iterator>

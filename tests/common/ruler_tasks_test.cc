@@ -8,7 +8,7 @@
 #include <string>
 
 #include "absl/strings/str_split.h"
-#include "common/retrieval_tasks.h"
+#include "common/base/retrieval_tasks.h"
 
 namespace lychee {
 namespace {

@@ -1,6 +1,6 @@
 #include "tests/common/tensor_parallel_generation.h"
 
-#include "common/status_macros.h"
+#include "common/base/status_macros.h"
 #include "kernels/dense_attention.h"
 #include "kernels/hybrid_attention.h"
 

@@ -10,9 +10,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "common/attention.h"
-#include "common/model.h"
-#include "common/tensor_parallel.h"
+#include "common/model/attention.h"
+#include "common/model/model.h"
+#include "common/model/tensor_parallel.h"
 
 namespace lychee::testing {
 

@@ -2,7 +2,7 @@
 // ranks 1..N-1 as tensor_parallel_worker processes (RankWorkers) taking the same steps; rank 0 must
 // produce the same greedy tokens and, within fp32 tolerance, the same logits, and every worker
 // must exit cleanly.
-#include "common/tensor_parallel.h"
+#include "common/model/tensor_parallel.h"
 
 #include <signal.h>
 
@@ -11,9 +11,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "common/model.h"
-#include "common/rank_workers.h"
-#include "common/status_macros.h"
+#include "common/base/status_macros.h"
+#include "common/model/model.h"
+#include "common/model/rank_workers.h"
 #include "harness/temp_dir.h"
 #include "kernels/dense_attention.h"
 #include "kernels/hybrid_attention.h"

@@ -10,8 +10,8 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_split.h"
-#include "common/rank_workers.h"
-#include "common/status_macros.h"
+#include "common/base/status_macros.h"
+#include "common/model/rank_workers.h"
 #include "tests/common/tensor_parallel_generation.h"
 
 namespace {

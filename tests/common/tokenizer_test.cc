@@ -1,7 +1,7 @@
 // The tokenizer against ids and decodes that Hugging Face `tokenizers` 0.23.2 produced
 // (tests/data/tokenizers/expected.json, see tools/tokenizer_refs/README.md), plus streaming
 // decoding, error paths and robustness against malformed tokenizer.json files.
-#include "common/tokenizer.h"
+#include "common/base/tokenizer.h"
 
 #include <unistd.h>
 #include <zlib.h>

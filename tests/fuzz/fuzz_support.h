@@ -9,7 +9,7 @@
 #include <string>
 #include <string_view>
 
-#include "common/head_partition.h"
+#include "common/base/head_partition.h"
 
 // A property the code promises does not hold: abort, which libFuzzer reports as a crash and
 // saves the input for.

@@ -25,11 +25,11 @@
 #include <string>
 #include <vector>
 
-#include "common/head_partition.h"
-#include "common/model_fingerprint.h"
-#include "common/partition_store.h"
-#include "common/safetensors.h"
-#include "common/tokenizer.h"
+#include "common/base/head_partition.h"
+#include "common/base/model_fingerprint.h"
+#include "common/base/partition_store.h"
+#include "common/base/safetensors.h"
+#include "common/base/tokenizer.h"
 #include "lychee/v1/head_partition.pb.h"
 #include "nlohmann/json.hpp"
 

@@ -3,7 +3,7 @@
 #include <cstdint>
 #include <limits>
 
-#include "common/model_config.h"
+#include "common/base/model_config.h"
 #include "tests/fuzz/fuzz_support.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

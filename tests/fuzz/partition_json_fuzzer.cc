@@ -4,7 +4,7 @@
 
 #include <cstdint>
 
-#include "common/head_partition.h"
+#include "common/base/head_partition.h"
 #include "lychee/v1/head_partition.pb.h"
 #include "tests/fuzz/fuzz_support.h"
 

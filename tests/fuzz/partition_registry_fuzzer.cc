@@ -7,8 +7,8 @@
 #include <cstdint>
 #include <string>
 
-#include "common/durable_file.h"
-#include "common/partition_store.h"
+#include "common/base/durable_file.h"
+#include "common/base/partition_store.h"
 #include "lychee/v1/head_partition.pb.h"
 #include "tests/fuzz/fuzz_support.h"
 

@@ -7,7 +7,7 @@
 #include <cstdint>
 #include <string>
 
-#include "common/safetensors.h"
+#include "common/base/safetensors.h"
 #include "tests/fuzz/fuzz_support.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {

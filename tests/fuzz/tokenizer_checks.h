@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "absl/types/span.h"
-#include "common/tokenizer.h"
+#include "common/base/tokenizer.h"
 #include "tests/fuzz/fuzz_support.h"
 
 namespace lychee::fuzz {

@@ -6,7 +6,7 @@
 #include <string>
 #include <vector>
 
-#include "common/tokenizer.h"
+#include "common/base/tokenizer.h"
 #include "tests/fuzz/fuzz_support.h"
 #include "tests/fuzz/tokenizer_checks.h"
 

@@ -4,7 +4,7 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "common/tokenizer.h"
+#include "common/base/tokenizer.h"
 #include "tests/fuzz/fuzz_support.h"
 #include "tests/fuzz/tokenizer_checks.h"
 

@@ -8,7 +8,7 @@
 #include <cmath>
 #include <filesystem>
 
-#include "common/durable_file.h"
+#include "common/base/durable_file.h"
 #include "harness/temp_dir.h"
 #include "inference/partition_manager.h"
 

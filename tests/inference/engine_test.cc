@@ -11,11 +11,11 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
-#include "common/kv_pool.h"
-#include "common/model.h"
-#include "common/model_fingerprint.h"
-#include "common/sampling.h"
-#include "common/tokenizer.h"
+#include "common/base/model_fingerprint.h"
+#include "common/base/tokenizer.h"
+#include "common/model/kv_pool.h"
+#include "common/model/model.h"
+#include "common/model/sampling.h"
 #include "harness/temp_dir.h"
 #include "inference/output_processor.h"
 #include "kernels/dense_attention.h"

@@ -13,7 +13,7 @@
 #include <thread>
 #include <vector>
 
-#include "common/model_fingerprint.h"
+#include "common/base/model_fingerprint.h"
 #include "harness/temp_dir.h"
 #include "inference/service.h"
 #include "lychee/v1/inference.grpc.pb.h"

@@ -5,7 +5,7 @@
 #include <filesystem>
 #include <fstream>
 
-#include "common/durable_file.h"
+#include "common/base/durable_file.h"
 #include "harness/temp_dir.h"
 
 namespace lychee {

@@ -17,7 +17,7 @@
 #include <regex>
 #include <thread>
 
-#include "common/head_partition.h"
+#include "common/base/head_partition.h"
 #include "harness/child_process.h"
 #include "harness/temp_dir.h"
 #include "lychee/v1/inference.grpc.pb.h"

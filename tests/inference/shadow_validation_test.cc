@@ -13,9 +13,9 @@
 #include <thread>
 #include <vector>
 
-#include "common/model_config.h"
-#include "common/model_fingerprint.h"
-#include "common/random_partition.h"
+#include "common/base/model_config.h"
+#include "common/base/model_fingerprint.h"
+#include "common/base/random_partition.h"
 #include "harness/temp_dir.h"
 #include "inference/engine.h"
 #include "inference/shadow_validator.h"

@@ -12,7 +12,7 @@
 #include <string>
 #include <random>
 
-#include "common/model.h"
+#include "common/model/model.h"
 #include "kernels/cuda_attention.h"
 #include "kernels/dense_attention.h"
 #include "kernels/hybrid_attention.h"

@@ -14,8 +14,8 @@
 #include <set>
 #include <vector>
 
-#include "common/kv_pool.h"
-#include "common/model.h"
+#include "common/model/kv_pool.h"
+#include "common/model/model.h"
 #include "kernels/cuda/torch_policy_decode.h"
 #include "kernels/cuda_attention.h"
 #include "kernels/policies/policies.h"

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "common/model.h"
+#include "common/model/model.h"
 
 namespace lychee {
 namespace testing {

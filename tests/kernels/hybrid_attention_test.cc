@@ -6,7 +6,7 @@
 #include <cmath>
 #include <numeric>
 
-#include "common/model.h"
+#include "common/model/model.h"
 #include "kernels/dense_attention.h"
 #include "kernels/hybrid_attention.h"
 #include "tests/kernels/greedy_decode.h"

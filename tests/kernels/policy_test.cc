@@ -9,7 +9,7 @@
 #include <numeric>
 #include <set>
 
-#include "common/model.h"
+#include "common/model/model.h"
 #include "kernels/dense_attention.h"
 #include "kernels/hybrid_attention.h"
 #include "kernels/policies/policies.h"

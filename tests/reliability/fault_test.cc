@@ -15,8 +15,8 @@
 #include <mutex>
 #include <random>
 
-#include "common/durable_file.h"
-#include "common/partition_store.h"
+#include "common/base/durable_file.h"
+#include "common/base/partition_store.h"
 #include "harness/temp_dir.h"
 #include "tests/server_processes.h"
 

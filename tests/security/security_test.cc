@@ -1,4 +1,4 @@
-// common/security.h on its own: which addresses count as the loopback, token files, the
+// common/service/security.h on its own: which addresses count as the loopback, token files, the
 // checks of a call's authorization metadata, the start-up refusals, and TLS files that are
 // missing, half given or do not belong together.
 #include <catch2/catch.hpp>
@@ -7,7 +7,7 @@
 #include <string>
 #include <vector>
 
-#include "common/security.h"
+#include "common/service/security.h"
 #include "harness/temp_dir.h"
 #include "tests/security/test_pki.h"
 

@@ -13,8 +13,8 @@
 #include <regex>
 #include <thread>
 
-#include "common/head_partition.h"
-#include "common/security.h"
+#include "common/base/head_partition.h"
+#include "common/service/security.h"
 #include "harness/child_process.h"
 #include "harness/temp_dir.h"
 #include "inference/service.h"

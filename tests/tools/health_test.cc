@@ -21,8 +21,8 @@
 #include <thread>
 #include <vector>
 
-#include "common/head_partition.h"
-#include "common/partition_store.h"
+#include "common/base/head_partition.h"
+#include "common/base/partition_store.h"
 #include "harness/temp_dir.h"
 #include "tests/http_get.h"
 #include "tests/run_command.h"

@@ -15,8 +15,8 @@
 #include <string>
 #include <utility>
 
-#include "common/durable_file.h"
-#include "common/head_partition.h"
+#include "common/base/durable_file.h"
+#include "common/base/head_partition.h"
 #include "harness/temp_dir.h"
 #include "tests/tools/xml_check.h"
 #include "tools/lychee/partition_view.h"

@@ -7,9 +7,9 @@
 #include <cmath>
 #include <vector>
 
-#include "common/model.h"
-#include "common/retrieval_tasks.h"
-#include "common/tokenizer.h"
+#include "common/base/retrieval_tasks.h"
+#include "common/base/tokenizer.h"
+#include "common/model/model.h"
 #include "kernels/dense_attention.h"
 #include "lychee/v1/head_partition.pb.h"
 #include "tests/trainer/tiny_calibration.h"

@@ -4,10 +4,10 @@
 #include <filesystem>
 #include <thread>
 
-#include "common/model.h"
-#include "common/retrieval_tasks.h"
-#include "common/tensor_parallel.h"
-#include "common/tokenizer.h"
+#include "common/base/retrieval_tasks.h"
+#include "common/base/tokenizer.h"
+#include "common/model/model.h"
+#include "common/model/tensor_parallel.h"
 #include "harness/temp_dir.h"
 #include "tests/torch_catch.h"
 #include "tests/trainer/tiny_calibration.h"

@@ -10,9 +10,9 @@
 #include <functional>
 #include <thread>
 
-#include "common/metrics.h"
-#include "common/model_fingerprint.h"
-#include "common/partition_store.h"
+#include "common/base/model_fingerprint.h"
+#include "common/base/partition_store.h"
+#include "common/service/metrics.h"
 #include "harness/temp_dir.h"
 #include "trainer/job_journal.h"
 #include "trainer/job_manager.h"

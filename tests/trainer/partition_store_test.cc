@@ -11,9 +11,9 @@
 #include <iterator>
 #include <thread>
 
-#include "common/durable_file.h"
-#include "common/model_fingerprint.h"
-#include "common/partition_store.h"
+#include "common/base/durable_file.h"
+#include "common/base/model_fingerprint.h"
+#include "common/base/partition_store.h"
 #include "harness/temp_dir.h"
 
 namespace lychee {

@@ -20,9 +20,9 @@
 #include <optional>
 #include <thread>
 
-#include "common/grpc_status.h"
-#include "common/model_fingerprint.h"
-#include "common/retrieval_tasks.h"
+#include "common/base/model_fingerprint.h"
+#include "common/base/retrieval_tasks.h"
+#include "common/service/grpc_status.h"
 #include "harness/temp_dir.h"
 #include "lychee/v1/trainer.grpc.pb.h"
 #include "tests/run_command.h"

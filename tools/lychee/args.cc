@@ -2,7 +2,7 @@
 
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
-#include "common/resource_paths.h"
+#include "common/service/resource_paths.h"
 
 namespace lychee::cli {
 

@@ -23,7 +23,7 @@ class Args {
   bool Has(const std::string& name) const { return values_.count(name) > 0; }
   std::optional<std::string> Get(const std::string& name) const;
   std::string GetOr(const std::string& name, const std::string& fallback) const;
-  // The value of `name`, or the bundled `resource` (common/resource_paths.h) when it is absent.
+  // The value of `name`, or the bundled `resource` (common/service/resource_paths.h) when it is absent.
   absl::StatusOr<std::string> GetOrResource(const std::string& name, absl::string_view resource) const;
   absl::StatusOr<int64_t> GetInt(const std::string& name, int64_t fallback) const;
   absl::StatusOr<double> GetDouble(const std::string& name, double fallback) const;

@@ -5,9 +5,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "common/random_partition.h"
-#include "common/status_macros.h"
-#include "common/tensor_parallel.h"
+#include "common/base/random_partition.h"
+#include "common/base/status_macros.h"
+#include "common/model/tensor_parallel.h"
 #include "kernels/policy_backend.h"
 
 namespace lychee::cli {

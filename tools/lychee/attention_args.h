@@ -17,9 +17,9 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
-#include "common/attention.h"
-#include "common/head_partition.h"
-#include "common/model.h"
+#include "common/base/head_partition.h"
+#include "common/model/attention.h"
+#include "common/model/model.h"
 #include "kernels/policy.h"
 #include "tools/lychee/args.h"
 

@@ -1,6 +1,6 @@
 #include "tools/lychee/grpc_client.h"
 
-#include "common/status_macros.h"
+#include "common/base/status_macros.h"
 
 namespace lychee::cli {
 

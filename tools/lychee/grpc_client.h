@@ -15,9 +15,9 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
-#include "common/grpc_status.h"
-#include "common/security.h"
-#include "common/status_macros.h"
+#include "common/base/status_macros.h"
+#include "common/service/grpc_status.h"
+#include "common/service/security.h"
 #include "tools/lychee/args.h"
 
 namespace lychee::cli {

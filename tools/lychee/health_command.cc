@@ -7,8 +7,8 @@
 #include <iostream>
 
 #include "absl/strings/str_cat.h"
-#include "common/grpc_status.h"
-#include "common/status_macros.h"
+#include "common/base/status_macros.h"
+#include "common/service/grpc_status.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "tools/lychee/args.h"
 #include "tools/lychee/grpc_client.h"

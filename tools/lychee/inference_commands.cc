@@ -10,7 +10,7 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "common/status_macros.h"
+#include "common/base/status_macros.h"
 #include "kernels/policy.h"
 #include "lychee/v1/inference.grpc.pb.h"
 #include "tools/lychee/args.h"

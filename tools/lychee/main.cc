@@ -5,8 +5,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "common/heap_tuning.h"
-#include "common/resource_paths.h"
+#include "common/base/heap_tuning.h"
+#include "common/service/resource_paths.h"
 #include "tools/lychee/eval_command.h"
 #include "tools/lychee/health_command.h"
 #include "tools/lychee/inference_commands.h"

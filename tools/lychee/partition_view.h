@@ -5,7 +5,7 @@
 #include <string>
 
 #include "absl/status/status.h"
-#include "common/head_partition.h"
+#include "common/base/head_partition.h"
 
 namespace lychee::cli {
 

@@ -6,8 +6,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_split.h"
-#include "common/accuracy_plot.h"
-#include "common/status_macros.h"
+#include "common/base/accuracy_plot.h"
+#include "common/base/status_macros.h"
 
 namespace lychee::cli {
 namespace {

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// Writes common/tokenizer_unicode_tables.h, two tables that make the C++ tokenizer see Unicode
+// Writes common/base/tokenizer_unicode_tables.h, two tables that make the C++ tokenizer see Unicode
 // as Hugging Face `tokenizers` does although its libraries know other Unicode versions:
 // - per general category, the code points that Oniguruma (the regex engine in `tokenizers`,
 //   Unicode 16) puts in it and PCRE2 (10.42, Unicode 14) does not;

@@ -2,11 +2,11 @@
 // sees. Needs the CUDA runtime library, not a device: error names and descriptions are host-side.
 #include "tests/torch_catch.h"
 
-#include "common/cuda/cuda_check.h"
+#include "common/model/cuda/cuda_check.h"
 
 #include <string>
 
-#include "common/torch_errors.h"
+#include "common/model/torch_errors.h"
 
 namespace lychee {
 namespace {

@@ -1,0 +1,67 @@
+// Tensor-parallel ranks 1..N-1 as worker processes of the process that is rank 0: each worker is a
+// program (usually the launcher's own binary) re-executed with hidden flags naming its rank and
+// the group's rendezvous file, and it joins the Gloo group there (JoinGlooGroup). Free of LibTorch.
+#pragma once
+
+#include <sys/types.h>
+
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "common/model/tensor_parallel.h"
+
+namespace lychee {
+
+// The hidden flags a worker is started with, appended to its arguments as "--FLAG VALUE".
+inline constexpr char kTensorParallelRankFlag[] = "tensor-parallel-rank";
+inline constexpr char kTensorParallelRendezvousFlag[] = "tensor-parallel-rendezvous";
+
+// The path of this process's own binary, for a launcher that re-executes itself (resolved, so
+// that ps shows the workers by their program's name).
+absl::StatusOr<std::string> SelfExecutable();
+
+class RankWorkers {
+ public:
+  // Starts ranks 1..world_size-1, each `program` with `args`, then "--tensor-parallel-rank R
+  // --tensor-parallel-rendezvous FILE" (the world size is for `args` to carry). A worker is killed
+  // when the thread that started it ends (PR_SET_PDEATHSIG), so that none outlives its rank 0; its
+  // output goes where this process's does.
+  static absl::StatusOr<std::unique_ptr<RankWorkers>> Start(const std::string& program,
+                                                            const std::vector<std::string>& args, int world_size);
+  // SIGKILLs and reaps the workers still running, and removes the rendezvous dir.
+  ~RankWorkers();
+  RankWorkers(const RankWorkers&) = delete;
+  RankWorkers& operator=(const RankWorkers&) = delete;
+
+  // The file where the ranks meet: rank 0 passes it to JoinGlooGroup.
+  const std::string& rendezvous_file() const { return rendezvous_file_; }
+  int world_size() const { return static_cast<int>(pids_.size()) + 1; }
+  pid_t pid(int rank) const { return pids_.at(rank - 1); }
+
+  // Waits for every worker to end: OK when all exited 0; otherwise UNAVAILABLE naming the lowest
+  // rank that a signal killed (the others then fail on the group they lost), or else the lowest
+  // rank that exited non-zero.
+  absl::Status Wait();
+
+ private:
+  RankWorkers(std::string dir, std::string rendezvous_file)
+      : dir_(std::move(dir)), rendezvous_file_(std::move(rendezvous_file)) {}
+
+  std::string dir_;
+  std::string rendezvous_file_;
+  std::vector<pid_t> pids_;  // rank r's at r - 1; 0 once reaped
+};
+
+// Runs `rank_work` as rank 0 of a Gloo group in this process, with ranks 1..world_size-1 as
+// workers started by RankWorkers::Start(program, worker_args, world_size); each worker must make
+// the same collective calls. Rank 0's error first (a worker's death shows there as UNAVAILABLE),
+// then the lowest failing worker's.
+absl::Status RunGlooRanksInProcesses(
+    int world_size, const std::string& program, const std::vector<std::string>& worker_args,
+    const std::function<absl::Status(std::shared_ptr<TensorParallelGroup>)>& rank_work);
+
+}  // namespace lychee

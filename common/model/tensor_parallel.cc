@@ -1,0 +1,52 @@
+#include "common/model/tensor_parallel.h"
+
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+
+namespace lychee {
+
+absl::StatusOr<ModelConfig> ShardModelConfig(const ModelConfig& config, int world_size) {
+  if (world_size < 1)
+    return absl::InvalidArgumentError(absl::StrCat("tensor parallelism needs at least one rank, got ", world_size));
+  if (config.num_kv_heads % world_size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor parallelism over ", world_size,
+                                                   " ranks: the rank count must divide the model's ",
+                                                   config.num_kv_heads, " KV heads"));
+  }
+  if (config.intermediate_size % world_size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("tensor parallelism over ", world_size,
+                                                   " ranks: the rank count must divide the model's intermediate size ",
+                                                   config.intermediate_size));
+  }
+  ModelConfig shard = config;
+  shard.num_attention_heads = config.num_attention_heads / world_size;
+  shard.num_kv_heads = config.num_kv_heads / world_size;
+  shard.intermediate_size = config.intermediate_size / world_size;
+  return shard;
+}
+
+VocabSlice VocabSliceOf(int64_t vocab_size, int rank, int world_size) {
+  const int64_t per_rank = (vocab_size + world_size - 1) / world_size;
+  VocabSlice slice;
+  slice.begin = std::min(vocab_size, rank * per_rank);
+  slice.size = std::min(vocab_size, slice.begin + per_rank) - slice.begin;
+  return slice;
+}
+
+absl::StatusOr<HeadPartition> ShardHeadPartition(const HeadPartition& partition, int rank, int world_size) {
+  if (world_size < 1 || rank < 0 || rank >= world_size || partition.num_kv_heads() % world_size != 0) {
+    return absl::InvalidArgumentError(absl::StrCat("head partition of ", partition.num_kv_heads(),
+                                                   " KV heads: no shard for rank ", rank, " of ", world_size));
+  }
+  const int64_t local = partition.num_kv_heads() / world_size;
+  std::vector<HeadRole> roles;
+  roles.reserve(partition.num_layers() * local);
+  for (int64_t layer = 0; layer < partition.num_layers(); ++layer) {
+    for (int64_t head = 0; head < local; ++head) roles.push_back(partition.role(layer, rank * local + head));
+  }
+  return HeadPartition(partition.num_layers(), local, std::move(roles), partition.selection());
+}
+
+}  // namespace lychee
