@@ -32,11 +32,13 @@
 #include "common/model/rank_workers.h"
 #include "common/model/tensor_parallel.h"
 #include "common/service/command_line.h"
+#include "common/service/resource_paths.h"
 #include "trainer/calibration.h"
 
 ABSL_FLAG(std::string, model, "", "model directory (config.json and safetensors)");
 ABSL_FLAG(std::string, tokenizer, "", "tokenizer.json (default: the model directory's)");
-ABSL_FLAG(std::string, corpus, "data/corpus/calibration.txt.gz", "text the samples are built from");
+ABSL_FLAG(std::string, corpus, lychee::ResourcePathOrEmpty(absl::StrCat(lychee::kCorpusDir, "/calibration.txt.gz")),
+          "text the samples are built from (default: the bundled calibration corpus)");
 ABSL_FLAG(std::string, device, "cuda", "cuda or cpu");
 ABSL_FLAG(std::vector<std::string>, contexts, std::vector<std::string>({"2048", "8192"}), "sample lengths in tokens");
 ABSL_FLAG(std::vector<std::string>, checkpointing, std::vector<std::string>({"on", "off"}),
@@ -118,7 +120,8 @@ absl::Status Run(const TensorParallelGroup* data_parallel, bool print) {
   const std::string tokenizer_path =
       absl::GetFlag(FLAGS_tokenizer).empty() ? model_dir + "/tokenizer.json" : absl::GetFlag(FLAGS_tokenizer);
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Tokenizer> tokenizer, Tokenizer::FromFile(tokenizer_path));
-  LYCHEE_ASSIGN_OR_RETURN(std::string corpus, ReadTextCorpus(absl::GetFlag(FLAGS_corpus)));
+  LYCHEE_ASSIGN_OR_RETURN(const std::string corpus_path, RequireFlagPath(absl::GetFlag(FLAGS_corpus), "--corpus"));
+  LYCHEE_ASSIGN_OR_RETURN(std::string corpus, ReadTextCorpus(corpus_path));
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(model_dir, options));
   const ModelConfig& shape = model->config();
   if (print) {

@@ -11,11 +11,14 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <functional>
+#include <string>
 #include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "common/base/status_macros.h"
 #include "common/service/command_line.h"
 
@@ -44,6 +47,22 @@ inline absl::StatusOr<Repeats> RepeatsFromFlags(const absl::Flag<int64_t>& reps,
   repeats.reps = static_cast<int>(timed);
   repeats.warmup = static_cast<int>(untimed);
   return repeats;
+}
+
+// A CUDA benchmark's command line: its flags (ParseFlags; `defining_file` is the __FILE__ of their
+// definitions) and the repeats its --reps and --warmup ask for. Otherwise prints what was wrong after
+// the program's name and exits 1.
+inline Repeats ParseBenchFlags(int argc, char** argv, absl::string_view defining_file, const absl::Flag<int64_t>& reps,
+                               const absl::Flag<int64_t>& warmup) {
+  const absl::Status parsed = ParseFlags(argc, argv, defining_file);
+  const absl::StatusOr<Repeats> repeats = parsed.ok() ? RepeatsFromFlags(reps, warmup) : parsed;
+  if (!repeats.ok()) {
+    const char* slash = std::strrchr(argv[0], '/');
+    std::fprintf(stderr, "%s: %s\n", slash == nullptr ? argv[0] : slash + 1,
+                 std::string(repeats.status().message()).c_str());
+    std::exit(1);
+  }
+  return *repeats;
 }
 
 inline cudaStream_t CurrentStream() { return c10::cuda::getCurrentCUDAStream().stream(); }

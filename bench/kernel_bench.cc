@@ -27,9 +27,7 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/usage.h"
-#include "absl/status/status.h"
 #include "bench/cuda_timing.h"
-#include "common/service/command_line.h"
 #include "kernels/cuda/hybrid_decode.h"
 
 ABSL_FLAG(int64_t, reps, lychee::bench::Repeats{}.reps, "timed repeats of each launch (the median is shown)");
@@ -240,14 +238,7 @@ Row Bench(const Shape& shape, int batch, int64_t ctx, double copy_gbs, bool swee
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("usage: kernel_bench [flags]");
-  const absl::Status parsed = lychee::ParseFlags(argc, argv, __FILE__);
-  const absl::StatusOr<lychee::bench::Repeats> repeats =
-      parsed.ok() ? lychee::bench::RepeatsFromFlags(FLAGS_reps, FLAGS_warmup) : parsed;
-  if (!repeats.ok()) {
-    std::fprintf(stderr, "kernel_bench: %s\n", std::string(repeats.status().message()).c_str());
-    return 1;
-  }
-  g_repeats = *repeats;
+  g_repeats = lychee::bench::ParseBenchFlags(argc, argv, __FILE__, FLAGS_reps, FLAGS_warmup);
   const bool quick = absl::GetFlag(FLAGS_quick), sweep = absl::GetFlag(FLAGS_sweep),
              profile = absl::GetFlag(FLAGS_profile);
   int devices = 0;

@@ -44,6 +44,10 @@ ABSL_FLAG(std::string, inference, "",
           "HOST:PORT of an inference service to use instead of starting one (give --inference-pid for its memory "
           "figure)");
 ABSL_FLAG(int64_t, inference_pid, 0, "the process id of --inference");
+ABSL_FLAG(std::string, trainer_binary, "",
+          "the lychee-trainer to start (default: the one beside load_bench, else the first in $PATH)");
+ABSL_FLAG(std::string, inference_binary, "",
+          "the lychee-inference to start (default: the one beside load_bench, else the first in $PATH)");
 ABSL_FLAG(bool, shadow_validation, false,
           "whether the inference service it starts validates each partition against dense first (false: "
           "retrieval-head-0 would be rejected, and the bench measures rollouts)");
@@ -73,6 +77,18 @@ absl::StatusOr<int> PortFromLog(const std::string& log_path, const std::string& 
     std::this_thread::sleep_for(50ms);
   }
   return absl::DeadlineExceededError(absl::StrCat(service, " did not start within 120 s; see ", log_path));
+}
+
+// The server binary to start: `given` (its --NAME-binary flag) unless empty, else the program `name`
+// beside load_bench or in $PATH; the error says which flags would do instead.
+absl::StatusOr<std::string> ServerBinary(const std::string& given, const std::string& name, const std::string& flag) {
+  if (!given.empty()) return given;
+  absl::StatusOr<std::string> found = lychee::FindProgram(name);
+  if (!found.ok()) {
+    return absl::NotFoundError(absl::StrCat(found.status().message(), "; give --", flag, "-binary PATH, or --", flag,
+                                            " HOST:PORT of a running server"));
+  }
+  return found;
 }
 
 std::unique_ptr<grpc::ClientContext> Context(std::chrono::seconds timeout) {
@@ -177,9 +193,11 @@ absl::Status Run() {
   std::unique_ptr<lychee::testing::ChildProcess> inference_process;
   std::string trainer_address = absl::GetFlag(FLAGS_trainer);
   if (trainer_address.empty()) {
+    LYCHEE_ASSIGN_OR_RETURN(const std::string binary,
+                            ServerBinary(absl::GetFlag(FLAGS_trainer_binary), "lychee-trainer", "trainer"));
     const std::string log = (dir.path / "trainer.log").string();
     trainer_process = std::make_unique<lychee::testing::ChildProcess>(
-        LYCHEE_TRAINER,
+        binary,
         std::vector<std::string>{"--listen", "127.0.0.1:0", "--registry-dir", (dir.path / "registry").string(),
                                  "--threads", std::to_string(threads)},
         log);
@@ -210,9 +228,11 @@ absl::Status Run() {
   std::string inference_address = absl::GetFlag(FLAGS_inference);
   pid_t inference_pid = static_cast<pid_t>(given_pid);
   if (inference_address.empty()) {
+    LYCHEE_ASSIGN_OR_RETURN(const std::string binary,
+                            ServerBinary(absl::GetFlag(FLAGS_inference_binary), "lychee-inference", "inference"));
     const std::string log = (dir.path / "inference.log").string();
     inference_process = std::make_unique<lychee::testing::ChildProcess>(
-        LYCHEE_INFERENCE,
+        binary,
         std::vector<std::string>{"--listen", "127.0.0.1:0", "--state-dir", (dir.path / "state").string(), "--trainer",
                                  trainer_address, "--threads", std::to_string(threads), "--max-batch",
                                  std::to_string(std::max<int64_t>(16, clients)),

@@ -26,10 +26,8 @@
 
 #include "absl/flags/flag.h"
 #include "absl/flags/usage.h"
-#include "absl/status/status.h"
 #include "bench/cuda_timing.h"
 #include "common/model/cuda/torch_model_kernels.h"
-#include "common/service/command_line.h"
 
 ABSL_FLAG(int64_t, reps, lychee::bench::Repeats{}.reps, "timed repeats of each kernel (the median is shown)");
 ABSL_FLAG(int64_t, warmup, lychee::bench::Repeats{}.warmup, "untimed repeats before them");
@@ -161,14 +159,7 @@ void BenchElementwise() {
 
 int main(int argc, char** argv) {
   absl::SetProgramUsageMessage("usage: model_kernels_bench [flags]");
-  const absl::Status parsed = lychee::ParseFlags(argc, argv, __FILE__);
-  const absl::StatusOr<lychee::bench::Repeats> repeats =
-      parsed.ok() ? lychee::bench::RepeatsFromFlags(FLAGS_reps, FLAGS_warmup) : parsed;
-  if (!repeats.ok()) {
-    std::fprintf(stderr, "model_kernels_bench: %s\n", std::string(repeats.status().message()).c_str());
-    return 1;
-  }
-  g_repeats = *repeats;
+  g_repeats = lychee::bench::ParseBenchFlags(argc, argv, __FILE__, FLAGS_reps, FLAGS_warmup);
   const bool quick = absl::GetFlag(FLAGS_quick);
   if (!at::hasCUDA()) {
     std::printf("SKIPPED: no CUDA device\n");

@@ -9,6 +9,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "absl/strings/str_split.h"
 
 namespace lychee {
 namespace {
@@ -16,6 +17,11 @@ namespace {
 bool HoldsModels(const std::filesystem::path& dir) {
   std::error_code error;
   return std::filesystem::is_directory(dir / "models", error);
+}
+
+bool IsExecutableFile(const std::filesystem::path& path) {
+  std::error_code error;
+  return std::filesystem::is_regular_file(path, error) && access(path.c_str(), X_OK) == 0;
 }
 
 // The running executable's path, as the kernel gives it (symbolic links resolved).
@@ -59,6 +65,23 @@ absl::StatusOr<std::string> RequireFlagPath(std::string flag_value, absl::string
   const absl::Status missing = ResourceDir().status();
   if (missing.ok()) return absl::InvalidArgumentError(absl::StrCat(flag, " must not be empty"));
   return absl::NotFoundError(absl::StrCat(flag, " has no default (", missing.message(), "); give ", flag));
+}
+
+absl::StatusOr<std::string> FindProgram(absl::string_view name) {
+  std::vector<std::string> looked_at;
+  const std::filesystem::path executable = ExecutablePath();
+  if (!executable.empty()) {
+    const std::filesystem::path beside = executable.parent_path() / std::string(name);
+    if (IsExecutableFile(beside)) return beside.string();
+    looked_at.push_back(absl::StrCat(executable.parent_path().string(), " (beside the executable)"));
+  }
+  const char* search_path = getenv("PATH");
+  for (absl::string_view dir : absl::StrSplit(search_path == nullptr ? "" : search_path, ':', absl::SkipEmpty())) {
+    const std::filesystem::path candidate = std::filesystem::path(std::string(dir)) / std::string(name);
+    if (IsExecutableFile(candidate)) return candidate.string();
+  }
+  looked_at.push_back(absl::StrCat("$PATH (", search_path == nullptr ? "unset" : search_path, ")"));
+  return absl::NotFoundError(absl::StrCat("no program ", name, " in ", absl::StrJoin(looked_at, " or ")));
 }
 
 }  // namespace lychee

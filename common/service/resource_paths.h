@@ -1,5 +1,6 @@
-// Where the binaries find the bundled model and corpora: a resource directory holding models/ and
-// data/ (the layout of the source tree), the first of
+// Where the binaries find the bundled model and corpora, and the programs they start. The model and
+// corpora are in a resource directory holding models/ and data/ (the layout of the source tree),
+// the first of
 //   1. $LYCHEE_SHARE_DIR, when set (it must then hold models/: a set variable is never passed over);
 //   2. <prefix>/share/lychee for a binary installed as <prefix>/bin/NAME (cmake --install), found
 //      from the running executable, whatever the working directory;
@@ -33,5 +34,10 @@ std::string ResourcePathOrEmpty(absl::string_view relative);
 // `flag_value` unless empty (the flag given as "", or a ResourcePathOrEmpty default that found
 // nothing); then ResourceDir()'s error, naming `flag` as the one to give.
 absl::StatusOr<std::string> RequireFlagPath(std::string flag_value, absl::string_view flag);
+
+// The program `name`, for a binary that starts another: the one beside the running executable
+// (installed binaries share bin/), else the first executable `name` in a directory of $PATH;
+// otherwise a NotFoundError naming where it looked.
+absl::StatusOr<std::string> FindProgram(absl::string_view name);
 
 }  // namespace lychee
