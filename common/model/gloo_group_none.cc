@@ -1,4 +1,4 @@
-// JoinGlooGroup where this build's LibTorch has no Gloo headers (common/CMakeLists.txt).
+// JoinGlooGroup where this build's LibTorch has no Gloo headers (common/model/CMakeLists.txt).
 #include "absl/strings/str_cat.h"
 #include "common/model/tensor_parallel.h"
 
