@@ -98,8 +98,9 @@ std::string MeasureRow(const Model& model, const Tokenizer& tokenizer, const std
                       peak.ok() ? absl::StrFormat("%.1f", *peak / kGiB) : "-");
 }
 
-// One rank's run (`data_parallel` null: the only one); prints the table where `print`.
-absl::Status Run(const TensorParallelGroup* data_parallel, bool print) {
+// One rank's run (`data_parallel` null: the only one); rank 0 prints the table.
+absl::Status Run(const TensorParallelGroup* data_parallel) {
+  const bool print = data_parallel == nullptr || data_parallel->rank() == 0;
   const std::string model_dir = absl::GetFlag(FLAGS_model);
   if (model_dir.empty()) return absl::InvalidArgumentError("--model DIR is required");
   if (absl::GetFlag(FLAGS_steps) < 2) return absl::InvalidArgumentError("--steps must be at least 2");
@@ -158,21 +159,11 @@ int main(int argc, char** argv) {
   if (data_parallel < 1 || (data_parallel > 1 && absl::GetFlag(FLAGS_device) != "cpu")) {
     status = absl::InvalidArgumentError(
         absl::StrCat("--data-parallel must be a positive rank count, on --device cpu for now; got ", data_parallel));
-  } else if (data_parallel == 1) {
-    status = lychee::Run(nullptr, /*print=*/true);
-  } else if (absl::GetFlag(FLAGS_tensor_parallel_rank) > 0) {
-    auto group = lychee::JoinGlooGroup(absl::GetFlag(FLAGS_tensor_parallel_rendezvous),
-                                       static_cast<int>(absl::GetFlag(FLAGS_tensor_parallel_rank)),
-                                       static_cast<int>(data_parallel));
-    status = group.ok() ? lychee::Run(group->get(), /*print=*/false) : group.status();
   } else {
-    const absl::StatusOr<std::string> self = lychee::SelfExecutable();
-    status = !self.ok() ? self.status()
-                        : lychee::RunGlooRanksInProcesses(static_cast<int>(data_parallel), *self,
-                                                          std::vector<std::string>(argv + 1, argv + argc),
-                                                          [](std::shared_ptr<lychee::TensorParallelGroup> group) {
-                                                            return lychee::Run(group.get(), /*print=*/true);
-                                                          });
+    status = lychee::RunAsGlooRank(static_cast<int>(data_parallel), static_cast<int>(absl::GetFlag(FLAGS_tensor_parallel_rank)),
+                                   absl::GetFlag(FLAGS_tensor_parallel_rendezvous),
+                                   std::vector<std::string>(argv + 1, argv + argc),
+                                   [](std::shared_ptr<lychee::TensorParallelGroup> group) { return lychee::Run(group.get()); });
   }
   if (!status.ok()) {
     std::fprintf(stderr, "calibration_bench: %s\n", status.ToString().c_str());

@@ -49,10 +49,11 @@ int Fail(const std::string& message) {
   return 1;
 }
 
-// Runs the benchmark on one rank (`group` null: the whole model in this process); prints the table
-// where `print`.
+// Runs the benchmark on one rank (`group` null: the whole model in this process); rank 0 prints the
+// table.
 absl::Status Bench(const std::string& model_dir, const std::string& device, const std::vector<int64_t>& contexts,
-                   int64_t decode_tokens, std::shared_ptr<lychee::TensorParallelGroup> group, bool print) {
+                   int64_t decode_tokens, std::shared_ptr<lychee::TensorParallelGroup> group) {
+  const bool print = group == nullptr || group->rank() == 0;
   lychee::ModelOptions options;
   if (device == "cuda") options = {at::Device(at::kCUDA, 0), at::kBFloat16};
   options.tensor_parallel = std::move(group);
@@ -118,24 +119,12 @@ int main(int argc, char** argv) {
     return Fail(absl::StrCat("--tensor-parallel must be a positive rank count, on --device cpu for now; got ",
                              tensor_parallel));
   }
-  absl::Status status;
-  if (tensor_parallel == 1) {
-    status = Bench(*model_dir, device, contexts, decode_tokens, nullptr, /*print=*/true);
-  } else if (absl::GetFlag(FLAGS_tensor_parallel_rank) > 0) {
-    auto group = lychee::JoinGlooGroup(absl::GetFlag(FLAGS_tensor_parallel_rendezvous),
-                                       static_cast<int>(absl::GetFlag(FLAGS_tensor_parallel_rank)),
-                                       static_cast<int>(tensor_parallel));
-    status = group.ok() ? Bench(*model_dir, device, contexts, decode_tokens, *std::move(group), /*print=*/false)
-                        : group.status();
-  } else {
-    const absl::StatusOr<std::string> self = lychee::SelfExecutable();
-    if (!self.ok()) return Fail(std::string(self.status().message()));
-    status = lychee::RunGlooRanksInProcesses(
-        static_cast<int>(tensor_parallel), *self, std::vector<std::string>(argv + 1, argv + argc),
-        [&](std::shared_ptr<lychee::TensorParallelGroup> group) {
-          return Bench(*model_dir, device, contexts, decode_tokens, std::move(group), /*print=*/true);
-        });
-  }
+  const absl::Status status = lychee::RunAsGlooRank(
+      static_cast<int>(tensor_parallel), static_cast<int>(absl::GetFlag(FLAGS_tensor_parallel_rank)),
+      absl::GetFlag(FLAGS_tensor_parallel_rendezvous), std::vector<std::string>(argv + 1, argv + argc),
+      [&](std::shared_ptr<lychee::TensorParallelGroup> group) {
+        return Bench(*model_dir, device, contexts, decode_tokens, std::move(group));
+      });
   if (!status.ok()) return Fail(status.ToString());
   return 0;
 }

@@ -108,4 +108,17 @@ absl::Status RunGlooRanksInProcesses(
   return workers->Wait();
 }
 
+absl::Status RunAsGlooRank(int world_size, int worker_rank, const std::string& rendezvous_file,
+                           const std::vector<std::string>& worker_args,
+                           const std::function<absl::Status(std::shared_ptr<TensorParallelGroup>)>& rank_work) {
+  if (world_size == 1) return rank_work(nullptr);
+  if (worker_rank > 0) {
+    LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<TensorParallelGroup> group,
+                            JoinGlooGroup(rendezvous_file, worker_rank, world_size));
+    return rank_work(std::move(group));
+  }
+  LYCHEE_ASSIGN_OR_RETURN(const std::string self, SelfExecutable());
+  return RunGlooRanksInProcesses(world_size, self, worker_args, rank_work);
+}
+
 }  // namespace lychee

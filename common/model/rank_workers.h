@@ -64,4 +64,12 @@ absl::Status RunGlooRanksInProcesses(
     int world_size, const std::string& program, const std::vector<std::string>& worker_args,
     const std::function<absl::Status(std::shared_ptr<TensorParallelGroup>)>& rank_work);
 
+// The one entry of a binary that runs as any of `world_size` ranks: with 1 rank, `rank_work(nullptr)`
+// alone; in a worker (`worker_rank` > 0, the value of its hidden rank flag) joins the group at
+// `rendezvous_file` as that rank; otherwise rank 0 of RunGlooRanksInProcesses, re-executing this
+// binary with `worker_args`.
+absl::Status RunAsGlooRank(int world_size, int worker_rank, const std::string& rendezvous_file,
+                           const std::vector<std::string>& worker_args,
+                           const std::function<absl::Status(std::shared_ptr<TensorParallelGroup>)>& rank_work);
+
 }  // namespace lychee

@@ -128,18 +128,12 @@ absl::Status RunGenerate(const std::vector<std::string>& argv) {
     return GenerateAndPrint(*model, std::move(attention), *tokenizer, prompt_ids, options,
                             rank == 0 ? &std::cout : nullptr, args.Has("print-ids"));
   };
-  if (args.Has(kTensorParallelRankFlag)) {
-    // A worker that rank 0 started with this command's flags (RankWorkers).
-    LYCHEE_ASSIGN_OR_RETURN(int64_t rank, args.GetInt(kTensorParallelRankFlag, 0));
-    LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<TensorParallelGroup> group,
-                            JoinGlooGroup(args.GetOr(kTensorParallelRendezvousFlag, ""), static_cast<int>(rank),
-                                          static_cast<int>(tensor_parallel)));
-    return rank_work(std::move(group));
-  }
+  // A worker that rank 0 started with this command's flags carries its rank (RankWorkers).
+  LYCHEE_ASSIGN_OR_RETURN(int64_t worker_rank, args.GetInt(kTensorParallelRankFlag, 0));
   std::vector<std::string> worker_args = {"generate"};
   worker_args.insert(worker_args.end(), argv.begin(), argv.end());
-  LYCHEE_ASSIGN_OR_RETURN(const std::string self, SelfExecutable());
-  return RunGlooRanksInProcesses(static_cast<int>(tensor_parallel), self, worker_args, rank_work);
+  return RunAsGlooRank(static_cast<int>(tensor_parallel), static_cast<int>(worker_rank),
+                       args.GetOr(kTensorParallelRendezvousFlag, ""), worker_args, rank_work);
 }
 
 }  // namespace lychee::cli
