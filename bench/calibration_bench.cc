@@ -160,10 +160,10 @@ int main(int argc, char** argv) {
     status = absl::InvalidArgumentError(
         absl::StrCat("--data-parallel must be a positive rank count, on --device cpu for now; got ", data_parallel));
   } else {
-    status = lychee::RunAsGlooRank(static_cast<int>(data_parallel), static_cast<int>(absl::GetFlag(FLAGS_tensor_parallel_rank)),
-                                   absl::GetFlag(FLAGS_tensor_parallel_rendezvous),
-                                   std::vector<std::string>(argv + 1, argv + argc),
-                                   [](std::shared_ptr<lychee::TensorParallelGroup> group) { return lychee::Run(group.get()); });
+    status = lychee::RunAsGlooRank(
+        static_cast<int>(data_parallel), static_cast<int>(absl::GetFlag(FLAGS_tensor_parallel_rank)),
+        absl::GetFlag(FLAGS_tensor_parallel_rendezvous), std::vector<std::string>(argv + 1, argv + argc),
+        [](std::shared_ptr<lychee::TensorParallelGroup> group) { return lychee::Run(group.get()); });
   }
   if (!status.ok()) {
     std::fprintf(stderr, "calibration_bench: %s\n", status.ToString().c_str());
