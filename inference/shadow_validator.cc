@@ -6,6 +6,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
@@ -67,6 +68,10 @@ int64_t ShadowTokenBudget(const ShadowValidationOptions& options, const HeadPart
   // must leave room for one selected block beyond them.
   const int64_t smallest = selection.sink_tokens + selection.recent_tokens + 2 * selection.block_size;
   return std::max(smallest, scaled / selection.block_size * selection.block_size);
+}
+
+int ShadowValidator::ValidationNiceValue(int serving_nice) {
+  return std::min(19, serving_nice + kValidationNiceIncrement);
 }
 
 absl::Status ShadowValidator::CheckOptions(const ShadowValidationOptions& options) {
@@ -146,8 +151,12 @@ ShadowValidator::~ShadowValidator() {
 void ShadowValidator::Work() {
   // Below serving on the CPU: when the validation and the engine both want a core, the kernel's
   // scheduler favours the engine. Linux keeps a nice value per thread, and the threads this one
-  // starts (OpenMP's) inherit it. Raising one's own nice value needs no privilege.
-  if (setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), kValidationNiceValue) != 0) {
+  // starts (OpenMP's) inherit it, as this one inherited serving's (a server started under nice
+  // keeps the difference). Raising one's own nice value needs no privilege.
+  const auto tid = static_cast<id_t>(syscall(SYS_gettid));
+  errno = 0;
+  const int serving_nice = getpriority(PRIO_PROCESS, tid);  // -1 is a valid nice value: errno tells
+  if ((serving_nice == -1 && errno != 0) || setpriority(PRIO_PROCESS, tid, ValidationNiceValue(serving_nice)) != 0) {
     LOG(WARNING) << "shadow validation runs at serving's CPU priority: setpriority: " << std::strerror(errno);
   }
   // With OpenMP the intra-op thread count belongs to the calling thread: the validation's few

@@ -63,8 +63,11 @@ struct ShadowValidationRecord {
 
 class ShadowValidator {
  public:
-  // The nice value of the validation thread (serving's threads keep 0).
-  static constexpr int kValidationNiceValue = 10;
+  // How far the validation thread's nice value is above that of the thread that starts it (serving's
+  // threads keep theirs), capped at 19, the lowest priority.
+  static constexpr int kValidationNiceIncrement = 10;
+  // The nice value a validation thread started from a thread of nice value `serving_nice` takes.
+  static int ValidationNiceValue(int serving_nice);
 
   // Checks the bounds and reads the prompts file (INVALID_ARGUMENT naming the flag) without a
   // model, so that a server can refuse bad flags before it loads anything.
