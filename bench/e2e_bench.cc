@@ -64,6 +64,8 @@ ABSL_FLAG(int64_t, steps, 10, "measured decode steps of each row");
 ABSL_FLAG(int64_t, warmup, 3, "decode steps before them");
 ABSL_FLAG(int64_t, budget, 4096, "the token budget of the hybrid rows' sparse heads");
 ABSL_FLAG(bool, graphs, true, "capture each row's step as a CUDA graph and replay it (true or false)");
+ABSL_FLAG(bool, overlap_launches, true,
+          "start each fused kernel of the step while the one before finishes (programmatic dependent launch)");
 ABSL_FLAG(int64_t, audit_every, 0, "also decode hybrid with the sampled audit every Nth step (0: no audit rows)");
 ABSL_FLAG(std::string, json, "", "also write the rows to this file as JSON lines");
 
@@ -279,6 +281,7 @@ struct Flags {
   int64_t warmup = 0;
   int64_t budget = 0;
   bool graphs = true;
+  bool overlap_launches = true;
   int64_t audit_every = 0;  // 0: no audit rows
   std::string json_path;
 
@@ -301,6 +304,7 @@ absl::StatusOr<Flags> FlagsFromCommandLine() {
   LYCHEE_ASSIGN_OR_RETURN(flags.budget, lychee::FlagInRange(FLAGS_budget, 1, int64_t{1} << 30));
   LYCHEE_ASSIGN_OR_RETURN(flags.audit_every, lychee::FlagInRange(FLAGS_audit_every, 0, 1 << 20));
   flags.graphs = absl::GetFlag(FLAGS_graphs);
+  flags.overlap_launches = absl::GetFlag(FLAGS_overlap_launches);
   flags.json_path = absl::GetFlag(FLAGS_json);
   std::sort(flags.contexts.begin(), flags.contexts.end());
   return flags;
@@ -308,6 +312,7 @@ absl::StatusOr<Flags> FlagsFromCommandLine() {
 
 absl::Status Run(const Flags& flags) {
   LYCHEE_ASSIGN_OR_RETURN(lychee::ModelOptions options, lychee::ModelOptionsForDevice("cuda"));
+  options.overlap_kernel_launches = flags.overlap_launches;
   cudaDeviceProp prop;
   LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties"));
   const double copy_gbs = lychee::bench::CopyBandwidthGBs();

@@ -587,9 +587,10 @@ DecodeStepOutput Model::FusedDecodeForward(const at::Tensor& ids, std::vector<De
   const int64_t rows = ids.size(0);
   const double eps = config_.rms_norm_eps;
   const bool gemv = options_.small_batch_gemv && rows <= 8;
+  const bool overlap = options_.overlap_kernel_launches;
   const auto linear = [&](const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
     if (bias.defined()) return at::linear(x, weight, bias);
-    return gemv ? cuda::Gemv(x, weight, at::Tensor()) : at::linear(x, weight);
+    return gemv ? cuda::Gemv(x, weight, at::Tensor(), overlap) : at::linear(x, weight);
   };
   // residual += x weight^T, one rounding.
   const auto add_linear = [&](at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
@@ -597,13 +598,13 @@ DecodeStepOutput Model::FusedDecodeForward(const at::Tensor& ids, std::vector<De
     if (bias.defined()) {
       residual.add_(at::linear(x, weight, bias));
     } else if (gemv) {
-      cuda::GemvOut(x, weight, residual, residual);
+      cuda::GemvOut(x, weight, residual, residual, overlap);
     } else {
       residual.addmm_(x, weight.t());
     }
   };
   at::Tensor residual = at::embedding(embed_tokens_, ids);  // [rows, hidden], the residual stream
-  at::Tensor normed = cuda::AddRmsNorm(at::Tensor(), residual, layers_[0].input_norm, eps);
+  at::Tensor normed = cuda::AddRmsNorm(at::Tensor(), residual, layers_[0].input_norm, eps, overlap);
   const int64_t q_width = config_.num_attention_heads * config_.head_dim;
   for (size_t i = 0; i < layers_.size(); ++i) {
     const Layer& layer = layers_[i];
@@ -613,10 +614,9 @@ DecodeStepOutput Model::FusedDecodeForward(const at::Tensor& ids, std::vector<De
     for (DecodeGroup& group : groups) {
       const bool whole = !group.row_index.defined();
       at::Tensor keys = group.pool->keys(index), values = group.pool->values(index);
-      const at::Tensor queries =
-          cuda::RopeAppend(whole ? qkv : qkv.index_select(0, group.row_index), group.bucket->positions, rope_inv_freq_,
-                           layer.q_norm, layer.k_norm, eps, config_.num_attention_heads, group.bucket->slots, keys,
-                           values);
+      const at::Tensor queries = cuda::RopeAppend(
+          whole ? qkv : qkv.index_select(0, group.row_index), group.bucket->positions, rope_inv_freq_, layer.q_norm,
+          layer.k_norm, eps, config_.num_attention_heads, group.bucket->slots, keys, values, overlap);
       at::Tensor out = group.backend->AttendDecode(index, queries, group.step, *group.bucket->workspace);
       if (whole) {
         attended = out;
@@ -626,11 +626,11 @@ DecodeStepOutput Model::FusedDecodeForward(const at::Tensor& ids, std::vector<De
       }
     }
     add_linear(residual, attended.reshape({rows, q_width}), layer.o_weight, layer.o_bias);
-    cuda::AddRmsNorm(at::Tensor(), residual, layer.post_attention_norm, eps, normed);
-    const at::Tensor activated = cuda::SiluMul(linear(normed, layer.gate_up_weight, at::Tensor()));
+    cuda::AddRmsNorm(at::Tensor(), residual, layer.post_attention_norm, eps, normed, overlap);
+    const at::Tensor activated = cuda::SiluMul(linear(normed, layer.gate_up_weight, at::Tensor()), overlap);
     add_linear(residual, activated, layer.down_weight, at::Tensor());
     cuda::AddRmsNorm(at::Tensor(), residual, i + 1 < layers_.size() ? layers_[i + 1].input_norm : final_norm_, eps,
-                     normed);
+                     normed, overlap);
   }
   DecodeStepOutput output;
   output.logits = linear(normed, lm_head_, at::Tensor()).to(at::kFloat);

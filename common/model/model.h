@@ -115,6 +115,10 @@ struct ModelOptions {
   // With fused_decode, the projections of steps of up to 8 rows on our tensor-core GEMV instead of
   // cuBLAS (bf16 weights without biases).
   bool small_batch_gemv = true;
+  // With fused_decode, the step's fused kernels start while the kernel before them finishes
+  // (programmatic dependent launch, Hopper): no launch gap, and each GEMV warms L2 with its weight
+  // meanwhile (common/model/cuda/model_kernels.h). False launches them one after the other.
+  bool overlap_kernel_launches = true;
   // Tensor parallelism: this process is rank group->rank() of the group and holds only its shard
   // of the weights (common/model/tensor_parallel.h); every rank must run the same calls in the same order.
   // Null: the whole model in this process. Steps run eagerly on the LibTorch path (neither the

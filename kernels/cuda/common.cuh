@@ -1,5 +1,6 @@
 // Device helpers shared by the decode kernels: bf16 unpacking, asynchronous copies, ordered float
-// keys, programmatic dependent launch. Device code only; included by the kernel headers.
+// keys, and (from common/model/cuda/dependent_launch.cuh) programmatic dependent launch. Device
+// code only; included by the kernel headers.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -8,6 +9,7 @@
 #include <cstdint>
 
 #include "common/model/cuda/bf16.cuh"
+#include "common/model/cuda/dependent_launch.cuh"
 
 namespace lychee {
 namespace cuda {
@@ -33,19 +35,6 @@ __device__ __forceinline__ uint32_t OrderedKey(float f) {
 }
 __device__ __forceinline__ float KeyToFloat(uint32_t k) {
   return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
-}
-
-// Programmatic dependent launch (sm_90): let the next kernel of the stream start its prologue,
-// and, in that next kernel, wait until this one's memory is visible. No-ops before sm_90.
-__device__ __forceinline__ void LaunchDependents() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void WaitPrerequisites() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
 }
 
 // Tensor-core helpers (sm_80+): ldmatrix from shared memory and the bf16 m16n8k16 product with

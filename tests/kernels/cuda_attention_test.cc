@@ -310,12 +310,17 @@ TEST_CASE("the fused decode step gives the LibTorch step's logits", "[cuda]") {
   plain_options.fused_decode = false;
   ModelOptions cublas_options = fused_options;
   cublas_options.small_batch_gemv = false;
+  ModelOptions serial_options = fused_options;
+  serial_options.overlap_kernel_launches = false;
+  REQUIRE(fused_options.overlap_kernel_launches);
   auto fused = Model::Load("models/tiny-llama-retrieval", fused_options);
   auto plain = Model::Load("models/tiny-llama-retrieval", plain_options);
   auto cublas = Model::Load("models/tiny-llama-retrieval", cublas_options);
+  auto serial = Model::Load("models/tiny-llama-retrieval", serial_options);
   REQUIRE(fused.ok());
   REQUIRE(plain.ok());
   REQUIRE(cublas.ok());
+  REQUIRE(serial.ok());
   const ModelConfig& config = (*fused)->config();
   const std::vector<std::vector<int32_t>> prompts = {Prompt(1200, 8), Prompt(300, 9), Prompt(45, 10)};
   struct Run {
@@ -325,7 +330,7 @@ TEST_CASE("the fused decode step gives the LibTorch step's logits", "[cuda]") {
   };
   std::vector<std::unique_ptr<Run>> runs;
   std::vector<int32_t> next;
-  for (const Model* model : {fused->get(), plain->get(), cublas->get()}) {
+  for (const Model* model : {fused->get(), plain->get(), cublas->get(), serial->get()}) {
     runs.push_back(std::make_unique<Run>());
     runs.back()->model = model;
     auto pool = model->NewKvPool(64).value();
@@ -337,7 +342,7 @@ TEST_CASE("the fused decode step gives the LibTorch step's logits", "[cuda]") {
     }
   }
   // Every run is fed the LibTorch step's tokens, so that a near tie cannot make them diverge.
-  double worst = 0, worst_cublas = 0;
+  double worst = 0, worst_cublas = 0, worst_serial = 0;
   int agree = 0, total = 0;
   for (int step = 0; step < 24; ++step) {
     std::vector<at::Tensor> logits;
@@ -348,6 +353,9 @@ TEST_CASE("the fused decode step gives the LibTorch step's logits", "[cuda]") {
     }
     worst = std::max(worst, (logits[0] - logits[1]).abs().max().item<double>());
     worst_cublas = std::max(worst_cublas, (logits[2] - logits[1]).abs().max().item<double>());
+    // The same kernels in the same order: overlapping their launches must not change a bit (a
+    // kernel that read its input before the previous one finished writing it would).
+    worst_serial = std::max(worst_serial, (logits[0] - logits[3]).abs().max().item<double>());
     for (size_t i = 0; i < next.size(); ++i) {
       const int32_t reference = static_cast<int32_t>(logits[1][i].argmax().item<int64_t>());
       agree += static_cast<int32_t>(logits[0][i].argmax().item<int64_t>()) == reference;
@@ -359,8 +367,10 @@ TEST_CASE("the fused decode step gives the LibTorch step's logits", "[cuda]") {
                                                           << "), argmax agreement " << agree << " of " << total);
   CHECK(worst < 0.25);
   CHECK(worst_cublas < 0.25);
+  CHECK(worst_serial == 0);
   CHECK(agree >= total - 2);
   CHECK(runs[0]->context.stats().graph_replays > 0);
+  CHECK(runs[3]->context.stats().graph_replays > 0);
 }
 
 }  // namespace

@@ -11,6 +11,15 @@
 // waits for the device, so every launcher can run inside a CUDA graph capture. A launcher returns
 // cudaErrorInvalidValue for arguments it cannot take (checked before anything is launched), else
 // the launch's error.
+//
+// Overlapped launches: a launcher called with overlap_previous launches its kernel as a
+// programmatic dependent launch (Hopper; an ordinary launch on earlier GPUs): the kernel's CTAs
+// may be scheduled while the previous kernel of the stream still runs, once every CTA of that one
+// has started, and they wait for its completion before they read anything but their weights or
+// write anything (common/model/cuda/dependent_launch.cuh). A decode step's kernels thus start
+// without the launch gap between them, and the GEMV reads the start of its weight into L2 while
+// the previous kernel finishes. Every kernel here but the argmax lets the next one start that way
+// once its own CTAs have all started. Under stream capture the overlap becomes a programmatic edge of the graph.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -32,7 +41,7 @@ namespace cuda {
 constexpr int kMaxRmsNormWidth = 32768;
 cudaError_t LaunchAddRmsNorm(const void* x, int64_t x_stride, void* residual, int64_t residual_stride,
                              const void* weight, float eps, int rows, int hidden, void* out, int64_t out_stride,
-                             cudaStream_t stream);
+                             cudaStream_t stream, bool overlap_previous = false);
 
 // ---- RopeAppend ------------------------------------------------------------------------------------
 // One decode step's attention inputs of one layer, from the fused projection qkv [rows][(Hq + 2 Hkv) * D]
@@ -69,14 +78,14 @@ struct RopeAppendArgs {
   int num_kv_heads = 0;
   int head_dim = 128;
 };
-cudaError_t LaunchRopeAppend(const RopeAppendArgs& args, cudaStream_t stream);
+cudaError_t LaunchRopeAppend(const RopeAppendArgs& args, cudaStream_t stream, bool overlap_previous = false);
 
 // ---- SiluMul ---------------------------------------------------------------------------------------
 // out[r][i] = bf16(float(bf16(silu(float(gate)))) * float(up)) with gate = gate_up[r][i],
 // up = gate_up[r][inter + i], silu(g) = g / (1 + expf(-g)) as at::silu computes it (then
 // at::silu(gate) * up). inter a multiple of 8; rows 16-byte aligned.
 cudaError_t LaunchSiluMul(const void* gate_up, int64_t gate_up_stride, int rows, int inter, void* out,
-                          int64_t out_stride, cudaStream_t stream);
+                          int64_t out_stride, cudaStream_t stream, bool overlap_previous = false);
 
 // ---- ArgmaxRows ------------------------------------------------------------------------------------
 // out[r] = the first index of the largest of logits[r][0, vocab) (float32), as at::argmax: NaN counts
@@ -94,8 +103,8 @@ cudaError_t LaunchArgmaxRows(const float* logits, int64_t stride, int rows, int 
 // weight rows and its warps split k; the weight is streamed once with 16-byte loads.
 constexpr int kMaxGemvRows = 8;
 cudaError_t LaunchGemv(const void* x, int64_t x_stride, const void* w, int64_t w_stride, const void* residual,
-                       int64_t residual_stride, int rows, int n, int k, void* y, int64_t y_stride,
-                       cudaStream_t stream);
+                       int64_t residual_stride, int rows, int n, int k, void* y, int64_t y_stride, cudaStream_t stream,
+                       bool overlap_previous = false);
 
 }  // namespace cuda
 }  // namespace lychee

@@ -82,7 +82,7 @@ std::vector<int64_t> WithLast(const at::Tensor& t, int64_t last) {
 }  // namespace
 
 void AddRmsNorm(const at::Tensor& x_or_undefined, at::Tensor& residual, const at::Tensor& weight, double eps,
-                at::Tensor& out) {
+                at::Tensor& out, bool overlap_previous) {
   const c10::cuda::CUDAGuard guard(residual.device());
   CheckTensor(residual, "residual", at::kBFloat16, residual);
   const Rows res = VectorRowsOf(residual, "residual");
@@ -104,20 +104,22 @@ void AddRmsNorm(const at::Tensor& x_or_undefined, at::Tensor& residual, const at
   LYCHEE_CUDA_CHECK(
       LaunchAddRmsNorm(x_or_undefined.defined() ? x_or_undefined.data_ptr() : nullptr, xs.stride, residual.data_ptr(),
                        res.stride, weight.data_ptr(), static_cast<float>(eps), static_cast<int>(res.rows),
-                       static_cast<int>(res.width), out.data_ptr(), os.stride, Stream(residual)),
+                       static_cast<int>(res.width), out.data_ptr(), os.stride, Stream(residual), overlap_previous),
       "AddRmsNorm");
 }
 
-at::Tensor AddRmsNorm(const at::Tensor& x_or_undefined, at::Tensor& residual, const at::Tensor& weight, double eps) {
+at::Tensor AddRmsNorm(const at::Tensor& x_or_undefined, at::Tensor& residual, const at::Tensor& weight, double eps,
+                      bool overlap_previous) {
   TORCH_CHECK(residual.defined(), "residual must be defined");
   at::Tensor out = at::empty(residual.sizes(), residual.options());
-  AddRmsNorm(x_or_undefined, residual, weight, eps, out);
+  AddRmsNorm(x_or_undefined, residual, weight, eps, out, overlap_previous);
   return out;
 }
 
 void RopeAppendOut(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& inv_freq,
                    const at::Tensor& q_norm, const at::Tensor& k_norm, double eps, int64_t num_q_heads,
-                   const at::Tensor& slots, at::Tensor& k_pool, at::Tensor& v_pool, at::Tensor& q_out) {
+                   const at::Tensor& slots, at::Tensor& k_pool, at::Tensor& v_pool, at::Tensor& q_out,
+                   bool overlap_previous) {
   const c10::cuda::CUDAGuard guard(qkv.device());
   CheckTensor(qkv, "qkv", at::kBFloat16, qkv);
   CheckTensor(k_pool, "k_pool", at::kBFloat16, qkv);
@@ -167,21 +169,22 @@ void RopeAppendOut(const at::Tensor& qkv, const at::Tensor& positions, const at:
   a.num_q_heads = static_cast<int>(num_q_heads);
   a.num_kv_heads = static_cast<int>(num_kv_heads);
   a.head_dim = static_cast<int>(head_dim);
-  LYCHEE_CUDA_CHECK(LaunchRopeAppend(a, Stream(qkv)), "RopeAppend");
+  LYCHEE_CUDA_CHECK(LaunchRopeAppend(a, Stream(qkv), overlap_previous), "RopeAppend");
 }
 
 at::Tensor RopeAppend(const at::Tensor& qkv, const at::Tensor& positions, const at::Tensor& inv_freq,
                       const at::Tensor& q_norm, const at::Tensor& k_norm, double eps, int64_t num_q_heads,
-                      const at::Tensor& slots, at::Tensor& k_pool, at::Tensor& v_pool) {
+                      const at::Tensor& slots, at::Tensor& k_pool, at::Tensor& v_pool, bool overlap_previous) {
   TORCH_CHECK(qkv.defined() && qkv.dim() >= 1 && k_pool.defined() && k_pool.dim() == 4,
               "qkv [rows, width] and k_pool [Hkv, pages, page size, D] expected");
   at::Tensor q_out = at::empty({qkv.numel() / std::max<int64_t>(1, qkv.size(-1)), num_q_heads, k_pool.size(3)},
                                qkv.options());
-  RopeAppendOut(qkv, positions, inv_freq, q_norm, k_norm, eps, num_q_heads, slots, k_pool, v_pool, q_out);
+  RopeAppendOut(qkv, positions, inv_freq, q_norm, k_norm, eps, num_q_heads, slots, k_pool, v_pool, q_out,
+                overlap_previous);
   return q_out;
 }
 
-void SiluMulOut(const at::Tensor& gate_up, at::Tensor& out) {
+void SiluMulOut(const at::Tensor& gate_up, at::Tensor& out, bool overlap_previous) {
   const c10::cuda::CUDAGuard guard(gate_up.device());
   CheckTensor(gate_up, "gate_up", at::kBFloat16, gate_up);
   const Rows in = VectorRowsOf(gate_up, "gate_up");
@@ -190,15 +193,16 @@ void SiluMulOut(const at::Tensor& gate_up, at::Tensor& out) {
   const Rows os = VectorRowsOf(out, "out");
   TORCH_CHECK(os.rows == in.rows && os.width == in.width / 2, "out ", out.sizes(), " must be gate_up ",
               gate_up.sizes(), " with half the width");
-  LYCHEE_CUDA_CHECK(LaunchSiluMul(gate_up.data_ptr(), in.stride, static_cast<int>(in.rows),
-                                  static_cast<int>(in.width / 2), out.data_ptr(), os.stride, Stream(gate_up)),
-                    "SiluMul");
+  LYCHEE_CUDA_CHECK(
+      LaunchSiluMul(gate_up.data_ptr(), in.stride, static_cast<int>(in.rows), static_cast<int>(in.width / 2),
+                    out.data_ptr(), os.stride, Stream(gate_up), overlap_previous),
+      "SiluMul");
 }
 
-at::Tensor SiluMul(const at::Tensor& gate_up) {
+at::Tensor SiluMul(const at::Tensor& gate_up, bool overlap_previous) {
   TORCH_CHECK(gate_up.defined() && gate_up.dim() >= 1, "gate_up [..., 2 I] expected");
   at::Tensor out = at::empty(WithLast(gate_up, gate_up.size(-1) / 2), gate_up.options());
-  SiluMulOut(gate_up, out);
+  SiluMulOut(gate_up, out, overlap_previous);
   return out;
 }
 
@@ -223,7 +227,8 @@ at::Tensor ArgmaxRows(const at::Tensor& logits) {
   return out;
 }
 
-void GemvOut(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& residual_or_undefined, at::Tensor& out) {
+void GemvOut(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& residual_or_undefined, at::Tensor& out,
+             bool overlap_previous) {
   const c10::cuda::CUDAGuard guard(x.device());
   CheckTensor(x, "x", at::kBFloat16, x);
   const Rows xs = VectorRowsOf(x, "x");
@@ -249,14 +254,15 @@ void GemvOut(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& re
   LYCHEE_CUDA_CHECK(LaunchGemv(x.data_ptr(), xs.stride, weight.data_ptr(), w_stride,
                                residual_or_undefined.defined() ? residual_or_undefined.data_ptr() : nullptr, rs.stride,
                                static_cast<int>(xs.rows), static_cast<int>(n), static_cast<int>(xs.width),
-                               out.data_ptr(), os.stride, Stream(x)),
+                               out.data_ptr(), os.stride, Stream(x), overlap_previous),
                     "Gemv");
 }
 
-at::Tensor Gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& residual_or_undefined) {
+at::Tensor Gemv(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& residual_or_undefined,
+                bool overlap_previous) {
   TORCH_CHECK(x.defined() && x.dim() >= 1 && weight.defined() && weight.dim() == 2, "x [..., K], weight [N, K] expected");
   at::Tensor out = at::empty(WithLast(x, weight.size(0)), x.options());
-  GemvOut(x, weight, residual_or_undefined, out);
+  GemvOut(x, weight, residual_or_undefined, out, overlap_previous);
   return out;
 }
 
