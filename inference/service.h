@@ -12,7 +12,9 @@
 
 #include <grpcpp/server.h>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "common/service/metrics.h"
 #include "common/service/security.h"
 #include "inference/engine.h"
@@ -72,6 +74,9 @@ class InferenceServer {
  private:
   class Service;
   InferenceServer() = default;
+  // The engine can serve no more (it lost a tensor-parallel rank): gRPC health says NOT_SERVING from
+  // now on. Any thread.
+  void MarkNotServing();
 
   std::unique_ptr<AccessControl> access_;
   MetricsRegistry metrics_;
@@ -85,6 +90,10 @@ class InferenceServer {
   std::unique_ptr<HttpServer> http_server_;
   absl::Status chat_template_status_;
   int port_ = 0;
+  // What MarkNotServing reaches: the gRPC server once it runs, until it shuts down.
+  absl::Mutex health_mutex_;
+  grpc::Server* health_server_ ABSL_GUARDED_BY(health_mutex_) = nullptr;
+  bool serving_ ABSL_GUARDED_BY(health_mutex_) = true;
 };
 
 }  // namespace lychee

@@ -1,6 +1,7 @@
 // JoinGlooGroup on LibTorch's c10d ProcessGroupGloo (Debian's LibTorch 1.13 and pip's 2.x both
 // ship it; the calls here are the ones both versions have).
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 
 #include <chrono>
@@ -23,17 +24,30 @@ class GlooGroup : public TensorParallelGroup {
 
   void AllReduceSum(at::Tensor& tensor) const override {
     std::vector<at::Tensor> tensors{tensor};
+    Run("all-reduce", [&] { group_->allreduce(tensors)->wait(); });
+  }
+
+  void Broadcast(at::Tensor& tensor, int root) const override {
+    std::vector<at::Tensor> tensors{tensor};
+    c10d::BroadcastOptions options;
+    options.rootRank = root;
+    Run("broadcast", [&] { group_->broadcast(tensors, options)->wait(); });
+  }
+
+ private:
+  // Runs one collective, throwing what it throws as a CollectiveError naming it and this rank.
+  template <typename Collective>
+  void Run(const char* name, const Collective& collective) const {
     try {
-      group_->allreduce(tensors)->wait();
+      collective();
     } catch (const std::exception& error) {
       const auto* torch_error = dynamic_cast<const c10::Error*>(&error);
       throw CollectiveError(
-          absl::StrCat("all-reduce on rank ", rank_, " of ", world_size_, ": ",
+          absl::StrCat(name, " on rank ", rank_, " of ", world_size_, ": ",
                        torch_error != nullptr ? torch_error->what_without_backtrace() : error.what()));
     }
   }
 
- private:
   c10::intrusive_ptr<c10d::ProcessGroupGloo> group_;
   int rank_;
   int world_size_;
@@ -42,12 +56,15 @@ class GlooGroup : public TensorParallelGroup {
 }  // namespace
 
 absl::StatusOr<std::shared_ptr<TensorParallelGroup>> JoinGlooGroup(const std::string& rendezvous_file, int rank,
-                                                                   int world_size, std::chrono::milliseconds timeout) {
+                                                                   int world_size, std::chrono::milliseconds timeout,
+                                                                   const std::string& group_name) {
   if (world_size < 1 || rank < 0 || rank >= world_size) {
     return absl::InvalidArgumentError(absl::StrCat("gloo group: rank ", rank, " is outside [0, ", world_size, ")"));
   }
   try {
-    auto store = c10::make_intrusive<c10d::FileStore>(rendezvous_file, world_size);
+    c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::FileStore>(rendezvous_file, world_size);
+    // The groups of one rendezvous file keep their keys apart, as torch.distributed's named groups do.
+    if (!group_name.empty()) store = c10::make_intrusive<c10d::PrefixStore>(group_name, store);
     auto options = c10d::ProcessGroupGloo::Options::create(timeout);
     options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
     auto group = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, options);

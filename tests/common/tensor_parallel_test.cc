@@ -230,6 +230,7 @@ class UnusedGroup : public TensorParallelGroup {
   int rank() const override { return 0; }
   int world_size() const override { return world_size_; }
   void AllReduceSum(at::Tensor&) const override { FAIL("no collective before the model loads"); }
+  void Broadcast(at::Tensor&, int) const override { FAIL("no collective before the model loads"); }
 
  private:
   int world_size_;
