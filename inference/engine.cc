@@ -279,6 +279,7 @@ class InferenceEngine::Impl {
                    << serving_stream.status();
     }
     while (scheduler_->WaitForWork(kIdlePoll)) {
+      runner_->KeepRanksTogether();
       RunTasks(/*stopping=*/false);
       EndAbandoned();
       Retire();

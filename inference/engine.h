@@ -26,6 +26,7 @@
 #include "common/base/head_partition.h"
 #include "common/base/model_config.h"
 #include "common/base/tokenizer.h"
+#include "common/model/tensor_parallel.h"
 #include "common/service/metrics.h"
 #include "inference/partition_manager.h"
 #include "kernels/policy.h"
@@ -133,8 +134,6 @@ struct StepFaults {
   std::function<absl::Status(int64_t pages)> page_allocation;
 };
 
-struct ServingGroups;
-
 struct EngineOptions {
   std::string model_dir;
   std::string device = "cpu";
@@ -162,10 +161,10 @@ struct EngineOptions {
   int64_t audit_every = kDefaultAuditEvery;
   // Tests only; the servers leave it null.
   std::shared_ptr<const StepFaults> faults;
-  // Tensor parallelism (the CPU, over Gloo): this process is rank 0 of these groups
-  // (inference/rank_mirror.h) and holds its shard of the weights; the other ranks are follower
-  // processes (RunRankFollower) made with the same options. Null: the whole model in this process.
-  std::shared_ptr<const ServingGroups> tensor_parallel;
+  // Tensor parallelism (the CPU, over Gloo): this process is rank 0 of the group and holds its shard
+  // of the weights; the other ranks are follower processes (RunRankFollower, inference/rank_mirror.h)
+  // made with the same options. Null: the whole model in this process.
+  std::shared_ptr<const TensorParallelGroup> tensor_parallel;
   // Called once, on the engine's thread, when the engine can serve no more (it lost a
   // tensor-parallel rank), with the UNAVAILABLE error every request gets from then on.
   std::function<void(const absl::Status&)> on_unservable;

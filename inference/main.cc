@@ -227,10 +227,10 @@ absl::Status Serve() {
   // RankWorkers arranges when rank 0 dies; a terminal's Ctrl-C is rank 0's to handle.
   const sigset_t signals = lychee::BlockShutdownSignals();
   if (const int64_t rank = absl::GetFlag(FLAGS_tensor_parallel_rank); rank > 0) {
-    LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const lychee::ServingGroups> groups,
-                            lychee::JoinServingGroups(absl::GetFlag(FLAGS_tensor_parallel_rendezvous),
-                                                      static_cast<int>(rank), world_size, step_timeout));
-    return lychee::RunRankFollower(engine, std::move(groups));
+    LYCHEE_ASSIGN_OR_RETURN(engine.tensor_parallel,
+                            lychee::JoinGlooGroup(absl::GetFlag(FLAGS_tensor_parallel_rendezvous),
+                                                  static_cast<int>(rank), world_size, step_timeout));
+    return lychee::RunRankFollower(engine);
   }
   std::unique_ptr<lychee::RankWorkers> workers;
   if (world_size > 1) {
@@ -241,7 +241,7 @@ absl::Status Serve() {
     LYCHEE_ASSIGN_OR_RETURN(const std::string self, lychee::SelfExecutable());
     LYCHEE_ASSIGN_OR_RETURN(workers, lychee::RankWorkers::Start(self, CommandLineArguments(), world_size));
     LYCHEE_ASSIGN_OR_RETURN(engine.tensor_parallel,
-                            lychee::JoinServingGroups(workers->rendezvous_file(), 0, world_size, step_timeout));
+                            lychee::JoinGlooGroup(workers->rendezvous_file(), 0, world_size, step_timeout));
   }
 
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<lychee::InferenceServer> server, lychee::InferenceServer::Start(options));
@@ -268,10 +268,13 @@ absl::Status Serve() {
   }
   const int signal_number = lychee::WaitForShutdownSignal(signals);
   LOG(INFO) << "lychee-inference: signal " << signal_number << ", shutting down";
+  const bool ranks_together = server->serving_status().ok();
   server->Shutdown();
   // Destroying the engine sends the other ranks their shutdown command.
   server.reset();
-  if (workers != nullptr) {
+  // After a lost rank (logged when it was lost) a follower may be stopped rather than gone, and would
+  // never end on its own: ~RankWorkers kills and reaps what is left.
+  if (workers != nullptr && ranks_together) {
     if (absl::Status ended = workers->Wait(); !ended.ok()) LOG(WARNING) << "lychee-inference: " << ended.message();
   }
   return absl::OkStatus();

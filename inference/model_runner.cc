@@ -87,7 +87,7 @@ absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(const EngineOpt
   LYCHEE_ASSIGN_OR_RETURN(ModelOptions model_options, ModelOptionsForDevice(options.device));
   std::unique_ptr<ModelRunner> runner(new ModelRunner(options, partitions));
   if (options.tensor_parallel != nullptr) {
-    model_options.tensor_parallel = options.tensor_parallel->model;
+    model_options.tensor_parallel = options.tensor_parallel;
     runner->leader_ = std::make_unique<RankLeader>(options.tensor_parallel, options.on_unservable);
   }
   LYCHEE_ASSIGN_OR_RETURN(runner->model_, Model::Load(options.model_dir, model_options));
@@ -119,6 +119,10 @@ auto ModelRunner::RunStep(absl::string_view name, const Step& step) -> decltype(
   if (!absl::IsUnavailable(StatusOf(result))) return result;
   leader_->Lose(StatusOf(result));
   return leader_->status();
+}
+
+void ModelRunner::KeepRanksTogether() {
+  if (leader_ != nullptr) leader_->KeepAlive().IgnoreError();
 }
 
 absl::Status ModelRunner::Start(EngineRequest& request) {

@@ -71,6 +71,11 @@ class ModelRunner {
   // backend keeps telemetry.
   std::optional<GenerationTelemetry> Release(EngineRequest& request);
 
+  // Between two iterations of the engine: under tensor parallelism, tells the follower ranks that
+  // rank 0 is alive when nothing was sent to them for a while (their wait for the next command has
+  // the group's timeout); one that does not take it is lost, as in a step.
+  void KeepRanksTogether();
+
   // Captures the decode-step graphs of every batch bucket for the backend of `partition` at its
   // own token budget (of dense attention for a null partition), so that requests that start with it
   // replay from their first step; see Model::PrepareDecodeGraphs.

@@ -20,10 +20,6 @@
 namespace lychee {
 namespace {
 
-// The command group's timeout: it bounds how long a follower waits for rank 0's next command, i.e.
-// how long the service may stay idle; a year, within what Gloo's deadline arithmetic holds.
-constexpr std::chrono::hours kCommandWaitLimit(24 * 365);
-
 // The command's bytes, in this host's byte order: every rank runs on this host (Gloo on the loopback).
 class CommandWriter {
  public:
@@ -162,11 +158,11 @@ struct FollowedRequest {
 class Follower {
  public:
   Follower(const Model& model, std::shared_ptr<KvPool> pool, std::unique_ptr<ShardBackends> backends,
-           std::shared_ptr<const ServingGroups> groups, const DecodeOptions& decode_options)
+           const DecodeOptions& decode_options)
       : model_(model),
+        group_(*model.options().tensor_parallel),
         pool_(std::move(pool)),
         backends_(std::move(backends)),
-        groups_(std::move(groups)),
         context_(decode_options) {}
 
   absl::Status Run() {
@@ -174,9 +170,9 @@ class Follower {
       std::string bytes;
       LYCHEE_RETURN_IF_ERROR(Caught("waiting for rank 0's command", [&] {
         at::Tensor size = at::zeros({1}, at::kLong);
-        groups_->commands->Broadcast(size, /*root=*/0);
+        group_.Broadcast(size, /*root=*/0);
         at::Tensor data = at::empty({size.item<int64_t>()}, at::kByte);
-        groups_->commands->Broadcast(data, /*root=*/0);
+        group_.Broadcast(data, /*root=*/0);
         bytes.assign(static_cast<const char*>(data.data_ptr()), static_cast<size_t>(data.numel()));
         return absl::OkStatus();
       }));
@@ -187,7 +183,7 @@ class Follower {
       // A model step's other errors are rank 0's too (the same step on the same pool state), which
       // fails the request there.
       if (absl::IsUnavailable(step)) return step;
-      if (!step.ok()) LOG(WARNING) << "tensor-parallel rank " << groups_->model->rank() << ": " << step;
+      if (!step.ok()) LOG(WARNING) << "tensor-parallel rank " << group_.rank() << ": " << step;
     }
   }
 
@@ -221,6 +217,7 @@ class Follower {
         if (request->sequence != nullptr) request->sequence->SwitchAttention(request->backend);
         break;
       }
+      case RankOp::kKeepAlive:
       case RankOp::kShutdown: break;
     }
     return absl::OkStatus();
@@ -273,25 +270,15 @@ class Follower {
   }
 
   const Model& model_;
+  const TensorParallelGroup& group_;
   const std::shared_ptr<KvPool> pool_;
   const std::unique_ptr<ShardBackends> backends_;
-  const std::shared_ptr<const ServingGroups> groups_;
   DecodeContext context_;
   std::map<uint64_t, FollowedRequest> requests_;
   std::map<uint64_t, std::shared_ptr<const HeadPartition>> partitions_;
 };
 
 }  // namespace
-
-absl::StatusOr<std::shared_ptr<const ServingGroups>> JoinServingGroups(const std::string& rendezvous_file, int rank,
-                                                                       int world_size,
-                                                                       std::chrono::milliseconds step_timeout) {
-  auto groups = std::make_shared<ServingGroups>();
-  LYCHEE_ASSIGN_OR_RETURN(groups->model, JoinGlooGroup(rendezvous_file, rank, world_size, step_timeout, "model"));
-  LYCHEE_ASSIGN_OR_RETURN(groups->commands,
-                          JoinGlooGroup(rendezvous_file, rank, world_size, kCommandWaitLimit, "commands"));
-  return groups;
-}
 
 std::string EncodeRankCommand(const RankCommand& command) {
   CommandWriter out;
@@ -316,7 +303,7 @@ absl::StatusOr<RankCommand> DecodeRankCommand(std::string_view bytes) {
   command.op = static_cast<RankOp>(op);
   LYCHEE_ASSIGN_OR_RETURN(command.request_ids, in.GetVector<uint64_t>());
   LYCHEE_ASSIGN_OR_RETURN(command.token_ids, in.GetVector<int32_t>());
-  if (command.op != RankOp::kShutdown && command.request_ids.empty()) {
+  if (command.op != RankOp::kKeepAlive && command.op != RankOp::kShutdown && command.request_ids.empty()) {
     return absl::InvalidArgumentError("rank command: no request");
   }
   if (command.op == RankOp::kStart) {
@@ -365,8 +352,9 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> ShardBackends::Get(
   return backend;
 }
 
-RankLeader::RankLeader(std::shared_ptr<const ServingGroups> groups, std::function<void(const absl::Status&)> on_lost)
-    : groups_(std::move(groups)), on_lost_(std::move(on_lost)) {}
+RankLeader::RankLeader(std::shared_ptr<const TensorParallelGroup> group,
+                       std::function<void(const absl::Status&)> on_lost)
+    : group_(std::move(group)), on_lost_(std::move(on_lost)) {}
 
 absl::Status RankLeader::Start(uint64_t request_id, const PolicySpec& policy,
                                const std::shared_ptr<const HeadPartition>& partition) {
@@ -398,17 +386,23 @@ absl::Status RankLeader::Release(uint64_t request_id) { return Send({RankOp::kRe
 absl::Status RankLeader::DenseFallback(uint64_t request_id) { return Send({RankOp::kDenseFallback, {request_id}}); }
 absl::Status RankLeader::Shutdown() { return Send({RankOp::kShutdown}); }
 
+absl::Status RankLeader::KeepAlive() {
+  if (std::chrono::steady_clock::now() - last_sent_ < group_->timeout() / 4) return status();
+  return Send({RankOp::kKeepAlive});
+}
+
 absl::Status RankLeader::Send(const RankCommand& command) {
   LYCHEE_RETURN_IF_ERROR(status());
   const std::string bytes = EncodeRankCommand(command);
   const absl::Status sent = Caught("sending a command to the tensor-parallel ranks", [&] {
     at::Tensor size = at::full({1}, static_cast<int64_t>(bytes.size()), at::kLong);
-    groups_->commands->Broadcast(size, /*root=*/0);
+    group_->Broadcast(size, /*root=*/0);
     at::Tensor data = at::empty({static_cast<int64_t>(bytes.size())}, at::kByte);
     std::memcpy(data.data_ptr(), bytes.data(), bytes.size());
-    groups_->commands->Broadcast(data, /*root=*/0);
+    group_->Broadcast(data, /*root=*/0);
     return absl::OkStatus();
   });
+  last_sent_ = std::chrono::steady_clock::now();
   if (!sent.ok()) Lose(sent);
   return status();
 }
@@ -418,8 +412,7 @@ void RankLeader::Lose(const absl::Status& cause) {
   {
     absl::MutexLock lock(&mutex_);
     if (!lost_.ok()) return;
-    lost_ = absl::UnavailableError(absl::StrCat("this server lost a tensor-parallel rank of its ",
-                                                groups_->model->world_size(),
+    lost_ = absl::UnavailableError(absl::StrCat("this server lost a tensor-parallel rank of its ", group_->world_size(),
                                                 " and cannot decode until it is restarted: ", cause.message()));
     lost = lost_;
   }
@@ -432,10 +425,13 @@ absl::Status RankLeader::status() const {
   return lost_;
 }
 
-absl::Status RunRankFollower(const EngineOptions& options, std::shared_ptr<const ServingGroups> groups) {
+absl::Status RunRankFollower(const EngineOptions& options) {
+  if (options.tensor_parallel == nullptr || options.tensor_parallel->rank() == 0) {
+    return absl::InvalidArgumentError("a follower rank needs its tensor-parallel group, as a rank other than 0");
+  }
   if (options.threads > 0) at::set_num_threads(options.threads);
   LYCHEE_ASSIGN_OR_RETURN(ModelOptions model_options, ModelOptionsForDevice(options.device));
-  model_options.tensor_parallel = groups->model;
+  model_options.tensor_parallel = options.tensor_parallel;
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(options.model_dir, model_options));
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<KvCacheManager> kv,
                           KvCacheManager::Create(*model, options.kv_cache_bytes, options.kv_cache_fraction));
@@ -443,7 +439,7 @@ absl::Status RunRankFollower(const EngineOptions& options, std::shared_ptr<const
   DecodeOptions decode_options;
   // Tensor-parallel steps run eagerly (Model::Decode captures no graph under tensor parallelism).
   decode_options.cuda_graphs = false;
-  Follower follower(*model, kv->pool(), std::move(backends), std::move(groups), decode_options);
+  Follower follower(*model, kv->pool(), std::move(backends), decode_options);
   return follower.Run();
 }
 

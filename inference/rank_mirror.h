@@ -2,9 +2,10 @@
 // are follower processes that hold their shard of the weights and mirror every model call rank 0's
 // ModelRunner makes, in the same order, so that every rank runs the same collectives. Rank 0
 // describes each call as a RankCommand (which request, which tokens, which attention) and
-// broadcasts it; a follower runs it on its shard with its own KV pool, decode context and attention
-// backends. Sampling happens on rank 0 alone: a follower is fed the ids rank 0 chose. Free of
-// LibTorch.
+// broadcasts it on the model's own group, between the steps' all-reduces; a follower runs it on its
+// shard with its own KV pool, decode context and attention backends. Sampling happens on rank 0
+// alone: a follower is fed the ids rank 0 chose. A follower waits for each command within the
+// group's timeout, so an idle rank 0 sends keep-alive commands. Free of LibTorch.
 #pragma once
 
 #include <chrono>
@@ -33,22 +34,6 @@ struct EngineOptions;
 class AttentionBackend;
 class Model;
 
-// The two groups the ranks of a tensor-parallel service form.
-struct ServingGroups {
-  // The model's collectives; its timeout bounds how long a rank may fall silent within a step.
-  std::shared_ptr<TensorParallelGroup> model;
-  // Rank 0's commands. A group of its own, without a practical timeout, since a follower waits on
-  // it for as long as the service is idle; a follower that dies still fails rank 0's next
-  // collective at once (its connections close).
-  std::shared_ptr<TensorParallelGroup> commands;
-};
-
-// Joins both groups as `rank` of `world_size` at `rendezvous_file` (RankWorkers gives rank 0 the
-// file; its workers get it as a flag). `step_timeout` is the model group's.
-absl::StatusOr<std::shared_ptr<const ServingGroups>> JoinServingGroups(const std::string& rendezvous_file, int rank,
-                                                                       int world_size,
-                                                                       std::chrono::milliseconds step_timeout);
-
 enum class RankOp : uint8_t {
   kStart = 1,      // a new sequence for the request, made with its attention on its first admission
   kPrefill,        // the next positions of the request's sequence
@@ -56,12 +41,13 @@ enum class RankOp : uint8_t {
   kPreempt,        // drop the request's sequence, keep its attention
   kRelease,        // forget the request
   kDenseFallback,  // decode the request densely from its next step on
+  kKeepAlive,      // nothing to run: rank 0 is idle, and alive
   kShutdown,       // the service is stopping; the follower exits
 };
 
 struct RankCommand {
   RankOp op = RankOp::kShutdown;
-  // One for every op but kShutdown; a decode group's rows for kDecode.
+  // One for every op but kKeepAlive and kShutdown; a decode group's rows for kDecode.
   std::vector<uint64_t> request_ids;
   // kPrefill: the chunk's ids; kDecode: each row's input token.
   std::vector<int32_t> token_ids;
@@ -101,13 +87,14 @@ class ShardBackends {
   std::map<std::pair<std::string, uint64_t>, std::shared_ptr<const AttentionBackend>> backends_;
 };
 
-// Rank 0's side: sends each call to the followers before rank 0 runs it. Once a send or a step has
-// lost the group, every send returns the error that lost it. The engine's thread only, but for
-// status().
+// Rank 0's side: sends each call to the followers before rank 0 runs it. A send completes once
+// every follower takes it, so a follower that falls silent fails it within the group's timeout.
+// Once a send or a step has lost the group, every send returns the error that lost it. The
+// engine's thread only, but for status().
 class RankLeader {
  public:
   // `on_lost` is called once, on the engine's thread, when the group is lost.
-  RankLeader(std::shared_ptr<const ServingGroups> groups, std::function<void(const absl::Status&)> on_lost);
+  RankLeader(std::shared_ptr<const TensorParallelGroup> group, std::function<void(const absl::Status&)> on_lost);
 
   absl::Status Start(uint64_t request_id, const PolicySpec& policy,
                      const std::shared_ptr<const HeadPartition>& partition);
@@ -116,6 +103,9 @@ class RankLeader {
   absl::Status Preempt(uint64_t request_id);
   absl::Status Release(uint64_t request_id);
   absl::Status DenseFallback(uint64_t request_id);
+  // Sends kKeepAlive when nothing was sent for a quarter of the group's timeout, so that the
+  // followers' wait for the next command does not time out while rank 0 is idle.
+  absl::Status KeepAlive();
   absl::Status Shutdown();
 
   // A step that failed with UNAVAILABLE lost its group (a rank died or fell silent): from now on,
@@ -123,23 +113,24 @@ class RankLeader {
   void Lose(const absl::Status& cause);
   // OK while the ranks are together; any thread.
   absl::Status status() const;
-  int world_size() const { return groups_->model->world_size(); }
 
  private:
   absl::Status Send(const RankCommand& command);
 
-  const std::shared_ptr<const ServingGroups> groups_;
+  const std::shared_ptr<const TensorParallelGroup> group_;
   const std::function<void(const absl::Status&)> on_lost_;
   std::set<uint64_t> partitions_sent_;
+  std::chrono::steady_clock::time_point last_sent_ = std::chrono::steady_clock::now();
   mutable absl::Mutex mutex_;
   absl::Status lost_ ABSL_GUARDED_BY(mutex_);
 };
 
-// A follower rank's whole life: loads its shard of `options.model_dir`, makes its KV pool as rank 0
-// makes its own (KvCacheManager, from the same options), then runs rank 0's commands until
-// kShutdown (OK) or until the group is lost (UNAVAILABLE). A command it cannot follow (a request it
-// does not hold) is an error that ends it, which rank 0 then sees as a lost rank, rather than
-// collectives that no longer match.
-absl::Status RunRankFollower(const EngineOptions& options, std::shared_ptr<const ServingGroups> groups);
+// A follower rank's whole life, as rank options.tensor_parallel->rank() of that group: loads its
+// shard of `options.model_dir`, makes its KV pool as rank 0 makes its own (KvCacheManager, from the
+// same options), then runs rank 0's commands until kShutdown (OK) or until the group is lost
+// (UNAVAILABLE; also when no command comes within the group's timeout). A command it cannot follow
+// (a request it does not hold) is an error that ends it, which rank 0 then sees as a lost rank,
+// rather than collectives that no longer match.
+absl::Status RunRankFollower(const EngineOptions& options);
 
 }  // namespace lychee

@@ -68,6 +68,8 @@ class InferenceServer {
   // Why /v1/chat/completions answers 400 (the model's chat template is missing or outside the
   // supported subset); OK when it has a usable one, or when there is no HTTP API.
   const absl::Status& chat_template_status() const { return chat_template_status_; }
+  // OK while the engine can decode; UNAVAILABLE once it lost a tensor-parallel rank.
+  absl::Status serving_status() const { return engine_->serving_status(); }
   // Stops taking calls, ends the generations in flight and the watch. Idempotent.
   void Shutdown();
 

@@ -1,7 +1,6 @@
 // JoinGlooGroup on LibTorch's c10d ProcessGroupGloo (Debian's LibTorch 1.13 and pip's 2.x both
 // ship it; the calls here are the ones both versions have).
 #include <torch/csrc/distributed/c10d/FileStore.hpp>
-#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 
 #include <chrono>
@@ -16,11 +15,13 @@ namespace {
 
 class GlooGroup : public TensorParallelGroup {
  public:
-  GlooGroup(c10::intrusive_ptr<c10d::ProcessGroupGloo> group, int rank, int world_size)
-      : group_(std::move(group)), rank_(rank), world_size_(world_size) {}
+  GlooGroup(c10::intrusive_ptr<c10d::ProcessGroupGloo> group, int rank, int world_size,
+            std::chrono::milliseconds timeout)
+      : group_(std::move(group)), rank_(rank), world_size_(world_size), timeout_(timeout) {}
 
   int rank() const override { return rank_; }
   int world_size() const override { return world_size_; }
+  std::chrono::milliseconds timeout() const override { return timeout_; }
 
   void AllReduceSum(at::Tensor& tensor) const override {
     std::vector<at::Tensor> tensors{tensor};
@@ -51,24 +52,22 @@ class GlooGroup : public TensorParallelGroup {
   c10::intrusive_ptr<c10d::ProcessGroupGloo> group_;
   int rank_;
   int world_size_;
+  std::chrono::milliseconds timeout_;
 };
 
 }  // namespace
 
 absl::StatusOr<std::shared_ptr<TensorParallelGroup>> JoinGlooGroup(const std::string& rendezvous_file, int rank,
-                                                                   int world_size, std::chrono::milliseconds timeout,
-                                                                   const std::string& group_name) {
+                                                                   int world_size, std::chrono::milliseconds timeout) {
   if (world_size < 1 || rank < 0 || rank >= world_size) {
     return absl::InvalidArgumentError(absl::StrCat("gloo group: rank ", rank, " is outside [0, ", world_size, ")"));
   }
   try {
-    c10::intrusive_ptr<c10d::Store> store = c10::make_intrusive<c10d::FileStore>(rendezvous_file, world_size);
-    // The groups of one rendezvous file keep their keys apart, as torch.distributed's named groups do.
-    if (!group_name.empty()) store = c10::make_intrusive<c10d::PrefixStore>(group_name, store);
+    auto store = c10::make_intrusive<c10d::FileStore>(rendezvous_file, world_size);
     auto options = c10d::ProcessGroupGloo::Options::create(timeout);
     options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
     auto group = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, options);
-    return std::make_shared<GlooGroup>(std::move(group), rank, world_size);
+    return std::make_shared<GlooGroup>(std::move(group), rank, world_size, timeout);
   } catch (const std::exception& error) {
     return absl::UnavailableError(absl::StrCat("gloo group: rank ", rank, " of ", world_size,
                                                " could not join through ", rendezvous_file, ": ", error.what()));

@@ -41,6 +41,8 @@ class TensorParallelGroup {
   virtual void AllReduceSum(at::Tensor& tensor) const = 0;
   // Copies rank `root`'s contiguous tensor into every other rank's (same shape and dtype), in place.
   virtual void Broadcast(at::Tensor& tensor, int root) const = 0;
+  // How long a collective waits for the other ranks before it fails.
+  virtual std::chrono::milliseconds timeout() const = 0;
 };
 
 // The shape of one rank's shard of `config`: heads, KV heads and intermediate size divided by
@@ -64,10 +66,9 @@ absl::StatusOr<HeadPartition> ShardHeadPartition(const HeadPartition& partition,
 // Joins rank `rank` of `world_size` into a Gloo group on the loopback, meeting the others through a
 // c10d FileStore at `rendezvous_file` (a path every rank shares; fresh for each group). A
 // collective that a rank does not join within `timeout` (it died) fails instead of hanging.
-// Ranks may form several groups at one rendezvous file, each under its own `group_name`.
 // UNIMPLEMENTED in a build whose LibTorch has no Gloo.
 absl::StatusOr<std::shared_ptr<TensorParallelGroup>> JoinGlooGroup(
     const std::string& rendezvous_file, int rank, int world_size,
-    std::chrono::milliseconds timeout = std::chrono::seconds(60), const std::string& group_name = "");
+    std::chrono::milliseconds timeout = std::chrono::seconds(60));
 
 }  // namespace lychee

@@ -13,6 +13,7 @@
 #include <chrono>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/base/head_partition.h"
@@ -61,21 +62,20 @@ EngineOptions RankZeroOptions() {
   return options;
 }
 
-// The follower process and rank 0's end of the groups.
+// The follower process and rank 0's end of the group.
 struct Ranks {
   testing::TempDir follower_state;
   std::unique_ptr<RankWorkers> workers;
-  std::shared_ptr<const ServingGroups> groups;
+  std::shared_ptr<const TensorParallelGroup> group;
 
   Ranks() {
     auto started = RankWorkers::Start(LYCHEE_INFERENCE, FollowerArguments(follower_state.str()), kWorldSize);
     REQUIRE(started.ok());
     workers = *std::move(started);
-    auto joined =
-        JoinServingGroups(workers->rendezvous_file(), 0, kWorldSize, std::chrono::seconds(kStepTimeoutSeconds));
+    auto joined = JoinGlooGroup(workers->rendezvous_file(), 0, kWorldSize, std::chrono::seconds(kStepTimeoutSeconds));
     INFO(joined.status());
     REQUIRE(joined.ok());
-    groups = *std::move(joined);
+    group = *std::move(joined);
   }
 };
 
@@ -114,13 +114,13 @@ struct Generated {
   std::string policy;
 };
 
-// An engine over a partition manager of its own; `groups` null: one process.
+// An engine over a partition manager of its own; `group` null: one process.
 struct EngineUnderTest {
   testing::TempDir state;
   std::unique_ptr<PartitionManager> partitions;
   std::unique_ptr<InferenceEngine> engine;
 
-  EngineUnderTest(std::shared_ptr<const ServingGroups> groups, const std::vector<HeadPartition>& active_at_start) {
+  EngineUnderTest(std::shared_ptr<const TensorParallelGroup> group, const std::vector<HeadPartition>& active_at_start) {
     absl::StatusOr<ModelConfig> config = ModelConfig::FromFile(kModelDir + "/config.json");
     REQUIRE(config.ok());
     PartitionManager::Options partition_options;
@@ -132,7 +132,7 @@ struct EngineUnderTest {
     partitions = *std::move(manager);
     for (const HeadPartition& partition : active_at_start) Offer(partition);
     EngineOptions options = RankZeroOptions();
-    options.tensor_parallel = std::move(groups);
+    options.tensor_parallel = std::move(group);
     auto created = InferenceEngine::Create(options, partitions.get(), nullptr);
     INFO(created.status());
     REQUIRE(created.ok());
@@ -224,8 +224,14 @@ TEST_CASE("TP-2 serving decodes TP-1's greedy tokens: dense, the shipped partiti
 
   Ranks ranks;
   {
-    EngineUnderTest tp2(ranks.groups, {shipped});
+    EngineUnderTest tp2(ranks.group, {shipped});
     RequireSameTokens(tp2.Generate(MixedRequests()), mixed_tp1);
+    // A policy the ranks do not serve fails on rank 0 alone, before anything reaches the follower.
+    GenerationRequest quest = Request(Prompt(40, 2), /*dense=*/false);
+    quest.attention = PolicySpec::Defaults(PolicyKind::kQuest);
+    const std::vector<Generated> refused = tp2.Generate({quest});
+    CHECK(absl::IsInvalidArgument(refused[0].error));
+    CHECK_THAT(std::string(refused[0].error.message()), Catch::Contains("dense or lychee attention only"));
     // Version 2 reaches the follower with the first request that uses it.
     tp2.Offer(later);
     RequireSameTokens(tp2.Generate(HybridRequests()), later_tp1);
@@ -253,13 +259,16 @@ TEST_CASE("A killed follower rank fails in-flight and later requests with UNAVAI
   options.state_dir = state.str();
   options.shadow.enabled = false;
   options.engine = RankZeroOptions();
-  options.engine.tensor_parallel = ranks.groups;
+  options.engine.tensor_parallel = ranks.group;
   auto started = InferenceServer::Start(options);
   INFO(started.status());
   REQUIRE(started.ok());
   std::unique_ptr<InferenceServer> server = *std::move(started);
   const std::string target = "127.0.0.1:" + std::to_string(server->port());
   auto stub = v1::InferenceService::NewStub(grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+  // Idle past the group's timeout: rank 0's keep-alives hold the follower, which would otherwise give
+  // up waiting for a command.
+  std::this_thread::sleep_for(std::chrono::seconds(kStepTimeoutSeconds + 1));
   CHECK(Health(target) == grpc::health::v1::HealthCheckResponse::SERVING);
   CHECK(testing::HttpRequest(server->http_port(), "GET", "/health").status == 200);
 
