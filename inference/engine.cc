@@ -111,6 +111,7 @@ class InferenceEngine::Impl {
   }
 
   absl::StatusOr<std::shared_ptr<GenerationStream>> Submit(GenerationRequest generation) {
+    LYCHEE_RETURN_IF_ERROR(runner_->serving_status());
     LYCHEE_RETURN_IF_ERROR(Check(generation));
     LYCHEE_ASSIGN_OR_RETURN(AttentionPlan plan, PlanAttention(generation));
     // The last token is sampled, never written to the cache.
@@ -152,6 +153,7 @@ class InferenceEngine::Impl {
     tasks_stopped_ = true;
   }
 
+  absl::Status serving_status() const { return runner_->serving_status(); }
   const Tokenizer& tokenizer() const { return *tokenizer_; }
   const Model& model() const { return runner_->model(); }
   const ModelConfig& config() const { return runner_->config(); }
@@ -277,6 +279,7 @@ class InferenceEngine::Impl {
                    << serving_stream.status();
     }
     while (scheduler_->WaitForWork(kIdlePoll)) {
+      runner_->KeepRanksTogether();
       RunTasks(/*stopping=*/false);
       EndAbandoned();
       Retire();
@@ -465,6 +468,7 @@ int64_t InferenceEngine::max_new_tokens_limit() const { return impl_->options().
 std::string InferenceEngine::device() const { return impl_->options().device; }
 EngineLoad InferenceEngine::load() const { return impl_->load(); }
 int64_t InferenceEngine::kv_bytes_per_token() const { return impl_->kv_bytes_per_token(); }
+absl::Status InferenceEngine::serving_status() const { return impl_->serving_status(); }
 void InferenceEngine::Shutdown() { impl_->Shutdown(); }
 absl::Status InferenceEngine::PrepareGraphs(const PartitionManager::Snapshot& partition) {
   return impl_->PrepareGraphs(partition);

@@ -26,6 +26,7 @@
 #include "common/base/head_partition.h"
 #include "common/base/model_config.h"
 #include "common/base/tokenizer.h"
+#include "common/model/tensor_parallel.h"
 #include "common/service/metrics.h"
 #include "inference/partition_manager.h"
 #include "kernels/policy.h"
@@ -160,6 +161,13 @@ struct EngineOptions {
   int64_t audit_every = kDefaultAuditEvery;
   // Tests only; the servers leave it null.
   std::shared_ptr<const StepFaults> faults;
+  // Tensor parallelism (the CPU, over Gloo): this process is rank 0 of the group and holds its shard
+  // of the weights; the other ranks are follower processes (RunRankFollower, inference/rank_mirror.h)
+  // made with the same options. Null: the whole model in this process.
+  std::shared_ptr<const TensorParallelGroup> tensor_parallel;
+  // Called once, on the engine's thread, when the engine can serve no more (it lost a
+  // tensor-parallel rank), with the UNAVAILABLE error every request gets from then on.
+  std::function<void(const absl::Status&)> on_unservable;
 };
 
 struct EngineLoad {
@@ -204,6 +212,8 @@ class InferenceEngine {
   // KV bytes one position of one sequence takes (its pages hold 64 positions each).
   int64_t kv_bytes_per_token() const;
 
+  // OK while the engine can decode; UNAVAILABLE, saying why, once it lost a tensor-parallel rank.
+  absl::Status serving_status() const;
   // Ends every generation with UNAVAILABLE and stops the scheduler. Idempotent.
   void Shutdown();
   // Any thread: captures the decode-step graphs of `partition` (dense attention for null) on the

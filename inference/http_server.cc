@@ -300,6 +300,7 @@ class HttpServer::Handler {
       }
       case Route::kHealth:
         if (stopping_) return ReplyError(connection, absl::UnavailableError("shutting down"));
+        if (absl::Status serving = engine_.serving_status(); !serving.ok()) return ReplyError(connection, serving);
         return Reply(connection, MHD_HTTP_OK, "{\"status\":\"serving\"}", kJson);
       case Route::kMetrics:
         return Reply(connection, MHD_HTTP_OK, metrics_.Render(), "text/plain; version=0.0.4");

@@ -11,7 +11,7 @@ namespace lychee {
 absl::StatusOr<std::unique_ptr<KvCacheManager>> KvCacheManager::Create(const Model& model, int64_t kv_cache_bytes,
                                                                        double kv_cache_fraction) {
   const int64_t page_size = kDefaultPageSize;
-  const int64_t bytes_per_page = KvPool::BytesPerPage(model.config(), model.options().dtype, page_size);
+  const int64_t bytes_per_page = KvPool::BytesPerPage(model.shard_config(), model.options().dtype, page_size);
   int64_t bytes = kv_cache_bytes;
   std::string sized_by = absl::StrCat("--kv-cache-mib (", kv_cache_bytes, " bytes)");
   if (kv_cache_fraction != 0) {

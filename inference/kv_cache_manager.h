@@ -18,7 +18,8 @@ class Model;
 class KvCacheManager {
  public:
   // A pool of `kv_cache_fraction` (0 < F <= 1) of the device's free memory once the model is
-  // loaded, or of `kv_cache_bytes` when the fraction is 0; pages of kDefaultPageSize positions.
+  // loaded, or of `kv_cache_bytes` when the fraction is 0; pages of kDefaultPageSize positions. A
+  // tensor-parallel rank's pages hold its own KV heads, so the bytes are each rank's.
   // INVALID_ARGUMENT for a fraction outside (0, 1], a fraction on the CPU, or a size that holds no
   // page; RESOURCE_EXHAUSTED when the memory cannot be allocated.
   static absl::StatusOr<std::unique_ptr<KvCacheManager>> Create(const Model& model, int64_t kv_cache_bytes,

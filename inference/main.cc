@@ -1,17 +1,23 @@
 // lychee-inference: the generation server (lychee.v1.InferenceService).
 #include <glog/logging.h>
 
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
+#include "common/base/model_config.h"
 #include "common/base/status_macros.h"
+#include "common/model/rank_workers.h"
 #include "common/service/resource_paths.h"
 #include "common/service/service_main.h"
 #include "common/service/shutdown_signals.h"
+#include "inference/rank_mirror.h"
 #include "inference/service.h"
 
 ABSL_FLAG(std::string, model, lychee::ResourcePathOrEmpty(lychee::kBundledModelPath),
@@ -32,6 +38,14 @@ ABSL_FLAG(std::string, http_listen, "",
           "/v1/models, /health, /metrics); a bare port listens on 127.0.0.1 (default: off). HTTPS with "
           "--tls-cert/--tls-key; the client token as 'Authorization: Bearer TOKEN'");
 ABSL_FLAG(std::string, device, "cpu", "cpu or cuda");
+ABSL_FLAG(int64_t, tensor_parallel, 1,
+          "decode across N ranks, each holding its shard of the weights: this process is rank 0 (the server), ranks "
+          "1..N-1 are processes of this binary it starts (cpu only, over Gloo; N must divide the model's KV heads)");
+ABSL_FLAG(int64_t, tensor_parallel_timeout_s, 60,
+          "seconds a tensor-parallel rank may fall silent within a step before the others give it up (the service "
+          "then reports NOT_SERVING)");
+ABSL_FLAG(int64_t, tensor_parallel_rank, 0, "set by rank 0 on the ranks it starts; not for users");
+ABSL_FLAG(std::string, tensor_parallel_rendezvous, "", "set by rank 0 on the ranks it starts; not for users");
 ABSL_FLAG(int64_t, threads, 0, "LibTorch intra-op threads (0: LibTorch's own default)");
 ABSL_FLAG(std::optional<int64_t>, kv_cache_mib, std::nullopt,
           "MiB of the KV cache: a pool of pages of 64 positions that sequences take as they grow (default 2048)");
@@ -99,6 +113,12 @@ ABSL_FLAG(double, canary_max_latency_ratio, lychee::CanaryBounds{}.max_latency_r
 namespace {
 
 constexpr char kUsage[] = "usage: lychee-inference --state-dir DIR [flags]";
+
+// The command line's arguments after the program's name: what tensor-parallel ranks are started with.
+std::vector<std::string>& CommandLineArguments() {
+  static auto* arguments = new std::vector<std::string>();
+  return *arguments;
+}
 
 absl::Status Serve() {
   lychee::InferenceServerOptions options;
@@ -192,7 +212,37 @@ absl::Status Serve() {
   }
   LYCHEE_ASSIGN_OR_RETURN(options.offer_canary_fraction, in_unit_interval(FLAGS_canary_fraction, "canary-fraction"));
 
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t tensor_parallel, lychee::FlagInRange(FLAGS_tensor_parallel, 1, 1024));
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t step_timeout_s,
+                          lychee::FlagInRange(FLAGS_tensor_parallel_timeout_s, 1, int64_t{1} << 20));
+  if (tensor_parallel > 1 && engine.device != "cpu") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tensor-parallel on --device ", engine.device,
+                     " is not supported yet (NCCL process groups are not wired); serve it on --device cpu (Gloo)"));
+  }
+  const int world_size = static_cast<int>(tensor_parallel);
+  const std::chrono::seconds step_timeout(step_timeout_s);
+
+  // A follower rank ends with its rank 0: by rank 0's shutdown command, or by the SIGKILL that
+  // RankWorkers arranges when rank 0 dies; a terminal's Ctrl-C is rank 0's to handle.
   const sigset_t signals = lychee::BlockShutdownSignals();
+  if (const int64_t rank = absl::GetFlag(FLAGS_tensor_parallel_rank); rank > 0) {
+    LYCHEE_ASSIGN_OR_RETURN(engine.tensor_parallel,
+                            lychee::JoinGlooGroup(absl::GetFlag(FLAGS_tensor_parallel_rendezvous),
+                                                  static_cast<int>(rank), world_size, step_timeout));
+    return lychee::RunRankFollower(engine);
+  }
+  std::unique_ptr<lychee::RankWorkers> workers;
+  if (world_size > 1) {
+    // Checked before the ranks start, so that a bad count is one error rather than N.
+    LYCHEE_ASSIGN_OR_RETURN(const lychee::ModelConfig config,
+                            lychee::ModelConfig::FromFile(engine.model_dir + "/config.json"));
+    LYCHEE_RETURN_IF_ERROR(lychee::ShardModelConfig(config, world_size).status());
+    LYCHEE_ASSIGN_OR_RETURN(const std::string self, lychee::SelfExecutable());
+    LYCHEE_ASSIGN_OR_RETURN(workers, lychee::RankWorkers::Start(self, CommandLineArguments(), world_size));
+    LYCHEE_ASSIGN_OR_RETURN(engine.tensor_parallel,
+                            lychee::JoinGlooGroup(workers->rendezvous_file(), 0, world_size, step_timeout));
+  }
 
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<lychee::InferenceServer> server, lychee::InferenceServer::Start(options));
   std::string serving = absl::StrCat(
@@ -201,6 +251,7 @@ absl::Status Serve() {
       ", admin RPCs ", options.access.admin_token_file.empty() ? "open" : "need the admin token", ", client RPCs ",
       options.access.client_token_file.empty() ? "open" : "need the client token", ", model ", engine.model_dir, " on ",
       engine.device);
+  if (world_size > 1) absl::StrAppend(&serving, " over ", world_size, " tensor-parallel ranks");
   if (server->metrics_port() != 0) absl::StrAppend(&serving, ", metrics on port ", server->metrics_port());
   if (server->http_port() != 0) {
     absl::StrAppend(&serving, ", OpenAI-compatible HTTP API on port ", server->http_port(), " (",
@@ -217,10 +268,21 @@ absl::Status Serve() {
   }
   const int signal_number = lychee::WaitForShutdownSignal(signals);
   LOG(INFO) << "lychee-inference: signal " << signal_number << ", shutting down";
+  const bool ranks_together = server->serving_status().ok();
   server->Shutdown();
+  // Destroying the engine sends the other ranks their shutdown command.
+  server.reset();
+  // After a lost rank (logged when it was lost) a follower may be stopped rather than gone, and would
+  // never end on its own: ~RankWorkers kills and reaps what is left.
+  if (workers != nullptr && ranks_together) {
+    if (absl::Status ended = workers->Wait(); !ended.ok()) LOG(WARNING) << "lychee-inference: " << ended.message();
+  }
   return absl::OkStatus();
 }
 
 }  // namespace
 
-int main(int argc, char** argv) { return lychee::ServiceMain(argc, argv, "lychee-inference", kUsage, __FILE__, Serve); }
+int main(int argc, char** argv) {
+  CommandLineArguments().assign(argv + 1, argv + argc);
+  return lychee::ServiceMain(argc, argv, "lychee-inference", kUsage, __FILE__, Serve);
+}

@@ -18,15 +18,6 @@
 namespace lychee {
 namespace {
 
-// Drops cached backends that no request holds any more, so that a long-running service does not
-// keep one (and its partition) per version or policy parameters it ever served.
-template <typename Cache>
-void ForgetUnusedBackends(Cache& cache) {
-  for (auto it = cache.begin(); it != cache.end();) {
-    it = it->second.use_count() == 1 ? cache.erase(it) : std::next(it);
-  }
-}
-
 // Runs one step and turns what it throws into its status, as what it returns; counts its failure.
 template <typename Step>
 auto Guarded(absl::string_view name, std::atomic<int64_t>& failures, const Step& step) -> decltype(step()) {
@@ -39,6 +30,12 @@ auto Guarded(absl::string_view name, std::atomic<int64_t>& failures, const Step&
   }();
   if (!result.ok()) ++failures;
   return result;
+}
+
+const absl::Status& StatusOf(const absl::Status& status) { return status; }
+template <typename T>
+const absl::Status& StatusOf(const absl::StatusOr<T>& result) {
+  return result.status();
 }
 
 GenerationTelemetry ToGenerationTelemetry(const AttentionTelemetry& telemetry) {
@@ -77,16 +74,24 @@ ModelRunner::ModelRunner(const EngineOptions& options, PartitionManager* partiti
   decode_context_ = std::make_unique<DecodeContext>(decode_options);
 }
 
-ModelRunner::~ModelRunner() = default;
+ModelRunner::~ModelRunner() {
+  // The followers exit; their rank 0 reaps them (RankWorkers::Wait).
+  if (leader_ != nullptr && leader_->status().ok()) {
+    if (absl::Status sent = leader_->Shutdown(); !sent.ok()) LOG(WARNING) << sent;
+  }
+}
 
 absl::StatusOr<std::unique_ptr<ModelRunner>> ModelRunner::Create(const EngineOptions& options,
                                                                  PartitionManager* partitions) {
   if (options.threads > 0) at::set_num_threads(options.threads);
   LYCHEE_ASSIGN_OR_RETURN(ModelOptions model_options, ModelOptionsForDevice(options.device));
   std::unique_ptr<ModelRunner> runner(new ModelRunner(options, partitions));
+  if (options.tensor_parallel != nullptr) {
+    model_options.tensor_parallel = options.tensor_parallel;
+    runner->leader_ = std::make_unique<RankLeader>(options.tensor_parallel, options.on_unservable);
+  }
   LYCHEE_ASSIGN_OR_RETURN(runner->model_, Model::Load(options.model_dir, model_options));
-  LYCHEE_ASSIGN_OR_RETURN(runner->dense_, MakePolicyBackend(PolicySpec::Defaults(PolicyKind::kDense),
-                                                            runner->model_->config(), nullptr, model_options.device));
+  LYCHEE_ASSIGN_OR_RETURN(runner->backends_, ShardBackends::Create(*runner->model_));
   return runner;
 }
 
@@ -106,15 +111,35 @@ void ModelRunner::InjectFaults(absl::Span<EngineRequest* const> requests) const 
   faults_->before_step(step);
 }
 
+template <typename Step>
+auto ModelRunner::RunStep(absl::string_view name, const Step& step) -> decltype(step()) {
+  if (leader_ == nullptr) return Guarded(name, failed_steps_, step);
+  LYCHEE_RETURN_IF_ERROR(leader_->status());
+  decltype(step()) result = Guarded(name, failed_steps_, step);
+  if (!absl::IsUnavailable(StatusOf(result))) return result;
+  leader_->Lose(StatusOf(result));
+  return leader_->status();
+}
+
+void ModelRunner::KeepRanksTogether() {
+  if (leader_ != nullptr) leader_->KeepAlive().IgnoreError();
+}
+
 absl::Status ModelRunner::Start(EngineRequest& request) {
-  return Guarded("starting the sequence", failed_steps_, [&] { return RunStart(request); });
+  return RunStep("starting the sequence", [&] { return RunStart(request); });
 }
 
 absl::Status ModelRunner::RunStart(EngineRequest& request) {
   auto it = states_.find(request.id);
   if (it == states_.end()) {
-    LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const AttentionBackend> backend, BackendFor(request));
+    LYCHEE_ASSIGN_OR_RETURN(ResolvedAttention attention, ResolveAttention(request));
+    LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const AttentionBackend> backend,
+                            backends_->Get(attention.spec, attention.partition));
+    if (leader_ != nullptr) LYCHEE_RETURN_IF_ERROR(leader_->Start(request.id, attention.spec, attention.partition));
     it = states_.emplace(request.id, std::make_unique<RequestState>(std::move(backend), request.request)).first;
+  } else if (leader_ != nullptr) {
+    // A follower keeps the attention it made on the first admission.
+    LYCHEE_RETURN_IF_ERROR(leader_->Start(request.id, PolicySpec(), nullptr));
   }
   RequestState& state = *it->second;
   state.sequence = model_->NewSequence(pool_, state.backend);
@@ -124,7 +149,7 @@ absl::Status ModelRunner::RunStart(EngineRequest& request) {
 
 absl::StatusOr<std::optional<int32_t>> ModelRunner::Prefill(EngineRequest& request, int64_t tokens) {
   EngineRequest* const step[] = {&request};
-  return Guarded("prefill", failed_steps_, [&] {
+  return RunStep("prefill", [&] {
     InjectFaults(step);
     return RunPrefill(request, tokens);
   });
@@ -137,6 +162,7 @@ absl::StatusOr<std::optional<int32_t>> ModelRunner::RunPrefill(EngineRequest& re
   for (int64_t position = request.computed_tokens; position < request.computed_tokens + tokens; ++position) {
     ids.push_back(request.token_at(position));
   }
+  if (leader_ != nullptr) LYCHEE_RETURN_IF_ERROR(leader_->Prefill(request.id, ids));
   LYCHEE_ASSIGN_OR_RETURN(const at::Tensor logits, model_->Prefill(*state.sequence, ids));
   request.computed_tokens = state.sequence->length();
   if (request.prefilling() || !request.output_ids.empty()) return std::nullopt;
@@ -155,8 +181,7 @@ std::vector<absl::StatusOr<int32_t>> ModelRunner::Decode(absl::Span<EngineReques
   }
   for (const auto& group : groups) {
     const std::vector<size_t>& rows = group.second;
-    const absl::Status decoded =
-        Guarded("decode step", failed_steps_, [&] { return DecodeGroup(requests, rows, tokens); });
+    const absl::Status decoded = RunStep("decode step", [&] { return DecodeGroup(requests, rows, tokens); });
     if (!decoded.ok()) {
       for (size_t row : rows) tokens[row] = decoded;
     }
@@ -170,12 +195,15 @@ absl::Status ModelRunner::DecodeGroup(absl::Span<EngineRequest* const> requests,
   std::vector<Sequence*> sequences;
   std::vector<int32_t> ids;
   std::vector<EngineRequest*> step;
+  std::vector<uint64_t> request_ids;
   for (size_t row : rows) {
     step.push_back(requests[row]);
     sequences.push_back(StateOf(*requests[row]).sequence.get());
     ids.push_back(requests[row]->output_ids.back());
+    request_ids.push_back(requests[row]->id);
   }
   InjectFaults(step);
+  if (leader_ != nullptr) LYCHEE_RETURN_IF_ERROR(leader_->Decode(request_ids, ids));
   LYCHEE_ASSIGN_OR_RETURN(const at::Tensor logits, model_->Decode(sequences, ids, decode_context_.get()));
   const bool all_greedy =
       std::all_of(rows.begin(), rows.end(), [&](size_t row) { return requests[row]->request.temperature == 0; });
@@ -207,14 +235,16 @@ void ModelRunner::BoundDroppedMass(EngineRequest& request) {
       DenseFallback{static_cast<int64_t>(request.output_ids.size()), telemetry->max_dropped_mass, *bound};
   ++dense_fallbacks_;
   KeepTelemetry(state);
-  state.backend = dense_;
-  state.sequence->SwitchAttention(dense_);
+  state.backend = backends_->dense();
+  state.sequence->SwitchAttention(state.backend);
+  if (leader_ != nullptr) leader_->DenseFallback(request.id).IgnoreError();
 }
 
 void ModelRunner::Preempt(EngineRequest& request) {
   RequestState& state = StateOf(request);
   KeepTelemetry(state);
   state.sequence.reset();
+  if (leader_ != nullptr) leader_->Preempt(request.id).IgnoreError();
 }
 
 std::optional<GenerationTelemetry> ModelRunner::Release(EngineRequest& request) {
@@ -223,6 +253,7 @@ std::optional<GenerationTelemetry> ModelRunner::Release(EngineRequest& request) 
   KeepTelemetry(*it->second);
   std::optional<AttentionTelemetry> telemetry = std::move(it->second->telemetry);
   states_.erase(it);
+  if (leader_ != nullptr) leader_->Release(request.id).IgnoreError();
   if (!telemetry) return std::nullopt;
   return ToGenerationTelemetry(*telemetry);
 }
@@ -239,6 +270,8 @@ void ModelRunner::KeepTelemetry(RequestState& state) {
   }
 }
 
+absl::Status ModelRunner::serving_status() const { return leader_ == nullptr ? absl::OkStatus() : leader_->status(); }
+
 DecodeCounts ModelRunner::decode_counts() const {
   return {graph_replays_.load(), eager_steps_.load(), graph_capture_failures_.load()};
 }
@@ -254,7 +287,7 @@ void ModelRunner::CountDecodeSteps() {
   graph_capture_failures_ = stats.capture_failures;
 }
 
-absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::BackendFor(EngineRequest& request) {
+absl::StatusOr<ModelRunner::ResolvedAttention> ModelRunner::ResolveAttention(EngineRequest& request) {
   AttentionPlan& plan = request.plan;
   PolicySpec spec = plan.policy;
   GenerationSummary& summary = request.summary;
@@ -284,7 +317,7 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::BackendFor(
   summary.hybrid = spec.kind != PolicyKind::kDense;
   summary.token_budget = spec.kind == PolicyKind::kDense ? 0 : spec.token_budget;
   summary.policy = spec.Describe();
-  return Backend(spec, partition);
+  return ResolvedAttention{std::move(spec), std::move(partition)};
 }
 
 absl::StatusOr<std::unique_ptr<ThreadCudaStream>> ModelRunner::UseServingStream() const {
@@ -293,24 +326,12 @@ absl::StatusOr<std::unique_ptr<ThreadCudaStream>> ModelRunner::UseServingStream(
   return UseCudaStreamOnThisThread(CudaStreamPriority::kServing, device.index() < 0 ? 0 : device.index());
 }
 
-absl::StatusOr<std::shared_ptr<const AttentionBackend>> ModelRunner::Backend(
-    const PolicySpec& spec, const PartitionManager::Snapshot& partition) {
-  if (spec.kind == PolicyKind::kDense && spec.AuditPeriod() == 0) return dense_;
-  // Shared by every request with the same policy parameters and partition, so that they decode in one call.
-  const std::pair<std::string, uint64_t> key(spec.Describe(), partition == nullptr ? 0 : partition->version);
-  if (auto it = backends_.find(key); it != backends_.end()) return it->second;
-  LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const AttentionBackend> backend,
-                          MakePolicyBackend(spec, model_->config(), partition, model_->options().device));
-  ForgetUnusedBackends(backends_);
-  backends_[key] = backend;
-  return backend;
-}
-
 absl::Status ModelRunner::PrepareGraphs(const PartitionManager::Snapshot& partition) {
-  std::shared_ptr<const AttentionBackend> backend = dense_;
+  std::shared_ptr<const AttentionBackend> backend = backends_->dense();
   if (partition != nullptr) {
     LYCHEE_ASSIGN_OR_RETURN(
-        backend, Backend(PolicySpec::LycheeAsPartition().WithPartitionSelection(partition->selection()), partition));
+        backend,
+        backends_->Get(PolicySpec::LycheeAsPartition().WithPartitionSelection(partition->selection()), partition));
   }
   // Kept from being forgotten as unused until the next preparation: no request holds it yet.
   prepared_ = backend;

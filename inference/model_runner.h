@@ -2,8 +2,11 @@
 // attention backends (shared by every request with the same attention, so that they decode
 // together), and per request its sampler and its current sequence in the KV pool. A request keeps
 // its backend and its sampler's state across preemptions, so that its generation goes on as if
-// uninterrupted; only the sequence is dropped and made again. Not thread-safe: the engine's
-// thread only, except decode_counts().
+// uninterrupted; only the sequence is dropped and made again. Under tensor parallelism every call
+// that runs the model, or changes what a follower holds, is first sent to the follower ranks
+// (RankLeader), and a step that loses the group leaves the runner unable to decode: every later
+// step fails at once with the UNAVAILABLE error of serving_status(). Not thread-safe: the engine's
+// thread only, except decode_counts(), failed_steps(), dense_fallbacks() and serving_status().
 #pragma once
 
 #include <atomic>
@@ -21,6 +24,7 @@
 #include "inference/engine.h"
 #include "inference/engine_request.h"
 #include "inference/partition_manager.h"
+#include "inference/rank_mirror.h"
 
 namespace lychee {
 
@@ -67,6 +71,11 @@ class ModelRunner {
   // backend keeps telemetry.
   std::optional<GenerationTelemetry> Release(EngineRequest& request);
 
+  // Between two iterations of the engine: under tensor parallelism, tells the follower ranks that
+  // rank 0 is alive when nothing was sent to them for a while (their wait for the next command has
+  // the group's timeout); one that does not take it is lost, as in a step.
+  void KeepRanksTogether();
+
   // Captures the decode-step graphs of every batch bucket for the backend of `partition` at its
   // own token budget (of dense attention for a null partition), so that requests that start with it
   // replay from their first step; see Model::PrepareDecodeGraphs.
@@ -79,6 +88,8 @@ class ModelRunner {
 
   // Any thread.
   DecodeCounts decode_counts() const;
+  // OK but once a tensor-parallel rank is lost.
+  absl::Status serving_status() const;
   // Steps (Start, a prefill chunk, a decode group) that failed, since the start.
   int64_t failed_steps() const { return failed_steps_.load(); }
   // Sequences that GenerationRequest::max_dropped_mass switched to dense attention.
@@ -87,13 +98,19 @@ class ModelRunner {
  private:
   struct RequestState;
   ModelRunner(const EngineOptions& options, PartitionManager* partitions);
+  // The policy and partition a request is served with.
+  struct ResolvedAttention {
+    PolicySpec spec;
+    PartitionManager::Snapshot partition;
+  };
   // Resolves the request's partition (routing it through a running canary where it has none pinned)
   // and fills the summary's attention fields.
-  absl::StatusOr<std::shared_ptr<const AttentionBackend>> BackendFor(EngineRequest& request);
-  // The one backend of `spec` (resolved) with `partition` (null for a policy without one).
-  absl::StatusOr<std::shared_ptr<const AttentionBackend>> Backend(const PolicySpec& spec,
-                                                                  const PartitionManager::Snapshot& partition);
+  absl::StatusOr<ResolvedAttention> ResolveAttention(EngineRequest& request);
   RequestState& StateOf(const EngineRequest& request);
+  // Runs one step as Guarded does; under tensor parallelism not at all once the group is lost, and
+  // a step that fails with UNAVAILABLE loses it.
+  template <typename Step>
+  auto RunStep(absl::string_view name, const Step& step) -> decltype(step());
   absl::Status RunStart(EngineRequest& request);
   absl::StatusOr<std::optional<int32_t>> RunPrefill(EngineRequest& request, int64_t tokens);
   // One decode call for `rows` of `requests`, which share a backend; their tokens go into `tokens`.
@@ -115,9 +132,9 @@ class ModelRunner {
   std::unique_ptr<Model> model_;
   std::unique_ptr<DecodeContext> decode_context_;
   std::shared_ptr<KvPool> pool_;
-  std::shared_ptr<const AttentionBackend> dense_;
-  // By the policy's description (every parameter it uses) and partition version.
-  std::map<std::pair<std::string, uint64_t>, std::shared_ptr<const AttentionBackend>> backends_;
+  std::unique_ptr<ShardBackends> backends_;
+  // Under tensor parallelism; null otherwise.
+  std::unique_ptr<RankLeader> leader_;
   std::map<uint64_t, std::unique_ptr<RequestState>> states_;
   std::shared_ptr<const AttentionBackend> prepared_;
 

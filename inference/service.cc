@@ -396,10 +396,17 @@ absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(Inferenc
   metrics.AddGauge("lychee_rollout_held", "1 while automatic rollouts are held",
                    [&partitions] { return partitions.held() ? 1.0 : 0.0; });
 
+  if (options.engine.tensor_parallel != nullptr && options.shadow.enabled && !options.trainer_address.empty()) {
+    return absl::InvalidArgumentError(
+        "shadow validation decodes beside serving, which tensor-parallel ranks cannot mirror yet; with a trainer "
+        "and tensor parallelism, turn it off (--shadow-validation false)");
+  }
+  options.engine.on_unservable = [server = server.get()](const absl::Status&) { server->MarkNotServing(); };
   LYCHEE_ASSIGN_OR_RETURN(server->engine_, InferenceEngine::Create(options.engine, &partitions, &metrics));
   partitions.SetActivationPreparer(
       [engine = server->engine_.get()](const PartitionManager::Snapshot& partition) { return engine->PrepareGraphs(partition); });
-  if (options.shadow.enabled) {
+  // Only a trainer's offers are validated; under tensor parallelism there are none (checked above).
+  if (options.shadow.enabled && options.engine.tensor_parallel == nullptr) {
     options.shadow.served_context_tokens = server->engine_->max_context_tokens();
     LYCHEE_ASSIGN_OR_RETURN(server->shadow_, ShadowValidator::Create(options.shadow, server->engine_->model(),
                                                                      server->engine_->tokenizer()));
@@ -442,6 +449,11 @@ absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(Inferenc
 
   LYCHEE_ASSIGN_OR_RETURN(server->server_, StartGrpcServer(options.listen_address, credentials, server->service_.get(),
                                                            kMaxRequestBytes, options.log_requests, &server->port_));
+  {
+    absl::MutexLock lock(&server->health_mutex_);
+    server->health_server_ = server->server_.get();
+    if (!server->serving_) server->health_server_->GetHealthCheckService()->SetServingStatus(false);
+  }
   if (!options.metrics_address.empty()) {
     LYCHEE_ASSIGN_OR_RETURN(server->metrics_server_, MetricsHttpServer::Start(options.metrics_address, metrics));
   }
@@ -466,10 +478,20 @@ absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(Inferenc
 
 InferenceServer::~InferenceServer() { Shutdown(); }
 
+void InferenceServer::MarkNotServing() {
+  absl::MutexLock lock(&health_mutex_);
+  serving_ = false;
+  if (health_server_ != nullptr) health_server_->GetHealthCheckService()->SetServingStatus(false);
+}
+
 void InferenceServer::Shutdown() {
   if (shadow_ != nullptr) shadow_->Cancel();
   if (partitions_ != nullptr) partitions_->SetActivationPreparer(nullptr);
   if (engine_ != nullptr) engine_->Shutdown();
+  {
+    absl::MutexLock lock(&health_mutex_);
+    health_server_ = nullptr;
+  }
   if (server_ != nullptr) server_->Shutdown(std::chrono::system_clock::now() + kShutdownGrace);
   watcher_.reset();
   metrics_server_.reset();

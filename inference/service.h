@@ -12,7 +12,9 @@
 
 #include <grpcpp/server.h>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "common/service/metrics.h"
 #include "common/service/security.h"
 #include "inference/engine.h"
@@ -66,12 +68,17 @@ class InferenceServer {
   // Why /v1/chat/completions answers 400 (the model's chat template is missing or outside the
   // supported subset); OK when it has a usable one, or when there is no HTTP API.
   const absl::Status& chat_template_status() const { return chat_template_status_; }
+  // OK while the engine can decode; UNAVAILABLE once it lost a tensor-parallel rank.
+  absl::Status serving_status() const { return engine_->serving_status(); }
   // Stops taking calls, ends the generations in flight and the watch. Idempotent.
   void Shutdown();
 
  private:
   class Service;
   InferenceServer() = default;
+  // The engine can serve no more (it lost a tensor-parallel rank): gRPC health says NOT_SERVING from
+  // now on. Any thread.
+  void MarkNotServing();
 
   std::unique_ptr<AccessControl> access_;
   MetricsRegistry metrics_;
@@ -85,6 +92,10 @@ class InferenceServer {
   std::unique_ptr<HttpServer> http_server_;
   absl::Status chat_template_status_;
   int port_ = 0;
+  // What MarkNotServing reaches: the gRPC server once it runs, until it shuts down.
+  absl::Mutex health_mutex_;
+  grpc::Server* health_server_ ABSL_GUARDED_BY(health_mutex_) = nullptr;
+  bool serving_ ABSL_GUARDED_BY(health_mutex_) = true;
 };
 
 }  // namespace lychee

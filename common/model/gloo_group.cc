@@ -15,28 +15,44 @@ namespace {
 
 class GlooGroup : public TensorParallelGroup {
  public:
-  GlooGroup(c10::intrusive_ptr<c10d::ProcessGroupGloo> group, int rank, int world_size)
-      : group_(std::move(group)), rank_(rank), world_size_(world_size) {}
+  GlooGroup(c10::intrusive_ptr<c10d::ProcessGroupGloo> group, int rank, int world_size,
+            std::chrono::milliseconds timeout)
+      : group_(std::move(group)), rank_(rank), world_size_(world_size), timeout_(timeout) {}
 
   int rank() const override { return rank_; }
   int world_size() const override { return world_size_; }
+  std::chrono::milliseconds timeout() const override { return timeout_; }
 
   void AllReduceSum(at::Tensor& tensor) const override {
     std::vector<at::Tensor> tensors{tensor};
+    Run("all-reduce", [&] { group_->allreduce(tensors)->wait(); });
+  }
+
+  void Broadcast(at::Tensor& tensor, int root) const override {
+    std::vector<at::Tensor> tensors{tensor};
+    c10d::BroadcastOptions options;
+    options.rootRank = root;
+    Run("broadcast", [&] { group_->broadcast(tensors, options)->wait(); });
+  }
+
+ private:
+  // Runs one collective, throwing what it throws as a CollectiveError naming it and this rank.
+  template <typename Collective>
+  void Run(const char* name, const Collective& collective) const {
     try {
-      group_->allreduce(tensors)->wait();
+      collective();
     } catch (const std::exception& error) {
       const auto* torch_error = dynamic_cast<const c10::Error*>(&error);
       throw CollectiveError(
-          absl::StrCat("all-reduce on rank ", rank_, " of ", world_size_, ": ",
+          absl::StrCat(name, " on rank ", rank_, " of ", world_size_, ": ",
                        torch_error != nullptr ? torch_error->what_without_backtrace() : error.what()));
     }
   }
 
- private:
   c10::intrusive_ptr<c10d::ProcessGroupGloo> group_;
   int rank_;
   int world_size_;
+  std::chrono::milliseconds timeout_;
 };
 
 }  // namespace
@@ -51,7 +67,7 @@ absl::StatusOr<std::shared_ptr<TensorParallelGroup>> JoinGlooGroup(const std::st
     auto options = c10d::ProcessGroupGloo::Options::create(timeout);
     options->devices.push_back(c10d::ProcessGroupGloo::createDeviceForHostname("127.0.0.1"));
     auto group = c10::make_intrusive<c10d::ProcessGroupGloo>(store, rank, world_size, options);
-    return std::make_shared<GlooGroup>(std::move(group), rank, world_size);
+    return std::make_shared<GlooGroup>(std::move(group), rank, world_size, timeout);
   } catch (const std::exception& error) {
     return absl::UnavailableError(absl::StrCat("gloo group: rank ", rank, " of ", world_size,
                                                " could not join through ", rendezvous_file, ": ", error.what()));

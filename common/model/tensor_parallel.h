@@ -39,6 +39,10 @@ class TensorParallelGroup {
   virtual int world_size() const = 0;
   // Sums a contiguous tensor across the ranks, in place.
   virtual void AllReduceSum(at::Tensor& tensor) const = 0;
+  // Copies rank `root`'s contiguous tensor into every other rank's (same shape and dtype), in place.
+  virtual void Broadcast(at::Tensor& tensor, int root) const = 0;
+  // How long a collective waits for the other ranks before it fails.
+  virtual std::chrono::milliseconds timeout() const = 0;
 };
 
 // The shape of one rank's shard of `config`: heads, KV heads and intermediate size divided by

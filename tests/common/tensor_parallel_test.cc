@@ -230,6 +230,8 @@ class UnusedGroup : public TensorParallelGroup {
   int rank() const override { return 0; }
   int world_size() const override { return world_size_; }
   void AllReduceSum(at::Tensor&) const override { FAIL("no collective before the model loads"); }
+  void Broadcast(at::Tensor&, int) const override { FAIL("no collective before the model loads"); }
+  std::chrono::milliseconds timeout() const override { return std::chrono::seconds(60); }
 
  private:
   int world_size_;

@@ -1,0 +1,322 @@
+// Tensor-parallel serving (inference/rank_mirror.h) on the bundled model (2 KV heads), on the CPU:
+// rank 0 is an engine or an InferenceServer in this test, rank 1 a lychee-inference process that
+// RankWorkers starts as its follower, as the server itself does. TP-2 must decode TP-1's greedy
+// tokens, dense and hybrid, with a partition active at the start and one activated later; a
+// follower killed mid-serving must fail the requests with UNAVAILABLE and turn health to
+// NOT_SERVING, without a hang.
+#include <grpcpp/client_context.h>
+#include <grpcpp/create_channel.h>
+#include <signal.h>
+
+#include <catch2/catch.hpp>
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "common/base/head_partition.h"
+#include "common/base/model_fingerprint.h"
+#include "common/model/rank_workers.h"
+#include "grpc/health/v1/health.grpc.pb.h"
+#include "harness/temp_dir.h"
+#include "inference/engine.h"
+#include "inference/rank_mirror.h"
+#include "inference/service.h"
+#include "lychee/v1/inference.grpc.pb.h"
+#include "tests/http_get.h"
+
+namespace lychee {
+namespace {
+
+using namespace std::chrono_literals;
+
+const std::string kModelDir = "models/tiny-llama-retrieval";
+constexpr int kWorldSize = 2;
+constexpr int64_t kKvCacheMib = 64;
+// Short, so that a rank that falls silent is given up quickly; a killed one is noticed at once.
+constexpr int kStepTimeoutSeconds = 5;
+
+// lychee-inference's flags for its follower rank, matching the rank-0 engine options below.
+std::vector<std::string> FollowerArguments(const std::string& state_dir) {
+  return {"--state-dir",
+          state_dir,
+          "--kv-cache-mib",
+          std::to_string(kKvCacheMib),
+          "--threads",
+          "1",
+          "--shadow-validation",
+          "false",
+          "--tensor-parallel",
+          std::to_string(kWorldSize),
+          "--tensor-parallel-timeout-s",
+          std::to_string(kStepTimeoutSeconds)};
+}
+
+EngineOptions RankZeroOptions() {
+  EngineOptions options;
+  options.model_dir = kModelDir;
+  options.kv_cache_bytes = kKvCacheMib << 20;
+  options.threads = 1;
+  return options;
+}
+
+// The follower process and rank 0's end of the group.
+struct Ranks {
+  testing::TempDir follower_state;
+  std::unique_ptr<RankWorkers> workers;
+  std::shared_ptr<const TensorParallelGroup> group;
+
+  Ranks() {
+    auto started = RankWorkers::Start(LYCHEE_INFERENCE, FollowerArguments(follower_state.str()), kWorldSize);
+    REQUIRE(started.ok());
+    workers = *std::move(started);
+    auto joined = JoinGlooGroup(workers->rendezvous_file(), 0, kWorldSize, std::chrono::seconds(kStepTimeoutSeconds));
+    INFO(joined.status());
+    REQUIRE(joined.ok());
+    group = *std::move(joined);
+  }
+};
+
+std::string Fingerprint() {
+  absl::StatusOr<std::string> fingerprint = ModelFingerprint(kModelDir);
+  REQUIRE(fingerprint.ok());
+  return *fingerprint;
+}
+
+// A partition file of the model as version `version`, its budget lowered below the long prompts so
+// that the sparse heads select.
+HeadPartition PartitionFromFile(const std::string& file, uint64_t version) {
+  absl::StatusOr<HeadPartition> partition = LoadHeadPartitionJson(kModelDir + "/partitions/" + file);
+  REQUIRE(partition.ok());
+  partition->model_fingerprint = Fingerprint();
+  partition->version = version;
+  partition->mutable_selection().token_budget = 256;
+  return *std::move(partition);
+}
+
+// Token ids in [1, 8192) from a fixed linear congruential sequence: a prompt of `length` tokens.
+std::vector<int32_t> Prompt(int64_t length, uint32_t seed) {
+  std::vector<int32_t> ids;
+  uint32_t state = seed;
+  for (int64_t i = 0; i < length; ++i) {
+    state = state * 1664525u + 1013904223u;
+    ids.push_back(static_cast<int32_t>(1 + (state >> 8) % 8191));
+  }
+  return ids;
+}
+
+struct Generated {
+  std::vector<int32_t> ids;
+  absl::Status error;
+  uint64_t partition_version = 0;
+  std::string policy;
+};
+
+// An engine over a partition manager of its own; `group` null: one process.
+struct EngineUnderTest {
+  testing::TempDir state;
+  std::unique_ptr<PartitionManager> partitions;
+  std::unique_ptr<InferenceEngine> engine;
+
+  EngineUnderTest(std::shared_ptr<const TensorParallelGroup> group, const std::vector<HeadPartition>& active_at_start) {
+    absl::StatusOr<ModelConfig> config = ModelConfig::FromFile(kModelDir + "/config.json");
+    REQUIRE(config.ok());
+    PartitionManager::Options partition_options;
+    partition_options.state_dir = state.str();
+    partition_options.model_fingerprint = Fingerprint();
+    partition_options.model_config = *config;
+    auto manager = PartitionManager::Open(partition_options);
+    REQUIRE(manager.ok());
+    partitions = *std::move(manager);
+    for (const HeadPartition& partition : active_at_start) Offer(partition);
+    EngineOptions options = RankZeroOptions();
+    options.tensor_parallel = std::move(group);
+    auto created = InferenceEngine::Create(options, partitions.get(), nullptr);
+    INFO(created.status());
+    REQUIRE(created.ok());
+    engine = *std::move(created);
+  }
+
+  void Offer(const HeadPartition& partition) { REQUIRE(partitions->Offer(partition).ok()); }
+
+  // The requests submitted together, so that they decode in shared steps; then each read to its end.
+  std::vector<Generated> Generate(const std::vector<GenerationRequest>& requests) {
+    std::vector<std::shared_ptr<GenerationStream>> streams;
+    for (const GenerationRequest& request : requests) {
+      auto stream = engine->Submit(request);
+      INFO(stream.status());
+      REQUIRE(stream.ok());
+      streams.push_back(*std::move(stream));
+    }
+    std::vector<Generated> generated(streams.size());
+    for (size_t i = 0; i < streams.size(); ++i) {
+      const auto give_up = std::chrono::steady_clock::now() + 60s;
+      while (std::chrono::steady_clock::now() < give_up) {
+        GenerationEvent event = streams[i]->Next(200ms);
+        if (event.kind == GenerationEvent::Kind::kChunk) {
+          generated[i].ids.insert(generated[i].ids.end(), event.token_ids.begin(), event.token_ids.end());
+        } else if (event.kind == GenerationEvent::Kind::kDone) {
+          generated[i].partition_version = event.summary.partition_version;
+          generated[i].policy = event.summary.policy;
+          break;
+        } else if (event.kind == GenerationEvent::Kind::kError) {
+          generated[i].error = event.error;
+          break;
+        }
+      }
+    }
+    return generated;
+  }
+};
+
+GenerationRequest Request(std::vector<int32_t> prompt, bool dense) {
+  GenerationRequest request;
+  request.prompt_ids = std::move(prompt);
+  request.max_new_tokens = 8;
+  // Unset: the server's default, the active partition.
+  if (dense) request.attention = PolicySpec::Defaults(PolicyKind::kDense);
+  return request;
+}
+
+// Dense and hybrid requests mixed, so that a step decodes two groups; two prompts long enough for
+// the sparse heads to select under the lowered budget.
+std::vector<GenerationRequest> MixedRequests() {
+  return {Request(Prompt(600, 1), /*dense=*/true), Request(Prompt(600, 1), /*dense=*/false),
+          Request(Prompt(40, 2), /*dense=*/true), Request(Prompt(700, 3), /*dense=*/false)};
+}
+
+std::vector<GenerationRequest> HybridRequests() {
+  return {Request(Prompt(600, 1), /*dense=*/false), Request(Prompt(700, 3), /*dense=*/false)};
+}
+
+void RequireSameTokens(const std::vector<Generated>& tp2, const std::vector<Generated>& tp1) {
+  REQUIRE(tp2.size() == tp1.size());
+  for (size_t i = 0; i < tp1.size(); ++i) {
+    INFO("request " << i << ": TP-1 " << tp1[i].error << ", TP-2 " << tp2[i].error);
+    REQUIRE(tp1[i].error.ok());
+    REQUIRE(tp2[i].error.ok());
+    CHECK(tp2[i].ids.size() == 8);
+    CHECK(tp2[i].ids == tp1[i].ids);
+    CHECK(tp2[i].partition_version == tp1[i].partition_version);
+    CHECK(tp2[i].policy == tp1[i].policy);
+  }
+}
+
+TEST_CASE("TP-2 serving decodes TP-1's greedy tokens: dense, the shipped partition, one activated after start",
+          "[tensor_parallel]") {
+  const HeadPartition shipped = PartitionFromFile("learned-target-0.25.json", 1);
+  const HeadPartition later = PartitionFromFile("retrieval-head-0.json", 2);
+  std::vector<Generated> mixed_tp1, later_tp1;
+  {
+    EngineUnderTest tp1(nullptr, {shipped});
+    mixed_tp1 = tp1.Generate(MixedRequests());
+    tp1.Offer(later);
+    later_tp1 = tp1.Generate(HybridRequests());
+  }
+  // The test can fail only if the partitions matter: with either, a long prompt decodes otherwise
+  // than densely.
+  REQUIRE(mixed_tp1[1].partition_version == 1);
+  REQUIRE(mixed_tp1[1].ids != mixed_tp1[0].ids);
+  REQUIRE(later_tp1[0].partition_version == 2);
+  REQUIRE(later_tp1[0].ids != mixed_tp1[1].ids);
+
+  Ranks ranks;
+  {
+    EngineUnderTest tp2(ranks.group, {shipped});
+    RequireSameTokens(tp2.Generate(MixedRequests()), mixed_tp1);
+    // A policy the ranks do not serve fails on rank 0 alone, before anything reaches the follower.
+    GenerationRequest quest = Request(Prompt(40, 2), /*dense=*/false);
+    quest.attention = PolicySpec::Defaults(PolicyKind::kQuest);
+    const std::vector<Generated> refused = tp2.Generate({quest});
+    CHECK(absl::IsInvalidArgument(refused[0].error));
+    CHECK_THAT(std::string(refused[0].error.message()), Catch::Contains("dense or lychee attention only"));
+    // Version 2 reaches the follower with the first request that uses it.
+    tp2.Offer(later);
+    RequireSameTokens(tp2.Generate(HybridRequests()), later_tp1);
+  }
+  // The engine's end sent the follower its shutdown command.
+  CHECK(ranks.workers->Wait().ok());
+}
+
+grpc::health::v1::HealthCheckResponse::ServingStatus Health(const std::string& target) {
+  auto stub = grpc::health::v1::Health::NewStub(grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+  grpc::ClientContext context;
+  context.set_deadline(std::chrono::system_clock::now() + 10s);
+  grpc::health::v1::HealthCheckResponse response;
+  REQUIRE(stub->Check(&context, {}, &response).ok());
+  return response.status();
+}
+
+TEST_CASE("A killed follower rank fails in-flight and later requests with UNAVAILABLE; health turns NOT_SERVING",
+          "[tensor_parallel]") {
+  Ranks ranks;
+  testing::TempDir state;
+  InferenceServerOptions options;
+  options.listen_address = "127.0.0.1:0";
+  options.http_address = "127.0.0.1:0";
+  options.state_dir = state.str();
+  options.shadow.enabled = false;
+  options.engine = RankZeroOptions();
+  options.engine.tensor_parallel = ranks.group;
+  auto started = InferenceServer::Start(options);
+  INFO(started.status());
+  REQUIRE(started.ok());
+  std::unique_ptr<InferenceServer> server = *std::move(started);
+  const std::string target = "127.0.0.1:" + std::to_string(server->port());
+  auto stub = v1::InferenceService::NewStub(grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+  // Idle past the group's timeout: rank 0's keep-alives hold the follower, which would otherwise give
+  // up waiting for a command.
+  std::this_thread::sleep_for(std::chrono::seconds(kStepTimeoutSeconds + 1));
+  CHECK(Health(target) == grpc::health::v1::HealthCheckResponse::SERVING);
+  CHECK(testing::HttpRequest(server->http_port(), "GET", "/health").status == 200);
+
+  v1::GenerateRequest request;
+  request.set_text("The old man walked down to the harbour and");
+  request.set_max_new_tokens(1000);
+  const auto start = std::chrono::steady_clock::now();
+  grpc::Status in_flight;
+  {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + 60s);
+    auto reader = stub->Generate(&context, request);
+    v1::GenerateResponse response;
+    // Serving: the first tokens came through both ranks.
+    REQUIRE(reader->Read(&response));
+    REQUIRE(kill(ranks.workers->pid(1), SIGKILL) == 0);
+    while (reader->Read(&response)) {
+    }
+    in_flight = reader->Finish();
+  }
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  INFO(in_flight.error_message());
+  CHECK(in_flight.error_code() == grpc::StatusCode::UNAVAILABLE);
+  CHECK_THAT(in_flight.error_message(), Catch::Contains("lost a tensor-parallel rank"));
+  // A dead rank's connections close: no wait for the group's timeout.
+  CHECK(seconds < kStepTimeoutSeconds);
+
+  grpc::Status later;
+  {
+    grpc::ClientContext context;
+    context.set_deadline(std::chrono::system_clock::now() + 30s);
+    request.set_max_new_tokens(4);
+    auto reader = stub->Generate(&context, request);
+    v1::GenerateResponse response;
+    while (reader->Read(&response)) {
+    }
+    later = reader->Finish();
+  }
+  CHECK(later.error_code() == grpc::StatusCode::UNAVAILABLE);
+  CHECK(Health(target) == grpc::health::v1::HealthCheckResponse::NOT_SERVING);
+  CHECK(testing::HttpRequest(server->http_port(), "GET", "/health").status == 503);
+
+  server->Shutdown();
+  server.reset();
+  const absl::Status workers = ranks.workers->Wait();
+  CHECK(absl::IsUnavailable(workers));
+  CHECK_THAT(std::string(workers.message()), Catch::Contains("killed by signal 9"));
+}
+
+}  // namespace
+}  // namespace lychee
