@@ -50,6 +50,8 @@ constexpr char kUsage[] =
     "the source tree)";
 
 absl::Status Serve() {
+  // A calibration worker keeps the SIGINT and SIGTERM that its trainer's job thread had blocked: a
+  // Ctrl-C is rank 0's to take, whose shutdown ends the job INTERRUPTED and kills the workers.
   if (const std::string job_file = absl::GetFlag(FLAGS_calibration_worker); !job_file.empty()) {
     return lychee::RunCalibrationWorker(job_file, static_cast<int>(absl::GetFlag(FLAGS_tensor_parallel_rank)),
                                         absl::GetFlag(FLAGS_tensor_parallel_rendezvous));

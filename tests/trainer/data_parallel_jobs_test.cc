@@ -1,7 +1,7 @@
 // Data-parallel calibration jobs through the job manager with the real runner: rank 0 in this
 // process, rank 1 a lychee-trainer calibration worker (LYCHEE_TRAINER). The published partition
-// matches the one-rank job's; a killed worker fails its job, naming the rank, and the next job runs;
-// a cancelled job leaves no worker behind.
+// matches the one-rank job's, and so does every target's of a sweep; a killed worker fails its job,
+// naming the rank, and the next job runs; a cancelled job leaves no worker behind.
 #include <signal.h>
 #include <stdio.h>
 #include <sys/wait.h>
@@ -17,6 +17,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/base/head_partition.h"
 #include "common/base/partition_store.h"
 #include "harness/temp_dir.h"
 #include "trainer/job_manager.h"
@@ -97,6 +98,21 @@ std::vector<pid_t> ChildProcesses() {
   return children;
 }
 
+// The same roles, gate means and final loss: what two ranks over a batch learn is what one learns.
+void CheckSamePartition(const HeadPartition& mine, const HeadPartition& reference) {
+  REQUIRE(mine.gates.size() == reference.gates.size());
+  for (size_t i = 0; i < reference.gates.size(); ++i) {
+    INFO("layer " << reference.gates[i].layer << " KV head " << reference.gates[i].kv_head);
+    CHECK(mine.gates[i].kuma_mean == Approx(reference.gates[i].kuma_mean).epsilon(1e-4));
+  }
+  for (int layer = 0; layer < reference.num_layers(); ++layer) {
+    for (int head = 0; head < reference.num_kv_heads(); ++head) {
+      CHECK(mine.role(layer, head) == reference.role(layer, head));
+    }
+  }
+  CHECK(mine.training.final_distillation_loss == Approx(reference.training.final_distillation_loss).epsilon(1e-4));
+}
+
 v1::Job RunningPastFirstStep(const Trainer& trainer, const std::string& name) {
   return trainer.WaitFor(name, [](const v1::Job& job) { return job.progress().step() >= 1 || IsFinal(job.state()); });
 }
@@ -117,17 +133,34 @@ TEST_CASE("a job on two data-parallel ranks publishes the partition of the one-r
   const PartitionStore::Snapshot mine =
       two_ranks.store->Get(data_parallel.result().model_fingerprint(), data_parallel.result().partition_version())
           .value();
-  REQUIRE(mine->gates.size() == reference->gates.size());
-  for (size_t i = 0; i < reference->gates.size(); ++i) {
-    INFO("layer " << reference->gates[i].layer << " KV head " << reference->gates[i].kv_head);
-    CHECK(mine->gates[i].kuma_mean == Approx(reference->gates[i].kuma_mean).epsilon(1e-4));
+  CheckSamePartition(*mine, *reference);
+}
+
+TEST_CASE("every target of a sweep on two data-parallel ranks learns the one-rank sweep's partition",
+          "[data_parallel]") {
+  v1::SubmitCalibrationJobRequest request = Request(2);
+  request.add_target_densities(0.1);
+  request.add_target_densities(0.3);
+  v1::SweepConfig* sweep = request.mutable_sweep();
+  sweep->set_validation_context_tokens(256);
+  sweep->set_validation_samples(1);
+  sweep->set_max_accuracy_drop(1);
+  Trainer one_rank(1);
+  const v1::Job single = one_rank.Run(request);
+  INFO("one rank: " << single.ShortDebugString());
+  REQUIRE(single.state() == v1::JOB_STATE_SUCCEEDED);
+  Trainer two_ranks(2);
+  const v1::Job data_parallel = two_ranks.Run(request);
+  INFO("two ranks: " << data_parallel.ShortDebugString());
+  REQUIRE(data_parallel.state() == v1::JOB_STATE_SUCCEEDED);
+  CHECK(ChildProcesses().empty());
+  REQUIRE(single.sweep().rows_size() == 2);
+  REQUIRE(data_parallel.sweep().rows_size() == 2);
+  for (int row = 0; row < 2; ++row) {
+    INFO("target " << single.sweep().rows(row).target_density());
+    CheckSamePartition(HeadPartitionFromProto(data_parallel.sweep().rows(row).partition()).value(),
+                       HeadPartitionFromProto(single.sweep().rows(row).partition()).value());
   }
-  for (int layer = 0; layer < reference->num_layers(); ++layer) {
-    for (int head = 0; head < reference->num_kv_heads(); ++head) {
-      CHECK(mine->role(layer, head) == reference->role(layer, head));
-    }
-  }
-  CHECK(mine->training.final_distillation_loss == Approx(reference->training.final_distillation_loss).epsilon(1e-4));
 }
 
 TEST_CASE("a killed data-parallel worker fails its job naming the rank, and the next job runs", "[data_parallel]") {
