@@ -1,6 +1,7 @@
 #include "trainer/job_runner.h"
 
 #include <ATen/Parallel.h>
+#include <glog/logging.h>
 #include <google/protobuf/text_format.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -9,8 +10,10 @@
 #include <exception>
 #include <filesystem>
 #include <optional>
+#include <vector>
 
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
 #include "common/base/durable_file.h"
 #include "common/base/retrieval_tasks.h"
 #include "common/base/status_macros.h"
@@ -150,6 +153,10 @@ class TorchSession final : public CalibrationSession {
     LYCHEE_ASSIGN_OR_RETURN(const std::unique_ptr<RankWorkers> workers,
                             RankWorkers::Start(program, {absl::StrCat("--", kCalibrationWorkerFlag), job_file->path()},
                                                world_size, "data-parallel"));
+    std::vector<std::string> pids;
+    for (int rank = 1; rank < world_size; ++rank) pids.push_back(std::to_string(workers->pid(rank)));
+    LOG(INFO) << "trainer: data-parallel calibration on " << inputs_.model_dir << ", ranks 1.." << world_size - 1
+              << " as processes " << absl::StrJoin(pids, ", ");
     absl::StatusOr<std::shared_ptr<TensorParallelGroup>> group =
         JoinGlooGroup(workers->rendezvous_file(), /*rank=*/0, world_size);
     if (!group.ok()) return NameLostRank(*workers, group.status());

@@ -100,6 +100,7 @@ absl::Status Serve() {
             << options.listen_address << "), "
             << (options.tls.client_ca_file.empty() ? (options.tls.enabled() ? "TLS" : "plaintext") : "mutual TLS")
             << ", admin RPCs " << (options.access.admin_token_file.empty() ? "open" : "need the admin token")
+            << (data_parallel > 1 ? absl::StrCat(", calibrations on ", data_parallel, " data-parallel ranks") : "")
             << ", registry " << options.registry_dir
             << (server->metrics_port() != 0 ? absl::StrCat(", metrics on port ", server->metrics_port()) : "");
   const int signal_number = lychee::WaitForShutdownSignal(signals);

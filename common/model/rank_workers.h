@@ -1,6 +1,7 @@
-// Tensor-parallel ranks 1..N-1 as worker processes of the process that is rank 0: each worker is a
-// program (usually the launcher's own binary) re-executed with hidden flags naming its rank and
-// the group's rendezvous file, and it joins the Gloo group there (JoinGlooGroup). Free of LibTorch.
+// Ranks 1..N-1 of a Gloo group (tensor- or data-parallel) as worker processes of the process that
+// is rank 0: each worker is a program (usually the launcher's own binary) re-executed with hidden
+// flags naming its rank and the group's rendezvous file, and it joins the Gloo group there
+// (JoinGlooGroup). Free of LibTorch.
 #pragma once
 
 #include <sys/types.h>
