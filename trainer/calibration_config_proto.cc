@@ -6,6 +6,7 @@ CalibrationConfig CalibrationConfigFromProto(const v1::CalibrationConfig& proto)
   CalibrationConfig config;
   if (proto.has_target_density()) config.target_density = proto.target_density();
   if (proto.has_steps()) config.steps = proto.steps();
+  if (proto.has_samples_per_step()) config.samples_per_step = proto.samples_per_step();
   if (proto.has_min_context_tokens()) config.min_context_tokens = proto.min_context_tokens();
   if (proto.has_max_context_tokens()) config.max_context_tokens = proto.max_context_tokens();
   if (proto.has_passkeys_per_sample()) config.passkeys_per_sample = proto.passkeys_per_sample();
@@ -25,6 +26,7 @@ v1::CalibrationConfig CalibrationConfigToProto(const CalibrationConfig& config) 
   v1::CalibrationConfig proto;
   proto.set_target_density(config.target_density);
   proto.set_steps(config.steps);
+  proto.set_samples_per_step(config.samples_per_step);
   proto.set_min_context_tokens(config.min_context_tokens);
   proto.set_max_context_tokens(config.max_context_tokens);
   proto.set_passkeys_per_sample(config.passkeys_per_sample);

@@ -135,6 +135,9 @@ absl::StatusOr<std::unique_ptr<JobManager>> JobManager::Create(JobManagerOptions
     return absl::InvalidArgumentError(
         absl::StrCat("max_concurrent_jobs must be >= 1, got ", options.max_concurrent_jobs));
   }
+  if (options.data_parallel < 1) {
+    return absl::InvalidArgumentError(absl::StrCat("data_parallel must be >= 1, got ", options.data_parallel));
+  }
   if (options.max_queued_jobs < 1) {
     return absl::InvalidArgumentError(absl::StrCat("max_queued_jobs must be >= 1, got ", options.max_queued_jobs));
   }
@@ -234,6 +237,13 @@ absl::StatusOr<CalibrationJobInputs> JobManager::ResolveInputs(const v1::SubmitC
   }
   inputs.config = CalibrationConfigFromProto(request.config());
   LYCHEE_RETURN_IF_ERROR(inputs.config.Validate());
+  // Refused here rather than on every rank once the job runs.
+  if (inputs.config.samples_per_step % options_.data_parallel != 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("calibration config: samples_per_step must be a multiple of the ", options_.data_parallel,
+                     " data-parallel ranks of this trainer (--data-parallel), got ", inputs.config.samples_per_step));
+  }
+  inputs.data_parallel = options_.data_parallel;
   LYCHEE_ASSIGN_OR_RETURN(const ModelConfig model_config, ModelConfig::FromFile(inputs.model_dir + "/config.json"));
   if (model_config.max_position_embeddings > 0 &&
       inputs.config.max_context_tokens > model_config.max_position_embeddings) {

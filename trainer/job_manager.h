@@ -50,6 +50,8 @@ struct CalibrationJobInputs {
   std::string corpus_path;
   CalibrationConfig config;
   std::optional<SweepInputs> sweep;
+  // Ranks each calibration runs on (JobManagerOptions::data_parallel).
+  int data_parallel = 1;
 };
 
 using ProgressCallback = std::function<void(const CalibrationProgress&)>;
@@ -82,6 +84,9 @@ struct JobManagerOptions {
   std::string default_heldout_corpus;
   std::string journal_dir;
   int max_concurrent_jobs = 1;
+  // Ranks each calibration runs on, splitting every step's samples (trainer/job_runner.h); a job's
+  // samples_per_step must be a multiple of it.
+  int data_parallel = 1;
   // Submissions beyond this many waiting jobs are RESOURCE_EXHAUSTED.
   int max_queued_jobs = 64;
   // Where the manager exports its metrics (jobs by state, step time, last loss); none when null.

@@ -21,7 +21,15 @@ ABSL_FLAG(std::string, registry_dir, "",
 ABSL_FLAG(int64_t, max_concurrent_jobs, 1, "jobs that run at once");
 ABSL_FLAG(int64_t, max_queued_jobs, 64, "jobs that may wait");
 ABSL_FLAG(std::string, device, "cpu", "cpu or cuda: where jobs run");
-ABSL_FLAG(int64_t, threads, 0, "LibTorch intra-op threads per job (0: LibTorch's own default, OMP_NUM_THREADS or 1)");
+ABSL_FLAG(int64_t, threads, 0,
+          "LibTorch intra-op threads per job and per data-parallel rank (0: LibTorch's own default, OMP_NUM_THREADS "
+          "or 1)");
+ABSL_FLAG(int64_t, data_parallel, 1,
+          "ranks each calibration runs on (cpu only): rank 0 in the trainer, the others as worker processes; they "
+          "split every step's samples, so a job's samples_per_step must be a multiple of it");
+ABSL_FLAG(std::string, calibration_worker, "", "set by rank 0 on the calibration workers it starts; not for users");
+ABSL_FLAG(int64_t, tensor_parallel_rank, 0, "set by rank 0 on the workers it starts; not for users");
+ABSL_FLAG(std::string, tensor_parallel_rendezvous, "", "set by rank 0 on the workers it starts; not for users");
 ABSL_FLAG(std::string, tls_cert, "",
           "with --tls-key: serve TLS with the PEM certificate chain of this file (default plaintext)");
 ABSL_FLAG(std::string, tls_key, "", "the PEM key of --tls-cert");
@@ -42,6 +50,12 @@ constexpr char kUsage[] =
     "the source tree)";
 
 absl::Status Serve() {
+  // A calibration worker keeps the SIGINT and SIGTERM that its trainer's job thread had blocked: a
+  // Ctrl-C is rank 0's to take, whose shutdown ends the job INTERRUPTED and kills the workers.
+  if (const std::string job_file = absl::GetFlag(FLAGS_calibration_worker); !job_file.empty()) {
+    return lychee::RunCalibrationWorker(job_file, static_cast<int>(absl::GetFlag(FLAGS_tensor_parallel_rank)),
+                                        absl::GetFlag(FLAGS_tensor_parallel_rendezvous));
+  }
   lychee::TrainerServerOptions options;
   options.listen_address = absl::GetFlag(FLAGS_listen);
   options.registry_dir = absl::GetFlag(FLAGS_registry_dir);
@@ -66,8 +80,17 @@ absl::Status Serve() {
   options.jobs.max_concurrent_jobs = static_cast<int>(concurrent);
   options.jobs.max_queued_jobs = static_cast<int>(queued);
   LYCHEE_ASSIGN_OR_RETURN(const int64_t threads, lychee::FlagInRange(FLAGS_threads, 0, 1024));
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t data_parallel, lychee::FlagInRange(FLAGS_data_parallel, 1, 64));
+  const std::string device = absl::GetFlag(FLAGS_device);
+  if (data_parallel > 1 && device != "cpu") {
+    return absl::InvalidArgumentError(absl::StrCat("--data-parallel ", data_parallel,
+                                                   " needs --device cpu: the ranks meet over Gloo, and NCCL is not "
+                                                   "wired for --device ",
+                                                   device));
+  }
+  options.jobs.data_parallel = static_cast<int>(data_parallel);
   LYCHEE_ASSIGN_OR_RETURN(lychee::CalibrationRunner runner,
-                          lychee::MakeCalibrationRunner(absl::GetFlag(FLAGS_device), static_cast<int>(threads)));
+                          lychee::MakeCalibrationRunner(device, static_cast<int>(threads)));
 
   const sigset_t signals = lychee::BlockShutdownSignals();
 
@@ -77,6 +100,7 @@ absl::Status Serve() {
             << options.listen_address << "), "
             << (options.tls.client_ca_file.empty() ? (options.tls.enabled() ? "TLS" : "plaintext") : "mutual TLS")
             << ", admin RPCs " << (options.access.admin_token_file.empty() ? "open" : "need the admin token")
+            << (data_parallel > 1 ? absl::StrCat(", calibrations on ", data_parallel, " data-parallel ranks") : "")
             << ", registry " << options.registry_dir
             << (server->metrics_port() != 0 ? absl::StrCat(", metrics on port ", server->metrics_port()) : "");
   const int signal_number = lychee::WaitForShutdownSignal(signals);

@@ -6,10 +6,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
+#include <thread>
 
 #include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
@@ -18,14 +20,14 @@ namespace lychee {
 namespace {
 
 // How a reaped worker ended, as a status naming it.
-absl::Status WorkerEnd(int rank, pid_t pid, int wait_status) {
+absl::Status WorkerEnd(const std::string& group_kind, int rank, pid_t pid, int wait_status) {
   if (WIFEXITED(wait_status) && WEXITSTATUS(wait_status) == 0) return absl::OkStatus();
   if (WIFSIGNALED(wait_status)) {
     return absl::UnavailableError(
-        absl::StrCat("tensor-parallel rank ", rank, " (pid ", pid, ") was killed by signal ", WTERMSIG(wait_status)));
+        absl::StrCat(group_kind, " rank ", rank, " (pid ", pid, ") was killed by signal ", WTERMSIG(wait_status)));
   }
   return absl::InternalError(
-      absl::StrCat("tensor-parallel rank ", rank, " (pid ", pid, ") exited with status ", WEXITSTATUS(wait_status)));
+      absl::StrCat(group_kind, " rank ", rank, " (pid ", pid, ") exited with status ", WEXITSTATUS(wait_status)));
 }
 
 }  // namespace
@@ -38,11 +40,12 @@ absl::StatusOr<std::string> SelfExecutable() {
 }
 
 absl::StatusOr<std::unique_ptr<RankWorkers>> RankWorkers::Start(const std::string& program,
-                                                                const std::vector<std::string>& args, int world_size) {
+                                                                const std::vector<std::string>& args, int world_size,
+                                                                const std::string& group_kind) {
   if (world_size < 1) return absl::InvalidArgumentError(absl::StrCat("rank workers: world size ", world_size));
   std::string dir = (std::filesystem::temp_directory_path() / "lychee_tp_XXXXXX").string();
   if (mkdtemp(dir.data()) == nullptr) return absl::InternalError(absl::StrCat("cannot make a temp dir like ", dir));
-  std::unique_ptr<RankWorkers> workers(new RankWorkers(dir, dir + "/rendezvous"));
+  std::unique_ptr<RankWorkers> workers(new RankWorkers(dir, dir + "/rendezvous", group_kind));
   const pid_t launcher = getpid();
   for (int rank = 1; rank < world_size; ++rank) {
     std::vector<std::string> argv_strings = {program};
@@ -58,7 +61,7 @@ absl::StatusOr<std::unique_ptr<RankWorkers>> RankWorkers::Start(const std::strin
     // threaded process may only make async-signal-safe calls.
     const pid_t pid = fork();
     if (pid < 0)
-      return absl::InternalError(absl::StrCat("fork for tensor-parallel rank ", rank, ": ", strerror(errno)));
+      return absl::InternalError(absl::StrCat("fork for ", group_kind, " rank ", rank, ": ", strerror(errno)));
     if (pid == 0) {
       // A launcher that died before prctl ran would leave this worker waiting for it.
       if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != launcher) _exit(126);
@@ -80,15 +83,29 @@ RankWorkers::~RankWorkers() {
   rmdir(dir_.c_str());
 }
 
-absl::Status RankWorkers::Wait() {
+absl::Status RankWorkers::Wait() { return Reap(/*block=*/true); }
+
+absl::Status RankWorkers::WaitForLost(std::chrono::milliseconds patience) {
+  const auto deadline = std::chrono::steady_clock::now() + patience;
+  while (true) {
+    const absl::Status ended = Reap(/*block=*/false);
+    const bool all_reaped = std::all_of(pids_.begin(), pids_.end(), [](pid_t pid) { return pid == 0; });
+    if (!ended.ok() || all_reaped || std::chrono::steady_clock::now() >= deadline) return ended;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+}
+
+absl::Status RankWorkers::Reap(bool block) {
   absl::Status first_killed, first_failed;
   for (size_t index = 0; index < pids_.size(); ++index) {
     if (pids_[index] == 0) continue;
     int wait_status = 0;
-    while (waitpid(pids_[index], &wait_status, 0) < 0) {
+    pid_t reaped;
+    while ((reaped = waitpid(pids_[index], &wait_status, block ? 0 : WNOHANG)) < 0) {
       if (errno != EINTR) return absl::InternalError(absl::StrCat("waitpid: ", strerror(errno)));
     }
-    const absl::Status end = WorkerEnd(static_cast<int>(index) + 1, pids_[index], wait_status);
+    if (reaped == 0) continue;  // still running
+    const absl::Status end = WorkerEnd(group_kind_, static_cast<int>(index) + 1, pids_[index], wait_status);
     (WIFSIGNALED(wait_status) ? first_killed : first_failed).Update(end);
     pids_[index] = 0;
   }

@@ -1,10 +1,12 @@
-// Tensor-parallel ranks 1..N-1 as worker processes of the process that is rank 0: each worker is a
-// program (usually the launcher's own binary) re-executed with hidden flags naming its rank and
-// the group's rendezvous file, and it joins the Gloo group there (JoinGlooGroup). Free of LibTorch.
+// Ranks 1..N-1 of a Gloo group (tensor- or data-parallel) as worker processes of the process that
+// is rank 0: each worker is a program (usually the launcher's own binary) re-executed with hidden
+// flags naming its rank and the group's rendezvous file, and it joins the Gloo group there
+// (JoinGlooGroup). Free of LibTorch.
 #pragma once
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <string>
@@ -29,9 +31,11 @@ class RankWorkers {
   // Starts ranks 1..world_size-1, each `program` with `args`, then "--tensor-parallel-rank R
   // --tensor-parallel-rendezvous FILE" (the world size is for `args` to carry). A worker is killed
   // when the thread that started it ends (PR_SET_PDEATHSIG), so that none outlives its rank 0; its
-  // output goes where this process's does.
+  // output goes where this process's does. `group_kind` names the group in errors ("data-parallel
+  // rank 1 ... was killed").
   static absl::StatusOr<std::unique_ptr<RankWorkers>> Start(const std::string& program,
-                                                            const std::vector<std::string>& args, int world_size);
+                                                            const std::vector<std::string>& args, int world_size,
+                                                            const std::string& group_kind = "tensor-parallel");
   // SIGKILLs and reaps the workers still running, and removes the rendezvous dir.
   ~RankWorkers();
   RankWorkers(const RankWorkers&) = delete;
@@ -46,13 +50,22 @@ class RankWorkers {
   // rank that a signal killed (the others then fail on the group they lost), or else the lowest
   // rank that exited non-zero.
   absl::Status Wait();
+  // What rank 0 calls when its group failed, to learn which worker was lost: reaps the workers that
+  // have ended or end within `patience`, without waiting for the others, and reports them as Wait
+  // does (OK when none of them ended badly). Returns as soon as one has.
+  absl::Status WaitForLost(std::chrono::milliseconds patience);
 
  private:
-  RankWorkers(std::string dir, std::string rendezvous_file)
-      : dir_(std::move(dir)), rendezvous_file_(std::move(rendezvous_file)) {}
+  RankWorkers(std::string dir, std::string rendezvous_file, std::string group_kind)
+      : dir_(std::move(dir)), rendezvous_file_(std::move(rendezvous_file)), group_kind_(std::move(group_kind)) {}
+
+  // Reaps the workers still running, blocking for each (`block`) or only taking those that have
+  // ended, and returns the status of the worst end among them (see Wait).
+  absl::Status Reap(bool block);
 
   std::string dir_;
   std::string rendezvous_file_;
+  std::string group_kind_;
   std::vector<pid_t> pids_;  // rank r's at r - 1; 0 once reaped
 };
 

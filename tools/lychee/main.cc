@@ -42,7 +42,7 @@ commands that talk to a lychee-trainer (all take [--trainer HOST:PORT], default 
   submit --target-density D --steps N [--model NAME] [--corpus PATH] [--min-context TOKENS]
          [--max-context TOKENS] [--passkeys N] [--learning-rate LR] [--sparse-keep-ratio R]
          [--sparse-sink TOKENS] [--sparse-recent TOKENS] [--block-size TOKENS] [--budget TOKENS]
-         [--sink TOKENS] [--recent TOKENS] [--seed S]
+         [--sink TOKENS] [--recent TOKENS] [--seed S] [--samples-per-step N]
       queues a calibration job and prints its name; NAME is a model directory on the trainer,
       PATH a corpus under its data root (default: the built-in calibration corpus)
   submit (--target-densities D1,D2,... | --sweep) --steps N [the flags above but --target-density]

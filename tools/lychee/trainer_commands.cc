@@ -181,10 +181,11 @@ absl::StatusOr<HeadPartition> PublishedPartition(TrainerClient& client, const v1
 }  // namespace
 
 absl::Status RunSubmit(const std::vector<std::string>& argv) {
-  std::set<std::string> valued = {"trainer",     "model",         "corpus",     "target-density", "steps",
-                                  "min-context", "max-context",   "passkeys",   "learning-rate",  "sparse-keep-ratio",
-                                  "sparse-sink", "sparse-recent", "block-size", "budget",         "sink",
-                                  "recent",      "seed"};
+  std::set<std::string> valued = {
+      "trainer",     "model",         "corpus",          "target-density", "steps",
+      "min-context", "max-context",   "passkeys",        "learning-rate",  "sparse-keep-ratio",
+      "sparse-sink", "sparse-recent", "block-size",      "budget",         "sink",
+      "recent",      "seed",          "samples-per-step"};
   valued.insert(SweepValuedFlags().begin(), SweepValuedFlags().end());
   LYCHEE_ASSIGN_OR_RETURN(Args args, Args::Parse(argv, WithConnectionFlags(valued), SweepSwitches()));
   v1::SubmitCalibrationJobRequest request;
@@ -198,6 +199,7 @@ absl::Status RunSubmit(const std::vector<std::string>& argv) {
   v1::CalibrationConfig* config = request.mutable_config();
   LYCHEE_RETURN_IF_ERROR(SetDouble(args, "target-density", [&](double v) { config->set_target_density(v); }));
   LYCHEE_RETURN_IF_ERROR(SetInt(args, "steps", [&](int64_t v) { config->set_steps(v); }));
+  LYCHEE_RETURN_IF_ERROR(SetInt(args, "samples-per-step", [&](int64_t v) { config->set_samples_per_step(v); }));
   LYCHEE_RETURN_IF_ERROR(SetInt(args, "min-context", [&](int64_t v) { config->set_min_context_tokens(v); }));
   LYCHEE_RETURN_IF_ERROR(SetInt(args, "max-context", [&](int64_t v) { config->set_max_context_tokens(v); }));
   LYCHEE_RETURN_IF_ERROR(SetInt(args, "passkeys", [&](int64_t v) { config->set_passkeys_per_sample(v); }));
