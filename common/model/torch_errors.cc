@@ -17,7 +17,7 @@ absl::Status StatusFromException(const std::exception& error, absl::string_view 
     return absl::ResourceExhaustedError(absl::StrCat(step, " ran out of memory: ", cause));
   }
   if (dynamic_cast<const CollectiveError*>(&error) != nullptr) {
-    return absl::UnavailableError(absl::StrCat(step, " lost its tensor-parallel group: ", cause));
+    return absl::UnavailableError(absl::StrCat(step, " lost a rank of its process group: ", cause));
   }
   return absl::InternalError(absl::StrCat(step, " failed: ", cause));
 }
