@@ -329,17 +329,10 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> ShardBackends::Get(
   if (auto it = backends_.find(key); it != backends_.end()) return it->second;
   const TensorParallelGroup* group = model_.options().tensor_parallel.get();
   std::shared_ptr<const HeadPartition> shard = partition;
-  if (group != nullptr) {
-    if (spec.kind != PolicyKind::kDense && spec.kind != PolicyKind::kLychee) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("attention: this server decodes over ", group->world_size(),
-                       " tensor-parallel ranks, with dense or lychee attention only, not ", PolicyName(spec.kind)));
-    }
-    if (partition != nullptr) {
-      LYCHEE_ASSIGN_OR_RETURN(HeadPartition rank_partition,
-                              ShardHeadPartition(*partition, group->rank(), group->world_size()));
-      shard = std::make_shared<const HeadPartition>(std::move(rank_partition));
-    }
+  if (group != nullptr && partition != nullptr) {
+    LYCHEE_ASSIGN_OR_RETURN(HeadPartition rank_partition,
+                            ShardHeadPartition(*partition, group->rank(), group->world_size()));
+    shard = std::make_shared<const HeadPartition>(std::move(rank_partition));
   }
   LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const AttentionBackend> backend,
                           MakePolicyBackend(spec, model_.shard_config(), shard, model_.options().device));

@@ -65,8 +65,10 @@ absl::StatusOr<RankCommand> DecodeRankCommand(std::string_view bytes);
 
 // The attention backends of one rank's shard of the model, shared by every request with the same
 // policy parameters and partition version so that they decode in one call. A partition is given
-// whole; each rank's backend reads its own KV heads' roles (ShardHeadPartition). Under tensor
-// parallelism only dense and lychee attention are served (the others are not tested sharded).
+// whole; each rank's backend reads its own KV heads' roles (ShardHeadPartition). Every policy is
+// served under tensor parallelism: each selects per KV head (a head's set comes from its own
+// scores, its own earlier steps or layers, or its own role), so a rank's shard selects what the
+// whole model selects for its heads, with no collective of its own.
 class ShardBackends {
  public:
   // `model` must outlive the result.

@@ -1,7 +1,8 @@
 // Tensor-parallel serving (inference/rank_mirror.h) on the bundled model (2 KV heads), on the CPU:
 // rank 0 is an engine or an InferenceServer in this test, rank 1 a lychee-inference process that
 // RankWorkers starts as its follower, as the server itself does. TP-2 must decode TP-1's greedy
-// tokens, dense and hybrid, with a partition active at the start and one activated later; a
+// tokens, dense and hybrid, with a partition active at the start and one activated later, and under
+// every other selection policy; a
 // follower killed mid-serving must fail the requests with UNAVAILABLE and turn health to
 // NOT_SERVING, without a hang.
 #include <grpcpp/client_context.h>
@@ -191,6 +192,44 @@ std::vector<GenerationRequest> HybridRequests() {
   return {Request(Prompt(600, 1), /*dense=*/false), Request(Prompt(700, 3), /*dense=*/false)};
 }
 
+// Every selection policy but lychee (the partition's, above), with parameters tight enough that
+// a long prompt decodes otherwise than densely on this model; tight enough too that for every
+// policy a follower that decoded its KV head densely fails the test (seen by making it so).
+std::vector<PolicySpec> TightPolicies() {
+  PolicySpec quest = PolicySpec::Defaults(PolicyKind::kQuest);
+  quest.token_budget = 32;
+  quest.quest_dense_layers = 1;
+  PolicySpec prhs = PolicySpec::Defaults(PolicyKind::kPrhs);
+  prhs.token_budget = 64;
+  prhs.block_size = 16;
+  prhs.sink_tokens = prhs.recent_tokens = prhs.prhs_window = 16;
+  PolicySpec double_p = PolicySpec::Defaults(PolicyKind::kDoubleP);
+  double_p.p1 = 0.6;
+  double_p.p2 = 0.3;
+  PolicySpec streaming = PolicySpec::Defaults(PolicyKind::kStreaming);
+  streaming.token_budget = 64;
+  streaming.sink_tokens = 16;
+  PolicySpec tidal = PolicySpec::Defaults(PolicyKind::kTidal);
+  tidal.token_budget = 64;
+  return {quest, prhs, double_p, streaming, tidal};
+}
+
+// Each policy on both long prompts, then those prompts densely: requests 2p and 2p + 1 are policy
+// p's, the last two dense.
+std::vector<GenerationRequest> PolicyRequests() {
+  std::vector<GenerationRequest> requests;
+  for (const PolicySpec& policy : TightPolicies()) {
+    for (uint32_t seed : {1u, 3u}) {
+      GenerationRequest request = Request(Prompt(seed == 1 ? 600 : 700, seed), /*dense=*/false);
+      request.attention = policy;
+      requests.push_back(std::move(request));
+    }
+  }
+  requests.push_back(Request(Prompt(600, 1), /*dense=*/true));
+  requests.push_back(Request(Prompt(700, 3), /*dense=*/true));
+  return requests;
+}
+
 void RequireSameTokens(const std::vector<Generated>& tp2, const std::vector<Generated>& tp1) {
   REQUIRE(tp2.size() == tp1.size());
   for (size_t i = 0; i < tp1.size(); ++i) {
@@ -204,34 +243,39 @@ void RequireSameTokens(const std::vector<Generated>& tp2, const std::vector<Gene
   }
 }
 
-TEST_CASE("TP-2 serving decodes TP-1's greedy tokens: dense, the shipped partition, one activated after start",
+TEST_CASE("TP-2 serving decodes TP-1's greedy tokens: dense, every policy, a partition activated after start",
           "[tensor_parallel]") {
   const HeadPartition shipped = PartitionFromFile("learned-target-0.25.json", 1);
   const HeadPartition later = PartitionFromFile("retrieval-head-0.json", 2);
-  std::vector<Generated> mixed_tp1, later_tp1;
+  std::vector<Generated> mixed_tp1, policies_tp1, later_tp1;
   {
     EngineUnderTest tp1(nullptr, {shipped});
     mixed_tp1 = tp1.Generate(MixedRequests());
+    policies_tp1 = tp1.Generate(PolicyRequests());
     tp1.Offer(later);
     later_tp1 = tp1.Generate(HybridRequests());
   }
-  // The test can fail only if the partitions matter: with either, a long prompt decodes otherwise
-  // than densely.
+  // The test can fail only if the partitions and policies matter: with each, a long prompt decodes
+  // otherwise than densely.
   REQUIRE(mixed_tp1[1].partition_version == 1);
   REQUIRE(mixed_tp1[1].ids != mixed_tp1[0].ids);
   REQUIRE(later_tp1[0].partition_version == 2);
   REQUIRE(later_tp1[0].ids != mixed_tp1[1].ids);
+  const size_t dense_600 = policies_tp1.size() - 2, dense_700 = policies_tp1.size() - 1;
+  for (size_t policy = 0; 2 * policy < dense_600; ++policy) {
+    INFO(policies_tp1[2 * policy].policy);
+    REQUIRE(policies_tp1[2 * policy].error.ok());
+    REQUIRE(policies_tp1[2 * policy + 1].error.ok());
+    CHECK((policies_tp1[2 * policy].ids != policies_tp1[dense_600].ids ||
+           policies_tp1[2 * policy + 1].ids != policies_tp1[dense_700].ids));
+  }
 
   Ranks ranks;
   {
     EngineUnderTest tp2(ranks.group, {shipped});
     RequireSameTokens(tp2.Generate(MixedRequests()), mixed_tp1);
-    // A policy the ranks do not serve fails on rank 0 alone, before anything reaches the follower.
-    GenerationRequest quest = Request(Prompt(40, 2), /*dense=*/false);
-    quest.attention = PolicySpec::Defaults(PolicyKind::kQuest);
-    const std::vector<Generated> refused = tp2.Generate({quest});
-    CHECK(absl::IsInvalidArgument(refused[0].error));
-    CHECK_THAT(std::string(refused[0].error.message()), Catch::Contains("dense or lychee attention only"));
+    // Every policy's backends on the follower select for its own KV heads what TP-1 selects there.
+    RequireSameTokens(tp2.Generate(PolicyRequests()), policies_tp1);
     // Version 2 reaches the follower with the first request that uses it.
     tp2.Offer(later);
     RequireSameTokens(tp2.Generate(HybridRequests()), later_tp1);
