@@ -122,7 +122,8 @@ TEST_CASE("bad input exits non-zero with a message that names the problem") {
       {"generate --prompt hi --attention hybrid", "", "--partition"},
       {"generate --prompt hi --attention sparse", "", "dense or hybrid"},
       {"generate --prompt hi --attention hybrid --partition README.md", "", "README.md"},
-      {"generate --prompt hi --attention hybrid --partition models/tiny-llama-retrieval/partitions/retrieval-head-0.json "
+      {"generate --prompt hi --attention hybrid --partition "
+       "models/tiny-llama-retrieval/partitions/retrieval-head-0.json "
        "--budget 100",
        "", "token_budget"},
       {"generate --prompt hi --bogus 1", "", "--bogus"},
