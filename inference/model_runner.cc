@@ -203,8 +203,19 @@ absl::Status ModelRunner::DecodeGroup(absl::Span<EngineRequest* const> requests,
     request_ids.push_back(requests[row]->id);
   }
   InjectFaults(step);
-  if (leader_ != nullptr) LYCHEE_RETURN_IF_ERROR(leader_->Decode(request_ids, ids));
+  // A rank audits its own KV heads only, so under tensor parallelism a bound on the dropped mass is
+  // checked against the largest over every rank's heads, as one process checks it over all of them.
+  const bool bounded = std::any_of(step.begin(), step.end(), [](const EngineRequest* request) {
+    return request->request.max_dropped_mass && !request->summary.dense_fallback;
+  });
+  const bool combine_dropped_mass = leader_ != nullptr && bounded;
+  if (leader_ != nullptr) LYCHEE_RETURN_IF_ERROR(leader_->Decode(request_ids, ids, combine_dropped_mass));
   LYCHEE_ASSIGN_OR_RETURN(const at::Tensor logits, model_->Decode(sequences, ids, decode_context_.get()));
+  std::vector<double> dropped_over_ranks;
+  if (combine_dropped_mass) {
+    LYCHEE_ASSIGN_OR_RETURN(dropped_over_ranks,
+                            LargestDroppedMassOverRanks(*model_->options().tensor_parallel, sequences));
+  }
   const bool all_greedy =
       std::all_of(rows.begin(), rows.end(), [&](size_t row) { return requests[row]->request.temperature == 0; });
   // Greedy rows need only the argmax the step computed on the device; otherwise one
@@ -217,22 +228,23 @@ absl::Status ModelRunner::DecodeGroup(absl::Span<EngineRequest* const> requests,
     RequestState& state = StateOf(request);
     request.computed_tokens = state.sequence->length();
     tokens[rows[i]] = all_greedy ? greedy[i] : state.sampler.Next(host_logits[static_cast<int64_t>(i)]);
-    BoundDroppedMass(request);
+    BoundDroppedMass(request, combine_dropped_mass ? std::optional<double>(dropped_over_ranks[i]) : std::nullopt);
   }
   return absl::OkStatus();
 }
 
-void ModelRunner::BoundDroppedMass(EngineRequest& request) {
+void ModelRunner::BoundDroppedMass(EngineRequest& request, std::optional<double> dropped_over_ranks) {
   const std::optional<double>& bound = request.request.max_dropped_mass;
   if (!bound || request.summary.dense_fallback) return;
   RequestState& state = StateOf(request);
   const SequenceAttentionState* attention_state = state.sequence->attention_state();
   const AttentionTelemetry* telemetry = attention_state == nullptr ? nullptr : attention_state->telemetry();
+  if (telemetry == nullptr) return;
   // The largest mass so far: every earlier step stayed within the bound, so more is this step's.
-  if (telemetry == nullptr || telemetry->max_dropped_mass <= *bound) return;
+  const double dropped = dropped_over_ranks.value_or(telemetry->max_dropped_mass);
+  if (dropped <= *bound) return;
   // This step's token is the next one delivered.
-  request.summary.dense_fallback =
-      DenseFallback{static_cast<int64_t>(request.output_ids.size()), telemetry->max_dropped_mass, *bound};
+  request.summary.dense_fallback = DenseFallback{static_cast<int64_t>(request.output_ids.size()), dropped, *bound};
   ++dense_fallbacks_;
   KeepTelemetry(state);
   state.backend = backends_->dense();

@@ -119,8 +119,10 @@ class ModelRunner {
   // Calls the test's fault hook, if any, with the requests of the step about to run.
   void InjectFaults(absl::Span<EngineRequest* const> requests) const;
   // Once an audited step of a request with GenerationRequest::max_dropped_mass dropped more than
-  // that, switches it to dense attention and notes where and why in its summary.
-  void BoundDroppedMass(EngineRequest& request);
+  // that, switches it to dense attention and notes where and why in its summary. Under tensor
+  // parallelism `dropped_over_ranks` is the largest mass so far over every rank's KV heads (this
+  // rank's telemetry holds its own heads' only).
+  void BoundDroppedMass(EngineRequest& request, std::optional<double> dropped_over_ranks);
   // Adds the sequence's telemetry to what the request's earlier sequences read.
   static void KeepTelemetry(RequestState& state);
   void CountDecodeSteps();

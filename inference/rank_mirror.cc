@@ -203,7 +203,10 @@ class Follower {
           LYCHEE_ASSIGN_OR_RETURN(Sequence * sequence, SequenceOf(id));
           sequences.push_back(sequence);
         }
-        return model_.Decode(sequences, command.token_ids, &context_).status();
+        const absl::Status decoded = model_.Decode(sequences, command.token_ids, &context_).status();
+        // Rank 0 failed the same step and does not combine either.
+        if (!decoded.ok() || !command.combine_dropped_mass) return decoded;
+        return LargestDroppedMassOverRanks(group_, sequences).status();
       }
       case RankOp::kPreempt: {
         LYCHEE_ASSIGN_OR_RETURN(FollowedRequest * request, Find(command.request_ids.at(0)));
@@ -290,6 +293,7 @@ std::string EncodeRankCommand(const RankCommand& command) {
     out.Put(command.partition_version);
     out.PutString(command.partition);
   }
+  if (command.op == RankOp::kDecode) out.Put(command.combine_dropped_mass);
   return out.Take();
 }
 
@@ -311,8 +315,29 @@ absl::StatusOr<RankCommand> DecodeRankCommand(std::string_view bytes) {
     LYCHEE_ASSIGN_OR_RETURN(command.partition_version, in.Get<uint64_t>());
     LYCHEE_ASSIGN_OR_RETURN(command.partition, in.GetString());
   }
+  if (command.op == RankOp::kDecode) {
+    LYCHEE_ASSIGN_OR_RETURN(command.combine_dropped_mass, in.Get<bool>());
+  }
   if (!in.done()) return absl::InvalidArgumentError("rank command: trailing bytes");
   return command;
+}
+
+absl::StatusOr<std::vector<double>> LargestDroppedMassOverRanks(const TensorParallelGroup& group,
+                                                                absl::Span<Sequence* const> sequences) {
+  const int64_t rows = static_cast<int64_t>(sequences.size());
+  // Each rank fills its own row of a zeroed table, so the sum holds every rank's row exactly.
+  at::Tensor table = at::zeros({group.world_size(), rows}, at::kDouble);
+  for (int64_t row = 0; row < rows; ++row) {
+    const SequenceAttentionState* state = sequences[row]->attention_state();
+    const AttentionTelemetry* telemetry = state == nullptr ? nullptr : state->telemetry();
+    if (telemetry != nullptr) table[group.rank()][row] = telemetry->max_dropped_mass;
+  }
+  LYCHEE_RETURN_IF_ERROR(Caught("combining the ranks' dropped attention mass", [&] {
+    group.AllReduceSum(table);
+    return absl::OkStatus();
+  }));
+  const at::Tensor largest = std::get<0>(table.max(0)).contiguous();
+  return std::vector<double>(largest.data_ptr<double>(), largest.data_ptr<double>() + rows);
 }
 
 absl::StatusOr<std::unique_ptr<ShardBackends>> ShardBackends::Create(const Model& model) {
@@ -329,17 +354,10 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> ShardBackends::Get(
   if (auto it = backends_.find(key); it != backends_.end()) return it->second;
   const TensorParallelGroup* group = model_.options().tensor_parallel.get();
   std::shared_ptr<const HeadPartition> shard = partition;
-  if (group != nullptr) {
-    if (spec.kind != PolicyKind::kDense && spec.kind != PolicyKind::kLychee) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("attention: this server decodes over ", group->world_size(),
-                       " tensor-parallel ranks, with dense or lychee attention only, not ", PolicyName(spec.kind)));
-    }
-    if (partition != nullptr) {
-      LYCHEE_ASSIGN_OR_RETURN(HeadPartition rank_partition,
-                              ShardHeadPartition(*partition, group->rank(), group->world_size()));
-      shard = std::make_shared<const HeadPartition>(std::move(rank_partition));
-    }
+  if (group != nullptr && partition != nullptr) {
+    LYCHEE_ASSIGN_OR_RETURN(HeadPartition rank_partition,
+                            ShardHeadPartition(*partition, group->rank(), group->world_size()));
+    shard = std::make_shared<const HeadPartition>(std::move(rank_partition));
   }
   LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const AttentionBackend> backend,
                           MakePolicyBackend(spec, model_.shard_config(), shard, model_.options().device));
@@ -376,9 +394,12 @@ absl::Status RankLeader::Prefill(uint64_t request_id, absl::Span<const int32_t> 
   return Send({RankOp::kPrefill, {request_id}, std::vector<int32_t>(ids.begin(), ids.end())});
 }
 
-absl::Status RankLeader::Decode(absl::Span<const uint64_t> request_ids, absl::Span<const int32_t> ids) {
-  return Send({RankOp::kDecode, std::vector<uint64_t>(request_ids.begin(), request_ids.end()),
-               std::vector<int32_t>(ids.begin(), ids.end())});
+absl::Status RankLeader::Decode(absl::Span<const uint64_t> request_ids, absl::Span<const int32_t> ids,
+                                bool combine_dropped_mass) {
+  RankCommand command{RankOp::kDecode, std::vector<uint64_t>(request_ids.begin(), request_ids.end()),
+                      std::vector<int32_t>(ids.begin(), ids.end())};
+  command.combine_dropped_mass = combine_dropped_mass;
+  return Send(command);
 }
 
 absl::Status RankLeader::Preempt(uint64_t request_id) { return Send({RankOp::kPreempt, {request_id}}); }

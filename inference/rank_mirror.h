@@ -33,6 +33,7 @@ namespace lychee {
 struct EngineOptions;
 class AttentionBackend;
 class Model;
+class Sequence;
 
 enum class RankOp : uint8_t {
   kStart = 1,      // a new sequence for the request, made with its attention on its first admission
@@ -57,16 +58,27 @@ struct RankCommand {
   // lychee.v1.HeadPartition bytes the first time rank 0 sends that version (empty after).
   uint64_t partition_version = 0;
   std::string partition;
+  // kDecode: a row is bounded by GenerationRequest::max_dropped_mass, so after the step every rank
+  // joins LargestDroppedMassOverRanks.
+  bool combine_dropped_mass = false;
 };
 
 std::string EncodeRankCommand(const RankCommand& command);
 // INVALID_ARGUMENT for bytes EncodeRankCommand did not make (truncated, an unknown op).
 absl::StatusOr<RankCommand> DecodeRankCommand(std::string_view bytes);
 
+// The largest attention mass each of `sequences` dropped so far over every rank's KV heads (a
+// rank audits its own heads only; 0 for a sequence that is not audited): one all-reduce on `group`,
+// which every rank makes after the same decode step. UNAVAILABLE once the group is lost.
+absl::StatusOr<std::vector<double>> LargestDroppedMassOverRanks(const TensorParallelGroup& group,
+                                                                absl::Span<Sequence* const> sequences);
+
 // The attention backends of one rank's shard of the model, shared by every request with the same
 // policy parameters and partition version so that they decode in one call. A partition is given
-// whole; each rank's backend reads its own KV heads' roles (ShardHeadPartition). Under tensor
-// parallelism only dense and lychee attention are served (the others are not tested sharded).
+// whole; each rank's backend reads its own KV heads' roles (ShardHeadPartition). Every policy is
+// served under tensor parallelism: each selects per KV head (a head's set comes from its own
+// scores, its own earlier steps or layers, or its own role), so a rank's shard selects what the
+// whole model selects for its heads, with no collective of its own.
 class ShardBackends {
  public:
   // `model` must outlive the result.
@@ -99,7 +111,7 @@ class RankLeader {
   absl::Status Start(uint64_t request_id, const PolicySpec& policy,
                      const std::shared_ptr<const HeadPartition>& partition);
   absl::Status Prefill(uint64_t request_id, absl::Span<const int32_t> ids);
-  absl::Status Decode(absl::Span<const uint64_t> request_ids, absl::Span<const int32_t> ids);
+  absl::Status Decode(absl::Span<const uint64_t> request_ids, absl::Span<const int32_t> ids, bool combine_dropped_mass);
   absl::Status Preempt(uint64_t request_id);
   absl::Status Release(uint64_t request_id);
   absl::Status DenseFallback(uint64_t request_id);

@@ -73,13 +73,17 @@ TEST_CASE("A start command carries every field of the policy and the partition b
   CHECK(got.Describe() == policy.Describe());
 }
 
-TEST_CASE("A decode command carries its rows' requests and tokens") {
-  const RankCommand command{RankOp::kDecode, {3, 1, 2}, {100, -1, 8191}};
-  absl::StatusOr<RankCommand> decoded = DecodeRankCommand(EncodeRankCommand(command));
-  REQUIRE(decoded.ok());
-  CHECK(decoded->op == RankOp::kDecode);
-  CHECK(decoded->request_ids == command.request_ids);
-  CHECK(decoded->token_ids == command.token_ids);
+TEST_CASE("A decode command carries its rows' requests and tokens, and whether to combine the dropped mass") {
+  for (bool combine : {false, true}) {
+    RankCommand command{RankOp::kDecode, {3, 1, 2}, {100, -1, 8191}};
+    command.combine_dropped_mass = combine;
+    absl::StatusOr<RankCommand> decoded = DecodeRankCommand(EncodeRankCommand(command));
+    REQUIRE(decoded.ok());
+    CHECK(decoded->op == RankOp::kDecode);
+    CHECK(decoded->request_ids == command.request_ids);
+    CHECK(decoded->token_ids == command.token_ids);
+    CHECK(decoded->combine_dropped_mass == combine);
+  }
 }
 
 TEST_CASE("Bytes the encoder did not make are refused") {
@@ -88,6 +92,9 @@ TEST_CASE("Bytes the encoder did not make are refused") {
     INFO("truncated to " << length);
     CHECK(absl::IsInvalidArgument(DecodeRankCommand(bytes.substr(0, length)).status()));
   }
+  // A decode command's last byte is its combine flag.
+  const std::string decode = EncodeRankCommand({RankOp::kDecode, {5}, {1}});
+  CHECK(absl::IsInvalidArgument(DecodeRankCommand(decode.substr(0, decode.size() - 1)).status()));
   CHECK(absl::IsInvalidArgument(DecodeRankCommand(bytes + "x").status()));
   std::string unknown = bytes;
   unknown[0] = 99;

@@ -74,6 +74,20 @@ TEST_CASE("generate --tensor-parallel 2 gives the single-process greedy continua
   CHECK(indivisible.exit_code != 0);
   CHECK_THAT(indivisible.output, Catch::Contains("3 ranks") && Catch::Contains("2 KV heads"));
 }
+
+TEST_CASE("generate --policy tidal --tensor-parallel 2 gives the single-process tidal continuation") {
+  const std::string generate = "generate --prompt-file scripts/demo-prompt.txt --max-new-tokens 16 --print-ids ";
+  const Result dense = Run(generate);
+  const Result tp1 = Run(generate + "--policy tidal --budget 256");
+  const Result tp2 = Run(generate + "--policy tidal --budget 256 --tensor-parallel 2");
+  INFO(dense.output << tp1.output << tp2.output);
+  REQUIRE(dense.exit_code == 0);
+  REQUIRE(tp1.exit_code == 0);
+  REQUIRE(tp2.exit_code == 0);
+  // Tidal's selection changes this continuation, so that the ranks' selections are what is compared.
+  REQUIRE(LastLine(tp1.output) != LastLine(dense.output));
+  CHECK(LastLine(tp2.output) == LastLine(tp1.output));
+}
 #endif
 
 TEST_CASE("hybrid generation with the bundled partition runs") {
@@ -108,10 +122,13 @@ TEST_CASE("bad input exits non-zero with a message that names the problem") {
       {"generate --prompt hi --attention hybrid", "", "--partition"},
       {"generate --prompt hi --attention sparse", "", "dense or hybrid"},
       {"generate --prompt hi --attention hybrid --partition README.md", "", "README.md"},
-      {"generate --prompt hi --attention hybrid --partition models/tiny-llama-retrieval/partitions/retrieval-head-0.json "
+      {"generate --prompt hi --attention hybrid --partition "
+       "models/tiny-llama-retrieval/partitions/retrieval-head-0.json "
        "--budget 100",
        "", "token_budget"},
       {"generate --prompt hi --bogus 1", "", "--bogus"},
+      {"generate --prompt hi --policy quest --audit-every 2", "", "--audit-every"},
+      {"generate --prompt hi --policy streaming", "", "--partition"},
       {"frobnicate", "", "unknown command"},
   };
   for (const Case& c : cases) {

@@ -158,9 +158,6 @@ absl::StatusOr<std::shared_ptr<const AttentionBackend>> RankAttentionFromArgs(co
   LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const HeadPartition> partition, PartitionFromArgs(args, config));
   LYCHEE_ASSIGN_OR_RETURN(std::vector<PolicySpec> specs, PolicySpecsFromArgs(args, config, partition.get()));
   if (specs.size() != 1) return absl::InvalidArgumentError("--policy: name one policy here");
-  if (specs[0].kind != PolicyKind::kDense && specs[0].kind != PolicyKind::kLychee) {
-    return absl::InvalidArgumentError("--tensor-parallel decodes with dense or lychee (hybrid) attention only");
-  }
   if (partition != nullptr) {
     LYCHEE_ASSIGN_OR_RETURN(HeadPartition shard, ShardHeadPartition(*partition, rank, world_size));
     partition = std::make_shared<const HeadPartition>(std::move(shard));

@@ -42,9 +42,9 @@ absl::StatusOr<std::vector<PolicySpec>> PolicySpecsFromArgs(const Args& args, co
 absl::StatusOr<std::shared_ptr<const AttentionBackend>> AttentionFromArgs(const Args& args, const ModelConfig& config,
                                                                           at::Device device);
 
-// AttentionFromArgs for rank `rank` of `world_size` under tensor parallelism (dense or lychee): the
-// partition is read for the whole model (`config`) and sharded to the rank's KV heads, the backend
-// built for the rank's shard (`shard_config`).
+// AttentionFromArgs for rank `rank` of `world_size` under tensor parallelism (any policy: each
+// selects per KV head): the partition is read for the whole model (`config`) and sharded to the
+// rank's KV heads, the backend built for the rank's shard (`shard_config`).
 absl::StatusOr<std::shared_ptr<const AttentionBackend>> RankAttentionFromArgs(const Args& args,
                                                                               const ModelConfig& config,
                                                                               const ModelConfig& shard_config, int rank,

@@ -6,6 +6,7 @@
 #include <fstream>
 #include <iostream>
 #include <iterator>
+#include <set>
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
@@ -72,12 +73,21 @@ absl::Status RunTokenize(const std::vector<std::string>& argv) {
 }
 
 absl::Status RunGenerate(const std::vector<std::string>& argv) {
-  LYCHEE_ASSIGN_OR_RETURN(
-      Args args, Args::Parse(argv,
-                             {"model", "prompt", "prompt-file", "max-new-tokens", "temperature", "top-p", "seed",
-                              "device", "attention", "partition", "random-partition", "partition-seed", "budget",
-                              "tensor-parallel", kTensorParallelRankFlag, kTensorParallelRendezvousFlag},
-                             {"print-ids"}));
+  std::set<std::string> valued = {"model",
+                                  "prompt",
+                                  "prompt-file",
+                                  "max-new-tokens",
+                                  "temperature",
+                                  "top-p",
+                                  "seed",
+                                  "device",
+                                  "tensor-parallel",
+                                  kTensorParallelRankFlag,
+                                  kTensorParallelRendezvousFlag};
+  valued.insert(PolicyValuedFlags().begin(), PolicyValuedFlags().end());
+  // generate prints no telemetry, so an audit would measure what nobody sees.
+  valued.erase("audit-every");
+  LYCHEE_ASSIGN_OR_RETURN(Args args, Args::Parse(argv, valued, {"print-ids"}));
   LYCHEE_ASSIGN_OR_RETURN(const std::string model_dir, args.GetOrResource("model", kBundledModelPath));
   if (args.Has("prompt") == args.Has("prompt-file")) {
     return absl::InvalidArgumentError("give exactly one of --prompt TEXT and --prompt-file FILE");

@@ -23,10 +23,12 @@ commands:
       reads UTF-8 text on stdin, prints its token ids on one line
   generate [--model DIR] (--prompt TEXT | --prompt-file FILE) [--max-new-tokens N]
            [--temperature T] [--top-p P] [--seed S] [--device cpu|cuda] [--print-ids]
-           [--attention dense|hybrid --partition FILE [--budget TOKENS]] [--tensor-parallel N]
+           [--policy NAME | --attention dense|hybrid] [--partition FILE] [--budget TOKENS]
+           [the policy parameters of eval but --audit] [--tensor-parallel N]
       streams the generated text (temperature 0, the default, is greedy); --print-ids adds
       the generated ids on the last line; FILE is a lychee.v1.HeadPartition in JSON;
-      --tensor-parallel N runs N ranks (processes, each its shard of the weights) over Gloo (cpu)
+      --tensor-parallel N runs N ranks (processes, each its shard of the weights) over Gloo
+      (cpu), with any policy
   eval [--model DIR] [--tasks passkey,multikey,multivalue,vartrack] [--context T1,T2,...]
        [--samples N] [--seed S] [--corpus FILE] [--device cpu|cuda] [--print-failures]
        [--policy dense,lychee,double-p,prhs,streaming,tidal,quest | --attention dense|hybrid]
