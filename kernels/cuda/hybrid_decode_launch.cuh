@@ -63,17 +63,8 @@ cudaError_t LaunchDecodeGD(const DecodeParams& p, int post_ctas, bool pdl, cudaS
     if (err != cudaSuccess) return err;
   }
   if (post_ctas == 0 || p.skip_post) return cudaSuccess;
-  cudaLaunchConfig_t config = {};
-  config.gridDim = dim3(post_ctas);
-  config.blockDim = dim3(kPostThreads);
-  config.dynamicSmemBytes = 0;
-  config.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attr;
-  config.numAttrs = pdl && p.main_ctas > 0 ? 1 : 0;
-  return cudaLaunchKernelEx(&config, HybridPostKernel<D>, p, G);
+  return LaunchKernel(HybridPostKernel<D>, dim3(post_ctas), dim3(kPostThreads), 0, stream, pdl && p.main_ctas > 0, p,
+                      G);
 }
 
 // Occupancy of the default (tensor-core) main kernel.

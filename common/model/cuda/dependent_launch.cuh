@@ -4,8 +4,8 @@
 // CTA of that kernel has called LaunchDependents (or exited). Such a kernel must call
 // WaitPrerequisites in every CTA before it reads anything an earlier kernel wrote, or writes anything;
 // before that it may only read data that no kernel of the stream writes (weights). Because each
-// waits for its predecessor's completion, the order of the stream holds transitively. Device code
-// only; every function is a no-op before sm_90.
+// waits for its predecessor's completion, the order of the stream holds transitively. The device
+// functions are no-ops before sm_90; LaunchKernel makes such a launch from the host.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -39,5 +39,24 @@ __device__ __forceinline__ void PrefetchL2(const void* p, uint32_t bytes) {
 }
 
 }  // namespace device
+
+// Launches `kernel`; with `overlap_previous`, as a programmatic dependent launch: `kernel` must
+// then call WaitPrerequisites as described above. Host code.
+template <typename... Params, typename... Args>
+cudaError_t LaunchKernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t dynamic_smem_bytes,
+                         cudaStream_t stream, bool overlap_previous, Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = dynamic_smem_bytes;
+  config.stream = stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = overlap_previous ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
+}
+
 }  // namespace cuda
 }  // namespace lychee

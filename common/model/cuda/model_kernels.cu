@@ -23,6 +23,7 @@ namespace {
 
 using bf16 = __nv_bfloat16;
 using device::LaunchDependents;
+using device::MmaBf16;
 using device::WaitPrerequisites;
 
 // ---- helpers ---------------------------------------------------------------------------------------
@@ -60,22 +61,6 @@ __device__ __forceinline__ float BlockSum(float v, float* scratch) {
 }
 
 bool Aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
-
-// Launches `kernel`; with `overlap_previous`, as a programmatic dependent launch (model_kernels.h).
-template <typename... Params, typename... Args>
-cudaError_t Launch(void (*kernel)(Params...), dim3 grid, dim3 block, cudaStream_t stream, bool overlap_previous,
-                   Args... args) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = block;
-  config.stream = stream;
-  cudaLaunchAttribute attribute[1];
-  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attribute[0].val.programmaticStreamSerializationAllowed = 1;
-  config.attrs = attribute;
-  config.numAttrs = overlap_previous ? 1 : 0;
-  return cudaLaunchKernelEx(&config, kernel, static_cast<Params>(args)...);
-}
 
 // ---- AddRmsNorm --------------------------------------------------------------------------------------
 
@@ -326,15 +311,6 @@ __global__ void __launch_bounds__(kArgmaxThreads) ArgmaxRowsKernel(const float* 
 constexpr int kGemvWarps = 8;   // warps of a CTA, which split k
 constexpr int kGemvUnroll = 4;  // 32-wide k blocks per warp and step: 2 weight + 1 x 16-byte loads each
 
-__device__ __forceinline__ void MmaBf16(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                        uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-      "{%0, %1, %2, %3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
-
 // A CTA computes the 16 outputs n0 .. n0 + 15 of every row as one m16n8k16 tile, D[m][r] =
 // sum_k w[n0 + m][k] * x[r][k] (weight rows as M, the rows of x as N, padded to 8). Lane (g, t) =
 // (lane / 4, lane % 4) loads 16 bytes, k = 32 b + 8 t .. + 8, of weight rows n0 + g and n0 + g + 8
@@ -432,8 +408,8 @@ cudaError_t LaunchGemvRows(const bf16* x, int64_t x_stride, const bf16* w, int64
   // Whole 128-byte lines of each row, none when the share of a row is under one line.
   const int64_t share = std::min<int64_t>(2 * static_cast<int64_t>(k), kGemvPrefetchBytes / n) / 128 * 128;
   const auto prefetch_row_bytes = static_cast<uint32_t>(overlap_previous ? share : 0);
-  return Launch(GemvKernel<ROWS>, dim3((n + 15) / 16), dim3(kGemvWarps * 32), stream, overlap_previous, x, x_stride, w,
-                w_stride, residual, residual_stride, n, k, y, y_stride, prefetch_row_bytes);
+  return LaunchKernel(GemvKernel<ROWS>, dim3((n + 15) / 16), dim3(kGemvWarps * 32), 0, stream, overlap_previous, x,
+                      x_stride, w, w_stride, residual, residual_stride, n, k, y, y_stride, prefetch_row_bytes);
 }
 
 }  // namespace
@@ -459,8 +435,8 @@ cudaError_t LaunchAddRmsNorm(const void* x, int64_t x_stride, void* residual, in
   const auto* ws = static_cast<const bf16*>(weight);
   auto* os = static_cast<bf16*>(out);
   const auto kernel = vpt == 1 ? AddRmsNormKernel<1> : vpt == 2 ? AddRmsNormKernel<2> : AddRmsNormKernel<4>;
-  return Launch(kernel, dim3(rows), dim3(threads), stream, overlap_previous, xs, x_stride, res, residual_stride, ws,
-                eps, inv_hidden, nvec, os, out_stride);
+  return LaunchKernel(kernel, dim3(rows), dim3(threads), 0, stream, overlap_previous, xs, x_stride, res,
+                      residual_stride, ws, eps, inv_hidden, nvec, os, out_stride);
 }
 
 cudaError_t LaunchRopeAppend(const RopeAppendArgs& a, cudaStream_t stream, bool overlap_previous) {
@@ -475,7 +451,7 @@ cudaError_t LaunchRopeAppend(const RopeAppendArgs& a, cudaStream_t stream, bool 
   const dim3 grid((num_heads + kRopeWarps - 1) / kRopeWarps, a.rows);
   const int half = a.head_dim / 2;
   const auto kernel = half <= 32 ? RopeAppendKernel<1> : half <= 64 ? RopeAppendKernel<2> : RopeAppendKernel<4>;
-  return Launch(kernel, grid, dim3(kRopeWarps * 32), stream, overlap_previous, a);
+  return LaunchKernel(kernel, grid, dim3(kRopeWarps * 32), 0, stream, overlap_previous, a);
 }
 
 cudaError_t LaunchSiluMul(const void* gate_up, int64_t gate_up_stride, int rows, int inter, void* out,
@@ -487,8 +463,9 @@ cudaError_t LaunchSiluMul(const void* gate_up, int64_t gate_up_stride, int rows,
   if (rows == 0) return cudaSuccess;
   const int64_t total = static_cast<int64_t>(rows) * (inter / 8);
   const int64_t blocks = std::min<int64_t>((total + kSiluThreads - 1) / kSiluThreads, int64_t{1} << 20);
-  return Launch(SiluMulKernel, dim3(static_cast<unsigned>(blocks)), dim3(kSiluThreads), stream, overlap_previous,
-                static_cast<const bf16*>(gate_up), gate_up_stride, rows, inter, static_cast<bf16*>(out), out_stride);
+  return LaunchKernel(SiluMulKernel, dim3(static_cast<unsigned>(blocks)), dim3(kSiluThreads), 0, stream,
+                      overlap_previous, static_cast<const bf16*>(gate_up), gate_up_stride, rows, inter,
+                      static_cast<bf16*>(out), out_stride);
 }
 
 cudaError_t LaunchArgmaxRows(const float* logits, int64_t stride, int rows, int vocab, int32_t* out,
