@@ -32,6 +32,7 @@
 #include "common/model/rank_workers.h"
 #include "common/model/tensor_parallel.h"
 #include "common/service/command_line.h"
+#include "common/service/rank_flags.h"
 #include "common/service/resource_paths.h"
 #include "trainer/calibration.h"
 
@@ -46,8 +47,6 @@ ABSL_FLAG(std::vector<std::string>, checkpointing, std::vector<std::string>({"on
 ABSL_FLAG(int64_t, steps, 4, "calibration steps per configuration (at least 2)");
 ABSL_FLAG(int64_t, samples_per_step, 1, "samples whose gradients each step averages (a multiple of the ranks)");
 ABSL_FLAG(int64_t, data_parallel, 1, "ranks (processes) that split each step's samples, over Gloo; cpu only");
-ABSL_FLAG(int64_t, tensor_parallel_rank, 0, "set by rank 0 on the workers it starts; not for users");
-ABSL_FLAG(std::string, tensor_parallel_rendezvous, "", "set by rank 0 on the workers it starts; not for users");
 
 namespace lychee {
 namespace {
@@ -160,9 +159,10 @@ int main(int argc, char** argv) {
     status = absl::InvalidArgumentError(
         absl::StrCat("--data-parallel must be a positive rank count, on --device cpu for now; got ", data_parallel));
   } else {
+    const lychee::WorkerRankFlags worker = lychee::WorkerRankFromFlags();
     status = lychee::RunAsGlooRank(
-        static_cast<int>(data_parallel), static_cast<int>(absl::GetFlag(FLAGS_tensor_parallel_rank)),
-        absl::GetFlag(FLAGS_tensor_parallel_rendezvous), std::vector<std::string>(argv + 1, argv + argc),
+        static_cast<int>(data_parallel), worker.rank, worker.rendezvous_file,
+        std::vector<std::string>(argv + 1, argv + argc),
         [](std::shared_ptr<lychee::TensorParallelGroup> group) { return lychee::Run(group.get()); });
   }
   if (!status.ok()) {

@@ -22,6 +22,7 @@
 #include "common/model/rank_workers.h"
 #include "common/model/tensor_parallel.h"
 #include "common/service/command_line.h"
+#include "common/service/rank_flags.h"
 #include "common/service/resource_paths.h"
 #include "kernels/dense_attention.h"
 
@@ -33,8 +34,6 @@ ABSL_FLAG(std::vector<std::string>, contexts, std::vector<std::string>({"2048", 
 ABSL_FLAG(int64_t, decode_tokens, 32, "tokens decoded after each prompt");
 ABSL_FLAG(int64_t, threads, 0, "LibTorch intra-op threads (0: LibTorch's own default; BLAS threads are its own)");
 ABSL_FLAG(int64_t, tensor_parallel, 1, "ranks (processes, each its shard of the weights) over Gloo; cpu only");
-ABSL_FLAG(int64_t, tensor_parallel_rank, 0, "set by rank 0 on the workers it starts; not for users");
-ABSL_FLAG(std::string, tensor_parallel_rendezvous, "", "set by rank 0 on the workers it starts; not for users");
 
 namespace {
 
@@ -119,10 +118,10 @@ int main(int argc, char** argv) {
     return Fail(absl::StrCat("--tensor-parallel must be a positive rank count, on --device cpu for now; got ",
                              tensor_parallel));
   }
+  const lychee::WorkerRankFlags worker = lychee::WorkerRankFromFlags();
   const absl::Status status = lychee::RunAsGlooRank(
-      static_cast<int>(tensor_parallel), static_cast<int>(absl::GetFlag(FLAGS_tensor_parallel_rank)),
-      absl::GetFlag(FLAGS_tensor_parallel_rendezvous), std::vector<std::string>(argv + 1, argv + argc),
-      [&](std::shared_ptr<lychee::TensorParallelGroup> group) {
+      static_cast<int>(tensor_parallel), worker.rank, worker.rendezvous_file,
+      std::vector<std::string>(argv + 1, argv + argc), [&](std::shared_ptr<lychee::TensorParallelGroup> group) {
         return Bench(*model_dir, device, contexts, decode_tokens, std::move(group));
       });
   if (!status.ok()) return Fail(status.ToString());

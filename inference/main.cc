@@ -14,6 +14,7 @@
 #include "common/base/model_config.h"
 #include "common/base/status_macros.h"
 #include "common/model/rank_workers.h"
+#include "common/service/rank_flags.h"
 #include "common/service/resource_paths.h"
 #include "common/service/service_main.h"
 #include "common/service/shutdown_signals.h"
@@ -44,8 +45,6 @@ ABSL_FLAG(int64_t, tensor_parallel, 1,
 ABSL_FLAG(int64_t, tensor_parallel_timeout_s, 60,
           "seconds a tensor-parallel rank may fall silent within a step before the others give it up (the service "
           "then reports NOT_SERVING)");
-ABSL_FLAG(int64_t, tensor_parallel_rank, 0, "set by rank 0 on the ranks it starts; not for users");
-ABSL_FLAG(std::string, tensor_parallel_rendezvous, "", "set by rank 0 on the ranks it starts; not for users");
 ABSL_FLAG(int64_t, threads, 0, "LibTorch intra-op threads (0: LibTorch's own default)");
 ABSL_FLAG(std::optional<int64_t>, kv_cache_mib, std::nullopt,
           "MiB of the KV cache: a pool of pages of 64 positions that sequences take as they grow (default 2048)");
@@ -226,10 +225,9 @@ absl::Status Serve() {
   // A follower rank ends with its rank 0: by rank 0's shutdown command, or by the SIGKILL that
   // RankWorkers arranges when rank 0 dies; a terminal's Ctrl-C is rank 0's to handle.
   const sigset_t signals = lychee::BlockShutdownSignals();
-  if (const int64_t rank = absl::GetFlag(FLAGS_tensor_parallel_rank); rank > 0) {
+  if (const lychee::WorkerRankFlags worker = lychee::WorkerRankFromFlags(); worker.rank > 0) {
     LYCHEE_ASSIGN_OR_RETURN(engine.tensor_parallel,
-                            lychee::JoinGlooGroup(absl::GetFlag(FLAGS_tensor_parallel_rendezvous),
-                                                  static_cast<int>(rank), world_size, step_timeout));
+                            lychee::JoinGlooGroup(worker.rendezvous_file, worker.rank, world_size, step_timeout));
     return lychee::RunRankFollower(engine);
   }
   std::unique_ptr<lychee::RankWorkers> workers;

@@ -7,6 +7,7 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
+#include "common/service/rank_flags.h"
 #include "common/service/resource_paths.h"
 #include "common/service/service_main.h"
 #include "common/service/shutdown_signals.h"
@@ -28,8 +29,6 @@ ABSL_FLAG(int64_t, data_parallel, 1,
           "ranks each calibration runs on (cpu only): rank 0 in the trainer, the others as worker processes; they "
           "split every step's samples, so a job's samples_per_step must be a multiple of it");
 ABSL_FLAG(std::string, calibration_worker, "", "set by rank 0 on the calibration workers it starts; not for users");
-ABSL_FLAG(int64_t, tensor_parallel_rank, 0, "set by rank 0 on the workers it starts; not for users");
-ABSL_FLAG(std::string, tensor_parallel_rendezvous, "", "set by rank 0 on the workers it starts; not for users");
 ABSL_FLAG(std::string, tls_cert, "",
           "with --tls-key: serve TLS with the PEM certificate chain of this file (default plaintext)");
 ABSL_FLAG(std::string, tls_key, "", "the PEM key of --tls-cert");
@@ -53,8 +52,8 @@ absl::Status Serve() {
   // A calibration worker keeps the SIGINT and SIGTERM that its trainer's job thread had blocked: a
   // Ctrl-C is rank 0's to take, whose shutdown ends the job INTERRUPTED and kills the workers.
   if (const std::string job_file = absl::GetFlag(FLAGS_calibration_worker); !job_file.empty()) {
-    return lychee::RunCalibrationWorker(job_file, static_cast<int>(absl::GetFlag(FLAGS_tensor_parallel_rank)),
-                                        absl::GetFlag(FLAGS_tensor_parallel_rendezvous));
+    const lychee::WorkerRankFlags worker = lychee::WorkerRankFromFlags();
+    return lychee::RunCalibrationWorker(job_file, worker.rank, worker.rendezvous_file);
   }
   lychee::TrainerServerOptions options;
   options.listen_address = absl::GetFlag(FLAGS_listen);
