@@ -20,6 +20,7 @@
 #include "common/base/head_partition.h"
 #include "common/base/partition_store.h"
 #include "harness/temp_dir.h"
+#include "tests/trainer/bundled_jobs.h"
 #include "trainer/job_manager.h"
 #include "trainer/job_runner.h"
 
@@ -27,30 +28,16 @@ namespace lychee {
 namespace {
 namespace fs = std::filesystem;
 
-// A job's 2 samples per step at 256-384 tokens on the bundled model: a few seconds a job.
+// A small job with 2 samples per step, one for each of 2 ranks: a few seconds a job.
 v1::SubmitCalibrationJobRequest Request(int64_t steps) {
-  v1::SubmitCalibrationJobRequest request;
-  request.set_model("tiny-llama-retrieval");
-  v1::CalibrationConfig* config = request.mutable_config();
-  config->set_steps(steps);
-  config->set_samples_per_step(2);
-  config->set_target_density(0.25);
-  config->set_min_context_tokens(256);
-  config->set_max_context_tokens(384);
-  config->set_passkeys_per_sample(2);
-  config->set_token_budget(512);
-  config->set_seed(5);
+  v1::SubmitCalibrationJobRequest request = testing::SmallCalibrationJob(steps);
+  request.mutable_config()->set_samples_per_step(2);
   return request;
 }
 
 struct Trainer {
   explicit Trainer(int data_parallel) {
-    JobManagerOptions options;
-    options.model_root = "models";
-    options.data_root = data.path.string();
-    options.default_corpus = "data/corpus/calibration.txt.gz";
-    options.default_heldout_corpus = "data/corpus/persuasion.txt.gz";
-    options.journal_dir = (registry.path / "jobs").string();
+    JobManagerOptions options = testing::BundledJobOptions(data.path.string(), (registry.path / "jobs").string());
     options.data_parallel = data_parallel;
     manager = JobManager::Create(options, *store, MakeCalibrationRunner("cpu", 1, LYCHEE_TRAINER).value()).value();
   }

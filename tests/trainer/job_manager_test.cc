@@ -14,6 +14,7 @@
 #include "common/base/partition_store.h"
 #include "common/service/metrics.h"
 #include "harness/temp_dir.h"
+#include "tests/trainer/bundled_jobs.h"
 #include "trainer/job_journal.h"
 #include "trainer/job_manager.h"
 #include "trainer/paths.h"
@@ -116,12 +117,7 @@ struct Setup {
   ScriptedRunner runner;
 
   JobManagerOptions Options(int concurrent = 1) const {
-    JobManagerOptions options;
-    options.model_root = "models";
-    options.data_root = data.path.string();
-    options.default_corpus = "data/corpus/calibration.txt.gz";
-    options.default_heldout_corpus = "data/corpus/persuasion.txt.gz";
-    options.journal_dir = (registry.path / "jobs").string();
+    JobManagerOptions options = testing::BundledJobOptions(data.path.string(), (registry.path / "jobs").string());
     options.max_concurrent_jobs = concurrent;
     return options;
   }

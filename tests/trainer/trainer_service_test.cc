@@ -26,6 +26,7 @@
 #include "harness/temp_dir.h"
 #include "lychee/v1/trainer.grpc.pb.h"
 #include "tests/run_command.h"
+#include "tests/trainer/bundled_jobs.h"
 #include "trainer/job_runner.h"
 #include "trainer/service.h"
 
@@ -78,17 +79,8 @@ std::unique_ptr<grpc::ClientContext> Context(int seconds = 60) {
 }
 
 v1::SubmitCalibrationJobRequest Tiny(int64_t steps = 2) {
-  v1::SubmitCalibrationJobRequest request;
-  request.set_model(kModel);
+  v1::SubmitCalibrationJobRequest request = testing::SmallCalibrationJob(steps);
   request.set_corpus(kSmallCorpus);
-  v1::CalibrationConfig* config = request.mutable_config();
-  config->set_steps(steps);
-  config->set_target_density(0.25);
-  config->set_min_context_tokens(256);
-  config->set_max_context_tokens(384);
-  config->set_passkeys_per_sample(2);
-  config->set_token_budget(512);
-  config->set_seed(5);
   return request;
 }
 
