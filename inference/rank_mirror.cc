@@ -101,6 +101,9 @@ void PutPolicy(const PolicySpec& spec, CommandWriter& out) {
   for (int64_t value : {spec.page_size, spec.quest_dense_layers}) out.Put(value);
   out.Put(spec.audit);
   out.Put(spec.audit_every);
+  // Every parameter the policy uses, as the engine tells backends apart: GetPolicy checks that the
+  // fields above carried them all, so that a PolicySpec field missing here fails loudly.
+  out.PutString(spec.Describe());
 }
 
 absl::StatusOr<PolicySpec> GetPolicy(CommandReader& in) {
@@ -135,6 +138,11 @@ absl::StatusOr<PolicySpec> GetPolicy(CommandReader& in) {
   }
   LYCHEE_ASSIGN_OR_RETURN(spec.audit, in.Get<bool>());
   LYCHEE_ASSIGN_OR_RETURN(spec.audit_every, in.Get<int64_t>());
+  LYCHEE_ASSIGN_OR_RETURN(const std::string sent, in.GetString());
+  if (const std::string arrived = spec.Describe(); arrived != sent) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("rank command: the policy arrived as \"", arrived, "\" but rank 0 sent \"", sent, "\""));
+  }
   return spec;
 }
 

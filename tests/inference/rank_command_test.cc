@@ -2,6 +2,7 @@
 // survives the bytes, and bytes it did not make are refused.
 #include <catch2/catch.hpp>
 
+#include <cstdint>
 #include <string>
 
 #include "inference/rank_mirror.h"
@@ -71,6 +72,26 @@ TEST_CASE("A start command carries every field of the policy and the partition b
   CHECK(got.audit);
   CHECK(got.audit_every == 3);
   CHECK(got.Describe() == policy.Describe());
+}
+
+TEST_CASE("A start command whose policy fields do not make the policy rank 0 described is refused") {
+  // As a PolicySpec field that the encoding missed would arrive: a parameter the policy uses
+  // differs from rank 0's, and the description sent beside the fields tells.
+  RankCommand command;
+  command.op = RankOp::kStart;
+  command.request_ids = {42};
+  command.policy = PolicySpec::Defaults(PolicyKind::kTidal);
+  command.policy.token_budget = 333;
+  std::string bytes = EncodeRankCommand(command);
+  const int64_t budget = 333;
+  const size_t at = bytes.find(std::string(reinterpret_cast<const char*>(&budget), sizeof(budget)));
+  REQUIRE(at != std::string::npos);
+  REQUIRE(DecodeRankCommand(bytes).ok());
+  const int64_t other = 334;
+  bytes.replace(at, sizeof(other), reinterpret_cast<const char*>(&other), sizeof(other));
+  const absl::Status status = DecodeRankCommand(bytes).status();
+  CHECK(absl::IsInvalidArgument(status));
+  CHECK_THAT(std::string(status.message()), Catch::Contains("rank 0 sent"));
 }
 
 TEST_CASE("A decode command carries its rows' requests and tokens, and whether to combine the dropped mass") {
