@@ -3,8 +3,9 @@
 // samples all have that many tokens; prints seconds per step (median after the first step, which
 // warms the allocator), tokens per second and, on CUDA, the peak of tensor memory allocated at once.
 // A configuration that does not fit prints the error (out of memory) and the next one runs.
-// --data-parallel N splits each step's --samples-per-step samples across N Gloo ranks (rank 0 here,
-// the others this binary re-executed as workers; cpu only), all-reducing the gate gradients.
+// --data-parallel N splits each step's --samples-per-step samples across N ranks, Gloo on cpu or NCCL on
+// cuda with a GPU each (rank 0 here, the others this binary re-executed as workers), all-reducing the
+// gate gradients.
 //
 //   calibration_bench --model DIR [--tokenizer FILE] [--corpus FILE] [--device cuda|cpu]
 //                     [--contexts 2048,8192] [--checkpointing on,off] [--steps 4]
@@ -46,7 +47,8 @@ ABSL_FLAG(std::vector<std::string>, checkpointing, std::vector<std::string>({"on
           "activation checkpointing modes to run: on, off, auto");
 ABSL_FLAG(int64_t, steps, 4, "calibration steps per configuration (at least 2)");
 ABSL_FLAG(int64_t, samples_per_step, 1, "samples whose gradients each step averages (a multiple of the ranks)");
-ABSL_FLAG(int64_t, data_parallel, 1, "ranks (processes) that split each step's samples, over Gloo; cpu only");
+ABSL_FLAG(int64_t, data_parallel, 1,
+          "ranks (processes) that split each step's samples, over Gloo (cpu) or NCCL (cuda, a GPU each)");
 
 namespace lychee {
 namespace {
@@ -155,15 +157,16 @@ int main(int argc, char** argv) {
   }
   const int64_t data_parallel = absl::GetFlag(FLAGS_data_parallel);
   absl::Status status;
-  if (data_parallel < 1 || (data_parallel > 1 && absl::GetFlag(FLAGS_device) != "cpu")) {
-    status = absl::InvalidArgumentError(
-        absl::StrCat("--data-parallel must be a positive rank count, on --device cpu for now; got ", data_parallel));
+  if (data_parallel < 1) {
+    status =
+        absl::InvalidArgumentError(absl::StrCat("--data-parallel must be a positive rank count, got ", data_parallel));
   } else {
     const lychee::WorkerRankFlags worker = lychee::WorkerRankFromFlags();
-    status = lychee::RunAsGlooRank(
-        static_cast<int>(data_parallel), worker.rank, worker.rendezvous_file,
-        std::vector<std::string>(argv + 1, argv + argc),
-        [](std::shared_ptr<lychee::TensorParallelGroup> group) { return lychee::Run(group.get()); });
+    status =
+        lychee::RunAsRank(absl::GetFlag(FLAGS_device) == "cuda" ? lychee::RankDevice::kCuda : lychee::RankDevice::kCpu,
+                          static_cast<int>(data_parallel), worker.rank, worker.rendezvous_file,
+                          std::vector<std::string>(argv + 1, argv + argc),
+                          [](std::shared_ptr<lychee::TensorParallelGroup> group) { return lychee::Run(group.get()); });
   }
   if (!status.ok()) {
     std::fprintf(stderr, "calibration_bench: %s\n", status.ToString().c_str());

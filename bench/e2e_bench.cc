@@ -27,6 +27,11 @@
 //
 // A configuration whose KV pool does not fit the GPU's free memory is RESOURCE_EXHAUSTED with the
 // sizes, before anything is allocated for it.
+//
+// With --tensor-parallel N the model runs on N GPUs over NCCL (rank 0 here, the others this binary
+// re-executed, each on its own GPU, making the same steps; rank 0 prints): each rank's limit is its
+// shard's weights and KV over the copy bandwidth, and "all-reduce" is the step's collectives timed
+// alone (2 per layer of [batch, hidden] bf16, the embedding's, and the logits' [batch, vocab] float32).
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDACachingAllocator.h>
@@ -54,7 +59,10 @@
 #include "common/base/head_partition.h"
 #include "common/base/status_macros.h"
 #include "common/model/model.h"
+#include "common/model/rank_workers.h"
+#include "common/model/tensor_parallel.h"
 #include "common/service/command_line.h"
+#include "common/service/rank_flags.h"
 #include "kernels/cuda_attention.h"
 
 ABSL_FLAG(std::string, model, "", "the model directory (required)");
@@ -68,6 +76,7 @@ ABSL_FLAG(bool, overlap_launches, true,
           "start each fused kernel of the step while the one before finishes (programmatic dependent launch)");
 ABSL_FLAG(int64_t, audit_every, 0, "also decode hybrid with the sampled audit every Nth step (0: no audit rows)");
 ABSL_FLAG(std::string, json, "", "also write the rows to this file as JSON lines");
+ABSL_FLAG(int64_t, tensor_parallel, 1, "GPUs (ranks over NCCL, each its shard of the weights) to decode across");
 
 namespace {
 
@@ -147,10 +156,11 @@ class SwitchedAttention : public lychee::AttentionBackend {
   Attention attention_ = Attention::kNone;
 };
 
-// Bytes one decode step must read: every weight once (the embedding only for the batch's rows) and
-// the keys and values each head attends to.
+// Bytes one decode step must read on one rank: every weight of its shard once (the embedding only for
+// the batch's rows) and the keys and values each of its heads attends to. `config` is the rank's
+// shard (Model::shard_config) with its vocabulary slice as vocab_size; `partition` its heads' roles.
 struct ByteModel {
-  const lychee::ModelConfig& config;
+  const lychee::ModelConfig config;
   const lychee::HeadPartition& partition;
 
   int64_t element_bytes() const { return 2; }  // bf16
@@ -284,6 +294,7 @@ struct Flags {
   bool overlap_launches = true;
   int64_t audit_every = 0;  // 0: no audit rows
   std::string json_path;
+  int tensor_parallel = 1;
 
   // The audit rows' warmup and measured steps: two audited steps in the warmup (the eager one and
   // the capture), then whole periods, at least four.
@@ -306,13 +317,39 @@ absl::StatusOr<Flags> FlagsFromCommandLine() {
   flags.graphs = absl::GetFlag(FLAGS_graphs);
   flags.overlap_launches = absl::GetFlag(FLAGS_overlap_launches);
   flags.json_path = absl::GetFlag(FLAGS_json);
+  LYCHEE_ASSIGN_OR_RETURN(const int64_t tensor_parallel, lychee::FlagInRange(FLAGS_tensor_parallel, 1, 64));
+  flags.tensor_parallel = static_cast<int>(tensor_parallel);
   std::sort(flags.contexts.begin(), flags.contexts.end());
   return flags;
 }
 
-absl::Status Run(const Flags& flags) {
+// The median time of one decode step's all-reduces alone at `batch` rows, over `group`.
+absl::StatusOr<double> AllReduceMs(const lychee::TensorParallelGroup& group, const lychee::ModelConfig& config,
+                                   int64_t batch) {
+  const at::TensorOptions on_gpu = at::TensorOptions().device(at::kCUDA);
+  at::Tensor hidden = at::zeros({batch, config.hidden_size}, on_gpu.dtype(at::kBFloat16));
+  at::Tensor logits = at::zeros({batch, config.vocab_size}, on_gpu.dtype(at::kFloat));
+  std::vector<double> times;
+  for (int repeat = 0; repeat < 25; ++repeat) {
+    LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaDeviceSynchronize(), "before the all-reduces"));
+    const Clock::time_point start = Clock::now();
+    for (int64_t i = 0; i < 2 * config.num_layers + 1; ++i) group.AllReduceSum(hidden);
+    group.AllReduceSum(logits);
+    LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaDeviceSynchronize(), "the all-reduces"));
+    if (repeat >= 5) times.push_back(MsSince(start));
+  }
+  return lychee::bench::Median(times);
+}
+
+absl::Status Run(const Flags& flags, std::shared_ptr<lychee::TensorParallelGroup> group) {
   LYCHEE_ASSIGN_OR_RETURN(lychee::ModelOptions options, lychee::ModelOptionsForDevice("cuda"));
   options.overlap_kernel_launches = flags.overlap_launches;
+  options.tensor_parallel = group;
+  const int rank = group != nullptr ? group->rank() : 0, world_size = group != nullptr ? group->world_size() : 1;
+  // Every rank makes the same steps; rank 0 alone reports them.
+  if (rank > 0 && std::freopen("/dev/null", "w", stdout) == nullptr) {
+    return absl::InternalError("cannot silence a worker rank's output");
+  }
   cudaDeviceProp prop;
   LYCHEE_RETURN_IF_ERROR(CudaStatus(cudaGetDeviceProperties(&prop, 0), "cudaGetDeviceProperties"));
   const double copy_gbs = lychee::bench::CopyBandwidthGBs();
@@ -323,10 +360,11 @@ absl::Status Run(const Flags& flags) {
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<lychee::Model> model, lychee::Model::Load(flags.model_dir, options));
   c10::cuda::CUDACachingAllocator::emptyCache();  // the loader's temporaries
   const lychee::ModelConfig& config = model->config();
-  std::printf("model %s: %lld layers, %lld heads, %lld KV heads, head_dim %lld; loaded in %.1f s\n",
+  std::printf("model %s: %lld layers, %lld heads, %lld KV heads, head_dim %lld; loaded in %.1f s%s\n",
               flags.model_dir.c_str(), static_cast<long long>(config.num_layers),
               static_cast<long long>(config.num_attention_heads), static_cast<long long>(config.num_kv_heads),
-              static_cast<long long>(config.head_dim), MsSince(start) / 1e3);
+              static_cast<long long>(config.head_dim), MsSince(start) / 1e3,
+              world_size > 1 ? absl::StrCat(", across ", world_size, " GPUs (limits per GPU)").c_str() : "");
 
   // Layer 0 dense, KV head 0 of every later layer a retrieval head, the others sparse.
   std::vector<lychee::HeadRole> roles;
@@ -340,14 +378,21 @@ absl::Status Run(const Flags& flags) {
   auto partition = std::make_shared<const lychee::HeadPartition>(config.num_layers, config.num_kv_heads,
                                                                  std::move(roles), selection);
   LYCHEE_RETURN_IF_ERROR(partition->ValidateFor(config));
+  const lychee::ModelConfig& shard_config = model->shard_config();
+  if (group != nullptr) {
+    LYCHEE_ASSIGN_OR_RETURN(lychee::HeadPartition shard, lychee::ShardHeadPartition(*partition, rank, world_size));
+    partition = std::make_shared<const lychee::HeadPartition>(std::move(shard));
+  }
   LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const lychee::AttentionBackend> hybrid,
-                          lychee::MakeCudaHybridAttention(partition, config));
+                          lychee::MakeCudaHybridAttention(partition, shard_config));
   std::shared_ptr<const lychee::AttentionBackend> audited;
   if (flags.audit_every > 0) {
-    LYCHEE_ASSIGN_OR_RETURN(audited, lychee::MakeCudaHybridAttention(partition, config, flags.audit_every));
+    LYCHEE_ASSIGN_OR_RETURN(audited, lychee::MakeCudaHybridAttention(partition, shard_config, flags.audit_every));
   }
-  auto attention = std::make_shared<SwitchedAttention>(lychee::MakeCudaDenseAttention(config), hybrid, audited);
-  const ByteModel bytes{config, *partition};
+  auto attention = std::make_shared<SwitchedAttention>(lychee::MakeCudaDenseAttention(shard_config), hybrid, audited);
+  lychee::ModelConfig rank_bytes_config = shard_config;
+  rank_bytes_config.vocab_size = lychee::VocabSliceOf(config.vocab_size, rank, world_size).size;
+  const ByteModel bytes{rank_bytes_config, *partition};
 
   const std::vector<Attention> kinds = {Attention::kDense, Attention::kHybrid, Attention::kNone};
   const int64_t max_batch = *std::max_element(flags.batches.begin(), flags.batches.end());
@@ -367,8 +412,9 @@ absl::Status Run(const Flags& flags) {
 
   Bench bench{*model, *attention, sequences, static_cast<int>(flags.steps), static_cast<int>(flags.warmup),
               flags.graphs};
-  std::FILE* json = flags.json_path.empty() ? nullptr : std::fopen(flags.json_path.c_str(), "w");
-  if (!flags.json_path.empty() && json == nullptr) {
+  const bool writes_json = !flags.json_path.empty() && rank == 0;
+  std::FILE* json = writes_json ? std::fopen(flags.json_path.c_str(), "w") : nullptr;
+  if (writes_json && json == nullptr) {
     return absl::InvalidArgumentError(absl::StrCat("cannot write ", flags.json_path));
   }
   std::printf("copy bandwidth %.0f GB/s; weights read per step %.2f GB; limit = (weights + KV attended) / copy "
@@ -396,11 +442,19 @@ absl::Status Run(const Flags& flags) {
                                           st.capture_failures, st.last_capture_error));
         }
       }
-      std::printf("%5lld %6lldK | %8.2f %8.2f %6.2f | %8.2f %8.2f %6.2f | %7.2f | %8.2f %8.2f %6.2f | %.3f / %.3f / %.3f\n",
-                  static_cast<long long>(batch), static_cast<long long>(context / 1024), rows[0].median_ms, limits[0],
-                  rows[0].median_ms / limits[0], rows[1].median_ms, limits[1], rows[1].median_ms / limits[1],
-                  rows[0].median_ms / rows[1].median_ms, rows[2].median_ms, limits[2], rows[2].median_ms / limits[2],
-                  rows[0].host_ms, rows[1].host_ms, rows[2].host_ms);
+      std::string all_reduce;
+      if (group != nullptr) {
+        // The step's limit on several GPUs adds its collectives, which no bandwidth of one GPU bounds.
+        LYCHEE_ASSIGN_OR_RETURN(const double all_reduce_ms, AllReduceMs(*group, config, batch));
+        for (double& limit : limits) limit += all_reduce_ms;
+        all_reduce = absl::StrFormat(" | all-reduce %.3f ms (in the limits)", all_reduce_ms);
+      }
+      std::printf(
+          "%5lld %6lldK | %8.2f %8.2f %6.2f | %8.2f %8.2f %6.2f | %7.2f | %8.2f %8.2f %6.2f | %.3f / %.3f / %.3f%s\n",
+          static_cast<long long>(batch), static_cast<long long>(context / 1024), rows[0].median_ms, limits[0],
+          rows[0].median_ms / limits[0], rows[1].median_ms, limits[1], rows[1].median_ms / limits[1],
+          rows[0].median_ms / rows[1].median_ms, rows[2].median_ms, limits[2], rows[2].median_ms / limits[2],
+          rows[0].host_ms, rows[1].host_ms, rows[2].host_ms, all_reduce.c_str());
       if (audited != nullptr) {
         // Plain and audited hybrid over the same number of steps, means (the audited steps are the
         // tail of the distribution, which a median would hide).
@@ -451,11 +505,16 @@ int main(int argc, char** argv) {
   absl::StatusOr<Flags> flags = status.ok() ? FlagsFromCommandLine() : status;
   status = flags.status();
   if (status.ok()) {
-    try {
-      status = Run(*flags);
-    } catch (const c10::OutOfMemoryError& error) {
-      status = absl::ResourceExhaustedError(error.what_without_backtrace());
-    }
+    const lychee::WorkerRankFlags worker = lychee::WorkerRankFromFlags();
+    status = lychee::RunAsRank(lychee::RankDevice::kCuda, flags->tensor_parallel, worker.rank, worker.rendezvous_file,
+                               std::vector<std::string>(argv + 1, argv + argc),
+                               [&](std::shared_ptr<lychee::TensorParallelGroup> group) -> absl::Status {
+                                 try {
+                                   return Run(*flags, std::move(group));
+                                 } catch (const c10::OutOfMemoryError& error) {
+                                   return absl::ResourceExhaustedError(error.what_without_backtrace());
+                                 }
+                               });
   }
   if (!status.ok()) {
     std::fprintf(stderr, "e2e_bench: %s\n", status.ToString().c_str());

@@ -1,5 +1,5 @@
 // Prefill and decode throughput of the whole model at given context lengths (dense attention), in
-// one process or across --tensor-parallel N Gloo ranks (rank 0 here, the others this binary
+// one process or across --tensor-parallel N ranks, Gloo on cpu or NCCL on cuda (rank 0 here, the others this binary
 // re-executed as workers; every rank feeds the same tokens, rank 0 prints).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -33,7 +33,8 @@ ABSL_FLAG(std::vector<std::string>, contexts, std::vector<std::string>({"2048", 
           "prompt lengths in tokens, comma-separated");
 ABSL_FLAG(int64_t, decode_tokens, 32, "tokens decoded after each prompt");
 ABSL_FLAG(int64_t, threads, 0, "LibTorch intra-op threads (0: LibTorch's own default; BLAS threads are its own)");
-ABSL_FLAG(int64_t, tensor_parallel, 1, "ranks (processes, each its shard of the weights) over Gloo; cpu only");
+ABSL_FLAG(int64_t, tensor_parallel, 1,
+          "ranks (processes, each its shard of the weights) over Gloo (cpu) or NCCL (cuda, a GPU each)");
 
 namespace {
 
@@ -114,14 +115,13 @@ int main(int argc, char** argv) {
     contexts.push_back(context);
   }
   const int64_t tensor_parallel = absl::GetFlag(FLAGS_tensor_parallel);
-  if (tensor_parallel < 1 || (tensor_parallel > 1 && device != "cpu")) {
-    return Fail(absl::StrCat("--tensor-parallel must be a positive rank count, on --device cpu for now; got ",
-                             tensor_parallel));
-  }
+  if (tensor_parallel < 1)
+    return Fail(absl::StrCat("--tensor-parallel must be a positive rank count, got ", tensor_parallel));
   const lychee::WorkerRankFlags worker = lychee::WorkerRankFromFlags();
-  const absl::Status status = lychee::RunAsGlooRank(
-      static_cast<int>(tensor_parallel), worker.rank, worker.rendezvous_file,
-      std::vector<std::string>(argv + 1, argv + argc), [&](std::shared_ptr<lychee::TensorParallelGroup> group) {
+  const absl::Status status = lychee::RunAsRank(
+      device == "cuda" ? lychee::RankDevice::kCuda : lychee::RankDevice::kCpu, static_cast<int>(tensor_parallel),
+      worker.rank, worker.rendezvous_file, std::vector<std::string>(argv + 1, argv + argc),
+      [&](std::shared_ptr<lychee::TensorParallelGroup> group) {
         return Bench(*model_dir, device, contexts, decode_tokens, std::move(group));
       });
   if (!status.ok()) return Fail(status.ToString());

@@ -41,7 +41,8 @@ ABSL_FLAG(std::string, http_listen, "",
 ABSL_FLAG(std::string, device, "cpu", "cpu or cuda");
 ABSL_FLAG(int64_t, tensor_parallel, 1,
           "decode across N ranks, each holding its shard of the weights: this process is rank 0 (the server), ranks "
-          "1..N-1 are processes of this binary it starts (cpu only, over Gloo; N must divide the model's KV heads)");
+          "1..N-1 are processes of this binary it starts (over Gloo on cpu, NCCL on cuda with a GPU each; N must "
+          "divide the model's KV heads)");
 ABSL_FLAG(int64_t, tensor_parallel_timeout_s, 60,
           "seconds a tensor-parallel rank may fall silent within a step before the others give it up (the service "
           "then reports NOT_SERVING)");
@@ -214,20 +215,16 @@ absl::Status Serve() {
   LYCHEE_ASSIGN_OR_RETURN(const int64_t tensor_parallel, lychee::FlagInRange(FLAGS_tensor_parallel, 1, 1024));
   LYCHEE_ASSIGN_OR_RETURN(const int64_t step_timeout_s,
                           lychee::FlagInRange(FLAGS_tensor_parallel_timeout_s, 1, int64_t{1} << 20));
-  if (tensor_parallel > 1 && engine.device != "cpu") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--tensor-parallel on --device ", engine.device,
-                     " is not supported yet (NCCL process groups are not wired); serve it on --device cpu (Gloo)"));
-  }
   const int world_size = static_cast<int>(tensor_parallel);
+  const lychee::RankDevice rank_device = engine.device == "cuda" ? lychee::RankDevice::kCuda : lychee::RankDevice::kCpu;
   const std::chrono::seconds step_timeout(step_timeout_s);
 
   // A follower rank ends with its rank 0: by rank 0's shutdown command, or by the SIGKILL that
   // RankWorkers arranges when rank 0 dies; a terminal's Ctrl-C is rank 0's to handle.
   const sigset_t signals = lychee::BlockShutdownSignals();
   if (const lychee::WorkerRankFlags worker = lychee::WorkerRankFromFlags(); worker.rank > 0) {
-    LYCHEE_ASSIGN_OR_RETURN(engine.tensor_parallel,
-                            lychee::JoinGlooGroup(worker.rendezvous_file, worker.rank, world_size, step_timeout));
+    LYCHEE_ASSIGN_OR_RETURN(engine.tensor_parallel, lychee::JoinRankGroup(rank_device, worker.rendezvous_file,
+                                                                          worker.rank, world_size, step_timeout));
     return lychee::RunRankFollower(engine);
   }
   std::unique_ptr<lychee::RankWorkers> workers;
@@ -237,9 +234,10 @@ absl::Status Serve() {
                             lychee::ModelConfig::FromFile(engine.model_dir + "/config.json"));
     LYCHEE_RETURN_IF_ERROR(lychee::ShardModelConfig(config, world_size).status());
     LYCHEE_ASSIGN_OR_RETURN(const std::string self, lychee::SelfExecutable());
-    LYCHEE_ASSIGN_OR_RETURN(workers, lychee::RankWorkers::Start(self, CommandLineArguments(), world_size));
-    LYCHEE_ASSIGN_OR_RETURN(engine.tensor_parallel,
-                            lychee::JoinGlooGroup(workers->rendezvous_file(), 0, world_size, step_timeout));
+    LYCHEE_ASSIGN_OR_RETURN(
+        workers, lychee::RankWorkers::Start(self, CommandLineArguments(), world_size, "tensor-parallel", rank_device));
+    LYCHEE_ASSIGN_OR_RETURN(engine.tensor_parallel, lychee::JoinRankGroup(rank_device, workers->rendezvous_file(), 0,
+                                                                          world_size, step_timeout));
   }
 
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<lychee::InferenceServer> server, lychee::InferenceServer::Start(options));

@@ -20,7 +20,7 @@
 namespace lychee {
 namespace {
 
-// The command's bytes, in this host's byte order: every rank runs on this host (Gloo on the loopback).
+// The command's bytes, in this host's byte order: every rank runs on this host.
 class CommandWriter {
  public:
   template <typename T>
@@ -465,9 +465,11 @@ absl::Status RunRankFollower(const EngineOptions& options) {
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<KvCacheManager> kv,
                           KvCacheManager::Create(*model, options.kv_cache_bytes, options.kv_cache_fraction));
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<ShardBackends> backends, ShardBackends::Create(*model));
+  // Rank 0's model runner's options: a step that rank 0 replays as a graph is one this rank replays
+  // too (graphs capture the collectives with NCCL; with Gloo, steps run eagerly).
   DecodeOptions decode_options;
-  // Tensor-parallel steps run eagerly (Model::Decode captures no graph under tensor parallelism).
-  decode_options.cuda_graphs = false;
+  decode_options.cuda_graphs = options.cuda_graphs;
+  decode_options.max_graph_batch = options.max_batch;
   Follower follower(*model, kv->pool(), std::move(backends), decode_options);
   return follower.Run();
 }

@@ -314,7 +314,8 @@ absl::StatusOr<HeadPartition> RunCalibration(const Model& model, const Tokenizer
     }
     optimizer.zero_grad();
     // This rank's loss sum and tokens; all-reduced below with the gradients.
-    at::Tensor sums = at::zeros({2}, at::kDouble);
+    // On the gates' device, where an NCCL group sums.
+    at::Tensor sums = at::zeros({2}, log_a.options().dtype(at::kDouble));
     for (int64_t index = 0; index < config.samples_per_step; ++index) {
       // Every rank draws every sample's numbers, so that a sample does not depend on which rank takes it.
       const int64_t length = context_length(rng);

@@ -69,7 +69,7 @@ struct CalibrationProgress {
 // round-down of target x (gated heads) heads with the highest gate means retrieval heads, so that its
 // deployed density is at most the target (with N gated heads, densities are multiples of 1/N).
 //
-// With `data_parallel`, this is one rank of a data-parallel calibration (Gloo, on the CPU): every
+// With `data_parallel`, this is one rank of a data-parallel calibration (Gloo on the CPU, NCCL on GPUs): every
 // rank runs it with the same arguments (cancelled on all or none), rank r takes the step's samples
 // r, r + N, ..., and the gate gradients are all-reduced before each optimizer step, so that every
 // rank holds the same gates, those of one process over the whole batch (up to the order of the

@@ -145,6 +145,9 @@ class TorchSession final : public CalibrationSession {
     *job.mutable_config() = CalibrationConfigToProto(config);
     job.set_intra_op_threads(launch_.intra_op_threads);
     job.set_world_size(world_size);
+    const bool on_cuda = model_->options().device.is_cuda();
+    job.set_device(on_cuda ? "cuda" : "cpu");
+    const RankDevice device = on_cuda ? RankDevice::kCuda : RankDevice::kCpu;
     LYCHEE_ASSIGN_OR_RETURN(const std::unique_ptr<WorkerJobFile> job_file, WorkerJobFile::Write(job));
     std::string program = launch_.program;
     if (program.empty()) {
@@ -152,13 +155,13 @@ class TorchSession final : public CalibrationSession {
     }
     LYCHEE_ASSIGN_OR_RETURN(const std::unique_ptr<RankWorkers> workers,
                             RankWorkers::Start(program, {absl::StrCat("--", kCalibrationWorkerFlag), job_file->path()},
-                                               world_size, "data-parallel"));
+                                               world_size, "data-parallel", device));
     std::vector<std::string> pids;
     for (int rank = 1; rank < world_size; ++rank) pids.push_back(std::to_string(workers->pid(rank)));
     LOG(INFO) << "trainer: data-parallel calibration on " << inputs_.model_dir << ", ranks 1.." << world_size - 1
               << " as processes " << absl::StrJoin(pids, ", ");
     absl::StatusOr<std::shared_ptr<TensorParallelGroup>> group =
-        JoinGlooGroup(workers->rendezvous_file(), /*rank=*/0, world_size);
+        JoinRankGroup(device, workers->rendezvous_file(), /*rank=*/0, world_size);
     if (!group.ok()) return NameLostRank(*workers, group.status());
     absl::StatusOr<HeadPartition> partition =
         RunCalibration(*model_, *tokenizer_, corpus_, config, on_progress, cancelled, group->get());
@@ -186,19 +189,14 @@ absl::StatusOr<CalibrationRunner> MakeCalibrationRunner(const std::string& devic
   }
   LYCHEE_ASSIGN_OR_RETURN(ModelOptions options, ModelOptionsForDevice(device));
   const WorkerLaunch launch{std::move(worker_program), intra_op_threads};
-  return CalibrationRunner([options, launch, device](const CalibrationJobInputs& inputs)
-                               -> absl::StatusOr<std::unique_ptr<CalibrationSession>> {
-    if (inputs.data_parallel > 1 && device != "cpu") {
-      return absl::FailedPreconditionError(
-          absl::StrCat("data-parallel calibration runs on the CPU only (its ranks meet over Gloo; NCCL is not "
-                       "wired), not on ",
-                       device));
-    }
-    // With OpenMP the thread count belongs to the calling thread: it is set on the worker
-    // that runs the job, which is the one that opens its session and runs it.
-    if (launch.intra_op_threads > 0) at::set_num_threads(launch.intra_op_threads);
-    return Guarded("loading the model", inputs.model_dir, [&] { return TorchSession::Open(options, inputs, launch); });
-  });
+  return CalibrationRunner(
+      [options, launch](const CalibrationJobInputs& inputs) -> absl::StatusOr<std::unique_ptr<CalibrationSession>> {
+        // With OpenMP the thread count belongs to the calling thread: it is set on the worker
+        // that runs the job, which is the one that opens its session and runs it.
+        if (launch.intra_op_threads > 0) at::set_num_threads(launch.intra_op_threads);
+        return Guarded("loading the model", inputs.model_dir,
+                       [&] { return TorchSession::Open(options, inputs, launch); });
+      });
 }
 
 absl::Status RunCalibrationWorker(const std::string& job_file, int rank, const std::string& rendezvous_file) {
@@ -210,15 +208,16 @@ absl::Status RunCalibrationWorker(const std::string& job_file, int rank, const s
   if (job.intra_op_threads() > 0) at::set_num_threads(job.intra_op_threads());
   // The group first: a worker that fails to load the model then ends at once a group that rank 0
   // waits on, instead of leaving rank 0 to wait for a rank that never comes.
+  LYCHEE_ASSIGN_OR_RETURN(const ModelOptions options, ModelOptionsForDevice(job.device()));
   LYCHEE_ASSIGN_OR_RETURN(const std::shared_ptr<TensorParallelGroup> group,
-                          JoinGlooGroup(rendezvous_file, rank, job.world_size()));
+                          JoinRankGroup(options.device.is_cuda() ? RankDevice::kCuda : RankDevice::kCpu,
+                                        rendezvous_file, rank, job.world_size()));
   // This rank's partition is rank 0's; only whether every step went through matters here.
   const absl::StatusOr<HeadPartition> partition =
       Guarded("data-parallel calibration worker", job.model_dir(), [&]() -> absl::StatusOr<HeadPartition> {
         LYCHEE_ASSIGN_OR_RETURN(const std::unique_ptr<Tokenizer> tokenizer,
                                 Tokenizer::FromFile(job.model_dir() + "/tokenizer.json"));
         LYCHEE_ASSIGN_OR_RETURN(const std::string corpus, ReadTextCorpus(job.corpus_path()));
-        LYCHEE_ASSIGN_OR_RETURN(const ModelOptions options, ModelOptionsForDevice("cpu"));
         LYCHEE_ASSIGN_OR_RETURN(const std::unique_ptr<Model> model, Model::Load(job.model_dir(), options));
         const std::atomic<bool> never_cancelled{false};
         return RunCalibration(

@@ -27,7 +27,7 @@ absl::StatusOr<CalibrationRunner> MakeCalibrationRunner(const std::string& devic
 inline constexpr char kCalibrationWorkerFlag[] = "calibration-worker";
 
 // A data-parallel calibration worker from start to end: reads the calibration that rank 0 wrote to
-// `job_file`, joins its Gloo group at `rendezvous_file` as `rank`, loads the model and runs every
+// `job_file`, joins its group (Gloo, or NCCL on cuda) at `rendezvous_file` as `rank`, loads the model and runs every
 // step with the other ranks. It has no cancellation of its own: rank 0 kills it.
 absl::Status RunCalibrationWorker(const std::string& job_file, int rank, const std::string& rendezvous_file);
 

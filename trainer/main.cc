@@ -81,12 +81,6 @@ absl::Status Serve() {
   LYCHEE_ASSIGN_OR_RETURN(const int64_t threads, lychee::FlagInRange(FLAGS_threads, 0, 1024));
   LYCHEE_ASSIGN_OR_RETURN(const int64_t data_parallel, lychee::FlagInRange(FLAGS_data_parallel, 1, 64));
   const std::string device = absl::GetFlag(FLAGS_device);
-  if (data_parallel > 1 && device != "cpu") {
-    return absl::InvalidArgumentError(absl::StrCat("--data-parallel ", data_parallel,
-                                                   " needs --device cpu: the ranks meet over Gloo, and NCCL is not "
-                                                   "wired for --device ",
-                                                   device));
-  }
   options.jobs.data_parallel = static_cast<int>(data_parallel);
   LYCHEE_ASSIGN_OR_RETURN(lychee::CalibrationRunner runner,
                           lychee::MakeCalibrationRunner(device, static_cast<int>(threads)));

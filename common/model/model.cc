@@ -336,7 +336,10 @@ at::Tensor Model::EmbedRows(const at::Tensor& ids) const {
 
 at::Tensor Model::Logits(const at::Tensor& normed) const {
   at::Tensor local = at::linear(normed, lm_head_).to(at::kFloat);
-  if (options_.tensor_parallel == nullptr) return local;
+  return options_.tensor_parallel == nullptr ? local : JoinVocabSlices(local);
+}
+
+at::Tensor Model::JoinVocabSlices(const at::Tensor& local) const {
   // An all-reduce of zero-padded rows rather than an all-gather: exact (x + 0), and the slices may
   // differ in size.
   std::vector<int64_t> shape = local.sizes().vec();
@@ -465,10 +468,9 @@ absl::StatusOr<DecodeContext::Bucket*> Model::BucketFor(DecodeContext& context, 
                                                         int64_t batch, int64_t width, bool whole_batch) const {
   const AttentionBackend* backend = &first.attention();
   const KvPool* pool = &first.pool();
-  // Not under tensor parallelism yet: a graph would have to capture the group's collectives.
   const bool for_graph = whole_batch && context.options().cuda_graphs && !context.graphs_failed_ &&
-                         options_.device.is_cuda() && options_.tensor_parallel == nullptr &&
-                         backend->CapturesDecode() && batch <= context.options().max_graph_batch;
+                         options_.device.is_cuda() && CollectivesCapturable() && backend->CapturesDecode() &&
+                         batch <= context.options().max_graph_batch;
   const int64_t rows = for_graph ? NextPowerOfTwo(batch) : batch;
   auto& buckets = context.buckets_;
   buckets.erase(std::remove_if(buckets.begin(), buckets.end(),
@@ -573,10 +575,14 @@ DecodeStepOutput Model::DecodeForward(const at::Tensor& ids, const at::Tensor& p
   return output;
 }
 
+bool Model::CollectivesCapturable() const {
+  return options_.tensor_parallel == nullptr || options_.tensor_parallel->capturable_in_cuda_graphs();
+}
+
 bool Model::UsesFusedDecode() const {
 #ifdef LYCHEE_FUSED_DECODE
   return options_.fused_decode && options_.device.is_cuda() && options_.dtype == at::kBFloat16 &&
-         !config_.sliding_window && options_.tensor_parallel == nullptr;
+         !config_.sliding_window;
 #else
   return false;
 #endif
@@ -588,13 +594,24 @@ DecodeStepOutput Model::FusedDecodeForward(const at::Tensor& ids, std::vector<De
   const double eps = config_.rms_norm_eps;
   const bool gemv = options_.small_batch_gemv && rows <= 8;
   const bool overlap = options_.overlap_kernel_launches;
+  const TensorParallelGroup* const tensor_parallel = options_.tensor_parallel.get();
   const auto linear = [&](const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) {
     if (bias.defined()) return at::linear(x, weight, bias);
     return gemv ? cuda::Gemv(x, weight, at::Tensor(), overlap) : at::linear(x, weight);
   };
-  // residual += x weight^T, one rounding.
-  const auto add_linear = [&](at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
-                              const at::Tensor& bias) {
+  // residual += x weight^T + bias (one rounding with one rank; under tensor parallelism the ranks'
+  // partial products are summed first), then normed = RmsNorm(residual, norm).
+  at::Tensor normed;
+  const auto add_row_parallel_and_norm = [&](at::Tensor& residual, const at::Tensor& x, const at::Tensor& weight,
+                                             const at::Tensor& bias, const at::Tensor& norm) {
+    if (tensor_parallel != nullptr) {
+      at::Tensor partial = linear(x, weight, at::Tensor());
+      tensor_parallel->AllReduceSum(partial);
+      if (bias.defined()) partial.add_(bias);
+      // After a collective on another stream, not an overlapped launch.
+      cuda::AddRmsNorm(partial, residual, norm, eps, normed, /*overlap_previous=*/false);
+      return;
+    }
     if (bias.defined()) {
       residual.add_(at::linear(x, weight, bias));
     } else if (gemv) {
@@ -602,10 +619,12 @@ DecodeStepOutput Model::FusedDecodeForward(const at::Tensor& ids, std::vector<De
     } else {
       residual.addmm_(x, weight.t());
     }
+    cuda::AddRmsNorm(at::Tensor(), residual, norm, eps, normed, overlap);
   };
-  at::Tensor residual = at::embedding(embed_tokens_, ids);  // [rows, hidden], the residual stream
-  at::Tensor normed = cuda::AddRmsNorm(at::Tensor(), residual, layers_[0].input_norm, eps, overlap);
-  const int64_t q_width = config_.num_attention_heads * config_.head_dim;
+  at::Tensor residual = EmbedRows(ids);  // [rows, hidden], the residual stream
+  normed = cuda::AddRmsNorm(at::Tensor(), residual, layers_[0].input_norm, eps, overlap && tensor_parallel == nullptr);
+  const int64_t heads = shard_config_.num_attention_heads;
+  const int64_t q_width = heads * config_.head_dim;
   for (size_t i = 0; i < layers_.size(); ++i) {
     const Layer& layer = layers_[i];
     const int index = static_cast<int>(i);
@@ -614,26 +633,26 @@ DecodeStepOutput Model::FusedDecodeForward(const at::Tensor& ids, std::vector<De
     for (DecodeGroup& group : groups) {
       const bool whole = !group.row_index.defined();
       at::Tensor keys = group.pool->keys(index), values = group.pool->values(index);
-      const at::Tensor queries = cuda::RopeAppend(
-          whole ? qkv : qkv.index_select(0, group.row_index), group.bucket->positions, rope_inv_freq_, layer.q_norm,
-          layer.k_norm, eps, config_.num_attention_heads, group.bucket->slots, keys, values, overlap);
+      const at::Tensor queries =
+          cuda::RopeAppend(whole ? qkv : qkv.index_select(0, group.row_index), group.bucket->positions, rope_inv_freq_,
+                           layer.q_norm, layer.k_norm, eps, heads, group.bucket->slots, keys, values, overlap);
       at::Tensor out = group.backend->AttendDecode(index, queries, group.step, *group.bucket->workspace);
       if (whole) {
         attended = out;
       } else {
-        if (!attended.defined()) attended = at::empty({rows, config_.num_attention_heads, config_.head_dim}, out.options());
+        if (!attended.defined()) attended = at::empty({rows, heads, config_.head_dim}, out.options());
         attended.index_copy_(0, group.row_index, out);
       }
     }
-    add_linear(residual, attended.reshape({rows, q_width}), layer.o_weight, layer.o_bias);
-    cuda::AddRmsNorm(at::Tensor(), residual, layer.post_attention_norm, eps, normed, overlap);
+    add_row_parallel_and_norm(residual, attended.reshape({rows, q_width}), layer.o_weight, layer.o_bias,
+                              layer.post_attention_norm);
     const at::Tensor activated = cuda::SiluMul(linear(normed, layer.gate_up_weight, at::Tensor()), overlap);
-    add_linear(residual, activated, layer.down_weight, at::Tensor());
-    cuda::AddRmsNorm(at::Tensor(), residual, i + 1 < layers_.size() ? layers_[i + 1].input_norm : final_norm_, eps,
-                     normed, overlap);
+    add_row_parallel_and_norm(residual, activated, layer.down_weight, at::Tensor(),
+                              i + 1 < layers_.size() ? layers_[i + 1].input_norm : final_norm_);
   }
   DecodeStepOutput output;
   output.logits = linear(normed, lm_head_, at::Tensor()).to(at::kFloat);
+  if (tensor_parallel != nullptr) output.logits = JoinVocabSlices(output.logits);
   output.greedy = cuda::ArgmaxRows(output.logits);
   return output;
 }
@@ -735,6 +754,8 @@ absl::StatusOr<at::Tensor> Model::RunDecode(absl::Span<Sequence* const> sequence
 
 absl::Status Model::PrepareDecodeGraphs(const std::shared_ptr<const AttentionBackend>& attention,
                                         const std::shared_ptr<KvPool>& pool, DecodeContext& context) const {
+  // Under tensor parallelism the warm-up steps below would make collectives that the other ranks do
+  // not join: there the graphs are captured on the first steps that every rank makes.
   if (!context.options().cuda_graphs || context.graphs_failed_ || !options_.device.is_cuda() ||
       !attention->CapturesDecode() || options_.tensor_parallel != nullptr) {
     return absl::OkStatus();

@@ -175,9 +175,10 @@ class Model {
   // replay instead of capturing: each bucket's first step runs eagerly and its second is captured,
   // as RunDecode does, on throwaway sequences of one prefilled token that take a page each for
   // the time of the call. Does nothing where the context would not capture (no CUDA, graphs off, or a
-  // backend that decodes eagerly). The context's counts of eager steps and replays leave these
-  // steps out. RESOURCE_EXHAUSTED when the pool has no pages for them; a failed capture is the
-  // error it returns, and the context decodes eagerly from then on, as after any failed capture.
+  // backend that decodes eagerly), nor under tensor parallelism (the other ranks would not join these
+  // steps' collectives; the graphs are captured on the ranks' first common steps instead). The context's counts of
+  // eager steps and replays leave these steps out. RESOURCE_EXHAUSTED when the pool has no pages for them; a failed
+  // capture is the error it returns, and the context decodes eagerly from then on, as after any failed capture.
   absl::Status PrepareDecodeGraphs(const std::shared_ptr<const AttentionBackend>& attention,
                                    const std::shared_ptr<KvPool>& pool, DecodeContext& context) const;
 
@@ -228,8 +229,11 @@ class Model {
   // the bias.
   at::Tensor RowParallelLinear(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias) const;
   // float32 logits [rows, vocab] of final-normed hidden states; under tensor parallelism each rank
-  // scores its vocabulary slice into a zeroed full row and one all-reduce joins them.
+  // scores its vocabulary slice (JoinVocabSlices).
   at::Tensor Logits(const at::Tensor& normed) const;
+  // Under tensor parallelism, float32 [rows, vocab] from this rank's scores of its vocabulary slice
+  // [rows, slice]: written into a zeroed full row, and one all-reduce joins the ranks' rows.
+  at::Tensor JoinVocabSlices(const at::Tensor& local) const;
 
   at::Tensor RunPrefill(Sequence& sequence, absl::Span<const int32_t> ids) const;
   absl::StatusOr<at::Tensor> RunDecode(absl::Span<Sequence* const> sequences, absl::Span<const int32_t> ids,
@@ -248,6 +252,9 @@ class Model {
   // The same step on the fused CUDA kernels, with the residual stream added in place.
   DecodeStepOutput FusedDecodeForward(const at::Tensor& ids, std::vector<DecodeGroup>& groups) const;
   bool UsesFusedDecode() const;
+  // Whether a CUDA graph can hold the step's collectives: true with one rank, and with a group whose
+  // collectives run on the device's stream (NCCL).
+  bool CollectivesCapturable() const;
 
   ModelConfig config_;
   ModelOptions options_;

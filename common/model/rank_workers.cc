@@ -13,7 +13,10 @@
 #include <filesystem>
 #include <thread>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "absl/strings/strip.h"
 #include "common/base/status_macros.h"
 
 namespace lychee {
@@ -30,6 +33,43 @@ absl::Status WorkerEnd(const std::string& group_kind, int rank, pid_t pid, int w
       absl::StrCat(group_kind, " rank ", rank, " (pid ", pid, ") exited with status ", WEXITSTATUS(wait_status)));
 }
 
+// The GPU each rank computes on, as CUDA_VISIBLE_DEVICES names it: the i-th entry of this process's
+// list for rank i, or GPU i where it sets none.
+absl::StatusOr<std::vector<std::string>> GpuPerRank(int world_size) {
+  std::vector<std::string> gpus;
+  const char* visible = getenv("CUDA_VISIBLE_DEVICES");
+  if (visible == nullptr) {
+    for (int rank = 0; rank < world_size; ++rank) gpus.push_back(std::to_string(rank));
+    return gpus;
+  }
+  for (absl::string_view gpu : absl::StrSplit(visible, ',', absl::SkipWhitespace())) {
+    gpus.emplace_back(absl::StripAsciiWhitespace(gpu));
+  }
+  if (static_cast<int>(gpus.size()) < world_size) {
+    return absl::FailedPreconditionError(absl::StrCat(world_size, " ranks need a GPU each, and CUDA_VISIBLE_DEVICES='",
+                                                      visible, "' names ", gpus.size()));
+  }
+  return gpus;
+}
+
+// This process's environment with CUDA_VISIBLE_DEVICES set to `gpu` (unchanged when `gpu` is empty).
+std::vector<std::string> WorkerEnvironment(const std::string& gpu) {
+  std::vector<std::string> environment;
+  constexpr absl::string_view kVisible = "CUDA_VISIBLE_DEVICES=";
+  for (char** entry = environ; *entry != nullptr; ++entry) {
+    if (gpu.empty() || !absl::StartsWith(*entry, kVisible)) environment.emplace_back(*entry);
+  }
+  if (!gpu.empty()) environment.push_back(absl::StrCat(kVisible, gpu));
+  return environment;
+}
+
+std::vector<char*> NullTerminated(std::vector<std::string>& strings) {
+  std::vector<char*> pointers;
+  for (std::string& string : strings) pointers.push_back(string.data());
+  pointers.push_back(nullptr);
+  return pointers;
+}
+
 }  // namespace
 
 absl::StatusOr<std::string> SelfExecutable() {
@@ -41,8 +81,17 @@ absl::StatusOr<std::string> SelfExecutable() {
 
 absl::StatusOr<std::unique_ptr<RankWorkers>> RankWorkers::Start(const std::string& program,
                                                                 const std::vector<std::string>& args, int world_size,
-                                                                const std::string& group_kind) {
+                                                                const std::string& group_kind, RankDevice device) {
   if (world_size < 1) return absl::InvalidArgumentError(absl::StrCat("rank workers: world size ", world_size));
+  std::vector<std::string> gpus(world_size);
+  if (device == RankDevice::kCuda) {
+    absl::StatusOr<std::vector<std::string>> per_rank = GpuPerRank(world_size);
+    if (!per_rank.ok()) {
+      return absl::Status(per_rank.status().code(),
+                          absl::StrCat(group_kind, " on cuda: ", per_rank.status().message()));
+    }
+    gpus = *std::move(per_rank);
+  }
   std::string dir = (std::filesystem::temp_directory_path() / "lychee_tp_XXXXXX").string();
   if (mkdtemp(dir.data()) == nullptr) return absl::InternalError(absl::StrCat("cannot make a temp dir like ", dir));
   std::unique_ptr<RankWorkers> workers(new RankWorkers(dir, dir + "/rendezvous", group_kind));
@@ -54,9 +103,9 @@ absl::StatusOr<std::unique_ptr<RankWorkers>> RankWorkers::Start(const std::strin
                              absl::StrCat("--", kTensorParallelRendezvousFlag), workers->rendezvous_file_}) {
       argv_strings.push_back(std::move(flag));
     }
-    std::vector<char*> argv;
-    for (std::string& arg : argv_strings) argv.push_back(arg.data());
-    argv.push_back(nullptr);
+    std::vector<char*> argv = NullTerminated(argv_strings);
+    std::vector<std::string> environment_strings = WorkerEnvironment(gpus[rank]);
+    std::vector<char*> environment = NullTerminated(environment_strings);
     // Everything the child needs is built before the fork: between fork and exec a child of a
     // threaded process may only make async-signal-safe calls.
     const pid_t pid = fork();
@@ -65,7 +114,7 @@ absl::StatusOr<std::unique_ptr<RankWorkers>> RankWorkers::Start(const std::strin
     if (pid == 0) {
       // A launcher that died before prctl ran would leave this worker waiting for it.
       if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != launcher) _exit(126);
-      execv(argv[0], argv.data());
+      execve(argv[0], argv.data(), environment.data());
       _exit(127);
     }
     workers->pids_.push_back(pid);
@@ -113,29 +162,30 @@ absl::Status RankWorkers::Reap(bool block) {
   return first_killed.ok() ? first_failed : first_killed;
 }
 
-absl::Status RunGlooRanksInProcesses(
-    int world_size, const std::string& program, const std::vector<std::string>& worker_args,
-    const std::function<absl::Status(std::shared_ptr<TensorParallelGroup>)>& rank_work) {
-  LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<RankWorkers> workers, RankWorkers::Start(program, worker_args, world_size));
+absl::Status RunRanksInProcesses(RankDevice device, int world_size, const std::string& program,
+                                 const std::vector<std::string>& worker_args,
+                                 const std::function<absl::Status(std::shared_ptr<TensorParallelGroup>)>& rank_work) {
+  LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<RankWorkers> workers,
+                          RankWorkers::Start(program, worker_args, world_size, "tensor-parallel", device));
   absl::StatusOr<std::shared_ptr<TensorParallelGroup>> group =
-      JoinGlooGroup(workers->rendezvous_file(), /*rank=*/0, world_size);
+      JoinRankGroup(device, workers->rendezvous_file(), /*rank=*/0, world_size);
   absl::Status status = group.ok() ? rank_work(*std::move(group)) : group.status();
   // Rank 0's own failure is the one to report; the workers it leaves behind are killed with it.
   if (!status.ok()) return status;
   return workers->Wait();
 }
 
-absl::Status RunAsGlooRank(int world_size, int worker_rank, const std::string& rendezvous_file,
-                           const std::vector<std::string>& worker_args,
-                           const std::function<absl::Status(std::shared_ptr<TensorParallelGroup>)>& rank_work) {
+absl::Status RunAsRank(RankDevice device, int world_size, int worker_rank, const std::string& rendezvous_file,
+                       const std::vector<std::string>& worker_args,
+                       const std::function<absl::Status(std::shared_ptr<TensorParallelGroup>)>& rank_work) {
   if (world_size == 1) return rank_work(nullptr);
   if (worker_rank > 0) {
     LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<TensorParallelGroup> group,
-                            JoinGlooGroup(rendezvous_file, worker_rank, world_size));
+                            JoinRankGroup(device, rendezvous_file, worker_rank, world_size));
     return rank_work(std::move(group));
   }
   LYCHEE_ASSIGN_OR_RETURN(const std::string self, SelfExecutable());
-  return RunGlooRanksInProcesses(world_size, self, worker_args, rank_work);
+  return RunRanksInProcesses(device, world_size, self, worker_args, rank_work);
 }
 
 }  // namespace lychee

@@ -1,7 +1,7 @@
-// Ranks 1..N-1 of a Gloo group (tensor- or data-parallel) as worker processes of the process that
-// is rank 0: each worker is a program (usually the launcher's own binary) re-executed with hidden
-// flags naming its rank and the group's rendezvous file, and it joins the Gloo group there
-// (JoinGlooGroup). Free of LibTorch.
+// Ranks 1..N-1 of a process group (tensor- or data-parallel; Gloo on CPUs, NCCL on GPUs) as worker
+// processes of the process that is rank 0: each worker is a program (usually the launcher's own
+// binary) re-executed with hidden flags naming its rank and the group's rendezvous file, and it
+// joins the group there (JoinRankGroup). Free of LibTorch.
 #pragma once
 
 #include <sys/types.h>
@@ -32,16 +32,18 @@ class RankWorkers {
   // --tensor-parallel-rendezvous FILE" (the world size is for `args` to carry). A worker is killed
   // when the thread that started it ends (PR_SET_PDEATHSIG), so that none outlives its rank 0; its
   // output goes where this process's does. `group_kind` names the group in errors ("data-parallel
-  // rank 1 ... was killed").
+  // rank 1 ... was killed"). On kCuda, worker r sees only GPU r of this process's visible GPUs (its
+  // CUDA_VISIBLE_DEVICES), as its cuda:0; rank 0 keeps them all and computes on the first.
   static absl::StatusOr<std::unique_ptr<RankWorkers>> Start(const std::string& program,
                                                             const std::vector<std::string>& args, int world_size,
-                                                            const std::string& group_kind = "tensor-parallel");
+                                                            const std::string& group_kind = "tensor-parallel",
+                                                            RankDevice device = RankDevice::kCpu);
   // SIGKILLs and reaps the workers still running, and removes the rendezvous dir.
   ~RankWorkers();
   RankWorkers(const RankWorkers&) = delete;
   RankWorkers& operator=(const RankWorkers&) = delete;
 
-  // The file where the ranks meet: rank 0 passes it to JoinGlooGroup.
+  // The file where the ranks meet: rank 0 passes it to JoinRankGroup.
   const std::string& rendezvous_file() const { return rendezvous_file_; }
   int world_size() const { return static_cast<int>(pids_.size()) + 1; }
   pid_t pid(int rank) const { return pids_.at(rank - 1); }
@@ -69,20 +71,20 @@ class RankWorkers {
   std::vector<pid_t> pids_;  // rank r's at r - 1; 0 once reaped
 };
 
-// Runs `rank_work` as rank 0 of a Gloo group in this process, with ranks 1..world_size-1 as
+// Runs `rank_work` as rank 0 of a group on `device` in this process, with ranks 1..world_size-1 as
 // workers started by RankWorkers::Start(program, worker_args, world_size); each worker must make
 // the same collective calls. Rank 0's error first (a worker's death shows there as UNAVAILABLE),
 // then the lowest failing worker's.
-absl::Status RunGlooRanksInProcesses(
-    int world_size, const std::string& program, const std::vector<std::string>& worker_args,
-    const std::function<absl::Status(std::shared_ptr<TensorParallelGroup>)>& rank_work);
+absl::Status RunRanksInProcesses(RankDevice device, int world_size, const std::string& program,
+                                 const std::vector<std::string>& worker_args,
+                                 const std::function<absl::Status(std::shared_ptr<TensorParallelGroup>)>& rank_work);
 
 // The one entry of a binary that runs as any of `world_size` ranks: with 1 rank, `rank_work(nullptr)`
 // alone; in a worker (`worker_rank` > 0, the value of its hidden rank flag) joins the group at
-// `rendezvous_file` as that rank; otherwise rank 0 of RunGlooRanksInProcesses, re-executing this
+// `rendezvous_file` as that rank; otherwise rank 0 of RunRanksInProcesses, re-executing this
 // binary with `worker_args`.
-absl::Status RunAsGlooRank(int world_size, int worker_rank, const std::string& rendezvous_file,
-                           const std::vector<std::string>& worker_args,
-                           const std::function<absl::Status(std::shared_ptr<TensorParallelGroup>)>& rank_work);
+absl::Status RunAsRank(RankDevice device, int world_size, int worker_rank, const std::string& rendezvous_file,
+                       const std::vector<std::string>& worker_args,
+                       const std::function<absl::Status(std::shared_ptr<TensorParallelGroup>)>& rank_work);
 
 }  // namespace lychee

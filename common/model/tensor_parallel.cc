@@ -49,4 +49,11 @@ absl::StatusOr<HeadPartition> ShardHeadPartition(const HeadPartition& partition,
   return HeadPartition(partition.num_layers(), local, std::move(roles), partition.selection());
 }
 
+absl::StatusOr<std::shared_ptr<TensorParallelGroup>> JoinRankGroup(RankDevice device,
+                                                                   const std::string& rendezvous_file, int rank,
+                                                                   int world_size, std::chrono::milliseconds timeout) {
+  return device == RankDevice::kCuda ? JoinNcclGroup(rendezvous_file, rank, world_size, timeout)
+                                     : JoinGlooGroup(rendezvous_file, rank, world_size, timeout);
+}
+
 }  // namespace lychee

@@ -43,7 +43,13 @@ class TensorParallelGroup {
   virtual void Broadcast(at::Tensor& tensor, int root) const = 0;
   // How long a collective waits for the other ranks before it fails.
   virtual std::chrono::milliseconds timeout() const = 0;
+  // Whether the collectives run on the device's current stream without the host, so that a CUDA
+  // graph can capture them (NCCL); Gloo's run on the host.
+  virtual bool capturable_in_cuda_graphs() const { return false; }
 };
+
+// Where a group's ranks compute: on CPUs they meet over Gloo, on GPUs over NCCL, one GPU per rank.
+enum class RankDevice { kCpu, kCuda };
 
 // The shape of one rank's shard of `config`: heads, KV heads and intermediate size divided by
 // `world_size`. INVALID_ARGUMENT naming both numbers when the rank count does not divide the
@@ -69,6 +75,20 @@ absl::StatusOr<HeadPartition> ShardHeadPartition(const HeadPartition& partition,
 // UNIMPLEMENTED in a build whose LibTorch has no Gloo.
 absl::StatusOr<std::shared_ptr<TensorParallelGroup>> JoinGlooGroup(
     const std::string& rendezvous_file, int rank, int world_size,
+    std::chrono::milliseconds timeout = std::chrono::seconds(60));
+
+// Joins rank `rank` of `world_size` into an NCCL group on this process's first visible GPU (cuda:0;
+// RankWorkers gives each worker its own GPU through CUDA_VISIBLE_DEVICES, and rank 0 keeps the first),
+// meeting the others through a c10d FileStore at `rendezvous_file`. FAILED_PRECONDITION when rank 0
+// sees fewer GPUs than ranks (NCCL refuses two ranks on one GPU); UNIMPLEMENTED in a build whose
+// LibTorch has no NCCL.
+absl::StatusOr<std::shared_ptr<TensorParallelGroup>> JoinNcclGroup(
+    const std::string& rendezvous_file, int rank, int world_size,
+    std::chrono::milliseconds timeout = std::chrono::seconds(60));
+
+// JoinGlooGroup for kCpu, JoinNcclGroup for kCuda.
+absl::StatusOr<std::shared_ptr<TensorParallelGroup>> JoinRankGroup(
+    RankDevice device, const std::string& rendezvous_file, int rank, int world_size,
     std::chrono::milliseconds timeout = std::chrono::seconds(60));
 
 }  // namespace lychee

@@ -16,7 +16,6 @@
 #include "common/model/rank_workers.h"
 #include "harness/temp_dir.h"
 #include "kernels/dense_attention.h"
-#include "kernels/hybrid_attention.h"
 #include "tests/common/tensor_parallel_generation.h"
 #include "tests/torch_catch.h"
 
@@ -25,76 +24,19 @@ namespace {
 
 const std::string kModelDir = "models/tiny-llama-retrieval";
 
+using testing::Decoding;
 using testing::Generation;
-using testing::GreedyGenerate;
-using testing::RankGenerate;
+using testing::RunRanks;
+using testing::SingleProcess;
 
 const std::string kLearnedPartition = kModelDir + "/partitions/learned-target-0.25.json";
-
-// What the ranks decode: a model, a prompt, a step count, and for hybrid attention a partition file
-// with the token budget set.
-struct Decoding {
-  std::string model_dir;
-  std::vector<int32_t> prompt;
-  int steps = 0;
-  std::optional<std::string> partition_file;
-  int64_t token_budget = 0;
-
-  absl::StatusOr<std::optional<HeadPartition>> Partition() const {
-    if (!partition_file.has_value()) return std::optional<HeadPartition>();
-    LYCHEE_ASSIGN_OR_RETURN(HeadPartition partition, testing::PartitionWithBudget(*partition_file, token_budget));
-    return std::optional<HeadPartition>(std::move(partition));
-  }
-
-  // tensor_parallel_worker's flags for this decoding over `world_size` ranks.
-  std::vector<std::string> WorkerArgs(int world_size) const {
-    std::vector<std::string> args = {"--model",           model_dir,
-                                     "--prompt-ids",      absl::StrJoin(prompt, ","),
-                                     "--steps",           std::to_string(steps),
-                                     "--tensor-parallel", std::to_string(world_size)};
-    if (partition_file.has_value()) {
-      for (std::string arg :
-           {std::string("--partition"), *partition_file, std::string("--budget"), std::to_string(token_budget)}) {
-        args.push_back(std::move(arg));
-      }
-    }
-    return args;
-  }
-};
-
-// The single process's decoding.
-absl::StatusOr<Generation> SingleProcess(const Decoding& decoding) {
-  LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Model> model, Model::Load(decoding.model_dir));
-  LYCHEE_ASSIGN_OR_RETURN(std::optional<HeadPartition> partition, decoding.Partition());
-  if (!partition.has_value()) {
-    return GreedyGenerate(*model, std::make_shared<DenseAttentionBackend>(), decoding.prompt, decoding.steps);
-  }
-  LYCHEE_ASSIGN_OR_RETURN(
-      auto hybrid,
-      HybridAttentionBackend::Create(std::make_shared<const HeadPartition>(*std::move(partition)), model->config()));
-  return GreedyGenerate(*model, std::move(hybrid), decoding.prompt, decoding.steps);
-}
-
-// Rank 0's decoding in this process, with the other ranks as worker processes; the workers' ends
-// in `workers_status`.
-absl::StatusOr<Generation> RunRanks(int world_size, const Decoding& decoding, absl::Status& workers_status) {
-  LYCHEE_ASSIGN_OR_RETURN(std::optional<HeadPartition> partition, decoding.Partition());
-  LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<RankWorkers> workers,
-                          RankWorkers::Start(TENSOR_PARALLEL_WORKER, decoding.WorkerArgs(world_size), world_size));
-  LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<TensorParallelGroup> group,
-                          JoinGlooGroup(workers->rendezvous_file(), 0, world_size));
-  absl::StatusOr<Generation> generation =
-      RankGenerate(decoding.model_dir, std::move(group), partition, decoding.prompt, decoding.steps);
-  workers_status = workers->Wait();
-  return generation;
-}
 
 void RequireSameAsSingleProcess(int world_size, const Decoding& decoding) {
   INFO("TP-" << world_size);
   absl::StatusOr<Generation> reference = SingleProcess(decoding);
   REQUIRE(reference.ok());
   absl::Status workers_status;
-  absl::StatusOr<Generation> rank0 = RunRanks(world_size, decoding, workers_status);
+  absl::StatusOr<Generation> rank0 = RunRanks(world_size, decoding, TENSOR_PARALLEL_WORKER, workers_status);
   INFO("rank 0: " << rank0.status() << "; workers: " << workers_status);
   REQUIRE(rank0.ok());
   CHECK(workers_status.ok());

@@ -1,5 +1,5 @@
 // A tensor-parallel rank 1..N-1 for tensor_parallel_test, started by RankWorkers:
-//   tensor_parallel_worker --model DIR --prompt-ids 1,2,3 --steps N --tensor-parallel N
+//   tensor_parallel_worker --model DIR --prompt-ids 1,2,3 --steps N --tensor-parallel N [--device cpu|cuda]
 //       [--partition FILE --budget TOKENS] --tensor-parallel-rank R --tensor-parallel-rendezvous FILE
 // decodes greedily as the test's rank 0 does (RankGenerate) and exits 0, or prints its error and
 // exits 1 (a lost group included).
@@ -40,9 +40,14 @@ absl::Status Run(const std::map<std::string, std::string>& flags) {
     LYCHEE_ASSIGN_OR_RETURN(const int budget, IntFlag(flags, "budget"));
     LYCHEE_ASSIGN_OR_RETURN(partition, lychee::testing::PartitionWithBudget(flags.at("partition"), budget));
   }
-  LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<lychee::TensorParallelGroup> group,
-                          lychee::JoinGlooGroup(flags.at(lychee::kTensorParallelRendezvousFlag), rank, world_size));
-  return lychee::testing::RankGenerate(flags.at("model"), std::move(group), partition, prompt, steps).status();
+  const auto device = flags.find("device");
+  LYCHEE_ASSIGN_OR_RETURN(const lychee::ModelOptions options,
+                          lychee::ModelOptionsForDevice(device == flags.end() ? "cpu" : device->second));
+  LYCHEE_ASSIGN_OR_RETURN(
+      std::shared_ptr<lychee::TensorParallelGroup> group,
+      lychee::JoinRankGroup(options.device.is_cuda() ? lychee::RankDevice::kCuda : lychee::RankDevice::kCpu,
+                            flags.at(lychee::kTensorParallelRendezvousFlag), rank, world_size));
+  return lychee::testing::RankGenerate(flags.at("model"), options, std::move(group), partition, prompt, steps).status();
 }
 
 }  // namespace

@@ -120,9 +120,9 @@ absl::Status RunGenerate(const std::vector<std::string>& argv) {
     return GenerateAndPrint(*model, std::move(attention), *tokenizer, prompt_ids, options, &std::cout,
                             args.Has("print-ids"));
   }
-  if (tensor_parallel < 1 || !model_options.device.is_cpu()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "--tensor-parallel must be a positive rank count, on --device cpu (Gloo) for now; got ", tensor_parallel));
+  if (tensor_parallel < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--tensor-parallel must be a positive rank count, got ", tensor_parallel));
   }
   // Checked before the ranks start, so that a bad count is one error rather than N.
   LYCHEE_ASSIGN_OR_RETURN(ModelConfig config, ModelConfig::FromFile(model_dir + "/config.json"));
@@ -142,8 +142,9 @@ absl::Status RunGenerate(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(int64_t worker_rank, args.GetInt(kTensorParallelRankFlag, 0));
   std::vector<std::string> worker_args = {"generate"};
   worker_args.insert(worker_args.end(), argv.begin(), argv.end());
-  return RunAsGlooRank(static_cast<int>(tensor_parallel), static_cast<int>(worker_rank),
-                       args.GetOr(kTensorParallelRendezvousFlag, ""), worker_args, rank_work);
+  return RunAsRank(model_options.device.is_cuda() ? RankDevice::kCuda : RankDevice::kCpu,
+                   static_cast<int>(tensor_parallel), static_cast<int>(worker_rank),
+                   args.GetOr(kTensorParallelRendezvousFlag, ""), worker_args, rank_work);
 }
 
 }  // namespace lychee::cli

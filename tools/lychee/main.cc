@@ -28,7 +28,7 @@ commands:
       streams the generated text (temperature 0, the default, is greedy); --print-ids adds
       the generated ids on the last line; FILE is a lychee.v1.HeadPartition in JSON;
       --tensor-parallel N runs N ranks (processes, each its shard of the weights) over Gloo
-      (cpu), with any policy
+      (cpu) or NCCL (cuda, a GPU each), with any policy
   eval [--model DIR] [--tasks passkey,multikey,multivalue,vartrack] [--context T1,T2,...]
        [--samples N] [--seed S] [--corpus FILE] [--device cpu|cuda] [--print-failures]
        [--policy dense,lychee,double-p,prhs,streaming,tidal,quest | --attention dense|hybrid]
