@@ -229,6 +229,8 @@ absl::Status Serve() {
   }
   std::unique_ptr<lychee::RankWorkers> workers;
   if (world_size > 1) {
+    LYCHEE_RETURN_IF_ERROR(
+        lychee::CheckGpuPerRank(rank_device, world_size, absl::StrCat("--tensor-parallel ", world_size)));
     // Checked before the ranks start, so that a bad count is one error rather than N.
     LYCHEE_ASSIGN_OR_RETURN(const lychee::ModelConfig config,
                             lychee::ModelConfig::FromFile(engine.model_dir + "/config.json"));

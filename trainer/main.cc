@@ -7,6 +7,7 @@
 #include "absl/flags/flag.h"
 #include "absl/strings/str_cat.h"
 #include "common/base/status_macros.h"
+#include "common/model/rank_workers.h"
 #include "common/service/rank_flags.h"
 #include "common/service/resource_paths.h"
 #include "common/service/service_main.h"
@@ -81,6 +82,9 @@ absl::Status Serve() {
   LYCHEE_ASSIGN_OR_RETURN(const int64_t threads, lychee::FlagInRange(FLAGS_threads, 0, 1024));
   LYCHEE_ASSIGN_OR_RETURN(const int64_t data_parallel, lychee::FlagInRange(FLAGS_data_parallel, 1, 64));
   const std::string device = absl::GetFlag(FLAGS_device);
+  LYCHEE_RETURN_IF_ERROR(
+      lychee::CheckGpuPerRank(device == "cuda" ? lychee::RankDevice::kCuda : lychee::RankDevice::kCpu,
+                              static_cast<int>(data_parallel), absl::StrCat("--data-parallel ", data_parallel)));
   options.jobs.data_parallel = static_cast<int>(data_parallel);
   LYCHEE_ASSIGN_OR_RETURN(lychee::CalibrationRunner runner,
                           lychee::MakeCalibrationRunner(device, static_cast<int>(threads)));

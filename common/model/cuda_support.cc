@@ -103,6 +103,8 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(const std::funct
   return std::unique_ptr<CapturedGraph>(std::move(graph));
 }
 
+int CudaDeviceCount() { return static_cast<int>(c10::cuda::device_count()); }
+
 absl::StatusOr<int64_t> FreeCudaMemoryBytes() {
   size_t free_bytes = 0, total_bytes = 0;
   if (const cudaError_t error = cudaMemGetInfo(&free_bytes, &total_bytes); error != cudaSuccess) {

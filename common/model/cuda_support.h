@@ -25,6 +25,9 @@ class CapturedGraph {
 // is returned; the caller then runs `work` eagerly. UNIMPLEMENTED without a CUDA LibTorch.
 absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(const std::function<void()>& work);
 
+// The CUDA devices this process sees; 0 without a CUDA LibTorch or a GPU.
+int CudaDeviceCount();
+
 // Bytes of memory free on the current CUDA device (cudaMemGetInfo); UNIMPLEMENTED without a CUDA
 // LibTorch.
 absl::StatusOr<int64_t> FreeCudaMemoryBytes();

@@ -6,6 +6,8 @@ absl::StatusOr<std::unique_ptr<CapturedGraph>> CaptureCudaGraph(const std::funct
   return absl::UnimplementedError("CUDA graphs need a LibTorch built with CUDA");
 }
 
+int CudaDeviceCount() { return 0; }
+
 absl::StatusOr<int64_t> FreeCudaMemoryBytes() {
   return absl::UnimplementedError("this LibTorch build has no CUDA");
 }

@@ -18,6 +18,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
 #include "common/base/status_macros.h"
+#include "common/model/cuda_support.h"
 
 namespace lychee {
 namespace {
@@ -162,9 +163,18 @@ absl::Status RankWorkers::Reap(bool block) {
   return first_killed.ok() ? first_failed : first_killed;
 }
 
+absl::Status CheckGpuPerRank(RankDevice device, int world_size, const std::string& what) {
+  if (device != RankDevice::kCuda || world_size <= 1) return absl::OkStatus();
+  const int gpus = CudaDeviceCount();
+  if (gpus >= world_size) return absl::OkStatus();
+  return absl::FailedPreconditionError(absl::StrCat(what, " on cuda needs a GPU per rank: ", world_size,
+                                                    " ranks, and this machine shows ", gpus, " GPU(s)"));
+}
+
 absl::Status RunRanksInProcesses(RankDevice device, int world_size, const std::string& program,
                                  const std::vector<std::string>& worker_args,
                                  const std::function<absl::Status(std::shared_ptr<TensorParallelGroup>)>& rank_work) {
+  LYCHEE_RETURN_IF_ERROR(CheckGpuPerRank(device, world_size, absl::StrCat(world_size, " ranks")));
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<RankWorkers> workers,
                           RankWorkers::Start(program, worker_args, world_size, "tensor-parallel", device));
   absl::StatusOr<std::shared_ptr<TensorParallelGroup>> group =

@@ -71,6 +71,11 @@ class RankWorkers {
   std::vector<pid_t> pids_;  // rank r's at r - 1; 0 once reaped
 };
 
+// FAILED_PRECONDITION, starting with `what` (the flag that asked for the ranks), when `world_size`
+// ranks on kCuda would not have a GPU each in this process's view; OK on kCpu. For a launcher to
+// check before it starts any rank.
+absl::Status CheckGpuPerRank(RankDevice device, int world_size, const std::string& what);
+
 // Runs `rank_work` as rank 0 of a group on `device` in this process, with ranks 1..world_size-1 as
 // workers started by RankWorkers::Start(program, worker_args, world_size); each worker must make
 // the same collective calls. Rank 0's error first (a worker's death shows there as UNAVAILABLE),
