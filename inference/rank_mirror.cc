@@ -82,6 +82,16 @@ class CommandReader {
   std::string_view bytes_;
 };
 
+// The op of a command whose ops run from `first` to `last`; `what` names the command in the error.
+template <typename Op>
+absl::StatusOr<Op> GetOp(CommandReader& in, Op first, Op last, absl::string_view what) {
+  LYCHEE_ASSIGN_OR_RETURN(const uint8_t op, in.Get<uint8_t>());
+  if (op < static_cast<uint8_t>(first) || op > static_cast<uint8_t>(last)) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": unknown op ", op));
+  }
+  return static_cast<Op>(op);
+}
+
 void PutPolicy(const PolicySpec& spec, CommandWriter& out) {
   out.Put(static_cast<int32_t>(spec.kind));
   out.Put<bool>(spec.partition_version.has_value());
@@ -302,11 +312,7 @@ std::string EncodeRankCommand(const RankCommand& command) {
 absl::StatusOr<RankCommand> DecodeRankCommand(std::string_view bytes) {
   CommandReader in(bytes);
   RankCommand command;
-  LYCHEE_ASSIGN_OR_RETURN(const uint8_t op, in.Get<uint8_t>());
-  if (op < static_cast<uint8_t>(RankOp::kStart) || op > static_cast<uint8_t>(RankOp::kShutdown)) {
-    return absl::InvalidArgumentError(absl::StrCat("rank command: unknown op ", op));
-  }
-  command.op = static_cast<RankOp>(op);
+  LYCHEE_ASSIGN_OR_RETURN(command.op, GetOp(in, RankOp::kStart, RankOp::kShutdown, "rank command"));
   LYCHEE_ASSIGN_OR_RETURN(command.request_ids, in.GetVector<uint64_t>());
   LYCHEE_ASSIGN_OR_RETURN(command.token_ids, in.GetVector<int32_t>());
   if (command.op != RankOp::kKeepAlive && command.op != RankOp::kShutdown && command.request_ids.empty()) {
@@ -346,11 +352,7 @@ std::string EncodeValidationCommand(const ValidationCommand& command) {
 absl::StatusOr<ValidationCommand> DecodeValidationCommand(std::string_view bytes) {
   CommandReader in(bytes);
   ValidationCommand command;
-  LYCHEE_ASSIGN_OR_RETURN(const uint8_t op, in.Get<uint8_t>());
-  if (op < static_cast<uint8_t>(ValidationOp::kValidate) || op > static_cast<uint8_t>(ValidationOp::kStop)) {
-    return absl::InvalidArgumentError(absl::StrCat("validation command: unknown op ", op));
-  }
-  command.op = static_cast<ValidationOp>(op);
+  LYCHEE_ASSIGN_OR_RETURN(command.op, GetOp(in, ValidationOp::kValidate, ValidationOp::kStop, "validation command"));
   if (command.op == ValidationOp::kValidate) {
     LYCHEE_ASSIGN_OR_RETURN(command.partition, in.GetString());
     LYCHEE_ASSIGN_OR_RETURN(command.token_budget, in.Get<int64_t>());
