@@ -327,7 +327,10 @@ absl::StatusOr<std::unique_ptr<ShadowValidationFollower>> ShadowValidationFollow
 ShadowValidationFollower::ShadowValidationFollower(ShadowValidationOptions options, std::unique_ptr<Model> model)
     : options_(std::move(options)), model_(std::move(model)), worker_([this] { Work(); }) {}
 
-ShadowValidationFollower::~ShadowValidationFollower() { worker_.join(); }
+ShadowValidationFollower::~ShadowValidationFollower() {
+  stopping_ = true;
+  worker_.join();
+}
 
 void ShadowValidationFollower::Work() {
   const std::unique_ptr<ThreadCudaStream> stream = EnterValidationThread(options_, *model_);
@@ -352,7 +355,7 @@ void ShadowValidationFollower::Work() {
       LOG(ERROR) << rank << " ends: " << (command.ok() ? partition.status() : command.status());
       return;
     }
-    if (command->op == ValidationOp::kStop) return;
+    if (command->op == ValidationOp::kStop || stopping_) return;
     if (command->op == ValidationOp::kKeepAlive) continue;
     // Rank 0's flag decides whether it is cancelled (ValidatePartition).
     const absl::StatusOr<PartitionValidation> validation =

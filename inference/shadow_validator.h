@@ -156,7 +156,10 @@ class ShadowValidationFollower {
   // `model` is this rank's served model; the follower keeps its own handle on the weights.
   static absl::StatusOr<std::unique_ptr<ShadowValidationFollower>> Start(const ShadowValidationOptions& options,
                                                                          const Model& model);
-  // Waits for the thread's end.
+  // Ends the thread and waits for it: at rank 0's next command (a validation in progress is
+  // finished first, its collectives paired with rank 0's; an idle rank 0 sends a keep-alive every
+  // quarter of the group's timeout), or when the group is lost. A follower whose serving ended
+  // (rank 0's shutdown, or serving's group lost) thus ends while rank 0's validator may live on.
   ~ShadowValidationFollower();
 
  private:
@@ -165,6 +168,7 @@ class ShadowValidationFollower {
 
   const ShadowValidationOptions options_;
   const std::unique_ptr<Model> model_;
+  std::atomic<bool> stopping_{false};
   std::thread worker_;
 };
 
