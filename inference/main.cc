@@ -222,10 +222,20 @@ absl::Status Serve() {
   // A follower rank ends with its rank 0: by rank 0's shutdown command, or by the SIGKILL that
   // RankWorkers arranges when rank 0 dies; a terminal's Ctrl-C is rank 0's to handle.
   const sigset_t signals = lychee::BlockShutdownSignals();
+  // Every rank joins serving's group, then (with shadow validation) the validation's, in this order.
+  const auto join_groups = [&](const std::string& rendezvous_file, int rank) -> absl::Status {
+    LYCHEE_ASSIGN_OR_RETURN(engine.tensor_parallel,
+                            lychee::JoinRankGroup(rank_device, rendezvous_file, rank, world_size, step_timeout));
+    if (shadow.enabled) {
+      LYCHEE_ASSIGN_OR_RETURN(shadow.tensor_parallel,
+                              lychee::JoinRankGroup(rank_device, lychee::ShadowValidationRendezvousFile(rendezvous_file),
+                                                    rank, world_size, step_timeout));
+    }
+    return absl::OkStatus();
+  };
   if (const lychee::WorkerRankFlags worker = lychee::WorkerRankFromFlags(); worker.rank > 0) {
-    LYCHEE_ASSIGN_OR_RETURN(engine.tensor_parallel, lychee::JoinRankGroup(rank_device, worker.rendezvous_file,
-                                                                          worker.rank, world_size, step_timeout));
-    return lychee::RunRankFollower(engine);
+    LYCHEE_RETURN_IF_ERROR(join_groups(worker.rendezvous_file, worker.rank));
+    return lychee::RunRankFollower(engine, shadow);
   }
   std::unique_ptr<lychee::RankWorkers> workers;
   if (world_size > 1) {
@@ -238,8 +248,7 @@ absl::Status Serve() {
     LYCHEE_ASSIGN_OR_RETURN(const std::string self, lychee::SelfExecutable());
     LYCHEE_ASSIGN_OR_RETURN(
         workers, lychee::RankWorkers::Start(self, CommandLineArguments(), world_size, "tensor-parallel", rank_device));
-    LYCHEE_ASSIGN_OR_RETURN(engine.tensor_parallel, lychee::JoinRankGroup(rank_device, workers->rendezvous_file(), 0,
-                                                                          world_size, step_timeout));
+    LYCHEE_RETURN_IF_ERROR(join_groups(workers->rendezvous_file(), 0));
   }
 
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<lychee::InferenceServer> server, lychee::InferenceServer::Start(options));

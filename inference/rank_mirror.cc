@@ -14,6 +14,7 @@
 #include "common/model/torch_errors.h"
 #include "inference/engine.h"
 #include "inference/kv_cache_manager.h"
+#include "inference/shadow_validator.h"
 #include "kernels/policy_backend.h"
 #include "lychee/v1/head_partition.pb.h"
 
@@ -80,6 +81,16 @@ class CommandReader {
 
   std::string_view bytes_;
 };
+
+// The op of a command whose ops run from `first` to `last`; `what` names the command in the error.
+template <typename Op>
+absl::StatusOr<Op> GetOp(CommandReader& in, Op first, Op last, absl::string_view what) {
+  LYCHEE_ASSIGN_OR_RETURN(const uint8_t op, in.Get<uint8_t>());
+  if (op < static_cast<uint8_t>(first) || op > static_cast<uint8_t>(last)) {
+    return absl::InvalidArgumentError(absl::StrCat(what, ": unknown op ", op));
+  }
+  return static_cast<Op>(op);
+}
 
 void PutPolicy(const PolicySpec& spec, CommandWriter& out) {
   out.Put(static_cast<int32_t>(spec.kind));
@@ -176,14 +187,7 @@ class Follower {
   absl::Status Run() {
     while (true) {
       std::string bytes;
-      LYCHEE_RETURN_IF_ERROR(Caught("waiting for rank 0's command", [&] {
-        at::Tensor size = at::zeros({1}, at::kLong);
-        group_.Broadcast(size, /*root=*/0);
-        at::Tensor data = at::empty({size.item<int64_t>()}, at::kByte);
-        group_.Broadcast(data, /*root=*/0);
-        bytes.assign(static_cast<const char*>(data.data_ptr()), static_cast<size_t>(data.numel()));
-        return absl::OkStatus();
-      }));
+      LYCHEE_RETURN_IF_ERROR(BroadcastBytes(group_, bytes, "waiting for rank 0's command"));
       LYCHEE_ASSIGN_OR_RETURN(const RankCommand command, DecodeRankCommand(bytes));
       if (command.op == RankOp::kShutdown) return absl::OkStatus();
       // A command this rank cannot follow ends it, which makes rank 0's next collective fail at once.
@@ -308,11 +312,7 @@ std::string EncodeRankCommand(const RankCommand& command) {
 absl::StatusOr<RankCommand> DecodeRankCommand(std::string_view bytes) {
   CommandReader in(bytes);
   RankCommand command;
-  LYCHEE_ASSIGN_OR_RETURN(const uint8_t op, in.Get<uint8_t>());
-  if (op < static_cast<uint8_t>(RankOp::kStart) || op > static_cast<uint8_t>(RankOp::kShutdown)) {
-    return absl::InvalidArgumentError(absl::StrCat("rank command: unknown op ", op));
-  }
-  command.op = static_cast<RankOp>(op);
+  LYCHEE_ASSIGN_OR_RETURN(command.op, GetOp(in, RankOp::kStart, RankOp::kShutdown, "rank command"));
   LYCHEE_ASSIGN_OR_RETURN(command.request_ids, in.GetVector<uint64_t>());
   LYCHEE_ASSIGN_OR_RETURN(command.token_ids, in.GetVector<int32_t>());
   if (command.op != RankOp::kKeepAlive && command.op != RankOp::kShutdown && command.request_ids.empty()) {
@@ -328,6 +328,64 @@ absl::StatusOr<RankCommand> DecodeRankCommand(std::string_view bytes) {
   }
   if (!in.done()) return absl::InvalidArgumentError("rank command: trailing bytes");
   return command;
+}
+
+std::string EncodeValidationCommand(const ValidationCommand& command) {
+  CommandWriter out;
+  out.Put(static_cast<uint8_t>(command.op));
+  if (command.op != ValidationOp::kValidate) return out.Take();
+  out.PutString(command.partition);
+  out.Put(command.token_budget);
+  out.Put<uint64_t>(command.tasks.size());
+  for (const ValidationSet::Task& task : command.tasks) {
+    out.PutString(task.name);
+    out.Put(task.longest_prompt_tokens);
+    out.Put<uint64_t>(task.samples.size());
+    for (const RetrievalSample& sample : task.samples) {
+      out.PutVector(sample.prompt_ids);
+      out.PutVector(sample.answer_ids);
+    }
+  }
+  return out.Take();
+}
+
+absl::StatusOr<ValidationCommand> DecodeValidationCommand(std::string_view bytes) {
+  CommandReader in(bytes);
+  ValidationCommand command;
+  LYCHEE_ASSIGN_OR_RETURN(command.op, GetOp(in, ValidationOp::kValidate, ValidationOp::kStop, "validation command"));
+  if (command.op == ValidationOp::kValidate) {
+    LYCHEE_ASSIGN_OR_RETURN(command.partition, in.GetString());
+    LYCHEE_ASSIGN_OR_RETURN(command.token_budget, in.Get<int64_t>());
+    LYCHEE_ASSIGN_OR_RETURN(const uint64_t tasks, in.Get<uint64_t>());
+    for (uint64_t t = 0; t < tasks; ++t) {
+      ValidationSet::Task task;
+      LYCHEE_ASSIGN_OR_RETURN(task.name, in.GetString());
+      LYCHEE_ASSIGN_OR_RETURN(task.longest_prompt_tokens, in.Get<int64_t>());
+      LYCHEE_ASSIGN_OR_RETURN(const uint64_t samples, in.Get<uint64_t>());
+      for (uint64_t i = 0; i < samples; ++i) {
+        RetrievalSample sample;
+        LYCHEE_ASSIGN_OR_RETURN(sample.prompt_ids, in.GetVector<int32_t>());
+        LYCHEE_ASSIGN_OR_RETURN(sample.answer_ids, in.GetVector<int32_t>());
+        task.samples.push_back(std::move(sample));
+      }
+      command.tasks.push_back(std::move(task));
+    }
+  }
+  if (!in.done()) return absl::InvalidArgumentError("validation command: trailing bytes");
+  return command;
+}
+
+absl::Status BroadcastBytes(const TensorParallelGroup& group, std::string& bytes, absl::string_view what) {
+  const bool root = group.rank() == 0;
+  return Caught(what, [&] {
+    at::Tensor size = at::full({1}, root ? static_cast<int64_t>(bytes.size()) : int64_t{0}, at::kLong);
+    group.Broadcast(size, /*root=*/0);
+    at::Tensor data = at::empty({size.item<int64_t>()}, at::kByte);
+    if (root && !bytes.empty()) std::memcpy(data.data_ptr(), bytes.data(), bytes.size());
+    group.Broadcast(data, /*root=*/0);
+    if (!root) bytes.assign(static_cast<const char*>(data.data_ptr()), static_cast<size_t>(data.numel()));
+    return absl::OkStatus();
+  });
 }
 
 absl::StatusOr<std::vector<double>> LargestDroppedMassOverRanks(const TensorParallelGroup& group,
@@ -422,15 +480,8 @@ absl::Status RankLeader::KeepAlive() {
 
 absl::Status RankLeader::Send(const RankCommand& command) {
   LYCHEE_RETURN_IF_ERROR(status());
-  const std::string bytes = EncodeRankCommand(command);
-  const absl::Status sent = Caught("sending a command to the tensor-parallel ranks", [&] {
-    at::Tensor size = at::full({1}, static_cast<int64_t>(bytes.size()), at::kLong);
-    group_->Broadcast(size, /*root=*/0);
-    at::Tensor data = at::empty({static_cast<int64_t>(bytes.size())}, at::kByte);
-    std::memcpy(data.data_ptr(), bytes.data(), bytes.size());
-    group_->Broadcast(data, /*root=*/0);
-    return absl::OkStatus();
-  });
+  std::string bytes = EncodeRankCommand(command);
+  const absl::Status sent = BroadcastBytes(*group_, bytes, "sending a command to the tensor-parallel ranks");
   last_sent_ = std::chrono::steady_clock::now();
   if (!sent.ok()) Lose(sent);
   return status();
@@ -454,7 +505,7 @@ absl::Status RankLeader::status() const {
   return lost_;
 }
 
-absl::Status RunRankFollower(const EngineOptions& options) {
+absl::Status RunRankFollower(const EngineOptions& options, const ShadowValidationOptions& shadow) {
   if (options.tensor_parallel == nullptr || options.tensor_parallel->rank() == 0) {
     return absl::InvalidArgumentError("a follower rank needs its tensor-parallel group, as a rank other than 0");
   }
@@ -470,6 +521,10 @@ absl::Status RunRankFollower(const EngineOptions& options) {
   DecodeOptions decode_options;
   decode_options.cuda_graphs = options.cuda_graphs;
   decode_options.max_graph_batch = options.max_batch;
+  std::unique_ptr<ShadowValidationFollower> validation;
+  if (shadow.tensor_parallel != nullptr) {
+    LYCHEE_ASSIGN_OR_RETURN(validation, ShadowValidationFollower::Start(shadow, *model));
+  }
   Follower follower(*model, kv->pool(), std::move(backends), decode_options);
   return follower.Run();
 }

@@ -25,12 +25,14 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/types/span.h"
 #include "common/base/head_partition.h"
+#include "common/eval/partition_validation.h"
 #include "common/model/tensor_parallel.h"
 #include "kernels/policy.h"
 
 namespace lychee {
 
 struct EngineOptions;
+struct ShadowValidationOptions;
 class AttentionBackend;
 class Model;
 class Sequence;
@@ -66,6 +68,33 @@ struct RankCommand {
 std::string EncodeRankCommand(const RankCommand& command);
 // INVALID_ARGUMENT for bytes EncodeRankCommand did not make (truncated, an unknown op).
 absl::StatusOr<RankCommand> DecodeRankCommand(std::string_view bytes);
+
+// Shadow validation under tensor parallelism (inference/shadow_validator.h) runs on a group of its
+// own, beside serving's, so that its collectives never fall between the steps' and their commands.
+// Rank 0's validator sends these; each follower's validation thread runs them on its shard.
+enum class ValidationOp : uint8_t {
+  kValidate = 1,  // validate a partition, as rank 0 is about to
+  kKeepAlive,     // nothing to validate: rank 0 is alive
+  kStop,          // the service is stopping; the validation thread ends
+};
+
+struct ValidationCommand {
+  ValidationOp op = ValidationOp::kStop;
+  // kValidate: the partition's lychee.v1.HeadPartition bytes, the token budget its sparse heads
+  // decode with, and the validation set's prompts and answers (a follower validates what rank 0
+  // does, whatever its own files and flags).
+  std::string partition;
+  int64_t token_budget = 0;
+  std::vector<ValidationSet::Task> tasks;
+};
+
+std::string EncodeValidationCommand(const ValidationCommand& command);
+// INVALID_ARGUMENT for bytes EncodeValidationCommand did not make.
+absl::StatusOr<ValidationCommand> DecodeValidationCommand(std::string_view bytes);
+
+// Rank 0's `bytes` in every rank's (two broadcasts on `group`: the size, then the bytes), as each
+// rank's error of the step named `what` (UNAVAILABLE once the group is lost).
+absl::Status BroadcastBytes(const TensorParallelGroup& group, std::string& bytes, absl::string_view what);
 
 // The largest attention mass each of `sequences` dropped so far over every rank's KV heads (a
 // rank audits its own heads only; 0 for a sequence that is not audited): one all-reduce on `group`,
@@ -142,7 +171,9 @@ class RankLeader {
 // same options), then runs rank 0's commands until kShutdown (OK) or until the group is lost
 // (UNAVAILABLE; also when no command comes within the group's timeout). A command it cannot follow
 // (a request it does not hold) is an error that ends it, which rank 0 then sees as a lost rank,
-// rather than collectives that no longer match.
-absl::Status RunRankFollower(const EngineOptions& options);
+// rather than collectives that no longer match. With shadow.tensor_parallel (rank 0's validator
+// has its group) it runs the validations rank 0 sends there beside serving
+// (ShadowValidationFollower), and its end waits for that thread's.
+absl::Status RunRankFollower(const EngineOptions& options, const ShadowValidationOptions& shadow);
 
 }  // namespace lychee

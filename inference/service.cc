@@ -396,17 +396,12 @@ absl::StatusOr<std::unique_ptr<InferenceServer>> InferenceServer::Start(Inferenc
   metrics.AddGauge("lychee_rollout_held", "1 while automatic rollouts are held",
                    [&partitions] { return partitions.held() ? 1.0 : 0.0; });
 
-  if (options.engine.tensor_parallel != nullptr && options.shadow.enabled && !options.trainer_address.empty()) {
-    return absl::InvalidArgumentError(
-        "shadow validation decodes beside serving, which tensor-parallel ranks cannot mirror yet; with a trainer "
-        "and tensor parallelism, turn it off (--shadow-validation false)");
-  }
   options.engine.on_unservable = [server = server.get()](const absl::Status&) { server->MarkNotServing(); };
   LYCHEE_ASSIGN_OR_RETURN(server->engine_, InferenceEngine::Create(options.engine, &partitions, &metrics));
   partitions.SetActivationPreparer(
       [engine = server->engine_.get()](const PartitionManager::Snapshot& partition) { return engine->PrepareGraphs(partition); });
-  // Only a trainer's offers are validated; under tensor parallelism there are none (checked above).
-  if (options.shadow.enabled && options.engine.tensor_parallel == nullptr) {
+  // Only a trainer's offers are validated.
+  if (options.shadow.enabled) {
     options.shadow.served_context_tokens = server->engine_->max_context_tokens();
     LYCHEE_ASSIGN_OR_RETURN(server->shadow_, ShadowValidator::Create(options.shadow, server->engine_->model(),
                                                                      server->engine_->tokenizer()));

@@ -48,7 +48,8 @@ struct InferenceServerOptions {
   std::string http_address;
   EngineOptions engine;
   // Partitions from the trainer are validated against dense before they become active (the
-  // admin RPCs activate what is stored without it).
+  // admin RPCs activate what is stored without it). Under tensor parallelism with validation on,
+  // shadow.tensor_parallel is the validation's group of the engine's ranks.
   ShadowValidationOptions shadow;
   // How canaries that name no bounds are decided.
   CanaryBounds canary_bounds;

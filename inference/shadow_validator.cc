@@ -18,11 +18,14 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
+#include "absl/time/time.h"
 #include "common/base/head_partition.h"
 #include "common/base/retrieval_tasks.h"
 #include "common/base/status_macros.h"
 #include "common/model/cuda_support.h"
 #include "common/model/model.h"
+#include "inference/rank_mirror.h"
+#include "lychee/v1/head_partition.pb.h"
 
 namespace lychee {
 namespace {
@@ -42,7 +45,55 @@ absl::Status NamingFlag(const char* flag, const absl::Status& status) {
 // cost seconds, and this many bytes hold far more windows than the prompts need.
 constexpr int64_t kHeldoutBytesPerContextToken = 64;
 
+// Makes the calling thread a validation thread: below serving on the CPU (when the validation and
+// the engine both want a core, the kernel's scheduler favours the engine; Linux keeps a nice value
+// per thread, and the threads this one starts, OpenMP's, inherit it, as this one inherited
+// serving's, so a server started under nice keeps the difference; raising one's own nice value
+// needs no privilege), with its own intra-op thread count (with OpenMP the count belongs to the
+// calling thread: the engine's stays as it is), and on CUDA on a stream of its own. The stream is
+// the thread's while the result lives.
+std::unique_ptr<ThreadCudaStream> EnterValidationThread(const ShadowValidationOptions& options, const Model& model) {
+  const auto tid = static_cast<id_t>(syscall(SYS_gettid));
+  errno = 0;
+  const int serving_nice = getpriority(PRIO_PROCESS, tid);  // -1 is a valid nice value: errno tells
+  if ((serving_nice == -1 && errno != 0) ||
+      setpriority(PRIO_PROCESS, tid, ShadowValidator::ValidationNiceValue(serving_nice)) != 0) {
+    LOG(WARNING) << "shadow validation runs at serving's CPU priority: setpriority: " << std::strerror(errno);
+  }
+  at::set_num_threads(options.threads);
+  const at::Device device = model.options().device;
+  if (!device.is_cuda()) return nullptr;
+  absl::StatusOr<std::unique_ptr<ThreadCudaStream>> own = UseCudaStreamOnThisThread(
+      options.low_priority_stream ? CudaStreamPriority::kBackground : CudaStreamPriority::kServing,
+      device.index() < 0 ? 0 : device.index());
+  if (own.ok()) return *std::move(own);
+  LOG(WARNING) << "shadow validation launches on the default CUDA stream: " << own.status();
+  return nullptr;
+}
+
+// The served model's weights on the validation's group; null without tensor parallelism.
+absl::StatusOr<std::unique_ptr<Model>> ValidationModel(const ShadowValidationOptions& options, const Model& model) {
+  if (options.tensor_parallel == nullptr && model.options().tensor_parallel == nullptr) return nullptr;
+  if (options.tensor_parallel == nullptr) {
+    return absl::InvalidArgumentError(
+        "shadow validation of a tensor-parallel model needs a group of its own "
+        "(ShadowValidationOptions::tensor_parallel)");
+  }
+  return model.SharingWeights(options.tensor_parallel);
+}
+
+ValidationOptions ValidationOptionsWithBudget(int64_t token_budget) {
+  ValidationOptions options;
+  options.audit = true;  // the dropped mass is one of the bounds
+  options.token_budget = token_budget;
+  return options;
+}
+
 }  // namespace
+
+std::string ShadowValidationRendezvousFile(const std::string& serving_rendezvous_file) {
+  return serving_rendezvous_file + ".shadow-validation";
+}
 
 std::string DescribeValidation(const PartitionValidation& validation) {
   std::string text;
@@ -131,53 +182,43 @@ absl::StatusOr<std::unique_ptr<ShadowValidator>> ShadowValidator::Create(const S
     return generated;
   }();
   if (!set.ok()) return set.status();
-  return std::unique_ptr<ShadowValidator>(new ShadowValidator(options, model, *std::move(set)));
+  LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Model> validation_model, ValidationModel(options, model));
+  return std::unique_ptr<ShadowValidator>(
+      new ShadowValidator(options, model, std::move(validation_model), *std::move(set)));
 }
 
-ShadowValidator::ShadowValidator(ShadowValidationOptions options, const Model& model, ValidationSet set)
-    : options_(std::move(options)), model_(model), set_(std::move(set)), worker_([this] { Work(); }) {}
+ShadowValidator::ShadowValidator(ShadowValidationOptions options, const Model& model,
+                                 std::unique_ptr<Model> validation_model, ValidationSet set)
+    : options_(std::move(options)),
+      validation_model_(std::move(validation_model)),
+      model_(validation_model_ != nullptr ? *validation_model_ : model),
+      set_(std::move(set)),
+      worker_([this] { Work(); }) {}
 
 ShadowValidator::~ShadowValidator() {
-  Cancel();
   // A validation in progress ends at its next prompt; later ones return at once.
+  Cancel();
   absl::MutexLock no_validation(&check_mutex_);
-  {
-    absl::MutexLock lock(&worker_mutex_);
-    stopping_ = true;
-  }
   worker_.join();
 }
 
 void ShadowValidator::Work() {
-  // Below serving on the CPU: when the validation and the engine both want a core, the kernel's
-  // scheduler favours the engine. Linux keeps a nice value per thread, and the threads this one
-  // starts (OpenMP's) inherit it, as this one inherited serving's (a server started under nice
-  // keeps the difference). Raising one's own nice value needs no privilege.
-  const auto tid = static_cast<id_t>(syscall(SYS_gettid));
-  errno = 0;
-  const int serving_nice = getpriority(PRIO_PROCESS, tid);  // -1 is a valid nice value: errno tells
-  if ((serving_nice == -1 && errno != 0) || setpriority(PRIO_PROCESS, tid, ValidationNiceValue(serving_nice)) != 0) {
-    LOG(WARNING) << "shadow validation runs at serving's CPU priority: setpriority: " << std::strerror(errno);
-  }
-  // With OpenMP the intra-op thread count belongs to the calling thread: the validation's few
-  // threads leave the engine's own count alone.
-  at::set_num_threads(options_.threads);
-  std::unique_ptr<ThreadCudaStream> stream;
-  if (const at::Device device = model_.options().device; device.is_cuda()) {
-    absl::StatusOr<std::unique_ptr<ThreadCudaStream>> own = UseCudaStreamOnThisThread(
-        options_.low_priority_stream ? CudaStreamPriority::kBackground : CudaStreamPriority::kServing,
-        device.index() < 0 ? 0 : device.index());
-    if (own.ok()) {
-      stream = *std::move(own);
-    } else {
-      LOG(WARNING) << "shadow validation launches on the default CUDA stream: " << own.status();
-    }
-  }
+  const std::unique_ptr<ThreadCudaStream> stream = EnterValidationThread(options_, model_);
+  const TensorParallelGroup* group = options_.tensor_parallel.get();
   const auto has_job = [this]() ABSL_EXCLUSIVE_LOCKS_REQUIRED(worker_mutex_) { return stopping_ || job_ != nullptr; };
   worker_mutex_.Lock();
   while (true) {
-    worker_mutex_.Await(absl::Condition(&has_job));
-    if (stopping_) break;
+    if (group == nullptr) {
+      worker_mutex_.Await(absl::Condition(&has_job));
+    } else if (!worker_mutex_.AwaitWithTimeout(absl::Condition(&has_job), absl::FromChrono(group->timeout() / 4))) {
+      worker_mutex_.Unlock();
+      SendToFollowers({ValidationOp::kKeepAlive}).IgnoreError();
+      worker_mutex_.Lock();
+      continue;
+    }
+    // A job given before the stop still runs (cancelled, it ends at its first prompt), so that its
+    // caller gets its answer.
+    if (job_ == nullptr) break;
     std::function<void()> job = std::move(job_);
     job_ = nullptr;
     worker_mutex_.Unlock();
@@ -186,16 +227,50 @@ void ShadowValidator::Work() {
     job_done_ = true;
   }
   worker_mutex_.Unlock();
+  if (group != nullptr) SendToFollowers({ValidationOp::kStop}).IgnoreError();
 }
 
-void ShadowValidator::RunOnWorker(std::function<void()> job) {
+absl::Status ShadowValidator::RunOnWorker(std::function<void()> job) {
   absl::MutexLock lock(&worker_mutex_);
+  if (stopping_) return absl::CancelledError("shadow validation is shut down");
   job_ = std::move(job);
   job_done_ = false;
   worker_mutex_.Await(absl::Condition(&job_done_));
+  return absl::OkStatus();
 }
 
-void ShadowValidator::Cancel() { cancelled_ = true; }
+absl::Status ShadowValidator::SendToFollowers(const ValidationCommand& command) {
+  if (!lost_.ok()) return lost_;
+  std::string bytes = EncodeValidationCommand(command);
+  const absl::Status sent =
+      BroadcastBytes(*options_.tensor_parallel, bytes, "sending shadow validation to the tensor-parallel ranks");
+  if (!sent.ok()) {
+    lost_ = sent;
+    LOG(ERROR) << "shadow validation lost a tensor-parallel rank: " << sent.message();
+  }
+  return sent;
+}
+
+absl::StatusOr<PartitionValidation> ShadowValidator::Validate(const HeadPartition& partition,
+                                                              const ValidationOptions& options) {
+  if (options_.tensor_parallel != nullptr) {
+    ValidationCommand command{ValidationOp::kValidate, HeadPartitionToProto(partition).SerializeAsString(),
+                              options.token_budget, set_.tasks()};
+    LYCHEE_RETURN_IF_ERROR(SendToFollowers(command));
+  }
+  absl::StatusOr<PartitionValidation> validation = ValidatePartition(model_, set_, partition, options, &cancelled_);
+  if (options_.tensor_parallel != nullptr && absl::IsUnavailable(validation.status())) {
+    lost_ = validation.status();
+    LOG(ERROR) << "shadow validation lost a tensor-parallel rank: " << lost_.message();
+  }
+  return validation;
+}
+
+void ShadowValidator::Cancel() {
+  cancelled_ = true;
+  absl::MutexLock lock(&worker_mutex_);
+  stopping_ = true;
+}
 
 std::optional<ShadowValidationRecord> ShadowValidator::last() const {
   absl::MutexLock lock(&last_mutex_);
@@ -206,12 +281,15 @@ absl::Status ShadowValidator::Check(const HeadPartition& partition) {
   absl::MutexLock one_at_a_time(&check_mutex_);
   if (cancelled_) return absl::CancelledError("shadow validation is shut down");
   running_ = true;
-  ValidationOptions validation_options;
-  validation_options.audit = true;  // the dropped mass is one of the bounds
-  validation_options.token_budget = ShadowTokenBudget(options_, partition);
+  const ValidationOptions validation_options = ValidationOptionsWithBudget(ShadowTokenBudget(options_, partition));
   absl::StatusOr<PartitionValidation> validation = absl::UnknownError("the validation did not run");
-  RunOnWorker([&] { validation = ValidatePartition(model_, set_, partition, validation_options, &cancelled_); });
+  const absl::Status ran = RunOnWorker([&] { validation = Validate(partition, validation_options); });
   running_ = false;
+  LYCHEE_RETURN_IF_ERROR(ran);
+  if (absl::IsUnavailable(validation.status())) {
+    return absl::UnavailableError(
+        absl::StrCat("shadow validation of partition ", partition.version, ": ", validation.status().message()));
+  }
   if (!validation.ok()) return validation.status();
 
   std::string why;
@@ -234,6 +312,62 @@ absl::Status ShadowValidator::Check(const HeadPartition& partition) {
   }
   ++promoted_;
   return absl::OkStatus();
+}
+
+absl::StatusOr<std::unique_ptr<ShadowValidationFollower>> ShadowValidationFollower::Start(
+    const ShadowValidationOptions& options, const Model& model) {
+  if (options.tensor_parallel == nullptr || options.tensor_parallel->rank() == 0) {
+    return absl::InvalidArgumentError(
+        "a shadow validation follower needs the validation group, as a rank other than 0");
+  }
+  LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<Model> validation_model, ValidationModel(options, model));
+  return std::unique_ptr<ShadowValidationFollower>(new ShadowValidationFollower(options, std::move(validation_model)));
+}
+
+ShadowValidationFollower::ShadowValidationFollower(ShadowValidationOptions options, std::unique_ptr<Model> model)
+    : options_(std::move(options)), model_(std::move(model)), worker_([this] { Work(); }) {}
+
+ShadowValidationFollower::~ShadowValidationFollower() {
+  stopping_ = true;
+  worker_.join();
+}
+
+void ShadowValidationFollower::Work() {
+  const std::unique_ptr<ThreadCudaStream> stream = EnterValidationThread(options_, *model_);
+  const TensorParallelGroup& group = *options_.tensor_parallel;
+  const std::string rank = absl::StrCat("tensor-parallel rank ", group.rank(), ": shadow validation");
+  while (true) {
+    std::string bytes;
+    if (absl::Status received = BroadcastBytes(group, bytes, "waiting for rank 0's shadow validation");
+        !received.ok()) {
+      LOG(WARNING) << rank << " ends: " << received.message();
+      return;
+    }
+    // Rank 0 cannot send what does not decode; a rank that could not follow ends, and rank 0's next
+    // send fails.
+    absl::StatusOr<ValidationCommand> command = DecodeValidationCommand(bytes);
+    v1::HeadPartition proto;
+    absl::StatusOr<HeadPartition> partition = absl::InvalidArgumentError("unreadable head partition");
+    if (command.ok() && command->op == ValidationOp::kValidate && proto.ParseFromString(command->partition)) {
+      partition = HeadPartitionFromProto(proto);
+    }
+    if (!command.ok() || (command->op == ValidationOp::kValidate && !partition.ok())) {
+      LOG(ERROR) << rank << " ends: " << (command.ok() ? partition.status() : command.status());
+      return;
+    }
+    if (command->op == ValidationOp::kStop || stopping_) return;
+    if (command->op == ValidationOp::kKeepAlive) continue;
+    // Rank 0's flag decides whether it is cancelled (ValidatePartition).
+    const absl::StatusOr<PartitionValidation> validation =
+        ValidatePartition(*model_, ValidationSet::FromTasks(std::move(command->tasks)), *partition,
+                          ValidationOptionsWithBudget(command->token_budget));
+    if (validation.ok()) {
+      LOG(INFO) << rank << " of partition " << partition->version << ": " << DescribeValidation(*validation);
+    } else {
+      LOG(WARNING) << rank << " of partition " << partition->version << ": " << validation.status();
+      if (absl::IsUnavailable(validation.status())) return;
+    }
+  }
 }
 
 }  // namespace lychee

@@ -12,6 +12,7 @@
 #include "absl/strings/str_format.h"
 #include "common/base/accuracy_plot.h"
 #include "common/base/status_macros.h"
+#include "common/model/torch_errors.h"
 
 namespace lychee {
 namespace {
@@ -65,6 +66,45 @@ struct Tally {
   }
 };
 
+// Under tensor parallelism a rank's backends keep the telemetry of its own KV heads: the tallies'
+// sums over every rank (the decode steps and correct answers are every rank's alike), and their
+// largest dropped mass, through one all-reduce that every rank makes after the same group.
+absl::Status CombineTalliesOverRanks(const Model& model, std::vector<Tally>& tallies) {
+  const TensorParallelGroup* group = model.options().tensor_parallel.get();
+  if (group == nullptr) return absl::OkStatus();
+  constexpr int64_t kFields = 6;
+  const int64_t count = static_cast<int64_t>(tallies.size());
+  // Each rank fills its own row of a zeroed table, so the sum holds every rank's row exactly.
+  at::Tensor table = at::zeros({group->world_size(), count, kFields}, at::kDouble);
+  for (int64_t i = 0; i < count; ++i) {
+    const Tally& tally = tallies[i];
+    const double fields[kFields] = {static_cast<double>(tally.head_steps),
+                                    static_cast<double>(tally.tokens),
+                                    static_cast<double>(tally.bytes),
+                                    static_cast<double>(tally.audited_heads),
+                                    tally.sum_dropped,
+                                    tally.max_dropped};
+    for (int64_t f = 0; f < kFields; ++f) table[group->rank()][i][f] = fields[f];
+  }
+  try {
+    group->AllReduceSum(table);
+  } catch (const std::exception& error) {
+    return StatusFromException(error, "combining the evaluation's telemetry over the tensor-parallel ranks");
+  }
+  const at::Tensor sums = table.sum(0);
+  const at::Tensor largest = std::get<0>(table.max(0));
+  for (int64_t i = 0; i < count; ++i) {
+    Tally& tally = tallies[i];
+    tally.head_steps = static_cast<int64_t>(sums[i][0].item<double>());
+    tally.tokens = static_cast<int64_t>(sums[i][1].item<double>());
+    tally.bytes = static_cast<int64_t>(sums[i][2].item<double>());
+    tally.audited_heads = static_cast<int64_t>(sums[i][3].item<double>());
+    tally.sum_dropped = sums[i][4].item<double>();
+    tally.max_dropped = largest[i][5].item<double>();
+  }
+  return absl::OkStatus();
+}
+
 std::string ContextLabel(int64_t context) {
   return context % 1024 == 0 ? absl::StrCat(context / 1024, "K") : absl::StrCat(context);
 }
@@ -99,7 +139,7 @@ absl::StatusOr<std::vector<EvalCell>> EvaluateGroups(const Model& model, const s
   pool_options.growable = true;
   LYCHEE_ASSIGN_OR_RETURN(
       std::shared_ptr<KvPool> pool,
-      KvPool::Create(model.config(),
+      KvPool::Create(model.shard_config(),
                      at::TensorOptions().dtype(model.options().dtype).device(model.options().device), pool_options));
   DecodeContext decode;
   std::vector<EvalCell> cells;
@@ -133,6 +173,7 @@ absl::StatusOr<std::vector<EvalCell>> EvaluateGroups(const Model& model, const s
         if (!right && on_failure) on_failure(policies[p].name, group.task, i, sample, produced);
       }
     }
+    LYCHEE_RETURN_IF_ERROR(CombineTalliesOverRanks(model, tallies));
     for (size_t p = 0; p < policies.size(); ++p) {
       const Tally& tally = tallies[p];
       EvalCell cell;

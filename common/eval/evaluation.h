@@ -84,7 +84,9 @@ struct EvalGroup {
   std::function<absl::StatusOr<RetrievalSample>(int64_t index)> sample;
 };
 
-// What RunEvaluation does for its (task, context) pairs, on any groups of samples.
+// What RunEvaluation does for its (task, context) pairs, on any groups of samples. Under tensor
+// parallelism every rank runs it with the same policies (built for its shard) and samples, and
+// each cell's telemetry is every rank's KV heads' (one all-reduce after each group).
 absl::StatusOr<std::vector<EvalCell>> EvaluateGroups(const Model& model, const std::vector<EvalPolicy>& policies,
                                                      const std::vector<EvalGroup>& groups,
                                                      std::shared_ptr<const AttentionBackend> prefill_attention,

@@ -12,6 +12,8 @@
 #include "common/base/tokenizer.h"
 #include "common/eval/evaluation.h"
 #include "common/model/model.h"
+#include "common/model/tensor_parallel.h"
+#include "common/model/torch_errors.h"
 #include "kernels/policy_backend.h"
 
 namespace lychee {
@@ -87,6 +89,21 @@ ValidationResult Summarize(const Model& model, const ValidationSet& set, const s
   }
   if (result.audited && decode_steps > 0) result.mean_dropped_mass = dropped / static_cast<double>(decode_steps);
   return result;
+}
+
+// Whether the validation is cancelled: under tensor parallelism rank 0's flag, broadcast, so that
+// every rank stops before the same prompt and their collectives stay paired.
+absl::StatusOr<bool> Cancelled(const Model& model, const std::atomic<bool>* cancelled) {
+  const bool own = cancelled != nullptr && cancelled->load();
+  const TensorParallelGroup* group = model.options().tensor_parallel.get();
+  if (group == nullptr) return own;
+  at::Tensor flag = at::full({1}, own ? 1 : 0, at::kByte);
+  try {
+    group->Broadcast(flag, /*root=*/0);
+  } catch (const std::exception& error) {
+    return StatusFromException(error, "validation: learning whether rank 0 cancelled it");
+  }
+  return flag.item<uint8_t>() != 0;
 }
 
 }  // namespace
@@ -192,18 +209,25 @@ absl::StatusOr<PartitionValidation> ValidatePartition(const Model& model, const 
   hybrid_spec.recent_tokens = selection.recent_tokens;
   hybrid_spec.audit = options.audit;
   LYCHEE_RETURN_IF_ERROR(hybrid_spec.Validate(config));
-  const auto shared_partition = std::make_shared<const HeadPartition>(partition);
+  // A rank's backends are of its shard, over its KV heads' roles.
+  std::shared_ptr<const HeadPartition> shard = std::make_shared<const HeadPartition>(partition);
+  if (const TensorParallelGroup* group = model.options().tensor_parallel.get(); group != nullptr) {
+    LYCHEE_ASSIGN_OR_RETURN(HeadPartition rank_partition,
+                            ShardHeadPartition(partition, group->rank(), group->world_size()));
+    shard = std::make_shared<const HeadPartition>(std::move(rank_partition));
+  }
   LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const AttentionBackend> dense,
-                          MakePolicyBackend(dense_spec, config, nullptr, device));
+                          MakePolicyBackend(dense_spec, model.shard_config(), nullptr, device));
   LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<const AttentionBackend> hybrid,
-                          MakePolicyBackend(hybrid_spec, config, shared_partition, device));
+                          MakePolicyBackend(hybrid_spec, model.shard_config(), shard, device));
   const std::vector<EvalPolicy> policies = {{"dense", dense_spec.Describe(), dense, true},
                                             {"partition", hybrid_spec.Describe(), hybrid, true}};
   std::vector<EvalGroup> groups;
   for (const ValidationSet::Task& task : set.tasks()) {
     groups.push_back({task.name, task.longest_prompt_tokens, static_cast<int64_t>(task.samples.size()),
-                      [&task, cancelled](int64_t i) -> absl::StatusOr<RetrievalSample> {
-                        if (cancelled != nullptr && cancelled->load()) {
+                      [&task, &model, cancelled](int64_t i) -> absl::StatusOr<RetrievalSample> {
+                        LYCHEE_ASSIGN_OR_RETURN(const bool stop, Cancelled(model, cancelled));
+                        if (stop) {
                           return absl::CancelledError(
                               absl::StrCat("validation cancelled at ", task.name, " prompt ", i));
                         }

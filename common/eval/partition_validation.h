@@ -65,6 +65,8 @@ class ValidationSet {
     std::vector<RetrievalSample> samples;
   };
   const std::vector<Task>& tasks() const { return tasks_; }
+  // The set of another's tasks (a tensor-parallel rank validates the prompts rank 0 sends it).
+  static ValidationSet FromTasks(std::vector<Task> tasks) { return ValidationSet(std::move(tasks)); }
 
  private:
   explicit ValidationSet(std::vector<Task> tasks) : tasks_(std::move(tasks)) {}
@@ -109,6 +111,10 @@ struct PartitionValidation {
 // Runs every prompt of `set` densely and with hybrid decoding over `partition` (both from one dense
 // prefill per prompt), on the model's device. The partition is checked against the model's shape
 // first (INVALID_ARGUMENT). Returns CANCELLED before the next prompt once `cancelled` is true.
+// Under tensor parallelism every rank calls it with the same set, partition and options, each
+// decoding its shard (the partition whole: each rank takes its KV heads' roles); rank 0's
+// `cancelled` decides for every rank (a broadcast before each prompt), and a lost rank is
+// UNAVAILABLE.
 absl::StatusOr<PartitionValidation> ValidatePartition(const Model& model, const ValidationSet& set,
                                                       const HeadPartition& partition, const ValidationOptions& options,
                                                       const std::atomic<bool>* cancelled = nullptr);

@@ -819,4 +819,17 @@ at::Tensor Model::LayerForTraining(int layer, const at::Tensor& hidden, const At
 
 at::Tensor Model::FinalNorm(const at::Tensor& hidden) const { return RmsNorm(hidden, final_norm_).squeeze(0); }
 
+absl::StatusOr<std::unique_ptr<Model>> Model::SharingWeights(std::shared_ptr<const TensorParallelGroup> group) const {
+  const TensorParallelGroup* own = options_.tensor_parallel.get();
+  if (group == nullptr || own == nullptr || group->rank() != own->rank() || group->world_size() != own->world_size()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("a model sharing the weights of rank ", own == nullptr ? 0 : own->rank(), " of ",
+                     own == nullptr ? 1 : own->world_size(), " needs a group of the same rank and size, got ",
+                     group == nullptr ? "none" : absl::StrCat("rank ", group->rank(), " of ", group->world_size())));
+  }
+  std::unique_ptr<Model> model(new Model(*this));
+  model->options_.tensor_parallel = std::move(group);
+  return model;
+}
+
 }  // namespace lychee

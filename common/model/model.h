@@ -196,6 +196,12 @@ class Model {
                               SequenceAttentionState* state) const;
   at::Tensor FinalNorm(const at::Tensor& hidden) const;
 
+  // This model's weights (the same tensors, no copy) with its collectives on `group` instead: work
+  // on another thread beside this model's steps (shadow validation) must keep its collectives off
+  // the group that serving's steps use. INVALID_ARGUMENT unless `group` has this model's rank and
+  // world size.
+  absl::StatusOr<std::unique_ptr<Model>> SharingWeights(std::shared_ptr<const TensorParallelGroup> group) const;
+
  private:
   struct Layer;
   // Attends one layer: queries [N, heads, T, D], new keys and values [N, kv_heads, T, D];

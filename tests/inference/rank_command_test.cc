@@ -1,5 +1,5 @@
-// The commands tensor-parallel rank 0 sends its followers (inference/rank_mirror.h): every field
-// survives the bytes, and bytes it did not make are refused.
+// The commands tensor-parallel rank 0 sends its followers (inference/rank_mirror.h), serving's and
+// shadow validation's: every field survives the bytes, and bytes it did not make are refused.
 #include <catch2/catch.hpp>
 
 #include <cstdint>
@@ -122,6 +122,43 @@ TEST_CASE("Bytes the encoder did not make are refused") {
   CHECK(absl::IsInvalidArgument(DecodeRankCommand(unknown).status()));
   CHECK(absl::IsInvalidArgument(DecodeRankCommand(EncodeRankCommand({RankOp::kPreempt})).status()));
   CHECK(DecodeRankCommand(EncodeRankCommand({RankOp::kShutdown})).ok());
+}
+
+TEST_CASE("A validation command carries the partition, the budget and every prompt and answer") {
+  ValidationCommand command{ValidationOp::kValidate, std::string("\0partition\xff", 11), 256};
+  ValidationSet::Task passkey{"passkey", 1024, {}};
+  passkey.samples.resize(2);
+  passkey.samples[0].prompt_ids = {1, 2, 3};
+  passkey.samples[0].answer_ids = {4};
+  passkey.samples[1].prompt_ids = {8191, 0};
+  passkey.samples[1].answer_ids = {5, 6};
+  command.tasks = {passkey, {"multikey", 7, {}}};
+  const std::string bytes = EncodeValidationCommand(command);
+  absl::StatusOr<ValidationCommand> decoded = DecodeValidationCommand(bytes);
+  REQUIRE(decoded.ok());
+  CHECK(decoded->op == ValidationOp::kValidate);
+  CHECK(decoded->partition == command.partition);
+  CHECK(decoded->token_budget == 256);
+  REQUIRE(decoded->tasks.size() == 2);
+  CHECK(decoded->tasks[0].name == "passkey");
+  CHECK(decoded->tasks[0].longest_prompt_tokens == 1024);
+  REQUIRE(decoded->tasks[0].samples.size() == 2);
+  for (size_t i = 0; i < 2; ++i) {
+    CHECK(decoded->tasks[0].samples[i].prompt_ids == passkey.samples[i].prompt_ids);
+    CHECK(decoded->tasks[0].samples[i].answer_ids == passkey.samples[i].answer_ids);
+  }
+  CHECK(decoded->tasks[1].name == "multikey");
+  CHECK(decoded->tasks[1].longest_prompt_tokens == 7);
+  CHECK(decoded->tasks[1].samples.empty());
+
+  for (size_t length = 0; length < bytes.size(); ++length) {
+    INFO("truncated to " << length);
+    CHECK(absl::IsInvalidArgument(DecodeValidationCommand(bytes.substr(0, length)).status()));
+  }
+  CHECK(absl::IsInvalidArgument(DecodeValidationCommand(bytes + "x").status()));
+  CHECK(absl::IsInvalidArgument(DecodeValidationCommand(std::string(1, '\x63')).status()));
+  CHECK(DecodeValidationCommand(EncodeValidationCommand({ValidationOp::kKeepAlive})).ok());
+  CHECK(DecodeValidationCommand(EncodeValidationCommand({ValidationOp::kStop})).ok());
 }
 
 }  // namespace

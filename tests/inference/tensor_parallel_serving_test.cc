@@ -12,6 +12,7 @@
 #include <catch2/catch.hpp>
 
 #include <chrono>
+#include <future>
 #include <memory>
 #include <optional>
 #include <string>
@@ -20,12 +21,14 @@
 
 #include "common/base/head_partition.h"
 #include "common/base/model_fingerprint.h"
+#include "common/base/random_partition.h"
 #include "common/model/rank_workers.h"
 #include "grpc/health/v1/health.grpc.pb.h"
 #include "harness/temp_dir.h"
 #include "inference/engine.h"
 #include "inference/rank_mirror.h"
 #include "inference/service.h"
+#include "inference/shadow_validator.h"
 #include "lychee/v1/inference.grpc.pb.h"
 #include "tests/http_get.h"
 
@@ -40,8 +43,9 @@ constexpr int64_t kKvCacheMib = 64;
 // Short, so that a rank that falls silent is given up quickly; a killed one is noticed at once.
 constexpr int kStepTimeoutSeconds = 5;
 
-// lychee-inference's flags for its follower rank, matching the rank-0 engine options below.
-std::vector<std::string> FollowerArguments(const std::string& state_dir) {
+// lychee-inference's flags for its follower rank, matching the rank-0 engine options below; with
+// shadow validation, the follower joins the validation's group too and validates beside serving.
+std::vector<std::string> FollowerArguments(const std::string& state_dir, bool shadow_validation) {
   return {"--state-dir",
           state_dir,
           "--kv-cache-mib",
@@ -49,7 +53,7 @@ std::vector<std::string> FollowerArguments(const std::string& state_dir) {
           "--threads",
           "1",
           "--shadow-validation",
-          "false",
+          shadow_validation ? "true" : "false",
           "--tensor-parallel",
           std::to_string(kWorldSize),
           "--tensor-parallel-timeout-s",
@@ -64,20 +68,28 @@ EngineOptions RankZeroOptions() {
   return options;
 }
 
-// The follower process and rank 0's end of the group.
+// The follower process and rank 0's end of the group (and of the validation's, with shadow
+// validation), joined as lychee-inference's rank 0 joins them.
 struct Ranks {
   testing::TempDir follower_state;
   std::unique_ptr<RankWorkers> workers;
   std::shared_ptr<const TensorParallelGroup> group;
+  std::shared_ptr<const TensorParallelGroup> validation_group;
 
-  Ranks() {
-    auto started = RankWorkers::Start(LYCHEE_INFERENCE, FollowerArguments(follower_state.str()), kWorldSize);
+  explicit Ranks(bool shadow_validation = false) {
+    auto started =
+        RankWorkers::Start(LYCHEE_INFERENCE, FollowerArguments(follower_state.str(), shadow_validation), kWorldSize);
     REQUIRE(started.ok());
     workers = *std::move(started);
-    auto joined = JoinGlooGroup(workers->rendezvous_file(), 0, kWorldSize, std::chrono::seconds(kStepTimeoutSeconds));
+    group = Join(workers->rendezvous_file());
+    if (shadow_validation) validation_group = Join(ShadowValidationRendezvousFile(workers->rendezvous_file()));
+  }
+
+  static std::shared_ptr<const TensorParallelGroup> Join(const std::string& rendezvous_file) {
+    auto joined = JoinGlooGroup(rendezvous_file, 0, kWorldSize, std::chrono::seconds(kStepTimeoutSeconds));
     INFO(joined.status());
     REQUIRE(joined.ok());
-    group = *std::move(joined);
+    return *std::move(joined);
   }
 };
 
@@ -87,15 +99,20 @@ std::string Fingerprint() {
   return *fingerprint;
 }
 
-// A partition file of the model as version `version`, its budget lowered below the long prompts so
-// that the sparse heads select.
-HeadPartition PartitionFromFile(const std::string& file, uint64_t version) {
+// A partition file of the model as version `version`.
+HeadPartition ShippedPartition(const std::string& file, uint64_t version) {
   absl::StatusOr<HeadPartition> partition = LoadHeadPartitionJson(kModelDir + "/partitions/" + file);
   REQUIRE(partition.ok());
   partition->model_fingerprint = Fingerprint();
   partition->version = version;
-  partition->mutable_selection().token_budget = 256;
   return *std::move(partition);
+}
+
+// ShippedPartition with its budget lowered below the long prompts, so that the sparse heads select.
+HeadPartition PartitionFromFile(const std::string& file, uint64_t version) {
+  HeadPartition partition = ShippedPartition(file, version);
+  partition.mutable_selection().token_budget = 256;
+  return partition;
 }
 
 // Token ids in [1, 8192) from a fixed linear congruential sequence: a prompt of `length` tokens.
@@ -294,6 +311,158 @@ TEST_CASE("TP-2 serving decodes TP-1's greedy tokens: dense, every policy, a par
   }
   // The engine's end sent the follower its shutdown command.
   CHECK(ranks.workers->Wait().ok());
+}
+
+// An engine whose partitions from a trainer pass shadow validation first, wired as InferenceServer
+// wires it (the trainer watcher's offers go through PartitionManager::Offer and its gate);
+// `validation_group` null: one process.
+struct ValidatedEngine : EngineUnderTest {
+  std::unique_ptr<ShadowValidator> shadow;
+
+  ValidatedEngine(std::shared_ptr<const TensorParallelGroup> group,
+                  std::shared_ptr<const TensorParallelGroup> validation_group)
+      : EngineUnderTest(std::move(group), {}) {
+    ShadowValidationOptions options;
+    options.enabled = true;
+    options.heldout_corpus = "data/corpus/kjv-heldout.txt.gz";
+    // Half the default, for the test's time: the random partition below still fails every
+    // multi-key prompt, and the learned one passes them all.
+    options.prompts_per_task = 2;
+    options.served_context_tokens = engine->max_context_tokens();
+    options.tensor_parallel = std::move(validation_group);
+    auto created = ShadowValidator::Create(options, engine->model(), engine->tokenizer());
+    INFO(created.status());
+    REQUIRE(created.ok());
+    shadow = *std::move(created);
+    partitions->SetOfferGate([this](const HeadPartition& partition) { return shadow->Check(partition); });
+  }
+
+  ~ValidatedEngine() { shadow->Cancel(); }
+
+  // Offers `partition` on a thread of its own, as the trainer watcher does, and returns once its
+  // validation runs.
+  std::future<absl::Status> OfferWhileValidating(const HeadPartition& partition) {
+    std::future<absl::Status> offer =
+        std::async(std::launch::async, [this, partition] { return partitions->Offer(partition); });
+    const auto give_up = std::chrono::steady_clock::now() + 60s;
+    while (!shadow->running() && std::chrono::steady_clock::now() < give_up) std::this_thread::sleep_for(5ms);
+    REQUIRE(shadow->running());
+    return offer;
+  }
+};
+
+// The random partition of density 0.1 that shadow_validation_test rejects.
+HeadPartition RandomPartition(uint64_t version) {
+  absl::StatusOr<ModelConfig> config = ModelConfig::FromFile(kModelDir + "/config.json");
+  REQUIRE(config.ok());
+  absl::StatusOr<HeadPartition> partition = RandomHeadPartition(*config, 0.1, 2);
+  REQUIRE(partition.ok());
+  partition->version = version;
+  partition->model_fingerprint = Fingerprint();
+  return *std::move(partition);
+}
+
+// What each validation decided and saw.
+struct Validated {
+  absl::Status offered;
+  ShadowValidationRecord record;
+};
+
+void RequireSameValidation(const Validated& tp2, const Validated& tp1) {
+  INFO("TP-1: " << tp1.record.summary << "\nTP-2: " << tp2.record.summary);
+  CHECK(tp2.offered.code() == tp1.offered.code());
+  CHECK(tp2.record.promoted == tp1.record.promoted);
+  CHECK(tp2.record.validation.token_budget == tp1.record.validation.token_budget);
+  for (const auto& [tp2_result, tp1_result] :
+       {std::pair(&tp2.record.validation.dense, &tp1.record.validation.dense),
+        std::pair(&tp2.record.validation.partition, &tp1.record.validation.partition)}) {
+    REQUIRE(tp2_result->tasks.size() == tp1_result->tasks.size());
+    for (size_t i = 0; i < tp1_result->tasks.size(); ++i) {
+      CHECK(tp2_result->tasks[i].task == tp1_result->tasks[i].task);
+      CHECK(tp2_result->tasks[i].correct == tp1_result->tasks[i].correct);
+    }
+    // Both ranks' KV heads: rank 0's alone drop another mass.
+    CHECK(tp2_result->mean_dropped_mass == Approx(tp1_result->mean_dropped_mass).margin(1e-4));
+    CHECK(tp2_result->max_dropped_mass == Approx(tp1_result->max_dropped_mass).margin(1e-4));
+    CHECK(tp2_result->kv_bytes_per_token == Approx(tp1_result->kv_bytes_per_token).epsilon(1e-6));
+  }
+}
+
+TEST_CASE("TP-2 shadow validation decides as TP-1 does, every rank decoding its shard, while serving goes on",
+          "[tensor_parallel][shadow_validation]") {
+  const HeadPartition learned = ShippedPartition("learned-target-0.25.json", 1);
+  const HeadPartition random = RandomPartition(2);
+  const std::vector<GenerationRequest> served = {Request(Prompt(600, 1), /*dense=*/true)};
+  Ranks ranks(/*shadow_validation=*/true);
+  auto tp2 = std::make_unique<ValidatedEngine>(ranks.group, ranks.validation_group);
+  const auto idle_since = std::chrono::steady_clock::now();
+  Validated learned_tp1, random_tp1;
+  std::vector<Generated> served_tp1;
+  {
+    ValidatedEngine tp1(nullptr, nullptr);
+    learned_tp1.offered = tp1.partitions->Offer(learned);
+    learned_tp1.record = tp1.shadow->last().value();
+    random_tp1.offered = tp1.partitions->Offer(random);
+    random_tp1.record = tp1.shadow->last().value();
+    served_tp1 = tp1.Generate(served);
+  }
+  // One of each decision, or the comparison below could not fail on it.
+  REQUIRE(learned_tp1.offered.ok());
+  REQUIRE(absl::IsFailedPrecondition(random_tp1.offered));
+  REQUIRE(learned_tp1.record.validation.partition.mean_dropped_mass > 0);
+
+  // TP-2 idle past the group's timeout (TP-1's validations above mostly take longer): the
+  // validator's keep-alives hold the follower's validation thread, which would otherwise give up
+  // waiting, and the validations below would fail.
+  std::this_thread::sleep_until(idle_since + std::chrono::seconds(kStepTimeoutSeconds + 1));
+  Validated learned_tp2;
+  std::future<absl::Status> offer = tp2->OfferWhileValidating(learned);
+  // Served beside the validation, on serving's group, with TP-1's tokens.
+  RequireSameTokens(tp2->Generate(served), served_tp1);
+  CHECK(tp2->shadow->running());
+  learned_tp2.offered = offer.get();
+  learned_tp2.record = tp2->shadow->last().value();
+  RequireSameValidation(learned_tp2, learned_tp1);
+  REQUIRE(tp2->partitions->Active().partition != nullptr);
+  CHECK(tp2->partitions->Active().partition->version == 1);
+
+  Validated random_tp2;
+  random_tp2.offered = tp2->partitions->Offer(random);
+  random_tp2.record = tp2->shadow->last().value();
+  RequireSameValidation(random_tp2, random_tp1);
+  CHECK(tp2->partitions->Active().partition->version == 1);
+  CHECK(tp2->engine->serving_status().ok());
+  tp2.reset();
+  // The validator's end stopped the follower's validation thread, the engine's its serving.
+  CHECK(ranks.workers->Wait().ok());
+}
+
+TEST_CASE("A follower killed during shadow validation fails it with UNAVAILABLE; the partition is not promoted",
+          "[tensor_parallel][shadow_validation]") {
+  Ranks ranks(/*shadow_validation=*/true);
+  ValidatedEngine tp2(ranks.group, ranks.validation_group);
+  std::future<absl::Status> offer = tp2.OfferWhileValidating(ShippedPartition("learned-target-0.25.json", 1));
+  // Into the decoding (two seconds or so here), past the validation's start.
+  std::this_thread::sleep_for(500ms);
+  REQUIRE(offer.wait_for(0s) == std::future_status::timeout);
+  const auto start = std::chrono::steady_clock::now();
+  REQUIRE(kill(ranks.workers->pid(1), SIGKILL) == 0);
+  const absl::Status offered = offer.get();
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  INFO(offered);
+  CHECK(absl::IsUnavailable(offered));
+  CHECK_THAT(std::string(offered.message()), Catch::Contains("shadow validation of partition 1"));
+  CHECK(seconds < kStepTimeoutSeconds);
+  CHECK(tp2.partitions->Active().partition == nullptr);
+  CHECK(!tp2.partitions->Get(1).ok());
+  // Serving lost the rank too: requests fail as after any lost rank, and the engine says so (the
+  // server's health then turns NOT_SERVING, as the test below checks).
+  const std::vector<Generated> after = tp2.Generate({Request(Prompt(40, 2), /*dense=*/true)});
+  CHECK(absl::IsUnavailable(after[0].error));
+  CHECK(absl::IsUnavailable(tp2.engine->serving_status()));
+  tp2.shadow->Cancel();
+  const absl::Status workers = ranks.workers->Wait();
+  CHECK_THAT(std::string(workers.message()), Catch::Contains("killed by signal 9"));
 }
 
 grpc::health::v1::HealthCheckResponse::ServingStatus Health(const std::string& target) {
