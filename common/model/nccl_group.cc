@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/model/tensor_parallel.h"
+#include "common/model/torch_errors.h"
 
 namespace lychee {
 namespace {
@@ -52,10 +53,7 @@ class NcclGroup : public TensorParallelGroup {
       collective(tensors);
       tensor.copy_(tensors[0]);
     } catch (const std::exception& error) {
-      const auto* torch_error = dynamic_cast<const c10::Error*>(&error);
-      throw CollectiveError(
-          absl::StrCat(name, " on rank ", rank_, " of ", world_size_, ": ",
-                       torch_error != nullptr ? torch_error->what_without_backtrace() : error.what()));
+      throw CollectiveFailure(error, name, rank_, world_size_);
     }
   }
 

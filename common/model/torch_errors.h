@@ -8,9 +8,13 @@
 
 #include "absl/status/status.h"
 #include "absl/strings/string_view.h"
+#include "common/model/tensor_parallel.h"
 
 namespace lychee {
 
 absl::Status StatusFromException(const std::exception& error, absl::string_view step);
+
+// What a process group throws when its collective `name` failed on `rank` of `world_size` with `cause`.
+CollectiveError CollectiveFailure(const std::exception& cause, absl::string_view name, int rank, int world_size);
 
 }  // namespace lychee
