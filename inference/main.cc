@@ -227,9 +227,10 @@ absl::Status Serve() {
     LYCHEE_ASSIGN_OR_RETURN(engine.tensor_parallel,
                             lychee::JoinRankGroup(rank_device, rendezvous_file, rank, world_size, step_timeout));
     if (shadow.enabled) {
-      LYCHEE_ASSIGN_OR_RETURN(shadow.tensor_parallel,
-                              lychee::JoinRankGroup(rank_device, lychee::ShadowValidationRendezvousFile(rendezvous_file),
-                                                    rank, world_size, step_timeout));
+      LYCHEE_ASSIGN_OR_RETURN(
+          shadow.tensor_parallel,
+          lychee::JoinRankGroup(rank_device, lychee::ShadowValidationRendezvousFile(rendezvous_file), rank, world_size,
+                                step_timeout));
     }
     return absl::OkStatus();
   };
