@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Writes a Llama-3-8B-shaped checkpoint with random bf16 weights (nothing is downloaded).
+"""Writes a Llama-3-8B- or 70B-shaped checkpoint with random bf16 weights (nothing is downloaded).
 
-    python3 bench/write_random_llama.py OUT_DIR
+    python3 bench/write_random_llama.py OUT_DIR [--shape 8b|70b]
 
 OUT_DIR gets config.json (the Llama-3.1-8B config: 32 layers, hidden 4096, 32 heads, 8 KV heads,
 head_dim 128, intermediate 14336, vocab 128256, rope theta 500000 with llama3 scaling, 131072
-positions) and model.safetensors (about 16 GB). Matrices are normal with std 0.02 so that
+positions) and model.safetensors (about 16 GB); with --shape 70b, the Llama-3.1-70B config (80
+layers, hidden 8192, 64 heads, 8 KV heads, intermediate 28672; about 141 GB, for tensor
+parallelism across GPUs). Matrices are normal with std 0.02 so that
 activations stay finite through 32 layers; norm weights are ones. Tensors are generated on the
 GPU when there is one and streamed to the file one at a time, so the host never holds the whole
 checkpoint. There is no tokenizer: the benchmarks feed token ids.
@@ -52,6 +54,10 @@ CONFIG = {
 }
 
 
+# Llama-3.1-70B: what differs from the 8B config.
+SHAPE_70B = {"hidden_size": 8192, "intermediate_size": 28672, "num_attention_heads": 64, "num_hidden_layers": 80}
+
+
 def tensor_shapes(c):
     hidden, inter, vocab = c["hidden_size"], c["intermediate_size"], c["vocab_size"]
     q_rows = c["num_attention_heads"] * c["head_dim"]
@@ -75,14 +81,16 @@ def tensor_shapes(c):
 
 
 def main():
-    if len(sys.argv) != 2:
-        sys.exit("usage: write_random_llama.py OUT_DIR")
-    out_dir = sys.argv[1]
+    args = sys.argv[1:]
+    if len(args) not in (1, 3) or (len(args) == 3 and (args[1] != "--shape" or args[2] not in ("8b", "70b"))):
+        sys.exit("usage: write_random_llama.py OUT_DIR [--shape 8b|70b]")
+    out_dir = args[0]
+    config = dict(CONFIG, **(SHAPE_70B if args[1:] == ["--shape", "70b"] else {}))
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(CONFIG, f, indent=2)
+        json.dump(config, f, indent=2)
 
-    shapes = tensor_shapes(CONFIG)
+    shapes = tensor_shapes(config)
     header, offset = {}, 0
     for name, shape in shapes:
         size = 2 * torch.Size(shape).numel()
