@@ -250,6 +250,15 @@ absl::Status Serve() {
     LYCHEE_ASSIGN_OR_RETURN(
         workers, lychee::RankWorkers::Start(self, CommandLineArguments(), world_size, "tensor-parallel", rank_device));
     LYCHEE_RETURN_IF_ERROR(join_groups(workers->rendezvous_file(), 0));
+    // A follower's process that ends ends the groups at once: the next step, or the one waiting on
+    // the lost rank's collective (NCCL would wait for ever), fails UNAVAILABLE naming it.
+    workers->WatchForLoss(
+        [serving = engine.tensor_parallel, validation = shadow.tensor_parallel](const absl::Status& lost) {
+          LOG(ERROR) << "lychee-inference: " << lost.message();
+          for (const auto& group : {serving, validation}) {
+            if (group != nullptr) group->Abort(std::string(lost.message()));
+          }
+        });
   }
 
   LYCHEE_ASSIGN_OR_RETURN(std::unique_ptr<lychee::InferenceServer> server, lychee::InferenceServer::Start(options));

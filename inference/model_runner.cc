@@ -223,6 +223,8 @@ absl::Status ModelRunner::DecodeGroup(absl::Span<EngineRequest* const> requests,
   // read before the next group's step reuses the context's buffers.
   const std::vector<int32_t> greedy = all_greedy ? decode_context_->GreedyTokens() : std::vector<int32_t>();
   const at::Tensor host_logits = all_greedy ? at::Tensor() : logits.to(at::kCPU);
+  // A step that ran while a lost rank's group was aborted read back what its collectives left.
+  LYCHEE_RETURN_IF_ERROR(model_->CheckGroup("decode"));
   for (size_t i = 0; i < rows.size(); ++i) {
     EngineRequest& request = *requests[rows[i]];
     RequestState& state = StateOf(request);

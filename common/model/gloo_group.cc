@@ -40,6 +40,7 @@ class GlooGroup : public TensorParallelGroup {
   // Runs one collective, throwing what it throws as a CollectiveError naming it and this rank.
   template <typename Collective>
   void Run(const char* name, const Collective& collective) const {
+    ThrowIfAborted();
     try {
       collective();
     } catch (const std::exception& error) {

@@ -376,6 +376,7 @@ at::Tensor Model::Embed(absl::Span<const int32_t> ids) const {
 
 absl::StatusOr<at::Tensor> Model::Prefill(Sequence& sequence, absl::Span<const int32_t> ids) const {
   if (ids.empty()) return absl::InvalidArgumentError("prefill needs at least one token");
+  LYCHEE_RETURN_IF_ERROR(CheckGroup("prefill"));
   LYCHEE_RETURN_IF_ERROR(CheckIds(ids));
   LYCHEE_RETURN_IF_ERROR(sequence.Reserve(sequence.length() + static_cast<int64_t>(ids.size())));
   try {
@@ -575,6 +576,15 @@ DecodeStepOutput Model::DecodeForward(const at::Tensor& ids, const at::Tensor& p
   return output;
 }
 
+absl::Status Model::CheckGroup(absl::string_view step) const {
+  if (options_.tensor_parallel == nullptr) return absl::OkStatus();
+  const std::string cause = options_.tensor_parallel->abort_cause();
+  if (cause.empty()) return absl::OkStatus();
+  return absl::UnavailableError(
+      absl::StrCat(step, " lost a rank of its process group: rank ", options_.tensor_parallel->rank(), " of ",
+                   options_.tensor_parallel->world_size(), ": the group was aborted: ", cause));
+}
+
 bool Model::CollectivesCapturable() const {
   return options_.tensor_parallel == nullptr || options_.tensor_parallel->capturable_in_cuda_graphs();
 }
@@ -669,6 +679,8 @@ absl::StatusOr<at::Tensor> Model::Decode(absl::Span<Sequence* const> sequences, 
     return absl::InvalidArgumentError(
         absl::StrCat("decode needs one token per sequence, got ", ids.size(), " for ", sequences.size()));
   }
+  // Before anything is launched: a captured step would replay the collectives of an aborted group.
+  LYCHEE_RETURN_IF_ERROR(CheckGroup("decode"));
   LYCHEE_RETURN_IF_ERROR(CheckIds(ids));
   int64_t width = 1;
   for (Sequence* sequence : sequences) {

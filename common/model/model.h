@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/types/span.h"
 #include "common/base/model_config.h"
 #include "common/model/attention.h"
@@ -179,6 +180,12 @@ class Model {
   // steps' collectives; the graphs are captured on the ranks' first common steps instead). The context's counts of
   // eager steps and replays leave these steps out. RESOURCE_EXHAUSTED when the pool has no pages for them; a failed
   // capture is the error it returns, and the context decodes eagerly from then on, as after any failed capture.
+  // UNAVAILABLE, naming `step` and the cause, once the tensor-parallel group was aborted
+  // (TensorParallelGroup::Abort); OK otherwise. Prefill and Decode check it before they launch
+  // anything; a caller checks it again after reading a step's results back, which a step running
+  // when the group was aborted may have left incomplete.
+  absl::Status CheckGroup(absl::string_view step) const;
+
   absl::Status PrepareDecodeGraphs(const std::shared_ptr<const AttentionBackend>& attention,
                                    const std::shared_ptr<KvPool>& pool, DecodeContext& context) const;
 

@@ -43,6 +43,7 @@ class NcclGroup : public TensorParallelGroup {
  private:
   template <typename Collective>
   void Staged(at::Tensor& tensor, const char* name, const Collective& collective) const {
+    ThrowIfAborted();
     try {
       if (tensor.is_cuda()) {
         std::vector<at::Tensor> tensors{tensor};
@@ -56,6 +57,9 @@ class NcclGroup : public TensorParallelGroup {
       throw CollectiveFailure(error, name, rank_, world_size_);
     }
   }
+
+  // Ends the communicators: kernels waiting on a lost peer return, and the stream they held goes on.
+  void AbortCollectives() const override { group_->abort(); }
 
   c10::intrusive_ptr<c10d::ProcessGroupNCCL> group_;
   int rank_;

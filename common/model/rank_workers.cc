@@ -17,6 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
 #include "absl/strings/strip.h"
+#include "absl/time/time.h"
 #include "common/base/status_macros.h"
 #include "common/model/cuda_support.h"
 
@@ -95,7 +96,8 @@ absl::StatusOr<std::unique_ptr<RankWorkers>> RankWorkers::Start(const std::strin
   }
   std::string dir = (std::filesystem::temp_directory_path() / "lychee_tp_XXXXXX").string();
   if (mkdtemp(dir.data()) == nullptr) return absl::InternalError(absl::StrCat("cannot make a temp dir like ", dir));
-  std::unique_ptr<RankWorkers> workers(new RankWorkers(dir, dir + "/rendezvous", group_kind));
+  std::unique_ptr<RankWorkers> workers(new RankWorkers(dir, dir + "/rendezvous", group_kind, world_size));
+  absl::MutexLock lock(&workers->mutex_);
   const pid_t launcher = getpid();
   for (int rank = 1; rank < world_size; ++rank) {
     std::vector<std::string> argv_strings = {program};
@@ -124,6 +126,8 @@ absl::StatusOr<std::unique_ptr<RankWorkers>> RankWorkers::Start(const std::strin
 }
 
 RankWorkers::~RankWorkers() {
+  StopWatching();
+  absl::MutexLock lock(&mutex_);
   for (pid_t& pid : pids_) {
     if (pid == 0) continue;
     kill(pid, SIGKILL);
@@ -133,14 +137,57 @@ RankWorkers::~RankWorkers() {
   rmdir(dir_.c_str());
 }
 
-absl::Status RankWorkers::Wait() { return Reap(/*block=*/true); }
+pid_t RankWorkers::pid(int rank) const {
+  absl::MutexLock lock(&mutex_);
+  return pids_.at(rank - 1);
+}
+
+void RankWorkers::WatchForLoss(std::function<void(const absl::Status&)> on_lost, std::chrono::milliseconds period) {
+  StopWatching();
+  {
+    absl::MutexLock lock(&mutex_);
+    stop_watching_ = false;
+  }
+  watcher_ = std::thread([this, on_lost = std::move(on_lost), period] {
+    while (true) {
+      absl::Status lost;
+      {
+        absl::MutexLock lock(&mutex_);
+        if (mutex_.AwaitWithTimeout(absl::Condition(&stop_watching_), absl::FromChrono(period))) return;
+        lost = Reap(/*block=*/false);
+      }
+      if (!lost.ok()) {
+        on_lost(lost);
+        return;
+      }
+    }
+  });
+}
+
+void RankWorkers::StopWatching() {
+  {
+    absl::MutexLock lock(&mutex_);
+    stop_watching_ = true;
+  }
+  if (watcher_.joinable()) watcher_.join();
+}
+
+absl::Status RankWorkers::Wait() {
+  StopWatching();
+  absl::MutexLock lock(&mutex_);
+  return Reap(/*block=*/true);
+}
 
 absl::Status RankWorkers::WaitForLost(std::chrono::milliseconds patience) {
+  StopWatching();
   const auto deadline = std::chrono::steady_clock::now() + patience;
   while (true) {
-    const absl::Status ended = Reap(/*block=*/false);
-    const bool all_reaped = std::all_of(pids_.begin(), pids_.end(), [](pid_t pid) { return pid == 0; });
-    if (!ended.ok() || all_reaped || std::chrono::steady_clock::now() >= deadline) return ended;
+    {
+      absl::MutexLock lock(&mutex_);
+      const absl::Status ended = Reap(/*block=*/false);
+      const bool all_reaped = std::all_of(pids_.begin(), pids_.end(), [](pid_t pid) { return pid == 0; });
+      if (!ended.ok() || all_reaped || std::chrono::steady_clock::now() >= deadline) return ended;
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
 }

@@ -10,10 +10,13 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "common/model/tensor_parallel.h"
 
 namespace lychee {
@@ -45,8 +48,16 @@ class RankWorkers {
 
   // The file where the ranks meet: rank 0 passes it to JoinRankGroup.
   const std::string& rendezvous_file() const { return rendezvous_file_; }
-  int world_size() const { return static_cast<int>(pids_.size()) + 1; }
-  pid_t pid(int rank) const { return pids_.at(rank - 1); }
+  int world_size() const { return world_size_; }
+  // Rank r's process id; 0 once it was reaped.
+  pid_t pid(int rank) const;
+
+  // Starts a thread that looks every `period` for a worker that ended badly (killed, or exited
+  // non-zero) and then calls `on_lost`, once, from that thread, with the status Wait would give:
+  // for a launcher to end its groups (TensorParallelGroup::Abort) as soon as a rank is gone, rather
+  // than when a collective finds out (NCCL's never do). Wait, WaitForLost and the destructor stop it.
+  void WatchForLoss(std::function<void(const absl::Status&)> on_lost,
+                    std::chrono::milliseconds period = std::chrono::milliseconds(100));
 
   // Waits for every worker to end: OK when all exited 0; otherwise UNAVAILABLE naming the lowest
   // rank that a signal killed (the others then fail on the group they lost), or else the lowest
@@ -58,17 +69,25 @@ class RankWorkers {
   absl::Status WaitForLost(std::chrono::milliseconds patience);
 
  private:
-  RankWorkers(std::string dir, std::string rendezvous_file, std::string group_kind)
-      : dir_(std::move(dir)), rendezvous_file_(std::move(rendezvous_file)), group_kind_(std::move(group_kind)) {}
+  RankWorkers(std::string dir, std::string rendezvous_file, std::string group_kind, int world_size)
+      : dir_(std::move(dir)),
+        rendezvous_file_(std::move(rendezvous_file)),
+        group_kind_(std::move(group_kind)),
+        world_size_(world_size) {}
 
   // Reaps the workers still running, blocking for each (`block`) or only taking those that have
   // ended, and returns the status of the worst end among them (see Wait).
-  absl::Status Reap(bool block);
+  absl::Status Reap(bool block) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mutex_);
+  void StopWatching() ABSL_LOCKS_EXCLUDED(mutex_);
 
-  std::string dir_;
-  std::string rendezvous_file_;
-  std::string group_kind_;
-  std::vector<pid_t> pids_;  // rank r's at r - 1; 0 once reaped
+  const std::string dir_;
+  const std::string rendezvous_file_;
+  const std::string group_kind_;
+  const int world_size_;
+  mutable absl::Mutex mutex_;
+  std::vector<pid_t> pids_ ABSL_GUARDED_BY(mutex_);  // rank r's at r - 1; 0 once reaped
+  bool stop_watching_ ABSL_GUARDED_BY(mutex_) = false;
+  std::thread watcher_;
 };
 
 // FAILED_PRECONDITION, starting with `what` (the flag that asked for the ranks), when `world_size`

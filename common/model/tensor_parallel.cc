@@ -7,6 +7,27 @@
 
 namespace lychee {
 
+void TensorParallelGroup::Abort(const std::string& cause) const {
+  {
+    absl::MutexLock lock(&abort_mutex_);
+    if (!abort_cause_.empty()) return;
+    abort_cause_ = cause.empty() ? "aborted" : cause;
+  }
+  AbortCollectives();
+}
+
+std::string TensorParallelGroup::abort_cause() const {
+  absl::MutexLock lock(&abort_mutex_);
+  return abort_cause_;
+}
+
+void TensorParallelGroup::ThrowIfAborted() const {
+  std::string cause = abort_cause();
+  if (!cause.empty()) {
+    throw CollectiveError(absl::StrCat("rank ", rank(), " of ", world_size(), ": the group was aborted: ", cause));
+  }
+}
+
 absl::StatusOr<ModelConfig> ShardModelConfig(const ModelConfig& config, int world_size) {
   if (world_size < 1)
     return absl::InvalidArgumentError(absl::StrCat("tensor parallelism needs at least one rank, got ", world_size));

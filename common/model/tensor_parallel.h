@@ -13,7 +13,9 @@
 #include <stdexcept>
 #include <string>
 
+#include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
 #include "common/base/head_partition.h"
 #include "common/base/model_config.h"
 
@@ -46,6 +48,24 @@ class TensorParallelGroup {
   // Whether the collectives run on the device's current stream without the host, so that a CUDA
   // graph can capture them (NCCL); Gloo's run on the host.
   virtual bool capturable_in_cuda_graphs() const { return false; }
+
+  // Ends the group for good, from any thread, when a rank is known to be gone (the launcher sees its
+  // process end: RankWorkers::WatchForLoss): the collectives in flight fail (NCCL's are aborted on
+  // the device, where a lost peer would leave them, or a graph replaying them, waiting for ever),
+  // and every later one throws a CollectiveError with `cause`.
+  void Abort(const std::string& cause) const;
+  // The cause an aborted group was given; empty while it is not aborted.
+  std::string abort_cause() const;
+
+ protected:
+  // What a group does on Abort beyond refusing later collectives.
+  virtual void AbortCollectives() const {}
+  // Throws the aborted group's CollectiveError; each collective calls it first.
+  void ThrowIfAborted() const;
+
+ private:
+  mutable absl::Mutex abort_mutex_;
+  mutable std::string abort_cause_ ABSL_GUARDED_BY(abort_mutex_);
 };
 
 // Where a group's ranks compute: on CPUs they meet over Gloo, on GPUs over NCCL, one GPU per rank.

@@ -2,6 +2,7 @@
 // that its cuda:0 is the GPU its rank owns; checked with /bin/sh workers that write down what they see.
 #include "common/model/rank_workers.h"
 
+#include <signal.h>
 #include <stdlib.h>
 
 #include <catch2/catch.hpp>
@@ -10,6 +11,8 @@
 #include <sstream>
 
 #include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/clock.h"
 #include "harness/temp_dir.h"
 
 namespace lychee {
@@ -75,6 +78,34 @@ TEST_CASE("more GPU ranks than CUDA_VISIBLE_DEVICES names are refused, naming bo
   CHECK(workers.status().code() == absl::StatusCode::kFailedPrecondition);
   CHECK_THAT(std::string(workers.status().message()),
              Catch::Contains("4 ranks need a GPU each") && Catch::Contains("names 2"));
+}
+
+TEST_CASE("the watch on the workers reports a killed one at once, and not one that exits 0") {
+  auto workers = RankWorkers::Start("/bin/sh", {"-c", "[ \"$2\" = 1 ] && exec sleep 60; exit 0", "sh"}, 3);
+  REQUIRE(workers.ok());
+  absl::Mutex mutex;
+  std::optional<absl::Status> lost;
+  (*workers)->WatchForLoss(
+      [&](const absl::Status& status) {
+        absl::MutexLock lock(&mutex);
+        lost = status;
+      },
+      std::chrono::milliseconds(20));
+  // Rank 2 exits 0 at once: no loss.
+  absl::SleepFor(absl::Milliseconds(300));
+  {
+    absl::MutexLock lock(&mutex);
+    CHECK_FALSE(lost.has_value());
+  }
+  const pid_t sleeper = (*workers)->pid(1);
+  REQUIRE(kill(sleeper, SIGKILL) == 0);
+  absl::MutexLock lock(&mutex);
+  REQUIRE(mutex.AwaitWithTimeout(absl::Condition(
+                                     +[](std::optional<absl::Status>* seen) { return seen->has_value(); }, &lost),
+                                 absl::Seconds(10)));
+  CHECK(lost->code() == absl::StatusCode::kUnavailable);
+  CHECK_THAT(std::string(lost->message()),
+             Catch::Contains(absl::StrCat("tensor-parallel rank 1 (pid ", sleeper, ") was killed by signal 9")));
 }
 
 }  // namespace

@@ -190,6 +190,34 @@ TEST_CASE("A rank count that does not divide the KV heads is an error naming bot
   CHECK_THAT(message, Catch::Contains("2 KV heads"));
 }
 
+TEST_CASE("An aborted group refuses its collectives and the model's steps, naming the cause", "[tensor_parallel]") {
+  testing::TempDir dir;
+  auto group = JoinGlooGroup(dir.str() + "/rendezvous", 0, 1);
+  REQUIRE(group.ok());
+  ModelOptions options;
+  options.tensor_parallel = *group;
+  auto model = Model::Load(kModelDir, options);
+  REQUIRE(model.ok());
+  auto sequence = (*model)->NewSequence(std::make_shared<DenseAttentionBackend>());
+  REQUIRE((*model)->Prefill(*sequence, RandomPrompt(20, 8192, 5)).ok());
+  CHECK((*group)->abort_cause().empty());
+
+  (*group)->Abort("tensor-parallel rank 1 (pid 42) was killed by signal 9");
+  (*group)->Abort("a second cause is not kept");
+  at::Tensor tensor = at::ones({4});
+  CHECK_THROWS_WITH((*group)->AllReduceSum(tensor), Catch::Contains("the group was aborted") &&
+                                                        Catch::Contains("rank 1 (pid 42) was killed by signal 9"));
+  DecodeContext context;
+  Sequence* batch[] = {sequence.get()};
+  const absl::StatusOr<at::Tensor> step = (*model)->Decode(batch, {7}, &context);
+  REQUIRE_FALSE(step.ok());
+  CHECK(step.status().code() == absl::StatusCode::kUnavailable);
+  CHECK_THAT(std::string(step.status().message()), Catch::Contains("decode lost a rank") &&
+                                                       Catch::Contains("was killed by signal 9") &&
+                                                       !Catch::Contains("second cause"));
+  CHECK((*model)->Prefill(*sequence, {7}).status().code() == absl::StatusCode::kUnavailable);
+}
+
 TEST_CASE("A rank's head partition holds its own KV heads", "[tensor_parallel]") {
   HeadPartition partition = HeadPartition::AllRetrieval(2, 4, SelectionParams{});
   partition.set_role(1, 3, HeadRole::kSparse);
