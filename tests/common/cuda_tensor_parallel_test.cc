@@ -108,7 +108,7 @@ TEST_CASE("TP-2 over NCCL on two GPUs decodes as one process", "[multi_gpu]") {
   for (const testing::Decoding& decoding :
        {testing::Decoding{kModelDir, Prompt(48, 1), 16, std::nullopt, 0, "cuda"},
         testing::Decoding{kModelDir, Prompt(700, 2), 16, kLearnedPartition, 256, "cuda"}}) {
-    INFO(decoding.partition_file.has_value() ? "hybrid" : "dense");
+    INFO((decoding.partition_file.has_value() ? "hybrid" : "dense"));
     const auto reference = testing::SingleProcess(decoding);
     REQUIRE(reference.ok());
     absl::Status workers_status;
