@@ -163,9 +163,8 @@ int main(int argc, char** argv) {
   } else {
     const lychee::WorkerRankFlags worker = lychee::WorkerRankFromFlags();
     status =
-        lychee::RunAsRank(absl::GetFlag(FLAGS_device) == "cuda" ? lychee::RankDevice::kCuda : lychee::RankDevice::kCpu,
-                          static_cast<int>(data_parallel), worker.rank, worker.rendezvous_file,
-                          std::vector<std::string>(argv + 1, argv + argc),
+        lychee::RunAsRank(lychee::RankDeviceNamed(absl::GetFlag(FLAGS_device)), static_cast<int>(data_parallel),
+                          worker.rank, worker.rendezvous_file, std::vector<std::string>(argv + 1, argv + argc),
                           [](std::shared_ptr<lychee::TensorParallelGroup> group) { return lychee::Run(group.get()); });
   }
   if (!status.ok()) {

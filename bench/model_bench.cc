@@ -119,9 +119,8 @@ int main(int argc, char** argv) {
     return Fail(absl::StrCat("--tensor-parallel must be a positive rank count, got ", tensor_parallel));
   const lychee::WorkerRankFlags worker = lychee::WorkerRankFromFlags();
   const absl::Status status = lychee::RunAsRank(
-      device == "cuda" ? lychee::RankDevice::kCuda : lychee::RankDevice::kCpu, static_cast<int>(tensor_parallel),
-      worker.rank, worker.rendezvous_file, std::vector<std::string>(argv + 1, argv + argc),
-      [&](std::shared_ptr<lychee::TensorParallelGroup> group) {
+      lychee::RankDeviceNamed(device), static_cast<int>(tensor_parallel), worker.rank, worker.rendezvous_file,
+      std::vector<std::string>(argv + 1, argv + argc), [&](std::shared_ptr<lychee::TensorParallelGroup> group) {
         return Bench(*model_dir, device, contexts, decode_tokens, std::move(group));
       });
   if (!status.ok()) return Fail(status.ToString());

@@ -216,7 +216,7 @@ absl::Status Serve() {
   LYCHEE_ASSIGN_OR_RETURN(const int64_t step_timeout_s,
                           lychee::FlagInRange(FLAGS_tensor_parallel_timeout_s, 1, int64_t{1} << 20));
   const int world_size = static_cast<int>(tensor_parallel);
-  const lychee::RankDevice rank_device = engine.device == "cuda" ? lychee::RankDevice::kCuda : lychee::RankDevice::kCpu;
+  const lychee::RankDevice rank_device = lychee::RankDeviceNamed(engine.device);
   const std::chrono::seconds step_timeout(step_timeout_s);
 
   // A follower rank ends with its rank 0: by rank 0's shutdown command, or by the SIGKILL that

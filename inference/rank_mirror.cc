@@ -240,11 +240,7 @@ class Follower {
 
   absl::Status Start(const RankCommand& command) {
     if (!command.partition.empty()) {
-      v1::HeadPartition proto;
-      if (!proto.ParseFromString(command.partition)) {
-        return absl::FailedPreconditionError("rank command: unreadable head partition");
-      }
-      LYCHEE_ASSIGN_OR_RETURN(HeadPartition partition, HeadPartitionFromProto(proto));
+      LYCHEE_ASSIGN_OR_RETURN(HeadPartition partition, PartitionFromBytes(command.partition));
       partitions_[command.partition_version] = std::make_shared<const HeadPartition>(std::move(partition));
     }
     const uint64_t id = command.request_ids.at(0);
@@ -388,18 +384,28 @@ absl::Status BroadcastBytes(const TensorParallelGroup& group, std::string& bytes
   });
 }
 
+std::string PartitionBytes(const HeadPartition& partition) {
+  return HeadPartitionToProto(partition).SerializeAsString();
+}
+
+absl::StatusOr<HeadPartition> PartitionFromBytes(const std::string& bytes) {
+  v1::HeadPartition proto;
+  if (!proto.ParseFromString(bytes)) return absl::FailedPreconditionError("rank command: unreadable head partition");
+  return HeadPartitionFromProto(proto);
+}
+
 absl::StatusOr<std::vector<double>> LargestDroppedMassOverRanks(const TensorParallelGroup& group,
                                                                 absl::Span<Sequence* const> sequences) {
   const int64_t rows = static_cast<int64_t>(sequences.size());
-  // Each rank fills its own row of a zeroed table, so the sum holds every rank's row exactly.
-  at::Tensor table = at::zeros({group.world_size(), rows}, at::kDouble);
+  std::vector<double> mine(rows, 0.0);
   for (int64_t row = 0; row < rows; ++row) {
     const SequenceAttentionState* state = sequences[row]->attention_state();
     const AttentionTelemetry* telemetry = state == nullptr ? nullptr : state->telemetry();
-    if (telemetry != nullptr) table[group.rank()][row] = telemetry->max_dropped_mass;
+    if (telemetry != nullptr) mine[row] = telemetry->max_dropped_mass;
   }
+  at::Tensor table;
   LYCHEE_RETURN_IF_ERROR(Caught("combining the ranks' dropped attention mass", [&] {
-    group.AllReduceSum(table);
+    table = GatherFromRanks(group, at::tensor(mine, at::kDouble));
     return absl::OkStatus();
   }));
   const at::Tensor largest = std::get<0>(table.max(0)).contiguous();
@@ -448,7 +454,7 @@ absl::Status RankLeader::Start(uint64_t request_id, const PolicySpec& policy,
     command.partition_version = partition->version;
     // The first time only: a follower keeps every version it was sent.
     if (partitions_sent_.count(partition->version) == 0) {
-      command.partition = HeadPartitionToProto(*partition).SerializeAsString();
+      command.partition = PartitionBytes(*partition);
     }
   }
   LYCHEE_RETURN_IF_ERROR(Send(command));

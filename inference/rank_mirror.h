@@ -92,6 +92,11 @@ std::string EncodeValidationCommand(const ValidationCommand& command);
 // INVALID_ARGUMENT for bytes EncodeValidationCommand did not make.
 absl::StatusOr<ValidationCommand> DecodeValidationCommand(std::string_view bytes);
 
+// A head partition as the ranks' commands carry it (lychee.v1.HeadPartition bytes), and back:
+// FAILED_PRECONDITION for bytes that are no partition.
+std::string PartitionBytes(const HeadPartition& partition);
+absl::StatusOr<HeadPartition> PartitionFromBytes(const std::string& bytes);
+
 // Rank 0's `bytes` in every rank's (two broadcasts on `group`: the size, then the bytes), as each
 // rank's error of the step named `what` (UNAVAILABLE once the group is lost).
 absl::Status BroadcastBytes(const TensorParallelGroup& group, std::string& bytes, absl::string_view what);

@@ -25,7 +25,6 @@
 #include "common/model/cuda_support.h"
 #include "common/model/model.h"
 #include "inference/rank_mirror.h"
-#include "lychee/v1/head_partition.pb.h"
 
 namespace lychee {
 namespace {
@@ -254,8 +253,7 @@ absl::Status ShadowValidator::SendToFollowers(const ValidationCommand& command) 
 absl::StatusOr<PartitionValidation> ShadowValidator::Validate(const HeadPartition& partition,
                                                               const ValidationOptions& options) {
   if (options_.tensor_parallel != nullptr) {
-    ValidationCommand command{ValidationOp::kValidate, HeadPartitionToProto(partition).SerializeAsString(),
-                              options.token_budget, set_.tasks()};
+    ValidationCommand command{ValidationOp::kValidate, PartitionBytes(partition), options.token_budget, set_.tasks()};
     LYCHEE_RETURN_IF_ERROR(SendToFollowers(command));
   }
   absl::StatusOr<PartitionValidation> validation = ValidatePartition(model_, set_, partition, options, &cancelled_);
@@ -346,17 +344,17 @@ void ShadowValidationFollower::Work() {
     // Rank 0 cannot send what does not decode; a rank that could not follow ends, and rank 0's next
     // send fails.
     absl::StatusOr<ValidationCommand> command = DecodeValidationCommand(bytes);
-    v1::HeadPartition proto;
-    absl::StatusOr<HeadPartition> partition = absl::InvalidArgumentError("unreadable head partition");
-    if (command.ok() && command->op == ValidationOp::kValidate && proto.ParseFromString(command->partition)) {
-      partition = HeadPartitionFromProto(proto);
-    }
-    if (!command.ok() || (command->op == ValidationOp::kValidate && !partition.ok())) {
-      LOG(ERROR) << rank << " ends: " << (command.ok() ? partition.status() : command.status());
+    if (!command.ok()) {
+      LOG(ERROR) << rank << " ends: " << command.status();
       return;
     }
     if (command->op == ValidationOp::kStop || stopping_) return;
     if (command->op == ValidationOp::kKeepAlive) continue;
+    const absl::StatusOr<HeadPartition> partition = PartitionFromBytes(command->partition);
+    if (!partition.ok()) {
+      LOG(ERROR) << rank << " ends: " << partition.status();
+      return;
+    }
     // Rank 0's flag decides whether it is cancelled (ValidatePartition).
     const absl::StatusOr<PartitionValidation> validation =
         ValidatePartition(*model_, ValidationSet::FromTasks(std::move(command->tasks)), *partition,

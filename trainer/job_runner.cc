@@ -145,9 +145,8 @@ class TorchSession final : public CalibrationSession {
     *job.mutable_config() = CalibrationConfigToProto(config);
     job.set_intra_op_threads(launch_.intra_op_threads);
     job.set_world_size(world_size);
-    const bool on_cuda = model_->options().device.is_cuda();
-    job.set_device(on_cuda ? "cuda" : "cpu");
-    const RankDevice device = on_cuda ? RankDevice::kCuda : RankDevice::kCpu;
+    job.set_device(model_->options().device.is_cuda() ? "cuda" : "cpu");
+    const RankDevice device = RankDeviceNamed(job.device());
     LYCHEE_ASSIGN_OR_RETURN(const std::unique_ptr<WorkerJobFile> job_file, WorkerJobFile::Write(job));
     std::string program = launch_.program;
     if (program.empty()) {
@@ -210,8 +209,7 @@ absl::Status RunCalibrationWorker(const std::string& job_file, int rank, const s
   // waits on, instead of leaving rank 0 to wait for a rank that never comes.
   LYCHEE_ASSIGN_OR_RETURN(const ModelOptions options, ModelOptionsForDevice(job.device()));
   LYCHEE_ASSIGN_OR_RETURN(const std::shared_ptr<TensorParallelGroup> group,
-                          JoinRankGroup(options.device.is_cuda() ? RankDevice::kCuda : RankDevice::kCpu,
-                                        rendezvous_file, rank, job.world_size()));
+                          JoinRankGroup(RankDeviceNamed(job.device()), rendezvous_file, rank, job.world_size()));
   // This rank's partition is rank 0's; only whether every step went through matters here.
   const absl::StatusOr<HeadPartition> partition =
       Guarded("data-parallel calibration worker", job.model_dir(), [&]() -> absl::StatusOr<HeadPartition> {

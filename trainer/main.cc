@@ -27,7 +27,8 @@ ABSL_FLAG(int64_t, threads, 0,
           "LibTorch intra-op threads per job and per data-parallel rank (0: LibTorch's own default, OMP_NUM_THREADS "
           "or 1)");
 ABSL_FLAG(int64_t, data_parallel, 1,
-          "ranks each calibration runs on (cpu only): rank 0 in the trainer, the others as worker processes; they "
+          "ranks each calibration runs on (over Gloo on cpu, NCCL on cuda with a GPU each): rank 0 in the trainer, the "
+          "others as worker processes; they "
           "split every step's samples, so a job's samples_per_step must be a multiple of it");
 ABSL_FLAG(std::string, calibration_worker, "", "set by rank 0 on the calibration workers it starts; not for users");
 ABSL_FLAG(std::string, tls_cert, "",
@@ -82,9 +83,8 @@ absl::Status Serve() {
   LYCHEE_ASSIGN_OR_RETURN(const int64_t threads, lychee::FlagInRange(FLAGS_threads, 0, 1024));
   LYCHEE_ASSIGN_OR_RETURN(const int64_t data_parallel, lychee::FlagInRange(FLAGS_data_parallel, 1, 64));
   const std::string device = absl::GetFlag(FLAGS_device);
-  LYCHEE_RETURN_IF_ERROR(
-      lychee::CheckGpuPerRank(device == "cuda" ? lychee::RankDevice::kCuda : lychee::RankDevice::kCpu,
-                              static_cast<int>(data_parallel), absl::StrCat("--data-parallel ", data_parallel)));
+  LYCHEE_RETURN_IF_ERROR(lychee::CheckGpuPerRank(lychee::RankDeviceNamed(device), static_cast<int>(data_parallel),
+                                                 absl::StrCat("--data-parallel ", data_parallel)));
   options.jobs.data_parallel = static_cast<int>(data_parallel);
   LYCHEE_ASSIGN_OR_RETURN(lychee::CalibrationRunner runner,
                           lychee::MakeCalibrationRunner(device, static_cast<int>(threads)));

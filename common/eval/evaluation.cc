@@ -74,20 +74,15 @@ absl::Status CombineTalliesOverRanks(const Model& model, std::vector<Tally>& tal
   if (group == nullptr) return absl::OkStatus();
   constexpr int64_t kFields = 6;
   const int64_t count = static_cast<int64_t>(tallies.size());
-  // Each rank fills its own row of a zeroed table, so the sum holds every rank's row exactly.
-  at::Tensor table = at::zeros({group->world_size(), count, kFields}, at::kDouble);
-  for (int64_t i = 0; i < count; ++i) {
-    const Tally& tally = tallies[i];
-    const double fields[kFields] = {static_cast<double>(tally.head_steps),
-                                    static_cast<double>(tally.tokens),
-                                    static_cast<double>(tally.bytes),
-                                    static_cast<double>(tally.audited_heads),
-                                    tally.sum_dropped,
-                                    tally.max_dropped};
-    for (int64_t f = 0; f < kFields; ++f) table[group->rank()][i][f] = fields[f];
+  std::vector<double> mine;
+  for (const Tally& tally : tallies) {
+    mine.insert(mine.end(), {static_cast<double>(tally.head_steps), static_cast<double>(tally.tokens),
+                             static_cast<double>(tally.bytes), static_cast<double>(tally.audited_heads),
+                             tally.sum_dropped, tally.max_dropped});
   }
+  at::Tensor table;
   try {
-    group->AllReduceSum(table);
+    table = GatherFromRanks(*group, at::tensor(mine, at::kDouble).view({count, kFields}));
   } catch (const std::exception& error) {
     return StatusFromException(error, "combining the evaluation's telemetry over the tensor-parallel ranks");
   }

@@ -578,11 +578,12 @@ DecodeStepOutput Model::DecodeForward(const at::Tensor& ids, const at::Tensor& p
 
 absl::Status Model::CheckGroup(absl::string_view step) const {
   if (options_.tensor_parallel == nullptr) return absl::OkStatus();
-  const std::string cause = options_.tensor_parallel->abort_cause();
-  if (cause.empty()) return absl::OkStatus();
-  return absl::UnavailableError(
-      absl::StrCat(step, " lost a rank of its process group: rank ", options_.tensor_parallel->rank(), " of ",
-                   options_.tensor_parallel->world_size(), ": the group was aborted: ", cause));
+  try {
+    options_.tensor_parallel->ThrowIfAborted();
+  } catch (const CollectiveError& error) {
+    return StatusFromException(error, step);
+  }
+  return absl::OkStatus();
 }
 
 bool Model::CollectivesCapturable() const {

@@ -1,8 +1,11 @@
 #include "common/model/tensor_parallel.h"
 
+#include <ATen/ATen.h>
+
 #include <utility>
 #include <vector>
 
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
 namespace lychee {
@@ -16,13 +19,12 @@ void TensorParallelGroup::Abort(const std::string& cause) const {
   AbortCollectives();
 }
 
-std::string TensorParallelGroup::abort_cause() const {
-  absl::MutexLock lock(&abort_mutex_);
-  return abort_cause_;
-}
-
 void TensorParallelGroup::ThrowIfAborted() const {
-  std::string cause = abort_cause();
+  std::string cause;
+  {
+    absl::MutexLock lock(&abort_mutex_);
+    cause = abort_cause_;
+  }
   if (!cause.empty()) {
     throw CollectiveError(absl::StrCat("rank ", rank(), " of ", world_size(), ": the group was aborted: ", cause));
   }
@@ -68,6 +70,19 @@ absl::StatusOr<HeadPartition> ShardHeadPartition(const HeadPartition& partition,
     for (int64_t head = 0; head < local; ++head) roles.push_back(partition.role(layer, rank * local + head));
   }
   return HeadPartition(partition.num_layers(), local, std::move(roles), partition.selection());
+}
+
+RankDevice RankDeviceNamed(absl::string_view device) {
+  return absl::StartsWith(device, "cuda") ? RankDevice::kCuda : RankDevice::kCpu;
+}
+
+at::Tensor GatherFromRanks(const TensorParallelGroup& group, const at::Tensor& mine) {
+  std::vector<int64_t> shape = {group.world_size()};
+  shape.insert(shape.end(), mine.sizes().begin(), mine.sizes().end());
+  at::Tensor table = at::zeros(shape, mine.options());
+  table[group.rank()].copy_(mine);
+  group.AllReduceSum(table);
+  return table;
 }
 
 absl::StatusOr<std::shared_ptr<TensorParallelGroup>> JoinRankGroup(RankDevice device,

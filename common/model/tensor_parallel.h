@@ -15,6 +15,7 @@
 
 #include "absl/base/thread_annotations.h"
 #include "absl/status/statusor.h"
+#include "absl/strings/string_view.h"
 #include "absl/synchronization/mutex.h"
 #include "common/base/head_partition.h"
 #include "common/base/model_config.h"
@@ -54,14 +55,12 @@ class TensorParallelGroup {
   // the device, where a lost peer would leave them, or a graph replaying them, waiting for ever),
   // and every later one throws a CollectiveError with `cause`.
   void Abort(const std::string& cause) const;
-  // The cause an aborted group was given; empty while it is not aborted.
-  std::string abort_cause() const;
+  // Throws the aborted group's CollectiveError, naming the cause; each collective calls it first.
+  void ThrowIfAborted() const;
 
  protected:
   // What a group does on Abort beyond refusing later collectives.
   virtual void AbortCollectives() const {}
-  // Throws the aborted group's CollectiveError; each collective calls it first.
-  void ThrowIfAborted() const;
 
  private:
   mutable absl::Mutex abort_mutex_;
@@ -70,6 +69,8 @@ class TensorParallelGroup {
 
 // Where a group's ranks compute: on CPUs they meet over Gloo, on GPUs over NCCL, one GPU per rank.
 enum class RankDevice { kCpu, kCuda };
+// kCuda for a device named "cuda" or "cuda:N" (a --device flag, at::Device::str()), kCpu otherwise.
+RankDevice RankDeviceNamed(absl::string_view device);
 
 // The shape of one rank's shard of `config`: heads, KV heads and intermediate size divided by
 // `world_size`. INVALID_ARGUMENT naming both numbers when the rank count does not divide the
@@ -105,6 +106,11 @@ absl::StatusOr<std::shared_ptr<TensorParallelGroup>> JoinGlooGroup(
 absl::StatusOr<std::shared_ptr<TensorParallelGroup>> JoinNcclGroup(
     const std::string& rendezvous_file, int rank, int world_size,
     std::chrono::milliseconds timeout = std::chrono::seconds(60));
+
+// Every rank's `mine` (the same shape and dtype on each rank), stacked: [world_size, mine's shape].
+// An all-gather made of one all-reduce of a zeroed table in which each rank fills its own row, so
+// the rows are exact. Throws what the group's collectives throw.
+at::Tensor GatherFromRanks(const TensorParallelGroup& group, const at::Tensor& mine);
 
 // JoinGlooGroup for kCpu, JoinNcclGroup for kCuda.
 absl::StatusOr<std::shared_ptr<TensorParallelGroup>> JoinRankGroup(

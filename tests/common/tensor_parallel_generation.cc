@@ -102,7 +102,7 @@ absl::StatusOr<Generation> RunRanks(int world_size, const Decoding& decoding, co
                                     absl::Status& workers_status) {
   LYCHEE_ASSIGN_OR_RETURN(std::optional<HeadPartition> partition, decoding.Partition());
   LYCHEE_ASSIGN_OR_RETURN(const ModelOptions options, ModelOptionsForDevice(decoding.device));
-  const RankDevice device = options.device.is_cuda() ? RankDevice::kCuda : RankDevice::kCpu;
+  const RankDevice device = RankDeviceNamed(decoding.device);
   LYCHEE_ASSIGN_OR_RETURN(
       std::unique_ptr<RankWorkers> workers,
       RankWorkers::Start(worker, decoding.WorkerArgs(world_size), world_size, "tensor-parallel", device));

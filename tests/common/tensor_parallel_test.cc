@@ -200,7 +200,7 @@ TEST_CASE("An aborted group refuses its collectives and the model's steps, namin
   REQUIRE(model.ok());
   auto sequence = (*model)->NewSequence(std::make_shared<DenseAttentionBackend>());
   REQUIRE((*model)->Prefill(*sequence, RandomPrompt(20, 8192, 5)).ok());
-  CHECK((*group)->abort_cause().empty());
+  CHECK_NOTHROW((*group)->ThrowIfAborted());
 
   (*group)->Abort("tensor-parallel rank 1 (pid 42) was killed by signal 9");
   (*group)->Abort("a second cause is not kept");

@@ -43,10 +43,9 @@ absl::Status Run(const std::map<std::string, std::string>& flags) {
   const auto device = flags.find("device");
   LYCHEE_ASSIGN_OR_RETURN(const lychee::ModelOptions options,
                           lychee::ModelOptionsForDevice(device == flags.end() ? "cpu" : device->second));
-  LYCHEE_ASSIGN_OR_RETURN(
-      std::shared_ptr<lychee::TensorParallelGroup> group,
-      lychee::JoinRankGroup(options.device.is_cuda() ? lychee::RankDevice::kCuda : lychee::RankDevice::kCpu,
-                            flags.at(lychee::kTensorParallelRendezvousFlag), rank, world_size));
+  LYCHEE_ASSIGN_OR_RETURN(std::shared_ptr<lychee::TensorParallelGroup> group,
+                          lychee::JoinRankGroup(lychee::RankDeviceNamed(options.device.str()),
+                                                flags.at(lychee::kTensorParallelRendezvousFlag), rank, world_size));
   return lychee::testing::RankGenerate(flags.at("model"), options, std::move(group), partition, prompt, steps).status();
 }
 

@@ -142,9 +142,9 @@ absl::Status RunGenerate(const std::vector<std::string>& argv) {
   LYCHEE_ASSIGN_OR_RETURN(int64_t worker_rank, args.GetInt(kTensorParallelRankFlag, 0));
   std::vector<std::string> worker_args = {"generate"};
   worker_args.insert(worker_args.end(), argv.begin(), argv.end());
-  return RunAsRank(model_options.device.is_cuda() ? RankDevice::kCuda : RankDevice::kCpu,
-                   static_cast<int>(tensor_parallel), static_cast<int>(worker_rank),
-                   args.GetOr(kTensorParallelRendezvousFlag, ""), worker_args, rank_work);
+  return RunAsRank(RankDeviceNamed(model_options.device.str()), static_cast<int>(tensor_parallel),
+                   static_cast<int>(worker_rank), args.GetOr(kTensorParallelRendezvousFlag, ""), worker_args,
+                   rank_work);
 }
 
 }  // namespace lychee::cli
